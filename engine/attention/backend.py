@@ -1,0 +1,86 @@
+"""The attention backend seam: write new K/V into the paged cache, attend over it.
+
+Backends register by name (`register_backend`) and are picked by `get_backend`; "auto"
+chooses Triton on CUDA and the torch reference elsewhere.
+
+Invariants every backend keeps:
+- `write_kv` stores row `t` of `k`/`v` at flat slot `slot_mapping[t]` of the layer's
+  `[num_blocks, block_size, kv_heads, head_dim]` caches and skips slots equal to -1;
+- `forward` is called after `write_kv` of the same step and reads *only* from the cache
+  (new tokens included), causally: query row at position p sees cache positions <= p;
+- GQA: query head h reads kv head `h // (num_heads // num_kv_heads)`;
+- outputs are `[T, num_heads, head_dim]` in the dtype of `q`; no host sync.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+import torch
+
+from engine.attention.metadata import AttentionMetadata
+
+
+class AttentionBackend(ABC):
+    """One implementation of paged attention."""
+
+    name: str = ""
+
+    @abstractmethod
+    def write_kv(
+        self,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        slot_mapping: torch.Tensor,
+    ) -> None:
+        """Scatter `k`, `v` (`[T, kv_heads, head_dim]`) into the paged caches."""
+
+    @abstractmethod
+    def forward(
+        self,
+        q: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        meta: AttentionMetadata,
+        scale: float,
+    ) -> torch.Tensor:
+        """Causal attention of `q` (`[T, heads, head_dim]`) over each sequence's cache."""
+
+
+_REGISTRY: dict[str, type[AttentionBackend]] = {}
+
+
+def register_backend(cls: type[AttentionBackend]) -> type[AttentionBackend]:
+    """Class decorator: make a backend selectable by its `name`."""
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def available_backends() -> list[str]:
+    _load_builtin_backends()
+    return sorted(_REGISTRY)
+
+
+def get_backend(name: str, device: torch.device | str) -> AttentionBackend:
+    """Instantiate the backend `name` ("auto": Triton on CUDA, torch otherwise)."""
+    _load_builtin_backends()
+    if name == "auto":
+        name = "triton" if torch.device(device).type == "cuda" and "triton" in _REGISTRY else "torch"
+    try:
+        return _REGISTRY[name]()
+    except KeyError:
+        raise ValueError(
+            f"unknown attention backend {name!r}; available: {', '.join(sorted(_REGISTRY))}"
+        ) from None
+
+
+def _load_builtin_backends() -> None:
+    # Imported lazily so that a missing Triton never breaks the torch path.
+    from engine.attention import torch_backend  # noqa: F401
+
+    try:
+        from engine.attention import triton_backend  # noqa: F401
+    except ImportError:
+        pass

@@ -1,0 +1,144 @@
+"""Block accounting for the paged KV pool: allocation, sharing, freeing, prefix caching.
+
+The manager owns block *ids* only; the tensor they index lives in `KVLayout.allocate`.
+
+Invariants:
+- every block id is in exactly one of: referenced (ref count > 0), the free list, or the
+  cached-evictable LRU (ref count 0, contents still valid and findable by hash);
+- `num_free_blocks` counts free + evictable, because an evictable block is reclaimed on
+  demand; so after every sequence is freed, `num_free_blocks == num_blocks`;
+- a block is findable by hash only after `commit_hash` — i.e. after its KV was written —
+  so no reader can match a block whose contents are still being computed.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Iterable, Sequence
+
+from engine.kv_cache.block_hash import BlockHash
+
+
+class OutOfBlocksError(RuntimeError):
+    """Raised when an allocation asks for more blocks than are free."""
+
+
+class BlockManager:
+    """Reference-counted block pool with an optional hash-indexed prefix cache."""
+
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
+        if num_blocks < 1:
+            raise ValueError(f"num_blocks must be >= 1, got {num_blocks}")
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self.enable_prefix_caching = enable_prefix_caching
+        self._ref = [0] * num_blocks
+        # Low ids first: keeps the used part of the pool dense, which helps locality.
+        self._free: list[int] = list(range(num_blocks - 1, -1, -1))
+        self._evictable: OrderedDict[int, None] = OrderedDict()
+        self._hash_of: dict[int, BlockHash] = {}
+        self._block_of: dict[BlockHash, int] = {}
+
+    # ---- queries -------------------------------------------------------------------------
+
+    @property
+    def num_free_blocks(self) -> int:
+        return len(self._free) + len(self._evictable)
+
+    @property
+    def num_cached_blocks(self) -> int:
+        """Blocks findable by hash (in use or evictable)."""
+        return len(self._block_of)
+
+    def can_allocate(self, n: int) -> bool:
+        return n <= self.num_free_blocks
+
+    def ref_count(self, block_id: int) -> int:
+        return self._ref[block_id]
+
+    def lookup(self, block_hash: BlockHash) -> int | None:
+        """The block holding `block_hash`, if cached (does not take a reference)."""
+        return self._block_of.get(block_hash)
+
+    # ---- allocation ----------------------------------------------------------------------
+
+    def allocate(self, n: int) -> list[int]:
+        """`n` fresh blocks with ref count 1, evicting cached blocks (LRU first) if needed."""
+        if n > self.num_free_blocks:
+            raise OutOfBlocksError(f"asked for {n} blocks, {self.num_free_blocks} free")
+        out = []
+        for _ in range(n):
+            if self._free:
+                b = self._free.pop()
+            else:
+                b, _ = self._evictable.popitem(last=False)
+                self._forget_hash(b)
+            self._ref[b] = 1
+            out.append(b)
+        return out
+
+    def match_prefix(self, hashes: Sequence[BlockHash]) -> list[int]:
+        """Take a reference on the cached blocks of the longest cached prefix of `hashes`."""
+        if not self.enable_prefix_caching:
+            return []
+        out = []
+        for h in hashes:
+            b = self._block_of.get(h)
+            if b is None:
+                break
+            self._take(b)
+            out.append(b)
+        return out
+
+    def share(self, block_ids: Iterable[int]) -> None:
+        """Take one more reference on blocks already in use (e.g. a forked sequence)."""
+        for b in block_ids:
+            if self._ref[b] < 1:
+                raise ValueError(f"block {b} is not in use; cannot share it")
+            self._ref[b] += 1
+
+    def free(self, block_ids: Iterable[int]) -> None:
+        """Drop one reference on each block; unreferenced blocks become free or evictable."""
+        for b in block_ids:
+            if self._ref[b] < 1:
+                raise ValueError(f"double free of block {b}")
+            self._ref[b] -= 1
+            if self._ref[b] == 0:
+                if b in self._hash_of:
+                    self._evictable[b] = None
+                else:
+                    self._free.append(b)
+
+    def commit_hash(self, block_id: int, block_hash: BlockHash) -> None:
+        """Make a full, written block findable by its hash (no-op when caching is off).
+
+        If another block already holds the same hash, the first one stays the canonical
+        copy and this block stays private.
+        """
+        if not self.enable_prefix_caching or block_id in self._hash_of:
+            return
+        if block_hash in self._block_of:
+            return
+        self._hash_of[block_id] = block_hash
+        self._block_of[block_hash] = block_id
+
+    def reset_prefix_cache(self) -> int:
+        """Drop every evictable cached block back to the free list; returns how many."""
+        n = len(self._evictable)
+        while self._evictable:
+            b, _ = self._evictable.popitem(last=False)
+            self._forget_hash(b)
+            self._free.append(b)
+        return n
+
+    # ---- internals -----------------------------------------------------------------------
+
+    def _take(self, b: int) -> None:
+        if self._ref[b] == 0:
+            del self._evictable[b]
+        self._ref[b] += 1
+
+    def _forget_hash(self, b: int) -> None:
+        h = self._hash_of.pop(b, None)
+        if h is not None:
+            del self._block_of[h]

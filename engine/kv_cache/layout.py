@@ -1,0 +1,63 @@
+"""The KV layout contract shared by every worker and transport.
+
+One pool tensor per worker holds the whole cache:
+
+    kv[layer, 0 (K) | 1 (V), block, slot_in_block, kv_head, head_dim]
+
+so that, for layer `l`, `kv[l, 0]` and `kv[l, 1]` are each
+`[num_blocks, block_size, num_kv_heads, head_dim]` (DESIGN.md's per-layer layout) and a
+block's K and V for one layer are two contiguous `block_size * num_kv_heads * head_dim`
+runs. Transports move `kv[l, :, block_ids]` layer by layer; both sides must agree on the
+`compatibility_key` of `engine.config`, which names this layout.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from engine.config import ModelConfig, torch_dtype
+
+
+@dataclass(frozen=True, slots=True)
+class KVLayout:
+    """Shape facts of one worker's KV pool (the worker's local shard under TP)."""
+
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    block_size: int
+    dtype: str
+
+    @classmethod
+    def for_model(cls, model: ModelConfig, block_size: int, dtype: str, tp_size: int = 1):
+        if model.num_kv_heads % tp_size:
+            raise ValueError(
+                f"{model.num_kv_heads} KV heads cannot be split over tensor-parallel size {tp_size}"
+            )
+        return cls(model.num_layers, model.num_kv_heads // tp_size, model.head_dim,
+                   block_size, dtype)
+
+    @property
+    def block_bytes(self) -> int:
+        """Bytes one block takes over all layers, K and V together."""
+        elem = torch.empty((), dtype=torch_dtype(self.dtype)).element_size()
+        return 2 * self.num_layers * self.block_size * self.num_kv_heads * self.head_dim * elem
+
+    def num_blocks_for(self, memory_bytes: int) -> int:
+        n = memory_bytes // self.block_bytes
+        if n < 1:
+            raise ValueError(
+                f"KV memory budget of {memory_bytes} bytes holds no block "
+                f"({self.block_bytes} bytes each)"
+            )
+        return n
+
+    def allocate(self, num_blocks: int, device: str | torch.device) -> torch.Tensor:
+        """The zero-filled pool `[L, 2, num_blocks, block_size, kv_heads, head_dim]`."""
+        return torch.zeros(
+            (self.num_layers, 2, num_blocks, self.block_size, self.num_kv_heads, self.head_dim),
+            dtype=torch_dtype(self.dtype),
+            device=device,
+        )
