@@ -1,0 +1,235 @@
+"""Turn a batch of logits into next tokens (and logprobs), reproducibly per request.
+
+Randomness is keyed on `(seed, position)` of the token being sampled, never on a
+generator's running state. So a seeded request gives the same tokens whichever rows share
+its batch, in whatever order, and whichever worker (prefill, decode, a migration target)
+samples a given position — the contract in DESIGN.md "Sampling".
+
+Sampling uses the exponential race: with `q_i ~ Exponential(1)` independent,
+`argmax_i p_i / q_i` is distributed as `Categorical(p)`. The noise depends only on the
+row's generator seed, so the per-row work is one generator draw; everything else is
+batched tensor ops.
+
+The noise comes from torch's generator for the logits' device, so seeded tokens match
+across workers of the same device type (CPU with CPU, CUDA with CUDA), not across types.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from engine.sampling_params import SamplingParams
+
+_MASK64 = 2**64 - 1
+
+
+def _splitmix64(x: int) -> int:
+    x = (x + 0x9E3779B97F4A7C15) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)
+
+
+def step_seed(seed: int, position: int) -> int:
+    """The generator seed for sampling position `position` of a request seeded `seed`.
+
+    Mixed twice so that neighbouring seeds and neighbouring positions give unrelated
+    streams (a plain `seed + position` would make request s at position p+1 replay
+    request s+1 at position p). Torch's CPU generator keeps only the low 32 bits of a seed;
+    splitmix64 mixes every input bit into those, so distinct (seed, position) pairs still
+    collide only by chance (about 2**-32).
+    """
+    return _splitmix64(_splitmix64(seed & _MASK64) ^ (position & _MASK64))
+
+
+def _index(ids: list[int], device: torch.device) -> torch.Tensor:
+    return torch.tensor(ids, dtype=torch.int64, device=device)
+
+
+@dataclass(slots=True, frozen=True)
+class SampleRequest:
+    """One row of the logits batch.
+
+    `seed` is always set (the caller resolved `params.seed=None` to a random seed once per
+    request). `position` is the index of the token being sampled in the whole sequence
+    (`prompt_len + num_generated`); together with `seed` it is the only source of this
+    row's randomness.
+    """
+
+    params: SamplingParams
+    seed: int
+    position: int
+    num_generated: int
+    eos_token_ids: tuple[int, ...]
+
+
+@dataclass(slots=True)
+class SampleResult:
+    """The sampled token of one row.
+
+    `logprob` is the sampled token's log-probability under the model's distribution (after
+    min_tokens suppression, before temperature/top-k/top-p/min-p), or None when the request
+    did not ask for logprobs. `top_logprobs` holds the `params.logprobs` most likely
+    `(token_id, logprob)` pairs, most likely first; empty when logprobs is None or 0.
+    """
+
+    token_id: int
+    logprob: float | None
+    top_logprobs: list[tuple[int, float]]
+
+
+class Sampler:
+    """Samples one token per row of a `[B, V]` logits batch.
+
+    Invariants:
+    - a row's token depends only on its logits row and its `SampleRequest` — not on the
+      other rows, their order, or this object's history (a fresh `Sampler` on another
+      worker continues a request identically, given the same device type);
+    - greedy rows (temperature 0) take the argmax, lowest token id on ties;
+    - while `num_generated < min_tokens`, EOS ids (even with `ignore_eos`) and
+      `stop_token_ids` cannot be sampled and have logprob -inf;
+    - results reach the host in one transfer per call.
+    """
+
+    def __init__(self) -> None:
+        # One generator per device, re-seeded for every row: reusing the object is safe
+        # because `manual_seed` resets its whole state.
+        self._generators: dict[torch.device, torch.Generator] = {}
+
+    def __call__(self, logits: torch.Tensor, rows: list[SampleRequest]) -> list[SampleResult]:
+        if logits.dim() != 2 or logits.shape[0] != len(rows):
+            raise ValueError(
+                f"logits must be [len(rows)={len(rows)}, vocab], got {tuple(logits.shape)}"
+            )
+        if not rows:
+            return []
+        x = logits.to(torch.float32, copy=True)
+        self._suppress_stops(x, rows)
+
+        greedy = [i for i, r in enumerate(rows) if r.params.greedy]
+        drawn = [i for i, r in enumerate(rows) if not r.params.greedy]
+        if not drawn:
+            tokens = x.argmax(dim=-1)
+        elif not greedy:
+            tokens = self._sample_random(x, rows)
+        else:
+            tokens = torch.empty(len(rows), dtype=torch.int64, device=x.device)
+            g_idx, d_idx = _index(greedy, x.device), _index(drawn, x.device)
+            tokens[g_idx] = x[g_idx].argmax(dim=-1)
+            tokens[d_idx] = self._sample_random(x[d_idx], [rows[i] for i in drawn])
+
+        # Pack everything into one float64 tensor (exact for token ids and for float32
+        # logprobs) so the host sees one transfer instead of one per output.
+        packed = [tokens.to(torch.float64)]
+        want = [i for i, r in enumerate(rows) if r.params.logprobs is not None]
+        top_n = min(max((rows[i].params.logprobs or 0 for i in want), default=0), x.shape[1])
+        if want:
+            if len(want) == len(rows):
+                logp, want_tokens = torch.log_softmax(x, dim=-1), tokens
+            else:
+                idx = _index(want, x.device)
+                logp, want_tokens = torch.log_softmax(x[idx], dim=-1), tokens[idx]
+            packed.append(logp.gather(1, want_tokens.unsqueeze(1)).squeeze(1).double())
+            if top_n:
+                top = logp.topk(top_n, dim=-1)
+                packed.append(top.indices.flatten().double())
+                packed.append(top.values.flatten().double())
+        host = torch.cat(packed).tolist()
+        return self._unpack(host, rows, want, top_n)
+
+    @staticmethod
+    def _suppress_stops(x: torch.Tensor, rows: list[SampleRequest]) -> None:
+        vocab = x.shape[1]
+        row_ids: list[int] = []
+        tok_ids: list[int] = []
+        for i, r in enumerate(rows):
+            if r.num_generated >= r.params.min_tokens:
+                continue
+            for t in (*r.eos_token_ids, *r.params.stop_token_ids):
+                if not 0 <= t < vocab:
+                    raise ValueError(f"stop/eos token id {t} outside vocab of size {vocab}")
+                row_ids.append(i)
+                tok_ids.append(t)
+        if row_ids:
+            x[_index(row_ids, x.device), _index(tok_ids, x.device)] = float("-inf")
+
+    def _sample_random(self, x: torch.Tensor, rows: list[SampleRequest]) -> torch.Tensor:
+        """Temperature, top-k, top-p, min-p, then the exponential race; returns [n] ids."""
+        n, vocab = x.shape
+        device = x.device
+        params = [r.params for r in rows]
+        temps = torch.tensor([p.temperature for p in params], device=device).unsqueeze(1)
+        # Shift by the row max before dividing: with a tiny temperature the other logits
+        # then underflow to -inf instead of the max overflowing to +inf (softmax -> nan).
+        # After the shift the top token's scaled logit is exactly 0, which min-p uses.
+        row_max = x.amax(dim=-1, keepdim=True)
+        row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
+        scaled = (x - row_max) / temps
+
+        top_k = [p.top_k if 0 < p.top_k < vocab else vocab for p in params]
+        top_p = [p.top_p for p in params]
+        need_k = any(k < vocab for k in top_k)
+        need_p = any(p < 1.0 for p in top_p)
+        if need_k or need_p:
+            # Rank on the unscaled logits (division can round distinct logits together),
+            # with a stable sort so equal logits rank the lower id first, as argmax does:
+            # top_k=1 is then exactly greedy.
+            sorted_x, sorted_idx = x.sort(dim=-1, descending=True, stable=True)
+            sorted_vals = (sorted_x - row_max) / temps
+            ranks = torch.arange(vocab, device=device).unsqueeze(0)
+            drop = ranks >= torch.tensor(top_k, device=device).unsqueeze(1)
+            if need_p:
+                probs = sorted_vals.masked_fill(drop, float("-inf")).softmax(dim=-1)
+                # Keep a token while the mass ranked above it is still short of top_p: the
+                # smallest prefix reaching top_p, and the top token always. Rows with
+                # top_p == 1 skip this, since rounding can push the running sum to 1 early.
+                mass_before = probs.cumsum(dim=-1) - probs
+                p_t = torch.tensor(top_p, device=device).unsqueeze(1)
+                drop |= (mass_before >= p_t) & (p_t < 1.0)
+            scaled = scaled.masked_fill(
+                torch.zeros_like(drop).scatter(1, sorted_idx, drop), float("-inf")
+            )
+
+        min_p = [p.min_p for p in params]
+        if any(m > 0.0 for m in min_p):
+            # p_i < min_p * p_max  <=>  scaled_i < log(min_p), as the top token's scaled
+            # logit is 0 and temperature-scaled logits are log-probs up to that shift.
+            log_min_p = torch.tensor(min_p, device=device).log().unsqueeze(1)
+            scaled = scaled.masked_fill(scaled < log_min_p, float("-inf"))
+
+        noise = torch.empty_like(scaled)
+        gen = self._generator(device)
+        for i, r in enumerate(rows):
+            gen.manual_seed(step_seed(r.seed, r.position))
+            noise[i].exponential_(generator=gen)
+        # argmax(p / q) == argmax(log p - log q); the log form cannot overflow for tiny q,
+        # and the clamp guards against an exact 0 draw.
+        noise.clamp_min_(torch.finfo(torch.float32).tiny)
+        return (scaled - noise.log()).argmax(dim=-1)
+
+    def _generator(self, device: torch.device) -> torch.Generator:
+        gen = self._generators.get(device)
+        if gen is None:
+            gen = self._generators[device] = torch.Generator(device=device)
+        return gen
+
+    @staticmethod
+    def _unpack(
+        host: list[float], rows: list[SampleRequest], want: list[int], top_n: int
+    ) -> list[SampleResult]:
+        b = len(rows)
+        results = [SampleResult(int(t), None, []) for t in host[:b]]
+        lps = host[b : b + len(want)]
+        ids_at = b + len(want)
+        vals_at = ids_at + len(want) * top_n
+        for j, i in enumerate(want):
+            res = results[i]
+            res.logprob = lps[j]
+            n = min(rows[i].params.logprobs or 0, top_n)
+            start = j * top_n
+            res.top_logprobs = [
+                (int(host[ids_at + start + k]), host[vals_at + start + k]) for k in range(n)
+            ]
+        return results
