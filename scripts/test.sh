@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# Set up (if needed) and run the whole CPU test suite. GPU tests are skipped without CUDA.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+. .venv/bin/activate
+export TRITON_INTERPRET=1
+python -m pytest -q -m "not gpu" "$@"
