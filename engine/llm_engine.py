@@ -26,7 +26,8 @@ from engine.models.llama import LlamaForCausalLM
 from engine.sampler import Sampler, SampleRequest
 from engine.sampling_params import SamplingParams
 from engine.scheduler import ScheduledSeq, Scheduler
-from engine.sequence import FinishReason, Sequence as Seq, TokenLogprob
+from engine.sequence import FinishReason, TokenLogprob
+from engine.sequence import Sequence as Seq
 
 log = logging.getLogger("pdserve.engine")
 

@@ -15,7 +15,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from engine.config import SchedulerConfig
-from engine.kv_cache.block_hash import hash_block, hash_blocks
+from engine.kv_cache.block_hash import ROOT_HASH, hash_block, hash_blocks
 from engine.kv_cache.block_manager import BlockManager
 from engine.sequence import FinishReason, Sequence, SequenceStatus
 
@@ -209,7 +209,7 @@ class Scheduler:
         bs = self.block_size
         while len(seq.block_hashes) < seq.num_computed_tokens // bs:
             i = len(seq.block_hashes)
-            parent = seq.block_hashes[-1] if seq.block_hashes else b"\x00" * 16
+            parent = seq.block_hashes[-1] if seq.block_hashes else ROOT_HASH
             h = hash_block(parent, seq.token_ids[i * bs : (i + 1) * bs], self.compat_key)
             seq.block_hashes.append(h)
             self.blocks.commit_hash(seq.block_ids[i], h)

@@ -67,7 +67,8 @@ def get_backend(name: str, device: torch.device | str) -> AttentionBackend:
     """Instantiate the backend `name` ("auto": Triton on CUDA, torch otherwise)."""
     _load_builtin_backends()
     if name == "auto":
-        name = "triton" if torch.device(device).type == "cuda" and "triton" in _REGISTRY else "torch"
+        on_cuda = torch.device(device).type == "cuda"
+        name = "triton" if on_cuda and "triton" in _REGISTRY else "torch"
     try:
         return _REGISTRY[name]()
     except KeyError:

@@ -17,7 +17,6 @@ from torch import nn
 from engine import forward_context
 from engine.config import ModelConfig
 from engine.layers.linear import (
-    ColumnParallelLinear,
     MergedColumnLinear,
     RowParallelLinear,
     VocabParallelEmbedding,
