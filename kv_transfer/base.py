@@ -1,0 +1,259 @@
+"""The KV-transfer seam: what crosses between a prefill and a decode worker, and the ABCs.
+
+A handoff is a transaction (DESIGN.md): the decode side *reserves* blocks and publishes a
+`KVSink`; the prefill side opens a `SendHandle` on that sink and streams the request's KV
+layer by layer while later layers still compute; the decode side *commits* once
+`KVReceiver.wait` says COMPLETE, or frees its blocks on FAILED / timeout / lease expiry.
+
+Every transport moves whole blocks of the pool layout `kv[layer, 0=K|1=V, block, slot,
+kv_head, head_dim]` (engine/kv_cache/layout.py): the unit on the wire is
+`pool[layer, :, blocks]`, shaped `[2, n, block_size, kv_heads, head_dim]`.
+"""
+
+from __future__ import annotations
+
+import enum
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, fields
+from typing import Any, ClassVar
+
+import torch
+
+
+class KVTransferError(RuntimeError):
+    """A transfer failed: refused, cut off, timed out, or incomplete."""
+
+
+class IncompatibleKVError(KVTransferError):
+    """The two sides' compatibility keys differ: their KV blocks do not mean the same thing."""
+
+
+class TransferStatus(enum.Enum):
+    PENDING = "pending"  # reserved, not every layer has arrived yet
+    COMPLETE = "complete"  # every layer's K and V for every block was written; "done" seen
+    FAILED = "failed"  # refused, aborted by the sender, or cut off; no more writes happen
+    UNKNOWN = "unknown"  # never expected, or forgotten by cancel/expire
+
+
+@dataclass(frozen=True, slots=True)
+class KVSink:
+    """Where one request's KV goes: a decode worker's reservation, published to the sender.
+
+    It crosses process boundaries inside Ray calls, so it converts to and from plain JSON
+    types (`to_dict` / `from_dict`) and never needs pickle.
+
+    Invariants: `block_ids` are distinct decode-pool block ids in sequence order, exactly
+    `ceil(num_tokens / block_size)` of them (a cached prefix is not part of the sink, so
+    `num_tokens` counts the transferred tokens); `deadline` is the lease expiry in unix
+    seconds, after which the receiver may drop the reservation and reuse the blocks.
+    """
+
+    transport: str
+    address: str
+    request_id: str
+    block_ids: tuple[int, ...]
+    num_tokens: int
+    compat_key: str
+    deadline: float
+
+    def __post_init__(self) -> None:
+        if not self.request_id:
+            raise ValueError("KVSink.request_id must not be empty")
+        if not self.block_ids:
+            raise ValueError("KVSink.block_ids must not be empty")
+        if len(set(self.block_ids)) != len(self.block_ids):
+            raise ValueError(f"KVSink.block_ids repeat a block: {self.block_ids}")
+        if self.num_tokens < 1:
+            raise ValueError(f"KVSink.num_tokens must be >= 1, got {self.num_tokens}")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["block_ids"] = list(self.block_ids)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> KVSink:
+        names = {f.name for f in fields(cls)}
+        if set(d) != names:
+            raise ValueError(f"KVSink fields must be exactly {sorted(names)}, got {sorted(d)}")
+        return cls(
+            transport=str(d["transport"]),
+            address=str(d["address"]),
+            request_id=str(d["request_id"]),
+            block_ids=tuple(int(b) for b in d["block_ids"]),
+            num_tokens=int(d["num_tokens"]),
+            compat_key=str(d["compat_key"]),
+            deadline=float(d["deadline"]),
+        )
+
+
+def check_pool(pool: torch.Tensor) -> None:
+    """Refuse a tensor that is not a KV pool in the layout contract's shape."""
+    if pool.dim() != 6 or pool.shape[1] != 2:
+        raise ValueError(
+            "a KV pool is [layers, 2, blocks, block_size, kv_heads, head_dim], "
+            f"got shape {tuple(pool.shape)}"
+        )
+    if not pool.is_contiguous():
+        raise ValueError("the KV pool must be contiguous")
+
+
+def check_block_ids(block_ids: Sequence[int], num_pool_blocks: int, num_tokens: int,
+                    block_size: int, what: str) -> None:
+    """The sink invariants that need the pool: ids in range, count matches num_tokens."""
+    bad = [b for b in block_ids if not 0 <= b < num_pool_blocks]
+    if bad:
+        raise ValueError(f"{what} block ids {bad} are outside the pool (0..{num_pool_blocks - 1})")
+    if len(set(block_ids)) != len(block_ids):
+        raise ValueError(f"{what} block ids repeat a block: {list(block_ids)}")
+    need = -(-num_tokens // block_size)
+    if len(block_ids) != need:
+        raise ValueError(
+            f"{num_tokens} tokens need {need} blocks of {block_size}, {what} has {len(block_ids)}"
+        )
+
+
+class KVReceiver(ABC):
+    """Decode side: one per decode worker, bound to that worker's pool tensor.
+
+    Invariants:
+    - Data is written only into blocks of a PENDING reservation, straight into
+      `pool[layer, :, block_ids]` (no staging copy of the whole request).
+    - After `cancel(request_id)` returns, no byte is written for that request again: later
+      chunks are rejected, so its blocks may be freed and reused at once.
+    - COMPLETE means every layer's K and V for every reserved block was written and the
+      sender's closing "done" named the full layer count. Only then may decode read them.
+    - The owner must `cancel` every request it stops caring about (abort, FAILED, and after
+      commit), or `expire` them, or the table grows.
+    """
+
+    transport: ClassVar[str]
+
+    @property
+    @abstractmethod
+    def address(self) -> str:
+        """Where senders reach this receiver (goes into `KVSink.address`)."""
+
+    @abstractmethod
+    def expect(self, request_id: str, block_ids: Sequence[int], num_tokens: int,
+               deadline: float) -> KVSink:
+        """Register a reservation and return the sink to hand to the prefill side."""
+
+    @abstractmethod
+    def status(self, request_id: str) -> TransferStatus:
+        """The reservation's state now (UNKNOWN once forgotten)."""
+
+    @abstractmethod
+    def wait(self, request_id: str, timeout: float | None = None) -> TransferStatus:
+        """Block (without spinning) until COMPLETE, FAILED, forgotten, or `timeout` passes."""
+
+    @abstractmethod
+    def cancel(self, request_id: str) -> None:
+        """Forget the reservation; waits out a write in progress for it, then none follow."""
+
+    @abstractmethod
+    def expire(self, now: float | None = None) -> list[str]:
+        """Cancel every not-COMPLETE reservation whose deadline is before `now`; their ids."""
+
+    @abstractmethod
+    def close(self) -> None:
+        """Stop accepting transfers and release the listener."""
+
+
+class SendHandle(ABC):
+    """Prefill side: one request's transfer in flight.
+
+    Protocol: call `send_layer(l)` once for every layer, right after the forward pass wrote
+    layer `l`'s KV for the request's *last* prompt chunk (earlier chunked-prefill passes must
+    not send: the blocks are not final yet); then exactly one of `finish` or `abort`.
+
+    Invariants: `send_layer` never blocks on the network and never raises for transport
+    failures (those surface in `finish`); it copies the layer's blocks out of the pool before
+    returning — or orders the copy before later writes on the device stream — so the caller
+    may overwrite or free the source blocks once `finish` or `abort` returned.
+    """
+
+    request_id: str
+
+    @abstractmethod
+    def send_layer(self, layer: int) -> None:
+        """Snapshot `pool[layer, :, src_block_ids]` and queue it for the wire."""
+
+    @abstractmethod
+    def finish(self, timeout: float | None = None) -> None:
+        """Close the transfer and wait for the receiver's acknowledgement of every layer.
+
+        Raises `KVTransferError` (or `IncompatibleKVError`) on refusal, failure or timeout.
+        """
+
+    @abstractmethod
+    def abort(self) -> None:
+        """Tell the receiver to drop the request (it marks it FAILED); does not block."""
+
+
+class KVSender(ABC):
+    """Prefill side: one per prefill worker, bound to its own pool; opens one handle a request.
+
+    Invariant: `open` checks `sink.compat_key` against its own key before anything is sent
+    and raises `IncompatibleKVError` on a mismatch.
+    """
+
+    transport: ClassVar[str]
+
+    def __init__(self, pool: torch.Tensor, compat_key: str) -> None:
+        check_pool(pool)
+        self.pool = pool
+        self.compat_key = compat_key
+
+    @abstractmethod
+    def open(self, sink: KVSink, src_block_ids: Sequence[int]) -> SendHandle:
+        """Start a transfer of `pool[:, :, src_block_ids]` into `sink.block_ids`."""
+
+    def close(self) -> None:  # noqa: B027 (a no-op for transports that hold nothing)
+        """Release pooled connections (handles still open may fail)."""
+
+    def check_sink(self, sink: KVSink, src_block_ids: Sequence[int]) -> torch.Tensor:
+        """Validate a sink against this sender; the source ids as an index tensor."""
+        if sink.compat_key != self.compat_key:
+            raise IncompatibleKVError(
+                f"request {sink.request_id}: decode side has KV compatibility key "
+                f"{sink.compat_key!r}, this prefill worker has {self.compat_key!r}"
+            )
+        if sink.transport != self.transport:
+            raise ValueError(f"sink is for transport {sink.transport!r}, not {self.transport!r}")
+        if len(src_block_ids) != len(sink.block_ids):
+            raise ValueError(
+                f"request {sink.request_id}: {len(src_block_ids)} source blocks for "
+                f"{len(sink.block_ids)} sink blocks"
+            )
+        check_block_ids(src_block_ids, self.pool.shape[2], sink.num_tokens, self.pool.shape[3],
+                        "source")
+        return torch.tensor(list(src_block_ids), dtype=torch.long, device=self.pool.device)
+
+
+class LayerTracker:
+    """Sender-side bookkeeping shared by handles: each layer sent once, then closed once."""
+
+    def __init__(self, request_id: str, num_layers: int) -> None:
+        self.request_id = request_id
+        self.num_layers = num_layers
+        self.sent: set[int] = set()
+        self.closed = False
+
+    def claim(self, layer: int) -> None:
+        if self.closed:
+            raise RuntimeError(f"request {self.request_id}: send_layer after finish/abort")
+        if not 0 <= layer < self.num_layers:
+            raise ValueError(f"layer {layer} outside 0..{self.num_layers - 1}")
+        if layer in self.sent:
+            raise ValueError(f"request {self.request_id}: layer {layer} sent twice")
+        self.sent.add(layer)
+
+    def close(self) -> None:
+        if self.closed:
+            raise RuntimeError(f"request {self.request_id}: finish/abort called twice")
+        self.closed = True
+
+    def missing(self) -> list[int]:
+        return [layer for layer in range(self.num_layers) if layer not in self.sent]

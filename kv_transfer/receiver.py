@@ -1,0 +1,234 @@
+"""Reservation bookkeeping every receiver shares; transports only feed it chunks.
+
+Locking: `_cond` (the receiver lock) guards the table and wakes waiters; each reservation's
+own `lock` is held across a write into its blocks. State changes that stop writes (cancel,
+FAILED) take the reservation lock first, so they wait out a write in progress and no write
+can land in blocks after the caller was told they are free. Order: reservation lock, then
+receiver lock — never the reverse.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from kv_transfer.base import (
+    IncompatibleKVError,
+    KVReceiver,
+    KVSink,
+    KVTransferError,
+    TransferStatus,
+    check_block_ids,
+    check_pool,
+)
+
+
+class ChunkRejected(KVTransferError):
+    """A chunk refused before anything was written. `code` is a gRPC status code name."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass(slots=True)
+class _Reservation:
+    block_ids: torch.Tensor  # decode pool ids, long, on the pool's device
+    num_tokens: int
+    deadline: float
+    num_layers: int
+    state: TransferStatus = TransferStatus.PENDING
+    forgotten: bool = False
+    # received[l][i]: block i of the request arrived for layer l (a repeat is not counted twice)
+    received: list[bytearray] = field(default_factory=list)
+    layers_done: int = 0
+    error: str = ""
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+class BlockReceiver(KVReceiver):
+    """A `KVReceiver` minus the listener: validates chunks and writes them into the pool."""
+
+    def __init__(self, pool: torch.Tensor, compat_key: str) -> None:
+        check_pool(pool)
+        self.pool = pool
+        self.compat_key = compat_key
+        self.dtype_name = str(pool.dtype).removeprefix("torch.")
+        self._table: dict[str, _Reservation] = {}
+        self._cond = threading.Condition()
+        self.chunks_written = 0  # for tests and metrics: how many data chunks landed
+
+    # ---- owner (decode worker) side -------------------------------------------------------
+
+    def expect(self, request_id: str, block_ids: Sequence[int], num_tokens: int,
+               deadline: float) -> KVSink:
+        sink = KVSink(self.transport, self.address, request_id, tuple(int(b) for b in block_ids),
+                      num_tokens, self.compat_key, float(deadline))
+        check_block_ids(sink.block_ids, self.pool.shape[2], num_tokens, self.pool.shape[3],
+                        "reserved")
+        num_layers = self.pool.shape[0]
+        res = _Reservation(
+            block_ids=torch.tensor(sink.block_ids, dtype=torch.long, device=self.pool.device),
+            num_tokens=num_tokens, deadline=sink.deadline, num_layers=num_layers,
+            received=[bytearray(len(sink.block_ids)) for _ in range(num_layers)],
+        )
+        with self._cond:
+            if request_id in self._table:
+                raise ValueError(f"request {request_id} already has a reservation")
+            self._table[request_id] = res
+        return sink
+
+    def status(self, request_id: str) -> TransferStatus:
+        with self._cond:
+            res = self._table.get(request_id)
+            return TransferStatus.UNKNOWN if res is None else res.state
+
+    def error(self, request_id: str) -> str:
+        """Why a FAILED request failed ("" otherwise)."""
+        with self._cond:
+            res = self._table.get(request_id)
+            return "" if res is None else res.error
+
+    def wait(self, request_id: str, timeout: float | None = None) -> TransferStatus:
+        with self._cond:
+            self._cond.wait_for(
+                lambda: self._state(request_id) is not TransferStatus.PENDING, timeout
+            )
+            return self._state(request_id)
+
+    def cancel(self, request_id: str) -> None:
+        with self._cond:
+            res = self._table.pop(request_id, None)
+        if res is None:
+            return
+        with res.lock:  # waits for a write in progress; later writes see `forgotten`
+            res.forgotten = True
+        self._notify()
+
+    def expire(self, now: float | None = None) -> list[str]:
+        now = time.time() if now is None else now
+        with self._cond:
+            late = [rid for rid, r in self._table.items()
+                    if r.deadline < now and r.state is not TransferStatus.COMPLETE]
+        for rid in late:
+            self.cancel(rid)
+        return late
+
+    # ---- transport side ------------------------------------------------------------------
+
+    def begin(self, request_id: str, compat_key: str) -> None:
+        """The first message of a transfer: the request must be pending and keys must match."""
+        if compat_key != self.compat_key:
+            msg = (f"request {request_id}: sender KV compatibility key {compat_key!r} "
+                   f"differs from this decode worker's {self.compat_key!r}")
+            self.fail(request_id, msg)
+            raise ChunkRejected("FAILED_PRECONDITION", msg)
+        res = self._lookup(request_id)
+        if res.state is not TransferStatus.PENDING:
+            raise ChunkRejected("ABORTED", f"request {request_id} is {res.state.value}")
+
+    def write(self, request_id: str, layer: int, first_block: int, data: torch.Tensor) -> None:
+        """Validate one chunk `[2, n, block_size, kv_heads, head_dim]` and write it in place."""
+        res = self._lookup(request_id)
+        n = data.shape[1] if data.dim() == 5 else 0
+        want = (2, n, *self.pool.shape[3:])
+        if data.dim() != 5 or tuple(data.shape) != want or n < 1:
+            raise ChunkRejected("INVALID_ARGUMENT",
+                                f"request {request_id}: chunk shape {tuple(data.shape)}, "
+                                f"expected (2, n>=1, {', '.join(map(str, want[2:]))})")
+        if data.dtype != self.pool.dtype:
+            raise ChunkRejected("INVALID_ARGUMENT",
+                                f"request {request_id}: chunk dtype {data.dtype}, pool is "
+                                f"{self.pool.dtype}")
+        if not 0 <= layer < res.num_layers:
+            raise ChunkRejected("INVALID_ARGUMENT",
+                                f"request {request_id}: layer {layer} outside "
+                                f"0..{res.num_layers - 1}")
+        nblocks = res.block_ids.numel()
+        if first_block < 0 or first_block + n > nblocks:
+            raise ChunkRejected("INVALID_ARGUMENT",
+                                f"request {request_id}: blocks {first_block}..{first_block + n - 1}"
+                                f" outside the reservation's 0..{nblocks - 1}")
+        with res.lock:
+            if res.forgotten:
+                raise ChunkRejected("NOT_FOUND", f"request {request_id} was cancelled")
+            if res.state is not TransferStatus.PENDING:
+                raise ChunkRejected("ABORTED", f"request {request_id} is {res.state.value}")
+            dst = res.block_ids[first_block:first_block + n]
+            # index_copy_ on the basic-indexed view writes into the pool storage itself.
+            self.pool[layer].index_copy_(1, dst, data.to(self.pool.device))
+            seen = res.received[layer]
+            fresh = seen.count(0)
+            seen[first_block:first_block + n] = b"\x01" * n
+            if fresh and not seen.count(0):
+                res.layers_done += 1
+        with self._cond:
+            self.chunks_written += 1
+
+    def finish(self, request_id: str, num_layers: int) -> TransferStatus:
+        """The sender's closing message: COMPLETE if everything arrived, else FAILED."""
+        res = self._lookup(request_id)
+        with res.lock:
+            if res.forgotten:
+                raise ChunkRejected("NOT_FOUND", f"request {request_id} was cancelled")
+            if res.state is TransferStatus.PENDING:
+                if num_layers == res.num_layers == res.layers_done:
+                    if self.pool.is_cuda:  # writes were queued on the stream; make them visible
+                        torch.cuda.current_stream(self.pool.device).synchronize()
+                    res.state = TransferStatus.COMPLETE
+                else:
+                    res.state = TransferStatus.FAILED
+                    res.error = (f"done after {res.layers_done} complete layers, sender said "
+                                 f"{num_layers}, pool has {res.num_layers}")
+            state, layers = res.state, res.layers_done
+        self._notify()
+        if state is not TransferStatus.COMPLETE:
+            raise ChunkRejected("ABORTED", f"request {request_id} is {state.value} "
+                                f"({layers}/{res.num_layers} layers): {res.error}")
+        return state
+
+    def fail(self, request_id: str, reason: str) -> None:
+        """Mark a pending request FAILED (no more writes); a no-op for others."""
+        with self._cond:
+            res = self._table.get(request_id)
+        if res is None:
+            return
+        with res.lock:
+            if res.state is TransferStatus.PENDING:
+                res.state, res.error = TransferStatus.FAILED, reason
+        self._notify()
+
+    def layers_received(self, request_id: str) -> int:
+        with self._cond:
+            res = self._table.get(request_id)
+            return 0 if res is None else res.layers_done
+
+    # ---- internals -------------------------------------------------------------------------
+
+    def _lookup(self, request_id: str) -> _Reservation:
+        with self._cond:
+            res = self._table.get(request_id)
+        if res is None:
+            raise ChunkRejected("NOT_FOUND",
+                                f"request {request_id!r} is not expected here (never reserved, "
+                                "cancelled, or expired)")
+        return res
+
+    def _state(self, request_id: str) -> TransferStatus:
+        res = self._table.get(request_id)
+        return TransferStatus.UNKNOWN if res is None else res.state
+
+    def _notify(self) -> None:
+        with self._cond:
+            self._cond.notify_all()
+
+
+def transfer_error(code: str, message: str) -> KVTransferError:
+    """The sender-side exception for a receiver's refusal code (a gRPC status code name)."""
+    if code == "FAILED_PRECONDITION":
+        return IncompatibleKVError(message)
+    return KVTransferError(f"{code}: {message}")
