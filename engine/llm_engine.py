@@ -23,7 +23,7 @@ from engine.kv_cache.layout import KVLayout
 from engine.loader.registry import open_model
 from engine.model_runner import ModelRunner
 from engine.models.llama import LlamaForCausalLM
-from engine.sampler import Sampler, SampleRequest
+from engine.sampler import SampleRequest, Sampler, SampleResult
 from engine.sampling_params import SamplingParams
 from engine.scheduler import ScheduledSeq, Scheduler
 from engine.sequence import FinishReason, TokenLogprob
@@ -32,6 +32,7 @@ from engine.sequence import Sequence as Seq
 log = logging.getLogger("pdserve.engine")
 
 PromptInput = str | Sequence[int] | Sequence[dict]
+LayerHookFactory = Callable[[list[ScheduledSeq]], Callable[[int], None] | None]
 
 
 @dataclass(slots=True)
@@ -84,7 +85,7 @@ class LLMEngine:
         self.sampler = Sampler()
         self.detokenizer = Detokenizer(self.tokenizer)
         self._seqs: dict[str, Seq] = {}
-        self.stats = {"prompt_tokens": 0, "generated_tokens": 0}
+        self.stats = {"prompt_tokens": 0, "generated_tokens": 0, "steps": 0}
         log.info(
             "engine ready in %.1fs: %s (%s, %d layers) on %s, %s attention, KV cache %d blocks "
             "x %d tokens (%.1f MiB)", time.perf_counter() - t0, config.model, mc.architecture,
@@ -143,12 +144,18 @@ class LLMEngine:
 
     # ---- stepping ------------------------------------------------------------------------
 
-    def step(self, on_layer_written: Callable[[int], None] | None = None) -> list[RequestOutput]:
+    def step(self, layer_hook: LayerHookFactory | None = None) -> list[RequestOutput]:
+        """Schedule and run one batch; returns the new output of every sampled request.
+
+        `layer_hook(batch)` may return a callback run after each layer's K/V is written
+        (a prefill worker streams KV to decode workers from it).
+        """
         batch = self.scheduler.schedule()
         if not batch:
             return []
+        self.stats["steps"] += 1
         sampling = [item for item in batch if item.samples]  # before postprocess moves counts
-        logits = self.runner.execute(batch, on_layer_written)
+        logits = self.runner.execute(batch, layer_hook(batch) if layer_hook else None)
         self.stats["prompt_tokens"] += sum(
             max(0, min(i.seq.num_computed_tokens + i.num_new_tokens, i.seq.num_prompt_tokens)
                 - i.seq.num_computed_tokens)
@@ -158,7 +165,7 @@ class LLMEngine:
         results = self.sampler(logits, [self.sample_request(item.seq) for item in sampling])
         outputs = []
         for item, res in zip(sampling, results):
-            outputs.append(self._accept_token(item, res))
+            outputs.append(self._accept_token(item.seq, res))
         return outputs
 
     def sample_request(self, seq: Seq) -> SampleRequest:
@@ -167,8 +174,33 @@ class LLMEngine:
             num_generated=seq.num_output_tokens, eos_token_ids=self.model_config.eos_token_ids,
         )
 
-    def _accept_token(self, item: ScheduledSeq, res) -> RequestOutput:
-        seq = item.seq
+    def add_prefilled(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        seed: int,
+        block_ids: list[int],
+        first: SampleResult,
+        cached_tokens: int = 0,
+    ) -> RequestOutput:
+        """Join a request whose prompt KV is already in `block_ids` (written by a prefill
+        worker) and whose first token `first` was sampled there; returns that token's output.
+
+        The blocks become the sequence's: they are freed when it finishes or is aborted.
+        """
+        if request_id in self._seqs:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        seq = Seq(request_id, list(prompt_token_ids), params, seed)
+        seq.block_ids = list(block_ids)
+        seq.num_computed_tokens = seq.num_prompt_tokens
+        seq.num_cached_tokens = cached_tokens  # reused on the prefill side
+        self.scheduler.add_running(seq)
+        self.scheduler.commit_full_blocks(seq)
+        self._seqs[request_id] = seq
+        return self._accept_token(seq, first)
+
+    def _accept_token(self, seq: Seq, res: SampleResult) -> RequestOutput:
         if seq.first_token_time is None:
             seq.first_token_time = time.monotonic()
         lp = []

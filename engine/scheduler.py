@@ -127,7 +127,7 @@ class Scheduler:
         for item in scheduled:
             seq = item.seq
             seq.num_computed_tokens += item.num_new_tokens
-            self._commit_full_blocks(seq)
+            self.commit_full_blocks(seq)
 
     def append_token(self, seq: Sequence, token_id: int, eos_token_ids: tuple[int, ...]) -> bool:
         """Add a sampled token; finish the sequence on eos/stop id/length. Returns finished."""
@@ -205,7 +205,8 @@ class Scheduler:
         if seq.num_output_tokens == 0:
             seq.num_cached_tokens = seq.num_computed_tokens
 
-    def _commit_full_blocks(self, seq: Sequence) -> None:
+    def commit_full_blocks(self, seq: Sequence) -> None:
+        """Hash and publish every full block whose KV is computed (idempotent)."""
         bs = self.block_size
         while len(seq.block_hashes) < seq.num_computed_tokens // bs:
             i = len(seq.block_hashes)

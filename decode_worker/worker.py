@@ -1,0 +1,248 @@
+"""The decode worker: reserves blocks for handed-off prompts, receives their KV, and runs
+continuous batching over them, streaming tokens back. In colocated mode (and for prompts
+the router decides not to disaggregate) it also prefills requests itself.
+
+The handoff is a transaction: `reserve` (blocks + lease) -> the prefill worker writes KV
+into them -> `generate_from_prefill` commits after the receiver confirms every layer
+arrived, or aborts. An uncommitted reservation is freed on `abort` or when its lease
+expires, so no path leaks a block or decodes from blocks that were not fully written.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Iterator
+
+from engine.config import EngineConfig
+from engine.engine_loop import EngineLoop
+from engine.llm_engine import LLMEngine, RequestOutput
+from engine.sampler import SampleResult
+from engine.sampling_params import SamplingParams
+from kv_transfer import KVTransferError, TransferStatus, make_receiver
+
+log = logging.getLogger("pdserve.decode")
+
+_END = object()
+
+
+class DecodeWorker:
+    """Plain class behind the decode (and colocated) Ray actor."""
+
+    def __init__(
+        self,
+        config: EngineConfig,
+        transport: str = "grpc",
+        worker_id: str = "decode-0",
+        role: str = "decode",
+        host: str = "127.0.0.1",
+        transfer_timeout: float = 30.0,
+    ):
+        self.worker_id = worker_id
+        self.role = role
+        self.transfer_timeout = transfer_timeout
+        self.engine = LLMEngine(config)
+        opts = {"host": host} if transport == "grpc" else {"name": worker_id}
+        self.receiver = make_receiver(transport, self.engine.kv_cache, self.engine.compat_key,
+                                      **opts)
+        self._reserved: dict[str, list[int]] = {}
+        self._streams: dict[str, queue.SimpleQueue] = {}
+        self._lock = threading.Lock()
+        self.leases_expired = 0
+        self.loop = EngineLoop(self.engine, self._on_outputs, on_idle=self._expire_leases)
+        self.loop.start()
+
+    @property
+    def compat_key(self) -> str:
+        return self.engine.compat_key
+
+    # ---- handoff ----------------------------------------------------------------------------
+
+    def reserve(self, request_id: str, num_prompt_tokens: int, max_tokens: int,
+                lease_s: float = 30.0) -> dict:
+        """Allocate blocks for a prompt's KV under a lease; returns the sink (a dict)."""
+        bs = self.engine.layout.block_size
+
+        def do(engine: LLMEngine) -> dict:
+            if request_id in self._reserved or engine.sequence(request_id) is not None:
+                raise ValueError(f"request id {request_id!r} is already in use")
+            engine.scheduler.check_fits(num_prompt_tokens, max_tokens)
+            need = -(-num_prompt_tokens // bs)
+            if not engine.blocks.can_allocate(need):
+                raise KVTransferError(
+                    f"{self.worker_id} has {engine.blocks.num_free_blocks} free blocks, "
+                    f"{need} needed"
+                )
+            blocks = engine.blocks.allocate(need)
+            try:
+                sink = self.receiver.expect(request_id, blocks, num_prompt_tokens,
+                                            time.time() + lease_s)
+            except BaseException:
+                engine.blocks.free(blocks)
+                raise
+            self._reserved[request_id] = blocks
+            return sink.to_dict()
+
+        return self.loop.call(do)
+
+    def generate_from_prefill(self, request: dict, first: dict) -> Iterator[dict]:
+        """Commit a handed-off request and stream its output chunks (the first token's
+        chunk first). Raises KVTransferError, freeing the reservation, if the KV did not
+        fully arrive."""
+        rid = request["request_id"]
+        status = self.receiver.wait(rid, self.transfer_timeout)
+        if status is not TransferStatus.COMPLETE:
+            self._drop_reservation(rid)
+            raise KVTransferError(f"KV for {rid} did not arrive ({status.name})")
+        params = SamplingParams.from_dict(request["params"])
+        top = [tuple(t) for t in first.get("top_logprobs") or []]
+        sample = SampleResult(int(first["token_id"]), first.get("logprob"), top)
+        stream = self._open_stream(rid)
+
+        def commit(engine: LLMEngine) -> RequestOutput:
+            blocks = self._reserved.pop(rid, None)
+            if blocks is None:
+                raise KVTransferError(f"reservation for {rid} was aborted or expired")
+            self.receiver.cancel(rid)  # the receiver's part is done; the blocks are ours now
+            try:
+                return engine.add_prefilled(rid, request["prompt_token_ids"], params,
+                                            params.seed, blocks, sample,
+                                            int(first.get("cached_tokens") or 0))
+            except BaseException:
+                engine.blocks.free(blocks)
+                raise
+
+        try:
+            out = self.loop.call(commit)
+        except BaseException:
+            self._close_stream(rid)
+            raise
+        stream.put(out)
+        if out.finished:
+            stream.put(_END)
+        yield from self._drain(rid, stream)
+
+    def generate(self, request: dict) -> Iterator[dict]:
+        """Prefill and decode a request here (colocated mode); streams output chunks."""
+        rid = request["request_id"]
+        params = SamplingParams.from_dict(request["params"])
+        stream = self._open_stream(rid)
+        try:
+            self.loop.call(lambda e: e.add_request(rid, request["prompt_token_ids"], params))
+        except BaseException:
+            self._close_stream(rid)
+            raise
+        yield from self._drain(rid, stream)
+
+    def abort(self, request_id: str) -> bool:
+        """Abort a request in any state: reserved, decoding or unknown (a no-op)."""
+
+        def do(engine: LLMEngine) -> bool:
+            dropped = self._free_reservation(request_id)
+            aborted = engine.abort(request_id)
+            return dropped or aborted
+
+        found = self.loop.call(do)
+        with self._lock:
+            stream = self._streams.get(request_id)
+        if stream is not None:
+            stream.put(RequestOutput(request_id, [], "", finished=True, finish_reason="abort"))
+            stream.put(_END)
+        return found
+
+    def stats(self) -> dict:
+        eng = self.engine
+        return {
+            "worker_id": self.worker_id,
+            "role": self.role,
+            "free_blocks": eng.blocks.num_free_blocks,
+            "total_blocks": eng.blocks.num_blocks,
+            "running": len(eng.scheduler.running),
+            "waiting": len(eng.scheduler.waiting) + len(self._reserved),
+            "prompt_tokens": eng.stats["prompt_tokens"],
+            "generated_tokens": eng.stats["generated_tokens"],
+            "leases_expired": self.leases_expired,
+        }
+
+    def close(self) -> None:
+        self.loop.stop()
+        self.receiver.close()
+
+    # ---- internals ----------------------------------------------------------------------------
+
+    def _open_stream(self, rid: str) -> queue.SimpleQueue:
+        stream: queue.SimpleQueue = queue.SimpleQueue()
+        with self._lock:
+            self._streams[rid] = stream
+        return stream
+
+    def _close_stream(self, rid: str) -> None:
+        with self._lock:
+            self._streams.pop(rid, None)
+
+    def _drain(self, rid: str, stream: queue.SimpleQueue) -> Iterator[dict]:
+        """Yield coalesced chunks until the request finishes; abort it if the consumer
+        goes away first (the router closed the stream: client cancel)."""
+        finished = False
+        try:
+            while not finished:
+                outs = [stream.get()]
+                while True:
+                    try:
+                        outs.append(stream.get_nowait())
+                    except queue.Empty:
+                        break
+                chunk = _merge([o for o in outs if o is not _END])
+                finished = chunk["finished"] or any(o is _END for o in outs)
+                if chunk["token_ids"] or chunk["text"] or chunk["finished"]:
+                    yield chunk
+        finally:
+            self._close_stream(rid)
+            if not finished:
+                self.abort(rid)
+
+    def _on_outputs(self, outputs: list[RequestOutput]) -> None:
+        with self._lock:
+            for out in outputs:
+                stream = self._streams.get(out.request_id)
+                if stream is not None:
+                    stream.put(out)
+                    if out.finished:
+                        stream.put(_END)
+
+    def _free_reservation(self, rid: str) -> bool:
+        """On the loop thread: forget an uncommitted reservation and free its blocks."""
+        blocks = self._reserved.pop(rid, None)
+        if blocks is None:
+            return False
+        self.receiver.cancel(rid)
+        self.engine.blocks.free(blocks)
+        return True
+
+    def _drop_reservation(self, rid: str) -> None:
+        self.loop.call(lambda engine: self._free_reservation(rid))
+
+    def _expire_leases(self, engine: LLMEngine) -> None:
+        for rid in self.receiver.expire(time.time()):
+            if self._free_reservation(rid):
+                self.leases_expired += 1
+                log.warning("lease for %s expired before commit; freed its blocks", rid)
+
+
+def _merge(outs: list[RequestOutput]) -> dict:
+    chunk = {"token_ids": [], "text": "", "logprobs": [], "finished": False,
+             "finish_reason": "", "prompt_tokens": 0, "completion_tokens": 0, "cached_tokens": 0}
+    for o in outs:
+        chunk["token_ids"] += o.new_token_ids
+        chunk["text"] += o.new_text
+        chunk["logprobs"] += [
+            {"token_id": lp.token_id, "logprob": lp.logprob, "top": [list(t) for t in lp.top]}
+            for lp in o.new_logprobs
+        ]
+        if o.finished and not chunk["finished"]:
+            chunk.update(finished=True, finish_reason=o.finish_reason,
+                         prompt_tokens=o.prompt_tokens, completion_tokens=o.completion_tokens,
+                         cached_tokens=o.cached_tokens)
+    return chunk

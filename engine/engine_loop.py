@@ -1,0 +1,105 @@
+"""Runs an `LLMEngine` on its own thread so workers can serve many callers at once.
+
+All engine state (scheduler, block manager, sequences) is touched only by the loop thread:
+callers hand it work with `submit(fn)`, which runs `fn(engine)` between two steps and
+returns a `Future`. Outputs of each step go to `on_outputs`, called on the loop thread.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from collections.abc import Callable
+from concurrent.futures import Future
+from typing import Any
+
+from engine.llm_engine import LayerHookFactory, LLMEngine, RequestOutput
+
+log = logging.getLogger("pdserve.engine")
+
+
+class EngineLoop:
+    """A single thread that alternates between queued calls and engine steps."""
+
+    def __init__(
+        self,
+        engine: LLMEngine,
+        on_outputs: Callable[[list[RequestOutput]], None],
+        layer_hook: LayerHookFactory | None = None,
+        on_idle: Callable[[LLMEngine], None] | None = None,
+        idle_interval: float = 0.5,
+    ):
+        self.engine = engine
+        self._on_outputs = on_outputs
+        self._layer_hook = layer_hook
+        self._on_idle = on_idle
+        self._idle_interval = idle_interval
+        self._calls: queue.SimpleQueue[tuple[Callable, Future]] = queue.SimpleQueue()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
+        self.step_errors = 0
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self._stop.set()
+        self._calls.put((lambda e: None, Future()))  # wake the thread
+        self._thread.join(timeout)
+
+    def submit(self, fn: Callable[[LLMEngine], Any]) -> Future:
+        """Run `fn(engine)` on the loop thread before the next step."""
+        fut: Future = Future()
+        self._calls.put((fn, fut))
+        return fut
+
+    def call(self, fn: Callable[[LLMEngine], Any], timeout: float | None = 60.0) -> Any:
+        """`submit` and wait for the result (re-raising the call's exception)."""
+        return self.submit(fn).result(timeout)
+
+    def _drain_calls(self, block: bool) -> None:
+        try:
+            fn, fut = self._calls.get(block=block, timeout=self._idle_interval if block else None)
+        except queue.Empty:
+            if self._on_idle:
+                self._on_idle(self.engine)
+            return
+        while True:
+            if fut.set_running_or_notify_cancel():
+                try:
+                    fut.set_result(fn(self.engine))
+                except BaseException as e:  # the caller sees it; the loop keeps going
+                    fut.set_exception(e)
+            try:
+                fn, fut = self._calls.get_nowait()
+            except queue.Empty:
+                return
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self._drain_calls(block=not self.engine.has_unfinished())
+            if self._stop.is_set() or not self.engine.has_unfinished():
+                continue
+            try:
+                outputs = self.engine.step(self._layer_hook)
+            except Exception:
+                # A failed step must not kill the worker; the batch's requests are aborted
+                # so their callers get an answer and their blocks come back.
+                self.step_errors += 1
+                log.exception("engine step failed; aborting the running batch")
+                outputs = self._abort_all()
+            if outputs:
+                self._on_outputs(outputs)
+            if self._on_idle and self.engine.stats.get("steps", 0) % 64 == 0:
+                self._on_idle(self.engine)
+
+    def _abort_all(self) -> list[RequestOutput]:
+        eng = self.engine
+        out = []
+        for seq in list(eng.scheduler.running):
+            eng.abort(seq.request_id)
+            out.append(RequestOutput(seq.request_id, [], "", finished=True, finish_reason="abort",
+                                     prompt_tokens=seq.num_prompt_tokens,
+                                     completion_tokens=seq.num_output_tokens))
+        return out

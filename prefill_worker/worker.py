@@ -1,0 +1,210 @@
+"""The prefill worker: runs prompts (chunked, batched) and streams their KV to decode workers.
+
+For each request it samples the first token with the request's seed, so disaggregated and
+colocated runs agree, and sends every layer's KV blocks to the decode worker's reserved
+blocks during the step that finishes the prompt — layer l leaves while layer l+1 computes.
+Its own copy of the blocks is kept until the transfer is acknowledged, then freed (their
+full blocks stay in the prefix cache for the next prompt with the same prefix).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, replace
+
+from engine.config import EngineConfig
+from engine.engine_loop import EngineLoop
+from engine.llm_engine import LLMEngine, RequestOutput
+from engine.sampling_params import SamplingParams
+from engine.scheduler import ScheduledSeq
+from engine.sequence import Sequence
+from kv_transfer import KVSink, KVTransferError, SendHandle, make_sender
+
+log = logging.getLogger("pdserve.prefill")
+
+
+@dataclass(slots=True)
+class _Pending:
+    sink: KVSink
+    future: Future
+    seq: Sequence | None = None
+    handle: SendHandle | None = None
+    result: dict | None = None
+
+
+class PrefillWorker:
+    """Plain class behind the prefill Ray actor (testable without Ray)."""
+
+    def __init__(
+        self,
+        config: EngineConfig,
+        transport: str = "grpc",
+        worker_id: str = "prefill-0",
+        transfer_timeout: float = 30.0,
+        inject_transfer_failures: int = 0,
+    ):
+        self.worker_id = worker_id
+        self.engine = LLMEngine(config, hold_blocks_on_finish=True)
+        self.sender = make_sender(transport, self.engine.kv_cache, self.engine.compat_key)
+        self.transfer_timeout = transfer_timeout
+        # Test hook for fault-injection tests: the next N handoffs fail after sending.
+        self._inject_failures = inject_transfer_failures
+        self._pending: dict[str, _Pending] = {}
+        self._lock = threading.Lock()
+        self._finishers = ThreadPoolExecutor(max_workers=8, thread_name_prefix="kv-finish")
+        self.loop = EngineLoop(self.engine, self._on_outputs, layer_hook=self._layer_hook)
+        self.loop.start()
+
+    # ---- API (called from the actor's threads) ---------------------------------------------
+
+    @property
+    def compat_key(self) -> str:
+        return self.engine.compat_key
+
+    def prefill(self, request: dict, sink: dict, timeout: float | None = None) -> dict:
+        """Prefill `request` and hand its KV to `sink`; returns the first sampled token.
+
+        `request` = {request_id, prompt_token_ids, params (a SamplingParams dict whose seed
+        the router has set, so both sides draw the same random numbers)}.
+        Raises KVTransferError if the handoff fails (blocks on both sides are freed by then
+        on this side; the router aborts the reservation on the decode side).
+        """
+        rid = request["request_id"]
+        params = SamplingParams.from_dict(request["params"])
+        # Only the first token is made here: the decode worker does the rest and owns stop
+        # strings; min_tokens matters only as far as suppressing eos for this first token.
+        local = replace(params, max_tokens=1, min_tokens=min(params.min_tokens, 1), stop=())
+        pending = _Pending(KVSink.from_dict(sink), Future())
+        with self._lock:
+            if rid in self._pending:
+                raise ValueError(f"request id {rid!r} is already being prefilled")
+            self._pending[rid] = pending
+
+        def add(engine: LLMEngine):
+            pending.seq = engine.add_request(rid, request["prompt_token_ids"], local)
+
+        try:
+            self.loop.call(add)
+        except BaseException:
+            with self._lock:
+                self._pending.pop(rid, None)
+            raise
+        try:
+            return pending.future.result(timeout or self.transfer_timeout * 4)
+        except TimeoutError:
+            self.abort(rid)
+            raise KVTransferError(f"prefill of {rid} timed out") from None
+
+    def abort(self, request_id: str) -> bool:
+        """Stop a prefill wherever it is; frees its blocks and aborts its transfer."""
+        with self._lock:
+            pending = self._pending.pop(request_id, None)
+        if pending is None:
+            return False
+
+        def stop(engine: LLMEngine):
+            if pending.handle is not None:
+                pending.handle.abort()
+            engine.abort(request_id)
+            if pending.seq is not None:
+                engine.scheduler.release(pending.seq)
+
+        self.loop.call(stop)
+        if not pending.future.done():
+            pending.future.set_exception(KVTransferError(f"request {request_id} was aborted"))
+        return True
+
+    def stats(self) -> dict:
+        eng = self.engine
+        return {
+            "worker_id": self.worker_id,
+            "role": "prefill",
+            "free_blocks": eng.blocks.num_free_blocks,
+            "total_blocks": eng.blocks.num_blocks,
+            "running": len(eng.scheduler.running),
+            "waiting": len(eng.scheduler.waiting),
+            "prompt_tokens": eng.stats["prompt_tokens"],
+            "generated_tokens": eng.stats["generated_tokens"],
+        }
+
+    def close(self) -> None:
+        self.loop.stop()
+        self._finishers.shutdown(wait=False, cancel_futures=True)
+        self.sender.close()
+
+    # ---- loop-thread callbacks ---------------------------------------------------------------
+
+    def _layer_hook(self, batch: list[ScheduledSeq]):
+        """Open a transfer for every request whose prompt completes in this step."""
+        handles: list[SendHandle] = []
+        for item in batch:
+            if not item.samples:
+                continue
+            with self._lock:
+                pending = self._pending.get(item.seq.request_id)
+            if pending is None or pending.handle is not None:
+                continue
+            n_blocks = len(pending.sink.block_ids)
+            try:
+                pending.handle = self.sender.open(pending.sink, item.seq.block_ids[:n_blocks])
+            except KVTransferError as e:
+                # The prompt still finishes computing; _finish_transfer then frees it.
+                if not pending.future.done():
+                    pending.future.set_exception(e)
+                continue
+            handles.append(pending.handle)
+        if not handles:
+            return None
+
+        def send(layer: int) -> None:
+            for h in handles:
+                h.send_layer(layer)
+
+        return send
+
+    def _on_outputs(self, outputs: list[RequestOutput]) -> None:
+        for out in outputs:
+            with self._lock:
+                pending = self._pending.get(out.request_id)
+            if pending is None or not out.finished:
+                continue
+            pending.result = {
+                "request_id": out.request_id,
+                "token_id": out.new_token_ids[0] if out.new_token_ids else None,
+                "logprob": out.new_logprobs[0].logprob if out.new_logprobs else None,
+                "top_logprobs": [list(t) for t in out.new_logprobs[0].top]
+                if out.new_logprobs else [],
+                "finish_reason": out.finish_reason,
+                "cached_tokens": out.cached_tokens,
+                "prefill_done_time": time.time(),
+            }
+            self._finishers.submit(self._finish_transfer, out.request_id, pending)
+
+    def _finish_transfer(self, rid: str, pending: _Pending) -> None:
+        error: Exception | None = None
+        try:
+            if pending.handle is None:
+                raise KVTransferError(f"no KV transfer was opened for {rid}")
+            if self._inject_failures > 0:
+                self._inject_failures -= 1
+                pending.handle.abort()
+                raise KVTransferError(f"injected transfer failure for {rid}")
+            pending.handle.finish(self.transfer_timeout)
+        except Exception as e:  # noqa: BLE001 - reported to the caller below
+            error = e
+        # Free our copy on the loop thread (the block manager is single-threaded).
+        seq = pending.seq
+        self.loop.submit(lambda engine: engine.scheduler.release(seq) if seq else None)
+        with self._lock:
+            self._pending.pop(rid, None)
+        if pending.future.done():
+            return
+        if error is None:
+            pending.future.set_result(pending.result)
+        else:
+            pending.future.set_exception(
+                error if isinstance(error, KVTransferError) else KVTransferError(str(error))
+            )
