@@ -1,0 +1,203 @@
+"""The ``python -m bench`` argument parser and the checks that turn arguments into settings.
+
+Every problem with the input is raised as ``UsageError`` (or ValueError / FileNotFoundError
+from the parsers it calls) with a one-line message; ``cli.main`` prints it and exits 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+from bench.arrival import Arrival
+from bench.sharegpt import file_workload
+from bench.workloads import Workload, cycle_to, parse_range, random_workload, shared_prefix_workload
+
+SAMPLE_DATASET = Path(__file__).parent / "data" / "sharegpt_sample.json"
+DEFAULT_NUM_REQUESTS = 100
+
+
+class UsageError(Exception):
+    """Bad command-line input; the message is one line naming the problem."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # type: ignore[override]
+        # argparse would print the usage block and exit; we want one line and exit code 2.
+        raise UsageError(" ".join(message.split()))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The benchmark's argument parser."""
+    p = _Parser(prog="python -m bench", description="Benchmark a pdserve cluster over gRPC.")
+    p.add_argument("--target", default="127.0.0.1:50051", help="router HOST:PORT")
+    p.add_argument(
+        "--api-key",
+        default=os.environ.get("PDSERVE_API_KEY"),
+        help="bearer token for the API (default: $PDSERVE_API_KEY)",
+    )
+    w = p.add_argument_group("workload")
+    w.add_argument("--workload", default="random", choices=("random", "shared-prefix", "file"))
+    w.add_argument(
+        "--num-requests",
+        type=int,
+        default=None,
+        help="measured requests (default: 100; shared-prefix: its full pattern)",
+    )
+    w.add_argument("--input-len", default="128:512", help="random: prompt tokens, N or LO:HI")
+    w.add_argument(
+        "--output-len", default="16:64", help="random, shared-prefix: output tokens, N or LO:HI"
+    )
+    w.add_argument("--vocab", default="1000:30000", help="token ids drawn from LO:HI (HI excl.)")
+    w.add_argument("--num-prefixes", type=int, default=4, help="shared-prefix: system prompts")
+    w.add_argument("--questions-per-prefix", type=int, default=8)
+    w.add_argument("--prefix-len", default="1024", help="shared-prefix: system prompt tokens")
+    w.add_argument("--question-len", default="16:64", help="shared-prefix: question tokens")
+    w.add_argument("--num-chats", type=int, default=2, help="shared-prefix: multi-turn chats")
+    w.add_argument("--turns", type=int, default=4, help="shared-prefix: turns per chat")
+    w.add_argument("--dataset", default=str(SAMPLE_DATASET), help="file: ShareGPT JSON")
+    w.add_argument("--tokenizer", default=None, help="file: tokenizer.json to count tokens")
+    w.add_argument(
+        "--max-len",
+        type=int,
+        default=2048,
+        help="file: skip entries longer than this (prompt + output)",
+    )
+    w.add_argument(
+        "--no-force-output-len",
+        dest="force_output_len",
+        action="store_false",
+        help="let EOS end outputs early (default: min_tokens = max_tokens)",
+    )
+    w.add_argument("--temperature", type=float, default=0.0)
+    a = p.add_argument_group("arrivals")
+    paced = a.add_mutually_exclusive_group()
+    paced.add_argument("--rate", type=float, help="Poisson arrivals, requests/s")
+    paced.add_argument("--rates", help="rate sweep, e.g. 1,2,4,8")
+    paced.add_argument("--all-at-once", action="store_true", help="send every request at t=0")
+    a.add_argument(
+        "--burstiness",
+        type=float,
+        default=1.0,
+        help="gamma shape of inter-arrival gaps (1 = Poisson, <1 burstier)",
+    )
+    a.add_argument(
+        "--concurrency",
+        type=int,
+        default=None,
+        help="max requests in flight (alone: a closed loop of N clients)",
+    )
+    r = p.add_argument_group("run")
+    r.add_argument("--warmup", type=int, default=2, help="warm-up requests, not measured")
+    r.add_argument(
+        "--time-limit", type=float, default=None, help="stop sending after this many seconds"
+    )
+    r.add_argument("--request-timeout", type=float, default=300.0)
+    r.add_argument("--connect-timeout", type=float, default=5.0)
+    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--slo", default="", help="e.g. ttft=500ms,tpot=50ms,e2e=2s")
+    r.add_argument(
+        "--out-dir", default=None, help="JSON report and plots (default: bench/results/<time>)"
+    )
+    r.add_argument("--no-plots", dest="plots", action="store_false")
+    r.add_argument("--no-progress", dest="progress", action="store_false")
+    r.add_argument(
+        "--compare",
+        nargs="+",
+        metavar="CONFIG",
+        help="cluster YAML configs to start in turn and compare",
+    )
+    r.add_argument(
+        "--serve-command",
+        default=None,
+        help="how --compare starts a config, {config} replaced "
+        "(default: python -m cluster serve {config})",
+    )
+    r.add_argument("--cluster-start-timeout", type=float, default=300.0)
+    return p
+
+
+def check_target(target: str) -> str:
+    """HOST:PORT with a port in 1..65535, or UsageError."""
+    host, _, port = target.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise UsageError(f"--target must be HOST:PORT, got {target!r}")
+    return target
+
+
+def arrivals(args: argparse.Namespace) -> list[Arrival]:
+    """One Arrival per run: several for a --rates sweep."""
+    if args.rates is not None:
+        try:
+            rates = [float(x) for x in args.rates.split(",") if x.strip()]
+        except ValueError:
+            raise UsageError(
+                f"--rates must be numbers separated by commas, got {args.rates!r}"
+            ) from None
+        if not rates:
+            raise UsageError("--rates is empty")
+    else:
+        rates = [args.rate]
+    if args.burstiness != 1.0 and rates == [None]:
+        raise UsageError("--burstiness only applies with --rate or --rates")
+    if args.concurrency is not None and args.all_at_once:
+        raise UsageError("--all-at-once and --concurrency contradict each other")
+    for rate in rates:
+        if rate is not None and not rate > 0:
+            raise UsageError(f"request rate must be > 0, got {rate:g}")
+    return [Arrival(rate, args.burstiness, args.concurrency) for rate in rates]
+
+
+def check_numbers(args: argparse.Namespace) -> None:
+    """Counts and durations that must be positive (or non-negative) are."""
+    positive = {
+        "--num-requests": args.num_requests,
+        "--num-prefixes": args.num_prefixes,
+        "--questions-per-prefix": args.questions_per_prefix,
+        "--turns": args.turns,
+        "--time-limit": args.time_limit,
+        "--request-timeout": args.request_timeout,
+        "--connect-timeout": args.connect_timeout,
+        "--max-len": args.max_len,
+    }
+    for flag, value in positive.items():
+        if value is not None and not value > 0:
+            raise UsageError(f"{flag} must be > 0, got {value:g}")
+    for flag, value in {"--warmup": args.warmup, "--num-chats": args.num_chats}.items():
+        if value < 0:
+            raise UsageError(f"{flag} must be >= 0, got {value}")
+    for config in args.compare or ():
+        if not Path(config).is_file():
+            raise UsageError(f"cluster config not found: {config}")
+
+
+def build_workload(args: argparse.Namespace, seed: int, count: int | None) -> Workload:
+    """The workload the arguments describe, with ``count`` requests (None: the default)."""
+    output_len = parse_range(args.output_len, "--output-len")
+    vocab = parse_range(args.vocab, "--vocab")
+    if args.workload == "random":
+        n = count or DEFAULT_NUM_REQUESTS
+        return random_workload(
+            n, parse_range(args.input_len, "--input-len"), output_len, seed, vocab
+        )
+    if args.workload == "shared-prefix":
+        workload = shared_prefix_workload(
+            args.num_prefixes,
+            args.questions_per_prefix,
+            parse_range(args.prefix_len, "--prefix-len"),
+            parse_range(args.question_len, "--question-len"),
+            output_len,
+            args.num_chats,
+            args.turns,
+            seed,
+            vocab,
+        )
+        if count and count != len(workload.requests):
+            how = "repeated" if count > len(workload.requests) else "cut"
+            workload.note += f"; pattern of {len(workload.requests)} {how} to {count} requests"
+            workload.requests = cycle_to(workload.requests, count)
+        return workload
+    return file_workload(
+        args.dataset, count or DEFAULT_NUM_REQUESTS, seed, args.tokenizer, args.max_len
+    )
