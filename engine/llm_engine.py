@@ -23,7 +23,7 @@ from engine.kv_cache.layout import KVLayout
 from engine.loader.registry import open_model
 from engine.model_runner import ModelRunner
 from engine.models.llama import LlamaForCausalLM
-from engine.sampler import SampleRequest, Sampler, SampleResult
+from engine.sampler import Sampler, SampleRequest, SampleResult
 from engine.sampling_params import SamplingParams
 from engine.scheduler import ScheduledSeq, Scheduler
 from engine.sequence import FinishReason, TokenLogprob

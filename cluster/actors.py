@@ -1,0 +1,94 @@
+"""Ray actor shells around the plain worker classes (all logic lives in the workers).
+
+Actors are threaded (`max_concurrency`), so one actor serves many requests at once: each
+call blocks a thread on the worker's engine loop, never the loop itself.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import ray
+
+from cluster.config import ClusterConfig
+
+MAX_CONCURRENCY = 512
+
+
+def _setup(threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+
+
+def _node() -> str:
+    return ray.get_runtime_context().get_node_id()
+
+
+@ray.remote(max_concurrency=MAX_CONCURRENCY)
+class PrefillActor:
+    def __init__(self, config: dict, worker_id: str):
+        from prefill_worker.worker import PrefillWorker
+
+        cfg = ClusterConfig.model_validate(config)
+        _setup(cfg.prefill.threads)
+        self.worker = PrefillWorker(
+            cfg.engine_config(cfg.prefill), transport=cfg.transport, worker_id=worker_id,
+            inject_transfer_failures=cfg.debug.inject_transfer_failures,
+        )
+
+    def ready(self) -> dict:
+        return {"worker_id": self.worker.worker_id, "compat_key": self.worker.compat_key,
+                "node": _node(), "pid": os.getpid()}
+
+    def prefill(self, request: dict, sink: dict) -> dict:
+        return self.worker.prefill(request, sink)
+
+    def abort(self, request_id: str) -> bool:
+        return self.worker.abort(request_id)
+
+    def stats(self) -> dict:
+        return {**self.worker.stats(), "node": _node()}
+
+    def shutdown(self) -> None:
+        self.worker.close()
+
+
+@ray.remote(max_concurrency=MAX_CONCURRENCY)
+class DecodeActor:
+    def __init__(self, config: dict, worker_id: str, role: str):
+        from decode_worker.worker import DecodeWorker
+
+        cfg = ClusterConfig.model_validate(config)
+        _setup(cfg.decode.threads)
+        self.worker = DecodeWorker(
+            cfg.engine_config(cfg.decode), transport=cfg.transport, worker_id=worker_id,
+            role=role, host=cfg.decode.transfer_host,
+        )
+
+    def ready(self) -> dict:
+        return {"worker_id": self.worker.worker_id, "compat_key": self.worker.compat_key,
+                "node": _node(), "pid": os.getpid(), "address": self.worker.receiver.address,
+                "max_model_len": self.worker.engine.max_model_len,
+                "vocab_size": self.worker.engine.model_config.vocab_size}
+
+    def reserve(self, request_id: str, num_prompt_tokens: int, max_tokens: int,
+                lease_s: float) -> dict:
+        return self.worker.reserve(request_id, num_prompt_tokens, max_tokens, lease_s)
+
+    def generate_from_prefill(self, request: dict, first: dict):
+        yield from self.worker.generate_from_prefill(request, first)
+
+    def generate(self, request: dict):
+        yield from self.worker.generate(request)
+
+    def abort(self, request_id: str) -> bool:
+        return self.worker.abort(request_id)
+
+    def stats(self) -> dict:
+        return {**self.worker.stats(), "node": _node()}
+
+    def shutdown(self) -> None:
+        self.worker.close()

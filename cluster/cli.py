@@ -1,0 +1,107 @@
+"""The `pdserve` command: serve a cluster, stream a completion, benchmark, show stats."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                              "configs", "local.yaml")
+
+
+def _serve(args) -> int:
+    from cluster.config import ConfigError, load_config, parse_config
+    from cluster.launcher import serve
+
+    try:
+        cfg = load_config(args.config) if args.config else parse_config({})
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    overrides = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
+    if overrides:
+        cfg = cfg.model_copy(update={"router": cfg.router.model_copy(update=overrides)})
+    return serve(cfg)
+
+
+def _generate(args) -> int:
+    import grpc
+
+    from cluster.client import PdserveClient
+
+    token = os.environ.get(args.token_env) if args.token_env else None
+    prompt = [{"role": "user", "content": args.prompt}] if args.chat else args.prompt
+    sampling = {"max_tokens": args.max_tokens, "temperature": args.temperature}
+    if args.seed is not None:
+        sampling["seed"] = args.seed
+    try:
+        with PdserveClient(args.target, token=token) as client:
+            last = None
+            for r in client.stream(prompt, **sampling):
+                print(r.text, end="", flush=True)
+                last = r
+            print()
+            if last is not None and args.verbose:
+                u = last.usage
+                print(f"[{last.finish_reason}; prompt {u.prompt_tokens} tokens, completion "
+                      f"{u.completion_tokens}, cached {u.cached_tokens}]", file=sys.stderr)
+    except grpc.RpcError as e:
+        print(f"error: {e.code().name}: {e.details()}", file=sys.stderr)
+        return 2 if e.code() == grpc.StatusCode.INVALID_ARGUMENT else 1
+    return 0
+
+
+def _stats(args) -> int:
+    import grpc
+
+    from cluster.client import PdserveClient
+
+    try:
+        with PdserveClient(args.target) as client:
+            s = client.stats()
+    except grpc.RpcError as e:
+        print(f"error: {e.code().name}: {e.details()}", file=sys.stderr)
+        return 1
+    print(f"{'worker':<14}{'role':<11}{'free/total blocks':>18}{'running':>9}{'waiting':>9}")
+    for w in s.workers:
+        print(f"{w.worker_id:<14}{w.role:<11}{w.free_blocks:>9}/{w.total_blocks:<8}"
+              f"{w.running:>9}{w.waiting:>9}")
+    print(f"finished {s.requests_finished}, aborted {s.requests_aborted}, "
+          f"handoff retries {s.handoff_retries}, in flight {s.queued_requests}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "bench":
+        from bench.cli import main as bench_main
+
+        return bench_main(argv[1:])
+    parser = argparse.ArgumentParser(prog="pdserve", description=__doc__)
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("serve", help="start a cluster from a YAML config and serve gRPC")
+    p.add_argument("config", nargs="?", default=None,
+                   help="cluster YAML (default: built-in local CPU 1P1D config)")
+    p.add_argument("--host", default=None)
+    p.add_argument("--port", type=int, default=None)
+    g = sub.add_parser("generate", help="stream a completion from a running cluster")
+    g.add_argument("prompt")
+    g.add_argument("--target", default="127.0.0.1:50051")
+    g.add_argument("--max-tokens", type=int, default=64)
+    g.add_argument("--temperature", type=float, default=0.0)
+    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--chat", action="store_true", help="send as a chat message (template)")
+    g.add_argument("--token-env", default=None, help="env var holding the bearer token")
+    g.add_argument("-v", "--verbose", action="store_true")
+    s = sub.add_parser("stats", help="per-worker KV blocks and queues")
+    s.add_argument("--target", default="127.0.0.1:50051")
+    sub.add_parser("bench", help="serving benchmark (see `pdserve bench --help`)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    return {"serve": _serve, "generate": _generate, "stats": _stats}[args.cmd](args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

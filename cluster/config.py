@@ -1,0 +1,157 @@
+"""The YAML schema of a pdserve cluster, validated strictly at load time.
+
+Unknown keys are rejected (a typo must not silently fall back to a default), and
+cross-field rules that would otherwise fail minutes later inside a worker are checked here
+with a message that names the fields: prefill and decode share model, dtype and block size
+by construction (they are top-level keys), a `local` transport cannot cross nodes, etc.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from engine.config import CacheConfig, EngineConfig, SchedulerConfig
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelSection(_Strict):
+    name: str = "smollm2-135m-instruct"
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    max_model_len: int | None = Field(default=None, ge=16)
+
+
+class KVSection(_Strict):
+    block_size: int = Field(default=16, ge=1)
+    memory_mb: int = Field(default=256, ge=1, description="KV pool per worker, MiB")
+    enable_prefix_caching: bool = True
+
+    @model_validator(mode="after")
+    def _power_of_two(self):
+        if self.block_size & (self.block_size - 1):
+            raise ValueError(f"kv.block_size must be a power of two, got {self.block_size}")
+        return self
+
+
+class PoolSection(_Strict):
+    """One pool of identical workers (prefill or decode)."""
+
+    count: int = Field(default=1, ge=0)
+    num_cpus: float = Field(default=0.5, gt=0, description="Ray logical CPUs per worker")
+    num_gpus: float = Field(default=0, ge=0)
+    threads: int = Field(default=1, ge=1, description="torch threads per worker")
+    device: str = "cpu"
+    resources: dict[str, float] = Field(default_factory=dict,
+                                        description="custom Ray resources to pin the pool")
+    node_labels: dict[str, str] = Field(default_factory=dict,
+                                        description="Ray node labels the pool must run on")
+    max_num_seqs: int = Field(default=64, ge=1)
+    max_num_batched_tokens: int = Field(default=512, ge=1)
+    transfer_host: str = Field(default="127.0.0.1",
+                               description="interface the KV receiver binds (decode pools)")
+
+
+class RouterSection(_Strict):
+    host: str = "127.0.0.1"
+    port: int = Field(default=50051, ge=0, le=65535)
+    max_queue: int = Field(default=256, ge=1, description="requests in flight before "
+                           "RESOURCE_EXHAUSTED")
+    max_tokens_limit: int = Field(default=2048, ge=1)
+    max_prompt_tokens: int | None = Field(default=None, ge=1)
+    max_request_bytes: int = Field(default=1 << 20, ge=1024)
+    handoff_retries: int = Field(default=2, ge=0)
+    lease_seconds: float = Field(default=30.0, gt=0)
+    auth_token_env: str | None = Field(
+        default=None, description="name of an environment variable holding the bearer token")
+    conditional_prefill_tokens: int = Field(
+        default=0, ge=0, description="prompts this short are prefilled on the decode worker")
+
+
+class RaySection(_Strict):
+    address: str | None = Field(default=None, description="unset: start a local Ray; "
+                                "'auto' or ray://host:port: join")
+    num_cpus: float | None = Field(default=None, gt=0,
+                                   description="logical CPUs of a locally started Ray")
+    namespace: str = "pdserve"
+
+
+class DebugSection(_Strict):
+    inject_transfer_failures: int = Field(default=0, ge=0,
+                                          description="fail the first N KV handoffs (tests)")
+
+
+class ClusterConfig(_Strict):
+    model: ModelSection = Field(default_factory=ModelSection)
+    mode: Literal["disaggregated", "colocated"] = "disaggregated"
+    transport: Literal["grpc", "local", "nccl"] = "grpc"
+    kv: KVSection = Field(default_factory=KVSection)
+    prefill: PoolSection = Field(default_factory=PoolSection)
+    decode: PoolSection = Field(default_factory=PoolSection)
+    router: RouterSection = Field(default_factory=RouterSection)
+    ray: RaySection = Field(default_factory=RaySection)
+    debug: DebugSection = Field(default_factory=DebugSection)
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        if self.decode.count < 1:
+            raise ValueError("decode.count must be >= 1: decode workers serve every request")
+        if self.mode == "disaggregated" and self.prefill.count < 1:
+            raise ValueError("mode 'disaggregated' needs prefill.count >= 1")
+        if self.transport == "local":
+            raise ValueError("transport 'local' works only inside one process; use 'grpc' "
+                             "between Ray workers (or 'nccl' on GPUs)")
+        if self.transport == "nccl" and (self.prefill.num_gpus < 1 or self.decode.num_gpus < 1):
+            raise ValueError("transport 'nccl' needs prefill.num_gpus and decode.num_gpus >= 1")
+        for name, pool in (("prefill", self.prefill), ("decode", self.decode)):
+            if pool.device.startswith("cuda") and pool.num_gpus <= 0:
+                raise ValueError(f"{name}.device is {pool.device!r} but {name}.num_gpus is 0")
+        return self
+
+    def engine_config(self, pool: PoolSection) -> EngineConfig:
+        """The engine settings one worker of `pool` runs with."""
+        return EngineConfig(
+            model=self.model.name,
+            dtype=self.model.dtype,
+            device=pool.device,
+            cache=CacheConfig(block_size=self.kv.block_size, memory_bytes=self.kv.memory_mb << 20,
+                              enable_prefix_caching=self.kv.enable_prefix_caching),
+            scheduler=SchedulerConfig(max_num_seqs=pool.max_num_seqs,
+                                      max_num_batched_tokens=pool.max_num_batched_tokens,
+                                      max_model_len=self.model.max_model_len),
+            num_threads=pool.threads,
+        )
+
+
+class ConfigError(ValueError):
+    """A config file that cannot be used; the message says which field and why."""
+
+
+def load_config(path: str | Path) -> ClusterConfig:
+    """Read a YAML file with `safe_load` and validate it; ConfigError on any problem."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file not found: {p}")
+    try:
+        raw = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{p}: not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{p}: the top level must be a mapping")
+    return parse_config(raw, str(p))
+
+
+def parse_config(raw: dict, source: str = "config") -> ClusterConfig:
+    try:
+        return ClusterConfig.model_validate(raw)
+    except ValidationError as e:
+        lines = []
+        for err in e.errors():
+            where = ".".join(str(x) for x in err["loc"]) or "(top level)"
+            lines.append(f"  {where}: {err['msg']}")
+        raise ConfigError(f"{source} is invalid:\n" + "\n".join(lines)) from None

@@ -1,0 +1,224 @@
+"""Start (or join) Ray, place the worker pools, wait until they are healthy, serve gRPC.
+
+`pdserve serve CONFIG` and `python -m cluster serve CONFIG` (also under `ray job submit`)
+both end up in `serve()`. Placement lives here and nowhere else: each worker gets its own
+placement group (STRICT_PACK, ready for a tensor-parallel group's bundles), pinned with the
+pool's custom resources or node labels when the YAML names them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import time
+
+import ray
+from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.scheduling_strategies import (
+    NodeLabelSchedulingStrategy,
+    PlacementGroupSchedulingStrategy,
+)
+from tqdm import tqdm
+
+from cluster.actors import DecodeActor, PrefillActor
+from cluster.config import ClusterConfig, PoolSection
+from cluster.ray_clients import RayDecodeClient, RayPrefillClient
+from engine.loader.registry import open_model
+from proto.api import pb
+from router.grpc_server import start_server
+from router.lifecycle import RequestLifecycle
+from router.policy import RoutingPolicy
+from router.validation import Limits
+
+log = logging.getLogger("pdserve.cluster")
+
+
+class ClusterStartError(RuntimeError):
+    pass
+
+
+class Cluster:
+    """The running actors of one config, plus the router state that fronts them."""
+
+    def __init__(self, config: ClusterConfig):
+        self.config = config
+        self.started_ray = False
+        self.prefill_handles: list = []
+        self.decode_handles: list = []
+        self.placement_groups: list = []
+        self.ready_info: list[dict] = []
+
+    # ---- Ray and actors ------------------------------------------------------------------
+
+    def start(self, ready_timeout: float = 600.0) -> None:
+        cfg = self.config
+        if not ray.is_initialized():
+            if cfg.ray.address:
+                ray.init(address=cfg.ray.address, namespace=cfg.ray.namespace,
+                         log_to_driver=True)
+            else:
+                need = self._cpus_needed()
+                ray.init(num_cpus=cfg.ray.num_cpus or max(os.cpu_count() or 1, need + 1),
+                         namespace=cfg.ray.namespace, include_dashboard=False)
+                self.started_ray = True
+        n_prefill = cfg.prefill.count if cfg.mode == "disaggregated" else 0
+        role = "decode" if cfg.mode == "disaggregated" else "colocated"
+        blob = cfg.model_dump(mode="json")
+        for i in range(n_prefill):
+            self.prefill_handles.append(
+                self._place(PrefillActor, cfg.prefill).remote(blob, f"prefill-{i}"))
+        for i in range(cfg.decode.count):
+            self.decode_handles.append(
+                self._place(DecodeActor, cfg.decode).remote(blob, f"{role}-{i}", role))
+        self._wait_ready(ready_timeout)
+
+    def _cpus_needed(self) -> float:
+        cfg = self.config
+        n_prefill = cfg.prefill.count if cfg.mode == "disaggregated" else 0
+        return n_prefill * cfg.prefill.num_cpus + cfg.decode.count * cfg.decode.num_cpus
+
+    def _place(self, actor_cls, pool: PoolSection):
+        opts: dict = {"num_cpus": pool.num_cpus, "num_gpus": pool.num_gpus}
+        if pool.node_labels:
+            hard = {k: ray.util.scheduling_strategies.In(v) for k, v in pool.node_labels.items()}
+            opts["scheduling_strategy"] = NodeLabelSchedulingStrategy(hard=hard)
+            opts["resources"] = dict(pool.resources)
+            return actor_cls.options(**opts)
+        bundle = {"CPU": pool.num_cpus, **pool.resources}
+        if pool.num_gpus:
+            bundle["GPU"] = pool.num_gpus
+        pg = placement_group([bundle], strategy="STRICT_PACK")
+        self.placement_groups.append(pg)
+        opts["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
+            placement_group=pg, placement_group_bundle_index=0)
+        if pool.resources:
+            opts["resources"] = dict(pool.resources)
+        return actor_cls.options(**opts)
+
+    def _wait_ready(self, timeout: float) -> None:
+        handles = [*self.prefill_handles, *self.decode_handles]
+        refs = {h.ready.remote(): h for h in handles}
+        pending = list(refs)
+        deadline = time.monotonic() + timeout
+        with tqdm(total=len(refs), desc="starting workers", unit="worker") as bar:
+            while pending:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise ClusterStartError(
+                        f"{len(pending)} of {len(refs)} workers not ready after {timeout:.0f}s "
+                        "(not enough CPUs/GPUs/resources for the placement? see `ray status`)")
+                done, pending = ray.wait(pending, num_returns=1, timeout=min(left, 5.0))
+                for ref in done:
+                    try:
+                        self.ready_info.append(ray.get(ref))
+                    except Exception as e:
+                        raise ClusterStartError(f"a worker failed to start: {e}") from e
+                    bar.update(1)
+        keys = {i["compat_key"] for i in self.ready_info}
+        if len(keys) > 1:
+            raise ClusterStartError(
+                f"workers disagree on the KV compatibility key {sorted(keys)}: model, dtype "
+                "or block size differ; refusing to exchange KV between them")
+
+    def shutdown(self) -> None:
+        for h in [*self.prefill_handles, *self.decode_handles]:
+            try:
+                ray.kill(h)
+            except Exception:  # noqa: BLE001 - already dead is fine
+                pass
+        for pg in self.placement_groups:
+            try:
+                remove_placement_group(pg)
+            except Exception:  # noqa: BLE001
+                pass
+        if self.started_ray:
+            ray.shutdown()
+
+    # ---- router ------------------------------------------------------------------------------
+
+    def lifecycle(self) -> RequestLifecycle:
+        cfg = self.config
+        prefill = [RayPrefillClient(h, f"prefill-{i}")
+                   for i, h in enumerate(self.prefill_handles)]
+        role = "decode" if cfg.mode == "disaggregated" else "colocated"
+        decode = [RayDecodeClient(h, f"{role}-{i}") for i, h in enumerate(self.decode_handles)]
+        return RequestLifecycle(
+            cfg.mode, prefill, decode, RoutingPolicy(cfg.kv.block_size),
+            handoff_retries=cfg.router.handoff_retries, lease_seconds=cfg.router.lease_seconds,
+            conditional_prefill_tokens=cfg.router.conditional_prefill_tokens,
+        )
+
+    def summary(self, address: str) -> str:
+        n_p, n_d = len(self.prefill_handles), len(self.decode_handles)
+        kind = "decode" if self.config.mode == "disaggregated" else "colocated"
+        parts = ([f"{n_p} prefill worker{'s' * (n_p != 1)} ready"] if n_p else []) + [
+            f"{n_d} {kind} worker{'s' * (n_d != 1)} ready"]
+        return ", ".join(parts) + f", serving on {address}"
+
+
+async def _poll_stats(lifecycle: RequestLifecycle, interval: float = 0.5) -> None:
+    workers = [*lifecycle.prefill, *lifecycle.decode]
+    while True:
+        try:
+            lifecycle.policy.update_stats(await asyncio.gather(*(w.stats() for w in workers)))
+        except Exception as e:  # noqa: BLE001 - a dead worker shows in Stats; keep routing
+            log.warning("stats poll failed: %s", e)
+        await asyncio.sleep(interval)
+
+
+async def run_router(cluster: Cluster, stop: asyncio.Event, on_ready=None) -> None:
+    """Serve gRPC in front of a started cluster until `stop` is set."""
+    cfg = cluster.config
+    source = open_model(cfg.model.name)  # tokenizer and limits only; weights stay on disk
+    info = cluster.ready_info[-1]
+    limits = Limits(
+        max_model_len=min(info.get("max_model_len") or 1 << 30,
+                          cfg.model.max_model_len or 1 << 30),
+        max_tokens_limit=cfg.router.max_tokens_limit,
+        max_prompt_tokens=cfg.router.max_prompt_tokens,
+        vocab_size=source.config.vocab_size, model_name=cfg.model.name,
+    )
+    token = os.environ.get(cfg.router.auth_token_env) if cfg.router.auth_token_env else None
+    if cfg.router.auth_token_env and not token:
+        raise ClusterStartError(f"router.auth_token_env names ${cfg.router.auth_token_env}, "
+                                "which is not set")
+    lifecycle = cluster.lifecycle()
+    model_info = pb.ModelInfo(name=cfg.model.name, max_model_len=limits.max_model_len,
+                              block_size=cfg.kv.block_size, dtype=cfg.model.dtype)
+    server, port = await start_server(
+        lifecycle, source.tokenizer, limits, cfg.router.host, cfg.router.port,
+        cfg.router.max_queue, cfg.router.max_request_bytes, token, model_info)
+    poller = asyncio.create_task(_poll_stats(lifecycle))
+    address = f"{cfg.router.host}:{port}"
+    msg = cluster.summary(address)
+    log.info(msg)
+    print(msg, flush=True)
+    if on_ready:
+        on_ready(address)
+    try:
+        await stop.wait()
+    finally:
+        poller.cancel()
+        await server.stop(grace=2.0)
+
+
+def serve(config: ClusterConfig) -> int:
+    """Blocking entry point of `pdserve serve`: start, serve until SIGINT/SIGTERM, clean up."""
+    cluster = Cluster(config)
+    try:
+        cluster.start()
+
+        async def main() -> None:
+            stop = asyncio.Event()
+            loop = asyncio.get_running_loop()
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.add_signal_handler(sig, stop.set)
+            await run_router(cluster, stop)
+
+        asyncio.run(main())
+        print("shutting down", flush=True)
+        return 0
+    finally:
+        cluster.shutdown()

@@ -1,0 +1,146 @@
+"""The public gRPC front door: `pdserve.v1.Generation` and `pdserve.v1.Admin`.
+
+Validation errors become INVALID_ARGUMENT, a full queue RESOURCE_EXHAUSTED, a failed
+handoff after retries UNAVAILABLE; a client that cancels its stream cancels the handler,
+which aborts the request on every worker. Optional bearer-token auth is compared in
+constant time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import uuid
+
+import grpc
+
+from engine.tokenizer import TextTokenizer
+from proto.api import pb, pb_grpc
+from router.lifecycle import HandoffFailed, RequestLifecycle
+from router.validation import InvalidRequest, Limits, validate
+from router.workers import WorkerClient
+
+log = logging.getLogger("pdserve.router")
+
+
+class _Auth:
+    def __init__(self, token: str | None):
+        self.token = token
+
+    async def check(self, context: grpc.aio.ServicerContext) -> None:
+        if not self.token:
+            return
+        md = dict(context.invocation_metadata() or ())
+        got = md.get("authorization", "")
+        if not hmac.compare_digest(got.encode(), f"Bearer {self.token}".encode()):
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong bearer token")
+
+
+class GenerationService(pb_grpc.GenerationServicer):
+    def __init__(self, lifecycle: RequestLifecycle, tokenizer: TextTokenizer, limits: Limits,
+                 max_queue: int, max_request_bytes: int, auth: _Auth, model_info: pb.ModelInfo):
+        self.lifecycle = lifecycle
+        self.tokenizer = tokenizer
+        self.limits = limits
+        self.max_queue = max_queue
+        self.max_request_bytes = max_request_bytes
+        self.auth = auth
+        self.model_info = model_info
+
+    async def Generate(self, request: pb.GenerateRequest, context):  # noqa: N802 (gRPC name)
+        await self.auth.check(context)
+        if request.ByteSize() > self.max_request_bytes:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"request is {request.ByteSize()} bytes; the limit is "
+                                f"{self.max_request_bytes}")
+        try:
+            ids, params = validate(request, self.tokenizer, self.limits)
+        except InvalidRequest as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        if self.lifecycle.counters.in_flight >= self.max_queue:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                f"server busy: {self.max_queue} requests in flight; retry later")
+        rid = request.request_id or f"req-{uuid.uuid4().hex[:16]}"
+        try:
+            async for chunk in self.lifecycle.run(rid, ids, params):
+                yield _response(rid, chunk)
+        except HandoffFailed as e:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
+        except asyncio.CancelledError:
+            log.info("client cancelled %s", rid)
+            raise
+        except grpc.aio.AbortError:
+            raise
+        except Exception as e:  # a worker error: the client gets a status, the router lives
+            log.exception("request %s failed", rid)
+            await context.abort(grpc.StatusCode.INTERNAL, f"request failed: {e}")
+
+    async def Health(self, request, context):  # noqa: N802
+        await self.auth.check(context)
+        lc = self.lifecycle
+        return pb.HealthResponse(serving=True, prefill_workers=len(lc.prefill),
+                                 decode_workers=len(lc.decode), mode=lc.mode)
+
+    async def ListModels(self, request, context):  # noqa: N802
+        await self.auth.check(context)
+        return pb.ListModelsResponse(models=[self.model_info])
+
+
+class AdminService(pb_grpc.AdminServicer):
+    def __init__(self, lifecycle: RequestLifecycle, auth: _Auth):
+        self.lifecycle = lifecycle
+        self.auth = auth
+
+    async def Stats(self, request, context):  # noqa: N802
+        await self.auth.check(context)
+        lc = self.lifecycle
+        workers: list[WorkerClient] = [*lc.prefill, *lc.decode]
+        stats = await asyncio.gather(*(w.stats() for w in workers))
+        lc.policy.update_stats(stats)
+        c = lc.counters
+        return pb.StatsResponse(
+            workers=[
+                pb.WorkerStats(
+                    worker_id=s["worker_id"], role=s["role"], free_blocks=s["free_blocks"],
+                    total_blocks=s["total_blocks"], running=s["running"], waiting=s["waiting"],
+                    prompt_tokens_processed=s["prompt_tokens"],
+                    generated_tokens=s["generated_tokens"], node=s.get("node", ""),
+                )
+                for s in stats
+            ],
+            queued_requests=c.in_flight, requests_finished=c.finished,
+            requests_aborted=c.aborted, handoff_retries=c.handoff_retries,
+        )
+
+
+def _response(rid: str, chunk: dict) -> pb.GenerateResponse:
+    resp = pb.GenerateResponse(request_id=rid, token_ids=chunk["token_ids"], text=chunk["text"])
+    for lp in chunk.get("logprobs") or []:
+        resp.logprobs.append(pb.TokenLogprob(
+            token_id=lp["token_id"], logprob=lp["logprob"],
+            top=[pb.TopLogprob(token_id=t, logprob=v) for t, v in lp["top"]],
+        ))
+    if chunk.get("finished"):
+        resp.finish_reason = chunk["finish_reason"]
+        resp.usage.CopyFrom(pb.Usage(prompt_tokens=chunk["prompt_tokens"],
+                                     completion_tokens=chunk["completion_tokens"],
+                                     cached_tokens=chunk["cached_tokens"]))
+    return resp
+
+
+async def start_server(lifecycle: RequestLifecycle, tokenizer: TextTokenizer, limits: Limits,
+                       host: str, port: int, max_queue: int, max_request_bytes: int,
+                       token: str | None, model_info: pb.ModelInfo) -> tuple[grpc.aio.Server, int]:
+    """Start serving; returns the server and the bound port (useful with port 0)."""
+    server = grpc.aio.server(options=[("grpc.max_receive_message_length", max_request_bytes)])
+    auth = _Auth(token)
+    pb_grpc.add_GenerationServicer_to_server(
+        GenerationService(lifecycle, tokenizer, limits, max_queue, max_request_bytes, auth,
+                          model_info), server)
+    pb_grpc.add_AdminServicer_to_server(AdminService(lifecycle, auth), server)
+    bound = server.add_insecure_port(f"{host}:{port}")
+    if bound == 0:
+        raise OSError(f"could not bind the router to {host}:{port}")
+    await server.start()
+    return server, bound
