@@ -33,6 +33,9 @@ class _Pending:
     seq: Sequence | None = None
     handle: SendHandle | None = None
     result: dict | None = None
+    opened_at: float = 0.0
+    sampled_at: float = 0.0
+    num_blocks: int = 0
 
 
 class PrefillWorker:
@@ -53,6 +56,7 @@ class PrefillWorker:
         # Test hook for fault-injection tests: the next N handoffs fail after sending.
         self._inject_failures = inject_transfer_failures
         self._pending: dict[str, _Pending] = {}
+        self.handoffs = {"count": 0, "seconds": 0.0, "tail_seconds": 0.0, "bytes": 0}
         self._lock = threading.Lock()
         self._finishers = ThreadPoolExecutor(max_workers=8, thread_name_prefix="kv-finish")
         self.loop = EngineLoop(self.engine, self._on_outputs, layer_hook=self._layer_hook)
@@ -128,6 +132,10 @@ class PrefillWorker:
             "waiting": len(eng.scheduler.waiting),
             "prompt_tokens": eng.stats["prompt_tokens"],
             "generated_tokens": eng.stats["generated_tokens"],
+            "handoffs": self.handoffs["count"],
+            "handoff_seconds": self.handoffs["seconds"],
+            "handoff_bytes": self.handoffs["bytes"],
+            "handoff_tail_seconds": self.handoffs["tail_seconds"],
         }
 
     def close(self) -> None:
@@ -150,6 +158,7 @@ class PrefillWorker:
             n_blocks = len(pending.sink.block_ids)
             try:
                 pending.handle = self.sender.open(pending.sink, item.seq.block_ids[:n_blocks])
+                pending.opened_at, pending.num_blocks = time.perf_counter(), n_blocks
             except KVTransferError as e:
                 # The prompt still finishes computing; _finish_transfer then frees it.
                 if not pending.future.done():
@@ -179,8 +188,8 @@ class PrefillWorker:
                 if out.new_logprobs else [],
                 "finish_reason": out.finish_reason,
                 "cached_tokens": out.cached_tokens,
-                "prefill_done_time": time.time(),
             }
+            pending.sampled_at = time.perf_counter()
             self._finishers.submit(self._finish_transfer, out.request_id, pending)
 
     def _finish_transfer(self, rid: str, pending: _Pending) -> None:
@@ -193,6 +202,12 @@ class PrefillWorker:
                 pending.handle.abort()
                 raise KVTransferError(f"injected transfer failure for {rid}")
             pending.handle.finish(self.transfer_timeout)
+            with self._lock:
+                self.handoffs["count"] += 1
+                now = time.perf_counter()
+                self.handoffs["seconds"] += now - pending.opened_at
+                self.handoffs["tail_seconds"] += now - pending.sampled_at
+                self.handoffs["bytes"] += pending.num_blocks * self.engine.layout.block_bytes
         except Exception as e:  # noqa: BLE001 - reported to the caller below
             error = e
         # Free our copy on the loop thread (the block manager is single-threaded).

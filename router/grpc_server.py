@@ -106,6 +106,10 @@ class AdminService(pb_grpc.AdminServicer):
                     total_blocks=s["total_blocks"], running=s["running"], waiting=s["waiting"],
                     prompt_tokens_processed=s["prompt_tokens"],
                     generated_tokens=s["generated_tokens"], node=s.get("node", ""),
+                    handoffs=s.get("handoffs", 0), handoff_seconds=s.get("handoff_seconds", 0.0),
+                    handoff_bytes=s.get("handoff_bytes", 0),
+                    handoff_tail_seconds=s.get("handoff_tail_seconds", 0.0),
+                    leases_expired=s.get("leases_expired", 0),
                 )
                 for s in stats
             ],
