@@ -55,6 +55,17 @@ class PrefillActor:
     def shutdown(self) -> None:
         self.worker.close()
 
+    # ---- nccl KV transport: pairing through Ray (cluster/nccl_setup.py) ----------------------
+
+    def nccl_uid(self) -> list[int]:
+        return self.worker.sender.unique_id()
+
+    def nccl_connect(self, peer_id: str, uid: list[int], rank: int) -> None:
+        self.worker.sender.connect(peer_id, uid, rank)
+
+    def nccl_broken(self) -> list[str]:
+        return self.worker.sender.broken_peers()
+
 
 @ray.remote(max_concurrency=MAX_CONCURRENCY)
 class DecodeActor:
@@ -92,3 +103,11 @@ class DecodeActor:
 
     def shutdown(self) -> None:
         self.worker.close()
+
+    # ---- nccl KV transport: pairing through Ray (cluster/nccl_setup.py) ----------------------
+
+    def nccl_connect(self, peer_id: str, uid: list[int], rank: int) -> None:
+        self.worker.receiver.connect(peer_id, uid, rank)
+
+    def nccl_broken(self) -> list[str]:
+        return self.worker.receiver.broken_peers()

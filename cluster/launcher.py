@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 from cluster.actors import DecodeActor, PrefillActor
 from cluster.config import ClusterConfig, PoolSection
+from cluster.nccl_setup import connect_all as connect_nccl_pairs
 from cluster.ray_clients import RayDecodeClient, RayPrefillClient
 from engine.loader.registry import open_model
 from proto.api import pb
@@ -73,6 +74,9 @@ class Cluster:
             self.decode_handles.append(
                 self._place(DecodeActor, cfg.decode).remote(blob, f"{role}-{i}", role))
         self._wait_ready(ready_timeout)
+        if cfg.transport == "nccl" and self.prefill_handles:
+            # One pooled communicator per (prefill, decode) pair, made before any request.
+            connect_nccl_pairs(self.prefill_handles, self.decode_handles)
 
     def _cpus_needed(self) -> float:
         cfg = self.config

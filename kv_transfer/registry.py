@@ -52,11 +52,14 @@ def available_transports() -> list[str]:
         return sorted(set(_TRANSPORTS) | set(_BUILTIN_MODULES))
 
 
-def make_receiver(name: str, pool: torch.Tensor, compat_key: str, **opts: Any) -> KVReceiver:
-    """The decode side of transport `name`, bound to `pool`; `opts` go to its constructor."""
+def make_receiver(name: str, pool: torch.Tensor, compat_key: str, /, **opts: Any) -> KVReceiver:
+    """The decode side of transport `name`, bound to `pool`; `opts` go to its constructor.
+
+    The first three are positional-only, so a transport option may itself be called `name`
+    (the `local` and `nccl` receivers take the decode worker's id that way)."""
     return _lookup(name)[1](pool, compat_key, **opts)
 
 
-def make_sender(name: str, pool: torch.Tensor, compat_key: str, **opts: Any) -> KVSender:
+def make_sender(name: str, pool: torch.Tensor, compat_key: str, /, **opts: Any) -> KVSender:
     """The prefill side of transport `name`, bound to `pool`; `opts` go to its constructor."""
     return _lookup(name)[0](pool, compat_key, **opts)
