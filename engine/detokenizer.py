@@ -27,14 +27,20 @@ class Detokenizer:
         self.tokenizer = tokenizer
         self._windows: dict[str, _Window] = {}
 
-    def update(self, seq: Sequence) -> int | None:
+    def update(self, seq: Sequence, skip_last: bool = False) -> int | None:
         """Extend `seq.output_text` with its new tokens.
+
+        `skip_last` leaves the newest token out of the text: the caller sets it when that
+        token ended the request by id (EOS or a stop token id), whose text is not part of
+        the output (as in vLLM; stop strings are likewise cut off).
 
         Returns the index in `output_text` where a stop string starts (the caller finishes
         the sequence and truncates there), or None.
         """
         win = self._windows.setdefault(seq.request_id, _Window())
         out = seq.output_token_ids
+        if skip_last:
+            out = out[:-1]
         prefix = self.tokenizer.decode(out[win.prefix_offset : win.read_offset])
         full = self.tokenizer.decode(out[win.prefix_offset :])
         if len(full) > len(prefix) and not full.endswith("\ufffd"):

@@ -23,6 +23,7 @@ from engine.kv_cache.layout import KVLayout
 from engine.loader.registry import open_model
 from engine.model_runner import ModelRunner
 from engine.models.llama import LlamaForCausalLM
+from engine.parallel import tp_size
 from engine.sampler import Sampler, SampleRequest, SampleResult
 from engine.sampling_params import SamplingParams
 from engine.scheduler import ScheduledSeq, Scheduler
@@ -68,7 +69,9 @@ class LLMEngine:
         model.load_weights(source.weights)
         self.model = model.eval()
         cache = config.cache
-        self.layout = KVLayout.for_model(mc, cache.block_size, config.dtype)
+        # Under tensor parallelism the model holds num_kv_heads / tp_size heads per rank;
+        # the KV pool must be laid out the same way or writing K/V fails.
+        self.layout = KVLayout.for_model(mc, cache.block_size, config.dtype, tp_size())
         num_blocks = cache.num_blocks or self.layout.num_blocks_for(cache.memory_bytes)
         self.kv_cache = self.layout.allocate(num_blocks, self.device)
         self.compat_key = compatibility_key(mc, cache.block_size, config.dtype)
@@ -210,7 +213,11 @@ class LLMEngine:
         self.stats["generated_tokens"] += 1
         finished = self.scheduler.append_token(seq, res.token_id,
                                                self.model_config.eos_token_ids)
-        stop_at = self.detokenizer.update(seq)
+        # A request ended by a token id (EOS, stop_token_ids) keeps that id in its tokens
+        # but not its text: a stop token that is an ordinary word must not leak into it.
+        stop_at = self.detokenizer.update(
+            seq, skip_last=finished and seq.finish_reason is FinishReason.STOP
+        )
         if stop_at is not None:
             seq.output_text = seq.output_text[:stop_at]
             if not finished:

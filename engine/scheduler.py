@@ -110,10 +110,16 @@ class Scheduler:
             i += 1
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             seq = self.waiting[0]
-            if not seq.block_ids:
+            matched_now = not seq.block_ids
+            if matched_now:
                 self._match_prefix(seq)
             n = min(seq.num_tokens - seq.num_computed_tokens, budget)
             if not self._reserve(seq, n):
+                if matched_now:
+                    # Give the matched prefix back: a waiting request that kept blocks it
+                    # cannot use could starve the running ones, or deadlock with them once
+                    # every running request has been preempted. They stay cached (evictable).
+                    self._reset_to_waiting(seq)
                 break
             self.waiting.popleft()
             seq.status = SequenceStatus.RUNNING
@@ -165,7 +171,10 @@ class Scheduler:
     def release(self, seq: Sequence) -> None:
         """Free a sequence's blocks (called later by workers that hold them on finish)."""
         if seq.block_ids:
-            self.blocks.free(seq.block_ids)
+            # Tail first: freed blocks become evictable in this order, so under memory
+            # pressure a cached prefix loses its last blocks before its first ones, and
+            # what remains is still a matchable prefix.
+            self.blocks.free(reversed(seq.block_ids))
             seq.block_ids = []
 
     # ---- internals -------------------------------------------------------------------------
@@ -187,12 +196,16 @@ class Scheduler:
 
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
+        self._reset_to_waiting(seq)
+        self.waiting.appendleft(seq)
+        self.num_preemptions += 1
+
+    def _reset_to_waiting(self, seq: Sequence) -> None:
+        """Drop a sequence's blocks and computed state; it will be recomputed."""
         self.release(seq)
         seq.num_computed_tokens = 0
         seq.block_hashes = []
         seq.status = SequenceStatus.WAITING
-        self.waiting.appendleft(seq)
-        self.num_preemptions += 1
 
     def _match_prefix(self, seq: Sequence) -> None:
         # Never match the last token: its logits must be computed to sample.
