@@ -125,6 +125,11 @@ class EngineConfig:
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     attention_backend: str = "auto"
     num_threads: int | None = None
+    # CUDA only (no-ops elsewhere): replay decode steps from captured graphs
+    # (`engine.cuda_graph`), and run norms, RoPE and SiLU-mul as fused Triton kernels
+    # (`engine.models.fused_llama`).
+    enable_cuda_graphs: bool = True
+    enable_fused_kernels: bool = True
 
     def __post_init__(self) -> None:
         torch_dtype(self.dtype)

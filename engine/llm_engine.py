@@ -11,7 +11,7 @@ import logging
 import secrets
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -60,13 +60,21 @@ class LLMEngine:
         if config.num_threads:
             torch.set_num_threads(config.num_threads)
         self.device = torch.device(config.device)
-        source = open_model(config.model)
+        dtype = torch_dtype(config.dtype)
+        source = open_model(config.model, self.device, dtype)
         self.model_config = mc = source.config
         self.tokenizer = source.tokenizer
-        dtype = torch_dtype(config.dtype)
+        limit = config.scheduler.max_model_len or mc.max_position_embeddings
+        self.max_model_len = min(limit, mc.max_position_embeddings)
         with torch.device(self.device):
-            model = LlamaForCausalLM(mc, dtype)
+            # The rope table covers the positions this engine serves, not all 128k of 3.1.
+            model = LlamaForCausalLM(replace(mc, max_position_embeddings=self.max_model_len),
+                                     dtype)
         model.load_weights(source.weights)
+        if config.enable_fused_kernels and self.device.type == "cuda":
+            from engine.models.fused_llama import set_fused_kernels
+
+            set_fused_kernels(model, True)
         self.model = model.eval()
         cache = config.cache
         # Under tensor parallelism the model holds num_kv_heads / tp_size heads per rank;
@@ -76,8 +84,6 @@ class LLMEngine:
         self.kv_cache = self.layout.allocate(num_blocks, self.device)
         self.compat_key = compatibility_key(mc, cache.block_size, config.dtype)
         self.blocks = BlockManager(num_blocks, cache.block_size, cache.enable_prefix_caching)
-        limit = config.scheduler.max_model_len or mc.max_position_embeddings
-        self.max_model_len = min(limit, mc.max_position_embeddings)
         self.scheduler = Scheduler(
             config.scheduler, self.blocks, self.max_model_len, self.compat_key,
             hold_blocks_on_finish=hold_blocks_on_finish,
@@ -85,6 +91,12 @@ class LLMEngine:
         backend = get_backend(config.attention_backend, self.device)
         self.runner = ModelRunner(self.model, self.kv_cache, backend, cache.block_size,
                                   self.device)
+        if config.enable_cuda_graphs:  # pure-decode steps replay captured graphs on CUDA
+            from engine.cuda_graph import DecodeGraphRunner
+
+            self.runner.decode_graphs = DecodeGraphRunner.maybe_create(
+                self.runner, self.max_model_len, config.scheduler.max_num_seqs
+            )
         self.sampler = Sampler()
         self.detokenizer = Detokenizer(self.tokenizer)
         self._seqs: dict[str, Seq] = {}

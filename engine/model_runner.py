@@ -34,6 +34,8 @@ class ModelRunner:
         self.backend = backend
         self.block_size = block_size
         self.device = device
+        # Set by the engine on CUDA (engine.cuda_graph.DecodeGraphRunner).
+        self.decode_graphs = None
 
     def prepare(self, batch: Sequence[ScheduledSeq]) -> tuple[torch.Tensor, ...]:
         """Host-side flattening: (input_ids, positions, metadata, logits row indices)."""
@@ -87,6 +89,10 @@ class ModelRunner:
         on_layer_written: Callable[[int], None] | None = None,
     ) -> torch.Tensor:
         """Run the step; returns logits `[num sampling sequences, vocab]` in batch order."""
+        if self.decode_graphs is not None and on_layer_written is None:
+            logits = self.decode_graphs.run(batch)  # None unless a pure-decode batch fits
+            if logits is not None:
+                return logits
         input_ids, positions, meta, rows = self.prepare(batch)
         ctx = forward_context.ForwardContext(meta, self.kv_cache, self.backend, on_layer_written)
         with forward_context.use(ctx):

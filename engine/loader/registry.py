@@ -57,8 +57,22 @@ def resolve_model_path(name: str) -> str:
     )
 
 
-def open_model(name: str) -> LoadedSource:
-    """Read the model config and tokenizer; weights stay a lazy iterator."""
+def open_model(
+    name: str, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
+) -> LoadedSource:
+    """Read the model config and tokenizer; weights stay a lazy iterator.
+
+    `random:<preset>[@seed]` names a random-weight model of a real shape
+    (`engine.loader.synthetic`), whose weights are drawn on `device` in `dtype`.
+    """
+    if name.startswith("random:"):
+        from engine.loader import synthetic
+
+        _, seed = synthetic.parse_name(name)
+        config = synthetic.synthetic_config(name, torch.device(device), dtype)
+        weights = synthetic.random_weights(config, seed, torch.device(device), dtype)
+        return LoadedSource(config, synthetic.SyntheticTokenizer(config.vocab_size), weights,
+                            name)
     path = resolve_model_path(name)
     if path.endswith(".gguf"):
         from engine.loader.gguf_loader import load_gguf

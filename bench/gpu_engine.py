@@ -1,0 +1,460 @@
+"""The engine on one GPU against the machine's own limits and against HF transformers.
+
+One command, one process, everything measured in the same run:
+
+1. ceilings: device-to-device copy bandwidth and bf16 matmul 8192^3 (`bench.gpu_kernels`);
+2. decode step (model + sampling, CUDA graphs, fused kernels) of a random-weight
+   Llama-3.1-8B shape at batch 1/8/32/128 with 1k-token contexts: median of CUDA-event
+   timed steps, and achieved bandwidth = (weight bytes + KV bytes read) / step time;
+   also the full `LLMEngine.step()` (scheduler, detokenizer included), eager decode without
+   graphs, and the unfused reference layers under graphs (before/after the fused kernels);
+3. a kernel profile of the decode step (where the time goes);
+4. prefill of 512/2048/8192 tokens -> TFLOP/s (2 x linear params x tokens + causal
+   attention; the LM head only for the sampled row) as a fraction of the matmul rate;
+5. attention kernels alone: split-K decode at batch 32 / 4k context against copy
+   bandwidth, and the prefill kernel against `F.scaled_dot_product_attention`;
+6. HF transformers on the same weights and GPU: bf16 correctness (DESIGN.md's logprob-
+   closeness rule) and its decode step at batch 1/8/32 (manual loop with its KV cache).
+
+Run on the GPU machine: `python -m bench.gpu_engine --out gpu_engine.json`.
+Markdown tables go to stdout, every number to the JSON file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import json
+import time
+import traceback
+
+import torch
+
+from bench import gpu_kernels
+from bench.gpu_kernels import time_ms
+
+BLOCK = 16
+
+
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x]
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", default="random:llama-3.1-8b")
+    p.add_argument("--batches", type=_ints, default=[1, 8, 32, 128])
+    p.add_argument("--context", type=int, default=1024)
+    p.add_argument("--prefill", type=_ints, default=[512, 2048, 8192])
+    p.add_argument("--hf-batches", type=_ints, default=[1, 8, 32])
+    p.add_argument("--steps", type=int, default=50, help="timed decode steps per point")
+    p.add_argument("--max-model-len", type=int, default=16384)
+    p.add_argument("--skip-hf", action="store_true")
+    p.add_argument("--skip-unfused", action="store_true")
+    p.add_argument("--out", default="gpu_engine.json")
+    return p.parse_args(argv)
+
+
+# ---- engine set-up ---------------------------------------------------------------------------
+
+
+def build_engine(args):
+    from engine.config import CacheConfig, EngineConfig, SchedulerConfig
+    from engine.llm_engine import LLMEngine
+
+    longest = max(args.prefill)
+    tokens = max(args.batches) * (args.context + 64) + longest + 64
+    config = EngineConfig(
+        model=args.model, dtype="bfloat16", device="cuda",
+        cache=CacheConfig(block_size=BLOCK, num_blocks=-(-tokens // BLOCK) + 64,
+                          enable_prefix_caching=False),
+        scheduler=SchedulerConfig(max_num_seqs=max(args.batches),
+                                  max_num_batched_tokens=longest,
+                                  max_model_len=args.max_model_len),
+        enable_cuda_graphs=True, enable_fused_kernels=True,
+    )
+    t0 = time.perf_counter()
+    engine = LLMEngine(config)
+    torch.cuda.synchronize()
+    init_s = time.perf_counter() - t0
+    engine.kv_cache.normal_()  # random KV: zeros can time faster than real data
+    return engine, init_s
+
+
+def recapture(engine, fused: bool, tiles=None) -> None:
+    """Switch the model between fused and reference layers and recapture the graphs
+    (`tiles`: another split plan for the graphs' decode attention)."""
+    from engine.cuda_graph import DecodeGraphRunner
+    from engine.models.fused_llama import set_fused_kernels
+
+    engine.runner.decode_graphs = None
+    gc.collect()
+    torch.cuda.empty_cache()
+    set_fused_kernels(engine.model, fused)
+    engine.runner.decode_graphs = DecodeGraphRunner.maybe_create(
+        engine.runner, engine.max_model_len, engine.config.scheduler.max_num_seqs, tiles)
+
+
+def start_decoding(engine, batch: int, context: int, tag: str) -> list:
+    """`batch` requests whose `context`-token prompts are 'already prefilled' (random KV in
+    freshly allocated blocks), each with its first token: the next step is pure decode."""
+    from engine.sampler import SampleResult
+    from engine.sampling_params import SamplingParams
+
+    gen = torch.Generator().manual_seed(batch)
+    vocab = engine.model_config.vocab_size
+    params = SamplingParams(temperature=0, max_tokens=4096, ignore_eos=True)
+    seqs = []
+    for i in range(batch):
+        prompt = torch.randint(0, vocab, (context,), generator=gen).tolist()
+        blocks = engine.blocks.allocate(-(-(context + 64) // BLOCK))
+        rid = f"{tag}-{batch}-{i}"
+        engine.add_prefilled(rid, prompt, params, i, blocks, SampleResult(prompt[-1], None, []))
+        seqs.append(engine.sequence(rid))
+    return seqs
+
+
+def decode_bytes(engine, batch: int, context: int) -> tuple[float, float]:
+    """(weight bytes, KV bytes) one decode step reads: every weight once except the input
+    embedding, of which only `batch` rows are gathered; K and V of every context token."""
+    model, mc = engine.model, engine.model_config
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    emb = model.embed_tokens.weight
+    if not mc.tie_word_embeddings:
+        weights -= (emb.shape[0] - batch) * emb.shape[1] * emb.element_size()
+    kv = batch * (context + 1) * mc.num_layers * 2 * mc.num_kv_heads * mc.head_dim * 2
+    return weights, kv
+
+
+def measure_decode(engine, batch: int, args, ceil: dict, label: str, full_step: bool) -> dict:
+    from engine.scheduler import ScheduledSeq
+
+    seqs = start_decoding(engine, batch, args.context, label)
+    items = [ScheduledSeq(s, 1) for s in seqs]
+    reqs = [engine.sample_request(s) for s in seqs]
+
+    def step():
+        engine.sampler(engine.runner.execute(items), reqs)
+
+    ms = time_ms(step, warmup=5, iters=args.steps)
+    w, kv = decode_bytes(engine, batch, args.context)
+    row = {"variant": label, "batch": batch, "context": args.context, "step_ms": ms,
+           "tokens_per_s": batch / ms * 1e3, "weight_GB": w / 1e9, "kv_GB": kv / 1e9,
+           "achieved_GBps": (w + kv) / ms / 1e6}
+    row["frac_copy_bw"] = row["achieved_GBps"] / ceil["copy_GBps"]
+    if full_step:  # the whole engine step, context growing by one token a step
+        row["engine_step_ms"] = time_ms(engine.step, warmup=3, iters=min(args.steps, 40))
+    for s in seqs:
+        engine.abort(s.request_id)
+    return row
+
+
+def measure_prefill(engine, tokens: int, ceil: dict, label: str) -> dict:
+    from engine.sampling_params import SamplingParams
+    from engine.scheduler import ScheduledSeq
+    from engine.sequence import Sequence
+
+    mc, model = engine.model_config, engine.model
+    gen = torch.Generator().manual_seed(tokens)
+    prompt = torch.randint(0, mc.vocab_size, (tokens,), generator=gen).tolist()
+    seq = Sequence(f"prefill-{tokens}", prompt, SamplingParams(temperature=0), 0)
+    seq.block_ids = engine.blocks.allocate(-(-(tokens + 1) // BLOCK))
+    items, reqs = [ScheduledSeq(seq, tokens)], [engine.sample_request(seq)]
+    ms = time_ms(lambda: engine.sampler(engine.runner.execute(items), reqs), warmup=2, iters=5)
+    engine.blocks.free(seq.block_ids)
+    linear = sum(
+        m.weight.numel() for layer in model.layers
+        for m in (layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.gate_up_proj,
+                  layer.mlp.down_proj)
+    )
+    attn = 4 * mc.num_heads * mc.head_dim * tokens * (tokens + 1) / 2 * mc.num_layers
+    flops = 2 * linear * tokens + 2 * model.lm_head.weight.numel() + attn
+    tflops = flops / ms / 1e9
+    return {"variant": label, "tokens": tokens, "ms": ms, "TFLOP": flops / 1e12,
+            "TFLOPs": tflops, "frac_matmul": tflops / ceil["matmul_TFLOPs"],
+            "tokens_per_s": tokens / ms * 1e3}
+
+
+def profile_decode(engine, batch: int, args) -> dict:
+    from engine.scheduler import ScheduledSeq
+
+    seqs = start_decoding(engine, batch, args.context, "profile")
+    items = [ScheduledSeq(s, 1) for s in seqs]
+    reqs = [engine.sample_request(s) for s in seqs]
+    prof = gpu_kernels.kernel_profile(lambda: engine.sampler(engine.runner.execute(items), reqs))
+    if prof["kernel_us_per_step"] == 0:  # graph kernels not traced: profile eager instead
+        graphs, engine.runner.decode_graphs = engine.runner.decode_graphs, None
+        prof = gpu_kernels.kernel_profile(
+            lambda: engine.sampler(engine.runner.execute(items), reqs))
+        prof["note"] = "eager (graph replays were not traced)"
+        engine.runner.decode_graphs = graphs
+    for s in seqs:
+        engine.abort(s.request_id)
+    prof["batch"] = batch
+    return prof
+
+
+def profile_prefill(engine, tokens: int) -> dict:
+    """Kernel time of a prefill step against its wall time: where they differ, the step is
+    bound by the host launching kernels, not by the GPU."""
+    from engine.sampling_params import SamplingParams
+    from engine.scheduler import ScheduledSeq
+    from engine.sequence import Sequence
+
+    gen = torch.Generator().manual_seed(tokens)
+    prompt = torch.randint(0, engine.model_config.vocab_size, (tokens,), generator=gen).tolist()
+    seq = Sequence(f"prefill-profile-{tokens}", prompt, SamplingParams(temperature=0), 0)
+    seq.block_ids = engine.blocks.allocate(-(-(tokens + 1) // BLOCK))
+    items, reqs = [ScheduledSeq(seq, tokens)], [engine.sample_request(seq)]
+
+    def step():
+        engine.sampler(engine.runner.execute(items), reqs)
+
+    prof = gpu_kernels.kernel_profile(step, steps=3)
+    wall = time_ms(step, warmup=1, iters=3)
+    engine.blocks.free(seq.block_ids)
+    return {"tokens": tokens, "step_ms": wall, "kernel_ms": prof["kernel_us_per_step"] / 1e3,
+            "kernels": prof["kernel_launches_per_step"], "by_category_us": prof["by_category_us"]}
+
+
+# ---- HF transformers -------------------------------------------------------------------------
+
+
+def engine_generate(engine, prompts: list[list[int]], new_tokens: int):
+    from engine.sampling_params import SamplingParams
+
+    params = SamplingParams(temperature=0, max_tokens=new_tokens, logprobs=5)
+    outs = {}
+    for i, p in enumerate(prompts):
+        engine.add_request(f"check-{i}", p, params)
+        outs[f"check-{i}"] = ([], [], [])
+    while engine.has_unfinished():
+        for o in engine.step():
+            toks, lps, tops = outs[o.request_id]
+            toks += o.new_token_ids
+            lps += [lp.logprob for lp in o.new_logprobs]
+            tops += [[t for t, _ in lp.top] for lp in o.new_logprobs]
+    return [outs[f"check-{i}"] for i in range(len(prompts))]
+
+
+def hf_correctness(engine, hf, n_prompts: int = 4, prompt_len: int = 64, new: int = 16):
+    from engine.loader.hf_export import closeness_violations, teacher_forced_logprobs
+
+    gen = torch.Generator().manual_seed(5)
+    vocab = engine.model_config.vocab_size
+    prompts = [torch.randint(0, vocab, (prompt_len,), generator=gen).tolist()
+               for _ in range(n_prompts)]
+    bad, agree, total, max_diff = [], 0, 0, 0.0
+    for prompt, (toks, lps, tops) in zip(prompts, engine_generate(engine, prompts, new)):
+        ref = teacher_forced_logprobs(hf, prompt, toks)
+        bad += closeness_violations(toks, tops, ref)
+        agree += sum(t == r for t, r in zip(toks, ref.argmax(-1).tolist()))
+        total += len(toks)
+        for i, (t, lp) in enumerate(zip(toks, lps)):
+            max_diff = max(max_diff, abs(lp - ref[i, t].item()))
+    return {"tokens": total, "greedy_equal": agree, "violations": bad,
+            "max_logprob_diff": max_diff, "passed": not bad}
+
+
+@torch.inference_mode()
+def hf_decode(hf, batch: int, context: int, vocab: int, steps: int) -> dict:
+    gen = torch.Generator().manual_seed(batch)
+    ids = torch.randint(0, vocab, (batch, context), generator=gen).cuda()
+    out = hf(input_ids=ids, use_cache=True, logits_to_keep=1)
+    state = {"past": out.past_key_values, "tok": out.logits[:, -1].argmax(-1, keepdim=True)}
+
+    def step():
+        o = hf(input_ids=state["tok"], past_key_values=state["past"], use_cache=True)
+        state["past"] = o.past_key_values
+        state["tok"] = o.logits[:, -1].argmax(-1, keepdim=True)
+        state["tok"].tolist()  # a generate loop checks its stop criteria on the host
+
+    ms = time_ms(step, warmup=3, iters=steps)
+    return {"batch": batch, "context": context, "step_ms": ms, "tokens_per_s": batch / ms * 1e3}
+
+
+# ---- report ----------------------------------------------------------------------------------
+
+
+def _table(rows: list[dict], cols: list[tuple[str, str, str]]) -> str:
+    head = "| " + " | ".join(c[1] for c in cols) + " |"
+    sep = "|" + "|".join("---" for _ in cols) + "|"
+    body = []
+    for r in rows:
+        cells = []
+        for key, _, fmt in cols:
+            v = r.get(key)
+            cells.append("–" if v is None else format(v, fmt) if fmt else str(v))
+        body.append("| " + " | ".join(cells) + " |")
+    return "\n".join([head, sep, *body])
+
+
+def report(res: dict) -> str:
+    c = res["ceilings"]
+    out = [f"## GPU engine ({res['device']}, {res['date']})", "",
+           f"Ceilings: copy {c['copy_GBps']:.0f} GB/s (read+write), "
+           f"bf16 matmul 8192^3 {c['matmul_TFLOPs']:.0f} TFLOP/s. "
+           f"Engine start-up {res['engine_init_s']:.1f} s.", "", "### Decode step", "",
+           _table(res["decode"], [
+               ("variant", "variant", ""), ("batch", "batch", "d"),
+               ("step_ms", "model+sampling ms", ".2f"), ("engine_step_ms", "engine.step ms", ".2f"),
+               ("tokens_per_s", "tok/s", ".0f"), ("weight_GB", "weights GB", ".2f"),
+               ("kv_GB", "KV GB", ".2f"), ("achieved_GBps", "GB/s", ".0f"),
+               ("frac_copy_bw", "of copy BW", ".1%"), ("hf_ms", "HF ms", ".1f"),
+               ("speedup_vs_hf", "x HF", ".1f")]), "", "### Prefill", "",
+           _table(res["prefill"], [
+               ("variant", "variant", ""), ("tokens", "tokens", "d"), ("ms", "ms", ".1f"),
+               ("TFLOP", "TFLOP", ".1f"), ("TFLOPs", "TFLOP/s", ".0f"),
+               ("frac_matmul", "of matmul", ".1%"), ("tokens_per_s", "tok/s", ".0f")]),
+           "", "### Attention kernels alone", ""]
+    if "attention" not in res:
+        return "\n".join(out + ["(not measured)"] + res["errors"])
+    d = res["attention"]["decode"]
+    out.append(f"Decode, batch {d['batch']}, context {d['context']} ({d['kv_MB']:.0f} MB of "
+               f"K+V): Triton {d['triton_ms'] * 1e3:.0f} us = {d['triton_GBps']:.0f} GB/s "
+               f"({d['triton_GBps'] / c['copy_GBps']:.1%} of copy BW)"
+               + (f"; SDPA on contiguous K/V {d['sdpa_ms'] * 1e3:.0f} us = "
+                  f"{d['sdpa_GBps']:.0f} GB/s" if "sdpa_ms" in d else "") + ".")
+    out += ["", _table(res["attention"]["prefill"], [
+        ("tokens", "prefill tokens", "d"), ("triton_ms", "Triton ms", ".2f"),
+        ("triton_TFLOPs", "Triton TFLOP/s", ".0f"), ("sdpa_ms", "SDPA ms", ".2f"),
+        ("sdpa_TFLOPs", "SDPA TFLOP/s", ".0f")])]
+    for prof in res.get("profiles", []):
+        cats = sorted(prof["by_category_us"].items(), key=lambda kv: -kv[1])
+        step = next((r["step_ms"] for r in res["decode"] if r["batch"] == prof["batch"]
+                     and r["variant"] == "graphs+fused"), None)
+        gap = "" if step is None else (
+            f"; step {step * 1e3:.0f} us, so {step * 1e3 - prof['kernel_us_per_step']:.0f} us "
+            "between kernels (graph launch gaps, input copy, sampler sync)")
+        out += ["", f"### Decode profile, batch {prof['batch']} "
+                f"({prof['kernel_launches_per_step']:.0f} kernels, "
+                f"{prof['kernel_us_per_step']:.0f} us of kernel time per step{gap}"
+                + (f", {prof['note']}" if "note" in prof else "") + ")", "",
+                "| category | us/step |", "|---|---|"]
+        out += [f"| {k} | {v:.0f} |" for k, v in cats]
+        out += ["", "| top kernels | calls/step | us/step |", "|---|---|---|"]
+        out += [f"| `{k['kernel'][:60]}` | {k['calls_per_step']:.0f} | {k['us_per_step']:.0f} |"
+                for k in prof["top_kernels"][:10]]
+    for p in res.get("prefill_profiles", []):
+        out += ["", f"Prefill {p['tokens']} tokens: step {p['step_ms']:.1f} ms, kernels "
+                f"{p['kernel_ms']:.1f} ms ({p['kernels']:.0f} launches): "
+                + ", ".join(f"{k} {v / 1e3:.1f} ms" for k, v in
+                            sorted(p["by_category_us"].items(), key=lambda kv: -kv[1]))]
+    if "hf_correctness" in res:
+        h = res["hf_correctness"]
+        out += ["", f"bf16 vs HF (same random weights, teacher-forced): {h['greedy_equal']}/"
+                f"{h['tokens']} greedy tokens equal, max logprob diff "
+                f"{h['max_logprob_diff']:.3f}, closeness rule "
+                f"{'passed' if h['passed'] else 'FAILED: ' + '; '.join(h['violations'][:3])}."]
+    if res["errors"]:
+        out += ["", f"{len(res['errors'])} section(s) failed; see `errors` in the JSON."]
+    return "\n".join(out)
+
+
+# ---- main ------------------------------------------------------------------------------------
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    res: dict = {"device": torch.cuda.get_device_name(), "args": vars(args),
+                 "date": datetime.date.today().isoformat(), "torch": torch.__version__,
+                 "decode": [], "prefill": [], "profiles": [], "errors": []}
+    res["ceilings"] = ceil = gpu_kernels.ceilings()
+    print("ceilings", ceil, flush=True)
+    engine, res["engine_init_s"] = build_engine(args)
+    print(f"engine up in {res['engine_init_s']:.1f}s", flush=True)
+
+    def fused_decode():
+        for b in args.batches:
+            res["decode"].append(measure_decode(engine, b, args, ceil, "graphs+fused", True))
+            print(res["decode"][-1], flush=True)
+
+    def fused_prefill():
+        for t in args.prefill:
+            res["prefill"].append(measure_prefill(engine, t, ceil, "fused"))
+            print(res["prefill"][-1], flush=True)
+
+    def profiles():
+        for b in (1, 32, 128):
+            if b <= max(args.batches):
+                res["profiles"].append(profile_decode(engine, b, args))
+        res["prefill_profiles"] = [profile_prefill(engine, t) for t in (512, 2048)]
+
+    def repeat():  # the same version timed again: the spread between runs is the noise
+        for b in (1, 8):
+            res["decode"].append(measure_decode(engine, b, args, ceil, "graphs+fused (repeat)",
+                                                False))
+
+    def eager_decode():
+        graphs, engine.runner.decode_graphs = engine.runner.decode_graphs, None
+        try:
+            for b in (1, 8):
+                res["decode"].append(measure_decode(engine, b, args, ceil, "eager+fused", False))
+        finally:
+            engine.runner.decode_graphs = graphs
+
+    def attention():
+        res["attention"] = {"decode": gpu_kernels.decode_attention(),
+                            "prefill": [gpu_kernels.prefill_attention(t) for t in (2048, 8192)]}
+        print(res["attention"], flush=True)
+
+    def eager_split_plan():  # before/after the graphs' finer decode split plan
+        recapture(engine, fused=True, tiles=engine.runner.backend.tiles)
+        for b in (1, 8, 32):
+            res["decode"].append(
+                measure_decode(engine, b, args, ceil, "graphs+fused, eager split plan", False))
+
+    def unfused():
+        recapture(engine, fused=False)
+        for b in args.batches:
+            res["decode"].append(measure_decode(engine, b, args, ceil, "graphs+unfused", False))
+        for t in args.prefill:
+            res["prefill"].append(measure_prefill(engine, t, ceil, "unfused"))
+
+    sections = [fused_decode, fused_prefill, profiles, eager_decode, attention, repeat]
+    if not args.skip_hf:
+        sections.append(lambda: run_hf(engine, args, res))
+    if not args.skip_unfused:
+        sections += [eager_split_plan, unfused]
+    for section in sections:
+        try:
+            section()
+        except Exception:  # keep measuring; the error is part of the report
+            err = traceback.format_exc()
+            print(err, flush=True)
+            res["errors"].append(err[-2000:])
+            for rid in list(engine._seqs):  # leave no half-measured requests behind
+                engine.abort(rid)
+    text = report(res)
+    res["markdown"] = text
+    with open(args.out, "w") as f:
+        json.dump(res, f, indent=1, default=str)
+    print(text)
+    return res
+
+
+def run_hf(engine, args, res: dict) -> None:
+    from engine.loader.hf_export import hf_model_like
+
+    hf = hf_model_like(engine.model, engine.model_config)
+    res["hf_correctness"] = hf_correctness(engine, hf)
+    print("hf correctness", res["hf_correctness"], flush=True)
+    res["hf_decode"] = []
+    for b in args.hf_batches:
+        row = hf_decode(hf, b, args.context, engine.model_config.vocab_size, steps=10)
+        res["hf_decode"].append(row)
+        print("hf", row, flush=True)
+        for r in res["decode"]:
+            if r["batch"] == b and r["variant"] == "graphs+fused":
+                r["hf_ms"] = row["step_ms"]
+                r["speedup_vs_hf"] = row["step_ms"] / r["step_ms"]
+        gc.collect()
+        torch.cuda.empty_cache()
+    del hf
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()
