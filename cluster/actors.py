@@ -27,6 +27,20 @@ def _node() -> str:
     return ray.get_runtime_context().get_node_id()
 
 
+def transfer_endpoint(transfer_host: str) -> tuple[str, str | None]:
+    """(interface to bind, address to advertise or None) for `decode.transfer_host`.
+
+    "node-ip" binds this node's Ray IP (the address the other nodes reach it by); a
+    wildcard (0.0.0.0, ::) binds every interface and advertises the node's IP, since a
+    wildcard is no address a prefill worker can connect to.
+    """
+    if transfer_host == "node-ip":
+        return ray.util.get_node_ip_address(), None
+    if transfer_host in ("0.0.0.0", "::", "[::]"):
+        return transfer_host.strip("[]"), ray.util.get_node_ip_address()
+    return transfer_host, None
+
+
 @ray.remote(max_concurrency=MAX_CONCURRENCY)
 class PrefillActor:
     def __init__(self, config: dict, worker_id: str):
@@ -40,8 +54,9 @@ class PrefillActor:
         )
 
     def ready(self) -> dict:
-        return {"worker_id": self.worker.worker_id, "compat_key": self.worker.compat_key,
-                "node": _node(), "pid": os.getpid()}
+        return {"worker_id": self.worker.worker_id, "role": "prefill",
+                "compat_key": self.worker.compat_key, "node": _node(),
+                "node_ip": ray.util.get_node_ip_address(), "pid": os.getpid()}
 
     def prefill(self, request: dict, sink: dict) -> dict:
         return self.worker.prefill(request, sink)
@@ -74,14 +89,17 @@ class DecodeActor:
 
         cfg = ClusterConfig.model_validate(config)
         _setup(cfg.decode.threads)
+        host, advertise = transfer_endpoint(cfg.decode.transfer_host)
         self.worker = DecodeWorker(
             cfg.engine_config(cfg.decode), transport=cfg.transport, worker_id=worker_id,
-            role=role, host=cfg.decode.transfer_host,
+            role=role, host=host, advertise_host=advertise,
         )
 
     def ready(self) -> dict:
-        return {"worker_id": self.worker.worker_id, "compat_key": self.worker.compat_key,
-                "node": _node(), "pid": os.getpid(), "address": self.worker.receiver.address,
+        return {"worker_id": self.worker.worker_id, "role": self.worker.role,
+                "compat_key": self.worker.compat_key, "node": _node(),
+                "node_ip": ray.util.get_node_ip_address(), "pid": os.getpid(),
+                "address": self.worker.receiver.address,
                 "max_model_len": self.worker.engine.max_model_len,
                 "vocab_size": self.worker.engine.model_config.vocab_size}
 

@@ -53,8 +53,11 @@ class PoolSection(_Strict):
                                         description="Ray node labels the pool must run on")
     max_num_seqs: int = Field(default=64, ge=1)
     max_num_batched_tokens: int = Field(default=512, ge=1)
-    transfer_host: str = Field(default="127.0.0.1",
-                               description="interface the KV receiver binds (decode pools)")
+    transfer_host: str = Field(
+        default="127.0.0.1", min_length=1,
+        description="interface a decode worker's KV receiver binds: an address, 'node-ip' "
+        "(the worker's node's Ray IP: what multi-node clusters need), or 0.0.0.0 / :: (every "
+        "interface, the node's IP advertised)")
 
 
 class RouterSection(_Strict):

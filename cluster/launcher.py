@@ -4,11 +4,15 @@
 both end up in `serve()`. Placement lives here and nowhere else: each worker gets its own
 placement group (STRICT_PACK, ready for a tensor-parallel group's bundles), pinned with the
 pool's custom resources or node labels when the YAML names them.
+
+Ray: `ray.address` set -> join that cluster; unset -> join the cluster of the Ray job this
+process runs in (RAY_ADDRESS, set by `ray job submit`), else start a private local instance.
 """
 
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import os
 import signal
@@ -16,10 +20,7 @@ import time
 
 import ray
 from ray.util.placement_group import placement_group, remove_placement_group
-from ray.util.scheduling_strategies import (
-    NodeLabelSchedulingStrategy,
-    PlacementGroupSchedulingStrategy,
-)
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from tqdm import tqdm
 
 from cluster.actors import DecodeActor, PrefillActor
@@ -45,7 +46,7 @@ class Cluster:
 
     def __init__(self, config: ClusterConfig):
         self.config = config
-        self.started_ray = False
+        self.connected_ray = False  # this Cluster called ray.init, so shutdown disconnects
         self.prefill_handles: list = []
         self.decode_handles: list = []
         self.placement_groups: list = []
@@ -56,14 +57,7 @@ class Cluster:
     def start(self, ready_timeout: float = 600.0) -> None:
         cfg = self.config
         if not ray.is_initialized():
-            if cfg.ray.address:
-                ray.init(address=cfg.ray.address, namespace=cfg.ray.namespace,
-                         log_to_driver=True)
-            else:
-                need = self._cpus_needed()
-                ray.init(num_cpus=cfg.ray.num_cpus or max(os.cpu_count() or 1, need + 1),
-                         namespace=cfg.ray.namespace, include_dashboard=False)
-                self.started_ray = True
+            self._connect_ray()
         n_prefill = cfg.prefill.count if cfg.mode == "disaggregated" else 0
         role = "decode" if cfg.mode == "disaggregated" else "colocated"
         blob = cfg.model_dump(mode="json")
@@ -78,22 +72,37 @@ class Cluster:
             # One pooled communicator per (prefill, decode) pair, made before any request.
             connect_nccl_pairs(self.prefill_handles, self.decode_handles)
 
+    def _connect_ray(self) -> None:
+        cfg = self.config
+        # "auto" (not the variable's value) so that Ray enables token auth for the join the
+        # way it does for `ray.init()`; an explicit address needs RAY_AUTH_MODE=token.
+        address = cfg.ray.address or ("auto" if os.environ.get("RAY_ADDRESS") else None)
+        if address:
+            ray.init(address=address, namespace=cfg.ray.namespace, log_to_driver=True)
+        else:
+            # address="local": a fresh instance even when a `ray start` cluster runs here
+            # (ray.init() would join that one, and refuse num_cpus).
+            need = self._cpus_needed()
+            ray.init(address="local",
+                     num_cpus=cfg.ray.num_cpus or max(os.cpu_count() or 1, need + 1),
+                     namespace=cfg.ray.namespace, include_dashboard=False)
+        self.connected_ray = True
+
     def _cpus_needed(self) -> float:
         cfg = self.config
         n_prefill = cfg.prefill.count if cfg.mode == "disaggregated" else 0
         return n_prefill * cfg.prefill.num_cpus + cfg.decode.count * cfg.decode.num_cpus
 
     def _place(self, actor_cls, pool: PoolSection):
+        """Actor options that put one worker of `pool` into its own placement group; the
+        group's bundle holds the pool's custom resources and is restricted to nodes with
+        the pool's labels, so both kinds of pinning hold for every actor in the group."""
         opts: dict = {"num_cpus": pool.num_cpus, "num_gpus": pool.num_gpus}
-        if pool.node_labels:
-            hard = {k: ray.util.scheduling_strategies.In(v) for k, v in pool.node_labels.items()}
-            opts["scheduling_strategy"] = NodeLabelSchedulingStrategy(hard=hard)
-            opts["resources"] = dict(pool.resources)
-            return actor_cls.options(**opts)
         bundle = {"CPU": pool.num_cpus, **pool.resources}
         if pool.num_gpus:
             bundle["GPU"] = pool.num_gpus
-        pg = placement_group([bundle], strategy="STRICT_PACK")
+        selector = {"bundle_label_selector": [dict(pool.node_labels)]} if pool.node_labels else {}
+        pg = placement_group([bundle], strategy="STRICT_PACK", **selector)
         self.placement_groups.append(pg)
         opts["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
             placement_group=pg, placement_group_bundle_index=0)
@@ -125,6 +134,24 @@ class Cluster:
             raise ClusterStartError(
                 f"workers disagree on the KV compatibility key {sorted(keys)}: model, dtype "
                 "or block size differ; refusing to exchange KV between them")
+        self._check_reachable()
+
+    def _check_reachable(self) -> None:
+        """Refuse a decode worker whose KV receiver listens on loopback while a prefill
+        worker runs on another host: every transfer to it would fail."""
+        if self.config.transport != "grpc":
+            return
+        prefill_ips = {i["node_ip"] for i in self.ready_info if i["role"] == "prefill"}
+        for info in self.ready_info:
+            if info["role"] != "decode":
+                continue
+            host = info["address"].rsplit(":", 1)[0].strip("[]")
+            elsewhere = prefill_ips - {info["node_ip"]}
+            if _is_loopback(host) and elsewhere:
+                raise ClusterStartError(
+                    f"{info['worker_id']} receives KV on {info['address']} (loopback) but "
+                    f"prefill workers run on other hosts {sorted(elsewhere)}: set "
+                    "decode.transfer_host to 'node-ip' (or an interface of its node)")
 
     def shutdown(self) -> None:
         for h in [*self.prefill_handles, *self.decode_handles]:
@@ -137,8 +164,8 @@ class Cluster:
                 remove_placement_group(pg)
             except Exception:  # noqa: BLE001
                 pass
-        if self.started_ray:
-            ray.shutdown()
+        if self.connected_ray:
+            ray.shutdown()  # stops a local instance; only disconnects from a joined cluster
 
     # ---- router ------------------------------------------------------------------------------
 
@@ -160,6 +187,13 @@ class Cluster:
         parts = ([f"{n_p} prefill worker{'s' * (n_p != 1)} ready"] if n_p else []) + [
             f"{n_d} {kind} worker{'s' * (n_d != 1)} ready"]
         return ", ".join(parts) + f", serving on {address}"
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
 
 
 async def _poll_stats(lifecycle: RequestLifecycle, interval: float = 0.5) -> None:

@@ -39,12 +39,16 @@ class DecodeWorker:
         role: str = "decode",
         host: str = "127.0.0.1",
         transfer_timeout: float = 30.0,
+        advertise_host: str | None = None,
     ):
         self.worker_id = worker_id
         self.role = role
         self.transfer_timeout = transfer_timeout
         self.engine = LLMEngine(config)
-        opts = {"host": host} if transport == "grpc" else {"name": worker_id}
+        # grpc: bind `host`; senders connect to `advertise_host` (default `host`), which must
+        # be set when `host` is a wildcard such as 0.0.0.0.
+        opts = ({"host": host, "advertise_host": advertise_host} if transport == "grpc"
+                else {"name": worker_id})
         self.receiver = make_receiver(transport, self.engine.kv_cache, self.engine.compat_key,
                                       **opts)
         self._reserved: dict[str, list[int]] = {}

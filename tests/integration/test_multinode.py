@@ -1,0 +1,150 @@
+"""Multi-node placement on a simulated two-node Ray cluster (`ray.cluster_utils.Cluster`).
+
+Two raylets on this machine, each with its own custom resource and node label, stand in for
+a prefill node and a decode node. The pools are pinned by the YAML (custom resources in one
+test, node labels in the other), the KV cache crosses "nodes" over the `grpc` transport to a
+receiver bound with `transfer_host: node-ip`, and the output must equal HF transformers'.
+
+Everything stays on loopback and private to this test: Ray's temp dir (and with it the
+`ray_current_cluster` file that `ray.init(address="auto")` reads) is a fresh directory, the
+nodes use 127.0.0.1, and the cluster runs with token auth on, under a token of its own.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import tempfile
+import time
+
+import pytest
+import torch
+
+ray = pytest.importorskip("ray")
+
+from cluster.background import BackgroundCluster  # noqa: E402
+from cluster.client import PdserveClient  # noqa: E402
+from cluster.config import parse_config  # noqa: E402
+from engine.loader.registry import open_model  # noqa: E402
+
+pytestmark = pytest.mark.slow
+
+MAX_TOKENS = 12
+PROMPTS = [
+    "The capital of France is",
+    "Once upon a time, in a land far away, there lived a dragon who loved to read books "
+    "about the stars. Every night the dragon would",
+]
+
+
+@pytest.fixture(scope="module")
+def two_nodes():
+    """(cluster, {"p": head node id, "d": second node id}) with token auth on, loopback."""
+    from ray._private import ray_constants
+    from ray._private.authentication_test_utils import reset_auth_token_state
+    from ray.cluster_utils import Cluster
+
+    if ray.is_initialized():
+        pytest.fail("Ray is already initialized in this process; the multi-node test must "
+                    "connect to its own simulated cluster")
+    tmp = tempfile.mkdtemp(prefix="pdmn", dir="/tmp")  # short: Ray's socket paths live here
+    token_path = os.path.join(tmp, "token")
+    with open(os.open(token_path, os.O_WRONLY | os.O_CREAT, 0o600), "w") as f:
+        f.write(secrets.token_hex(32))
+    mp = pytest.MonkeyPatch()
+    cluster = None
+    try:
+        mp.setenv("RAY_TMPDIR", tmp)
+        mp.setenv("RAY_AUTH_MODE", "token")
+        mp.setenv("RAY_AUTH_TOKEN_PATH", token_path)
+        mp.delenv("RAY_AUTH_TOKEN", raising=False)
+        mp.delenv("RAY_ADDRESS", raising=False)
+        # On Linux Ray swaps 127.0.0.1 for the host's routable IP unless told this is a
+        # single-host setup; the variable reaches the nodes, the constant this process.
+        mp.setenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+        mp.setattr(ray_constants, "ENABLE_RAY_CLUSTER", False)
+        reset_auth_token_state()  # this process may have cached another mode or token
+        common = {"num_cpus": 2, "node_ip_address": "127.0.0.1"}
+        cluster = Cluster(initialize_head=True, head_node_args={
+            **common, "resources": {"node_p": 1}, "labels": {"pdserve/pool": "p"},
+            "include_dashboard": False})
+        second = cluster.add_node(**common, resources={"node_d": 1},
+                                  labels={"pdserve/pool": "d"})
+        yield cluster, {"p": cluster.head_node.node_id, "d": second.node_id}
+    finally:
+        if ray.is_initialized():
+            ray.shutdown()
+        if cluster is not None:
+            cluster.shutdown()
+        mp.undo()
+        reset_auth_token_state()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def reference(hf_model):
+    """Prompt token ids and HF's greedy continuation of each."""
+    tokenizer = open_model("smollm2-135m-instruct").tokenizer
+    out = []
+    for text in PROMPTS:
+        ids = tokenizer.encode(text)
+        with torch.no_grad():
+            gen = hf_model.generate(torch.tensor([ids]), max_new_tokens=MAX_TOKENS,
+                                    min_new_tokens=MAX_TOKENS, do_sample=False, pad_token_id=2)
+        out.append((ids, gen[0, len(ids):].tolist()))
+    return out
+
+
+def _config(address: str, prefill: dict, decode: dict) -> dict:
+    return {
+        "transport": "grpc",
+        "kv": {"block_size": 16, "memory_mb": 24},
+        "prefill": {"count": 1, "num_cpus": 0.5, **prefill},
+        "decode": {"count": 1, "num_cpus": 0.5, "transfer_host": "node-ip", **decode},
+        "router": {"port": 0},
+        "ray": {"address": address},
+    }
+
+
+def _serve_and_check(config: dict, want_nodes: dict[str, str], reference) -> None:
+    t0 = time.monotonic()
+    with BackgroundCluster(parse_config(config), ready_timeout=240) as bg, \
+            PdserveClient(bg.address, timeout=120) as client:
+        started = time.monotonic() - t0
+        workers = {w.worker_id: w for w in client.stats().workers}
+        assert workers["prefill-0"].node == want_nodes["p"], "prefill is not on its pinned node"
+        assert workers["decode-0"].node == want_nodes["d"], "decode is not on its pinned node"
+        assert workers["prefill-0"].node != workers["decode-0"].node
+
+        # `node-ip`: the receiver listens on (and advertises) its node's Ray IP.
+        decode_info = next(i for i in bg.cluster.ready_info if i["role"] == "decode")
+        assert decode_info["address"].rsplit(":", 1)[0] == decode_info["node_ip"] == "127.0.0.1"
+
+        for ids, want in reference:
+            got = client.generate(ids, max_tokens=MAX_TOKENS, min_tokens=MAX_TOKENS,
+                                  temperature=0.0)
+            assert got["token_ids"] == want, (ids, got["text"])
+            assert got["text"] and got["finish_reason"] == "length"
+
+        after = {w.worker_id: w for w in client.stats().workers}
+        assert after["prefill-0"].handoffs == len(reference)  # KV really crossed over grpc
+        for w in after.values():
+            assert w.free_blocks == w.total_blocks, f"{w.worker_id} leaked KV blocks"
+    print(f"cluster up in {started:.1f}s, total {time.monotonic() - t0:.1f}s")
+
+
+def test_pools_pinned_by_custom_resources(two_nodes, reference):
+    """prefill needs `node_p` (head only), decode `node_d` (second node only)."""
+    cluster, nodes = two_nodes
+    config = _config(cluster.address, {"resources": {"node_p": 0.5}},
+                     {"resources": {"node_d": 0.5}})
+    _serve_and_check(config, nodes, reference)
+
+
+def test_pools_pinned_by_node_labels(two_nodes, reference):
+    """The other way round, by labels: prefill on the node labelled d, decode on p."""
+    cluster, nodes = two_nodes
+    config = _config(cluster.address, {"node_labels": {"pdserve/pool": "d"}},
+                     {"node_labels": {"pdserve/pool": "p"}})
+    _serve_and_check(config, {"p": nodes["d"], "d": nodes["p"]}, reference)

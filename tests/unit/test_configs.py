@@ -1,0 +1,107 @@
+"""Every shipped config validates; bad configs are refused with a message naming the field."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from cluster.config import ConfigError, load_config, parse_config
+
+CONFIGS = sorted((Path(__file__).resolve().parents[2] / "configs").glob("*.yaml"))
+
+
+def test_the_shipped_configs_are_there():
+    names = {p.name for p in CONFIGS}
+    assert {"local.yaml", "colocated.yaml", "ray-job.yaml", "gpu-1p1d.yaml",
+            "multinode.yaml"} <= names
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_shipped_config_loads(path):
+    cfg = load_config(path)
+    if cfg.mode == "disaggregated":
+        assert cfg.prefill.count >= 1
+    for pool in (cfg.prefill, cfg.decode):
+        cfg.engine_config(pool)  # the engine side accepts it too
+
+
+def test_multinode_config_pins_pools_and_opens_the_kv_receiver():
+    cfg = load_config(next(p for p in CONFIGS if p.name == "multinode.yaml"))
+    assert cfg.prefill.resources == {"prefill_node": 1}
+    assert cfg.decode.resources == {"decode_node": 1}
+    assert cfg.decode.transfer_host == "node-ip"
+    assert cfg.router.host == "0.0.0.0" and cfg.router.auth_token_env  # open => token
+    assert cfg.ray.address == "auto"
+
+
+def test_gpu_config_puts_each_pool_on_its_own_gpu():
+    cfg = load_config(next(p for p in CONFIGS if p.name == "gpu-1p1d.yaml"))
+    for pool in (cfg.prefill, cfg.decode):
+        assert pool.device == "cuda" and pool.num_gpus == 1
+    assert cfg.model.dtype == "bfloat16"
+
+
+def test_defaults_bind_loopback():
+    cfg = parse_config({})
+    assert cfg.router.host == "127.0.0.1"
+    assert cfg.decode.transfer_host == "127.0.0.1"
+    assert cfg.ray.address is None
+
+
+def _error(raw: dict) -> str:
+    with pytest.raises(ConfigError) as e:
+        parse_config(raw, "test.yaml")
+    return str(e.value)
+
+
+@pytest.mark.parametrize("raw, field", [
+    ({"modle": {}}, "modle"),
+    ({"prefill": {"countt": 2}}, "prefill.countt"),
+    ({"decode": {"resources": {"gpu": 1}, "node_label": {}}}, "decode.node_label"),
+    ({"router": {"hostname": "0.0.0.0"}}, "router.hostname"),
+    ({"ray": {"adress": "auto"}}, "ray.adress"),
+    ({"kv": {"block_size": 16, "memory": 64}}, "kv.memory"),
+])
+def test_unknown_keys_are_rejected_by_name(raw, field):
+    msg = _error(raw)
+    assert field in msg and "Extra inputs are not permitted" in msg, msg
+
+
+@pytest.mark.parametrize("raw, words", [
+    ({"decode": {"count": 0}}, ["decode.count"]),
+    ({"prefill": {"count": 0}}, ["disaggregated", "prefill.count"]),
+    ({"transport": "local"}, ["transport", "local"]),
+    ({"transport": "nccl"}, ["nccl", "prefill.num_gpus", "decode.num_gpus"]),
+    ({"decode": {"device": "cuda"}}, ["decode.device", "decode.num_gpus"]),
+    ({"prefill": {"device": "cuda:0", "num_gpus": 0}}, ["prefill.device", "prefill.num_gpus"]),
+    ({"kv": {"block_size": 24}}, ["kv.block_size", "power of two"]),
+    ({"mode": "split"}, ["mode"]),
+    ({"decode": {"transfer_host": ""}}, ["decode.transfer_host"]),
+    ({"router": {"port": 70000}}, ["router.port"]),
+    ({"prefill": {"num_cpus": 0}}, ["prefill.num_cpus"]),
+    ({"prefill": {"resources": {"prefill_node": "many"}}}, ["prefill.resources.prefill_node"]),
+])
+def test_bad_values_and_combinations_name_the_field(raw, words):
+    msg = _error(raw)
+    assert msg.startswith("test.yaml is invalid")
+    for w in words:
+        assert w in msg, msg
+
+
+def test_colocated_needs_no_prefill_pool():
+    cfg = parse_config({"mode": "colocated", "prefill": {"count": 0}})
+    assert cfg.mode == "colocated"
+
+
+def test_load_config_reports_missing_file_and_bad_yaml(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("prefill: [count: 1\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+    top = tmp_path / "list.yaml"
+    top.write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        load_config(top)
