@@ -96,12 +96,14 @@ class DecodeActor:
         )
 
     def ready(self) -> dict:
+        engine = self.worker.engine
         return {"worker_id": self.worker.worker_id, "role": self.worker.role,
                 "compat_key": self.worker.compat_key, "node": _node(),
                 "node_ip": ray.util.get_node_ip_address(), "pid": os.getpid(),
                 "address": self.worker.receiver.address,
-                "max_model_len": self.worker.engine.max_model_len,
-                "vocab_size": self.worker.engine.model_config.vocab_size}
+                "max_model_len": engine.max_model_len,
+                "kv_capacity_tokens": engine.blocks.num_blocks * engine.layout.block_size,
+                "vocab_size": engine.model_config.vocab_size}
 
     def reserve(self, request_id: str, num_prompt_tokens: int, max_tokens: int,
                 lease_s: float) -> dict:

@@ -153,6 +153,25 @@ class Cluster:
                     f"prefill workers run on other hosts {sorted(elsewhere)}: set "
                     "decode.transfer_host to 'node-ip' (or an interface of its node)")
 
+    def max_request_tokens(self) -> int:
+        """The longest request (prompt + max_tokens) the router admits.
+
+        Every decode (or colocated) worker must hold a whole request in its KV pool, which
+        may be smaller than the model's context: a longer request could never be reserved,
+        and its client would get UNAVAILABLE after useless retries instead of
+        INVALID_ARGUMENT. Workers report in the order they became ready (prefill workers
+        report no limits), so take the minimum over all of them, never one worker's report.
+        """
+        decoders = [i for i in self.ready_info if "max_model_len" in i]
+        context = min([i["max_model_len"] for i in decoders]
+                      + [self.config.model.max_model_len or 1 << 30])
+        kv = min(i["kv_capacity_tokens"] for i in decoders)
+        if kv < context:
+            log.warning("a worker's KV pool holds %d tokens, fewer than the context length "
+                        "%d: requests are limited to %d tokens (raise kv.memory_mb)",
+                        kv, context, kv)
+        return min(context, kv)
+
     def shutdown(self) -> None:
         for h in [*self.prefill_handles, *self.decode_handles]:
             try:
@@ -210,10 +229,8 @@ async def run_router(cluster: Cluster, stop: asyncio.Event, on_ready=None) -> No
     """Serve gRPC in front of a started cluster until `stop` is set."""
     cfg = cluster.config
     source = open_model(cfg.model.name)  # tokenizer and limits only; weights stay on disk
-    info = cluster.ready_info[-1]
     limits = Limits(
-        max_model_len=min(info.get("max_model_len") or 1 << 30,
-                          cfg.model.max_model_len or 1 << 30),
+        max_model_len=cluster.max_request_tokens(),
         max_tokens_limit=cfg.router.max_tokens_limit,
         max_prompt_tokens=cfg.router.max_prompt_tokens,
         vocab_size=source.config.vocab_size, model_name=cfg.model.name,

@@ -1,10 +1,37 @@
-"""`router.workers` interfaces implemented over Ray actor handles."""
+"""`router.workers` interfaces implemented over Ray actor handles.
+
+A worker's exception reaches the caller as a `RayTaskError` whose text is the whole remote
+traceback (with terminal colour codes). The router turns exception text into the status
+message a client reads, so every call here re-raises the worker's own exception instead:
+the client sees "injected transfer failure for req-1", not a stack trace of our files.
+"""
 
 from __future__ import annotations
 
+import functools
 from collections.abc import AsyncIterator
 
+from ray.exceptions import RayTaskError
+
 from router.workers import DecodeClient, PrefillClient
+
+
+def _worker_error(e: RayTaskError) -> Exception:
+    """The exception the worker raised (Ray keeps it as `cause`)."""
+    if isinstance(e.cause, Exception):
+        return e.cause
+    return RuntimeError(f"{e.function_name} failed")
+
+
+def _raises_worker_errors(method):
+    @functools.wraps(method)
+    async def call(*args, **kwargs):
+        try:
+            return await method(*args, **kwargs)
+        except RayTaskError as e:
+            raise _worker_error(e) from e
+
+    return call
 
 
 class RayPrefillClient(PrefillClient):
@@ -12,12 +39,15 @@ class RayPrefillClient(PrefillClient):
         self.handle = handle
         self.worker_id = worker_id
 
+    @_raises_worker_errors
     async def prefill(self, request: dict, sink: dict) -> dict:
         return await self.handle.prefill.remote(request, sink)
 
+    @_raises_worker_errors
     async def abort(self, request_id: str) -> bool:
         return await self.handle.abort.remote(request_id)
 
+    @_raises_worker_errors
     async def stats(self) -> dict:
         return await self.handle.stats.remote()
 
@@ -27,6 +57,7 @@ class RayDecodeClient(DecodeClient):
         self.handle = handle
         self.worker_id = worker_id
 
+    @_raises_worker_errors
     async def reserve(self, request_id, num_prompt_tokens, max_tokens, lease_s) -> dict:
         return await self.handle.reserve.remote(request_id, num_prompt_tokens, max_tokens,
                                                 lease_s)
@@ -34,16 +65,24 @@ class RayDecodeClient(DecodeClient):
     async def stream_from_prefill(self, request: dict, first: dict) -> AsyncIterator[dict]:
         gen = self.handle.generate_from_prefill.options(num_returns="streaming").remote(
             request, first)
-        async for ref in gen:
-            yield await ref
+        try:
+            async for ref in gen:
+                yield await ref
+        except RayTaskError as e:
+            raise _worker_error(e) from e
 
     async def stream_local(self, request: dict) -> AsyncIterator[dict]:
         gen = self.handle.generate.options(num_returns="streaming").remote(request)
-        async for ref in gen:
-            yield await ref
+        try:
+            async for ref in gen:
+                yield await ref
+        except RayTaskError as e:
+            raise _worker_error(e) from e
 
+    @_raises_worker_errors
     async def abort(self, request_id: str) -> bool:
         return await self.handle.abort.remote(request_id)
 
+    @_raises_worker_errors
     async def stats(self) -> dict:
         return await self.handle.stats.remote()

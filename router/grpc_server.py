@@ -1,6 +1,7 @@
 """The public gRPC front door: `pdserve.v1.Generation` and `pdserve.v1.Admin`.
 
-Validation errors become INVALID_ARGUMENT, a full queue RESOURCE_EXHAUSTED, a failed
+Validation errors (and request bytes protobuf cannot parse, such as invalid UTF-8 in a
+string field) become INVALID_ARGUMENT, a full queue RESOURCE_EXHAUSTED, a failed
 handoff after retries UNAVAILABLE; a client that cancels its stream cancels the handler,
 which aborts the request on every worker. Optional bearer-token auth is compared in
 constant time.
@@ -18,6 +19,7 @@ import grpc
 from engine.tokenizer import TextTokenizer
 from proto.api import pb, pb_grpc
 from router.lifecycle import HandoffFailed, RequestLifecycle
+from router.request_decoding import GenerateRequestParser, UndecodableRequest
 from router.validation import InvalidRequest, Limits, validate
 from router.workers import WorkerClient
 
@@ -50,6 +52,8 @@ class GenerationService(pb_grpc.GenerationServicer):
 
     async def Generate(self, request: pb.GenerateRequest, context):  # noqa: N802 (gRPC name)
         await self.auth.check(context)
+        if isinstance(request, UndecodableRequest):  # e.g. invalid UTF-8 in a string field
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
         if request.ByteSize() > self.max_request_bytes:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                                 f"request is {request.ByteSize()} bytes; the limit is "
@@ -137,7 +141,8 @@ async def start_server(lifecycle: RequestLifecycle, tokenizer: TextTokenizer, li
                        host: str, port: int, max_queue: int, max_request_bytes: int,
                        token: str | None, model_info: pb.ModelInfo) -> tuple[grpc.aio.Server, int]:
     """Start serving; returns the server and the bound port (useful with port 0)."""
-    server = grpc.aio.server(options=[("grpc.max_receive_message_length", max_request_bytes)])
+    server = grpc.aio.server(options=[("grpc.max_receive_message_length", max_request_bytes)],
+                             interceptors=[GenerateRequestParser()])
     auth = _Auth(token)
     pb_grpc.add_GenerationServicer_to_server(
         GenerationService(lifecycle, tokenizer, limits, max_queue, max_request_bytes, auth,

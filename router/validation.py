@@ -98,6 +98,6 @@ def validate(req: pb.GenerateRequest, tok: TextTokenizer, limits: Limits):
     if total > limits.max_model_len:
         raise InvalidRequest(
             f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) = {total} exceeds "
-            f"the model's context length of {limits.max_model_len}"
+            f"this server's context length of {limits.max_model_len}"
         )
     return ids, params
