@@ -15,7 +15,7 @@ import grpc
 
 from bench.records import RequestRecord
 from bench.workloads import RequestSpec
-from proto.api import pb, pb_grpc
+from pdserve_proto import pb, pb_grpc
 
 
 class ServerUnreachable(ConnectionError):

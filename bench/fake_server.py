@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import grpc
 
-from proto.api import pb, pb_grpc
+from pdserve_proto import pb, pb_grpc
 
 
 @dataclass(frozen=True, slots=True)

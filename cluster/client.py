@@ -12,7 +12,7 @@ from collections.abc import Iterator, Sequence
 
 import grpc
 
-from proto.api import pb, pb_grpc
+from pdserve_proto import pb, pb_grpc
 
 
 class PdserveClient:

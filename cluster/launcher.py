@@ -28,7 +28,7 @@ from cluster.config import ClusterConfig, PoolSection
 from cluster.nccl_setup import connect_all as connect_nccl_pairs
 from cluster.ray_clients import RayDecodeClient, RayPrefillClient
 from engine.loader.registry import open_model
-from proto.api import pb
+from pdserve_proto import pb
 from router.grpc_server import start_server
 from router.lifecycle import RequestLifecycle
 from router.policy import RoutingPolicy

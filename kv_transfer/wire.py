@@ -4,31 +4,19 @@ A data chunk is `pool[layer, :, blocks]` of one request — `[2, n, block_size, 
 head_dim]`, C order, the machine's (little-endian) byte order — with its dtype and shape in
 the header, so the receiver can check the byte count before it builds a tensor. bf16 has no
 numpy dtype, so tensors cross as uint8 bytes and are re-viewed as their dtype on arrival.
-
-The stubs are imported from our own package only: the PyPI package `proto-plus` installs a
-top-level module also named `proto`; if it shadows ours, this import fails loudly.
 """
 
 from __future__ import annotations
 
 import math
-import os
 import warnings
 
 import torch
 
-import proto as _proto_pkg
 from engine.config import torch_dtype
 from kv_transfer.receiver import ChunkRejected
-
-if not os.path.exists(os.path.join(os.path.dirname(_proto_pkg.__file__), "pdserve", "v1")):
-    raise ImportError(
-        f"the module named 'proto' at {_proto_pkg.__file__} is not pdserve's; "
-        "is proto-plus shadowing it? run from the pdserve checkout or install pdserve"
-    )
-
-from proto.pdserve_pb.pdserve.v1 import kv_transfer_pb2 as pb  # noqa: E402
-from proto.pdserve_pb.pdserve.v1 import kv_transfer_pb2_grpc as pb_grpc  # noqa: E402
+from pdserve_proto import kv_pb as pb
+from pdserve_proto import kv_pb_grpc as pb_grpc
 
 __all__ = ["pb", "pb_grpc", "encode_chunk", "decode_chunk", "closing_chunk", "grpc_options",
            "DEFAULT_CHUNK_BYTES", "HEADER_SLACK"]

@@ -17,7 +17,7 @@ import uuid
 import grpc
 
 from engine.tokenizer import TextTokenizer
-from proto.api import pb, pb_grpc
+from pdserve_proto import pb, pb_grpc
 from router.lifecycle import HandoffFailed, RequestLifecycle
 from router.request_decoding import GenerateRequestParser, UndecodableRequest
 from router.validation import InvalidRequest, Limits, validate

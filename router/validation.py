@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from engine.sampling_params import SamplingParams
 from engine.tokenizer import ChatTemplateError, TextTokenizer
-from proto.api import pb
+from pdserve_proto import pb
 
 
 class InvalidRequest(ValueError):

@@ -12,7 +12,7 @@ import torch
 from cluster.background import BackgroundCluster
 from cluster.client import PdserveClient
 from cluster.config import parse_config
-from proto.api import pb
+from pdserve_proto import pb
 
 
 @contextmanager

@@ -20,7 +20,7 @@ from cluster_checks import (
 from engine import SamplingParams
 from engine.loader.registry import open_model
 from kv_transfer import KVTransferError
-from proto.api import pb
+from pdserve_proto import pb
 
 pytestmark = pytest.mark.slow
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from proto.api import pb
+from pdserve_proto import pb
 from router.request_decoding import UndecodableRequest, parse_generate_request
 
 BAD = b"bad-\xff\xfe-utf8"
