@@ -9,8 +9,10 @@ Two processes, GPU 0 the prefill side and GPU 1 the decode side, as Ray actors w
 2. **transport**: a 2048-token prompt's KV in Llama-3.1-8B shape (32 layers, 8 KV heads,
    head dim 128, bf16, block 16: 128 blocks, 256 MiB) from `open` on the prefill side to
    `wait` returning COMPLETE on the decode side (one host clock: both processes share the
-   machine), with contiguous and with scattered block ids, as GB/s and as a fraction of
-   raw at the same total size;
+   machine), announce round trip included, with contiguous block ids, with scattered
+   source ids into a contiguous reservation (what `BlockManager.allocate_contiguous` gives
+   the decode side), and scattered on both sides, as GB/s and as a fraction of raw at the
+   same total size;
 3. **overlap**: the same transfer while each layer is "computed" first (bf16 matmuls of
    about the 8B model's per-layer FLOPs at 2048 tokens), against the compute alone: what
    disaggregation adds to the time to first token.
@@ -33,12 +35,14 @@ import torch
 import torch.multiprocessing as mp
 
 from engine.kv_cache.layout import KVLayout
+from kv_transfer.nccl_wire import block_runs
 
 SIZES_MIB = (1, 4, 16, 64, 256)
 LAYERS, KV_HEADS, HEAD_DIM, BLOCK, TOKENS = 32, 8, 128, 16, 2048
 NBLK = TOKENS // BLOCK
 POOL_BLOCKS = 2 * NBLK + 16  # room for scattered ids
 KEY = "bench-llama-3.1-8b"
+VARIANTS = ("contiguous", "src-scattered", "scattered")
 P_GPU, D_GPU = 0, 1
 
 
@@ -97,6 +101,8 @@ def _plan(variant: str, it: int) -> tuple[list[int], list[int]]:
     if variant == "contiguous":
         return list(range(NBLK)), list(range(8, 8 + NBLK))
     rng = random.Random(it)
+    if variant == "src-scattered":
+        return rng.sample(range(POOL_BLOCKS), NBLK), list(range(8, 8 + NBLK))
     return rng.sample(range(POOL_BLOCKS), NBLK), rng.sample(range(POOL_BLOCKS), NBLK)
 
 
@@ -118,7 +124,7 @@ def _prefill(args, q_uid, q_sink, q_res, barrier) -> None:
         q_uid.put(uid)
         tx.connect("decode-0", uid, 0)
 
-        def transfer(compute=None) -> tuple[float, float]:
+        def transfer(compute=None) -> tuple[float, float, float]:
             sink, src = q_sink.get(timeout=120)
             t0 = time.time()
             h = tx.open(KVSink.from_dict(sink), src)
@@ -129,9 +135,9 @@ def _prefill(args, q_uid, q_sink, q_res, barrier) -> None:
             torch.cuda.current_stream().synchronize()
             t_compute = time.time()
             h.finish(30)
-            return t0, t_compute
+            return t0, t_compute, h.announce_s
 
-        for variant in ("contiguous", "scattered"):
+        for variant in VARIANTS:
             res[variant] = [transfer() for _ in range(args.warmup + args.repeats)]
         x = torch.randn(TOKENS, 4096, device=f"cuda:{P_GPU}", dtype=torch.bfloat16)
         w = torch.randn(4096, 14336, device=f"cuda:{P_GPU}", dtype=torch.bfloat16)
@@ -182,7 +188,7 @@ def _decode(args, q_uid, q_sink, q_res, barrier) -> None:
             rx.cancel(rid)
             return t_done
 
-        for variant in ("contiguous", "scattered"):
+        for variant in VARIANTS:
             res[variant] = [transfer(variant, i) for i in range(args.warmup + args.repeats)]
         res["overlap"] = [transfer("contiguous", i) for i in range(args.warmup + args.repeats)]
         rx.close()
@@ -199,14 +205,16 @@ def _summarise(args, p: dict, d: dict) -> dict:
     layered = (max(SIZES_MIB) << 20) / d["raw"]["layered"] / 1e9
     out = {"raw": raw, "raw_layered_GB/s": layered, "kv_bytes": kv_bytes, "transport": {}}
     skip = args.warmup
-    for variant in ("contiguous", "scattered"):
-        spans = [t_done - t0 for (t0, _), t_done in zip(p[variant], d[variant])][skip:]
+    for variant in VARIANTS:
+        spans = [t_done - t0 for (t0, _, _), t_done in zip(p[variant], d[variant])][skip:]
         s = statistics.median(spans)
-        out["transport"][variant] = {"s": s, "GB/s": kv_bytes / s / 1e9,
-                                     "fraction_of_raw": kv_bytes / s / 1e9 / raw_at_size}
+        out["transport"][variant] = {
+            "s": s, "GB/s": kv_bytes / s / 1e9, "fraction_of_raw": kv_bytes / s / 1e9 / raw_at_size,
+            "runs": len(block_runs(_plan(variant, 0)[1])),
+            "announce_s": statistics.median(a for _, _, a in p[variant][skip:])}
     colocated = statistics.median(p["colocated_s"][skip:])
-    ttft = [t_done - t0 for (t0, _), t_done in zip(p["overlap"], d["overlap"])][skip:]
-    compute = [tc - t0 for t0, tc in p["overlap"]][skip:]
+    ttft = [t_done - t0 for (t0, _, _), t_done in zip(p["overlap"], d["overlap"])][skip:]
+    compute = [tc - t0 for t0, tc, _ in p["overlap"]][skip:]
     out["overlap"] = {"colocated_s": colocated, "disaggregated_s": statistics.median(ttft),
                       "compute_while_sending_s": statistics.median(compute),
                       "added_fraction": statistics.median(ttft) / colocated - 1}
@@ -223,8 +231,9 @@ def _table(r: dict) -> str:
     lines.append(f"| raw, as 32 groups of 2 x 4 MiB (the transport's messages) | {size} | | "
                  f"{r['raw_layered_GB/s']:.1f} | {r['raw_layered_GB/s'] / top:.0%} |")
     for variant, v in r["transport"].items():
-        lines.append(f"| transport, 2048-token 8B KV, {variant} blocks | {size} | "
-                     f"{v['s'] * 1e3:.3f} ms | {v['GB/s']:.1f} | {v['fraction_of_raw']:.0%} |")
+        lines.append(f"| transport, 2048-token 8B KV, {variant} ({v['runs']} runs; announce "
+                     f"{v['announce_s'] * 1e3:.2f} ms) | {size} | {v['s'] * 1e3:.3f} ms | "
+                     f"{v['GB/s']:.1f} | {v['fraction_of_raw']:.0%} |")
     o = r["overlap"]
     lines += ["", "| layer-wise overlap (8B-sized matmuls, 32 layers) | time |", "|---|---|",
               f"| compute alone (colocated TTFT proxy) | {o['colocated_s'] * 1e3:.2f} ms |",

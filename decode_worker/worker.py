@@ -45,10 +45,11 @@ class DecodeWorker:
         self.role = role
         self.transfer_timeout = transfer_timeout
         self.engine = LLMEngine(config)
-        # grpc: bind `host`; senders connect to `advertise_host` (default `host`), which must
-        # be set when `host` is a wildcard such as 0.0.0.0.
-        opts = ({"host": host, "advertise_host": advertise_host} if transport == "grpc"
-                else {"name": worker_id})
+        # grpc (data) and nccl (announces): bind `host`; senders connect to `advertise_host`
+        # (default `host`), which must be set when `host` is a wildcard such as 0.0.0.0.
+        opts: dict = {"name": worker_id} if transport in ("local", "nccl") else {}
+        if transport in ("grpc", "nccl"):
+            opts.update(host=host, advertise_host=advertise_host)
         self.receiver = make_receiver(transport, self.engine.kv_cache, self.engine.compat_key,
                                       **opts)
         self._reserved: dict[str, list[int]] = {}
@@ -79,7 +80,9 @@ class DecodeWorker:
                     f"{self.worker_id} has {engine.blocks.num_free_blocks} free blocks, "
                     f"{need} needed"
                 )
-            blocks = engine.blocks.allocate(need)
+            # Consecutive ids where the pool allows: a transfer into them is one region per
+            # layer (one NCCL call per K or V) instead of one per run of blocks.
+            blocks = engine.blocks.allocate_contiguous(need)
             try:
                 sink = self.receiver.expect(request_id, blocks, num_prompt_tokens,
                                             time.time() + lease_s)

@@ -156,11 +156,12 @@ class CudaDevice:
         with self._on(stream):
             return torch.empty(nbytes, dtype=torch.uint8, device=self.device)
 
-    def gather(self, layer_kv: torch.Tensor, idx: torch.Tensor,
+    def gather(self, layers_kv: torch.Tensor, idx: torch.Tensor,
                stream: torch.cuda.Stream) -> torch.Tensor:
-        """`layer_kv[:, idx]` made contiguous on `stream` (a run whose sources are scattered)."""
+        """`layers_kv[:, :, idx]` made contiguous on `stream` (a run whose sources are
+        scattered), for a slice of layers at once: `[layers, 2, len(idx), ...]`."""
         with self._on(stream):
-            return layer_kv.index_select(1, idx)
+            return layers_kv.index_select(2, idx)
 
     def unique_id(self) -> list[int]:
         # bytes (CuPy >= 14) or a tuple of signed chars (older): 0..255 either way

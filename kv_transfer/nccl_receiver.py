@@ -1,29 +1,32 @@
-"""Decode side of the `nccl` transport: one receive thread per connected prefill worker.
+"""Decode side of the `nccl` transport: an announce server and one link per prefill worker.
 
-Each `_PeerLink` thread loops: receive a HEADER (the one message it waits for on the host),
-look its request key up among the `expect`ed reservations, then post at once the RUNS, every
-layer's grouped receives straight into `pool[layer, 0|1, run]` of the reserved blocks (no
-staging copy) and the TRAILER, and poll until the trailer has landed: COMPLETE if it says
-every layer was sent, else FAILED. A header for an unknown, cancelled or mismatching request
-is drained into a scratch buffer (sized from RUNS) so the stream stays in step, and the
-request, if known, is marked FAILED.
+Announce first (nccl_wire has the message layout): a prefill worker writes each transfer's
+announce on the host channel (kv_transfer/nccl_control.py) before it puts a byte on the
+communicator. The announce handler checks it against the reservation made by `expect`
+(compat key, layer count, block size, exact destination ids, still PENDING) and queues a
+job on that communicator's `_PeerLink`: a receive into the reservation (reply: accepted) or,
+for a refusal, a drain into scratch (reply: refused, drained; the request, if known, is
+marked FAILED) — the sender does not wait for the reply before sending, so the bytes come
+either way. No NCCL operation is pending on this GPU unless a transfer was announced: an
+always-posted receive (the previous design) is a spinning kernel, and with CUDA's lazy
+module loading the first launch of any not-yet-loaded kernel, or a cudaFree, waits for the
+device to drain — so the decode process stalled until the next transfer arrived, forever
+if none did.
+
+Each link thread takes its jobs in the order the announces were read (the order the prefill
+side sends them: one announce connection per pair), posts every layer's receives at once —
+straight into `pool[layer, 0|1, run]` of the reserved blocks, no staging copy — and the
+TRAILER, and polls until the trailer has landed: COMPLETE if it says every layer was sent,
+else FAILED. A job whose reservation was cancelled after it was accepted is drained too.
 
 Writes versus cancel: the link holds the reservation's lock from its first posted receive
 until the trailer landed or the communicator was aborted, so `cancel` (which takes the lock)
 returns only when no byte can land in the blocks any more (BlockReceiver's invariant).
 
 Timeouts: a transfer still in flight past its lease or `transfer_timeout`, or whose `wait`
-timed out, aborts the communicator: the request is FAILED at once, the link stops and the
-pair shows in `broken_peers` until `connect` replaces it; the prefill side's `finish` times
-out too. Idle links wait for headers indefinitely (no transfer is at stake).
-
-Hazard (seen on H200s, 2026-11-22): the header receive a link keeps posted is a spinning
-NCCL kernel, and CUDA's lazy module loading (the default) makes the first launch of any
-not-yet-loaded kernel on this GPU wait for the device to drain; so does cudaFree. Such a
-launch in the decode process then stalls until the next header arrives — forever if that
-peer never sends again. Load kernels before `connect` (CUDA graphs captured at start-up,
-warm-up passes, or CUDA_MODULE_LOADING=EAGER); the lasting fix is to carry headers on a
-host channel and post receives only when a transfer is announced.
+timed out, aborts the communicator: the request is FAILED at once, the link stops (its
+queued jobs FAILED) and the pair shows in `broken_peers` until `connect` replaces it; the
+prefill side's `finish` times out too. Idle links post nothing and wait on the host.
 """
 
 from __future__ import annotations
@@ -32,25 +35,26 @@ import itertools
 import logging
 import threading
 import time
+from collections import deque
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from kv_transfer.base import KVSink, KVTransferError, TransferStatus
+from kv_transfer.base import KVTransferError, TransferStatus
+from kv_transfer.nccl_control import ControlServer
 from kv_transfer.nccl_device import CudaDevice, poll
 from kv_transfer.nccl_wire import (
-    HEADER_LEN,
     HELLO_MAGIC,
+    MAX_GROUP_OPS,
     OUTCOME_DONE,
     TRAILER_LEN,
     WARM_BYTES,
-    Header,
+    Announce,
     Trailer,
     block_runs,
-    blocks_hash,
-    check_runs,
-    compat_hash,
+    pair_token,
     request_key,
 )
 from kv_transfer.receiver import BlockReceiver, _Reservation
@@ -58,24 +62,58 @@ from kv_transfer.receiver import BlockReceiver, _Reservation
 log = logging.getLogger("pdserve.kv.nccl")
 _NAMES = itertools.count()
 _ABORT_GRACE_S = 5.0  # how long aborted NCCL kernels get to exit before blocks are released
-_MAX_SCRATCH = 1 << 31  # a drain run larger than this is a corrupt header, not a request
+_MAX_SCRATCH = 1 << 31  # a drained run larger than this is a corrupt announce, not a request
+
+
+def split_sink_address(address: str) -> tuple[str, str]:
+    """`<decode worker id>@<host:port>` -> (worker id, announce address)."""
+    name, at, control = address.rpartition("@")
+    if not at or not name or not control:
+        raise KVTransferError(f"nccl sink address {address!r} is not <worker id>@<host:port>")
+    return name, control
+
+
+@dataclass(slots=True)
+class _Job:
+    """An accepted announce: what the link posts receives for, in acceptance order."""
+
+    rid: str
+    res: _Reservation | None  # None: refused, drained
+    key: int
+    num_layers: int
+    runs: list[tuple[int, int]]  # (byte offset of the run's K in a layer's K plane, bytes)
+    drain: bool = False
 
 
 class _PeerLink:
-    """The receive thread of one communicator. Only this thread makes NCCL calls on it."""
+    """The receive thread of one communicator. Only this thread makes NCCL calls on it
+    (after `hello`)."""
 
-    def __init__(self, rx: NcclKVReceiver, peer_id: str, comm: Any) -> None:
-        self.rx, self.peer_id, self.comm = rx, peer_id, comm
+    def __init__(self, rx: NcclKVReceiver, peer_id: str, comm: Any, token: str) -> None:
+        self.rx, self.peer_id, self.comm, self.token = rx, peer_id, comm, token
         self.device = rx.device
         self.stream = self.device.new_stream()
         self.stop_reason = ""  # set by anyone; the thread then aborts the comm and ends
         self.broken = ""
+        self._jobs: deque[_Job] = deque()
+        self._cond = threading.Condition()
         self.thread = threading.Thread(target=self._run, name=f"kv-nccl-recv-{peer_id}",
                                        daemon=True)
 
     def stop(self, reason: str) -> None:
-        if not self.stop_reason:
-            self.stop_reason = reason
+        with self._cond:
+            if not self.stop_reason:
+                self.stop_reason = reason
+            self._cond.notify_all()
+
+    def enqueue(self, job: _Job) -> bool:
+        """Queue an accepted transfer; False if the link has stopped."""
+        with self._cond:
+            if self.stop_reason:
+                return False
+            self._jobs.append(job)
+            self._cond.notify_all()
+            return True
 
     def hello(self, timeout: float) -> None:
         """The first message of a new communicator (see nccl_wire.WARM_BYTES)."""
@@ -85,6 +123,7 @@ class _PeerLink:
             self.comm.recv(buf, s)
             self.comm.recv(warm, s)
         host = dev.download(buf, s)
+        dev.download(dev.words(TRAILER_LEN, s), s)  # pin the trailer's host buffer size now
         if not poll(dev.record(s).query, time.time() + timeout) or \
                 int(host[0]) != HELLO_MAGIC:
             self._abort("no hello from the prefill side")
@@ -93,18 +132,23 @@ class _PeerLink:
     def _run(self) -> None:
         reason = "stopped"
         try:
-            while not self.stop_reason:
-                # Idle links back off sooner: nothing is at stake until a header comes.
-                words = self._recv_words(HEADER_LEN, None, eager_s=0.05)
-                if words is None:
-                    break
-                self._serve(Header.decode(words))
-        except TimeoutError as e:  # a transfer overran: _receive/_drain aborted or will
+            while True:
+                with self._cond:
+                    self._cond.wait_for(lambda: self._jobs or self.stop_reason)
+                    if self.stop_reason:
+                        break
+                    job = self._jobs.popleft()
+                self._serve(job)
+        except TimeoutError as e:  # a transfer overran: _post aborted or will
             reason = str(e)
         except Exception as e:  # noqa: BLE001 - the stream is out of step: give the pair up
             reason = f"receiving from {self.peer_id} failed: {e}"
             log.exception("NCCL KV link to %s", self.peer_id)
         self._abort(self.stop_reason or reason)
+        with self._cond:
+            left, self._jobs = list(self._jobs), deque()
+        for job in left:
+            self.rx.fail(job.rid, f"NCCL pair with {self.peer_id} broken: {self.broken}")
 
     def _abort(self, reason: str) -> None:
         if self.broken:
@@ -117,114 +161,102 @@ class _PeerLink:
         except Exception:  # noqa: BLE001 - already dead is what we wanted
             log.exception("aborting the NCCL communicator with %s", self.peer_id)
 
-    def _recv_words(self, n: int, deadline: float | None,
-                    eager_s: float = 0.25) -> list[int] | None:
-        """Receive n int64 words and wait for them; None if stopped or past `deadline`."""
-        dev, s = self.device, self.stream
-        buf = dev.words(n, s)
-        with self.comm.group():
-            self.comm.recv(buf, s)
-        host = dev.download(buf, s)
-        if not poll(dev.record(s).query, deadline, lambda: bool(self.stop_reason),
-                    eager_s=eager_s):
-            return None
-        return [int(w) for w in host.tolist()]
-
-    def _serve(self, h: Header) -> None:
-        rid, res, why = self.rx._claim(h)
-        if res is not None:
+    def _serve(self, job: _Job) -> None:
+        res = job.res
+        if res is not None and not job.drain:
             with res.lock:
                 if not res.forgotten and res.state is TransferStatus.PENDING:
-                    self._receive(h, rid, res)
+                    self._receive(job)
                     return
-            why = f"request {rid} is no longer pending"
-        if rid is not None and why:
-            self.rx.fail(rid, why)
-        self._drain(h)
+            # Cancelled (or decided) after it was accepted: the sender sends it regardless.
+            self.rx.fail(job.rid, f"request {job.rid} is no longer pending")
+        self._post(job, into_pool=False)
 
-    def _receive(self, h: Header, rid: str, res: _Reservation) -> None:
-        """Called with `res.lock` held: land the request in its blocks or abort the comm."""
-        dev, comm, s, pool = self.device, self.comm, self.stream, self.rx.pool
+    def _receive(self, job: _Job) -> None:
+        """Called with the reservation's lock held: land the request or abort the comm."""
+        res, rid = job.res, job.rid
         self.rx._set_inflight(rid, self)
         try:
-            # Blocks just freed by decode may still be written by queued compute kernels.
-            dev.wait(s, dev.record(dev.current_stream()))
-            runs_msg = dev.words(h.num_runs, s)  # equal to ours: the blocks hash matched
-            bb, kv = h.block_bytes, pool.shape[2] * h.block_bytes  # K of a layer -> its V
-            runs = [(r.dst_first * bb, r.length * bb)
-                    for r in block_runs(self.rx._block_ids(rid))]
-            with comm.group():
-                comm.recv(runs_msg, s)
-            for layer in range(h.num_layers):
-                base = layer * 2 * kv
-                with comm.group():  # byte offsets into the pool: no view sliced per run
-                    for off, n in runs:
-                        comm.recv(pool, s, base + off, n)
-                        comm.recv(pool, s, base + kv + off, n)
-            deadline = min(res.deadline, time.time() + self.rx.transfer_timeout)
-            words = self._recv_words(TRAILER_LEN, deadline)
-            if words is None:
-                raise TimeoutError(self.stop_reason or f"request {rid}: transfer not done by "
-                                   "its deadline")
-            t = Trailer.decode(words)
-            if t.key != h.key:
-                raise ValueError(f"trailer for key {t.key} closed request {rid}")
+            t = self._post(job, into_pool=True)
         except Exception as e:
             self._abort(str(e))
             # Let the aborted kernels exit before the lock (and so the blocks) is released.
-            poll(dev.record(s).query, time.time() + _ABORT_GRACE_S)
+            poll(self.device.record(self.stream).query, time.time() + _ABORT_GRACE_S)
             self.rx._settle(res, TransferStatus.FAILED, str(e))
             raise
         finally:
             self.rx._set_inflight(rid, None)
-        ok = t.outcome == OUTCOME_DONE and t.layers_sent == h.num_layers
+        ok = t.outcome == OUTCOME_DONE and t.layers_sent == job.num_layers
         self.rx._settle(res, TransferStatus.COMPLETE if ok else TransferStatus.FAILED,
-                        "" if ok else f"sender aborted after {t.layers_sent}/{h.num_layers} "
+                        "" if ok else f"sender aborted after {t.layers_sent}/{job.num_layers} "
                         "layers")
 
-    def _drain(self, h: Header) -> None:
-        """Receive a request nobody expects into scratch memory, keeping the stream in step."""
-        dev, comm, s = self.device, self.comm, self.stream
-        deadline = time.time() + self.rx.transfer_timeout
-        lengths = self._recv_words(h.num_runs, deadline)
-        if lengths is None:
-            raise TimeoutError(self.stop_reason or "drain: no RUNS message")
-        check_runs(lengths, h)
-        if max(lengths) * h.block_bytes > _MAX_SCRATCH:
-            raise ValueError(f"header {h} asks for more than {_MAX_SCRATCH} bytes of scratch")
-        scratch = dev.scratch(max(lengths) * h.block_bytes, s)
-        for _ in range(h.num_layers):
+    def _post(self, job: _Job, into_pool: bool) -> Trailer:
+        """Post the job's receives (into its blocks, or into scratch) and wait for its
+        trailer; TimeoutError past the deadline, ValueError if the stream is out of step."""
+        dev, comm, s, pool = self.device, self.comm, self.stream, self.rx.pool
+        kv = pool.shape[2] * self.rx.block_bytes  # K plane of a layer -> its V plane
+        if into_pool:
+            # Blocks just freed by decode may still be written by queued compute kernels.
+            dev.wait(s, dev.record(dev.current_stream()))
+            buf, layer_bytes = pool, 2 * kv
+        else:
+            buf, layer_bytes = dev.scratch(max(n for _, n in job.runs), s), 0
+        trailer = dev.words(TRAILER_LEN, s)  # allocated before any receive is pending
+        ops = []  # (buffer, byte offset, bytes), in wire order
+        for layer in range(job.num_layers):
+            base = layer * layer_bytes
+            for off, n in job.runs:
+                ops += ([(buf, base + off, n), (buf, base + kv + off, n)] if into_pool
+                        else [(buf, 0, n), (buf, 0, n)])
+        for at in range(0, len(ops), MAX_GROUP_OPS):  # every layer posted at once
             with comm.group():
-                for n in lengths:
-                    comm.recv(scratch, s, 0, n * h.block_bytes)
-                    comm.recv(scratch, s, 0, n * h.block_bytes)
-        words = self._recv_words(TRAILER_LEN, deadline)
-        if words is None:
-            raise TimeoutError(self.stop_reason or "drain: no trailer")
-        Trailer.decode(words)
+                for t, offset, n in ops[at:at + MAX_GROUP_OPS]:
+                    comm.recv(t, s, offset, n)
+        with comm.group():
+            comm.recv(trailer, s)
+        host = dev.download(trailer, s)
+        deadline = time.time() + self.rx.transfer_timeout
+        if job.res is not None:
+            deadline = min(deadline, job.res.deadline)
+        if not poll(dev.record(s).query, deadline, lambda: bool(self.stop_reason)):
+            raise TimeoutError(self.stop_reason or f"request {job.rid}: transfer not done by "
+                               "its deadline")
+        t = Trailer.decode([int(w) for w in host.tolist()])
+        if t.key != job.key:
+            raise ValueError(f"trailer for key {t.key} closed request {job.rid}")
+        return t
+
+
+def _refuse(code: str, error: str, drain: bool = False) -> dict:
+    return {"ok": False, "code": code, "error": error, "drain": drain}
 
 
 class NcclKVReceiver(BlockReceiver):
-    """A receiver that prefill workers reach over NCCL; `address` is the decode worker id."""
+    """A receiver that prefill workers reach over NCCL; `address` is
+    `<decode worker id>@<announce host:port>`."""
 
     transport = "nccl"
 
     def __init__(self, pool: torch.Tensor, compat_key: str, name: str | None = None,
-                 device: Any = None, transfer_timeout: float = 30.0) -> None:
+                 device: Any = None, transfer_timeout: float = 30.0, host: str = "127.0.0.1",
+                 port: int = 0, advertise_host: str | None = None) -> None:
         super().__init__(pool, compat_key)
         self.device = device if device is not None else CudaDevice(pool.device)
         self._name = name or f"nccl-kv-{next(_NAMES)}"
         self.transfer_timeout = transfer_timeout
-        self._compat = compat_hash(compat_key)
-        self._block_bytes = pool[0, 0, 0].numel() * pool.element_size()
-        self._keys: dict[int, str] = {}  # request key on the wire -> request id
+        self.block_bytes = pool[0, 0, 0].numel() * pool.element_size()
         self._ids: dict[str, tuple[int, ...]] = {}  # host copy of each reservation's blocks
+        self._announced: set[str] = set()
         self._inflight: dict[str, _PeerLink] = {}
         self._links: dict[str, _PeerLink] = {}
+        self._by_token: dict[str, _PeerLink] = {}
+        self._server = ControlServer(self._on_announce, host, port, advertise_host,
+                                     name=f"kv-nccl-ctl-{self._name}")
 
     @property
     def address(self) -> str:
-        return self._name
+        return f"{self._name}@{self._server.address}"
 
     # ---- pairing (cluster/nccl_setup.py) ------------------------------------------------------
 
@@ -234,10 +266,13 @@ class NcclKVReceiver(BlockReceiver):
     def connect(self, peer_id: str, uid: Sequence[int], rank: int = 1,
                 timeout: float = 120.0) -> None:
         """Join the communicator `uid` with prefill worker `peer_id` and start its link."""
-        link = _PeerLink(self, peer_id, self.device.connect(uid, rank))
+        link = _PeerLink(self, peer_id, self.device.connect(uid, rank), pair_token(uid))
         link.hello(timeout)
         with self._cond:
             old, self._links[peer_id] = self._links.get(peer_id), link
+            if old is not None:
+                self._by_token.pop(old.token, None)
+            self._by_token[link.token] = link
         if old is not None:
             old.stop("replaced by a new communicator")
         link.thread.start()
@@ -249,15 +284,9 @@ class NcclKVReceiver(BlockReceiver):
     # ---- KVReceiver ---------------------------------------------------------------------------
 
     def expect(self, request_id: str, block_ids: Sequence[int], num_tokens: int,
-               deadline: float) -> KVSink:
-        key = request_key(request_id)
-        with self._cond:
-            other = self._keys.get(key)
-            if other is not None and other in self._table:
-                raise ValueError(f"request {request_id} collides with {other} on the wire key")
+               deadline: float):
         sink = super().expect(request_id, block_ids, num_tokens, deadline)
         with self._cond:
-            self._keys[key] = request_id
             self._ids[request_id] = sink.block_ids
         return sink
 
@@ -269,7 +298,7 @@ class NcclKVReceiver(BlockReceiver):
         with self._cond:
             link, res = self._inflight.get(request_id), self._table.get(request_id)
             if link is None or res is None or res.state is not TransferStatus.PENDING:
-                return self._state(request_id)  # not on the wire yet: nothing to abort
+                return self._state(request_id)  # no receive posted yet: nothing to abort
             # FAILED now, so nobody commits; `cancel` still waits for the link to let go.
             res.state, res.error = TransferStatus.FAILED, reason
             self._cond.notify_all()
@@ -280,42 +309,84 @@ class NcclKVReceiver(BlockReceiver):
         super().cancel(request_id)
         with self._cond:
             self._ids.pop(request_id, None)
-            key = request_key(request_id)
-            if self._keys.get(key) == request_id:
-                del self._keys[key]
+            self._announced.discard(request_id)
 
     def close(self) -> None:
+        self._server.close()
         with self._cond:
-            links, self._links = list(self._links.values()), {}
+            links, self._links, self._by_token = list(self._links.values()), {}, {}
         for link in links:
             link.stop("receiver closed")
         for link in links:
-            link.thread.join(timeout=_ABORT_GRACE_S)
+            if link.thread.is_alive():
+                link.thread.join(timeout=_ABORT_GRACE_S)
+
+    # ---- the announce channel -----------------------------------------------------------------
+
+    def _on_announce(self, msg: dict) -> dict:
+        """Accept a transfer or refuse it; never raises.
+
+        The sender may already be sending (it does not wait for this reply), so a refusal of
+        a well-formed announce on a known pair still queues the transfer, to be drained into
+        scratch (`drain: True` in the reply). Only a malformed announce, an unknown pair or
+        a stopped link is refused without draining: the sender then gives the pair up."""
+        try:
+            a = Announce.from_msg(msg)
+        except ValueError as e:
+            return _refuse("INVALID_ARGUMENT", str(e))
+        rid = a.request_id
+        with self._cond:
+            link = self._by_token.get(a.pair)
+            res, ids = self._table.get(rid), self._ids.get(rid)
+            again = rid in self._announced
+            if res is not None:
+                self._announced.add(rid)
+        if link is None:
+            return _refuse("UNAVAILABLE", f"{self._name} has no NCCL communicator {a.pair[:12]} "
+                           "(replaced or never made)")
+        runs = [(r.dst_first * a.block_bytes, r.length * a.block_bytes)
+                for r in block_runs(a.block_ids)]
+        if max(n for _, n in runs) > _MAX_SCRATCH or a.num_layers > self.pool.shape[0] * 4:
+            return _refuse("INVALID_ARGUMENT", f"request {rid}: announce of {a.num_layers} "
+                           f"layers and {a.block_bytes}-byte blocks is out of range")
+        code, why = self._check(a, res, ids, again)
+        job = _Job(rid, None if code else res, request_key(rid), a.num_layers, runs,
+                   drain=bool(code))
+        if not link.enqueue(job):
+            return _refuse("UNAVAILABLE", f"NCCL pair with {link.peer_id} is broken: "
+                           f"{link.stop_reason}")
+        return _refuse(code, why, drain=True) if code else {"ok": True}
+
+    def _check(self, a: Announce, res: _Reservation | None, ids: tuple[int, ...] | None,
+               again: bool) -> tuple[str, str]:
+        """("", "") if `a` may land in its reservation, else (status code, why); a known
+        request that cannot is marked FAILED."""
+        rid = a.request_id
+        if res is None or ids is None:
+            return "NOT_FOUND", (f"request {rid!r} is not expected here (never reserved, "
+                                 "cancelled, or expired)")
+        if a.compat_key != self.compat_key:
+            why = (f"request {rid}: sender KV compatibility key {a.compat_key!r} differs from "
+                   f"this decode worker's {self.compat_key!r}")
+            self.fail(rid, why)
+            return "FAILED_PRECONDITION", why
+        checks = [
+            (a.num_layers == self.pool.shape[0], f"{a.num_layers} layers sent, pool has "
+             f"{self.pool.shape[0]}"),
+            (a.block_bytes == self.block_bytes, f"{a.block_bytes}-byte blocks sent, pool has "
+             f"{self.block_bytes}"),
+            (a.block_ids == ids, "sent for other blocks than reserved"),
+            (not again, "announced twice"),
+        ]
+        bad = "; ".join(why for ok, why in checks if not ok)
+        if bad:
+            self.fail(rid, f"request {rid}: {bad}")
+            return "INVALID_ARGUMENT", f"request {rid}: {bad}"
+        if res.state is not TransferStatus.PENDING:
+            return "ABORTED", f"request {rid} is {res.state.value}: {res.error}"
+        return "", ""
 
     # ---- for the links ------------------------------------------------------------------------
-
-    def _claim(self, h: Header) -> tuple[str | None, _Reservation | None, str]:
-        """The reservation a header is for, or why it cannot be received into."""
-        with self._cond:
-            rid = self._keys.get(h.key)
-            res = self._table.get(rid) if rid is not None else None
-            ids = self._ids.get(rid) if rid is not None else None
-            if res is None or ids is None:
-                return rid, None, ""
-            checks = [
-                (h.compat == self._compat, "sender's KV compatibility key differs"),
-                (h.num_layers == self.pool.shape[0], f"{h.num_layers} layers sent"),
-                (h.block_bytes == self._block_bytes, f"{h.block_bytes}-byte blocks sent"),
-                (h.num_blocks == len(ids) and h.blocks == blocks_hash(ids),
-                 "sent for other blocks than reserved"),
-                (h.num_runs == len(block_runs(ids)), "run count differs"),
-            ]
-        bad = [why for ok, why in checks if not ok]
-        return rid, (None if bad else res), "; ".join(f"request {rid}: {w}" for w in bad)
-
-    def _block_ids(self, rid: str) -> tuple[int, ...]:
-        with self._cond:
-            return self._ids[rid]
 
     def _set_inflight(self, rid: str, link: _PeerLink | None) -> None:
         with self._cond:

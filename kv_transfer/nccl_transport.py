@@ -3,20 +3,38 @@
 Pairing: one 2-rank communicator per (prefill worker, decode worker), made once at cluster
 start (cluster/nccl_setup.py) and reused by every request: the prefill side makes the
 unique id (`unique_id`), both sides `connect(peer_id, uid, rank)` at the same time (prefill
-rank 0, decode rank 1). A decode worker's `KVSink.address` is its worker id; `open` picks
-the communicator by it.
+rank 0, decode rank 1). A decode worker's `KVSink.address` is `<worker id>@<host:port>`:
+the worker id picks the communicator, host:port is its announce channel
+(kv_transfer/nccl_control.py).
 
-Ordering: NCCL point-to-point traffic is FIFO per pair, so the requests of one pair go on
-the wire strictly one after another (nccl_wire has the message layout). A handle's sends are
-enqueued only once every earlier handle on the pair has enqueued its trailer; until then
-`send_layer` just records the compute event. Sends run on the pair's own stream, after the
-event recorded in `send_layer`, so the forward pass never waits: layer l is on the wire
-while layer l+1 computes.
+Announce first: `open` queues the request's announce (request id, compat key, layers,
+block bytes, destination ids) for the pair's announcer thread, which writes it on the host
+channel; the forward pass never waits for it. Nothing goes on the communicator for a
+request before its announce is written, and the decode side posts receives only for the
+announces it read, so its GPU has an NCCL operation pending only for an announced transfer
+(an always-posted receive stalls every lazily loaded kernel and cudaFree in the decode
+process until it completes). The sends do not wait for the reply (a round trip on the time
+to first token): the decode side reads a pair's announces in order and, for every
+well-formed one, either receives the payload into the reservation or drains it into
+scratch. A refusal therefore still sends the request (filler where no layer is ready) and
+`finish` raises with its reason; `finish` succeeds only once the payload is delivered and
+the announce accepted. A refusal without draining (unknown pair, malformed announce) or a
+failed host channel breaks the pair.
 
-Failure: `finish(timeout)` polls, so it returns in time even if the peer died; on timeout
-the communicator is aborted (in the background), the pair marked broken, and every request
-on it fails. `open` on a broken pair fails at once, so the router retries another pair;
-`connect` again (cluster/nccl_setup.reconnect_broken) replaces it.
+Ordering: NCCL point-to-point traffic is FIFO per pair, and calls to one peer run in order
+even inside a group, so the two sides may group differently. A handle's sends are enqueued
+once its announce is written and every earlier handle on the pair has enqueued its
+trailer; until then `send_layer` just records the compute event. Sends run on the pair's
+own stream, after the event recorded in `send_layer`, so the forward pass never waits:
+layer l is on the wire while l+1 computes. Every layer ready when the pair is pumped goes
+into one batch of groups of at most MAX_GROUP_OPS calls (one group a layer when layers come
+one at a time; all of them at once when the announce went out after the last layer).
+
+Failure: `finish(timeout)` polls, so it returns in time even if the peer died; on timeout,
+or when the host channel fails (the announce's fate is then unknown), the communicator is
+aborted (in the background), the pair marked broken, and every request on it fails.
+`open` on a broken pair fails at once, so the router retries another pair; `connect`
+again (cluster/nccl_setup.reconnect_broken) replaces it.
 """
 
 from __future__ import annotations
@@ -31,41 +49,49 @@ from typing import Any
 import torch
 
 from kv_transfer.base import KVSender, KVSink, KVTransferError, LayerTracker, SendHandle
+from kv_transfer.nccl_control import ControlClient, ControlError
 from kv_transfer.nccl_device import CudaDevice, poll
-from kv_transfer.nccl_receiver import NcclKVReceiver
+from kv_transfer.nccl_receiver import NcclKVReceiver, split_sink_address
 from kv_transfer.nccl_wire import (
     HELLO_MAGIC,
+    MAX_GROUP_OPS,
     OUTCOME_ABORTED,
     OUTCOME_DONE,
     WARM_BYTES,
-    Header,
+    Announce,
     Trailer,
-    blocks_hash,
-    compat_hash,
+    pair_token,
     request_key,
     send_plan,
 )
+from kv_transfer.receiver import transfer_error
 
 log = logging.getLogger("pdserve.kv.nccl")
+ANNOUNCE_TIMEOUT_S = 10.0  # a decode side that takes longer to answer is treated as gone
 
 
 class _SendPair:
     """The communicator to one decode worker, its send stream, and the FIFO of requests.
 
     `queue` holds handles whose trailer is not enqueued yet, head first; only the head has
-    anything on the wire. `live` holds every handle that may still be waited on. All NCCL
-    calls on the communicator happen under `lock`, and none after `broken` is set.
+    anything on the wire. `outbox` holds handles whose announce is not sent yet. `live`
+    holds every handle that may still be waited on. All NCCL calls on the communicator
+    happen under `lock`, and none after `broken` is set.
     """
 
-    def __init__(self, peer_id: str, comm: Any, device: Any) -> None:
+    def __init__(self, peer_id: str, comm: Any, device: Any, token: str) -> None:
         self.peer_id = peer_id
         self.comm = comm
         self.device = device
+        self.token = token
         self.stream = device.new_stream()
         self.lock = threading.Lock()
+        self.wake = threading.Condition(self.lock)
         self.queue: deque[NcclSendHandle] = deque()
+        self.outbox: deque[NcclSendHandle] = deque()
         self.live: set[NcclSendHandle] = set()
         self.broken = ""
+        self._announcer: threading.Thread | None = None
 
     def submit(self, handle: NcclSendHandle) -> None:
         with self.lock:
@@ -73,7 +99,12 @@ class _SendPair:
                 raise KVTransferError(f"NCCL pair to {self.peer_id} is broken: {self.broken}")
             self.queue.append(handle)
             self.live.add(handle)
-            self._pump()
+            self.outbox.append(handle)
+            self.wake.notify()
+            if self._announcer is None:
+                self._announcer = threading.Thread(target=self._announce_loop, daemon=True,
+                                                   name=f"kv-nccl-announce-{self.peer_id}")
+                self._announcer.start()
 
     def update(self, change: Callable[[], None]) -> None:
         """Apply `change` to a handle's state, then enqueue whatever became ready."""
@@ -83,12 +114,15 @@ class _SendPair:
                 self._pump()
 
     def withdraw(self, handle: NcclSendHandle) -> bool:
-        """Drop a handle that has sent nothing; False once it is on the wire."""
+        """Drop a handle whose announce is not written yet; False once it may be."""
         with self.lock:
             self.live.discard(handle)
-            if handle.started or handle not in self.queue:
+            if handle.announced:
                 return False
-            self.queue.remove(handle)
+            for q in (self.outbox, self.queue):
+                if handle in q:
+                    q.remove(handle)
+            self._pump()
             return True
 
     def release(self, handle: NcclSendHandle) -> None:
@@ -99,10 +133,44 @@ class _SendPair:
         with self.lock:
             self._break(reason)
 
+    def _announce_loop(self) -> None:
+        client: ControlClient | None = None
+        while not self.broken:
+            with self.lock:
+                self.wake.wait_for(lambda: self.outbox or self.broken)
+                if self.broken:
+                    break
+                batch = list(self.outbox)  # written back to back, then their replies read
+                self.outbox.clear()
+                for handle in batch:
+                    handle.announced = True
+            if client is None or client.address != batch[0].control_address:
+                if client is not None:
+                    client.close()
+                client = ControlClient(batch[0].control_address)
+            try:
+                for handle in batch:
+                    client.send(handle.announce.to_msg(), handle.announce_timeout())
+                    # The decode side reads announces in order and posts receives (or drains)
+                    # for every one it reads: the payload may flow without waiting for the
+                    # reply, which costs a round trip on the time to first token.
+                    self.update(lambda h=handle: setattr(h, "written", True))
+                for handle in batch:
+                    reply = client.recv(handle.announce_timeout())
+                    if not reply.get("ok") and not reply.get("drain"):
+                        raise ControlError(f"{handle.request_id} refused and not drained: "
+                                           f"{reply.get('error')}")
+                    self.update(lambda h=handle, r=reply: h.on_reply(r))
+            except ControlError as e:
+                self.break_(f"announcing to {self.peer_id}: {e}")
+        if client is not None:
+            client.close()
+
     def _pump(self) -> None:
         try:
             while self.queue and not self.broken:
-                if not self.queue[0].issue(self.comm, self.stream):
+                head = self.queue[0]
+                if not head.written or not head.issue(self.comm, self.stream):
                     return
                 self.queue.popleft()
         except Exception as e:  # noqa: BLE001 - any NCCL/CUDA error leaves the stream out of step
@@ -116,7 +184,9 @@ class _SendPair:
         for handle in self.live:
             handle.error = reason  # set before the abort can complete any event
         self.queue.clear()
+        self.outbox.clear()
         self.live.clear()
+        self.wake.notify_all()
         # ncclCommAbort can take a while; the caller (often inside a timeout) must not wait.
         threading.Thread(target=self._abort, name=f"kv-nccl-abort-{self.peer_id}",
                          daemon=True).start()
@@ -147,7 +217,7 @@ class NcclKVSender(KVSender):
                 timeout: float = 120.0) -> None:
         """Join the communicator `uid` with decode worker `peer_id` (which joins it too)."""
         comm = self.device.connect(uid, rank)
-        pair = _SendPair(peer_id, comm, self.device)
+        pair = _SendPair(peer_id, comm, self.device, pair_token(uid))
         dev, stream = self.device, pair.stream
         hello, warm = dev.upload([HELLO_MAGIC], stream), dev.scratch(WARM_BYTES, stream)
         with comm.group():
@@ -168,12 +238,14 @@ class NcclKVSender(KVSender):
 
     def open(self, sink: KVSink, src_block_ids: Sequence[int]) -> NcclSendHandle:
         self.check_sink(sink, src_block_ids)
+        peer_id, control = split_sink_address(sink.address)
         with self._lock:
-            pair = self._pairs.get(sink.address)
+            pair = self._pairs.get(peer_id)
         if pair is None:
             raise KVTransferError(f"request {sink.request_id}: no NCCL communicator to decode "
-                                  f"worker {sink.address!r} (connected: {sorted(self._pairs)})")
-        handle = NcclSendHandle(pair, sink, self.pool, list(src_block_ids), self.compat_key)
+                                  f"worker {peer_id!r} (connected: {sorted(self._pairs)})")
+        handle = NcclSendHandle(pair, sink, control, self.pool, list(src_block_ids),
+                                self.compat_key)
         pair.submit(handle)
         return handle
 
@@ -185,30 +257,38 @@ class NcclKVSender(KVSender):
 
 
 class NcclSendHandle(SendHandle):
-    """One request on a pair. `issue` runs under the pair's lock; the rest is thread-safe."""
+    """One request on a pair. `issue` and `on_reply` run under the pair's lock."""
 
-    def __init__(self, pair: _SendPair, sink: KVSink, pool: torch.Tensor, src_ids: list[int],
-                 compat_key: str) -> None:
+    def __init__(self, pair: _SendPair, sink: KVSink, control_address: str, pool: torch.Tensor,
+                 src_ids: list[int], compat_key: str) -> None:
         self.request_id = sink.request_id
         self._pair, self._pool, self._device = pair, pool, pair.device
-        self._deadline = sink.deadline
+        self.deadline = sink.deadline
+        self.control_address = control_address
         self._layers = pool.shape[0]
         self._tracker = LayerTracker(sink.request_id, self._layers)
         self._plan = send_plan(src_ids, sink.block_ids)
         self._src_ids = src_ids
         bb = pool[0, 0, 0].numel() * pool.element_size()
         self._block_bytes, self._kv_stride = bb, pool.shape[2] * bb  # K of a layer -> its V
-        self._header = Header(request_key(sink.request_id), len(src_ids), self._layers,
-                              len(self._plan), bb, compat_hash(compat_key),
-                              blocks_hash(sink.block_ids))
+        self.announce = Announce(pair.token, sink.request_id, compat_key, self._layers, bb,
+                                 sink.block_ids)
+        self._key = request_key(sink.request_id)
         self._ready: dict[int, Any] = {}  # layer -> compute event, until enqueued
         self._idx: dict[int, torch.Tensor] = {}  # run -> gather indices on the device
         self._next = 0  # the next layer to enqueue; layers go in order
         self._real = 0  # layers enqueued with their computed data (not abort filler)
         self._aborting = False
         self._done: Any = None  # event after the trailer
+        self._opened = time.perf_counter()
+        self.announce_s: float | None = None  # open -> accepted, for benchmarks
+        self.announced = False  # taken by the announcer: the decode side may post receives
+        self.written = False  # the announce is on the socket: sends may be enqueued
+        self.accepted = False
+        self.rejected = False
         self.started = False
         self.error = ""
+        self.error_code = ""
 
     def send_layer(self, layer: int) -> None:
         self._tracker.claim(layer)
@@ -221,17 +301,21 @@ class NcclSendHandle(SendHandle):
         if missing:
             self._abort_on_wire()
             raise KVTransferError(f"request {self.request_id}: finish before layers {missing}")
-        deadline = self._deadline if timeout is None else time.time() + timeout
+        deadline = self.deadline if timeout is None else time.time() + timeout
         try:
-            ok = poll(lambda: bool(self.error) or (self._done is not None and self._done.query()),
-                      deadline)
+            # Delivered and accepted: a refusal may come after the bytes were drained.
+            ok = poll(lambda: bool(self.error) or (self.accepted and self._done is not None
+                                                   and self._done.query()), deadline)
         except Exception as e:  # noqa: BLE001 - a CUDA error while waiting: the pair is unusable
             self._pair.break_(f"request {self.request_id}: waiting for the sends failed: {e}")
             ok = False
         if not self.error and not ok:
-            self._pair.break_(f"request {self.request_id} not delivered within {timeout} s")
+            stage = "delivered" if self.accepted else "accepted by the decode side"
+            self._pair.break_(f"request {self.request_id} not {stage} within {timeout} s")
         self._pair.release(self)
         if self.error:
+            if self.error_code:
+                raise transfer_error(self.error_code, f"request {self.request_id}: {self.error}")
             raise KVTransferError(f"request {self.request_id}: {self.error}")
 
     def abort(self) -> None:
@@ -240,11 +324,28 @@ class NcclSendHandle(SendHandle):
             self._abort_on_wire()
 
     def _abort_on_wire(self) -> None:
-        # Once the header is out, the receiver has posted receives for every layer: fill
+        # Once the announce is out, the receiver may post receives for every layer: fill
         # them (with whatever the source blocks hold) and close with an ABORTED trailer so
         # the pair's stream stays in step; the receiver marks the request FAILED.
         if not self._pair.withdraw(self):
             self._pair.update(lambda: setattr(self, "_aborting", True))
+
+    def announce_timeout(self) -> float:
+        return max(0.05, min(ANNOUNCE_TIMEOUT_S, self.deadline - time.time()))
+
+    def on_reply(self, reply: dict) -> None:
+        """The decode side's answer to the announce (under the pair's lock)."""
+        if reply.get("ok") is True:
+            self.accepted = True
+            self.announce_s = time.perf_counter() - self._opened
+            return
+        # Refused but drained: the decode side takes this request's bytes into scratch, so
+        # they must still all be sent (filler where no layer is ready) to keep the pair in
+        # step; `finish` reports the refusal at once.
+        self.rejected = True
+        self._aborting = True
+        self.error_code = str(reply.get("code") or "UNKNOWN")
+        self.error = f"refused by the decode side: {reply.get('error') or 'no reason given'}"
 
     def issue(self, comm: Any, stream: Any) -> bool:
         """Enqueue what is ready, in wire order; True once the trailer is enqueued."""
@@ -252,24 +353,23 @@ class NcclSendHandle(SendHandle):
         if not self.started:
             self.started = True
             # Buffers made on `stream` may be dropped once their sends are enqueued on it.
-            header = dev.upload(self._header.encode(), stream)
-            runs = dev.upload([r.length for r in self._plan], stream)
             self._idx = {i: dev.upload(self._src(r), stream)
                          for i, r in enumerate(self._plan) if r.src_first < 0}
-            with comm.group():
-                comm.send(header, stream)
-                comm.send(runs, stream)
+        first = self._next
         while self._next < self._layers:
             event = self._ready.pop(self._next, None)
             if event is None and not self._aborting:
-                return False
+                break
             if event is not None:
                 dev.wait(stream, event)
                 self._real += 1
-            self._send_layer(comm, stream, self._next)
             self._next += 1
+        if self._next > first:  # every layer ready now goes in one batch of groups
+            self._send_layers(comm, stream, first, self._next)
+        if self._next < self._layers:
+            return False
         outcome = OUTCOME_ABORTED if self._aborting else OUTCOME_DONE
-        trailer = dev.upload(Trailer(self._header.key, self._real, outcome).encode(), stream)
+        trailer = dev.upload(Trailer(self._key, self._real, outcome).encode(), stream)
         with comm.group():
             comm.send(trailer, stream)
         self._done = dev.record(stream)
@@ -278,22 +378,26 @@ class NcclSendHandle(SendHandle):
     def _src(self, run: Any) -> list[int]:
         return self._src_ids[run.index:run.index + run.length]
 
-    def _send_layer(self, comm: Any, stream: Any, layer: int) -> None:
+    def _send_layers(self, comm: Any, stream: Any, first: int, end: int) -> None:
         # Runs are addressed by byte offsets into the pool: slicing a view per run costs more
         # host time than the NCCL call, and this runs on the forward pass's thread.
         bb, kv = self._block_bytes, self._kv_stride
-        base = layer * 2 * kv
-        gathered = {i: self._device.gather(self._pool[layer], idx, stream)
-                    for i, idx in self._idx.items()}
-        with comm.group():
+        gathered = {i: self._device.gather(self._pool[first:end], idx, stream)
+                    for i, idx in self._idx.items()}  # [layers, 2, run, ...] each
+        ops = []
+        for j in range(end - first):
+            base = (first + j) * 2 * kv
             for i, r in enumerate(self._plan):
                 n = r.length * bb
                 if r.src_first >= 0:
-                    comm.send(self._pool, stream, base + r.src_first * bb, n)
-                    comm.send(self._pool, stream, base + kv + r.src_first * bb, n)
-                else:  # gathered: [2, length, ...], K then V
-                    comm.send(gathered[i], stream, 0, n)
-                    comm.send(gathered[i], stream, n, n)
+                    ops += [(self._pool, base + r.src_first * bb, n),
+                            (self._pool, base + kv + r.src_first * bb, n)]
+                else:  # gathered: K then V of layer j
+                    ops += [(gathered[i], j * 2 * n, n), (gathered[i], j * 2 * n + n, n)]
+        for at in range(0, len(ops), MAX_GROUP_OPS):
+            with comm.group():
+                for t, offset, n in ops[at:at + MAX_GROUP_OPS]:
+                    comm.send(t, stream, offset, n)
 
 
 SENDER, RECEIVER = NcclKVSender, NcclKVReceiver  # picked up by kv_transfer.registry

@@ -1,13 +1,20 @@
-"""Wire format of the `nccl` transport: fixed int64 headers and the block-run plan.
+"""Wire format of the `nccl` transport: the host-channel announce, the NCCL trailer, the plan.
 
-Both sides of one (prefill, decode) communicator read the same FIFO byte stream, so every
-message size must be known to the receiver before it posts the receive. Per request:
+A transfer is announced before any NCCL operation for it exists on either GPU:
 
-    HEADER  int64[8]   magic, request key, blocks, layers, runs, block bytes, compat hash,
-                       block-ids hash
-    RUNS    int64[runs]  length of each run of consecutive destination blocks
-    LAYER l  for each run: K bytes, then V bytes (`length * block_bytes` each), one group
-    TRAILER int64[4]   magic, request key, layers sent with real data, outcome
+    ANNOUNCE  (host channel, msgpack; kv_transfer/nccl_control.py) pair token, request id,
+              compat key, layers, block bytes, destination block ids
+    LAYER l   (NCCL) for each run: K bytes, then V bytes (`length * block_bytes` each)
+    TRAILER   (NCCL) int64[4]: magic, request key, layers sent with real data, outcome
+    REPLY     (host channel, any time after the announce was read) accepted, or refused
+              with a gRPC status code name, why, and whether the payload is drained
+
+The decode side posts receives only for announces it read, so its GPU holds no pending
+NCCL operation while no transfer is announced; the sender does not wait for the reply, so
+the announce costs a one-way write, not a round trip, on the time to first token. The
+trailer stays on NCCL: it is ordered after the last layer on the same FIFO, so its arrival
+proves every layer landed (the receiver needs that GPU-side fact anyway), and an abort is
+told in-band, after filler for the receives already posted.
 
 A run is a maximal stretch of the reservation whose destination block ids are consecutive,
 so `pool[l, 0|1, first:first + length]` is one contiguous region on the decode side and the
@@ -17,18 +24,19 @@ receiver writes straight into it. Pure Python (no torch, no CuPy): unit-tested o
 from __future__ import annotations
 
 import hashlib
-import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
-HEADER_LEN = 8
 TRAILER_LEN = 4
-HEADER_MAGIC = 0x50444B5648445231  # "PDKVHDR1": a desynchronised stream is caught at once
-TRAILER_MAGIC = 0x50444B5654524C31  # "PDKVTRL1"
+TRAILER_MAGIC = 0x50444B5654524C31  # "PDKVTRL1": a desynchronised stream is caught at once
 HELLO_MAGIC = 0x50444B5648454C4F  # "PDKVHELO": first word on a new communicator
 # Sent once at connect: large enough that NCCL sets up every channel it will use for the
 # pair then, not lazily inside the first real transfer (setup blocks until the peer joins).
 WARM_BYTES = 16 << 20
+# NCCL calls fused into one group: every ready layer's runs go in as few launches as this
+# allows (calls to one peer inside a group run in order, so grouping may differ per side).
+MAX_GROUP_OPS = 256
 OUTCOME_DONE = 1
 OUTCOME_ABORTED = 2
 _MASK63 = (1 << 63) - 1
@@ -40,43 +48,52 @@ def _hash63(data: bytes) -> int:
 
 
 def request_key(request_id: str) -> int:
-    """The request id as it travels: the same on every host and Python run (no `hash()`)."""
+    """The request id as the trailer carries it: the same on every host and Python run."""
     return _hash63(b"req:" + request_id.encode())
 
 
-def compat_hash(compat_key: str) -> int:
-    return _hash63(b"compat:" + compat_key.encode())
-
-
-def blocks_hash(block_ids: Sequence[int]) -> int:
-    """Digest of the destination ids, so a header is matched to its exact reservation."""
-    return _hash63(struct.pack(f"<{len(block_ids)}q", *block_ids))
+def pair_token(uid: Sequence[int]) -> str:
+    """Names one communicator on the host channel: both sides hold its NCCL unique id, and
+    nobody else does, so an announce is matched to exactly the pair it will travel on."""
+    return hashlib.blake2b(bytes(int(b) & 0xFF for b in uid), digest_size=16).hexdigest()
 
 
 @dataclass(frozen=True, slots=True)
-class Header:
-    key: int
-    num_blocks: int
-    num_layers: int
-    num_runs: int
-    block_bytes: int  # bytes of one block's K (or V) for one layer
-    compat: int
-    blocks: int
+class Announce:
+    """What the prefill side will send for one request, told before it sends any of it."""
 
-    def encode(self) -> list[int]:
-        return [HEADER_MAGIC, self.key, self.num_blocks, self.num_layers, self.num_runs,
-                self.block_bytes, self.compat, self.blocks]
+    pair: str
+    request_id: str
+    compat_key: str
+    num_layers: int
+    block_bytes: int  # bytes of one block's K (or V) for one layer
+    block_ids: tuple[int, ...]  # destination ids, in request order
+
+    def to_msg(self) -> dict[str, Any]:
+        return {"op": "announce", "pair": self.pair, "request_id": self.request_id,
+                "compat_key": self.compat_key, "num_layers": self.num_layers,
+                "block_bytes": self.block_bytes, "block_ids": list(self.block_ids)}
 
     @classmethod
-    def decode(cls, words: Sequence[int]) -> Header:
-        """Parse a received header; raises ValueError when the stream is out of step."""
-        if len(words) != HEADER_LEN or words[0] != HEADER_MAGIC:
-            raise ValueError(f"not an nccl KV header: {list(words)[:2]}")
-        h = cls(*(int(w) for w in words[1:]))
-        if min(h.num_blocks, h.num_layers, h.num_runs, h.block_bytes) < 1 or \
-                h.num_runs > h.num_blocks:
-            raise ValueError(f"nccl KV header out of range: {h}")
-        return h
+    def from_msg(cls, msg: Any) -> Announce:
+        """Parse a received announce; ValueError names what is malformed."""
+        want = {"op", "pair", "request_id", "compat_key", "num_layers", "block_bytes",
+                "block_ids"}
+        if not isinstance(msg, dict) or set(msg) != want or msg["op"] != "announce":
+            what = sorted(msg) if isinstance(msg, dict) else type(msg).__name__
+            raise ValueError(f"not an nccl KV announce: {what}")
+        ids = msg["block_ids"]
+        ints = [msg["num_layers"], msg["block_bytes"]]
+        if not isinstance(ids, list) or not all(type(b) is int for b in [*ids, *ints]) or \
+                not all(isinstance(msg[k], str) for k in ("pair", "request_id", "compat_key")):
+            raise ValueError("nccl KV announce fields have the wrong types")
+        a = cls(msg["pair"], msg["request_id"], msg["compat_key"], msg["num_layers"],
+                msg["block_bytes"], tuple(ids))
+        if not a.request_id or not a.block_ids or min(a.num_layers, a.block_bytes) < 1:
+            raise ValueError(f"nccl KV announce out of range: {a.request_id!r}, "
+                             f"{len(a.block_ids)} blocks, {a.num_layers} layers, "
+                             f"{a.block_bytes}-byte blocks")
+        return a
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,10 +147,3 @@ def send_plan(src_ids: Sequence[int], dst_ids: Sequence[int]) -> list[Run]:
         direct = all(src[i] == src[0] + i for i in range(len(src)))
         plan.append(Run(r.index, r.length, r.dst_first, src[0] if direct else -1))
     return plan
-
-
-def check_runs(lengths: Sequence[int], header: Header) -> None:
-    """Validate a RUNS message against its header before draining by it."""
-    if len(lengths) != header.num_runs or min(lengths, default=0) < 1 or \
-            sum(lengths) != header.num_blocks:
-        raise ValueError(f"run lengths {list(lengths)[:8]} do not add up to the header {header}")

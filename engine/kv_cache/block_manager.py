@@ -77,6 +77,46 @@ class BlockManager:
             out.append(b)
         return out
 
+    def allocate_contiguous(self, n: int) -> list[int]:
+        """Like `allocate`, but best effort on consecutive ids (ascending), so a transfer
+        into them is one region per layer instead of one per block.
+
+        Takes the smallest run of free (never cached) ids that holds all `n`; failing that,
+        the longest runs first, so the request still spans as few runs as possible. Falls
+        back to `allocate` when fewer than `n` blocks are free without evicting cached ones.
+        Costs O(free blocks) unless the next `n` ids on the free list are already a run.
+        """
+        if n <= 1 or n > len(self._free):
+            return self.allocate(n)
+        top = self._free[-n:]  # what `allocate` would pop next, last element first
+        if top[0] - top[-1] == n - 1 and all(a == b + 1 for a, b in zip(top, top[1:])):
+            del self._free[-n:]
+            out = top[::-1]
+        else:
+            out = self._take_runs(n)
+        for b in out:
+            self._ref[b] = 1
+        return out
+
+    def _take_runs(self, n: int) -> list[int]:
+        free = sorted(self._free)
+        runs, start = [], 0  # (length, first index into `free`)
+        for i in range(1, len(free) + 1):
+            if i == len(free) or free[i] != free[i - 1] + 1:
+                runs.append((i - start, start))
+                start = i
+        fits = [r for r in runs if r[0] >= n]
+        chosen = [min(fits)] if fits else sorted(runs, key=lambda r: -r[0])
+        out: list[int] = []
+        for length, first in chosen:
+            out += free[first:first + min(length, n - len(out))]
+            if len(out) == n:
+                break
+        taken = set(out)
+        # Rebuilt highest id first, so later `allocate` calls pop low ids in order again.
+        self._free = [b for b in reversed(free) if b not in taken]
+        return out
+
     def match_prefix(self, hashes: Sequence[BlockHash]) -> list[int]:
         """Take a reference on the cached blocks of the longest cached prefix of `hashes`."""
         if not self.enable_prefix_caching:

@@ -4,9 +4,10 @@
 are not packages, so pytest needs distinct basenames.)
 
 Each scenario spawns a prefill process on GPU 0 and a decode process on GPU 1; the decode
-side drives it, handing sinks to the prefill side over a queue, and both report what they
-saw. Sources are bf16 random blocks regenerated from a seed on either side, so the decode
-side checks the landed blocks bit for bit without shipping them back.
+side drives it, handing sinks to the prefill side over a queue (announces go over the
+receiver's loopback announce channel, as in a cluster), and both report what they saw.
+Sources are bf16 random blocks regenerated from a seed on either side, so the decode side
+checks the landed blocks bit for bit without shipping them back.
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ def _sink(rx, rid: str, dst: list[int]) -> dict:
 
 def _prefill_main(uid_q, to_p, to_d, res_q) -> None:
     try:
-        from kv_transfer import KVSink
+        from kv_transfer import KVSink, KVTransferError
         from kv_transfer.nccl_transport import NcclKVSender
 
         torch.cuda.set_device(P_GPU)
@@ -91,7 +92,10 @@ def _prefill_main(uid_q, to_p, to_d, res_q) -> None:
             if cmd == "die":
                 time.sleep(0.5)
                 os._exit(0)  # the prefill worker dies mid-transfer
-            if cmd == "abort":
+            if cmd == "abort":  # after the decode side accepted it: receives are posted
+                deadline = time.monotonic() + 10
+                while not handles[0].accepted and time.monotonic() < deadline:
+                    time.sleep(0.001)
                 handles[0].abort()
                 continue
             if cmd == "stall":  # the decode side dies after layers 0-1: finish the rest
@@ -114,7 +118,11 @@ def _prefill_main(uid_q, to_p, to_d, res_q) -> None:
                     out["open_after"] = f"raised {type(e).__name__}: {e}"
                 break
             for h in handles:
-                h.finish(30)
+                try:
+                    h.finish(30)
+                except KVTransferError as e:  # refused announces: reported, the test checks
+                    out.setdefault("refused", []).append(f"{h.request_id}: {e}")
+                out.setdefault("announce_ms", []).append((h.announce_s or 0) * 1e3)
         res_q.put(("prefill", out))
         tx.close()
     except BaseException:
@@ -125,6 +133,9 @@ def _prefill_main(uid_q, to_p, to_d, res_q) -> None:
 
 
 def _decode_main(scenario: str, uid_q, to_p, to_d, res_q) -> None:
+    # The hazard the announce protocol removes needs lazy module loading (CUDA's default):
+    # make sure it is on, whatever the machine's environment says.
+    os.environ["CUDA_MODULE_LOADING"] = "LAZY"
     try:
         from kv_transfer import TransferStatus
         from kv_transfer.nccl_transport import NcclKVReceiver
@@ -136,19 +147,18 @@ def _decode_main(scenario: str, uid_q, to_p, to_d, res_q) -> None:
         def landed(dst, ids) -> bool:
             return torch.equal(pool[:, :, dst], src[:, :, ids])
 
-        # Run every kernel the checks use once before connecting: once connected, the link
-        # keeps a header receive posted (a spinning NCCL kernel), and CUDA's lazy module
-        # loading waits for the device to drain before it loads a kernel used the first
-        # time, so a first use after connect hangs until the next header (the 2026-11-22
-        # run hung exactly so). See the transport's limitations.
-        landed([0, 1], [0, 1])
-        int(pool[:, :, [2, 3]].count_nonzero())
-        torch.cuda.synchronize()
+        # No warm-up of the checks' kernels: with the old always-posted header receive, their
+        # first (lazily loaded) launch after connect hung until the next header arrived
+        # (the 2026-11-22 run hung exactly so). Now nothing is posted while idle.
         rx = NcclKVReceiver(pool, KEY, name="decode-0")
         rx.connect("prefill-0", uid_q.get(timeout=120), 1)
 
         out: dict = {}
         if scenario == "main":
+            t0 = time.monotonic()  # idle pair, kernels never loaded in this process
+            int(pool[:, :, [2, 3]].count_nonzero())
+            torch.cuda.synchronize()
+            out["fresh_kernel_idle_s"] = time.monotonic() - t0
             dst, ids = [40, 3, 4, 5, 17], [9, 10, 30, 31, 2]  # scattered on both sides
             to_p.put(("send", [(_sink(rx, "r1", dst), ids)]))
             out["scattered"] = rx.wait("r1", 30) is complete and landed(dst, ids) and \
@@ -170,6 +180,10 @@ def _decode_main(scenario: str, uid_q, to_p, to_d, res_q) -> None:
             out["abort_failed"] = (state.name, rx.error("ab"))
             to_p.put(("send", [(_sink(rx, "ok", [26]), [8])]))
             out["pair_ok_after_abort"] = rx.wait("ok", 30) is complete and landed([26], [8])
+            t0 = time.monotonic()  # idle again: a kernel first used now must not stall
+            x = torch.linspace(0, 1, 4096, device=f"cuda:{D_GPU}")
+            float(torch.special.i1e(x).sort().values.cumsum(0)[-1])
+            out["fresh_kernel_after_transfers_s"] = time.monotonic() - t0
             to_p.put(("stop", []))
         elif scenario == "sender_dies":
             to_p.put(("die", [(_sink(rx, "r", list(range(128))), list(range(16, 144)))]))
@@ -242,8 +256,16 @@ def test_concurrent_requests_in_order_and_ordered_after_compute(main_run):
     assert main_run["prefill"]["send_layer_max_ms"] < 50
 
 
-def test_cancelled_request_is_drained(main_run):
+def test_cancelled_request_is_refused_on_the_host_and_the_pair_stays_in_step(main_run):
     assert main_run["decode"]["cancel_drained"]
+    refused = main_run["prefill"].get("refused", [])
+    assert len(refused) == 1 and refused[0].startswith("gone:") and "NOT_FOUND" in refused[0]
+
+
+def test_idle_decode_gpu_launches_new_kernels_without_stalling(main_run):
+    # With a receive always posted, these first launches waited for the next transfer.
+    assert main_run["decode"]["fresh_kernel_idle_s"] < 5.0
+    assert main_run["decode"]["fresh_kernel_after_transfers_s"] < 5.0
 
 
 def test_sender_abort_fails_the_request_and_keeps_the_pair(main_run):

@@ -264,3 +264,42 @@ def test_hashes_are_stable_bytes():
     (h,) = hash_blocks([5, 6, 7, 8], BS, KEY)
     assert isinstance(h, bytes) and len(h) == 16
     assert h == hash_block(ROOT_HASH, (5, 6, 7, 8), KEY)
+
+
+# --- contiguous allocation (fewer NCCL runs per KV transfer) -------------------------------
+
+
+def _runs(ids: list[int]) -> int:
+    return 1 + sum(b != a + 1 for a, b in zip(ids, ids[1:]))
+
+
+def test_allocate_contiguous_prefers_one_run_and_keeps_the_counts():
+    bm = BlockManager(16, BS)
+    assert bm.allocate_contiguous(4) == [0, 1, 2, 3]  # fresh pool: the next ids on the list
+    scattered = bm.allocate(8)  # 4..11
+    bm.free(scattered[1::2])  # free 5, 7, 9, 11: holes of one block
+    got = bm.allocate_contiguous(3)
+    assert _runs(got) == 1 and got == [11, 12, 13]  # the one run that fits, not the holes
+    assert all(bm.ref_count(b) == 1 for b in got)
+    assert bm.num_free_blocks == 16 - 4 - 4 - 3
+    bm.free([0, 1, 2, 3, *scattered[::2], *got])
+    assert bm.num_free_blocks == 16 and all(bm.ref_count(b) == 0 for b in range(16))
+    assert sorted(bm.allocate(16)) == list(range(16))  # every id exactly once
+
+
+def test_allocate_contiguous_falls_back_to_the_fewest_runs_then_to_eviction():
+    bm = BlockManager(10, BS)
+    held = bm.allocate(10)
+    bm.free([0, 1, 2, 5, 6, 8])  # runs of 3, 2, 1
+    got = bm.allocate_contiguous(5)
+    assert sorted(got) == [0, 1, 2, 5, 6] and _runs(got) == 2  # longest runs first
+    assert bm.num_free_blocks == 1
+    # fewer plain-free blocks than asked: the normal path, evicting cached blocks
+    bm.commit_hash(3, hashes(1)[0])
+    bm.free([3])
+    assert sorted(bm.allocate_contiguous(2)) == [3, 8]
+    assert bm.num_cached_blocks == 0 and bm.num_free_blocks == 0
+    with pytest.raises(OutOfBlocksError):
+        bm.allocate_contiguous(1)
+    bm.free([b for b in held if b not in (0, 1, 2, 5, 6, 8, 3)] + got + [3, 8])
+    assert bm.num_free_blocks == 10

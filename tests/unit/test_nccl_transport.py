@@ -3,14 +3,17 @@
 CUDA and NCCL are not here, so the protocol runs over `FakeDevice`: streams whose ops run
 in order when polled, and a communicator that matches sends to receives FIFO per pair,
 completes a send only once its receive took it (like NCCL's rendezvous for large messages),
-and records any size mismatch (which NCCL would turn into a hang or garbage). The GPU test
-(tests/gpu/test_nccl_transport.py) runs the same scenarios over real NCCL.
+and records any size mismatch (which NCCL would turn into a hang or garbage). The announce
+channel is the real one (TCP on loopback). The GPU test
+(tests/gpu/test_nccl_transport_gpu.py) runs the same scenarios over real NCCL.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import itertools
+import socket
 import subprocess
 import sys
 import threading
@@ -21,15 +24,21 @@ import pytest
 import torch
 
 from engine.kv_cache.layout import KVLayout
-from kv_transfer import KVTransferError, TransferStatus, make_receiver, make_sender
+from kv_transfer import (
+    IncompatibleKVError,
+    KVTransferError,
+    TransferStatus,
+    make_receiver,
+    make_sender,
+)
+from kv_transfer.nccl_control import ControlClient, ControlError, split_host_port
 from kv_transfer.nccl_transport import NcclKVReceiver, NcclKVSender
 from kv_transfer.nccl_wire import (
-    HEADER_MAGIC,
-    Header,
+    Announce,
     Run,
     Trailer,
     block_runs,
-    check_runs,
+    pair_token,
     request_key,
     send_plan,
 )
@@ -141,9 +150,16 @@ class FakeDevice:
     def __init__(self, world: _World) -> None:
         self.world = world
         self.compute = _Stream(world)
+        self.streams: list[_Stream] = []
 
     def new_stream(self) -> _Stream:
-        return _Stream(self.world)
+        self.streams.append(_Stream(self.world))
+        return self.streams[-1]
+
+    def pending(self) -> int:
+        """NCCL (and copy) operations enqueued on this device's streams and not yet done."""
+        self.world.progress()
+        return sum(len(s.ops) for s in self.streams)
 
     def current_stream(self) -> _Stream:
         return self.compute
@@ -168,9 +184,10 @@ class FakeDevice:
     def scratch(self, nbytes: int, stream) -> torch.Tensor:
         return torch.zeros(nbytes, dtype=torch.uint8)
 
-    def gather(self, layer_kv: torch.Tensor, idx: torch.Tensor, stream: _Stream):
-        out = torch.empty((2, idx.numel(), *layer_kv.shape[2:]), dtype=layer_kv.dtype)
-        stream.push(lambda: out.copy_(layer_kv.index_select(1, idx)) is not None)
+    def gather(self, layers_kv: torch.Tensor, idx: torch.Tensor, stream: _Stream):
+        out = torch.empty((*layers_kv.shape[:2], idx.numel(), *layers_kv.shape[3:]),
+                          dtype=layers_kv.dtype)
+        stream.push(lambda: out.copy_(layers_kv.index_select(2, idx)) is not None)
         return out
 
     def unique_id(self) -> list[int]:
@@ -183,34 +200,33 @@ class FakeDevice:
 # ---- wire format and import hygiene ------------------------------------------------------------
 
 
-def test_header_and_trailer_round_trip():
-    h = Header(request_key("r1"), 5, 32, 2, 32768, 7, 9)
-    words = h.encode()
-    assert len(words) == 8 and words[0] == HEADER_MAGIC
-    assert Header.decode(words) == h
-    assert Trailer.decode(Trailer(h.key, 32, 1).encode()) == Trailer(h.key, 32, 1)
-    with pytest.raises(ValueError, match="not an nccl KV header"):
-        Header.decode([0, *words[1:]])
+def test_announce_and_trailer_round_trip():
+    a = Announce(pair_token([1, 2, 3]), "r1", KEY, 32, 32768, (5, 6, 9))
+    msg = a.to_msg()
+    assert Announce.from_msg(msg) == a
+    assert Trailer.decode(Trailer(7, 32, 1).encode()) == Trailer(7, 32, 1)
+    with pytest.raises(ValueError, match="not an nccl KV announce"):
+        Announce.from_msg({**msg, "extra": 1})
+    with pytest.raises(ValueError, match="wrong types"):
+        Announce.from_msg({**msg, "block_ids": [1, "2"]})
     with pytest.raises(ValueError, match="out of range"):
-        Header.decode([HEADER_MAGIC, 1, 2, 32, 3, 32768, 7, 9])  # 3 runs of 2 blocks
+        Announce.from_msg({**msg, "num_layers": 0})
     with pytest.raises(ValueError, match="trailer"):
-        Trailer.decode(words[:4])
+        Trailer.decode([0, 1, 2, 3])
 
 
-def test_request_key_is_stable_and_63_bit():
-    # Pinned value: both sides of a pair may run different Python builds and hash seeds.
+def test_request_key_and_pair_token_are_stable():
+    # Pinned values: both sides of a pair may run different Python builds and hash seeds.
     assert request_key("req-0") == request_key("req-0") == 0x63751A964FD08028
     keys = {request_key(f"req-{i}") for i in range(1000)}
     assert len(keys) == 1000 and all(0 <= k < 1 << 63 for k in keys)
+    assert pair_token([1, 2, 3]) == pair_token((1, 2, 3)) != pair_token([1, 2, 4])
 
 
 def test_runs_and_send_plan():
     assert block_runs([5, 6, 7, 2, 9, 10]) == [Run(0, 3, 5), Run(3, 1, 2), Run(4, 2, 9)]
     plan = send_plan([1, 2, 3, 8, 4, 0], [5, 6, 7, 2, 9, 10])
     assert [(r.length, r.src_first) for r in plan] == [(3, 1), (1, 8), (2, -1)]
-    check_runs([3, 1, 2], Header(1, 6, 4, 3, 64, 0, 0))
-    with pytest.raises(ValueError):
-        check_runs([3, 1, 1], Header(1, 6, 4, 3, 64, 0, 0))
 
 
 def test_importing_kv_transfer_does_not_import_cupy():
@@ -239,26 +255,45 @@ def connect(tx: NcclKVSender, rx: NcclKVReceiver) -> None:
     t.join()
 
 
+class Pair:
+    """A connected (sender, receiver) over one fake world; `new_receiver` stands in for a
+    restarted decode worker (same pool, same worker id, a fresh announce port)."""
+
+    def __init__(self, world: _World, **rx_opts) -> None:
+        gen = torch.Generator().manual_seed(0)
+        self.world, self.rx_opts = world, rx_opts
+        self.dst = KVLayout(LAYERS, HEADS, DIM, BLOCK_SIZE, "bfloat16").allocate(BLOCKS, "cpu")
+        self.src = torch.randn(self.dst.shape, generator=gen).to(self.dst.dtype)
+        self.tx = NcclKVSender(self.src, KEY, device=FakeDevice(world))
+        self.receivers: list[NcclKVReceiver] = []
+        self.rx = self.new_receiver()
+
+    def new_receiver(self) -> NcclKVReceiver:
+        self.rx_dev = FakeDevice(self.world)
+        rx = NcclKVReceiver(self.dst, KEY, name="decode-0", device=self.rx_dev, **self.rx_opts)
+        self.receivers.append(rx)
+        connect(self.tx, rx)
+        return rx
+
+    def close(self) -> None:
+        self.tx.close()
+        for rx in self.receivers:
+            rx.close()
+
+
 @pytest.fixture
 def pair():
-    """pair(**receiver_opts) -> (src pool, dst pool, receiver, sender), connected."""
+    """pair(**receiver_opts) -> Pair, connected."""
     world = _World()
-    made = []
+    made: list[Pair] = []
 
-    def make(**rx_opts):
-        gen = torch.Generator().manual_seed(0)
-        dst = KVLayout(LAYERS, HEADS, DIM, BLOCK_SIZE, "bfloat16").allocate(BLOCKS, "cpu")
-        src = torch.randn(dst.shape, generator=gen).to(dst.dtype)
-        rx = NcclKVReceiver(dst, KEY, name="decode-0", device=FakeDevice(world), **rx_opts)
-        tx = NcclKVSender(src, KEY, device=FakeDevice(world))
-        connect(tx, rx)
-        made.append((rx, tx))
-        return src, dst, rx, tx
+    def make(**rx_opts) -> Pair:
+        made.append(Pair(world, **rx_opts))
+        return made[-1]
 
     yield make
-    for rx, tx in made:
-        tx.close()
-        rx.close()
+    for p in made:
+        p.close()
     assert not world.errors, world.errors
 
 
@@ -273,102 +308,229 @@ def expect(rx, rid, dst_ids):
     return rx.expect(rid, dst_ids, len(dst_ids) * BLOCK_SIZE - 1, time.time() + 30)
 
 
-def landed(src, dst, src_ids, dst_ids) -> bool:
-    return torch.equal(dst[:, :, dst_ids], src[:, :, src_ids])
+def landed(p: Pair, src_ids, dst_ids) -> bool:
+    return torch.equal(p.dst[:, :, dst_ids], p.src[:, :, src_ids])
+
+
+def until(cond, timeout: float = 5.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while not cond() and time.monotonic() < deadline:
+        time.sleep(0.005)
+    return cond()
 
 
 def test_blocks_land_bit_for_bit_in_scattered_reserved_blocks(pair):
-    src, dst, rx, tx = pair()
+    p = pair()
+    assert p.rx.address.startswith("decode-0@127.0.0.1:")
     src_ids, dst_ids = [3, 17, 8, 9, 25], [30, 2, 3, 4, 11]  # direct and gathered runs
-    send_all(tx, expect(rx, "r1", dst_ids), src_ids).finish(5)
-    assert rx.wait("r1", 5) is TransferStatus.COMPLETE
-    assert landed(src, dst, src_ids, dst_ids)
+    handle = send_all(p.tx, expect(p.rx, "r1", dst_ids), src_ids)
+    handle.finish(5)
+    assert handle.accepted and handle.announce_s is not None
+    assert p.rx.wait("r1", 5) is TransferStatus.COMPLETE
+    assert landed(p, src_ids, dst_ids)
     others = [b for b in range(BLOCKS) if b not in dst_ids]
-    assert not dst[:, :, others].any()
+    assert not p.dst[:, :, others].any()
+
+
+def test_idle_decode_side_has_no_nccl_operation_pending(pair):
+    # The decode GPU must not hold a posted receive while no transfer is announced: it
+    # would stall lazily loaded kernels and cudaFree in the decode process until data came.
+    p = pair()
+    assert p.rx_dev.pending() == 0  # after connect
+    sink = expect(p.rx, "r1", [1, 2])
+    assert p.rx_dev.pending() == 0  # a reservation alone posts nothing
+    handle = p.tx.open(sink, [3, 4])
+    assert until(lambda: handle.accepted)
+    assert until(lambda: p.rx_dev.pending() > 0)  # announced: receives posted
+    for layer in range(LAYERS):
+        handle.send_layer(layer)
+    handle.finish(5)
+    assert p.rx.wait("r1", 5) is TransferStatus.COMPLETE
+    assert until(lambda: p.rx_dev.pending() == 0)  # and nothing left behind
 
 
 def test_concurrent_requests_on_one_pair_go_in_order(pair):
-    src, dst, rx, tx = pair()
+    p = pair()
     reqs = [("a", [0, 1, 2], [10, 11, 12]), ("b", [5, 9], [20, 1]), ("c", [30], [31])]
-    handles = [tx.open(expect(rx, rid, d), s) for rid, s, d in reqs]
+    handles = [p.tx.open(expect(p.rx, rid, d), s) for rid, s, d in reqs]
     for layer in range(LAYERS):  # as the prefill step does: every request, layer by layer
         for h in handles:
             h.send_layer(layer)
     for h in reversed(handles):
         h.finish(5)
     for rid, s, d in reqs:
-        assert rx.wait(rid, 5) is TransferStatus.COMPLETE
-        assert landed(src, dst, s, d)
+        assert p.rx.wait(rid, 5) is TransferStatus.COMPLETE
+        assert landed(p, s, d)
 
 
-def test_cancelled_request_is_drained_and_the_pair_stays_in_step(pair):
-    src, dst, rx, tx = pair()
-    sink = expect(rx, "gone", [4, 5])
-    rx.cancel("gone")
-    send_all(tx, sink, [1, 2]).finish(5)  # delivered (into scratch): the sender cannot tell
-    assert rx.status("gone") is TransferStatus.UNKNOWN
-    assert not dst.any()
-    send_all(tx, expect(rx, "next", [6]), [7]).finish(5)
-    assert rx.wait("next", 5) is TransferStatus.COMPLETE and landed(src, dst, [7], [6])
+def test_announce_for_a_cancelled_request_is_refused_and_drained(pair):
+    p = pair()
+    sink = expect(p.rx, "gone", [4, 5])
+    p.rx.cancel("gone")
+    with pytest.raises(KVTransferError, match="NOT_FOUND.*not expected here"):
+        send_all(p.tx, sink, [1, 2]).finish(5)
+    assert p.rx.status("gone") is TransferStatus.UNKNOWN
+    send_all(p.tx, expect(p.rx, "next", [6]), [7]).finish(5)  # behind the drained bytes
+    assert p.rx.wait("next", 5) is TransferStatus.COMPLETE and landed(p, [7], [6])
+    assert not p.dst[:, :, [4, 5]].any() and until(lambda: p.rx_dev.pending() == 0)
+    assert p.tx.broken_peers() == [] and p.rx.broken_peers() == []
+
+
+def test_payload_flows_without_waiting_for_the_reply(pair, monkeypatch):
+    p = pair()
+    gate, real = threading.Event(), ControlClient.recv
+
+    def held(self, timeout):  # the reply is late; the decode side already posted receives
+        gate.wait(5)
+        return real(self, timeout)
+
+    monkeypatch.setattr(ControlClient, "recv", held)
+    handle = send_all(p.tx, expect(p.rx, "r", [1, 2]), [3, 4])
+    assert p.rx.wait("r", 5) is TransferStatus.COMPLETE and landed(p, [3, 4], [1, 2])
+    assert not handle.accepted
+    gate.set()
+    handle.finish(5)
+    assert handle.accepted
+
+
+def test_request_cancelled_after_acceptance_is_drained_and_the_pair_stays_in_step(pair):
+    p = pair()
+    first = p.tx.open(expect(p.rx, "first", [1, 2]), [3, 4])
+    first.send_layer(0)  # the link is busy with `first` until its last layer comes
+    second = p.tx.open(expect(p.rx, "second", [8, 9]), [10, 11])
+    assert until(lambda: second.accepted)  # queued behind `first` on the decode side
+    p.rx.cancel("second")  # its blocks may be reused at once: nothing may land in them
+    for layer in range(LAYERS):
+        if layer:
+            first.send_layer(layer)
+        second.send_layer(layer)
+    first.finish(5)
+    second.finish(5)  # delivered (into scratch): the sender cannot tell
+    assert p.rx.wait("first", 5) is TransferStatus.COMPLETE and landed(p, [3, 4], [1, 2])
+    assert not p.dst[:, :, [8, 9]].any() and p.rx.status("second") is TransferStatus.UNKNOWN
+    send_all(p.tx, expect(p.rx, "next", [6]), [7]).finish(5)
+    assert p.rx.wait("next", 5) is TransferStatus.COMPLETE and landed(p, [7], [6])
+
+
+def test_incompatible_announce_is_refused_and_fails_the_request(pair):
+    p = pair()
+    sink = expect(p.rx, "r", [3])
+    other = NcclKVSender(p.src, "compat-b", device=FakeDevice(p.world))
+    with pytest.raises(IncompatibleKVError):
+        other.open(sink, [4])  # the sender's own check, before anything is sent
+    # A sender that skips its own check is refused by the decode side's announce check.
+    forged = dataclasses.replace(sink, compat_key="compat-b")
+    p.tx.compat_key = "compat-b"  # the same pair, now sending under another key
+    with pytest.raises(IncompatibleKVError, match="compatibility key"):
+        send_all(p.tx, forged, [4]).finish(5)
+    assert p.rx.wait("r", 1) is TransferStatus.FAILED
+    assert "compatibility key" in p.rx.error("r") and not p.dst.any()
+    assert until(lambda: p.rx_dev.pending() == 0) and p.tx.broken_peers() == []
+
+
+def test_announce_channel_refuses_junk_and_keeps_serving(pair):
+    p = pair()
+    address = p.rx.address.split("@", 1)[1]
+    client = ControlClient(address)
+    reply = client.call({"op": "announce", "pair": "x"}, 5)
+    assert reply["ok"] is False and reply["code"] == "INVALID_ARGUMENT"
+    msg = Announce("not-a-pair", "r", KEY, LAYERS, 8, (1,)).to_msg()
+    assert client.call(msg, 5)["code"] == "UNAVAILABLE"
+    client.close()
+    with socket.create_connection(split_host_port(address)) as raw:
+        raw.sendall(b"\xff\xff\xff\xff")  # a 4 GiB frame: the connection is dropped
+        assert raw.recv(1) == b""
+    send_all(p.tx, expect(p.rx, "ok", [6]), [7]).finish(5)
+    assert p.rx.wait("ok", 5) is TransferStatus.COMPLETE
 
 
 @pytest.mark.parametrize("how", ["abort", "finish-early"])
 def test_sender_giving_up_fails_the_request_and_keeps_the_pair(pair, how):
-    src, dst, rx, tx = pair()
-    handle = tx.open(expect(rx, "r", [3, 4]), [5, 6])
+    p = pair()
+    handle = p.tx.open(expect(p.rx, "r", [3, 4]), [5, 6])
     handle.send_layer(0)
     handle.send_layer(1)
+    assert until(lambda: handle.accepted)
     if how == "abort":
         handle.abort()
     else:
         with pytest.raises(KVTransferError, match="finish before layers"):
             handle.finish(5)
-    assert rx.wait("r", 5) is TransferStatus.FAILED
-    assert "aborted after 2/4" in rx.error("r")
-    send_all(tx, expect(rx, "r2", [8]), [9]).finish(5)
-    assert rx.wait("r2", 5) is TransferStatus.COMPLETE and landed(src, dst, [9], [8])
-    assert rx.broken_peers() == [] and tx.broken_peers() == []
+    assert p.rx.wait("r", 5) is TransferStatus.FAILED
+    assert "aborted after 2/4" in p.rx.error("r")
+    send_all(p.tx, expect(p.rx, "r2", [8]), [9]).finish(5)
+    assert p.rx.wait("r2", 5) is TransferStatus.COMPLETE and landed(p, [9], [8])
+    assert p.rx.broken_peers() == [] and p.tx.broken_peers() == []
 
 
-def test_withdrawn_request_sends_nothing(pair):
-    src, dst, rx, tx = pair()
-    first = tx.open(expect(rx, "first", [1]), [1])
-    queued = tx.open(expect(rx, "queued", [2]), [2])  # behind `first`: nothing on the wire
+def test_withdrawn_request_sends_nothing(pair, monkeypatch):
+    p = pair()
+    gate, real = threading.Event(), ControlClient.send
+
+    def held(self, msg, timeout):  # the announcer sits on `first` until the gate opens
+        gate.wait(5)
+        return real(self, msg, timeout)
+
+    monkeypatch.setattr(ControlClient, "send", held)
+    first = p.tx.open(expect(p.rx, "first", [1]), [1])
+    queued = p.tx.open(expect(p.rx, "queued", [2]), [2])  # still in the outbox
     queued.abort()
+    gate.set()
     for layer in range(LAYERS):
         first.send_layer(layer)
     first.finish(5)
-    assert rx.wait("first", 5) is TransferStatus.COMPLETE
-    assert rx.wait("queued", 0.2) is TransferStatus.PENDING  # never started: nothing to abort
+    assert p.rx.wait("first", 5) is TransferStatus.COMPLETE
+    assert not queued.announced  # the decode side never heard of it
+    assert p.rx.wait("queued", 0.2) is TransferStatus.PENDING
+    assert p.rx_dev.pending() == 0 and p.tx.broken_peers() == []
 
 
 def test_silent_sender_fails_wait_within_the_timeout(pair):
-    src, dst, rx, tx = pair()
-    handle = tx.open(expect(rx, "r", [3, 4]), [5, 6])
+    p = pair()
+    handle = p.tx.open(expect(p.rx, "r", [3, 4]), [5, 6])
     handle.send_layer(0)  # ... and the prefill worker dies
+    assert until(lambda: handle.accepted)
     t0 = time.monotonic()
-    assert rx.wait("r", 0.5) is TransferStatus.FAILED
+    assert p.rx.wait("r", 0.5) is TransferStatus.FAILED
     assert time.monotonic() - t0 < 1.0
-    rx.cancel("r")  # returns once the link let go of the blocks
-    assert rx.status("r") is TransferStatus.UNKNOWN
-    deadline = time.monotonic() + 5
-    while not rx.broken_peers() and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert rx.broken_peers() == ["prefill-0"]
+    p.rx.cancel("r")  # returns once the link let go of the blocks
+    assert p.rx.status("r") is TransferStatus.UNKNOWN
+    assert until(lambda: p.rx.broken_peers() == ["prefill-0"])
+    # a pair broken on the decode side refuses announces without draining: the prefill
+    # side gives the pair up too, at once
+    sink = expect(p.rx, "r2", [7])
+    with pytest.raises(KVTransferError, match="not drained"):
+        send_all(p.tx, sink, [8]).finish(2)
+    assert p.tx.broken_peers() == ["decode-0"]
 
 
 def test_dead_receiver_fails_finish_within_the_timeout_and_the_pair_reconnects(pair):
-    src, dst, rx, tx = pair()
-    sink = expect(rx, "r", [3])
-    rx.close()  # the decode worker is gone
-    handle = send_all(tx, sink, [4])
+    p = pair()
+    sink = expect(p.rx, "r", [3])
+    p.rx.close()  # the decode worker is gone
+    handle = send_all(p.tx, sink, [4])
     t0 = time.monotonic()
-    with pytest.raises(KVTransferError, match="not delivered within 0.5"):
+    with pytest.raises(KVTransferError):
         handle.finish(0.5)
     assert time.monotonic() - t0 < 1.0
-    assert tx.broken_peers() == ["decode-0"]
+    assert p.tx.broken_peers() == ["decode-0"]
     with pytest.raises(KVTransferError, match="broken"):
-        tx.open(expect(rx, "r2", [5]), [6])
-    connect(tx, rx)  # what cluster/nccl_setup.reconnect_broken does
-    send_all(tx, expect(rx, "r3", [7]), [8]).finish(5)
-    assert rx.wait("r3", 5) is TransferStatus.COMPLETE and landed(src, dst, [8], [7])
+        p.tx.open(sink, [6])
+    rx = p.new_receiver()  # a restarted decode worker; cluster/nccl_setup pairs it again
+    send_all(p.tx, expect(rx, "r3", [7]), [8]).finish(5)
+    assert rx.wait("r3", 5) is TransferStatus.COMPLETE and landed(p, [8], [7])
+
+
+def test_unreachable_announce_channel_breaks_the_pair():
+    world = _World()
+    p = Pair(world)
+    try:
+        sink = expect(p.rx, "r", [3])
+        p.rx._server.close()  # the host channel is gone, the communicator not yet
+        with pytest.raises(KVTransferError, match="announc"):
+            send_all(p.tx, sink, [4]).finish(5)
+        assert p.tx.broken_peers() == ["decode-0"]
+    finally:
+        p.close()
+    with pytest.raises(ControlError):
+        ControlClient(sink.address.split("@", 1)[1]).call({"op": "x"}, 1)
