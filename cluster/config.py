@@ -70,6 +70,9 @@ class RouterSection(_Strict):
     max_request_bytes: int = Field(default=1 << 20, ge=1024)
     handoff_retries: int = Field(default=2, ge=0)
     lease_seconds: float = Field(default=30.0, gt=0)
+    admission_timeout: float = Field(
+        default=120.0, gt=0, description="how long a request may wait for free decode KV "
+        "blocks before RESOURCE_EXHAUSTED")
     auth_token_env: str | None = Field(
         default=None, description="name of an environment variable holding the bearer token")
     conditional_prefill_tokens: int = Field(

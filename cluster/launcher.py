@@ -198,6 +198,7 @@ class Cluster:
             cfg.mode, prefill, decode, RoutingPolicy(cfg.kv.block_size),
             handoff_retries=cfg.router.handoff_retries, lease_seconds=cfg.router.lease_seconds,
             conditional_prefill_tokens=cfg.router.conditional_prefill_tokens,
+            admission_timeout=cfg.router.admission_timeout,
         )
 
     def summary(self, address: str) -> str:

@@ -13,11 +13,14 @@ from collections.abc import AsyncIterator
 
 from ray.exceptions import RayTaskError
 
-from router.workers import DecodeClient, PrefillClient
+from engine.kv_cache.block_manager import OutOfBlocksError
+from router.workers import DecodeClient, PrefillClient, WorkerBusy
 
 
 def _worker_error(e: RayTaskError) -> Exception:
     """The exception the worker raised (Ray keeps it as `cause`)."""
+    if isinstance(e.cause, OutOfBlocksError):
+        return WorkerBusy(str(e.cause))
     if isinstance(e.cause, Exception):
         return e.cause
     return RuntimeError(f"{e.function_name} failed")

@@ -18,7 +18,7 @@ import grpc
 
 from engine.tokenizer import TextTokenizer
 from pdserve_proto import pb, pb_grpc
-from router.lifecycle import HandoffFailed, RequestLifecycle
+from router.lifecycle import DecodeFull, HandoffFailed, RequestLifecycle
 from router.request_decoding import GenerateRequestParser, UndecodableRequest
 from router.validation import InvalidRequest, Limits, validate
 from router.workers import WorkerClient
@@ -69,6 +69,8 @@ class GenerationService(pb_grpc.GenerationServicer):
         try:
             async for chunk in self.lifecycle.run(rid, ids, params):
                 yield _response(rid, chunk)
+        except DecodeFull as e:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
         except HandoffFailed as e:
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
         except asyncio.CancelledError:

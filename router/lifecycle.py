@@ -15,13 +15,17 @@ from dataclasses import dataclass, field
 
 from engine.sampling_params import SamplingParams
 from router.policy import RoutingPolicy
-from router.workers import DecodeClient, PrefillClient
+from router.workers import DecodeClient, PrefillClient, WorkerBusy
 
 log = logging.getLogger("pdserve.router")
 
 
 class HandoffFailed(RuntimeError):
     """Every retry of a request's handoff failed."""
+
+
+class DecodeFull(RuntimeError):
+    """No decode worker had room for the prompt's KV within the admission timeout."""
 
 
 @dataclass
@@ -45,6 +49,7 @@ class RequestLifecycle:
         handoff_retries: int = 2,
         lease_seconds: float = 30.0,
         conditional_prefill_tokens: int = 0,
+        admission_timeout: float = 120.0,
     ):
         self.mode = mode
         self.prefill = prefill
@@ -53,6 +58,7 @@ class RequestLifecycle:
         self.handoff_retries = handoff_retries
         self.lease_seconds = lease_seconds
         self.conditional_prefill_tokens = conditional_prefill_tokens
+        self.admission_timeout = admission_timeout
         self.counters = RouterCounters()
 
     async def run(self, request_id: str, ids: list[int], params: SamplingParams
@@ -91,9 +97,9 @@ class RequestLifecycle:
         last_error: Exception | None = None
         for attempt in range(self.handoff_retries + 1):
             p = self.policy.pick_prefill(self.prefill, exclude=tried)
-            d = self.policy.pick_decode(self.decode, n_prompt, exclude=tried)
+            d, sink = await self._reserve_when_room(rid, n_prompt, max_tokens, tried)
             try:
-                first = await self._handoff(request, n_prompt, max_tokens, p, d)
+                first = await self._prefill(request, p, d, sink)
             except _HandoffError as e:
                 last_error = e.__cause__ or e
                 tried |= {p.worker_id, d.worker_id}
@@ -108,25 +114,52 @@ class RequestLifecycle:
         raise HandoffFailed(f"KV handoff failed after {self.handoff_retries + 1} attempts: "
                             f"{last_error}")
 
-    async def _handoff(self, request, n_prompt, max_tokens, p: PrefillClient, d: DecodeClient):
-        """reserve on D -> prefill on P (KV flows P->D); on any failure abort both sides."""
+    async def _reserve_when_room(self, rid: str, n_prompt: int, max_tokens: int,
+                                 tried: set[str]) -> tuple[DecodeClient, dict]:
+        """Reserve the prompt's blocks on a decode worker, waiting while every one is full.
+
+        A full decode pool is back-pressure, not a failure: its running requests free blocks
+        as they finish, so the request queues here (bounded by `admission_timeout`) instead
+        of burning handoff retries. Any other reserve error is a handoff failure.
+        """
+        deadline = asyncio.get_running_loop().time() + self.admission_timeout
+        delay = 0.02
+        while True:
+            busy: set[str] = set()
+            while len(busy) < len(self.decode):
+                d = self.policy.pick_decode(self.decode, n_prompt, exclude=tried | busy)
+                if d.worker_id in busy:
+                    break
+                try:
+                    sink = await d.reserve(rid, n_prompt, max_tokens, self.lease_seconds)
+                except WorkerBusy:
+                    busy.add(d.worker_id)
+                    continue
+                except Exception as e:
+                    raise HandoffFailed(f"reserving KV blocks on {d.worker_id} failed: {e}") \
+                        from e
+                self.policy.on_reserved(d, n_prompt)
+                return d, sink
+            if asyncio.get_running_loop().time() + delay > deadline:
+                raise DecodeFull(f"no decode worker had {n_prompt} tokens of free KV blocks "
+                                 f"within {self.admission_timeout:.0f}s")
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 0.5)
+
+    async def _prefill(self, request: dict, p: PrefillClient, d: DecodeClient, sink: dict):
+        """Prefill on P into D's reservation; on any failure abort both sides."""
         rid = request["request_id"]
-        reserved = False
+        self.policy.in_flight[p.worker_id] = self.policy.in_flight.get(p.worker_id, 0) + 1
         try:
-            sink = await d.reserve(rid, n_prompt, max_tokens, self.lease_seconds)
-            reserved = True
-            self.policy.on_reserved(d, n_prompt)
-            self.policy.in_flight[p.worker_id] = self.policy.in_flight.get(p.worker_id, 0) + 1
-            try:
-                return await p.prefill(request, sink)
-            finally:
-                self.policy.in_flight[p.worker_id] -= 1
+            return await p.prefill(request, sink)
         except asyncio.CancelledError:
-            await _abort_all([p, d] if reserved else [p], rid)
+            await asyncio.shield(_abort_all([p, d], rid))
             raise
         except Exception as e:
-            await _abort_all([p, d] if reserved else [p], rid)
+            await _abort_all([p, d], rid)
             raise _HandoffError(str(e)) from e
+        finally:
+            self.policy.in_flight[p.worker_id] -= 1
 
     @staticmethod
     async def _guarded(stream: AsyncIterator[dict], workers, rid: str) -> AsyncIterator[dict]:

@@ -12,6 +12,10 @@ from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator
 
 
+class WorkerBusy(RuntimeError):
+    """The worker is healthy but has no room now (e.g. no free KV blocks); try later."""
+
+
 class WorkerClient(ABC):
     worker_id: str
 
@@ -35,7 +39,8 @@ class DecodeClient(WorkerClient):
     @abstractmethod
     async def reserve(self, request_id: str, num_prompt_tokens: int, max_tokens: int,
                       lease_s: float) -> dict:
-        """Allocate the prompt's blocks under a lease; returns the sink dict."""
+        """Allocate the prompt's blocks under a lease; returns the sink dict. Raises
+        WorkerBusy when there are not enough free blocks right now."""
 
     @abstractmethod
     def stream_from_prefill(self, request: dict, first: dict) -> AsyncIterator[dict]:
