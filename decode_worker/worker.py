@@ -18,6 +18,7 @@ from collections.abc import Iterator
 
 from engine.config import EngineConfig
 from engine.engine_loop import EngineLoop
+from engine.kv_cache.block_manager import OutOfBlocksError
 from engine.llm_engine import LLMEngine, RequestOutput
 from engine.sampler import SampleResult
 from engine.sampling_params import SamplingParams
@@ -76,7 +77,8 @@ class DecodeWorker:
             engine.scheduler.check_fits(num_prompt_tokens, max_tokens)
             need = -(-num_prompt_tokens // bs)
             if not engine.blocks.can_allocate(need):
-                raise KVTransferError(
+                # Back-pressure, not a failure: the router waits and tries again.
+                raise OutOfBlocksError(
                     f"{self.worker_id} has {engine.blocks.num_free_blocks} free blocks, "
                     f"{need} needed"
                 )
