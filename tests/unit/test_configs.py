@@ -8,7 +8,8 @@ import pytest
 
 from cluster.config import ConfigError, load_config, parse_config
 
-CONFIGS = sorted((Path(__file__).resolve().parents[2] / "configs").glob("*.yaml"))
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
+CONFIGS = sorted(CONFIG_DIR.rglob("*.yaml"))
 
 
 def test_the_shipped_configs_are_there():
@@ -17,7 +18,7 @@ def test_the_shipped_configs_are_there():
             "multinode.yaml"} <= names
 
 
-@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: str(p.relative_to(CONFIG_DIR)))
 def test_shipped_config_loads(path):
     cfg = load_config(path)
     if cfg.mode == "disaggregated":
@@ -40,6 +41,30 @@ def test_gpu_config_puts_each_pool_on_its_own_gpu():
     for pool in (cfg.prefill, cfg.decode):
         assert pool.device == "cuda" and pool.num_gpus == 1
     assert cfg.model.dtype == "bfloat16"
+
+
+@pytest.mark.parametrize("colocated, disaggregated", [
+    ("gpu-colocated.yaml", "gpu-1p1d.yaml"),
+    ("bench/gpu-8b-colocated.yaml", "bench/gpu-8b-1p1d.yaml"),
+])
+def test_gpu_colocated_baseline_differs_only_in_mode_and_pools(colocated, disaggregated):
+    """A fair baseline: the same GPUs (one worker each) and every model, KV, batching and
+    router setting of the disaggregated config's decode pool."""
+    c, d = load_config(CONFIG_DIR / colocated), load_config(CONFIG_DIR / disaggregated)
+    assert (c.mode, d.mode) == ("colocated", "disaggregated")
+    assert c.decode.count == d.prefill.count + d.decode.count
+    assert c.decode == d.decode.model_copy(update={"count": c.decode.count})
+    for section in ("model", "kv", "router", "ray", "debug"):
+        assert getattr(c, section) == getattr(d, section), section
+    for pool in (c.decode, d.prefill, d.decode):
+        assert pool.device == "cuda" and pool.num_gpus == 1
+
+
+def test_benchmark_configs_use_the_8b_shape_without_prefix_caching():
+    for name in ("gpu-8b-colocated.yaml", "gpu-8b-1p1d.yaml"):
+        cfg = load_config(CONFIG_DIR / "bench" / name)
+        assert cfg.model.name == "random:llama-3.1-8b" and cfg.model.dtype == "bfloat16"
+        assert not cfg.kv.enable_prefix_caching
 
 
 def test_defaults_bind_loopback():
