@@ -41,8 +41,28 @@ def transfer_endpoint(transfer_host: str) -> tuple[str, str | None]:
     return transfer_host, None
 
 
+class _WorkerShell:
+    """What every worker actor answers the same way; `self.worker` is the plain class."""
+
+    worker: object
+
+    def _identity(self, role: str) -> dict:
+        return {"worker_id": self.worker.worker_id, "role": role,
+                "compat_key": self.worker.compat_key, "node": _node(),
+                "node_ip": ray.util.get_node_ip_address(), "pid": os.getpid()}
+
+    def abort(self, request_id: str) -> bool:
+        return self.worker.abort(request_id)
+
+    def stats(self) -> dict:
+        return {**self.worker.stats(), "node": _node()}
+
+    def shutdown(self) -> None:
+        self.worker.close()
+
+
 @ray.remote(max_concurrency=MAX_CONCURRENCY)
-class PrefillActor:
+class PrefillActor(_WorkerShell):
     def __init__(self, config: dict, worker_id: str):
         from prefill_worker.worker import PrefillWorker
 
@@ -54,21 +74,10 @@ class PrefillActor:
         )
 
     def ready(self) -> dict:
-        return {"worker_id": self.worker.worker_id, "role": "prefill",
-                "compat_key": self.worker.compat_key, "node": _node(),
-                "node_ip": ray.util.get_node_ip_address(), "pid": os.getpid()}
+        return self._identity("prefill")
 
     def prefill(self, request: dict, sink: dict) -> dict:
         return self.worker.prefill(request, sink)
-
-    def abort(self, request_id: str) -> bool:
-        return self.worker.abort(request_id)
-
-    def stats(self) -> dict:
-        return {**self.worker.stats(), "node": _node()}
-
-    def shutdown(self) -> None:
-        self.worker.close()
 
     # ---- nccl KV transport: pairing through Ray (cluster/nccl_setup.py) ----------------------
 
@@ -83,7 +92,7 @@ class PrefillActor:
 
 
 @ray.remote(max_concurrency=MAX_CONCURRENCY)
-class DecodeActor:
+class DecodeActor(_WorkerShell):
     def __init__(self, config: dict, worker_id: str, role: str):
         from decode_worker.worker import DecodeWorker
 
@@ -97,10 +106,7 @@ class DecodeActor:
 
     def ready(self) -> dict:
         engine = self.worker.engine
-        return {"worker_id": self.worker.worker_id, "role": self.worker.role,
-                "compat_key": self.worker.compat_key, "node": _node(),
-                "node_ip": ray.util.get_node_ip_address(), "pid": os.getpid(),
-                "address": self.worker.receiver.address,
+        return {**self._identity(self.worker.role), "address": self.worker.receiver.address,
                 "max_model_len": engine.max_model_len,
                 "kv_capacity_tokens": engine.blocks.num_blocks * engine.layout.block_size,
                 "vocab_size": engine.model_config.vocab_size}
@@ -114,15 +120,6 @@ class DecodeActor:
 
     def generate(self, request: dict):
         yield from self.worker.generate(request)
-
-    def abort(self, request_id: str) -> bool:
-        return self.worker.abort(request_id)
-
-    def stats(self) -> dict:
-        return {**self.worker.stats(), "node": _node()}
-
-    def shutdown(self) -> None:
-        self.worker.close()
 
     # ---- nccl KV transport: pairing through Ray (cluster/nccl_setup.py) ----------------------
 
