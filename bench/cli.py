@@ -45,6 +45,7 @@ class Plan:
     settings: RunSettings
     out_dir: Path
     config: dict[str, Any]
+    sweep_requests: list[list[RequestSpec]]
 
 
 def make_plan(argv: list[str] | None) -> Plan:
@@ -55,6 +56,12 @@ def make_plan(argv: list[str] | None) -> Plan:
     slo = parse_slo(args.slo)
     runs = arrivals(args)
     workload = build_workload(args, args.seed, args.num_requests)
+    # Each further rate of a sweep gets its own prompts (a distinct seed), so a prefix cache
+    # on the server cannot answer rate k from the prompts of rate k-1.
+    sweep = [workload.requests] + [
+        build_workload(args, args.seed + 7919 * k, args.num_requests).requests
+        for k in range(1, len(runs))
+    ]
     # Warm-up uses another seed, so it does not pre-fill the cache with measured prompts.
     warmup = []
     if args.warmup:
@@ -78,13 +85,14 @@ def make_plan(argv: list[str] | None) -> Plan:
         workload_description=workload.describe(),
         started_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     )
-    return Plan(args, slo, runs, workload.requests, warmup, settings, out_dir, config)
+    return Plan(args, slo, runs, workload.requests, warmup, settings, out_dir, config, sweep)
 
 
 def run_against(plan: Plan, target: str) -> tuple[dict[str, Any], list[RunResult]]:
     """One full benchmark (warm-up and every arrival setting) against ``target``."""
     settings = dataclasses.replace(plan.settings, target=target)
-    return asyncio.run(benchmark(settings, plan.requests, plan.arrivals, plan.warmup))
+    return asyncio.run(benchmark(settings, plan.requests, plan.arrivals, plan.warmup,
+                                 plan.sweep_requests))
 
 
 def report_runs(plan: Plan, name: str, health: dict[str, Any], results: list[RunResult]) -> list:

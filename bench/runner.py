@@ -107,8 +107,13 @@ async def benchmark(
     requests: Sequence[RequestSpec],
     arrivals: Sequence[Arrival],
     warmup: Sequence[RequestSpec] = (),
+    sweep_requests: Sequence[Sequence[RequestSpec]] | None = None,
 ) -> tuple[dict[str, Any], list[RunResult]]:
     """Connect, run the warm-up once, then one run per arrival setting (a rate sweep).
+
+    `sweep_requests[k]`, when given, is the workload of the k-th run: a sweep then sends
+    different prompts at each rate, so a server's prefix cache cannot serve a later rate
+    from an earlier one's prompts.
 
     Returns the server's Health report and the runs. Raises ServerUnreachable before
     sending anything when the target cannot be reached.
@@ -134,7 +139,7 @@ async def benchmark(
         for number, arrival in enumerate(arrivals):
             result = await run_load(
                 client,
-                requests,
+                sweep_requests[number] if sweep_requests else requests,
                 arrival,
                 seed=settings.seed,
                 time_limit=settings.time_limit,

@@ -160,3 +160,20 @@ def test_compare_reports_a_cluster_that_dies_before_serving(tmp_path, capsys):
     assert code == 2
     assert err[-1].startswith("error: cluster") and "exited with code 3" in err[-1]
     assert "boom" in err[-1]
+
+
+def test_each_rate_of_a_sweep_sends_its_own_prompts(capsys):
+    """A server's prefix cache must not serve rate k from rate k-1's prompts."""
+    from bench.cli import make_plan
+
+    plan = make_plan(["--rates", "1,2,4", "--num-requests", "5", "--input-len", "16:32",
+                      "--seed", "11"])
+    prompts = [[tuple(r.prompt_token_ids) for r in run] for run in plan.sweep_requests]
+    assert len(prompts) == 3 and all(len(p) == 5 for p in prompts)
+    assert prompts[0] == [tuple(r.prompt_token_ids) for r in plan.requests]
+    assert not set(prompts[0]) & set(prompts[1])
+    assert not set(prompts[1]) & set(prompts[2])
+    # Deterministic: the same arguments plan the same sweep.
+    again = make_plan(["--rates", "1,2,4", "--num-requests", "5", "--input-len", "16:32",
+                       "--seed", "11"])
+    assert [[tuple(r.prompt_token_ids) for r in run] for run in again.sweep_requests] == prompts
