@@ -97,8 +97,12 @@ class RequestLifecycle:
         last_error: Exception | None = None
         for attempt in range(self.handoff_retries + 1):
             p = self.policy.pick_prefill(self.prefill, exclude=tried)
-            d, sink = await self._reserve_when_room(rid, n_prompt, max_tokens, tried)
+            # Counted from the pick, so requests routed while this one waits for decode
+            # room already see P as busier.
+            in_flight = self.policy.in_flight
+            in_flight[p.worker_id] = in_flight.get(p.worker_id, 0) + 1
             try:
+                d, sink = await self._reserve_when_room(rid, n_prompt, max_tokens, tried)
                 first = await self._prefill(request, p, d, sink)
             except _HandoffError as e:
                 last_error = e.__cause__ or e
@@ -108,6 +112,8 @@ class RequestLifecycle:
                     log.warning("handoff of %s via %s -> %s failed (%s); retrying", rid,
                                 p.worker_id, d.worker_id, last_error)
                 continue
+            finally:
+                in_flight[p.worker_id] -= 1
             async for chunk in self._guarded(d.stream_from_prefill(request, first), [p, d], rid):
                 yield chunk
             return
@@ -149,7 +155,6 @@ class RequestLifecycle:
     async def _prefill(self, request: dict, p: PrefillClient, d: DecodeClient, sink: dict):
         """Prefill on P into D's reservation; on any failure abort both sides."""
         rid = request["request_id"]
-        self.policy.in_flight[p.worker_id] = self.policy.in_flight.get(p.worker_id, 0) + 1
         try:
             return await p.prefill(request, sink)
         except asyncio.CancelledError:
@@ -158,8 +163,6 @@ class RequestLifecycle:
         except Exception as e:
             await _abort_all([p, d], rid)
             raise _HandoffError(str(e)) from e
-        finally:
-            self.policy.in_flight[p.worker_id] -= 1
 
     @staticmethod
     async def _guarded(stream: AsyncIterator[dict], workers, rid: str) -> AsyncIterator[dict]:

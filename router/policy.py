@@ -17,7 +17,10 @@ class RoutingPolicy:
         self.block_size = block_size
         self.free_blocks: dict[str, int] = {}
         self.in_flight: dict[str, int] = {}
-        self._tie = itertools.count()
+        # One tie-break counter per pool: a shared one would advance in lock-step (one
+        # prefill pick, one decode pick per request) and always break ties the same way.
+        self._tie_prefill = itertools.count()
+        self._tie_decode = itertools.count()
 
     def update_stats(self, stats: list[dict]) -> None:
         for s in stats:
@@ -25,14 +28,14 @@ class RoutingPolicy:
 
     def pick_prefill(self, workers: list[PrefillClient], exclude=frozenset()) -> PrefillClient:
         pool = [w for w in workers if w.worker_id not in exclude] or workers
-        turn = next(self._tie)
+        turn = next(self._tie_prefill)
         return min(pool, key=lambda w: (self.in_flight.get(w.worker_id, 0),
                                         (pool.index(w) - turn) % len(pool)))
 
     def pick_decode(self, workers: list[DecodeClient], n_prompt: int,
                     exclude=frozenset()) -> DecodeClient:
         pool = [w for w in workers if w.worker_id not in exclude] or workers
-        turn = next(self._tie)
+        turn = next(self._tie_decode)
         return max(pool, key=lambda w: (self.free_blocks.get(w.worker_id, 0),
                                         -((pool.index(w) - turn) % len(pool))))
 

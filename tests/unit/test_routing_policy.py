@@ -1,0 +1,51 @@
+"""The router's routing policy: load spreads over equal workers, free blocks decide D."""
+
+from __future__ import annotations
+
+from collections import Counter
+from types import SimpleNamespace
+
+from router.policy import RoutingPolicy
+
+
+def workers(*ids):
+    return [SimpleNamespace(worker_id=i) for i in ids]
+
+
+def test_equal_prefill_and_decode_workers_share_requests_evenly():
+    """Each request picks a P then a D; ties must still alternate on both pools."""
+    policy = RoutingPolicy(block_size=16)
+    prefill, decode = workers("p0", "p1"), workers("d0", "d1")
+    picks_p, picks_d = Counter(), Counter()
+    for _ in range(10):
+        picks_p[policy.pick_prefill(prefill).worker_id] += 1
+        picks_d[policy.pick_decode(decode, 32).worker_id] += 1
+    assert picks_p == {"p0": 5, "p1": 5}
+    assert picks_d == {"d0": 5, "d1": 5}
+
+
+def test_prefill_with_fewer_requests_in_flight_wins():
+    policy = RoutingPolicy(block_size=16)
+    prefill = workers("p0", "p1")
+    policy.in_flight.update(p0=3, p1=1)
+    assert all(policy.pick_prefill(prefill).worker_id == "p1" for _ in range(4))
+
+
+def test_decode_with_most_free_blocks_wins_and_reservations_count_against_it():
+    policy = RoutingPolicy(block_size=16)
+    decode = workers("d0", "d1")
+    policy.update_stats([{"worker_id": "d0", "free_blocks": 10},
+                         {"worker_id": "d1", "free_blocks": 12}])
+    first = policy.pick_decode(decode, 64)
+    assert first.worker_id == "d1"
+    policy.on_reserved(first, 64)  # 4 blocks: d1 now has 8 in the router's estimate
+    assert policy.pick_decode(decode, 64).worker_id == "d0"
+
+
+def test_excluded_workers_are_avoided_while_others_remain():
+    policy = RoutingPolicy(block_size=16)
+    prefill = workers("p0", "p1")
+    assert all(policy.pick_prefill(prefill, exclude={"p0"}).worker_id == "p1"
+               for _ in range(3))
+    # With every worker excluded the pool is used anyway rather than failing.
+    assert policy.pick_prefill(prefill, exclude={"p0", "p1"}).worker_id in ("p0", "p1")
