@@ -65,22 +65,11 @@ class RayDecodeClient(DecodeClient):
         return await self.handle.reserve.remote(request_id, num_prompt_tokens, max_tokens,
                                                 lease_s)
 
-    async def stream_from_prefill(self, request: dict, first: dict) -> AsyncIterator[dict]:
-        gen = self.handle.generate_from_prefill.options(num_returns="streaming").remote(
-            request, first)
-        try:
-            async for ref in gen:
-                yield await ref
-        except RayTaskError as e:
-            raise _worker_error(e) from e
+    def stream_from_prefill(self, request: dict, first: dict) -> AsyncIterator[dict]:
+        return _stream(self.handle.generate_from_prefill, request, first)
 
-    async def stream_local(self, request: dict) -> AsyncIterator[dict]:
-        gen = self.handle.generate.options(num_returns="streaming").remote(request)
-        try:
-            async for ref in gen:
-                yield await ref
-        except RayTaskError as e:
-            raise _worker_error(e) from e
+    def stream_local(self, request: dict) -> AsyncIterator[dict]:
+        return _stream(self.handle.generate, request)
 
     @_raises_worker_errors
     async def abort(self, request_id: str) -> bool:
@@ -89,3 +78,13 @@ class RayDecodeClient(DecodeClient):
     @_raises_worker_errors
     async def stats(self) -> dict:
         return await self.handle.stats.remote()
+
+
+async def _stream(method, *args) -> AsyncIterator[dict]:
+    """Items of a generator actor method, consumed as a Ray streaming generator."""
+    gen = method.options(num_returns="streaming").remote(*args)
+    try:
+        async for ref in gen:
+            yield await ref
+    except RayTaskError as e:
+        raise _worker_error(e) from e
