@@ -48,8 +48,11 @@ def test_recorded_ttft_and_itl_reflect_the_server_pacing():
         assert record.prompt_tokens == 4 and record.completion_tokens == 5
         assert 0.075 <= ttft(record) < 0.08 + 0.15
         gaps = itls(record)
-        assert len(gaps) == 4 and all(0.027 <= g < 0.03 + 0.1 for g in gaps)
-        assert 0.027 <= tpot(record) < 0.13
+        # One late arrival shortens the next gap on a loaded machine, so bound each gap
+        # loosely and their sum (the server's cumulative sleeps) tightly.
+        assert len(gaps) == 4 and all(0 < g < 0.03 + 0.1 for g in gaps)
+        assert sum(gaps) >= 4 * 0.03 - 0.005
+        assert 0.029 <= tpot(record) < 0.13
 
 
 def test_multi_token_chunks_split_into_per_token_itls():
