@@ -14,6 +14,9 @@ Two workloads, both greedy, fp32, on the CPU, with the same number of torch thre
 Ours and HF runs alternate, so that noise from other processes on the machine falls on both
 sides alike; the ratio is taken between medians measured in the same run. Prefix caching is
 off in our engine, since repeating identical prompts would otherwise let it skip prefill.
+Busy co-tenants still hurt multi-threaded runs unevenly (OpenMP threads wait at barriers for
+a descheduled peer): quote runs whose repeats agree, or use `--threads 1` or
+`OMP_WAIT_POLICY=PASSIVE` on a shared machine (docs/benchmarks.md).
 
 Run: `python -m bench.engine_vs_hf [--threads 2] [--repeats 3] [--json out.json]`.
 """
@@ -248,7 +251,7 @@ def machine_info(threads: int) -> dict:
     return {
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
         "cpu_count": os.cpu_count(),
-        "processor": platform.processor() or platform.machine(),
+        "cpu_model": _cpu_model(),
         "torch_threads": threads,
         "torch": torch.__version__,
         "transformers": transformers.__version__,

@@ -9,6 +9,7 @@ step goes through the LM head.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from itertools import accumulate
 
 import torch
 
@@ -42,45 +43,45 @@ class ModelRunner:
         bs = self.block_size
         ids: list[int] = []
         pos: list[int] = []
-        slots: list[int] = []
         qlens: list[int] = []
         slens: list[int] = []
+        tables: list[list[int]] = []
         sample_rows: list[int] = []
-        max_blocks = 0
         for item in batch:
             seq, n = item.seq, item.num_new_tokens
             start = seq.num_computed_tokens
             ids.extend(seq.token_ids[start : start + n])
             pos.extend(range(start, start + n))
-            table = seq.block_ids
-            slots.extend(table[p // bs] * bs + p % bs for p in range(start, start + n))
             qlens.append(n)
             slens.append(start + n)
-            max_blocks = max(max_blocks, -(-(start + n) // bs))
+            tables.append(seq.block_ids[: -(-(start + n) // bs)])
             if item.samples:
                 sample_rows.append(len(ids) - 1)
-        tables = torch.full((len(batch), max(max_blocks, 1)), -1, dtype=torch.int32)
-        for i, item in enumerate(batch):
-            blocks = item.seq.block_ids[: -(-slens[i] // bs)]
-            tables[i, : len(blocks)] = torch.tensor(blocks, dtype=torch.int32)
-        qsl = [0]
-        for q in qlens:
-            qsl.append(qsl[-1] + q)
+        width = max(1, max(len(t) for t in tables))
+        block_tables = torch.tensor([t + [-1] * (width - len(t)) for t in tables],
+                                    dtype=torch.int32)
+        positions = torch.tensor(pos, dtype=torch.int64)
+        # Slot of every new token = its block (from its sequence's table row) * bs + offset,
+        # computed with a few tensor ops instead of a Python loop over the tokens.
+        seq_of_token = torch.repeat_interleave(
+            torch.arange(len(batch)), torch.tensor(qlens), output_size=len(pos)
+        )
+        slots = block_tables[seq_of_token, positions // bs].long() * bs + positions % bs
         dev = self.device
         meta = AttentionMetadata(
-            query_start_loc=torch.tensor(qsl, dtype=torch.int32).to(dev, non_blocking=True),
+            query_start_loc=torch.tensor([0, *accumulate(qlens)], dtype=torch.int32).to(
+                dev, non_blocking=True),
             seq_lens=torch.tensor(slens, dtype=torch.int32).to(dev, non_blocking=True),
-            block_tables=tables.to(dev, non_blocking=True),
-            slot_mapping=torch.tensor(slots, dtype=torch.int64).to(dev, non_blocking=True),
+            block_tables=block_tables.to(dev, non_blocking=True),
+            slot_mapping=slots.to(dev, non_blocking=True),
             query_lens_host=qlens,
             seq_lens_host=slens,
             max_query_len=max(qlens),
             max_seq_len=max(slens),
         )
         input_ids = torch.tensor(ids, dtype=torch.int64).to(dev, non_blocking=True)
-        positions = torch.tensor(pos, dtype=torch.int64).to(dev, non_blocking=True)
         rows = torch.tensor(sample_rows, dtype=torch.int64).to(dev, non_blocking=True)
-        return input_ids, positions, meta, rows
+        return input_ids, positions.to(dev, non_blocking=True), meta, rows
 
     @torch.inference_mode()
     def execute(
@@ -97,4 +98,6 @@ class ModelRunner:
         ctx = forward_context.ForwardContext(meta, self.kv_cache, self.backend, on_layer_written)
         with forward_context.use(ctx):
             hidden = self.model(input_ids, positions)
-        return self.model.compute_logits(hidden[rows]).float()
+        if rows.numel() != hidden.shape[0]:  # else every row samples (a pure decode step)
+            hidden = hidden[rows]
+        return self.model.compute_logits(hidden).float()

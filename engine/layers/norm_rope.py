@@ -7,6 +7,7 @@ import math
 import torch
 from torch import nn
 
+from engine import forward_context
 from engine.config import ModelConfig, RopeScaling
 
 
@@ -56,14 +57,35 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("sin", emb.sin(), persistent=False)
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
-        """Rotate `q` `[T, H, D]` and `k` `[T, Hkv, D]` by their token positions `[T]`."""
-        cos = self.cos[positions].unsqueeze(1)
-        sin = self.sin[positions].unsqueeze(1)
-        return _rotate(q, cos, sin), _rotate(k, cos, sin)
+        """Rotate `q` `[T, H, D]` and `k` `[T, Hkv, D]` by their token positions `[T]`.
+
+        Returns new tensors: views of one `[T, H + Hkv, D]` result (q and k are rotated
+        together, one set of elementwise ops instead of two).
+        """
+        # Every layer rotates by the same positions: look the rows up once per step.
+        cos, sin = forward_context.step_cached(
+            ("rope", id(self)), positions, lambda: self._rows(positions)
+        )
+        heads = q.shape[1]
+        qk = _rotate(torch.cat([q, k], dim=1), cos, sin)
+        return qk[:, :heads], qk[:, heads:]
+
+    def _rows(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and *signed* sin rows `[T, 1, D]` of `positions`.
+
+        HF rotates as `x * cos + cat(-x2, x1) * sin`. Moving the minus onto the table,
+        `cat(x2, x1) * cat(-sin1, sin2)`, gives bit-identical products (negation is exact)
+        and saves a negation per layer.
+        """
+        cos = self.cos[positions]
+        sin = self.sin[positions]
+        half = sin.shape[-1] // 2
+        signed = torch.cat([-sin[:, :half], sin[:, half:]], dim=-1)
+        return cos.unsqueeze(1), signed.unsqueeze(1)
 
 
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+def _rotate(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
     x32 = x.float()
-    rot = torch.cat([-x32[..., half:], x32[..., :half]], dim=-1)
-    return (x32 * cos + rot * sin).to(x.dtype)
+    swapped = torch.cat([x32[..., half:], x32[..., :half]], dim=-1)
+    return (x32 * cos + swapped * signed_sin).to(x.dtype)

@@ -20,6 +20,7 @@ from engine.layers.linear import (
     MergedColumnLinear,
     RowParallelLinear,
     VocabParallelEmbedding,
+    dense,
 )
 from engine.layers.norm_rope import RMSNorm, RotaryEmbedding
 from engine.parallel import tp_all_gather_last_dim, tp_size
@@ -112,7 +113,7 @@ class LlamaForCausalLM(nn.Module):
         return self.norm(x)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return tp_all_gather_last_dim(F.linear(hidden, self.lm_head.weight))
+        return tp_all_gather_last_dim(dense(hidden, self.lm_head.weight))
 
     # ---- weights ---------------------------------------------------------------------------
 
