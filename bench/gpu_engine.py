@@ -8,6 +8,9 @@ One command, one process, everything measured in the same run:
    timed steps, and achieved bandwidth = (weight bytes + KV bytes read) / step time;
    also the full `LLMEngine.step()` (scheduler, detokenizer included), eager decode without
    graphs, and the unfused reference layers under graphs (before/after the fused kernels);
+   RoPE + K/V cache write as one kernel (default) against two (rope, then write_kv),
+   timed back to back (off, on) under graphs at batch 1/8/32, with a batch-1 kernel profile
+   of the off variant (kernel launches per step before/after);
 3. a kernel profile of the decode step (where the time goes);
 4. prefill of 512/2048/8192 tokens -> TFLOP/s (2 x linear params x tokens + causal
    attention; the LM head only for the sampled row) as a fraction of the matmul rate;
@@ -16,7 +19,8 @@ One command, one process, everything measured in the same run:
 6. HF transformers on the same weights and GPU: bf16 correctness (DESIGN.md's logprob-
    closeness rule) and its decode step at batch 1/8/32 (manual loop with its KV cache).
 
-Run on the GPU machine: `python -m bench.gpu_engine --out gpu_engine.json`.
+Run on the GPU machine: `python -m bench.gpu_engine --out gpu_engine.json`
+(`--sections rope_write_kv_ab` for that comparison alone; `--help` lists the sections).
 Markdown tables go to stdout, every number to the JSON file.
 """
 
@@ -52,8 +56,24 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-model-len", type=int, default=16384)
     p.add_argument("--skip-hf", action="store_true")
     p.add_argument("--skip-unfused", action="store_true")
+    p.add_argument("--skip-rope-write-kv-ab", action="store_true",
+                   help="skip timing the fused RoPE + K/V write against two kernels")
+    p.add_argument("--sections", type=_names, default=None,
+                   help="comma-separated subset to run, in this order: " + ", ".join(SECTIONS))
     p.add_argument("--out", default="gpu_engine.json")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    unknown = set(args.sections or ()) - set(SECTIONS)
+    if unknown:
+        p.error(f"unknown sections {sorted(unknown)}; choose from {', '.join(SECTIONS)}")
+    return args
+
+
+SECTIONS = ("fused_decode", "fused_prefill", "profiles", "eager_decode", "attention", "repeat",
+            "rope_write_kv_ab", "hf", "eager_split_plan", "unfused")
+
+
+def _names(text: str) -> list[str]:
+    return [x.strip() for x in text.split(",") if x.strip()]
 
 
 # ---- engine set-up ---------------------------------------------------------------------------
@@ -82,16 +102,18 @@ def build_engine(args):
     return engine, init_s
 
 
-def recapture(engine, fused: bool, tiles=None) -> None:
+def recapture(engine, fused: bool, tiles=None, rope_write_kv: bool = True) -> None:
     """Switch the model between fused and reference layers and recapture the graphs
-    (`tiles`: another split plan for the graphs' decode attention)."""
+    (`tiles`: another split plan for the graphs' decode attention; `rope_write_kv`: on the
+    fused path, RoPE and the K/V cache write in one kernel, or in two)."""
     from engine.cuda_graph import DecodeGraphRunner
-    from engine.models.fused_llama import set_fused_kernels
+    from engine.models.fused_llama import set_fused_kernels, set_rope_write_kv_fusion
 
     engine.runner.decode_graphs = None
     gc.collect()
     torch.cuda.empty_cache()
     set_fused_kernels(engine.model, fused)
+    set_rope_write_kv_fusion(engine.model, rope_write_kv)
     engine.runner.decode_graphs = DecodeGraphRunner.maybe_create(
         engine.runner, engine.max_model_len, engine.config.scheduler.max_num_seqs, tiles)
 
@@ -176,7 +198,7 @@ def measure_prefill(engine, tokens: int, ceil: dict, label: str) -> dict:
             "tokens_per_s": tokens / ms * 1e3}
 
 
-def profile_decode(engine, batch: int, args) -> dict:
+def profile_decode(engine, batch: int, args, variant: str = "graphs+fused") -> dict:
     from engine.scheduler import ScheduledSeq
 
     seqs = start_decoding(engine, batch, args.context, "profile")
@@ -192,6 +214,7 @@ def profile_decode(engine, batch: int, args) -> dict:
     for s in seqs:
         engine.abort(s.request_id)
     prof["batch"] = batch
+    prof["variant"] = variant
     return prof
 
 
@@ -290,12 +313,26 @@ def _table(rows: list[dict], cols: list[tuple[str, str, str]]) -> str:
     return "\n".join([head, sep, *body])
 
 
+def _by_variant(rows: list[dict]) -> str:
+    """Decode step ms, one row per variant, one column per batch (the before/after view)."""
+    variants = list(dict.fromkeys(r["variant"] for r in rows))
+    batches = sorted({r["batch"] for r in rows})
+    ms = {(r["variant"], r["batch"]): r["step_ms"] for r in rows}
+    lines = ["| variant | " + " | ".join(f"batch {b}" for b in batches) + " |",
+             "|---|" + "---|" * len(batches)]
+    for v in variants:
+        cells = [f"{ms[v, b]:.2f}" if (v, b) in ms else "–" for b in batches]
+        lines.append(f"| {v} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def report(res: dict) -> str:
     c = res["ceilings"]
     out = [f"## GPU engine ({res['device']}, {res['date']})", "",
            f"Ceilings: copy {c['copy_GBps']:.0f} GB/s (read+write), "
            f"bf16 matmul 8192^3 {c['matmul_TFLOPs']:.0f} TFLOP/s. "
            f"Engine start-up {res['engine_init_s']:.1f} s.", "", "### Decode step", "",
+           _by_variant(res["decode"]), "",
            _table(res["decode"], [
                ("variant", "variant", ""), ("batch", "batch", "d"),
                ("step_ms", "model+sampling ms", ".2f"), ("engine_step_ms", "engine.step ms", ".2f"),
@@ -309,25 +346,27 @@ def report(res: dict) -> str:
                ("frac_matmul", "of matmul", ".1%"), ("tokens_per_s", "tok/s", ".0f")]),
            "", "### Attention kernels alone", ""]
     if "attention" not in res:
-        return "\n".join(out + ["(not measured)"] + res["errors"])
-    d = res["attention"]["decode"]
-    out.append(f"Decode, batch {d['batch']}, context {d['context']} ({d['kv_MB']:.0f} MB of "
-               f"K+V): Triton {d['triton_ms'] * 1e3:.0f} us = {d['triton_GBps']:.0f} GB/s "
-               f"({d['triton_GBps'] / c['copy_GBps']:.1%} of copy BW)"
-               + (f"; SDPA on contiguous K/V {d['sdpa_ms'] * 1e3:.0f} us = "
-                  f"{d['sdpa_GBps']:.0f} GB/s" if "sdpa_ms" in d else "") + ".")
-    out += ["", _table(res["attention"]["prefill"], [
-        ("tokens", "prefill tokens", "d"), ("triton_ms", "Triton ms", ".2f"),
-        ("triton_TFLOPs", "Triton TFLOP/s", ".0f"), ("sdpa_ms", "SDPA ms", ".2f"),
-        ("sdpa_TFLOPs", "SDPA TFLOP/s", ".0f")])]
+        out.append("(not measured)")
+    else:
+        d = res["attention"]["decode"]
+        out.append(f"Decode, batch {d['batch']}, context {d['context']} ({d['kv_MB']:.0f} MB of "
+                   f"K+V): Triton {d['triton_ms'] * 1e3:.0f} us = {d['triton_GBps']:.0f} GB/s "
+                   f"({d['triton_GBps'] / c['copy_GBps']:.1%} of copy BW)"
+                   + (f"; SDPA on contiguous K/V {d['sdpa_ms'] * 1e3:.0f} us = "
+                      f"{d['sdpa_GBps']:.0f} GB/s" if "sdpa_ms" in d else "") + ".")
+        out += ["", _table(res["attention"]["prefill"], [
+            ("tokens", "prefill tokens", "d"), ("triton_ms", "Triton ms", ".2f"),
+            ("triton_TFLOPs", "Triton TFLOP/s", ".0f"), ("sdpa_ms", "SDPA ms", ".2f"),
+            ("sdpa_TFLOPs", "SDPA TFLOP/s", ".0f")])]
     for prof in res.get("profiles", []):
         cats = sorted(prof["by_category_us"].items(), key=lambda kv: -kv[1])
+        variant = prof.get("variant", "graphs+fused")
         step = next((r["step_ms"] for r in res["decode"] if r["batch"] == prof["batch"]
-                     and r["variant"] == "graphs+fused"), None)
+                     and r["variant"] == variant), None)
         gap = "" if step is None else (
             f"; step {step * 1e3:.0f} us, so {step * 1e3 - prof['kernel_us_per_step']:.0f} us "
             "between kernels (graph launch gaps, input copy, sampler sync)")
-        out += ["", f"### Decode profile, batch {prof['batch']} "
+        out += ["", f"### Decode profile, {variant}, batch {prof['batch']} "
                 f"({prof['kernel_launches_per_step']:.0f} kernels, "
                 f"{prof['kernel_us_per_step']:.0f} us of kernel time per step{gap}"
                 + (f", {prof['note']}" if "note" in prof else "") + ")", "",
@@ -405,6 +444,25 @@ def main(argv=None) -> dict:
             res["decode"].append(
                 measure_decode(engine, b, args, ceil, "graphs+fused, eager split plan", False))
 
+    def rope_write_kv_ab():
+        """RoPE + K/V write as two kernels, then as one again, back to back, same graphs
+        set-up: the difference is that fusion alone (repeat it to see the noise)."""
+        batches = [b for b in (1, 8, 32) if b <= max(args.batches)]
+        try:
+            recapture(engine, fused=True, rope_write_kv=False)
+            for b in batches:
+                res["decode"].append(measure_decode(
+                    engine, b, args, ceil, "graphs+fused, rope+write_kv separate", False))
+                print(res["decode"][-1], flush=True)
+            res["profiles"].append(profile_decode(
+                engine, 1, args, "graphs+fused, rope+write_kv separate"))
+        finally:
+            recapture(engine, fused=True, rope_write_kv=True)
+        for b in batches:
+            res["decode"].append(measure_decode(
+                engine, b, args, ceil, "graphs+fused, rope+write_kv fused (A/B)", False))
+            print(res["decode"][-1], flush=True)
+
     def unfused():
         recapture(engine, fused=False)
         for b in args.batches:
@@ -412,12 +470,21 @@ def main(argv=None) -> dict:
         for t in args.prefill:
             res["prefill"].append(measure_prefill(engine, t, ceil, "unfused"))
 
-    sections = [fused_decode, fused_prefill, profiles, eager_decode, attention, repeat]
-    if not args.skip_hf:
-        sections.append(lambda: run_hf(engine, args, res))
-    if not args.skip_unfused:
-        sections += [eager_split_plan, unfused]
-    for section in sections:
+    named = {"fused_decode": fused_decode, "fused_prefill": fused_prefill,
+             "profiles": profiles, "eager_decode": eager_decode, "attention": attention,
+             "repeat": repeat, "rope_write_kv_ab": rope_write_kv_ab,
+             "hf": lambda: run_hf(engine, args, res), "eager_split_plan": eager_split_plan,
+             "unfused": unfused}
+    assert tuple(named) == SECTIONS
+    skip = {"hf"} if args.skip_hf else set()
+    if args.skip_unfused:
+        skip |= {"eager_split_plan", "unfused"}
+    if args.skip_rope_write_kv_ab:
+        skip.add("rope_write_kv_ab")
+    chosen = [n for n in SECTIONS if n not in skip
+              and (args.sections is None or n in args.sections)]
+    res["sections"] = chosen
+    for section in (named[n] for n in chosen):
         try:
             section()
         except Exception:  # keep measuring; the error is part of the report

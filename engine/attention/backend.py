@@ -10,11 +10,15 @@ Invariants every backend keeps:
   (new tokens included), causally: query row at position p sees cache positions <= p;
 - GQA: query head h reads kv head `h // (num_heads // num_kv_heads)`;
 - outputs are `[T, num_heads, head_dim]` in the dtype of `q`; no host sync.
+
+`write_kv_rope` (rotate q and k, then `write_kv`) has a default built from the rope module
+and `write_kv`; a backend may override it with one fused kernel (Triton does).
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 
 import torch
 
@@ -36,6 +40,25 @@ class AttentionBackend(ABC):
         slot_mapping: torch.Tensor,
     ) -> None:
         """Scatter `k`, `v` (`[T, kv_heads, head_dim]`) into the paged caches."""
+
+    def write_kv_rope(
+        self,
+        rope: Callable[[torch.Tensor, torch.Tensor, torch.Tensor],
+                       tuple[torch.Tensor, torch.Tensor]],
+        positions: torch.Tensor,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        slot_mapping: torch.Tensor,
+    ) -> torch.Tensor:
+        """Rotate `q` and `k` by `rope(positions, q, k)`, store the rotated `k` and `v` as
+        `write_kv` does, and return the rotated `q` (possibly `q` itself, rotated in place).
+        `k` must not be used afterwards: it may or may not have been rotated."""
+        q, k = rope(positions, q, k)
+        self.write_kv(k, v, k_cache, v_cache, slot_mapping)
+        return q
 
     @abstractmethod
     def forward(

@@ -19,6 +19,8 @@ from engine.attention import triton_kernels
 from engine.attention.backend import AttentionBackend, register_backend
 from engine.attention.metadata import AttentionMetadata
 from engine.attention.triton_kernels import AttentionTiles
+from engine.layers import fused
+from engine.layers.norm_rope import RotaryEmbedding
 
 
 @register_backend
@@ -44,6 +46,22 @@ class TritonAttentionBackend(AttentionBackend):
         slot_mapping: torch.Tensor,
     ) -> None:
         triton_kernels.write_kv(k, v, k_cache, v_cache, slot_mapping)
+
+    def write_kv_rope(self, rope, positions, q, k, v, k_cache, v_cache, slot_mapping):
+        """One kernel for RoPE of q and k and the K/V cache write (`fused.rope_write_kv_`),
+        bit-identical to `rope` then `write_kv`, for the rotary modules whose cos/sin tables
+        that kernel reads (HF rotate_half layout); any other `rope` takes the default."""
+        if not isinstance(rope, RotaryEmbedding) or k.shape[0] == 0:
+            return super().write_kv_rope(rope, positions, q, k, v, k_cache, v_cache,
+                                         slot_mapping)
+        triton_kernels._check_cache(k_cache, v_cache)
+        if q.stride(-1) != 1:
+            q = q.contiguous()
+        k = k if k.stride(-1) == 1 else k.contiguous()
+        v = v if v.stride(-1) == 1 else v.contiguous()
+        fused.rope_write_kv_(positions, q, k, v, rope.cos, rope.sin, k_cache, v_cache,
+                             slot_mapping)
+        return q
 
     def forward(
         self,

@@ -1,5 +1,7 @@
 """Fused Triton kernels for the per-token glue between the matmuls: RMSNorm (optionally
 fused with the residual add before it), rotary embedding of q and k in place, and SiLU-mul.
+`rope_write_kv_` also stores the rotated k and v in the paged KV cache, so RoPE and the
+cache write are one kernel a layer instead of two.
 
 Why: in a decode step each of these is a handful of separate torch kernels over a few KB
 (RMSNorm alone is ~7: cast, square, mean, rsqrt, multiply, cast, scale), and at batch 1 a
@@ -45,6 +47,17 @@ def _rms_norm_kernel(
 
 
 @triton.jit
+def _rotate_halves(x1, x2, c1, c2, s1, s2):
+    """rotate_half in fp32: [x1, x2] * cos + [-x2, x1] * sin, rounded to the input dtype.
+    The one copy of the RoPE arithmetic, so every kernel using it rounds alike."""
+    a = x1.to(tl.float32)
+    b = x2.to(tl.float32)
+    y1 = (a * c1[None, :] - b * s1[None, :]).to(x1.dtype)
+    y2 = (b * c2[None, :] + a * s2[None, :]).to(x2.dtype)
+    return y1, y2
+
+
+@triton.jit
 def _rope_rows(ptr, stride_t, stride_h, t, num_heads, c1, c2, s1, s2, d, d_mask,
                HALF: tl.constexpr, BLOCK_H: tl.constexpr):
     h = tl.arange(0, BLOCK_H)
@@ -52,11 +65,21 @@ def _rope_rows(ptr, stride_t, stride_h, t, num_heads, c1, c2, s1, s2, d, d_mask,
     base = ptr + t * stride_t + h[:, None] * stride_h + d[None, :]
     x1 = tl.load(base, mask=mask, other=0.0)
     x2 = tl.load(base + HALF, mask=mask, other=0.0)
-    a = x1.to(tl.float32)
-    b = x2.to(tl.float32)
-    # rotate_half: [x1, x2] * cos + [-x2, x1] * sin
-    tl.store(base, (a * c1[None, :] - b * s1[None, :]).to(x1.dtype), mask=mask)
-    tl.store(base + HALF, (b * c2[None, :] + a * s2[None, :]).to(x2.dtype), mask=mask)
+    y1, y2 = _rotate_halves(x1, x2, c1, c2, s1, s2)
+    tl.store(base, y1, mask=mask)
+    tl.store(base + HALF, y2, mask=mask)
+
+
+@triton.jit
+def _rope_table_rows(cos_ptr, sin_ptr, pos_ptr, t, stride_c, d, d_mask, HALF: tl.constexpr):
+    """The cos/sin halves of token `t`'s position (fp32 tables `[max_pos, 2 * HALF]`)."""
+    pos = tl.load(pos_ptr + t).to(tl.int64)
+    row = pos * stride_c
+    c1 = tl.load(cos_ptr + row + d, mask=d_mask, other=0.0)
+    c2 = tl.load(cos_ptr + row + HALF + d, mask=d_mask, other=0.0)
+    s1 = tl.load(sin_ptr + row + d, mask=d_mask, other=0.0)
+    s2 = tl.load(sin_ptr + row + HALF + d, mask=d_mask, other=0.0)
+    return c1, c2, s1, s2
 
 
 @triton.jit
@@ -69,18 +92,56 @@ def _rope_kernel(
 ):
     """One program per token: rotate all its q and k heads in place."""
     t = tl.program_id(0).to(tl.int64)
-    pos = tl.load(pos_ptr + t).to(tl.int64)
     d = tl.arange(0, BLOCK_HALF)
     d_mask = d < HALF
-    row = pos * stride_c
-    c1 = tl.load(cos_ptr + row + d, mask=d_mask, other=0.0)
-    c2 = tl.load(cos_ptr + row + HALF + d, mask=d_mask, other=0.0)
-    s1 = tl.load(sin_ptr + row + d, mask=d_mask, other=0.0)
-    s2 = tl.load(sin_ptr + row + HALF + d, mask=d_mask, other=0.0)
+    c1, c2, s1, s2 = _rope_table_rows(cos_ptr, sin_ptr, pos_ptr, t, stride_c, d, d_mask, HALF)
     _rope_rows(q_ptr, stride_qt, stride_qh, t, num_heads, c1, c2, s1, s2, d, d_mask,
                HALF, BLOCK_HQ)
     _rope_rows(k_ptr, stride_kt, stride_kh, t, num_kv_heads, c1, c2, s1, s2, d, d_mask,
                HALF, BLOCK_HK)
+
+
+@triton.jit
+def _rope_write_kv_kernel(
+    q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, pos_ptr, slot_ptr, k_cache_ptr, v_cache_ptr,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_c,
+    stride_cb, stride_cs, stride_ch,
+    num_heads, num_kv_heads,
+    HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_HQ: tl.constexpr,
+    BLOCK_HK: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+):
+    """One program per token: rotate its q heads in place, and store its rotated k heads
+    and its v heads at its cache slot (none for slot < 0). `k` itself is not written.
+
+    The same arithmetic as `_rope_kernel` followed by `_write_kv_kernel`: k is rotated in
+    fp32, rounded to k's dtype, then cast to the cache's dtype.
+    """
+    t = tl.program_id(0).to(tl.int64)
+    d = tl.arange(0, BLOCK_HALF)
+    d_mask = d < HALF
+    c1, c2, s1, s2 = _rope_table_rows(cos_ptr, sin_ptr, pos_ptr, t, stride_c, d, d_mask, HALF)
+    _rope_rows(q_ptr, stride_qt, stride_qh, t, num_heads, c1, c2, s1, s2, d, d_mask,
+               HALF, BLOCK_HQ)
+
+    slot = tl.load(slot_ptr + t).to(tl.int64)
+    h = tl.arange(0, BLOCK_HK)
+    # A padding slot empties the head range (scalar & block masks trip the interpreter).
+    mask = (h < tl.where(slot >= 0, num_kv_heads, 0))[:, None] & d_mask[None, :]
+    src_k = k_ptr + t * stride_kt + h[:, None] * stride_kh + d[None, :]
+    src_v = v_ptr + t * stride_vt + h[:, None] * stride_vh + d[None, :]
+    dst = (slot // BLOCK_SIZE) * stride_cb + (slot % BLOCK_SIZE) * stride_cs
+    dst = dst + h[:, None] * stride_ch + d[None, :]
+    x1 = tl.load(src_k, mask=mask, other=0.0)
+    x2 = tl.load(src_k + HALF, mask=mask, other=0.0)
+    y1, y2 = _rotate_halves(x1, x2, c1, c2, s1, s2)
+    k_ty = k_cache_ptr.dtype.element_ty
+    tl.store(k_cache_ptr + dst, y1.to(k_ty), mask=mask)
+    tl.store(k_cache_ptr + dst + HALF, y2.to(k_ty), mask=mask)
+    v_ty = v_cache_ptr.dtype.element_ty
+    v1 = tl.load(src_v, mask=mask, other=0.0)
+    v2 = tl.load(src_v + HALF, mask=mask, other=0.0)
+    tl.store(v_cache_ptr + dst, v1.to(v_ty), mask=mask)
+    tl.store(v_cache_ptr + dst + HALF, v2.to(v_ty), mask=mask)
 
 
 @triton.jit
@@ -152,6 +213,39 @@ def rope_(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos: torch.
         HALF=half, BLOCK_HALF=triton.next_power_of_2(half),
         BLOCK_HQ=triton.next_power_of_2(num_heads), BLOCK_HK=triton.next_power_of_2(k.shape[1]),
         num_warps=4,
+    )
+
+
+def rope_write_kv_(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
+                   v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                   k_cache: torch.Tensor, v_cache: torch.Tensor,
+                   slot_mapping: torch.Tensor) -> None:
+    """`rope_(positions, q, k, cos, sin)` then `write_kv(k, v, k_cache, v_cache,
+    slot_mapping)` in one kernel: `q` `[T, H, D]` is rotated in place; `k`, `v`
+    `[T, Hkv, D]` go, k rotated, to the flat slots `slot_mapping[t]` (int64, -1 = skip) of
+    the `[num_blocks, block_size, Hkv, D]` caches. `k` is left as it was (not rotated).
+    Bit-identical results to the two separate kernels."""
+    num_tokens, num_heads, head_dim = q.shape
+    if num_tokens == 0:
+        return
+    num_kv_heads = k.shape[1]
+    assert k.shape == v.shape == (num_tokens, num_kv_heads, head_dim)
+    assert q.stride(-1) == 1 and k.stride(-1) == 1 and v.stride(-1) == 1
+    assert cos.stride(-1) == 1 and cos.stride() == sin.stride()
+    assert k_cache.shape == v_cache.shape and k_cache.stride() == v_cache.stride()
+    assert k_cache.dim() == 4 and k_cache.shape[2:] == (num_kv_heads, head_dim)
+    assert k_cache.stride(-1) == 1
+    block_size = k_cache.shape[1]
+    assert block_size & (block_size - 1) == 0, "block_size must be a power of two"
+    half = head_dim // 2
+    _rope_write_kv_kernel[(num_tokens,)](
+        q, k, v, cos, sin, positions, slot_mapping, k_cache, v_cache,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        cos.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        num_heads, num_kv_heads,
+        HALF=half, BLOCK_HALF=triton.next_power_of_2(half),
+        BLOCK_HQ=triton.next_power_of_2(num_heads), BLOCK_HK=triton.next_power_of_2(num_kv_heads),
+        BLOCK_SIZE=block_size, num_warps=4,
     )
 
 

@@ -1,16 +1,18 @@
 """The CUDA fast path of the Llama model: the same modules and weights, fused kernels.
 
 `engine.models.llama` stays the one definition of the model (and what the CPU runs).
-`set_fused_kernels(model, True)` switches the decoder layers, the final norm and the rotary
-embedding of one built model to the subclasses below, which only override `forward`:
+`set_fused_kernels(model, True)` switches the decoder layers, their attention modules, the
+final norm and the rotary embedding of one built model to the subclasses below, which only
+override `forward` (or, for attention, its RoPE + cache-write step):
 
-    norm1 -> attention (q/k rotated in place by one kernel) -> [x + h, norm2] in one kernel
-    -> gate|up -> silu*up in one kernel -> down projection with the residual added in the
-    GEMM epilogue (addmm, beta=1)
+    norm1 -> qkv -> [RoPE of q and k + K/V cache write] in one kernel -> attention -> o_proj
+    -> [x + h, norm2] in one kernel -> gate|up -> silu*up in one kernel -> down projection
+    with the residual added in the GEMM epilogue (addmm, beta=1)
 
-so a layer runs ~11 kernels instead of ~40. Switching per instance, reversibly, lets a
+so a layer runs ~10 kernels instead of ~40. Switching per instance, reversibly, lets a
 benchmark compare both paths on the same weights; a CUDA graph captures whichever path
-is active when it is captured.
+is active when it is captured. `set_rope_write_kv_fusion(model, False)` keeps the fused
+path but rotates (one kernel) and writes K/V (another) separately, as before that fusion.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import torch
 
 from engine.layers import fused
 from engine.layers.norm_rope import RMSNorm, RotaryEmbedding
-from engine.models.llama import LlamaDecoderLayer, LlamaForCausalLM
+from engine.models.llama import LlamaAttention, LlamaDecoderLayer, LlamaForCausalLM
 from engine.parallel import tp_size
 
 
@@ -32,6 +34,18 @@ class FusedRotaryEmbedding(RotaryEmbedding):
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
         fused.rope_(positions, q, k, self.cos, self.sin)
         return q, k
+
+
+class FusedLlamaAttention(LlamaAttention):
+    # Class default; `set_rope_write_kv_fusion` overrides it per instance.
+    fuse_rope_write_kv: bool = True
+
+    def rope_write_kv(self, ctx, positions, q, k, v, k_cache, v_cache) -> torch.Tensor:
+        if not self.fuse_rope_write_kv:
+            return super().rope_write_kv(ctx, positions, q, k, v, k_cache, v_cache)
+        # The Triton backend does both in one kernel; others rotate, then write.
+        return ctx.backend.write_kv_rope(self.rope, positions, q, k, v, k_cache, v_cache,
+                                         ctx.meta.slot_mapping)
 
 
 class FusedLlamaDecoderLayer(LlamaDecoderLayer):
@@ -49,6 +63,7 @@ class FusedLlamaDecoderLayer(LlamaDecoderLayer):
 
 _SWAPS = (
     (LlamaDecoderLayer, FusedLlamaDecoderLayer),
+    (LlamaAttention, FusedLlamaAttention),
     (RMSNorm, FusedRMSNorm),
     (RotaryEmbedding, FusedRotaryEmbedding),
 )
@@ -65,3 +80,16 @@ def set_fused_kernels(model: LlamaForCausalLM, enabled: bool) -> None:
 
 def uses_fused_kernels(model: LlamaForCausalLM) -> bool:
     return any(type(m) is FusedLlamaDecoderLayer for m in model.modules())
+
+
+def set_rope_write_kv_fusion(model: LlamaForCausalLM, enabled: bool) -> None:
+    """On the fused path, do RoPE and the K/V cache write in one kernel (`enabled`, the
+    default) or in two (the fused RoPE kernel, then the backend's `write_kv`). Reversible;
+    recapture CUDA graphs after switching. No effect on the reference layers."""
+    for module in model.modules():
+        if isinstance(module, LlamaAttention):
+            module.fuse_rope_write_kv = enabled
+
+
+def uses_rope_write_kv_fusion(model: LlamaForCausalLM) -> bool:
+    return any(type(m) is FusedLlamaAttention and m.fuse_rope_write_kv for m in model.modules())

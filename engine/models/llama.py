@@ -53,13 +53,19 @@ class LlamaAttention(nn.Module):
         q = q.view(t, self.num_heads, self.head_dim)
         k = k.view(t, self.num_kv_heads, self.head_dim)
         v = v.view(t, self.num_kv_heads, self.head_dim)
-        q, k = self.rope(positions, q, k)
         k_cache, v_cache = ctx.kv_cache[self.layer_idx, 0], ctx.kv_cache[self.layer_idx, 1]
-        ctx.backend.write_kv(k, v, k_cache, v_cache, ctx.meta.slot_mapping)
+        q = self.rope_write_kv(ctx, positions, q, k, v, k_cache, v_cache)
         if ctx.on_layer_written is not None:
             ctx.on_layer_written(self.layer_idx)
         out = ctx.backend.forward(q, k_cache, v_cache, ctx.meta, self.scale)
         return self.o_proj(out.reshape(t, q_size))
+
+    def rope_write_kv(self, ctx, positions, q, k, v, k_cache, v_cache) -> torch.Tensor:
+        """Rotate q and k, store k and v in this layer's cache; returns the rotated q.
+        (`engine.models.fused_llama` overrides this with one fused kernel.)"""
+        q, k = self.rope(positions, q, k)
+        ctx.backend.write_kv(k, v, k_cache, v_cache, ctx.meta.slot_mapping)
+        return q
 
 
 class LlamaMLP(nn.Module):

@@ -114,3 +114,27 @@ def test_bf16_engine_close_to_hf_with_same_weights(bf16_graph_llm):
     print(f"bf16 vs HF: {agree}/{total} greedy tokens equal, max logprob diff {max_diff:.4f}")
     assert not bad, bad
     assert max_diff < 0.1
+
+
+def test_fp32_rope_write_kv_fusion_on_equals_off(fp32_llms):
+    """The fused RoPE + K/V write kernel (default) against RoPE and write_kv as two
+    kernels, both under CUDA graphs: the same arithmetic, so the same tokens."""
+    from engine.cuda_graph import DecodeGraphRunner
+    from engine.models.fused_llama import set_rope_write_kv_fusion, uses_rope_write_kv_fusion
+
+    llm = fp32_llms["graphs+fused"]
+    engine = llm.engine
+    assert uses_rope_write_kv_fusion(engine.model)
+    prompts = prompts_for(13, seed=21)
+    on = [o.token_ids for o in generate(llm, prompts)]
+    set_rope_write_kv_fusion(engine.model, False)
+    saved = engine.runner.decode_graphs
+    try:
+        engine.runner.decode_graphs = DecodeGraphRunner.maybe_create(
+            engine.runner, engine.max_model_len, engine.config.scheduler.max_num_seqs)
+        off = [o.token_ids for o in generate(llm, prompts)]
+    finally:
+        set_rope_write_kv_fusion(engine.model, True)
+        engine.runner.decode_graphs = saved
+    assert on == off
+    assert on == [o.token_ids for o in generate(fp32_llms["eager"], prompts)]

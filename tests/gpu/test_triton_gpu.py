@@ -154,3 +154,70 @@ def test_decode_replays_under_cuda_graph():
     meta.seq_lens_host = new_lens
     torch.testing.assert_close(out.float(), sdpa_reference(q, k_cache, v_cache, meta, scale),
                                atol=TOL, rtol=TOL)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_rope_write_kv_fused_equals_rope_then_write_kv(dtype):
+    """RoPE + K/V cache write in one kernel against the fused RoPE kernel then write_kv
+    (bitwise: the same fp32 arithmetic, the same roundings) and against the torch
+    reference (RotaryEmbedding, torch write_kv), at Llama-3.1-8B head shapes with llama3
+    rope scaling; decode rows of a batch of 32, a 300-token prefill chunk across blocks and
+    padded (-1) rows; then replayed from a CUDA graph with new positions and slots."""
+    import dataclasses
+
+    from engine.attention import triton_kernels
+    from engine.layers import fused
+    from engine.layers.norm_rope import RotaryEmbedding
+    from engine.loader import synthetic
+
+    cfg = dataclasses.replace(
+        synthetic.synthetic_config("random:llama-3.1-8b", torch.device("cuda"), dtype),
+        max_position_embeddings=16384)
+    assert (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim) == (HEADS, KV_HEADS, HEAD_DIM)
+    assert cfg.rope_scaling is not None
+    rope = RotaryEmbedding(cfg).cuda()
+    gen = torch.Generator(device="cuda").manual_seed(3)
+    _, k_cache, v_cache, meta = make_batch(
+        [(int(n), 1) for n in torch.randint(0, 8000, (32,), generator=torch.Generator())]
+        + [(1000, 300)], dtype=dtype)
+    slots = meta.slot_mapping.clone()
+    slots[5::11] = -1
+    positions = torch.cat([meta.seq_lens[:32].long() - 1,
+                           torch.arange(1000, 1300, device="cuda")])
+    t = len(positions)
+    qkv = torch.randn(t, (HEADS + 2 * KV_HEADS) * HEAD_DIM, device="cuda", generator=gen)
+    q, k, v = qkv.to(dtype).split([HEADS * HEAD_DIM, KV_HEADS * HEAD_DIM,
+                                   KV_HEADS * HEAD_DIM], dim=-1)
+    q, k, v = (x.view(t, -1, HEAD_DIM) for x in (q, k, v))
+
+    def separate(q, k, kc, vc):
+        q, k, kc, vc = q.clone(), k.clone(), kc.clone(), vc.clone()
+        fused.rope_(positions, q, k, rope.cos, rope.sin)
+        triton_kernels.write_kv(k, v, kc, vc, slots)
+        return q, kc, vc
+
+    want = separate(q, k, k_cache, v_cache)
+    got_q, got_k, got_v = q.clone(), k_cache.clone(), v_cache.clone()
+    fused.rope_write_kv_(positions, got_q, k.clone(), v, rope.cos, rope.sin, got_k, got_v,
+                         slots)
+    for g, w in zip((got_q, got_k, got_v), want):
+        assert torch.equal(g, w)
+    ref_q, ref_k = rope(positions, q, k)
+    ref_kc, ref_vc = k_cache.clone(), v_cache.clone()
+    TorchAttentionBackend().write_kv(ref_k, v, ref_kc, ref_vc, slots)
+    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
+    for g, w in zip((got_q, got_k, got_v), (ref_q, ref_kc, ref_vc)):
+        torch.testing.assert_close(g.float(), w.float(), **tol)
+
+    # Under a CUDA graph (as the decode step runs it): capture, then replay on new inputs.
+    gq, gk, gv = q.clone(), k_cache.clone(), v_cache.clone()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fused.rope_write_kv_(positions, gq, k, v, rope.cos, rope.sin, gk, gv, slots)
+    positions.copy_(torch.randint(0, 16384, positions.shape, device="cuda", generator=gen))
+    slots.copy_(slots.flip(0))
+    gq.copy_(q), gk.copy_(k_cache), gv.copy_(v_cache)
+    graph.replay()
+    for g, w in zip((gq, gk, gv), separate(q, k, k_cache, v_cache)):
+        assert torch.equal(g, w)
