@@ -10,11 +10,17 @@ Why a plain socket rather than a gRPC unary call: the announce sits on the time 
 token of every request whose first layer is ready before the announce is written; a
 loopback write costs tens of microseconds, a Python gRPC round trip several hundred. A
 frame larger than `MAX_FRAME` or a message that is not a msgpack map closes the connection.
+
+`ControlClient.send_nowait` writes a frame from any thread without blocking (the socket is
+in timeout mode, so its descriptor is non-blocking at the OS level): the prefill side writes
+an announce from the thread that opened the transfer, with no hand-off to another thread
+(which, under the GIL, can wait for the forward pass's next blocking call).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import socket
 import struct
 import threading
@@ -57,9 +63,14 @@ def _recv_exact(sock: socket.socket, n: int) -> bytes:
     return bytes(buf)
 
 
-def send_msg(sock: socket.socket, msg: dict[str, Any]) -> None:
+def encode_msg(msg: dict[str, Any]) -> bytes:
+    """One frame: the 4-byte length and the msgpack body."""
     body = msgpack.packb(msg, use_bin_type=True)
-    sock.sendall(_LEN.pack(len(body)) + body)
+    return _LEN.pack(len(body)) + body
+
+
+def send_msg(sock: socket.socket, msg: dict[str, Any]) -> None:
+    sock.sendall(encode_msg(msg))
 
 
 def recv_msg(sock: socket.socket) -> dict[str, Any]:
@@ -137,11 +148,19 @@ class ControlServer:
 
 
 class ControlClient:
-    """One connection to a decode worker's `ControlServer`; not thread-safe."""
+    """One connection to a decode worker's `ControlServer`.
+
+    `send`, `send_bytes` and `recv` are for one thread at a time; `send_nowait` may be called
+    from another thread meanwhile (it never blocks), and `close` from any thread."""
 
     def __init__(self, address: str) -> None:
         self.address = address
         self._sock: socket.socket | None = None
+        self._nowait = False  # the descriptor is non-blocking: `send_nowait` may write
+        self._lock = threading.Lock()  # `close` against `send_nowait`: no write to a reused fd
+
+    def connected_to(self, address: str) -> bool:
+        return self._sock is not None and self.address == address
 
     def call(self, msg: dict[str, Any], timeout: float) -> dict[str, Any]:
         """Send `msg` and return the reply (see `send` and `recv`)."""
@@ -152,29 +171,61 @@ class ControlClient:
         """Write `msg` (connecting first if needed); once this returns, the peer will read
         it unless the connection breaks. `ControlError` on any failure."""
         try:
+            data = encode_msg(msg)
+        except (TypeError, ValueError) as e:
+            raise ControlError(f"KV announce channel to {self.address}: {e}") from None
+        self.send_bytes(data, timeout)
+
+    def send_bytes(self, data: bytes, timeout: float) -> None:
+        """Write frames already encoded (`encode_msg`), connecting first if needed."""
+        try:
             if self._sock is None:
                 host, port = split_host_port(self.address)
-                self._sock = socket.create_connection((host, port), timeout=timeout)
-                self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                sock = socket.create_connection((host, port), timeout=timeout)
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                with self._lock:
+                    self._sock = sock
+                    # Timeout mode keeps the descriptor non-blocking (documented CPython
+                    # behaviour); checked rather than assumed.
+                    self._nowait = not os.get_blocking(sock.fileno())
             self._sock.settimeout(max(timeout, 1e-3))
-            send_msg(self._sock, msg)
+            self._sock.sendall(data)
         except (OSError, ValueError) as e:
             self.close()
             raise ControlError(f"KV announce channel to {self.address}: {e}") from None
 
+    def send_nowait(self, data: bytes) -> int:
+        """Write what the socket takes of `data` now, without blocking: the byte count, 0
+        when not connected or the socket's buffer is full. A caller that got less than
+        `len(data)` must write the rest (`send_bytes`) before any other frame.
+        `ControlError` if the connection failed (it is then closed)."""
+        with self._lock:
+            if self._sock is None or not self._nowait:
+                return 0
+            try:
+                return os.write(self._sock.fileno(), data)
+            except BlockingIOError:
+                return 0
+            except OSError as e:
+                err = e
+        self.close()
+        raise ControlError(f"KV announce channel to {self.address}: {err}")
+
     def recv(self, timeout: float) -> dict[str, Any]:
         """The next reply; `ControlError` on any failure (the connection is then dropped,
         and the caller cannot know whether the peer acted on what it sent)."""
-        if self._sock is None:
+        sock = self._sock
+        if sock is None:
             raise ControlError(f"KV announce channel to {self.address}: not connected")
         try:
-            self._sock.settimeout(max(timeout, 1e-3))
-            return recv_msg(self._sock)
+            sock.settimeout(max(timeout, 1e-3))
+            return recv_msg(sock)
         except OSError as e:
             self.close()
             raise ControlError(f"KV announce channel to {self.address}: {e}") from None
 
     def close(self) -> None:
-        if self._sock is not None:
-            self._sock.close()
-            self._sock = None
+        with self._lock:
+            sock, self._sock = self._sock, None
+        if sock is not None:
+            sock.close()

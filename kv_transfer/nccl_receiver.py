@@ -3,8 +3,8 @@
 Announce first (nccl_wire has the message layout): a prefill worker writes each transfer's
 announce on the host channel (kv_transfer/nccl_control.py) before it puts a byte on the
 communicator. The announce handler checks it against the reservation made by `expect`
-(compat key, layer count, block size, exact destination ids, still PENDING) and queues a
-job on that communicator's `_PeerLink`: a receive into the reservation (reply: accepted) or,
+(compat key, layer count, block size, exact destination ids, still PENDING) and hands a
+job to that communicator's `_PeerLink`: a receive into the reservation (reply: accepted) or,
 for a refusal, a drain into scratch (reply: refused, drained; the request, if known, is
 marked FAILED) — the sender does not wait for the reply before sending, so the bytes come
 either way. No NCCL operation is pending on this GPU unless a transfer was announced: an
@@ -13,20 +13,32 @@ module loading the first launch of any not-yet-loaded kernel, or a cudaFree, wai
 device to drain — so the decode process stalled until the next transfer arrived, forever
 if none did.
 
-Each link thread takes its jobs in the order the announces were read (the order the prefill
-side sends them: one announce connection per pair), posts every layer's receives at once —
-straight into `pool[layer, 0|1, run]` of the reserved blocks, no staging copy — and the
-TRAILER, and polls until the trailer has landed: COMPLETE if it says every layer was sent,
-else FAILED. A job whose reservation was cancelled after it was accepted is drained too.
+When the link is idle, the announce handler posts the job's receives itself, on the thread
+that read the announce (a hand-off to another thread costs a wake-up and the GIL on the
+time to first token): every layer at once — straight into `pool[layer, 0|1, run]` of the
+reserved blocks, no staging copy — in growing groups (the first holds layer 0 alone, so
+its kernel receives while the host posts the rest; nccl_device.group_sizes), the TRAILER
+in the last. The link's waiter
+thread polls until the trailer has landed: COMPLETE if it says every layer was sent, else
+FAILED. A job announced while another is in flight waits in the link's queue (its blocks
+stay free to cancel) and the waiter posts it when the one before it is done, so jobs are
+posted in the order the announces were read (the order the prefill side sends them: one
+announce connection per pair). A job whose reservation was cancelled after it was
+accepted, but before it was posted, is drained.
 
-Writes versus cancel: the link holds the reservation's lock from its first posted receive
-until the trailer landed or the communicator was aborted, so `cancel` (which takes the lock)
-returns only when no byte can land in the blocks any more (BlockReceiver's invariant).
+Writes versus cancel: the reservation's lock is held from the job's first posted receive
+until the trailer landed or the communicator was aborted (taken by the poster, released by
+the waiter), so `cancel` (which takes the lock) returns only when no byte can land in the
+blocks any more (BlockReceiver's invariant).
 
 Timeouts: a transfer still in flight past its lease or `transfer_timeout`, or whose `wait`
 timed out, aborts the communicator: the request is FAILED at once, the link stops (its
 queued jobs FAILED) and the pair shows in `broken_peers` until `connect` replaces it; the
 prefill side's `finish` times out too. Idle links post nothing and wait on the host.
+
+Options: `nccl_tuning` (see kv_transfer/nccl_device.py; the hello refuses a prefill side
+whose tuning differs) and `timing` (CUDA timing events around each request's receives:
+`data_seconds(request_id)`, for benchmarks).
 """
 
 from __future__ import annotations
@@ -35,8 +47,8 @@ import itertools
 import logging
 import threading
 import time
-from collections import deque
-from collections.abc import Sequence
+from collections import OrderedDict, deque
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -47,7 +59,6 @@ from kv_transfer.nccl_control import ControlServer
 from kv_transfer.nccl_device import CudaDevice, poll
 from kv_transfer.nccl_wire import (
     HELLO_MAGIC,
-    MAX_GROUP_OPS,
     OUTCOME_DONE,
     TRAILER_LEN,
     WARM_BYTES,
@@ -83,19 +94,28 @@ class _Job:
     num_layers: int
     runs: list[tuple[int, int]]  # (byte offset of the run's K in a layer's K plane, bytes)
     drain: bool = False
+    locked: bool = False  # holds res.lock: receiving into the reservation's blocks
+    host: Any = None  # the trailer's host copy, valid once `done`
+    done: Any = None  # event after the trailer landed
+    start: Any = None  # timing event before the first receive (timing on)
+    deadline: float = 0.0
+    error: str = ""  # posting failed
+    trace: dict | None = None  # timing on: host clock (time.time()) at each step
 
 
 class _PeerLink:
-    """The receive thread of one communicator. Only this thread makes NCCL calls on it
-    (after `hello`)."""
+    """One communicator: posts jobs (`submit`, or its waiter thread) and waits for their
+    trailers (the waiter thread). NCCL calls on it are made under `_cond`, after `hello`."""
 
     def __init__(self, rx: NcclKVReceiver, peer_id: str, comm: Any, token: str) -> None:
         self.rx, self.peer_id, self.comm, self.token = rx, peer_id, comm, token
         self.device = rx.device
         self.stream = self.device.new_stream()
-        self.stop_reason = ""  # set by anyone; the thread then aborts the comm and ends
+        self.stop_reason = ""  # set by anyone; the waiter then aborts the comm and ends
         self.broken = ""
-        self._jobs: deque[_Job] = deque()
+        self._current: _Job | None = None  # posted, trailer not landed yet
+        self._pending: deque[_Job] = deque()  # announced behind `_current`, not posted
+        self._closed = False  # the waiter has ended: no more jobs
         self._cond = threading.Condition()
         self.thread = threading.Thread(target=self._run, name=f"kv-nccl-recv-{peer_id}",
                                        daemon=True)
@@ -106,49 +126,90 @@ class _PeerLink:
                 self.stop_reason = reason
             self._cond.notify_all()
 
-    def enqueue(self, job: _Job) -> bool:
-        """Queue an accepted transfer; False if the link has stopped."""
+    def submit(self, job: _Job) -> str:
+        """Take an accepted transfer, posting it now if the link is idle (on the caller's
+        thread: the announce handler's); "" or, if the link has stopped, why."""
         with self._cond:
-            if self.stop_reason:
-                return False
-            self._jobs.append(job)
+            if self._closed or self.stop_reason:
+                return self.stop_reason or "stopped"
+            if self._current is None and not self._pending:
+                self._current = job
+                self._start(job)
+            else:
+                self._pending.append(job)
             self._cond.notify_all()
-            return True
+            return ""
 
     def hello(self, timeout: float) -> None:
-        """The first message of a new communicator (see nccl_wire.WARM_BYTES)."""
+        """The first messages of a new communicator: the prefill side's magic and NCCL
+        tuning digest, then WARM_BYTES (see nccl_wire.WARM_BYTES)."""
         dev, s = self.device, self.stream
-        buf, warm = dev.words(1, s), dev.scratch(WARM_BYTES, s)
-        with self.comm.group():
-            self.comm.recv(buf, s)
-            self.comm.recv(warm, s)
+        buf = dev.words(2, s)
+        self.comm.recv_many([(buf, 0, 2 * 8)], s)
         host = dev.download(buf, s)
         dev.download(dev.words(TRAILER_LEN, s), s)  # pin the trailer's host buffer size now
         if not poll(dev.record(s).query, time.time() + timeout) or \
                 int(host[0]) != HELLO_MAGIC:
             self._abort("no hello from the prefill side")
-            raise KVTransferError(f"NCCL connect to {self.peer_id}: no valid hello in {timeout} s")
+            raise KVTransferError(f"NCCL connect to {self.peer_id}: no valid hello in {timeout} "
+                                  "s (both sides must use the same NCCL tuning)")
+        mine = dev.tuning_digest()
+        if int(host[1]) != mine:
+            self._abort("NCCL tuning differs")
+            raise KVTransferError(
+                f"NCCL connect to {self.peer_id}: the prefill side's NCCL tuning (digest "
+                f"{int(host[1]):#x}) differs from this decode worker's ({mine:#x}: "
+                f"{getattr(dev, 'tuning', {}) or 'none'}); set the same on both sides")
+        warm = dev.scratch(WARM_BYTES, s)
+        self.comm.recv_many([(warm, 0, WARM_BYTES)], s)
+        if not poll(dev.record(s).query, time.time() + timeout):
+            self._abort("no warm-up from the prefill side")
+            raise KVTransferError(f"NCCL connect to {self.peer_id}: warm-up not received in "
+                                  f"{timeout} s")
 
     def _run(self) -> None:
         reason = "stopped"
         try:
             while True:
                 with self._cond:
-                    self._cond.wait_for(lambda: self._jobs or self.stop_reason)
+                    self._cond.wait_for(lambda: self._current is not None or self._pending
+                                        or self.stop_reason)
                     if self.stop_reason:
                         break
-                    job = self._jobs.popleft()
-                self._serve(job)
-        except TimeoutError as e:  # a transfer overran: _post aborted or will
+                    if self._current is None:  # announced while the previous one was busy
+                        self._current = self._pending.popleft()
+                        self._start(self._current)
+                    job = self._current
+                self._finish(job)
+                with self._cond:
+                    self._current = None
+        except TimeoutError as e:  # a transfer overran: _finish aborts below
             reason = str(e)
         except Exception as e:  # noqa: BLE001 - the stream is out of step: give the pair up
             reason = f"receiving from {self.peer_id} failed: {e}"
             log.exception("NCCL KV link to %s", self.peer_id)
-        self._abort(self.stop_reason or reason)
+        self._shutdown(self.stop_reason or reason)
+
+    def _shutdown(self, reason: str) -> None:
         with self._cond:
-            left, self._jobs = list(self._jobs), deque()
+            self._closed = True
+            if not self.stop_reason:
+                self.stop_reason = reason
+            left = ([self._current] if self._current is not None else []) + list(self._pending)
+            self._current, self._pending = None, deque()
+        self._abort(reason)
+        if any(job.locked for job in left):
+            # Let the aborted kernels exit before the lock (and so the blocks) is released.
+            poll(self.device.record(self.stream).query, time.time() + _ABORT_GRACE_S)
+        why = f"NCCL pair with {self.peer_id} broken: {self.broken or reason}"
         for job in left:
-            self.rx.fail(job.rid, f"NCCL pair with {self.peer_id} broken: {self.broken}")
+            if job.locked:
+                self.rx._settle(job.res, TransferStatus.FAILED, why)
+                self.rx._set_inflight(job.rid, None)
+                job.locked = False
+                job.res.lock.release()
+            else:
+                self.rx.fail(job.rid, why)
 
     def _abort(self, reason: str) -> None:
         if self.broken:
@@ -161,42 +222,30 @@ class _PeerLink:
         except Exception:  # noqa: BLE001 - already dead is what we wanted
             log.exception("aborting the NCCL communicator with %s", self.peer_id)
 
-    def _serve(self, job: _Job) -> None:
+    def _start(self, job: _Job) -> None:
+        """Under `_cond`: take the reservation's lock (if it is still pending) and post the
+        job's receives; a posting error is kept for the waiter, which then aborts."""
         res = job.res
         if res is not None and not job.drain:
-            with res.lock:
-                if not res.forgotten and res.state is TransferStatus.PENDING:
-                    self._receive(job)
-                    return
-            # Cancelled (or decided) after it was accepted: the sender sends it regardless.
-            self.rx.fail(job.rid, f"request {job.rid} is no longer pending")
-        self._post(job, into_pool=False)
-
-    def _receive(self, job: _Job) -> None:
-        """Called with the reservation's lock held: land the request or abort the comm."""
-        res, rid = job.res, job.rid
-        self.rx._set_inflight(rid, self)
+            res.lock.acquire()
+            if res.forgotten or res.state is not TransferStatus.PENDING:
+                res.lock.release()
+                # Cancelled (or decided) after it was accepted: the sender sends it regardless.
+                self.rx.fail(job.rid, f"request {job.rid} is no longer pending")
+                job.drain = True
+            else:
+                job.locked = True
+                self.rx._set_inflight(job.rid, self)
         try:
-            t = self._post(job, into_pool=True)
-        except Exception as e:
-            self._abort(str(e))
-            # Let the aborted kernels exit before the lock (and so the blocks) is released.
-            poll(self.device.record(self.stream).query, time.time() + _ABORT_GRACE_S)
-            self.rx._settle(res, TransferStatus.FAILED, str(e))
-            raise
-        finally:
-            self.rx._set_inflight(rid, None)
-        ok = t.outcome == OUTCOME_DONE and t.layers_sent == job.num_layers
-        self.rx._settle(res, TransferStatus.COMPLETE if ok else TransferStatus.FAILED,
-                        "" if ok else f"sender aborted after {t.layers_sent}/{job.num_layers} "
-                        "layers")
+            self._post(job)
+        except Exception as e:  # noqa: BLE001 - reported by the waiter, which aborts the pair
+            job.error = f"posting the receives of {job.rid} failed: {e}"
 
-    def _post(self, job: _Job, into_pool: bool) -> Trailer:
-        """Post the job's receives (into its blocks, or into scratch) and wait for its
-        trailer; TimeoutError past the deadline, ValueError if the stream is out of step."""
+    def _post(self, job: _Job) -> None:
+        """Post the job's receives (into its blocks, or into scratch) and its trailer's."""
         dev, comm, s, pool = self.device, self.comm, self.stream, self.rx.pool
         kv = pool.shape[2] * self.rx.block_bytes  # K plane of a layer -> its V plane
-        if into_pool:
+        if job.locked:
             # Blocks just freed by decode may still be written by queued compute kernels.
             dev.wait(s, dev.record(dev.current_stream()))
             buf, layer_bytes = pool, 2 * kv
@@ -207,25 +256,48 @@ class _PeerLink:
         for layer in range(job.num_layers):
             base = layer * layer_bytes
             for off, n in job.runs:
-                ops += ([(buf, base + off, n), (buf, base + kv + off, n)] if into_pool
+                ops += ([(buf, base + off, n), (buf, base + kv + off, n)] if job.locked
                         else [(buf, 0, n), (buf, 0, n)])
-        for at in range(0, len(ops), MAX_GROUP_OPS):  # every layer posted at once
-            with comm.group():
-                for t, offset, n in ops[at:at + MAX_GROUP_OPS]:
-                    comm.recv(t, s, offset, n)
-        with comm.group():
-            comm.recv(trailer, s)
-        host = dev.download(trailer, s)
+        ops.append((trailer, 0, TRAILER_LEN * 8))  # in the last group: one launch fewer
         deadline = time.time() + self.rx.transfer_timeout
         if job.res is not None:
             deadline = min(deadline, job.res.deadline)
-        if not poll(dev.record(s).query, deadline, lambda: bool(self.stop_reason)):
+        job.deadline = deadline
+        if self.rx.timing:
+            job.start = dev.timer(s)
+        # Every layer posted at once, the first layer in a group of its own: its kernel
+        # receives while the host posts the rest (in growing groups, see group_sizes).
+        comm.recv_many(ops, s, first_group=2 * len(job.runs))
+        job.host = dev.download(trailer, s)
+        job.done = dev.timer(s) if self.rx.timing else dev.record(s)
+        if job.trace is not None:
+            job.trace["posted"] = time.time()
+
+    def _finish(self, job: _Job) -> None:
+        """Wait for the job's trailer and settle it; TimeoutError past the deadline,
+        ValueError if the stream is out of step (the caller then aborts)."""
+        if job.error:
+            raise RuntimeError(job.error)
+        if not poll(job.done.query, job.deadline, lambda: bool(self.stop_reason)):
             raise TimeoutError(self.stop_reason or f"request {job.rid}: transfer not done by "
                                "its deadline")
-        t = Trailer.decode([int(w) for w in host.tolist()])
+        if job.trace is not None:
+            job.trace["landed"] = time.time()
+        t = Trailer.decode([int(w) for w in job.host.tolist()])
         if t.key != job.key:
             raise ValueError(f"trailer for key {t.key} closed request {job.rid}")
-        return t
+        if job.start is not None and job.locked:
+            self.rx._timed(job.rid, self.device.elapsed(job.start, job.done), job.trace)
+        if job.locked:
+            ok = t.outcome == OUTCOME_DONE and t.layers_sent == job.num_layers
+            self.rx._settle(job.res, TransferStatus.COMPLETE if ok else TransferStatus.FAILED,
+                            "" if ok else f"sender aborted after {t.layers_sent}/"
+                            f"{job.num_layers} layers")
+            if job.trace is not None:
+                job.trace["settled"] = time.time()
+            self.rx._set_inflight(job.rid, None)
+            job.locked = False
+            job.res.lock.release()
 
 
 def _refuse(code: str, error: str, drain: bool = False) -> dict:
@@ -240,9 +312,13 @@ class NcclKVReceiver(BlockReceiver):
 
     def __init__(self, pool: torch.Tensor, compat_key: str, name: str | None = None,
                  device: Any = None, transfer_timeout: float = 30.0, host: str = "127.0.0.1",
-                 port: int = 0, advertise_host: str | None = None) -> None:
+                 port: int = 0, advertise_host: str | None = None,
+                 nccl_tuning: str | Mapping[str, Any] | None = None,
+                 timing: bool = False) -> None:
         super().__init__(pool, compat_key)
-        self.device = device if device is not None else CudaDevice(pool.device)
+        self.device = device if device is not None else CudaDevice(pool.device, nccl_tuning)
+        self.timing = timing
+        self._data_s: OrderedDict[str, tuple[float, dict]] = OrderedDict()  # timing on
         self._name = name or f"nccl-kv-{next(_NAMES)}"
         self.transfer_timeout = transfer_timeout
         self.block_bytes = pool[0, 0, 0].numel() * pool.element_size()
@@ -305,6 +381,20 @@ class NcclKVReceiver(BlockReceiver):
         link.stop(reason)
         return TransferStatus.FAILED
 
+    def data_seconds(self, request_id: str) -> float | None:
+        """Timing on: GPU seconds from the request's first posted receive to its trailer
+        landing (the data path as the decode stream saw it); None if not recorded."""
+        with self._cond:
+            got = self._data_s.get(request_id)
+        return None if got is None else got[0]
+
+    def trace(self, request_id: str) -> dict:
+        """Timing on: host clock (time.time()) when the request's announce was read, its
+        receives posted, its trailer seen landed, and the request settled."""
+        with self._cond:
+            got = self._data_s.get(request_id)
+        return {} if got is None else dict(got[1] or {})
+
     def cancel(self, request_id: str) -> None:
         super().cancel(request_id)
         with self._cond:
@@ -330,6 +420,7 @@ class NcclKVReceiver(BlockReceiver):
         a well-formed announce on a known pair still queues the transfer, to be drained into
         scratch (`drain: True` in the reply). Only a malformed announce, an unknown pair or
         a stopped link is refused without draining: the sender then gives the pair up."""
+        read_at = time.time()
         try:
             a = Announce.from_msg(msg)
         except ValueError as e:
@@ -351,10 +442,13 @@ class NcclKVReceiver(BlockReceiver):
                            f"layers and {a.block_bytes}-byte blocks is out of range")
         code, why = self._check(a, res, ids, again)
         job = _Job(rid, None if code else res, request_key(rid), a.num_layers, runs,
-                   drain=bool(code))
-        if not link.enqueue(job):
+                   drain=bool(code), trace={"announce": read_at} if self.timing else None)
+        stopped = link.submit(job)  # posts its receives now when the link is idle
+        if stopped:
+            if res is not None and not code:
+                self.fail(rid, f"NCCL pair with {link.peer_id} is broken: {stopped}")
             return _refuse("UNAVAILABLE", f"NCCL pair with {link.peer_id} is broken: "
-                           f"{link.stop_reason}")
+                           f"{stopped}")
         return _refuse(code, why, drain=True) if code else {"ok": True}
 
     def _check(self, a: Announce, res: _Reservation | None, ids: tuple[int, ...] | None,
@@ -394,6 +488,12 @@ class NcclKVReceiver(BlockReceiver):
                 self._inflight.pop(rid, None)
             else:
                 self._inflight[rid] = link
+
+    def _timed(self, rid: str, seconds: float, trace: dict | None) -> None:
+        with self._cond:
+            self._data_s[rid] = (seconds, trace)
+            while len(self._data_s) > 1024:
+                self._data_s.popitem(last=False)
 
     def _settle(self, res: _Reservation, state: TransferStatus, error: str) -> None:
         """Called by the link holding `res.lock`: the transfer's outcome, unless decided."""

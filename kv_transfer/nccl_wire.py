@@ -12,9 +12,10 @@ A transfer is announced before any NCCL operation for it exists on either GPU:
 The decode side posts receives only for announces it read, so its GPU holds no pending
 NCCL operation while no transfer is announced; the sender does not wait for the reply, so
 the announce costs a one-way write, not a round trip, on the time to first token. The
-trailer stays on NCCL: it is ordered after the last layer on the same FIFO, so its arrival
-proves every layer landed (the receiver needs that GPU-side fact anyway), and an abort is
-told in-band, after filler for the receives already posted.
+trailer stays on NCCL, after the last layer on the same FIFO (in the last layer's group on
+both sides): the event the receiver records after it completes only once every layer
+landed (the GPU-side fact it needs anyway), and an abort is told in-band, after filler for
+the receives already posted.
 
 A run is a maximal stretch of the reservation whose destination block ids are consecutive,
 so `pool[l, 0|1, first:first + length]` is one contiguous region on the decode side and the

@@ -61,7 +61,7 @@ def _prefill_main(uid_q, to_p, to_d, res_q) -> None:
         pool.copy_(src)
         pool.zero_()
         torch.cuda.synchronize()
-        tx = NcclKVSender(pool, KEY)
+        tx = NcclKVSender(pool, KEY, timing=True)
         uid = tx.unique_id()
         uid_q.put(uid)
         tx.connect("decode-0", uid, 0)
@@ -123,6 +123,8 @@ def _prefill_main(uid_q, to_p, to_d, res_q) -> None:
                 except KVTransferError as e:  # refused announces: reported, the test checks
                     out.setdefault("refused", []).append(f"{h.request_id}: {e}")
                 out.setdefault("announce_ms", []).append((h.announce_s or 0) * 1e3)
+                if h.data_s is not None:
+                    out.setdefault("data_ms", []).append(h.data_s * 1e3)
         res_q.put(("prefill", out))
         tx.close()
     except BaseException:
@@ -150,7 +152,7 @@ def _decode_main(scenario: str, uid_q, to_p, to_d, res_q) -> None:
         # No warm-up of the checks' kernels: with the old always-posted header receive, their
         # first (lazily loaded) launch after connect hung until the next header arrived
         # (the 2026-11-22 run hung exactly so). Now nothing is posted while idle.
-        rx = NcclKVReceiver(pool, KEY, name="decode-0")
+        rx = NcclKVReceiver(pool, KEY, name="decode-0", timing=True)
         rx.connect("prefill-0", uid_q.get(timeout=120), 1)
 
         out: dict = {}
@@ -163,6 +165,7 @@ def _decode_main(scenario: str, uid_q, to_p, to_d, res_q) -> None:
             to_p.put(("send", [(_sink(rx, "r1", dst), ids)]))
             out["scattered"] = rx.wait("r1", 30) is complete and landed(dst, ids) and \
                 int(pool[:, :, [b for b in range(BLOCKS) if b not in dst]].count_nonzero()) == 0
+            out["rx_data_s"] = rx.data_seconds("r1")
             reqs = [("c0", [50, 51, 52, 53], [0, 1, 2, 3]), ("c1", [60, 61], [20, 7]),
                     ("c2", [12, 13, 14], [33, 34, 35])]
             to_p.put(("compute", [(_sink(rx, r, d), i) for r, d, i in reqs]))
@@ -266,6 +269,11 @@ def test_idle_decode_gpu_launches_new_kernels_without_stalling(main_run):
     # With a receive always posted, these first launches waited for the next transfer.
     assert main_run["decode"]["fresh_kernel_idle_s"] < 5.0
     assert main_run["decode"]["fresh_kernel_after_transfers_s"] < 5.0
+
+
+def test_timing_option_reports_the_data_path_on_both_streams(main_run):
+    assert main_run["decode"]["rx_data_s"] is not None and main_run["decode"]["rx_data_s"] > 0
+    assert main_run["prefill"]["data_ms"] and min(main_run["prefill"]["data_ms"]) > 0
 
 
 def test_sender_abort_fails_the_request_and_keeps_the_pair(main_run):

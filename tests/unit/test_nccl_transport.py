@@ -30,10 +30,14 @@ from kv_transfer import (
     TransferStatus,
     make_receiver,
     make_sender,
+    nccl_device,
+    nccl_transport,
 )
 from kv_transfer.nccl_control import ControlClient, ControlError, split_host_port
+from kv_transfer.nccl_device import apply_nccl_tuning, group_sizes, parse_nccl_tuning
 from kv_transfer.nccl_transport import NcclKVReceiver, NcclKVSender
 from kv_transfer.nccl_wire import (
+    MAX_GROUP_OPS,
     Announce,
     Run,
     Trailer,
@@ -99,6 +103,7 @@ class _Event:
 class FakeComm:
     def __init__(self, world: _World, uid: tuple, rank: int) -> None:
         self.world, self.uid, self.rank, self.aborted = world, uid, rank, False
+        self.groups: list[tuple[str, list[int]]] = []  # NCCL groups the real comm would make
 
     def _queue(self, sender: int) -> deque:
         return self.world.channels.setdefault((self.uid, sender), deque())
@@ -142,15 +147,28 @@ class FakeComm:
 
         stream.push(op)
 
+    def send_many(self, ops, stream: _Stream, first_group: int = MAX_GROUP_OPS) -> None:
+        self.groups.append(("send", group_sizes(len(ops), first_group)))
+        for t, offset, nbytes in ops:
+            self.send(t, stream, offset, nbytes)
+
+    def recv_many(self, ops, stream: _Stream, first_group: int = MAX_GROUP_OPS) -> None:
+        self.groups.append(("recv", group_sizes(len(ops), first_group)))
+        for t, offset, nbytes in ops:
+            self.recv(t, stream, offset, nbytes)
+
     def abort(self) -> None:
         self.aborted = True
 
 
 class FakeDevice:
-    def __init__(self, world: _World) -> None:
+    def __init__(self, world: _World, digest: int = 0) -> None:
         self.world = world
         self.compute = _Stream(world)
         self.streams: list[_Stream] = []
+        self.digest = digest
+        self.timed: list[_Event] = []
+        self.waits = 0
 
     def new_stream(self) -> _Stream:
         self.streams.append(_Stream(self.world))
@@ -167,7 +185,20 @@ class FakeDevice:
     def record(self, stream: _Stream) -> _Event:
         return _Event(stream)
 
+    def timer(self, stream: _Stream) -> _Event:
+        self.timed.append(_Event(stream))
+        self.timed[-1].at = time.perf_counter()
+        return self.timed[-1]
+
+    @staticmethod
+    def elapsed(start: _Event, end: _Event) -> float:
+        return max(0.0, end.at - start.at)
+
+    def tuning_digest(self) -> int:
+        return self.digest
+
     def wait(self, stream: _Stream, event: _Event) -> None:
+        self.waits += 1
         stream.push(event.ready)
 
     def upload(self, words, stream) -> torch.Tensor:
@@ -534,3 +565,199 @@ def test_unreachable_announce_channel_breaks_the_pair():
         p.close()
     with pytest.raises(ControlError):
         ControlClient(sink.address.split("@", 1)[1]).call({"op": "x"}, 1)
+
+
+# ---- host latency: announce on the caller's thread, receives posted on the announce thread ----
+
+
+def test_announce_is_written_by_open_once_the_channel_is_up(pair, monkeypatch):
+    p = pair()
+    send_all(p.tx, expect(p.rx, "first", [1]), [2]).finish(5)  # connects the channel
+    gate, real = threading.Event(), ControlClient.recv
+
+    def held(self, timeout):  # replies are late: the announcer thread sits in recv
+        gate.wait(5)
+        return real(self, timeout)
+
+    monkeypatch.setattr(ControlClient, "recv", held)
+    handle = p.tx.open(expect(p.rx, "r", [3, 4]), [5, 6])
+    assert handle.written  # on the socket before open returned: no thread hand-off
+    for layer in range(LAYERS):
+        handle.send_layer(layer)
+    assert p.rx.wait("r", 5) is TransferStatus.COMPLETE and landed(p, [5, 6], [3, 4])
+    gate.set()
+    handle.finish(5)
+
+
+def test_partly_written_announce_is_finished_by_the_announcer_in_order(pair, monkeypatch):
+    p = pair()
+    send_all(p.tx, expect(p.rx, "first", [1]), [2]).finish(5)
+    real = ControlClient.send_nowait
+    monkeypatch.setattr(ControlClient, "send_nowait", lambda self, data: real(self, data[:7]))
+    a = send_all(p.tx, expect(p.rx, "a", [3, 4]), [5, 6])  # 7 bytes now, the rest later
+    b = send_all(p.tx, expect(p.rx, "b", [7]), [8])  # queued behind a's rest
+    a.finish(5)
+    b.finish(5)
+    assert p.rx.wait("a", 5) is TransferStatus.COMPLETE and landed(p, [5, 6], [3, 4])
+    assert p.rx.wait("b", 5) is TransferStatus.COMPLETE and landed(p, [8], [7])
+    assert p.tx.broken_peers() == []
+
+
+def test_idle_link_posts_on_the_announce_thread_and_a_busy_one_queues(pair, monkeypatch):
+    p = pair()
+    posters = []
+    real = FakeComm.recv_many
+
+    def spy(self, ops, stream, first_group=MAX_GROUP_OPS):
+        posters.append(threading.current_thread().name)
+        return real(self, ops, stream, first_group)
+
+    monkeypatch.setattr(FakeComm, "recv_many", spy)
+    first = p.tx.open(expect(p.rx, "first", [1, 2]), [3, 4])
+    first.send_layer(0)
+    second = p.tx.open(expect(p.rx, "second", [8, 9]), [10, 11])
+    assert until(lambda: second.accepted)
+    assert len(posters) == 1 and posters[0].startswith("kv-nccl-ctl")  # no hand-off
+    for layer in range(LAYERS):
+        if layer:
+            first.send_layer(layer)
+        second.send_layer(layer)
+    first.finish(5)
+    second.finish(5)
+    assert p.rx.wait("second", 5) is TransferStatus.COMPLETE and landed(p, [10, 11], [8, 9])
+    assert posters[1].startswith("kv-nccl-recv")  # posted by the waiter once first was done
+
+
+def test_stream_waits_once_per_batch_of_ready_layers(pair, monkeypatch):
+    p = pair()
+    gate, real = threading.Event(), ControlClient.send_bytes
+
+    def held(self, data, timeout):  # the announce goes out after every layer is ready
+        gate.wait(5)
+        return real(self, data, timeout)
+
+    monkeypatch.setattr(ControlClient, "send_bytes", held)
+    handle = send_all(p.tx, expect(p.rx, "r", [3, 4]), [5, 6])
+    waits = p.tx.device.waits
+    gate.set()
+    handle.finish(5)
+    assert p.tx.device.waits - waits == 1  # one compute stream: its last event covers all
+    assert p.rx.wait("r", 5) is TransferStatus.COMPLETE and landed(p, [5, 6], [3, 4])
+
+
+def test_timing_option_reports_data_path_seconds():
+    world = _World()
+    gen = torch.Generator().manual_seed(0)
+    dst = KVLayout(LAYERS, HEADS, DIM, BLOCK_SIZE, "bfloat16").allocate(BLOCKS, "cpu")
+    src = torch.randn(dst.shape, generator=gen).to(dst.dtype)
+    tx = NcclKVSender(src, KEY, device=FakeDevice(world), timing=True)
+    rx = NcclKVReceiver(dst, KEY, name="decode-0", device=FakeDevice(world), timing=True)
+    try:
+        connect(tx, rx)
+        handle = send_all(tx, expect(rx, "r", [3, 4]), [5, 6])
+        handle.finish(5)
+        assert rx.wait("r", 5) is TransferStatus.COMPLETE
+        assert handle.data_s is not None and handle.data_s >= 0
+        assert until(lambda: rx.data_seconds("r") is not None)
+    finally:
+        tx.close()
+        rx.close()
+    assert not world.errors, world.errors
+
+
+def test_pair_with_different_nccl_tuning_is_refused_at_connect():
+    world = _World()
+    dst = KVLayout(LAYERS, HEADS, DIM, BLOCK_SIZE, "bfloat16").allocate(BLOCKS, "cpu")
+    tx = NcclKVSender(dst.clone(), KEY, device=FakeDevice(world, digest=1))
+    rx = NcclKVReceiver(dst, KEY, name="decode-0", device=FakeDevice(world, digest=2))
+    errors = []
+
+    def join():
+        try:
+            rx.connect("prefill-0", uid, 1, timeout=5)
+        except KVTransferError as e:
+            errors.append(str(e))
+
+    try:
+        uid = tx.unique_id()
+        t = threading.Thread(target=join)
+        t.start()
+        # the prefill side's warm-up is never taken: its connect times out on its own
+        threading.Thread(target=lambda: _quiet(tx.connect, "decode-0", uid, 0, 2),
+                         daemon=True).start()
+        t.join(10)
+        assert errors and "NCCL tuning" in errors[0] and "differs" in errors[0], errors
+        assert rx.broken_peers() == []  # never joined: nothing to replace
+    finally:
+        tx.close()
+        rx.close()
+
+
+def _quiet(fn, *args) -> None:
+    try:
+        fn(*args)
+    except KVTransferError:
+        pass
+
+
+# ---- NCCL tuning option -------------------------------------------------------------------------
+
+
+def test_nccl_tuning_is_validated():
+    assert parse_nccl_tuning("p2p_nvl_chunksize=131072, NCCL_MIN_P2P_NCHANNELS=32") == {
+        "NCCL_P2P_NVL_CHUNKSIZE": "131072", "NCCL_MIN_P2P_NCHANNELS": "32"}
+    assert parse_nccl_tuning({"MAX_P2P_NCHANNELS": 64}) == {"NCCL_MAX_P2P_NCHANNELS": "64"}
+    assert parse_nccl_tuning(None) == parse_nccl_tuning("") == {}
+    with pytest.raises(ValueError, match="not one of"):
+        parse_nccl_tuning("NVLS_ENABLE=1")  # not a point-to-point knob: never set by us
+    with pytest.raises(ValueError, match="not an integer"):
+        parse_nccl_tuning("P2P_NVL_CHUNKSIZE=big")
+    with pytest.raises(ValueError, match="outside"):
+        parse_nccl_tuning("MIN_P2P_NCHANNELS=65")
+    with pytest.raises(ValueError, match="exceeds"):
+        parse_nccl_tuning("MIN_P2P_NCHANNELS=32,MAX_P2P_NCHANNELS=16")
+    with pytest.raises(ValueError, match="NAME=VALUE"):
+        parse_nccl_tuning("MIN_P2P_NCHANNELS")
+
+
+def test_nccl_tuning_is_set_before_the_first_communicator_only(monkeypatch):
+    monkeypatch.setattr(nccl_device, "_ENV_AT_INIT", None)
+    monkeypatch.delenv("NCCL_P2P_NVL_CHUNKSIZE", raising=False)
+    monkeypatch.setenv("PDSERVE_NCCL_TUNING", "P2P_NVL_CHUNKSIZE=262144")
+    assert apply_nccl_tuning(None) == {"NCCL_P2P_NVL_CHUNKSIZE": "262144"}
+    assert nccl_device.os.environ["NCCL_P2P_NVL_CHUNKSIZE"] == "262144"
+    before = nccl_device.tuning_digest()
+    nccl_device._mark_comm_made()  # what new_communicator does
+    assert apply_nccl_tuning({"P2P_NVL_CHUNKSIZE": 262144})  # the same value: fine
+    with pytest.raises(KVTransferError, match="first NCCL communicator"):
+        apply_nccl_tuning({"P2P_NVL_CHUNKSIZE": 131072})
+    monkeypatch.setenv("NCCL_P2P_NVL_CHUNKSIZE", "65536")  # too late to matter
+    assert nccl_device.tuning_digest() == before  # what NCCL read, not the environment now
+
+
+def test_receives_start_with_a_group_of_one_layer_and_grow():
+    assert group_sizes(65, 2) == [2, 4, 8, 16, 32, 3]
+    assert group_sizes(65) == [65] and group_sizes(0, 2) == []
+    assert group_sizes(600, 254) == [254, 256, 90]
+
+
+def test_layers_that_come_back_to_back_are_launched_together(pair, monkeypatch):
+    p = pair()
+    send_all(p.tx, expect(p.rx, "warm", [1]), [2]).finish(5)  # connects the channel
+    clock = [100.0]
+    monkeypatch.setattr(nccl_transport.time, "perf_counter", lambda: clock[0])
+    handle = p.tx.open(expect(p.rx, "r", [3, 4]), [5, 6])
+    comm = p.tx._pairs["decode-0"].comm
+    before = len(comm.groups)
+    assert LAYERS == 4
+    handle.send_layer(0)  # launched at once
+    handle.send_layer(1)  # 0 us later: held for the next call
+    assert len(comm.groups) == before + 1
+    clock[0] += 1.0
+    handle.send_layer(2)  # a second later: 1 and 2 go out together
+    assert len(comm.groups) == before + 2
+    handle.send_layer(3)  # right behind, but the last layer is never held: with the trailer
+    handle.finish(5)
+    sizes = [sum(g) for _, g in comm.groups[before:]]
+    assert sizes == [2, 4, 2 + 1], sizes
+    assert p.rx.wait("r", 5) is TransferStatus.COMPLETE and landed(p, [5, 6], [3, 4])
