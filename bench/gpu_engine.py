@@ -493,6 +493,8 @@ def main(argv=None) -> dict:
             res["errors"].append(err[-2000:])
             for rid in list(engine._seqs):  # leave no half-measured requests behind
                 engine.abort(rid)
+        with open(args.out, "w") as f:  # after every section: a killed run keeps its figures
+            json.dump(res, f, indent=1, default=str)
     text = report(res)
     res["markdown"] = text
     with open(args.out, "w") as f:
