@@ -24,14 +24,16 @@ from engine.attention.metadata import AttentionMetadata
 
 
 def gather_kv(cache: torch.Tensor, block_ids: torch.Tensor, length: int) -> torch.Tensor:
-    """The first `length` tokens cached in blocks `block_ids` (int64, in order), as
-    `[length, kv_heads, head_dim]`.
+    """The first `length` tokens cached in blocks `block_ids` (in order), as
+    `[length, kv_heads, head_dim]`. `block_ids` may be a whole block-table row: entries past
+    the blocks that hold `length` tokens (e.g. -1 padding) are never read.
 
     `index_select` on the block axis copies whole blocks (memcpy of contiguous rows); it
     is several times faster on CPU than advanced indexing `cache[ids]`, which goes through
     the generic index kernel, and gives the same tensor.
     """
-    return cache.index_select(0, block_ids).flatten(0, 1)[:length]
+    n_blocks = -(-length // cache.shape[1])
+    return cache.index_select(0, block_ids[:n_blocks].long()).flatten(0, 1)[:length]
 
 
 @dataclass(slots=True)

@@ -25,7 +25,7 @@ import torch  # noqa: E402
 
 from engine.attention.backend import get_backend  # noqa: E402
 from engine.attention.metadata import AttentionMetadata  # noqa: E402
-from engine.attention.torch_backend import TorchAttentionBackend  # noqa: E402
+from engine.attention.torch_backend import TorchAttentionBackend, gather_kv  # noqa: E402
 from engine.attention.triton_backend import TritonAttentionBackend  # noqa: E402
 from engine.attention.triton_kernels import AttentionTiles, plan_decode_splits  # noqa: E402
 
@@ -172,3 +172,13 @@ def test_odd_head_dim_is_padded():
 def test_half_precision(dtype):
     batch = make_batch([(18, 1), (7, 11)], dtype=dtype, block_size=8)
     check_forward(batch, SPLIT16, atol=2e-2)
+
+
+def test_gather_kv_reads_only_the_blocks_holding_the_tokens():
+    """A whole block-table row (int32, -1 padding after the used blocks) is a valid input:
+    the GPU tests' SDPA reference passes rows like that."""
+    cache = torch.randn(10, 4, 2, 3)
+    row = torch.tensor([3, 5, 7, -1, -1], dtype=torch.int32)
+    for length in (1, 4, 5, 6, 12):
+        want = torch.cat([cache[3], cache[5], cache[7]])[:length]
+        assert torch.equal(gather_kv(cache, row, length), want)
