@@ -36,6 +36,15 @@ def gather_kv(cache: torch.Tensor, block_ids: torch.Tensor, length: int) -> torc
     return cache.index_select(0, block_ids[:n_blocks].long()).flatten(0, 1)[:length]
 
 
+# Prefill chunks whose score matrix (heads x query_len x seq_len) has at most this many
+# entries are attended with two batched matmuls and a softmax (`_prefill_matmul`); larger
+# ones go through SDPA, which never materialises the scores. On the 2-core CI machine
+# (SmolLM2, 9 heads over 3 kv heads) the matmul form took a 255-token causal chunk from
+# 3.0 to 2.0 ms a layer and a 64-token one from 312 to 141 us: CPU SDPA with GQA or a mask
+# takes its math path, which re-checks the boolean mask in every call.
+_MATMUL_PREFILL_MAX_SCORES = 1 << 24  # 64 MiB of fp32 scores
+
+
 @dataclass(slots=True)
 class _PrefillPlan:
     start: int  # first row of the sequence in the flattened batch
@@ -43,6 +52,7 @@ class _PrefillPlan:
     seq_len: int
     block_ids: torch.Tensor  # int64, the blocks holding tokens [0, seq_len)
     mask: torch.Tensor | None  # [query_len, seq_len] bool; None: plain causal (no context)
+    bias: torch.Tensor | None = None  # [query_len, seq_len] 0 / -inf, made on first use
 
 
 @dataclass(slots=True)
@@ -108,6 +118,29 @@ def _plan_decode(
     )
 
 
+def _prefill_matmul(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: _PrefillPlan,
+                    scale: float) -> torch.Tensor:
+    """Causal attention of one chunk, `q` `[L, H, d]` over `k`, `v` `[kvh, S, d]`, as
+    softmax(q k^T * scale + bias) v with the query heads of each kv head stacked into one
+    matrix (GQA without repeating K/V). The bias (0 / -inf) is built once per step per
+    sequence and shared by every layer; every row keeps at least its own position."""
+    length, heads, d = q.shape
+    kv_heads, seq_len, _ = k.shape
+    group = heads // kv_heads
+    if plan.bias is None:
+        allowed = plan.mask if plan.mask is not None else torch.ones(
+            length, seq_len, dtype=torch.bool, device=q.device).tril()
+        plan.bias = torch.zeros(length, seq_len, dtype=torch.float32, device=q.device
+                                ).masked_fill_(~allowed, float("-inf"))
+    # [L, H, d] -> [kvh, group * L, d]: query head h = kv_head * group + j.
+    qg = q.transpose(0, 1).reshape(kv_heads, group * length, d).float()
+    scores = torch.bmm(qg, k.float().transpose(1, 2)).view(kv_heads, group, length, seq_len)
+    scores.mul_(scale).add_(plan.bias)
+    probs = torch.softmax(scores, dim=-1).view(kv_heads, group * length, seq_len)
+    out = torch.bmm(probs, v.float()).view(heads, length, d)
+    return out.transpose(0, 1).to(q.dtype)
+
+
 def _kept_slots(slot_mapping: torch.Tensor) -> torch.Tensor | None:
     keep = slot_mapping >= 0
     return None if bool(keep.all()) else keep
@@ -146,11 +179,13 @@ class TorchAttentionBackend(AttentionBackend):
 
     @staticmethod
     def _prefill_one(q, k_cache, v_cache, plan: _PrefillPlan, scale):
-        # [seq_len, kv_heads, d] -> [kv_heads, seq_len, d]; enable_gqa lets each group of
-        # query heads read its kv head without materialising repeated K/V (bit-identical
-        # to repeat_interleave).
+        # [seq_len, kv_heads, d] -> [kv_heads, seq_len, d]
         k = gather_kv(k_cache, plan.block_ids, plan.seq_len).transpose(0, 1)
         v = gather_kv(v_cache, plan.block_ids, plan.seq_len).transpose(0, 1)
+        if q.shape[1] * plan.query_len * plan.seq_len <= _MATMUL_PREFILL_MAX_SCORES:
+            return _prefill_matmul(q, k, v, plan, scale)
+        # enable_gqa lets each group of query heads read its kv head without materialising
+        # repeated K/V (bit-identical to repeat_interleave).
         o = F.scaled_dot_product_attention(
             q.transpose(0, 1), k, v, attn_mask=plan.mask, is_causal=plan.mask is None,
             scale=scale, enable_gqa=True,

@@ -182,3 +182,20 @@ def test_gather_kv_reads_only_the_blocks_holding_the_tokens():
     for length in (1, 4, 5, 6, 12):
         want = torch.cat([cache[3], cache[5], cache[7]])[:length]
         assert torch.equal(gather_kv(cache, row, length), want)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_torch_prefill_matmul_path_equals_its_sdpa_path(monkeypatch, dtype):
+    """The torch backend attends small prefill chunks with bmm + softmax and large ones with
+    SDPA; both must give the same rows (chunks on a cached prefix, from scratch, with decode
+    rows beside them, GQA)."""
+    from engine.attention import torch_backend
+
+    q, k_cache, v_cache, meta = make_batch([(0, 37), (21, 16), (40, 1), (0, 5), (70, 9)],
+                                           heads=6, kv_heads=2, dtype=dtype, seed=3)
+    scale = q.shape[-1] ** -0.5
+    got = TorchAttentionBackend().forward(q, k_cache, v_cache, meta, scale)
+    monkeypatch.setattr(torch_backend, "_MATMUL_PREFILL_MAX_SCORES", 0)
+    want = TorchAttentionBackend().forward(q, k_cache, v_cache, meta, scale)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(got.float(), want.float(), atol=tol, rtol=tol)
