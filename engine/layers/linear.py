@@ -29,8 +29,9 @@ _PACKED_ATTR = "_pdserve_onednn_packed"
 # The row count oneDNN picks its blocked layout for. Measured on the 2-core CI machine
 # (SmolLM2-135M's 30 layers of gate|up, 1 thread, ms, plain -> packed for 16 rows):
 # 1 row 17.1 -> 15.7, 4 rows 22.8 -> 13.8, 16 rows 35.3 -> 23.6, 64 rows 89 -> 76,
-# 512 rows 641 -> 528; a layout packed for 1 row is no faster than plain, one for 512
-# rows is slower below 64 rows. Decode batches of a few to a few dozen rows win most.
+# 512 rows 641 -> 528. A layout packed for 1 row is no faster than plain; at 2 threads,
+# layouts for 16, 128 and 512 rows ran alike at 16 and at 512 rows (all four projections:
+# 16 rows 41 ms plain -> 24-26 ms, 512 rows 530-630 -> ~500 ms). Decode batches win most.
 _PACK_ROWS = 16
 
 
