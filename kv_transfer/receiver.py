@@ -37,7 +37,7 @@ class ChunkRejected(KVTransferError):
 
 @dataclass(slots=True)
 class _Reservation:
-    block_ids: torch.Tensor  # decode pool ids, long, on the pool's device
+    block_ids: tuple[int, ...]  # decode pool ids, in the request's block order
     num_tokens: int
     deadline: float
     num_layers: int
@@ -48,6 +48,11 @@ class _Reservation:
     layers_done: int = 0
     error: str = ""
     lock: threading.Lock = field(default_factory=threading.Lock)
+    # `block_ids` on the pool's device, made by the first chunk written. Not at reservation:
+    # a host list copied to a GPU waits for the work already queued on the copying thread's
+    # stream (a decode step, milliseconds), and transports that write the pool themselves
+    # (nccl) never need it.
+    device_ids: torch.Tensor | None = None
 
 
 class BlockReceiver(KVReceiver):
@@ -72,7 +77,7 @@ class BlockReceiver(KVReceiver):
                         "reserved")
         num_layers = self.pool.shape[0]
         res = _Reservation(
-            block_ids=torch.tensor(sink.block_ids, dtype=torch.long, device=self.pool.device),
+            block_ids=sink.block_ids,
             num_tokens=num_tokens, deadline=sink.deadline, num_layers=num_layers,
             received=[bytearray(len(sink.block_ids)) for _ in range(num_layers)],
         )
@@ -148,7 +153,7 @@ class BlockReceiver(KVReceiver):
             raise ChunkRejected("INVALID_ARGUMENT",
                                 f"request {request_id}: layer {layer} outside "
                                 f"0..{res.num_layers - 1}")
-        nblocks = res.block_ids.numel()
+        nblocks = len(res.block_ids)
         if first_block < 0 or first_block + n > nblocks:
             raise ChunkRejected("INVALID_ARGUMENT",
                                 f"request {request_id}: blocks {first_block}..{first_block + n - 1}"
@@ -158,7 +163,10 @@ class BlockReceiver(KVReceiver):
                 raise ChunkRejected("NOT_FOUND", f"request {request_id} was cancelled")
             if res.state is not TransferStatus.PENDING:
                 raise ChunkRejected("ABORTED", f"request {request_id} is {res.state.value}")
-            dst = res.block_ids[first_block:first_block + n]
+            if res.device_ids is None:
+                res.device_ids = torch.tensor(res.block_ids, dtype=torch.long,
+                                              device=self.pool.device)
+            dst = res.device_ids[first_block:first_block + n]
             # index_copy_ on the basic-indexed view writes into the pool storage itself.
             self.pool[layer].index_copy_(1, dst, data.to(self.pool.device))
             seen = res.received[layer]
