@@ -11,6 +11,10 @@ One command, one process, everything measured in the same run:
    RoPE + K/V cache write as one kernel (default) against two (rope, then write_kv),
    timed back to back (off, on) under graphs at batch 1/8/32, with a batch-1 kernel profile
    of the off variant (kernel launches per step before/after);
+   the Triton GEMV for <= 8 rows against cuBLAS (`gemv_ab`): each 8B projection shape
+   alone at 1 and 8 rows over a block-size sweep (the best config per shape is installed),
+   then decode at batch 1/8 with cuBLAS, with the GEMV for q|k|v and o_proj (weights
+   <= 64 MiB), and with it for every dense() product, each with a batch-1 profile;
 3. a kernel profile of the decode step (where the time goes);
 4. prefill of 512/2048/8192 tokens -> TFLOP/s (2 x linear params x tokens + causal
    attention; the LM head only for the sampled row) as a fraction of the matmul rate;
@@ -20,7 +24,8 @@ One command, one process, everything measured in the same run:
    closeness rule) and its decode step at batch 1/8/32 (manual loop with its KV cache).
 
 Run on the GPU machine: `python -m bench.gpu_engine --out gpu_engine.json`
-(`--sections rope_write_kv_ab` for that comparison alone; `--help` lists the sections).
+(`--sections rope_write_kv_ab` or `gemv_ab` for one comparison alone; `--help` lists the
+sections).
 Markdown tables go to stdout, every number to the JSON file.
 """
 
@@ -69,7 +74,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 SECTIONS = ("fused_decode", "fused_prefill", "profiles", "eager_decode", "attention", "repeat",
-            "rope_write_kv_ab", "hf", "eager_split_plan", "unfused")
+            "rope_write_kv_ab", "gemv_ab", "hf", "eager_split_plan", "unfused")
 
 
 def _names(text: str) -> list[str]:
@@ -358,6 +363,24 @@ def report(res: dict) -> str:
             ("tokens", "prefill tokens", "d"), ("triton_ms", "Triton ms", ".2f"),
             ("triton_TFLOPs", "Triton TFLOP/s", ".0f"), ("sdpa_ms", "SDPA ms", ".2f"),
             ("sdpa_TFLOPs", "SDPA TFLOP/s", ".0f")])]
+    if res.get("gemv_micro"):
+        out += ["", "### Triton GEMV vs cuBLAS, each projection alone (graphs, weights "
+                "beyond L2)", "",
+                "| shape | in -> out | rows | cuBLAS us | cuBLAS of copy BW | Triton us "
+                "(default cfg) | default of copy BW | best Triton us | best of copy BW "
+                "| best config (kernel, BN, BK, warps, stages) | programs |",
+                "|---|---|---|---|---|---|---|---|---|---|---|"]
+        for r in res["gemv_micro"]:
+            cb, best = r["cublas"], r["best"]
+            dflt = next((t for t in r["triton"] if t.get("default") and "us" in t), None)
+            cfg = best["config"] if best else None
+            out.append(
+                f"| {r['shape']} | {r['in']} -> {r['out']} | {r['rows']} | {cb['us']:.1f} | "
+                f"{cb['frac_copy_bw']:.1%} | "
+                + (f"{dflt['us']:.1f} | {dflt['frac_copy_bw']:.1%} | " if dflt else "– | – | ")
+                + (f"{best['us']:.1f} | {best['frac_copy_bw']:.1%} | {cfg['kernel']}, "
+                   f"{cfg['block_n']}, {cfg['block_k']}, {cfg['num_warps']}, "
+                   f"{cfg['num_stages']} | {best['programs']} |" if best else "– | – | – | – |"))
     for prof in res.get("profiles", []):
         cats = sorted(prof["by_category_us"].items(), key=lambda kv: -kv[1])
         variant = prof.get("variant", "graphs+fused")
@@ -463,6 +486,34 @@ def main(argv=None) -> dict:
                 engine, b, args, ceil, "graphs+fused, rope+write_kv fused (A/B)", False))
             print(res["decode"][-1], flush=True)
 
+    def gemv_ab():
+        """cuBLAS, then the Triton GEMV for the small projections, then for all of dense()'s
+        products, back to back, same graphs set-up; the switch is restored afterwards."""
+        from engine.layers import gemv as gemv_mod
+        from engine.layers import linear
+
+        res["gemv_micro"] = micro = gpu_kernels.gemv_shapes(ceil)
+        for row in micro:  # the sweep's best config for each shape goes into the A/B
+            if row["best"] is not None:
+                gemv_mod.set_config(row["out"], row["in"], row["rows"] == 1,
+                                    gemv_mod.GemvConfig(**row["best"]["config"]))
+        batches = [b for b in (1, 8) if b <= max(args.batches)]
+        before = (linear._triton_gemv, linear._gemv_max_weight_bytes)
+        variants = (("graphs+fused, cuBLAS (gemv off)", False, None),
+                    ("graphs+fused, Triton GEMV <= 64 MiB (qkv, o)", True, 64 << 20),
+                    ("graphs+fused, Triton GEMV all dense()", True, None))
+        try:
+            for label, on, limit in variants:
+                linear.set_triton_gemv(on, limit)
+                recapture(engine, fused=True)
+                for b in batches:
+                    res["decode"].append(measure_decode(engine, b, args, ceil, label, False))
+                    print(res["decode"][-1], flush=True)
+                res["profiles"].append(profile_decode(engine, 1, args, label))
+        finally:
+            linear.set_triton_gemv(*before)
+            recapture(engine, fused=True)
+
     def unfused():
         recapture(engine, fused=False)
         for b in args.batches:
@@ -472,7 +523,7 @@ def main(argv=None) -> dict:
 
     named = {"fused_decode": fused_decode, "fused_prefill": fused_prefill,
              "profiles": profiles, "eager_decode": eager_decode, "attention": attention,
-             "repeat": repeat, "rope_write_kv_ab": rope_write_kv_ab,
+             "repeat": repeat, "rope_write_kv_ab": rope_write_kv_ab, "gemv_ab": gemv_ab,
              "hf": lambda: run_hf(engine, args, res), "eager_split_plan": eager_split_plan,
              "unfused": unfused}
     assert tuple(named) == SECTIONS

@@ -7,6 +7,7 @@ Timings are medians of CUDA-event-timed repeats after warm-up, on random data (n
 
 from __future__ import annotations
 
+import dataclasses
 import statistics
 from collections.abc import Callable
 
@@ -178,3 +179,78 @@ def kernel_profile(fn: Callable[[], object], steps: int = 5) -> dict:
     return {"kernel_us_per_step": sum(r["us_per_step"] for r in kernels),
             "kernel_launches_per_step": sum(r["calls_per_step"] for r in kernels),
             "by_category_us": cats, "top_kernels": kernels[:15]}
+
+
+# ---- Triton GEMV vs cuBLAS at Llama-3.1-8B projection shapes ------------------------------
+
+GEMV_SHAPES = {  # name: (in_features, out_features)
+    "qkv": (4096, 6144), "o_proj": (4096, 4096), "gate_up": (4096, 28672),
+    "down": (14336, 4096), "lm_head": (4096, 128256),
+}
+
+
+def gemv_configs(rows: int) -> list:
+    """The block-size sweep: the sum kernel (one row only) and the tensor-core dot kernel."""
+    from engine.layers.gemv import GemvConfig
+
+    dot = [GemvConfig("dot", bn, bk, w, s) for bn, bk, w, s in
+           ((16, 256, 4, 4), (16, 128, 4, 6), (16, 512, 4, 3), (32, 256, 4, 4),
+            (32, 128, 4, 5), (16, 256, 8, 4))]
+    if rows != 1:
+        return dot
+    return [GemvConfig("sum", bn, bk, w, 1) for bn, bk, w in
+            ((16, 512, 4), (8, 512, 4), (8, 1024, 4), (16, 1024, 8), (16, 256, 4),
+             (32, 256, 4), (32, 512, 8), (4, 1024, 4))] + dot
+
+
+def _per_weight(fn, ws: list, nbytes: int, ceil: dict) -> dict:
+    """`fn(w)` for every weight in `ws`, graphed: microseconds and GB/s per product."""
+    ms = time_ms(graphed(lambda: [fn(w) for w in ws]), warmup=3, iters=20) / len(ws)
+    gbps = nbytes / ms / 1e6
+    return {"us": ms * 1e3, "GBps": gbps, "frac_copy_bw": gbps / ceil["copy_GBps"]}
+
+
+def gemv_shapes(ceil: dict, rows_list=(1, 8), shapes=None, l2_bytes: int = 256 << 20) -> list:
+    """Each projection shape alone: cuBLAS (`F.linear`) against the Triton GEMV for every
+    config of the sweep. One CUDA graph runs the product on enough distinct weight copies
+    to exceed `l2_bytes` (as a model's layers do: nothing is served from L2); time per
+    product = replay / copies. GB/s counts the weight, x and the output once."""
+    from engine.layers.gemv import gemv, get_config
+
+    rows_out = []
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    for name, (k, n) in (shapes or GEMV_SHAPES).items():
+        wbytes = n * k * 2
+        copies = max(1, -(-l2_bytes // wbytes))
+        ws = [(torch.randn(n, k, device="cuda", generator=gen) * k**-0.5).to(torch.bfloat16)
+              for _ in range(copies)]
+        for m in rows_list:
+            x = torch.randn(m, k, device="cuda", generator=gen).to(torch.bfloat16)
+            nbytes = wbytes + (m * k + m * n) * 2
+
+            row = {"shape": name, "in": k, "out": n, "rows": m, "weight_MB": wbytes / 1e6,
+                   "copies": copies, "triton": [],
+                   "cublas": _per_weight(lambda w, x=x: F.linear(x, w), ws, nbytes, ceil)}
+            default = get_config(n, k, m)
+            ref = F.linear(x.float(), ws[0].float())
+            for cfg in gemv_configs(m):
+                entry = {"config": dataclasses.asdict(cfg), "programs": cfg.programs(n),
+                         "default": cfg == default}
+                try:
+                    err = (gemv(x, ws[0], None, cfg).float() - ref).abs().max().item()
+                    entry.update(_per_weight(lambda w, x=x, cfg=cfg: gemv(x, w, None, cfg), ws,
+                                             nbytes, ceil), max_err=err)
+                except Exception as e:  # e.g. out of shared memory: report, keep sweeping
+                    entry["error"] = repr(e)[:200]
+                row["triton"].append(entry)
+            ok = [t for t in row["triton"] if "us" in t and t["max_err"] < 0.1]
+            row["best"] = min(ok, key=lambda t: t["us"]) if ok else None
+            rows_out.append(row)
+            best = row["best"]
+            print(f"gemv {name} rows {m}: cuBLAS {row['cublas']['us']:.1f} us "
+                  f"({row['cublas']['frac_copy_bw']:.1%}), best Triton "
+                  + (f"{best['us']:.1f} us ({best['frac_copy_bw']:.1%}) {best['config']}"
+                     if best else "none"), flush=True)
+        del ws
+        torch.cuda.empty_cache()
+    return rows_out

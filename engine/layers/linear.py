@@ -34,6 +34,45 @@ _PACKED_ATTR = "_pdserve_onednn_packed"
 # 16 rows 41 ms plain -> 24-26 ms, 512 rows 530-630 -> ~500 ms). Decode batches win most.
 _PACK_ROWS = 16
 
+# CUDA: the Triton GEMV (`engine.layers.gemv`) for decode steps of <= 8 rows instead of
+# cuBLAS, for weights of at most `_gemv_max_weight_bytes` (None: any size). Off by default
+# until the H100 A/B (bench.gpu_engine --sections gemv_ab) shows it faster; on an H100,
+# cuBLAS reads q|k|v and o_proj at only 81-82 % of copy bandwidth at batch 1, gate|up and
+# down at 95 %. The default size limit (64 MiB) takes q|k|v (48 MiB) and o_proj (32 MiB)
+# of Llama-3.1-8B and leaves gate|up (224 MiB) and the LM head to cuBLAS. Decided when a
+# graph is captured: recapture after changing it.
+_GEMV_DTYPES = (torch.float16, torch.bfloat16)
+_GEMV_MAX_ROWS = 8
+_triton_gemv = False
+_gemv_max_weight_bytes: int | None = 64 << 20
+
+
+def set_triton_gemv(enabled: bool, max_weight_bytes: int | None = 64 << 20) -> None:
+    """Route CUDA matmuls of <= 8 rows by bf16/fp16 weights of at most `max_weight_bytes`
+    (None: any size) through the Triton GEMV instead of cuBLAS."""
+    global _triton_gemv, _gemv_max_weight_bytes
+    _triton_gemv = enabled
+    _gemv_max_weight_bytes = max_weight_bytes
+
+
+def uses_triton_gemv(x: torch.Tensor, weight: torch.Tensor,
+                     bias: torch.Tensor | None = None) -> bool:
+    """Whether `dense(x, weight, bias)` runs the Triton GEMV (device aside: CUDA only)."""
+    if not _triton_gemv or x.dtype not in _GEMV_DTYPES or weight.dtype != x.dtype:
+        return False
+    if weight.dim() != 2 or not weight.is_contiguous() or x.dim() == 0:
+        return False
+    if x.shape[-1] != weight.shape[1] or x.shape[-1] == 0:
+        return False
+    if not 1 <= x.numel() // x.shape[-1] <= _GEMV_MAX_ROWS:
+        return False
+    if bias is not None and (bias.dtype != x.dtype or bias.dim() != 1):
+        return False
+    if x.requires_grad or weight.requires_grad:
+        return False
+    size = weight.numel() * weight.element_size()
+    return _gemv_max_weight_bytes is None or size <= _gemv_max_weight_bytes
+
 
 def set_onednn_linear(enabled: bool) -> None:
     """Route CPU matmuls through oneDNN (the default where torch has it) or `F.linear`."""
@@ -69,6 +108,10 @@ def dense(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = Non
         if _onednn_enabled and not (x.requires_grad or weight.requires_grad):
             return torch.ops.mkldnn._linear_pointwise(x, _packed_weight(weight), bias,
                                                       "none", [None], "")
+    elif x.is_cuda and _triton_gemv and uses_triton_gemv(x, weight, bias):
+        from engine.layers.gemv import gemv
+
+        return gemv(x, weight, bias)
     return F.linear(x, weight, bias)
 
 
