@@ -43,6 +43,10 @@ _PACK_ROWS = 16
 # graph is captured: recapture after changing it.
 _GEMV_DTYPES = (torch.float16, torch.bfloat16)
 _GEMV_MAX_ROWS = 8
+# Off: measured on an H100 (docs/benchmarks.md, "Triton GEMV A/B"), the GEMV beats cuBLAS
+# on each 1-row projection alone (q|k|v 21.4 -> 19.1 us) but not in the CUDA-graph decode
+# step (6.32 -> 6.34-6.48 ms): cuBLAS's kernels overlap their launch with the previous
+# kernel's tail and these do not, so the gaps between kernels grow by ~300 us a step.
 _triton_gemv = False
 _gemv_max_weight_bytes: int | None = 64 << 20
 
