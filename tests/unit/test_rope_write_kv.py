@@ -5,20 +5,12 @@ then `write_kv`), on CPU through the Triton interpreter."""
 from __future__ import annotations
 
 import dataclasses
-import os
-import sys
 
-# Triton reads this when it (and each @triton.jit) is imported, so it must come first.
-_TRITON_PRELOADED = "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1"
-os.environ["TRITON_INTERPRET"] = "1"
+from triton_interpret import use_interpreter
+
+use_interpreter()  # before anything imports triton
 
 import pytest  # noqa: E402
-
-pytest.importorskip("triton")
-if _TRITON_PRELOADED:
-    pytest.skip("triton was imported before TRITON_INTERPRET=1 was set; export it in the "
-                "environment (scripts/test.sh does)", allow_module_level=True)
-
 import torch  # noqa: E402
 
 from engine import forward_context  # noqa: E402

@@ -7,20 +7,11 @@ kernel merges them.
 
 from __future__ import annotations
 
-import os
-import sys
+from triton_interpret import use_interpreter
 
-# Triton reads this when it (and each @triton.jit) is imported, so it must come first.
-_TRITON_PRELOADED = "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1"
-os.environ["TRITON_INTERPRET"] = "1"
+use_interpreter()  # before anything imports triton
 
 import pytest  # noqa: E402
-
-pytest.importorskip("triton")
-if _TRITON_PRELOADED:
-    pytest.skip("triton was imported before TRITON_INTERPRET=1 was set; export it in the "
-                "environment (scripts/test.sh does)", allow_module_level=True)
-
 import torch  # noqa: E402
 
 from engine.attention.backend import get_backend  # noqa: E402
