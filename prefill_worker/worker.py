@@ -36,6 +36,7 @@ class _Pending:
     opened_at: float = 0.0
     sampled_at: float = 0.0
     num_blocks: int = 0
+    params: SamplingParams | None = None  # the request's own (not the one-token copy)
 
 
 class PrefillWorker:
@@ -81,7 +82,7 @@ class PrefillWorker:
         # Only the first token is made here: the decode worker does the rest and owns stop
         # strings; min_tokens matters only as far as suppressing eos for this first token.
         local = replace(params, max_tokens=1, min_tokens=min(params.min_tokens, 1), stop=())
-        pending = _Pending(KVSink.from_dict(sink), Future())
+        pending = _Pending(KVSink.from_dict(sink), Future(), params=params)
         with self._lock:
             if rid in self._pending:
                 raise ValueError(f"request id {rid!r} is already being prefilled")
@@ -189,6 +190,9 @@ class PrefillWorker:
                 "finish_reason": out.finish_reason,
                 "cached_tokens": out.cached_tokens,
             }
+            chunk = _client_first_chunk(out, pending.params)
+            if chunk is not None:
+                pending.result["first_chunk"] = chunk
             pending.sampled_at = time.perf_counter()
             self._finishers.submit(self._finish_transfer, out.request_id, pending)
 
@@ -223,3 +227,26 @@ class PrefillWorker:
             pending.future.set_exception(
                 error if isinstance(error, KVTransferError) else KVTransferError(str(error))
             )
+
+
+def _client_first_chunk(out: RequestOutput, params: SamplingParams | None) -> dict | None:
+    """The first token's output chunk exactly as the decode worker will stream it, when this
+    side can know it: then the router sends it to the client as soon as the prefill returns,
+    instead of after the decode worker's commit (TTFT), and drops it from the decode stream.
+
+    Known here only when the token neither ends the request nor has its text held back: the
+    request wants more than one token and has no stop strings (the decode worker owns those
+    and may hold text back or cut it), and the one-token prefill finished by length, not by
+    EOS or a stop token id. Its text is then the token's text as the decode worker's
+    detokenizer will produce it: both start from the same empty window.
+    """
+    if (params is None or params.max_tokens <= 1 or params.stop
+            or out.finish_reason != "length" or len(out.new_token_ids) != 1):
+        return None
+    return {
+        "token_ids": list(out.new_token_ids), "text": out.new_text,
+        "logprobs": [{"token_id": lp.token_id, "logprob": lp.logprob,
+                      "top": [list(t) for t in lp.top]} for lp in out.new_logprobs],
+        "finished": False, "finish_reason": "", "prompt_tokens": 0, "completion_tokens": 0,
+        "cached_tokens": 0,
+    }

@@ -1,9 +1,11 @@
 """One request's life in the router: route, reserve, prefill, commit, stream — or abort.
 
 The handoff is a transaction (DESIGN.md): reserve blocks on decode worker D, prefill on P
-(which streams KV into them), then commit on D and stream tokens. Any failure before the
-first token reaches the client aborts both sides and retries on another worker pair; a
-client that goes away aborts everywhere. Every path ends with both workers' blocks freed.
+(which streams KV into them), then commit on D and stream tokens. When P can vouch for the
+first token's output chunk, the router streams it as soon as P returns, before the commit.
+A failure of the reserve or the prefill aborts both sides and retries on another worker
+pair; a client that goes away aborts everywhere. Every path ends with both workers' blocks
+freed.
 """
 
 from __future__ import annotations
@@ -114,7 +116,10 @@ class RequestLifecycle:
                 continue
             finally:
                 in_flight[p.worker_id] -= 1
-            async for chunk in self._guarded(d.stream_from_prefill(request, first), [p, d], rid):
+            stream = d.stream_from_prefill(request, first)
+            if first.get("first_chunk"):
+                stream = _first_chunk_early(first["first_chunk"], stream, rid)
+            async for chunk in self._guarded(stream, [p, d], rid):
                 yield chunk
             return
         raise HandoffFailed(f"KV handoff failed after {self.handoff_retries + 1} attempts: "
@@ -179,6 +184,29 @@ class RequestLifecycle:
 
 class _HandoffError(RuntimeError):
     pass
+
+
+async def _first_chunk_early(early: dict, stream: AsyncIterator[dict], rid: str
+                             ) -> AsyncIterator[dict]:
+    """Yield the prefill worker's first-token chunk at once, then the decode stream without
+    that token. The prefill side sends the chunk only when the decode side's first output is
+    sure to be the same token with the same text (`prefill_worker.worker._client_first_chunk`),
+    so the client's first token no longer waits for the commit on the decode worker."""
+    yield early
+    n_tok, n_text, n_lp = len(early["token_ids"]), len(early["text"]), len(early["logprobs"])
+    first = True
+    async for chunk in stream:
+        if first:
+            first = False
+            if (chunk["token_ids"][:n_tok] != early["token_ids"]
+                    or not chunk["text"].startswith(early["text"])):
+                raise RuntimeError(f"decode stream of {rid} does not start with the first "
+                                   f"token the prefill worker sampled")
+            chunk = {**chunk, "token_ids": chunk["token_ids"][n_tok:],
+                     "text": chunk["text"][n_text:], "logprobs": chunk["logprobs"][n_lp:]}
+            if not (chunk["token_ids"] or chunk["text"] or chunk["finished"]):
+                continue
+        yield chunk
 
 
 async def _abort_all(workers, rid: str) -> None:
