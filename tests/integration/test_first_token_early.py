@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import time
 
 import pytest
 
@@ -42,6 +43,16 @@ def handoff(p: PrefillWorker, d: DecodeWorker, prompt: list[int], **params):
     return request, p.prefill(request, sink)
 
 
+def assert_blocks_back(p: PrefillWorker, d: DecodeWorker) -> None:
+    """Every block free on both sides (cached prefix blocks count as free). P frees its copy
+    on its loop thread after the transfer's ack, so poll briefly."""
+    free = (p.stats()["total_blocks"], d.stats()["total_blocks"])
+    deadline = time.monotonic() + 10
+    while (now := (p.stats()["free_blocks"], d.stats()["free_blocks"])) != free:
+        assert time.monotonic() < deadline, f"free blocks {now}, expected {free}"
+        time.sleep(0.01)
+
+
 def spliced(early: dict, chunks: list[dict]) -> list[dict]:
     async def source():
         for c in chunks:
@@ -64,7 +75,6 @@ def joined(chunks: list[dict]) -> tuple[list[int], str, list[dict]]:
 ])
 def test_first_chunk_is_the_decode_streams_first_token(workers, params):
     p, d = workers
-    free = (p.stats()["free_blocks"], d.stats()["free_blocks"])
     prompt = p.engine.tokenize([{"role": "user", "content": "Write one sentence about the sea."}])
     request, first = handoff(p, d, prompt, **params)
     assert "first_chunk" in first, first
@@ -80,7 +90,7 @@ def test_first_chunk_is_the_decode_streams_first_token(workers, params):
     assert len(joined(out)[0]) == params["max_tokens"]
     if params.get("logprobs"):
         assert len(early["logprobs"]) == 1 and len(early["logprobs"][0]["top"]) == 3
-    assert (p.stats()["free_blocks"], d.stats()["free_blocks"]) == free
+    assert_blocks_back(p, d)
 
 
 @pytest.mark.parametrize("params", [
@@ -89,13 +99,12 @@ def test_first_chunk_is_the_decode_streams_first_token(workers, params):
 ])
 def test_no_first_chunk_when_the_decode_side_may_change_it(workers, params):
     p, d = workers
-    free = (p.stats()["free_blocks"], d.stats()["free_blocks"])
     prompt = p.engine.tokenize([{"role": "user", "content": "Name a colour."}])
     request, first = handoff(p, d, prompt, **params)
     assert "first_chunk" not in first
     chunks = list(d.generate_from_prefill(request, first))
     assert chunks[-1]["finished"]
-    assert (p.stats()["free_blocks"], d.stats()["free_blocks"]) == free
+    assert_blocks_back(p, d)
 
 
 def test_no_first_chunk_when_the_first_token_ends_the_request(workers):
@@ -109,6 +118,7 @@ def test_no_first_chunk_when_the_first_token_ends_the_request(workers):
     assert first["token_id"] == probe["token_id"] and "first_chunk" not in first
     chunks = list(d.generate_from_prefill(request, first))
     assert chunks[-1]["finished"] and chunks[-1]["finish_reason"] == "stop"
+    assert_blocks_back(p, d)
 
 
 def test_a_decode_stream_that_disagrees_is_an_error():
