@@ -213,8 +213,9 @@ class KVSender(ABC):
     def close(self) -> None:  # noqa: B027 (a no-op for transports that hold nothing)
         """Release pooled connections (handles still open may fail)."""
 
-    def check_sink(self, sink: KVSink, src_block_ids: Sequence[int]) -> torch.Tensor:
-        """Validate a sink against this sender; the source ids as an index tensor."""
+    def check_sink(self, sink: KVSink, src_block_ids: Sequence[int]) -> None:
+        """Validate a sink against this sender (host-side checks only: no device work, so
+        `open` never waits for the forward pass queued on the caller's stream)."""
         if sink.compat_key != self.compat_key:
             raise IncompatibleKVError(
                 f"request {sink.request_id}: decode side has KV compatibility key "
@@ -229,6 +230,10 @@ class KVSender(ABC):
             )
         check_block_ids(src_block_ids, self.pool.shape[2], sink.num_tokens, self.pool.shape[3],
                         "source")
+
+    def source_index(self, src_block_ids: Sequence[int]) -> torch.Tensor:
+        """The source block ids as an index tensor on the pool's device (for transports that
+        gather blocks with torch ops; on a GPU this copy waits for the caller's stream)."""
         return torch.tensor(list(src_block_ids), dtype=torch.long, device=self.pool.device)
 
 

@@ -129,7 +129,8 @@ class GrpcKVSender(KVSender):
         self._lock = threading.Lock()
 
     def open(self, sink: KVSink, src_block_ids: Sequence[int]) -> GrpcSendHandle:
-        src = self.check_sink(sink, src_block_ids)
+        self.check_sink(sink, src_block_ids)
+        src = self.source_index(src_block_ids)
         with self._lock:
             channel = self._channels.get(sink.address)
             if channel is None:

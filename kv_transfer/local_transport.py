@@ -49,7 +49,8 @@ class LocalKVSender(KVSender):
     transport = "local"
 
     def open(self, sink: KVSink, src_block_ids: Sequence[int]) -> LocalSendHandle:
-        src = self.check_sink(sink, src_block_ids)
+        self.check_sink(sink, src_block_ids)
+        src = self.source_index(src_block_ids)
         return LocalSendHandle(sink, self.pool, src, self.compat_key)
 
 

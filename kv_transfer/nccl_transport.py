@@ -57,15 +57,7 @@ from typing import Any
 
 import torch
 
-from kv_transfer.base import (
-    IncompatibleKVError,
-    KVSender,
-    KVSink,
-    KVTransferError,
-    LayerTracker,
-    SendHandle,
-    check_block_ids,
-)
+from kv_transfer.base import KVSender, KVSink, KVTransferError, LayerTracker, SendHandle
 from kv_transfer.nccl_control import ControlClient, ControlError, encode_msg
 from kv_transfer.nccl_device import CudaDevice, poll
 from kv_transfer.nccl_receiver import NcclKVReceiver, split_sink_address
@@ -318,24 +310,8 @@ class NcclKVSender(KVSender):
         with self._lock:
             return sorted(p for p, pair in self._pairs.items() if pair.broken)
 
-    def _check_sink(self, sink: KVSink, src_block_ids: Sequence[int]) -> None:
-        """KVSender.check_sink's checks without its index tensor: building that on the
-        pool's device is a synchronous copy that waits for the caller's stream (the forward
-        pass), and this transport addresses blocks by byte offsets instead."""
-        if sink.compat_key != self.compat_key:
-            raise IncompatibleKVError(
-                f"request {sink.request_id}: decode side has KV compatibility key "
-                f"{sink.compat_key!r}, this prefill worker has {self.compat_key!r}")
-        if sink.transport != self.transport:
-            raise ValueError(f"sink is for transport {sink.transport!r}, not {self.transport!r}")
-        if len(src_block_ids) != len(sink.block_ids):
-            raise ValueError(f"request {sink.request_id}: {len(src_block_ids)} source blocks for "
-                             f"{len(sink.block_ids)} sink blocks")
-        check_block_ids(src_block_ids, self.pool.shape[2], sink.num_tokens, self.pool.shape[3],
-                        "source")
-
     def open(self, sink: KVSink, src_block_ids: Sequence[int]) -> NcclSendHandle:
-        self._check_sink(sink, src_block_ids)
+        self.check_sink(sink, src_block_ids)  # host-only: open() never syncs the stream
         peer_id, control = split_sink_address(sink.address)
         with self._lock:
             pair = self._pairs.get(peer_id)
