@@ -427,10 +427,14 @@ def main(argv=None) -> dict:
     engine, res["engine_init_s"] = build_engine(args)
     print(f"engine up in {res['engine_init_s']:.1f}s", flush=True)
 
-    def fused_decode():
-        for b in args.batches:
-            res["decode"].append(measure_decode(engine, b, args, ceil, "graphs+fused", True))
+    def decode(batches, label: str, full_step: bool = False) -> None:
+        """Time decode at each batch size under `label` (the engine as it is set up now)."""
+        for b in batches:
+            res["decode"].append(measure_decode(engine, b, args, ceil, label, full_step))
             print(res["decode"][-1], flush=True)
+
+    def fused_decode():
+        decode(args.batches, "graphs+fused", full_step=True)
 
     def fused_prefill():
         for t in args.prefill:
@@ -444,15 +448,12 @@ def main(argv=None) -> dict:
         res["prefill_profiles"] = [profile_prefill(engine, t) for t in (512, 2048)]
 
     def repeat():  # the same version timed again: the spread between runs is the noise
-        for b in (1, 8):
-            res["decode"].append(measure_decode(engine, b, args, ceil, "graphs+fused (repeat)",
-                                                False))
+        decode((1, 8), "graphs+fused (repeat)")
 
     def eager_decode():
         graphs, engine.runner.decode_graphs = engine.runner.decode_graphs, None
         try:
-            for b in (1, 8):
-                res["decode"].append(measure_decode(engine, b, args, ceil, "eager+fused", False))
+            decode((1, 8), "eager+fused")
         finally:
             engine.runner.decode_graphs = graphs
 
@@ -463,9 +464,7 @@ def main(argv=None) -> dict:
 
     def eager_split_plan():  # before/after the graphs' finer decode split plan
         recapture(engine, fused=True, tiles=engine.runner.backend.tiles)
-        for b in (1, 8, 32):
-            res["decode"].append(
-                measure_decode(engine, b, args, ceil, "graphs+fused, eager split plan", False))
+        decode((1, 8, 32), "graphs+fused, eager split plan")
 
     def rope_write_kv_ab():
         """RoPE + K/V write as two kernels, then as one again, back to back, same graphs
@@ -473,18 +472,12 @@ def main(argv=None) -> dict:
         batches = [b for b in (1, 8, 32) if b <= max(args.batches)]
         try:
             recapture(engine, fused=True, rope_write_kv=False)
-            for b in batches:
-                res["decode"].append(measure_decode(
-                    engine, b, args, ceil, "graphs+fused, rope+write_kv separate", False))
-                print(res["decode"][-1], flush=True)
+            decode(batches, "graphs+fused, rope+write_kv separate")
             res["profiles"].append(profile_decode(
                 engine, 1, args, "graphs+fused, rope+write_kv separate"))
         finally:
             recapture(engine, fused=True, rope_write_kv=True)
-        for b in batches:
-            res["decode"].append(measure_decode(
-                engine, b, args, ceil, "graphs+fused, rope+write_kv fused (A/B)", False))
-            print(res["decode"][-1], flush=True)
+        decode(batches, "graphs+fused, rope+write_kv fused (A/B)")
 
     def gemv_ab():
         """cuBLAS, then the Triton GEMV for the small projections, then for all of dense()'s
@@ -506,9 +499,7 @@ def main(argv=None) -> dict:
             for label, on, limit in variants:
                 linear.set_triton_gemv(on, limit)
                 recapture(engine, fused=True)
-                for b in batches:
-                    res["decode"].append(measure_decode(engine, b, args, ceil, label, False))
-                    print(res["decode"][-1], flush=True)
+                decode(batches, label)
                 res["profiles"].append(profile_decode(engine, 1, args, label))
         finally:
             linear.set_triton_gemv(*before)
@@ -516,8 +507,7 @@ def main(argv=None) -> dict:
 
     def unfused():
         recapture(engine, fused=False)
-        for b in args.batches:
-            res["decode"].append(measure_decode(engine, b, args, ceil, "graphs+unfused", False))
+        decode(args.batches, "graphs+unfused")
         for t in args.prefill:
             res["prefill"].append(measure_prefill(engine, t, ceil, "unfused"))
 
