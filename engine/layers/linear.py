@@ -35,18 +35,16 @@ _PACKED_ATTR = "_pdserve_onednn_packed"
 _PACK_ROWS = 16
 
 # CUDA: the Triton GEMV (`engine.layers.gemv`) for decode steps of <= 8 rows instead of
-# cuBLAS, for weights of at most `_gemv_max_weight_bytes` (None: any size). Off by default
-# until the H100 A/B (bench.gpu_engine --sections gemv_ab) shows it faster; on an H100,
-# cuBLAS reads q|k|v and o_proj at only 81-82 % of copy bandwidth at batch 1, gate|up and
-# down at 95 %. The default size limit (64 MiB) takes q|k|v (48 MiB) and o_proj (32 MiB)
-# of Llama-3.1-8B and leaves gate|up (224 MiB) and the LM head to cuBLAS. Decided when a
-# graph is captured: recapture after changing it.
+# cuBLAS, for weights of at most `_gemv_max_weight_bytes` (None: any size; the default
+# 64 MiB takes Llama-3.1-8B's q|k|v and o_proj, where cuBLAS reads at 70-82 % of copy
+# bandwidth at batch 1, and leaves gate|up, down and the LM head, at 90-98 %, to cuBLAS).
+# Decided when a graph is captured: recapture after changing it. Off: measured on an H100
+# (docs/benchmarks.md, "Triton GEMV A/B"), it beats cuBLAS on each 1-row projection alone
+# (q|k|v 21.4 -> 19.1 us) but not in the CUDA-graph decode step (6.32 -> 6.34-6.48 ms):
+# cuBLAS's kernels overlap their launch with the previous kernel's tail and these do not,
+# so the gaps between kernels grow by ~300 us a step.
 _GEMV_DTYPES = (torch.float16, torch.bfloat16)
 _GEMV_MAX_ROWS = 8
-# Off: measured on an H100 (docs/benchmarks.md, "Triton GEMV A/B"), the GEMV beats cuBLAS
-# on each 1-row projection alone (q|k|v 21.4 -> 19.1 us) but not in the CUDA-graph decode
-# step (6.32 -> 6.34-6.48 ms): cuBLAS's kernels overlap their launch with the previous
-# kernel's tail and these do not, so the gaps between kernels grow by ~300 us a step.
 _triton_gemv = False
 _gemv_max_weight_bytes: int | None = 64 << 20
 
@@ -102,7 +100,8 @@ def dense(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = Non
     CI machine, one step's matmuls of SmolLM2-135M took 52 -> 31 ms at 1 row and
     134 -> 69 ms at 16 rows (1416 -> 1194 ms at 512). oneDNN sums in another order, so
     results match MKL's to ~1e-6 relative, not bit for bit — as MKL's own results already
-    differ between a row computed alone and the same row inside a batch.
+    differ between a row computed alone and the same row inside a batch. On CUDA it runs
+    cuBLAS (`F.linear`), or the Triton GEMV when `set_triton_gemv` turned it on.
     """
     global _onednn_enabled
     if x.device.type == "cpu" and x.dtype in _ONEDNN_DTYPES and x.dtype == weight.dtype:
