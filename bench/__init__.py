@@ -1,6 +1,6 @@
 """pdserve's serving benchmark: an asyncio load generator over the public gRPC API.
 
-Run it with ``python -m bench --help``. The package is split by job:
+Run it with ``python -m pdserve.bench --help``. The package is split by job:
 
 - ``records``: what one request looked like on the wire (timestamps, token counts, errors);
 - ``metrics`` and ``slo``: figures computed from records, and the SLO string parser;

@@ -1,9 +1,9 @@
-"""``python -m bench``: the serving benchmark's command line."""
+"""``python -m pdserve.bench``: the serving benchmark's command line."""
 
 from __future__ import annotations
 
 import sys
 
-from bench.cli import main
+from pdserve.bench.cli import main
 
 sys.exit(main())

@@ -1,4 +1,4 @@
-"""``python -m bench``: run the benchmark, print the tables, write the JSON and plots.
+"""``python -m pdserve.bench``: run the benchmark, print the tables, write the JSON and plots.
 
 ``main(argv) -> int`` is the entry point (``pdserve bench`` calls it too). Bad input prints
 one ``error: ...`` line to stderr and returns 2; nothing is sent in that case.
@@ -15,11 +15,17 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.arrival import Arrival
-from bench.client import ServerUnreachable
-from bench.compare import ClusterError, config_names, format_compare, run_compare, serve_command
-from bench.metrics import summarize
-from bench.options import (
+from pdserve.bench.arrival import Arrival
+from pdserve.bench.client import ServerUnreachable
+from pdserve.bench.compare import (
+    ClusterError,
+    config_names,
+    format_compare,
+    run_compare,
+    serve_command,
+)
+from pdserve.bench.metrics import summarize
+from pdserve.bench.options import (
     UsageError,
     arrivals,
     build_parser,
@@ -27,10 +33,16 @@ from bench.options import (
     check_numbers,
     check_target,
 )
-from bench.report import format_summary, format_sweep, goodput_rate, run_to_dict, write_report
-from bench.runner import RunResult, RunSettings, benchmark
-from bench.slo import SLO, parse_slo
-from bench.workloads import RequestSpec
+from pdserve.bench.report import (
+    format_summary,
+    format_sweep,
+    goodput_rate,
+    run_to_dict,
+    write_report,
+)
+from pdserve.bench.runner import RunResult, RunSettings, benchmark
+from pdserve.bench.slo import SLO, parse_slo
+from pdserve.bench.workloads import RequestSpec
 
 
 @dataclasses.dataclass(slots=True)
@@ -116,7 +128,7 @@ def report_runs(plan: Plan, name: str, health: dict[str, Any], results: list[Run
 
 def write_plots(plan: Plan, series: list[tuple[str, list[RunResult], list]]) -> None:
     """CDF plot (first run of each series) and, for a sweep, the rate plot."""
-    from bench.plots import plot_cdfs, plot_sweep
+    from pdserve.bench.plots import plot_cdfs, plot_sweep
 
     multi = len(series) > 1
     cdf_series = []
@@ -174,7 +186,7 @@ def execute(plan: Plan) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run ``python -m bench``; returns the exit code (2 for bad input or no server)."""
+    """Run ``python -m pdserve.bench``; returns the exit code (2 for bad input or no server)."""
     try:
         plan = make_plan(argv)
         return execute(plan)

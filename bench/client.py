@@ -13,9 +13,9 @@ from typing import Any
 
 import grpc
 
-from bench.records import RequestRecord
-from bench.workloads import RequestSpec
-from pdserve_proto import pb, pb_grpc
+from pdserve.bench.records import RequestRecord
+from pdserve.bench.workloads import RequestSpec
+from pdserve.proto import pb, pb_grpc
 
 
 class ServerUnreachable(ConnectionError):

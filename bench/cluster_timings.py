@@ -1,8 +1,8 @@
 """Time a cluster's start-up and its KV handoffs, through the public API only.
 
-    python -m bench.cluster_timings configs/local.yaml --prompt-lens 128,512,1024
+    python -m pdserve.bench.cluster_timings configs/local.yaml --prompt-lens 128,512,1024
 
-Starts `python -m cluster serve CONFIG --port 0` as a subprocess, measures the time from
+Starts `python -m pdserve.cluster serve CONFIG --port 0` as a subprocess, measures the time from
 launch to the first streamed answer, then sends sequential greedy requests of each prompt
 length and reads `Admin.Stats` before and after each one: the prefill worker's handoff
 counters give the handoff time per request (transfer open -> acknowledgement, which
@@ -23,13 +23,13 @@ import subprocess
 import sys
 import time
 
-from cluster.client import PdserveClient
+from pdserve.cluster.client import PdserveClient
 
 
 def _start(config: str, timeout: float) -> tuple[subprocess.Popen, str, float]:
     t0 = time.perf_counter()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "cluster", "serve", config, "--port", "0"],
+        [sys.executable, "-m", "pdserve.cluster", "serve", config, "--port", "0"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
     deadline = t0 + timeout
@@ -54,7 +54,8 @@ def _handoff_totals(client: PdserveClient) -> tuple[int, float, float, int]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m bench.cluster_timings", description=__doc__)
+    ap = argparse.ArgumentParser(prog="python -m pdserve.bench.cluster_timings",
+                                 description=__doc__)
     ap.add_argument("config")
     ap.add_argument("--prompt-lens", default="128,512,1024")
     ap.add_argument("--repeats", type=int, default=3)

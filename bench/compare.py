@@ -1,6 +1,6 @@
 """``--compare A.yaml B.yaml ...``: the same workload against several cluster configs.
 
-Each config is started in turn as ``python -m cluster serve CONFIG`` (the cluster's
+Each config is started in turn as ``python -m pdserve.cluster serve CONFIG`` (the cluster's
 contract: it prints a line containing ``serving on HOST:PORT`` when ready and exits cleanly
 on SIGINT), benchmarked, and stopped before the next starts, so the configs never share
 the machine. The cluster's output goes to a log file beside the report.
@@ -20,7 +20,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from bench.report import fmt
+from pdserve.bench.report import fmt
 
 SERVING_LINE = re.compile(r"serving on (\S+):(\d+)")
 _ANY_ADDRESS = {"0.0.0.0", "[::]", "::", ""}
@@ -32,7 +32,7 @@ class ClusterError(RuntimeError):
 
 def serve_command(config: str) -> list[str]:
     """The command that starts one cluster config."""
-    return [sys.executable, "-m", "cluster", "serve", config]
+    return [sys.executable, "-m", "pdserve.cluster", "serve", config]
 
 
 class ClusterProcess:

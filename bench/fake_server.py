@@ -2,7 +2,7 @@
 
 It runs no model: it waits ``ttft`` seconds, then streams ``max_tokens`` token ids, ``chunk``
 per response, ``itl`` seconds per token apart. The benchmark's own tests use it (so they
-know exactly what TTFT and ITL to expect), and ``python -m bench.fake_server`` lets anyone
+know exactly what TTFT and ITL to expect), and ``python -m pdserve.bench.fake_server`` lets anyone
 try the benchmark, or ``--compare``, without a cluster: like the cluster it prints
 ``serving on HOST:PORT`` when ready and exits cleanly on SIGINT.
 """
@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import grpc
 
-from pdserve_proto import pb, pb_grpc
+from pdserve.proto import pb, pb_grpc
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The serving benchmark of issue 5 on 2 GPUs, in one command: 1P1D (prefill on one GPU, decode
 # on the other, KV over NCCL) against two colocated replicas, the same workload and seed,
-# prefill-heavy and decode-heavy, each a Poisson rate sweep (`python -m bench --compare`).
+# prefill-heavy and decode-heavy, each a Poisson rate sweep (`python -m pdserve.bench --compare`).
 #
 # On the GPU machine, from the repo root, with .whl/ and .deb/ carried (see
 # ../shared/device/make-carry.sh; the install is skipped where Ray already imports):
@@ -76,7 +76,7 @@ export NCCL_NVLS_ENABLE=0 PYTHONUNBUFFERED=1
 # compare NAME TIMEOUT_S INPUT OUTPUT RATES SLO
 compare() {
   local name=$1 limit=$2 input=$3 output=$4 rates=$5 slo=$6
-  local cmd=(python3 -m bench --compare "$COLOCATED" "$DISAGG"
+  local cmd=(python3 -m pdserve.bench --compare "$COLOCATED" "$DISAGG"
     --input-len "$input" --output-len "$output" --rates "$rates" --slo "$slo"
     --num-requests "$NUM_REQUESTS" --warmup "$WARMUP" --seed 0 --request-timeout 120
     --out-dir "$WORK/$name" --no-progress --cluster-start-timeout "$START_TIMEOUT"

@@ -2,7 +2,7 @@
 
 Nothing is downloaded: the text is made from a fixed word list with a seeded generator, so
 the same seed always writes the same bytes. ``bench/data/sharegpt_sample.json`` in the repo
-is the output of ``python -m bench.make_sharegpt_sample``.
+is the output of ``python -m pdserve.bench.make_sharegpt_sample``.
 """
 
 from __future__ import annotations

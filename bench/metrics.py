@@ -26,8 +26,8 @@ from typing import Any
 
 import numpy as np
 
-from bench.records import RequestRecord
-from bench.slo import SLO
+from pdserve.bench.records import RequestRecord
+from pdserve.bench.slo import SLO
 
 PERCENTILES = (50, 90, 99)
 

@@ -1,4 +1,4 @@
-"""The ``python -m bench`` argument parser and the checks that turn arguments into settings.
+"""The ``python -m pdserve.bench`` argument parser and the checks that turn arguments into settings.
 
 Every problem with the input is raised as ``UsageError`` (or ValueError / FileNotFoundError
 from the parsers it calls) with a one-line message; ``cli.main`` prints it and exits 2.
@@ -10,9 +10,15 @@ import argparse
 import os
 from pathlib import Path
 
-from bench.arrival import Arrival
-from bench.sharegpt import file_workload
-from bench.workloads import Workload, cycle_to, parse_range, random_workload, shared_prefix_workload
+from pdserve.bench.arrival import Arrival
+from pdserve.bench.sharegpt import file_workload
+from pdserve.bench.workloads import (
+    Workload,
+    cycle_to,
+    parse_range,
+    random_workload,
+    shared_prefix_workload,
+)
 
 SAMPLE_DATASET = Path(__file__).parent / "data" / "sharegpt_sample.json"
 DEFAULT_NUM_REQUESTS = 100
@@ -30,7 +36,8 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     """The benchmark's argument parser."""
-    p = _Parser(prog="python -m bench", description="Benchmark a pdserve cluster over gRPC.")
+    p = _Parser(prog="python -m pdserve.bench",
+                description="Benchmark a pdserve cluster over gRPC.")
     p.add_argument("--target", default="127.0.0.1:50051", help="router HOST:PORT")
     p.add_argument(
         "--api-key",
@@ -112,7 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--serve-command",
         default=None,
         help="how --compare starts a config, {config} replaced "
-        "(default: python -m cluster serve {config})",
+        "(default: python -m pdserve.cluster serve {config})",
     )
     r.add_argument("--cluster-start-timeout", type=float, default=300.0)
     return p

@@ -10,8 +10,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from bench.metrics import e2e, tpot, ttft
-from bench.records import RequestRecord
+from pdserve.bench.metrics import e2e, tpot, ttft
+from pdserve.bench.records import RequestRecord
 
 
 def _pyplot() -> Any:

@@ -12,10 +12,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from bench.metrics import summarize
-from bench.records import RequestRecord
-from bench.runner import RunResult
-from bench.slo import parse_slo
+from pdserve.bench.metrics import summarize
+from pdserve.bench.records import RequestRecord
+from pdserve.bench.runner import RunResult
+from pdserve.bench.slo import parse_slo
 
 FORMAT = "pdserve-bench/1"
 ATTAINMENT_TARGET_PCT = 90.0  # DistServe's goodput: the highest rate at which >= 90% meet SLOs

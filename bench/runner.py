@@ -16,10 +16,10 @@ from typing import Any
 
 from tqdm import tqdm
 
-from bench.arrival import Arrival
-from bench.client import GenerationClient
-from bench.records import RequestRecord
-from bench.workloads import RequestSpec
+from pdserve.bench.arrival import Arrival
+from pdserve.bench.client import GenerationClient
+from pdserve.bench.records import RequestRecord
+from pdserve.bench.workloads import RequestSpec
 
 
 @dataclass(frozen=True, slots=True)

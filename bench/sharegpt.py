@@ -19,7 +19,7 @@ import random
 from collections.abc import Callable
 from pathlib import Path
 
-from bench.workloads import RequestSpec, Workload, cycle_to
+from pdserve.bench.workloads import RequestSpec, Workload, cycle_to
 
 WORDS_TO_TOKENS = 1.3
 _HUMAN = {"human", "user"}

@@ -1,7 +1,7 @@
-"""`python -m cluster serve CONFIG` (the entry point `ray job submit` runs)."""
+"""`python -m pdserve.cluster serve CONFIG` (the entry point `ray job submit` runs)."""
 
 import sys
 
-from cluster.cli import main
+from pdserve.cluster.cli import main
 
 sys.exit(main())

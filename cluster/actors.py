@@ -11,7 +11,7 @@ import os
 
 import ray
 
-from cluster.config import ClusterConfig
+from pdserve.cluster.config import ClusterConfig
 
 MAX_CONCURRENCY = 512
 
@@ -64,7 +64,7 @@ class _WorkerShell:
 @ray.remote(max_concurrency=MAX_CONCURRENCY)
 class PrefillActor(_WorkerShell):
     def __init__(self, config: dict, worker_id: str):
-        from prefill_worker.worker import PrefillWorker
+        from pdserve.prefill_worker.worker import PrefillWorker
 
         cfg = ClusterConfig.model_validate(config)
         _setup(cfg.prefill.threads)
@@ -94,7 +94,7 @@ class PrefillActor(_WorkerShell):
 @ray.remote(max_concurrency=MAX_CONCURRENCY)
 class DecodeActor(_WorkerShell):
     def __init__(self, config: dict, worker_id: str, role: str):
-        from decode_worker.worker import DecodeWorker
+        from pdserve.decode_worker.worker import DecodeWorker
 
         cfg = ClusterConfig.model_validate(config)
         _setup(cfg.decode.threads)

@@ -11,8 +11,8 @@ from __future__ import annotations
 import asyncio
 import threading
 
-from cluster.config import ClusterConfig
-from cluster.launcher import Cluster, run_router
+from pdserve.cluster.config import ClusterConfig
+from pdserve.cluster.launcher import Cluster, run_router
 
 
 class BackgroundCluster:

@@ -12,8 +12,8 @@ DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__
 
 
 def _serve(args) -> int:
-    from cluster.config import ConfigError, load_config, parse_config
-    from cluster.launcher import serve
+    from pdserve.cluster.config import ConfigError, load_config, parse_config
+    from pdserve.cluster.launcher import serve
 
     try:
         cfg = load_config(args.config) if args.config else parse_config({})
@@ -29,7 +29,7 @@ def _serve(args) -> int:
 def _generate(args) -> int:
     import grpc
 
-    from cluster.client import PdserveClient
+    from pdserve.cluster.client import PdserveClient
 
     token = os.environ.get(args.token_env) if args.token_env else None
     prompt = [{"role": "user", "content": args.prompt}] if args.chat else args.prompt
@@ -56,7 +56,7 @@ def _generate(args) -> int:
 def _stats(args) -> int:
     import grpc
 
-    from cluster.client import PdserveClient
+    from pdserve.cluster.client import PdserveClient
 
     try:
         with PdserveClient(args.target) as client:
@@ -76,7 +76,7 @@ def _stats(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "bench":
-        from bench.cli import main as bench_main
+        from pdserve.bench.cli import main as bench_main
 
         return bench_main(argv[1:])
     parser = argparse.ArgumentParser(prog="pdserve", description=__doc__)

@@ -1,6 +1,6 @@
 """A small synchronous Python client for the pdserve gRPC API.
 
-    from cluster.client import PdserveClient
+    from pdserve.cluster.client import PdserveClient
     with PdserveClient("127.0.0.1:50051") as c:
         for piece in c.stream("Tell me a joke", max_tokens=32):
             print(piece.text, end="", flush=True)
@@ -12,7 +12,7 @@ from collections.abc import Iterator, Sequence
 
 import grpc
 
-from pdserve_proto import pb, pb_grpc
+from pdserve.proto import pb, pb_grpc
 
 
 class PdserveClient:

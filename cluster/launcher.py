@@ -1,6 +1,6 @@
 """Start (or join) Ray, place the worker pools, wait until they are healthy, serve gRPC.
 
-`pdserve serve CONFIG` and `python -m cluster serve CONFIG` (also under `ray job submit`)
+`pdserve serve CONFIG` and `python -m pdserve.cluster serve CONFIG` (also under `ray job submit`)
 both end up in `serve()`. Placement lives here and nowhere else: each worker gets its own
 placement group (STRICT_PACK, ready for a tensor-parallel group's bundles), pinned with the
 pool's custom resources or node labels when the YAML names them.
@@ -23,16 +23,16 @@ from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from tqdm import tqdm
 
-from cluster.actors import DecodeActor, PrefillActor
-from cluster.config import ClusterConfig, PoolSection
-from cluster.nccl_setup import connect_all as connect_nccl_pairs
-from cluster.ray_clients import RayDecodeClient, RayPrefillClient
-from engine.loader.registry import open_model
-from pdserve_proto import pb
-from router.grpc_server import start_server
-from router.lifecycle import RequestLifecycle
-from router.policy import RoutingPolicy
-from router.validation import Limits
+from pdserve.cluster.actors import DecodeActor, PrefillActor
+from pdserve.cluster.config import ClusterConfig, PoolSection
+from pdserve.cluster.nccl_setup import connect_all as connect_nccl_pairs
+from pdserve.cluster.ray_clients import RayDecodeClient, RayPrefillClient
+from pdserve.engine.loader.registry import open_model
+from pdserve.proto import pb
+from pdserve.router.grpc_server import start_server
+from pdserve.router.lifecycle import RequestLifecycle
+from pdserve.router.policy import RoutingPolicy
+from pdserve.router.validation import Limits
 
 log = logging.getLogger("pdserve.cluster")
 

@@ -13,8 +13,8 @@ from collections.abc import AsyncIterator
 
 from ray.exceptions import RayTaskError
 
-from engine.kv_cache.block_manager import OutOfBlocksError
-from router.workers import DecodeClient, PrefillClient, WorkerBusy
+from pdserve.engine.kv_cache.block_manager import OutOfBlocksError
+from pdserve.router.workers import DecodeClient, PrefillClient, WorkerBusy
 
 
 def _worker_error(e: RayTaskError) -> Exception:

@@ -16,13 +16,13 @@ import threading
 import time
 from collections.abc import Iterator
 
-from engine.config import EngineConfig
-from engine.engine_loop import EngineLoop
-from engine.kv_cache.block_manager import OutOfBlocksError
-from engine.llm_engine import LLMEngine, RequestOutput
-from engine.sampler import SampleResult
-from engine.sampling_params import SamplingParams
-from kv_transfer import KVTransferError, TransferStatus, make_receiver
+from pdserve.engine.config import EngineConfig
+from pdserve.engine.engine_loop import EngineLoop
+from pdserve.engine.kv_cache.block_manager import OutOfBlocksError
+from pdserve.engine.llm_engine import LLMEngine, RequestOutput
+from pdserve.engine.sampler import SampleResult
+from pdserve.engine.sampling_params import SamplingParams
+from pdserve.kv_transfer import KVTransferError, TransferStatus, make_receiver
 
 log = logging.getLogger("pdserve.decode")
 

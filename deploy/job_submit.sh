@@ -19,4 +19,4 @@ shift || true
 export RAY_AUTH_MODE=${RAY_AUTH_MODE:-token}
 exec ray job submit --address "${RAY_DASHBOARD:-http://127.0.0.1:8265}" \
     --working-dir . --no-wait \
-    -- python -m cluster serve "$config" "$@"
+    -- python -m pdserve.cluster serve "$config" "$@"

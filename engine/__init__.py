@@ -3,7 +3,7 @@
 `from engine import LLM, SamplingParams` is the offline API; workers build `LLMEngine`.
 """
 
-from engine.llm import LLM, CompletionOutput
-from engine.sampling_params import SamplingParams
+from pdserve.engine.llm import LLM, CompletionOutput
+from pdserve.engine.sampling_params import SamplingParams
 
 __all__ = ["LLM", "CompletionOutput", "SamplingParams"]

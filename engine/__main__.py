@@ -1,4 +1,5 @@
-"""`python -m engine "prompt"`: generate text offline with the paged engine, streaming it."""
+"""`python -m pdserve.engine "prompt"`: generate text offline with the paged engine, streaming
+it."""
 
 from __future__ import annotations
 
@@ -7,14 +8,14 @@ import logging
 import sys
 import time
 
-from engine.config import CacheConfig, EngineConfig
-from engine.llm_engine import LLMEngine
-from engine.loader.registry import UnknownModelError
-from engine.sampling_params import SamplingParams
+from pdserve.engine.config import CacheConfig, EngineConfig
+from pdserve.engine.llm_engine import LLMEngine
+from pdserve.engine.loader.registry import UnknownModelError
+from pdserve.engine.sampling_params import SamplingParams
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m engine", description=__doc__)
+    ap = argparse.ArgumentParser(prog="python -m pdserve.engine", description=__doc__)
     ap.add_argument("prompt", nargs="?", default="Explain in two sentences why the sky is blue.")
     ap.add_argument("--model", default="smollm2-135m-instruct")
     ap.add_argument("--raw", action="store_true", help="send the prompt as is (no chat template)")

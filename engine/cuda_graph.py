@@ -39,10 +39,10 @@ from collections.abc import Sequence
 
 import torch
 
-from engine import forward_context
-from engine.attention.metadata import AttentionMetadata
-from engine.parallel import tp_size
-from engine.scheduler import ScheduledSeq
+from pdserve.engine import forward_context
+from pdserve.engine.attention.metadata import AttentionMetadata
+from pdserve.engine.parallel import tp_size
+from pdserve.engine.scheduler import ScheduledSeq
 
 log = logging.getLogger("pdserve.engine")
 

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from engine.sequence import Sequence
-from engine.tokenizer import TextTokenizer
+from pdserve.engine.sequence import Sequence
+from pdserve.engine.tokenizer import TextTokenizer
 
 
 @dataclass(slots=True)

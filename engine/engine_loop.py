@@ -14,7 +14,7 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any
 
-from engine.llm_engine import LayerHookFactory, LLMEngine, RequestOutput
+from pdserve.engine.llm_engine import LayerHookFactory, LLMEngine, RequestOutput
 
 log = logging.getLogger("pdserve.engine")
 

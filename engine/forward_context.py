@@ -16,8 +16,8 @@ from typing import Any, TypeVar
 
 import torch
 
-from engine.attention.backend import AttentionBackend
-from engine.attention.metadata import AttentionMetadata
+from pdserve.engine.attention.backend import AttentionBackend
+from pdserve.engine.attention.metadata import AttentionMetadata
 
 
 @dataclass(slots=True)

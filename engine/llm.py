@@ -12,10 +12,10 @@ from dataclasses import dataclass, field
 
 from tqdm import tqdm
 
-from engine.config import CacheConfig, EngineConfig, SchedulerConfig
-from engine.llm_engine import LLMEngine, PromptInput
-from engine.sampling_params import SamplingParams
-from engine.sequence import TokenLogprob
+from pdserve.engine.config import CacheConfig, EngineConfig, SchedulerConfig
+from pdserve.engine.llm_engine import LLMEngine, PromptInput
+from pdserve.engine.sampling_params import SamplingParams
+from pdserve.engine.sequence import TokenLogprob
 
 
 @dataclass(slots=True)

@@ -15,20 +15,20 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from engine.attention.backend import get_backend
-from engine.config import EngineConfig, compatibility_key, torch_dtype
-from engine.detokenizer import Detokenizer
-from engine.kv_cache.block_manager import BlockManager
-from engine.kv_cache.layout import KVLayout
-from engine.loader.registry import open_model
-from engine.model_runner import ModelRunner
-from engine.models.llama import LlamaForCausalLM
-from engine.parallel import tp_size
-from engine.sampler import Sampler, SampleRequest, SampleResult
-from engine.sampling_params import SamplingParams
-from engine.scheduler import ScheduledSeq, Scheduler
-from engine.sequence import FinishReason, TokenLogprob
-from engine.sequence import Sequence as Seq
+from pdserve.engine.attention.backend import get_backend
+from pdserve.engine.config import EngineConfig, compatibility_key, torch_dtype
+from pdserve.engine.detokenizer import Detokenizer
+from pdserve.engine.kv_cache.block_manager import BlockManager
+from pdserve.engine.kv_cache.layout import KVLayout
+from pdserve.engine.loader.registry import open_model
+from pdserve.engine.model_runner import ModelRunner
+from pdserve.engine.models.llama import LlamaForCausalLM
+from pdserve.engine.parallel import tp_size
+from pdserve.engine.sampler import Sampler, SampleRequest, SampleResult
+from pdserve.engine.sampling_params import SamplingParams
+from pdserve.engine.scheduler import ScheduledSeq, Scheduler
+from pdserve.engine.sequence import FinishReason, TokenLogprob
+from pdserve.engine.sequence import Sequence as Seq
 
 log = logging.getLogger("pdserve.engine")
 
@@ -72,7 +72,7 @@ class LLMEngine:
                                      dtype)
         model.load_weights(source.weights)
         if config.enable_fused_kernels and self.device.type == "cuda":
-            from engine.models.fused_llama import set_fused_kernels
+            from pdserve.engine.models.fused_llama import set_fused_kernels
 
             set_fused_kernels(model, True)
         self.model = model.eval()
@@ -92,7 +92,7 @@ class LLMEngine:
         self.runner = ModelRunner(self.model, self.kv_cache, backend, cache.block_size,
                                   self.device)
         if config.enable_cuda_graphs:  # pure-decode steps replay captured graphs on CUDA
-            from engine.cuda_graph import DecodeGraphRunner
+            from pdserve.engine.cuda_graph import DecodeGraphRunner
 
             self.runner.decode_graphs = DecodeGraphRunner.maybe_create(
                 self.runner, self.max_model_len, config.scheduler.max_num_seqs

@@ -13,10 +13,10 @@ from itertools import accumulate
 
 import torch
 
-from engine import forward_context
-from engine.attention.backend import AttentionBackend
-from engine.attention.metadata import AttentionMetadata
-from engine.scheduler import ScheduledSeq
+from pdserve.engine import forward_context
+from pdserve.engine.attention.backend import AttentionBackend
+from pdserve.engine.attention.metadata import AttentionMetadata
+from pdserve.engine.scheduler import ScheduledSeq
 
 
 class ModelRunner:

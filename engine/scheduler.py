@@ -14,10 +14,10 @@ from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from engine.config import SchedulerConfig
-from engine.kv_cache.block_hash import ROOT_HASH, hash_block, hash_blocks
-from engine.kv_cache.block_manager import BlockManager
-from engine.sequence import FinishReason, Sequence, SequenceStatus
+from pdserve.engine.config import SchedulerConfig
+from pdserve.engine.kv_cache.block_hash import ROOT_HASH, hash_block, hash_blocks
+from pdserve.engine.kv_cache.block_manager import BlockManager
+from pdserve.engine.sequence import FinishReason, Sequence, SequenceStatus
 
 
 @dataclass(slots=True)

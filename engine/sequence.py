@@ -6,8 +6,8 @@ import enum
 import time
 from dataclasses import dataclass, field
 
-from engine.kv_cache.block_hash import BlockHash
-from engine.sampling_params import SamplingParams
+from pdserve.engine.kv_cache.block_hash import BlockHash
+from pdserve.engine.sampling_params import SamplingParams
 
 
 class SequenceStatus(enum.Enum):

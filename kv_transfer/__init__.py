@@ -7,7 +7,7 @@ the engine's KV layout contract, torch, grpc, protobuf — never ray, redis or t
 
 from __future__ import annotations
 
-from kv_transfer.base import (
+from pdserve.kv_transfer.base import (
     IncompatibleKVError,
     KVReceiver,
     KVSender,
@@ -16,7 +16,7 @@ from kv_transfer.base import (
     SendHandle,
     TransferStatus,
 )
-from kv_transfer.registry import (
+from pdserve.kv_transfer.registry import (
     available_transports,
     make_receiver,
     make_sender,

@@ -20,9 +20,9 @@ from concurrent import futures
 import grpc
 import torch
 
-from kv_transfer.base import KVSender, KVSink, KVTransferError, LayerTracker, SendHandle
-from kv_transfer.receiver import BlockReceiver, ChunkRejected, transfer_error
-from kv_transfer.wire import (
+from pdserve.kv_transfer.base import KVSender, KVSink, KVTransferError, LayerTracker, SendHandle
+from pdserve.kv_transfer.receiver import BlockReceiver, ChunkRejected, transfer_error
+from pdserve.kv_transfer.wire import (
     DEFAULT_CHUNK_BYTES,
     closing_chunk,
     decode_chunk,

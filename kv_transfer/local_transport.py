@@ -14,8 +14,8 @@ from collections.abc import Sequence
 
 import torch
 
-from kv_transfer.base import KVSender, KVSink, KVTransferError, LayerTracker, SendHandle
-from kv_transfer.receiver import BlockReceiver, ChunkRejected, transfer_error
+from pdserve.kv_transfer.base import KVSender, KVSink, KVTransferError, LayerTracker, SendHandle
+from pdserve.kv_transfer.receiver import BlockReceiver, ChunkRejected, transfer_error
 
 _RECEIVERS: dict[str, LocalKVReceiver] = {}
 _LOCK = threading.Lock()

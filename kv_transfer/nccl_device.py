@@ -30,8 +30,8 @@ from typing import Any
 
 import torch
 
-from kv_transfer.base import KVTransferError
-from kv_transfer.nccl_wire import MAX_GROUP_OPS
+from pdserve.kv_transfer.base import KVTransferError
+from pdserve.kv_transfer.nccl_wire import MAX_GROUP_OPS
 
 TUNING_ENV = "PDSERVE_NCCL_TUNING"
 # NCCL knobs that shape point-to-point send/recv, with the integer range accepted for each.

@@ -54,10 +54,10 @@ from typing import Any
 
 import torch
 
-from kv_transfer.base import KVTransferError, TransferStatus
-from kv_transfer.nccl_control import ControlServer
-from kv_transfer.nccl_device import CudaDevice, poll
-from kv_transfer.nccl_wire import (
+from pdserve.kv_transfer.base import KVTransferError, TransferStatus
+from pdserve.kv_transfer.nccl_control import ControlServer
+from pdserve.kv_transfer.nccl_device import CudaDevice, poll
+from pdserve.kv_transfer.nccl_wire import (
     HELLO_MAGIC,
     OUTCOME_DONE,
     TRAILER_LEN,
@@ -68,7 +68,7 @@ from kv_transfer.nccl_wire import (
     pair_token,
     request_key,
 )
-from kv_transfer.receiver import BlockReceiver, _Reservation
+from pdserve.kv_transfer.receiver import BlockReceiver, _Reservation
 
 log = logging.getLogger("pdserve.kv.nccl")
 _NAMES = itertools.count()

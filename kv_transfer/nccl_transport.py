@@ -57,11 +57,11 @@ from typing import Any
 
 import torch
 
-from kv_transfer.base import KVSender, KVSink, KVTransferError, LayerTracker, SendHandle
-from kv_transfer.nccl_control import ControlClient, ControlError, encode_msg
-from kv_transfer.nccl_device import CudaDevice, poll
-from kv_transfer.nccl_receiver import NcclKVReceiver, split_sink_address
-from kv_transfer.nccl_wire import (
+from pdserve.kv_transfer.base import KVSender, KVSink, KVTransferError, LayerTracker, SendHandle
+from pdserve.kv_transfer.nccl_control import ControlClient, ControlError, encode_msg
+from pdserve.kv_transfer.nccl_device import CudaDevice, poll
+from pdserve.kv_transfer.nccl_receiver import NcclKVReceiver, split_sink_address
+from pdserve.kv_transfer.nccl_wire import (
     HELLO_MAGIC,
     OUTCOME_ABORTED,
     OUTCOME_DONE,
@@ -73,7 +73,7 @@ from kv_transfer.nccl_wire import (
     request_key,
     send_plan,
 )
-from kv_transfer.receiver import transfer_error
+from pdserve.kv_transfer.receiver import transfer_error
 
 log = logging.getLogger("pdserve.kv.nccl")
 ANNOUNCE_TIMEOUT_S = 10.0  # a decode side that takes longer to answer is treated as gone

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from kv_transfer.base import (
+from pdserve.kv_transfer.base import (
     IncompatibleKVError,
     KVReceiver,
     KVSink,

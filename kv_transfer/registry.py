@@ -12,12 +12,12 @@ from typing import Any
 
 import torch
 
-from kv_transfer.base import KVReceiver, KVSender
+from pdserve.kv_transfer.base import KVReceiver, KVSender
 
 _BUILTIN_MODULES = {
-    "grpc": "kv_transfer.grpc_transport",
-    "local": "kv_transfer.local_transport",
-    "nccl": "kv_transfer.nccl_transport",
+    "grpc": "pdserve.kv_transfer.grpc_transport",
+    "local": "pdserve.kv_transfer.local_transport",
+    "nccl": "pdserve.kv_transfer.nccl_transport",
 }
 _TRANSPORTS: dict[str, tuple[type[KVSender], type[KVReceiver]]] = {}
 _LOCK = threading.Lock()

@@ -13,10 +13,10 @@ import warnings
 
 import torch
 
-from engine.config import torch_dtype
-from kv_transfer.receiver import ChunkRejected
-from pdserve_proto import kv_pb as pb
-from pdserve_proto import kv_pb_grpc as pb_grpc
+from pdserve.engine.config import torch_dtype
+from pdserve.kv_transfer.receiver import ChunkRejected
+from pdserve.proto import kv_pb as pb
+from pdserve.proto import kv_pb_grpc as pb_grpc
 
 __all__ = ["pb", "pb_grpc", "encode_chunk", "decode_chunk", "closing_chunk", "grpc_options",
            "DEFAULT_CHUNK_BYTES", "HEADER_SLACK"]

@@ -15,13 +15,13 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
 
-from engine.config import EngineConfig
-from engine.engine_loop import EngineLoop
-from engine.llm_engine import LLMEngine, RequestOutput
-from engine.sampling_params import SamplingParams
-from engine.scheduler import ScheduledSeq
-from engine.sequence import Sequence
-from kv_transfer import KVSink, KVTransferError, SendHandle, make_sender
+from pdserve.engine.config import EngineConfig
+from pdserve.engine.engine_loop import EngineLoop
+from pdserve.engine.llm_engine import LLMEngine, RequestOutput
+from pdserve.engine.sampling_params import SamplingParams
+from pdserve.engine.scheduler import ScheduledSeq
+from pdserve.engine.sequence import Sequence
+from pdserve.kv_transfer import KVSink, KVTransferError, SendHandle, make_sender
 
 log = logging.getLogger("pdserve.prefill")
 

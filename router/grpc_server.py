@@ -16,12 +16,12 @@ import uuid
 
 import grpc
 
-from engine.tokenizer import TextTokenizer
-from pdserve_proto import pb, pb_grpc
-from router.lifecycle import DecodeFull, HandoffFailed, RequestLifecycle
-from router.request_decoding import GenerateRequestParser, UndecodableRequest
-from router.validation import InvalidRequest, Limits, validate
-from router.workers import WorkerClient
+from pdserve.engine.tokenizer import TextTokenizer
+from pdserve.proto import pb, pb_grpc
+from pdserve.router.lifecycle import DecodeFull, HandoffFailed, RequestLifecycle
+from pdserve.router.request_decoding import GenerateRequestParser, UndecodableRequest
+from pdserve.router.validation import InvalidRequest, Limits, validate
+from pdserve.router.workers import WorkerClient
 
 log = logging.getLogger("pdserve.router")
 

@@ -15,9 +15,9 @@ import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
-from engine.sampling_params import SamplingParams
-from router.policy import RoutingPolicy
-from router.workers import DecodeClient, PrefillClient, WorkerBusy
+from pdserve.engine.sampling_params import SamplingParams
+from pdserve.router.policy import RoutingPolicy
+from pdserve.router.workers import DecodeClient, PrefillClient, WorkerBusy
 
 log = logging.getLogger("pdserve.router")
 

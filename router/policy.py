@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import itertools
 
-from router.workers import DecodeClient, PrefillClient
+from pdserve.router.workers import DecodeClient, PrefillClient
 
 
 class RoutingPolicy:

@@ -17,7 +17,7 @@ from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import DecodeError, Message
 
-from pdserve_proto import pb
+from pdserve.proto import pb
 
 GENERATE_METHOD = "/pdserve.v1.Generation/Generate"
 

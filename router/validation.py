@@ -9,9 +9,9 @@ from __future__ import annotations
 import secrets
 from dataclasses import dataclass
 
-from engine.sampling_params import SamplingParams
-from engine.tokenizer import ChatTemplateError, TextTokenizer
-from pdserve_proto import pb
+from pdserve.engine.sampling_params import SamplingParams
+from pdserve.engine.tokenizer import ChatTemplateError, TextTokenizer
+from pdserve.proto import pb
 
 
 class InvalidRequest(ValueError):

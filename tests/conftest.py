@@ -21,7 +21,7 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="session")
 def smollm_gguf() -> str:
-    from engine.loader.registry import resolve_model_path
+    from pdserve.engine.loader.registry import resolve_model_path
 
     return resolve_model_path("smollm2-135m-instruct")
 
@@ -41,6 +41,6 @@ def hf_model(smollm_gguf):
 def llm():
     """Our engine with small blocks and a small token budget, so prompts are chunked and
     cross block boundaries."""
-    from engine import LLM
+    from pdserve.engine import LLM
 
     return LLM(block_size=8, max_num_batched_tokens=40, num_blocks=600, max_num_seqs=16)

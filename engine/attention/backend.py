@@ -22,7 +22,7 @@ from collections.abc import Callable
 
 import torch
 
-from engine.attention.metadata import AttentionMetadata
+from pdserve.engine.attention.metadata import AttentionMetadata
 
 
 class AttentionBackend(ABC):
@@ -102,9 +102,9 @@ def get_backend(name: str, device: torch.device | str) -> AttentionBackend:
 
 def _load_builtin_backends() -> None:
     # Imported lazily so that a missing Triton never breaks the torch path.
-    from engine.attention import torch_backend  # noqa: F401
+    from pdserve.engine.attention import torch_backend  # noqa: F401
 
     try:
-        from engine.attention import triton_backend  # noqa: F401
+        from pdserve.engine.attention import triton_backend  # noqa: F401
     except ImportError:
         pass

@@ -18,9 +18,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from engine import forward_context
-from engine.attention.backend import AttentionBackend, register_backend
-from engine.attention.metadata import AttentionMetadata
+from pdserve.engine import forward_context
+from pdserve.engine.attention.backend import AttentionBackend, register_backend
+from pdserve.engine.attention.metadata import AttentionMetadata
 
 
 def gather_kv(cache: torch.Tensor, block_ids: torch.Tensor, length: int) -> torch.Tensor:

@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import torch
 
-from engine.attention import triton_kernels
-from engine.attention.backend import AttentionBackend, register_backend
-from engine.attention.metadata import AttentionMetadata
-from engine.attention.triton_kernels import AttentionTiles
-from engine.layers import fused
-from engine.layers.norm_rope import RotaryEmbedding
+from pdserve.engine.attention import triton_kernels
+from pdserve.engine.attention.backend import AttentionBackend, register_backend
+from pdserve.engine.attention.metadata import AttentionMetadata
+from pdserve.engine.attention.triton_kernels import AttentionTiles
+from pdserve.engine.layers import fused
+from pdserve.engine.layers.norm_rope import RotaryEmbedding
 
 
 @register_backend

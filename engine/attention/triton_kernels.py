@@ -292,7 +292,7 @@ def _check_cache(k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
     if k_cache.device.type != "cuda" and not _INTERPRETED:
         raise RuntimeError(
             "Triton attention needs CUDA tensors, or TRITON_INTERPRET=1 set before "
-            "engine.attention.triton_kernels is imported; use the 'torch' backend on CPU"
+            "pdserve.engine.attention.triton_kernels is imported; use the 'torch' backend on CPU"
         )
     assert k_cache.dim() == 4 and k_cache.shape == v_cache.shape, "caches: [blocks, bs, kvh, d]"
     assert k_cache.stride() == v_cache.stride() and k_cache.stride(-1) == 1, (

@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 
-from engine.kv_cache.block_hash import BlockHash
+from pdserve.engine.kv_cache.block_hash import BlockHash
 
 
 class OutOfBlocksError(RuntimeError):

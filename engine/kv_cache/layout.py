@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from engine.config import ModelConfig, torch_dtype
+from pdserve.engine.config import ModelConfig, torch_dtype
 
 
 @dataclass(frozen=True, slots=True)

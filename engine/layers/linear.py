@@ -17,10 +17,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.parallel import tp_all_reduce, tp_rank, tp_size
+from pdserve.engine.parallel import tp_all_reduce, tp_rank, tp_size
 
 _ONEDNN_DTYPES = (torch.float32, torch.bfloat16)
 _onednn_enabled: bool | None = None  # None: not probed yet
+# Per dtype, whether this CPU's oneDNN runs it: bf16 needs AVX512-BF16-class instructions
+# (avx_ne_convert, or avx512bw+vl+dq) and raises on an AVX2-only host; such a host keeps
+# F.linear for bf16.
+_onednn_dtype_ok: dict[torch.dtype, bool] = {}
 
 # oneDNN's blocked copy of a CPU weight is made on first use and hangs off the weight
 # itself (this attribute), beside the plain values that the embedding, the loaders and TP
@@ -108,14 +112,30 @@ def dense(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = Non
         if _onednn_enabled is None:
             _onednn_enabled = _onednn_available()
         # The op has no autograd formula; the engine runs under inference_mode.
-        if _onednn_enabled and not (x.requires_grad or weight.requires_grad):
+        if (_onednn_enabled and not (x.requires_grad or weight.requires_grad)
+                and _onednn_runs(x.dtype)):
             return torch.ops.mkldnn._linear_pointwise(x, _packed_weight(weight), bias,
                                                       "none", [None], "")
     elif x.is_cuda and _triton_gemv and uses_triton_gemv(x, weight, bias):
-        from engine.layers.gemv import gemv
+        from pdserve.engine.layers.gemv import gemv
 
         return gemv(x, weight, bias)
     return F.linear(x, weight, bias)
+
+
+def _onednn_runs(dtype: torch.dtype) -> bool:
+    ok = _onednn_dtype_ok.get(dtype)
+    if ok is None:
+        try:
+            probe = torch.ones(4, 4, dtype=dtype)
+            torch.ops.mkldnn._linear_pointwise(
+                probe, torch.ops.mkldnn._reorder_linear_weight(probe, _PACK_ROWS), None,
+                "none", [None], "")
+            ok = True
+        except RuntimeError:
+            ok = False
+        _onednn_dtype_ok[dtype] = ok
+    return ok
 
 
 def _packed_weight(weight: torch.Tensor) -> torch.Tensor:

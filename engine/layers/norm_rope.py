@@ -7,8 +7,8 @@ import math
 import torch
 from torch import nn
 
-from engine import forward_context
-from engine.config import ModelConfig, RopeScaling
+from pdserve.engine import forward_context
+from pdserve.engine.config import ModelConfig, RopeScaling
 
 
 class RMSNorm(nn.Module):

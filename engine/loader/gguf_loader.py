@@ -13,7 +13,7 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
-from engine.config import ModelConfig, RopeScaling
+from pdserve.engine.config import ModelConfig, RopeScaling
 
 _LAYER_NAMES = {
     "attn_norm": "input_layernorm",

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from engine.config import ModelConfig
+from pdserve.engine.config import ModelConfig
 
 
 def hf_llama_config(config: ModelConfig):

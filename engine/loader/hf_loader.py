@@ -10,7 +10,7 @@ from collections.abc import Iterator
 
 import torch
 
-from engine.config import ModelConfig, RopeScaling
+from pdserve.engine.config import ModelConfig, RopeScaling
 
 _ARCHITECTURES = {
     "LlamaForCausalLM": "llama",

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
-from engine.config import ModelConfig
-from engine.tokenizer import TextTokenizer
+from pdserve.engine.config import ModelConfig
+from pdserve.engine.tokenizer import TextTokenizer
 
 # name -> (python package that ships the file, file name inside it, install hint)
 EMBEDDED_MODELS = {
@@ -66,7 +66,7 @@ def open_model(
     (`engine.loader.synthetic`), whose weights are drawn on `device` in `dtype`.
     """
     if name.startswith("random:"):
-        from engine.loader import synthetic
+        from pdserve.engine.loader import synthetic
 
         _, seed = synthetic.parse_name(name)
         config = synthetic.synthetic_config(name, torch.device(device), dtype)
@@ -75,12 +75,12 @@ def open_model(
                             name)
     path = resolve_model_path(name)
     if path.endswith(".gguf"):
-        from engine.loader.gguf_loader import load_gguf
+        from pdserve.engine.loader.gguf_loader import load_gguf
 
         config, fields, weights = load_gguf(path)
         tokenizer = TextTokenizer.from_gguf_fields(fields)
     else:
-        from engine.loader.hf_loader import load_hf_dir
+        from pdserve.engine.loader.hf_loader import load_hf_dir
 
         config, weights = load_hf_dir(path)
         tokenizer = TextTokenizer.from_hf_dir(path, config.eos_token_ids)

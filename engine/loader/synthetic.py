@@ -24,8 +24,8 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
-from engine.config import ModelConfig, RopeScaling
-from engine.tokenizer import ChatTemplateError
+from pdserve.engine.config import ModelConfig, RopeScaling
+from pdserve.engine.tokenizer import ChatTemplateError
 
 PREFIX = "random:"
 INIT_STD = 0.02

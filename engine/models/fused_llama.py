@@ -19,10 +19,10 @@ from __future__ import annotations
 
 import torch
 
-from engine.layers import fused
-from engine.layers.norm_rope import RMSNorm, RotaryEmbedding
-from engine.models.llama import LlamaAttention, LlamaDecoderLayer, LlamaForCausalLM
-from engine.parallel import tp_size
+from pdserve.engine.layers import fused
+from pdserve.engine.layers.norm_rope import RMSNorm, RotaryEmbedding
+from pdserve.engine.models.llama import LlamaAttention, LlamaDecoderLayer, LlamaForCausalLM
+from pdserve.engine.parallel import tp_size
 
 
 class FusedRMSNorm(RMSNorm):

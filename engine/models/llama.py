@@ -14,16 +14,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine import forward_context
-from engine.config import ModelConfig
-from engine.layers.linear import (
+from pdserve.engine import forward_context
+from pdserve.engine.config import ModelConfig
+from pdserve.engine.layers.linear import (
     MergedColumnLinear,
     RowParallelLinear,
     VocabParallelEmbedding,
     dense,
 )
-from engine.layers.norm_rope import RMSNorm, RotaryEmbedding
-from engine.parallel import tp_all_gather_last_dim, tp_size
+from pdserve.engine.layers.norm_rope import RMSNorm, RotaryEmbedding
+from pdserve.engine.parallel import tp_all_gather_last_dim, tp_size
 
 
 class LlamaAttention(nn.Module):

@@ -48,9 +48,9 @@ def _config(mode: str) -> dict:
 
 
 def _serve(mode: str, prompts: list[list[int]]) -> tuple[list[list[int]], list[float]]:
-    from cluster.background import BackgroundCluster
-    from cluster.client import PdserveClient
-    from cluster.config import parse_config
+    from pdserve.cluster.background import BackgroundCluster
+    from pdserve.cluster.client import PdserveClient
+    from pdserve.cluster.config import parse_config
 
     rounds = []
     with BackgroundCluster(parse_config(_config(mode))) as bg, \

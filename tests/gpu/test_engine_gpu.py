@@ -20,8 +20,8 @@ pytestmark = [
 ]
 pytest.importorskip("triton")
 
-from engine import LLM, SamplingParams  # noqa: E402
-from engine.loader.hf_export import (  # noqa: E402
+from pdserve.engine import LLM, SamplingParams  # noqa: E402
+from pdserve.engine.loader.hf_export import (  # noqa: E402
     closeness_violations,
     hf_model_like,
     teacher_forced_logprobs,
@@ -119,8 +119,11 @@ def test_bf16_engine_close_to_hf_with_same_weights(bf16_graph_llm):
 def test_fp32_rope_write_kv_fusion_on_equals_off(fp32_llms):
     """The fused RoPE + K/V write kernel (default) against RoPE and write_kv as two
     kernels, both under CUDA graphs: the same arithmetic, so the same tokens."""
-    from engine.cuda_graph import DecodeGraphRunner
-    from engine.models.fused_llama import set_rope_write_kv_fusion, uses_rope_write_kv_fusion
+    from pdserve.engine.cuda_graph import DecodeGraphRunner
+    from pdserve.engine.models.fused_llama import (
+        set_rope_write_kv_fusion,
+        uses_rope_write_kv_fusion,
+    )
 
     llm = fp32_llms["graphs+fused"]
     engine = llm.engine

@@ -20,7 +20,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from engine.kv_cache.layout import KVLayout
+from pdserve.engine.kv_cache.layout import KVLayout
 
 pytestmark = [
     pytest.mark.gpu,
@@ -51,8 +51,8 @@ def _sink(rx, rid: str, dst: list[int]) -> dict:
 
 def _prefill_main(uid_q, to_p, to_d, res_q) -> None:
     try:
-        from kv_transfer import KVSink, KVTransferError
-        from kv_transfer.nccl_transport import NcclKVSender
+        from pdserve.kv_transfer import KVSink, KVTransferError
+        from pdserve.kv_transfer.nccl_transport import NcclKVSender
 
         torch.cuda.set_device(P_GPU)
         pool, src = _pool(P_GPU), _source(P_GPU)
@@ -139,8 +139,8 @@ def _decode_main(scenario: str, uid_q, to_p, to_d, res_q) -> None:
     # make sure it is on, whatever the machine's environment says.
     os.environ["CUDA_MODULE_LOADING"] = "LAZY"
     try:
-        from kv_transfer import TransferStatus
-        from kv_transfer.nccl_transport import NcclKVReceiver
+        from pdserve.kv_transfer import TransferStatus
+        from pdserve.kv_transfer.nccl_transport import NcclKVReceiver
 
         torch.cuda.set_device(D_GPU)
         pool, src = _pool(D_GPU), _source(D_GPU)

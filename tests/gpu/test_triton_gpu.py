@@ -18,9 +18,9 @@ pytestmark = [
 ]
 pytest.importorskip("triton")
 
-from engine.attention.metadata import AttentionMetadata  # noqa: E402
-from engine.attention.torch_backend import TorchAttentionBackend, gather_kv  # noqa: E402
-from engine.attention.triton_backend import TritonAttentionBackend  # noqa: E402
+from pdserve.engine.attention.metadata import AttentionMetadata  # noqa: E402
+from pdserve.engine.attention.torch_backend import TorchAttentionBackend, gather_kv  # noqa: E402
+from pdserve.engine.attention.triton_backend import TritonAttentionBackend  # noqa: E402
 
 HEADS, KV_HEADS, HEAD_DIM, BLOCK = 32, 8, 128, 16
 TOL = 1.5e-2
@@ -165,10 +165,10 @@ def test_rope_write_kv_fused_equals_rope_then_write_kv(dtype):
     padded (-1) rows; then replayed from a CUDA graph with new positions and slots."""
     import dataclasses
 
-    from engine.attention import triton_kernels
-    from engine.layers import fused
-    from engine.layers.norm_rope import RotaryEmbedding
-    from engine.loader import synthetic
+    from pdserve.engine.attention import triton_kernels
+    from pdserve.engine.layers import fused
+    from pdserve.engine.layers.norm_rope import RotaryEmbedding
+    from pdserve.engine.loader import synthetic
 
     cfg = dataclasses.replace(
         synthetic.synthetic_config("random:llama-3.1-8b", torch.device("cuda"), dtype),
@@ -240,7 +240,7 @@ def _gemv_case(m, k, n, seed=0):
 @pytest.mark.parametrize("m", [1, 4, 8])
 def test_gemv_matches_f_linear_at_8b_shapes(k, n, m):
     """bf16, outputs ~N(0, 1): within a bf16 rounding or two of fp32 and of cuBLAS."""
-    from engine.layers.gemv import GemvConfig, gemv
+    from pdserve.engine.layers.gemv import GemvConfig, gemv
 
     x, w, b = _gemv_case(m, k, n, seed=m + k + n)
     ref = F.linear(x.float(), w.float(), b.float())
@@ -258,7 +258,7 @@ def test_gemv_matches_f_linear_at_8b_shapes(k, n, m):
 
 def test_gemv_through_dense_replays_under_cuda_graph():
     """`dense` with the switch on, captured in a graph at 1 and 8 rows, replayed on new x."""
-    from engine.layers import linear
+    from pdserve.engine.layers import linear
 
     before = (linear._triton_gemv, linear._gemv_max_weight_bytes)
     linear.set_triton_gemv(True, max_weight_bytes=None)

@@ -9,10 +9,10 @@ from contextlib import contextmanager
 
 import torch
 
-from cluster.background import BackgroundCluster
-from cluster.client import PdserveClient
-from cluster.config import parse_config
-from pdserve_proto import pb
+from pdserve.cluster.background import BackgroundCluster
+from pdserve.cluster.client import PdserveClient
+from pdserve.cluster.config import parse_config
+from pdserve.proto import pb
 
 
 @contextmanager

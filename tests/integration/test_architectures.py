@@ -13,7 +13,7 @@ import json
 import pytest
 import torch
 
-from engine import LLM, SamplingParams
+from pdserve.engine import LLM, SamplingParams
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -108,8 +108,8 @@ def test_llama31_rope_tables_match_hf_at_long_positions(tiny_model_factory):
     scaled (low) frequencies dominate — and they really are scaled."""
     import transformers
 
-    from engine.config import ModelConfig, RopeScaling
-    from engine.layers.norm_rope import RotaryEmbedding
+    from pdserve.engine.config import ModelConfig, RopeScaling
+    from pdserve.engine.layers.norm_rope import RotaryEmbedding
 
     _, hf = tiny_model_factory("llama", **ARCHS["llama3.1"][1])
     scaling = RopeScaling(8.0, 1.0, 4.0, 8192)

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from bench.cli import main as bench_main
-from bench.report import load_report, recompute_summaries
+from pdserve.bench.cli import main as bench_main
+from pdserve.bench.report import load_report, recompute_summaries
 from tests.integration.cluster_checks import running_cluster
 
 pytestmark = pytest.mark.slow

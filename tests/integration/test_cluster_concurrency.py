@@ -9,7 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 from cluster_checks import assert_blocks_back, collect, free_blocks, running_cluster, worker_stats
 
-from engine.loader.registry import open_model
+from pdserve.engine.loader.registry import open_model
 
 pytestmark = pytest.mark.slow
 

@@ -17,10 +17,10 @@ from cluster_checks import (
     worker_stats,
 )
 
-from cluster.client import PdserveClient
-from engine import SamplingParams
-from engine.loader.registry import open_model
-from pdserve_proto import pb
+from pdserve.cluster.client import PdserveClient
+from pdserve.engine import SamplingParams
+from pdserve.engine.loader.registry import open_model
+from pdserve.proto import pb
 
 pytestmark = pytest.mark.slow
 

@@ -17,10 +17,10 @@ from cluster_checks import (
     worker_stats,
 )
 
-from engine import SamplingParams
-from engine.loader.registry import open_model
-from kv_transfer import KVTransferError
-from pdserve_proto import pb
+from pdserve.engine import SamplingParams
+from pdserve.engine.loader.registry import open_model
+from pdserve.kv_transfer import KVTransferError
+from pdserve.proto import pb
 
 pytestmark = pytest.mark.slow
 

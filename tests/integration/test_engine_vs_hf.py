@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from engine import SamplingParams
+from pdserve.engine import SamplingParams
 
 PROMPTS = [
     "The capital of France is",

@@ -14,11 +14,11 @@ import time
 
 import pytest
 
-from decode_worker.worker import DecodeWorker
-from engine.config import CacheConfig, EngineConfig
-from engine.sampling_params import SamplingParams
-from prefill_worker.worker import PrefillWorker
-from router.lifecycle import _first_chunk_early
+from pdserve.decode_worker.worker import DecodeWorker
+from pdserve.engine.config import CacheConfig, EngineConfig
+from pdserve.engine.sampling_params import SamplingParams
+from pdserve.prefill_worker.worker import PrefillWorker
+from pdserve.router.lifecycle import _first_chunk_early
 
 MODEL = "smollm2-135m-instruct"
 _ids = itertools.count()

@@ -23,10 +23,10 @@ import torch
 
 ray = pytest.importorskip("ray")
 
-from cluster.background import BackgroundCluster  # noqa: E402
-from cluster.client import PdserveClient  # noqa: E402
-from cluster.config import parse_config  # noqa: E402
-from engine.loader.registry import open_model  # noqa: E402
+from pdserve.cluster.background import BackgroundCluster  # noqa: E402
+from pdserve.cluster.client import PdserveClient  # noqa: E402
+from pdserve.cluster.config import parse_config  # noqa: E402
+from pdserve.engine.loader.registry import open_model  # noqa: E402
 
 pytestmark = pytest.mark.slow
 

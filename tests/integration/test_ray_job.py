@@ -2,7 +2,7 @@
 
 The head runs with token auth on (a token of its own, so the test neither reads nor writes
 ~/.ray/auth_token) and everything on loopback. The job uploads this checkout as its working
-dir and runs `python -m cluster serve configs/ray-job.yaml --port N`; the test talks gRPC to
+dir and runs `python -m pdserve.cluster serve configs/ray-job.yaml --port N`; the test talks gRPC to
 the router the job started, checks the answer against HF transformers, checks what was
 uploaded and which Python ran the job, then stops the job and the head it started.
 
@@ -35,8 +35,8 @@ pytest.importorskip("ray")
 pytest.importorskip("aiohttp", reason="the Ray dashboard (job server) needs ray[default]")
 psutil = pytest.importorskip("psutil")
 
-from cluster.client import PdserveClient  # noqa: E402
-from engine.loader.registry import open_model  # noqa: E402
+from pdserve.cluster.client import PdserveClient  # noqa: E402
+from pdserve.engine.loader.registry import open_model  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -193,7 +193,7 @@ def test_ray_job_submit_serves_a_request(hf_model):
         assert head.http("/api/jobs/", None)[0] == 401
         head.cli("job", "submit", "--address", head.url, "--submission-id", job_id,
                  "--working-dir", str(REPO), "--no-wait", "--",
-                 "python", "-m", "cluster", "serve", CONFIG, "--port", str(router_port))
+                 "python", "-m", "pdserve.cluster", "serve", CONFIG, "--port", str(router_port))
         submitted = True
 
         ids = open_model("smollm2-135m-instruct").tokenizer.encode(PROMPT)

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 import torch.multiprocessing as mp
 
-from engine import LLM, SamplingParams
+from pdserve.engine import LLM, SamplingParams
 
 TP = 2
 PROMPT_LENS = (3, 8, 21, 45)  # sub-block, one block, across blocks, chunked (budget 16)
@@ -50,7 +50,7 @@ def generate(path: str) -> dict:
 def _rank_main(rank: int, port: int, paths: list[str], out_dir: str) -> None:
     import torch.distributed as dist
 
-    from engine.parallel import init_tensor_parallel
+    from pdserve.engine.parallel import init_tensor_parallel
 
     torch.set_num_threads(1)
     dist.init_process_group(

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from bench.arrival import Arrival, gamma_offsets
+from pdserve.bench.arrival import Arrival, gamma_offsets
 
 
 def gaps(rate, burstiness, n=20000, seed=1):

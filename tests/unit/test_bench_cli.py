@@ -1,4 +1,4 @@
-"""``python -m bench`` end to end: bad input exits 2 with one line; a real run's outputs."""
+"""``python -m pdserve.bench`` end to end: bad input exits 2 with one line; a real run's outputs."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ import sys
 
 import pytest
 
-from bench.cli import main
-from bench.fake_server import FakeServerThread, Pace
-from bench.report import load_report, recompute_summaries
+from pdserve.bench.cli import main
+from pdserve.bench.fake_server import FakeServerThread, Pace
+from pdserve.bench.report import load_report, recompute_summaries
 
 
 def free_port() -> int:
@@ -100,7 +100,8 @@ def test_rate_sweep_writes_a_recomputable_report_and_plots(tmp_path, capsys):
 
 
 def fake_cluster(extra: str = "") -> str:
-    return f"{sys.executable} -m bench.fake_server {{config}} --ttft 0.01 --itl 0.002 {extra}"
+    return (f"{sys.executable} -m pdserve.bench.fake_server {{config}} "
+            f"--ttft 0.01 --itl 0.002 {extra}")
 
 
 def test_compare_starts_each_config_and_prints_ratios(tmp_path, capsys):
@@ -164,7 +165,7 @@ def test_compare_reports_a_cluster_that_dies_before_serving(tmp_path, capsys):
 
 def test_each_rate_of_a_sweep_sends_its_own_prompts(capsys):
     """A server's prefix cache must not serve rate k from rate k-1's prompts."""
-    from bench.cli import make_plan
+    from pdserve.bench.cli import make_plan
 
     plan = make_plan(["--rates", "1,2,4", "--num-requests", "5", "--input-len", "16:32",
                       "--seed", "11"])

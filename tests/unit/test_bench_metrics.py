@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from bench.metrics import e2e, itls, latency_stats, meets_slo, summarize, tpot, ttft
-from bench.records import RequestRecord
-from bench.slo import SLO, parse_slo
+from pdserve.bench.metrics import e2e, itls, latency_stats, meets_slo, summarize, tpot, ttft
+from pdserve.bench.records import RequestRecord
+from pdserve.bench.slo import SLO, parse_slo
 
 
 def make(rid, send, chunks, end, *, prompt=0, completion=0, finish="length", error=None, inp=7):

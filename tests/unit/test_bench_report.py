@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import json
 
-from bench.arrival import Arrival
-from bench.metrics import summarize
-from bench.records import RequestRecord
-from bench.report import (
+from pdserve.bench.arrival import Arrival
+from pdserve.bench.metrics import summarize
+from pdserve.bench.records import RequestRecord
+from pdserve.bench.report import (
     format_summary,
     format_sweep,
     goodput_rate,
@@ -16,8 +16,8 @@ from bench.report import (
     run_to_dict,
     write_report,
 )
-from bench.runner import RunResult
-from bench.slo import parse_slo
+from pdserve.bench.runner import RunResult
+from pdserve.bench.slo import parse_slo
 
 
 def records(shift: float, n: int = 6) -> list[RequestRecord]:

@@ -8,13 +8,13 @@ import time
 
 import pytest
 
-from bench.arrival import Arrival
-from bench.client import GenerationClient, ServerUnreachable, build_request
-from bench.fake_server import Pace, start
-from bench.metrics import itls, summarize, tpot, ttft
-from bench.runner import RunSettings, benchmark, run_load
-from bench.slo import SLO
-from bench.workloads import RequestSpec, random_workload
+from pdserve.bench.arrival import Arrival
+from pdserve.bench.client import GenerationClient, ServerUnreachable, build_request
+from pdserve.bench.fake_server import Pace, start
+from pdserve.bench.metrics import itls, summarize, tpot, ttft
+from pdserve.bench.runner import RunSettings, benchmark, run_load
+from pdserve.bench.slo import SLO
+from pdserve.bench.workloads import RequestSpec, random_workload
 
 
 def specs(n: int, output_len: int) -> list[RequestSpec]:

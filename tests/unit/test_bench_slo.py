@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from bench.slo import SLO, parse_slo
+from pdserve.bench.slo import SLO, parse_slo
 
 
 def test_parses_units_and_keys():

@@ -6,9 +6,9 @@ import json
 
 import pytest
 
-from bench.make_sharegpt_sample import DEFAULT_OUT, make_sample
-from bench.sharegpt import file_workload, word_estimate
-from bench.workloads import parse_range, random_workload, shared_prefix_workload
+from pdserve.bench.make_sharegpt_sample import DEFAULT_OUT, make_sample
+from pdserve.bench.sharegpt import file_workload, word_estimate
+from pdserve.bench.workloads import parse_range, random_workload, shared_prefix_workload
 
 
 def test_random_lengths_in_range_and_exact():

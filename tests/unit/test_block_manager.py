@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from engine.kv_cache.block_hash import ROOT_HASH, hash_block, hash_blocks
-from engine.kv_cache.block_manager import BlockManager, OutOfBlocksError
+from pdserve.engine.kv_cache.block_hash import ROOT_HASH, hash_block, hash_blocks
+from pdserve.engine.kv_cache.block_manager import BlockManager, OutOfBlocksError
 
 BS = 4
 KEY = "compat-a"

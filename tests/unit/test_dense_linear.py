@@ -4,8 +4,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from engine.layers import linear
-from engine.layers.linear import ColumnParallelLinear, RowParallelLinear, dense
+from pdserve.engine.layers import linear
+from pdserve.engine.layers.linear import ColumnParallelLinear, RowParallelLinear, dense
 
 pytestmark = pytest.mark.skipif(
     not linear._onednn_available(), reason="torch built without oneDNN"

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cluster.config import load_config
+from pdserve.cluster.config import load_config
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
@@ -56,7 +56,7 @@ def test_kuberay_manifests():
     assert service["spec"]["selector"]["ray.io/node-type"] == "head"
     (job,) = yaml.safe_load_all((DEPLOY / "kuberay" / "rayjob.yaml").read_text())
     assert job["kind"] == "RayJob"
-    assert job["spec"]["entrypoint"].startswith("python -m cluster serve configs/")
+    assert job["spec"]["entrypoint"].startswith("python -m pdserve.cluster serve configs/")
     assert job["spec"]["clusterSelector"]["ray.io/cluster"] == cluster["metadata"]["name"]
 
 

@@ -11,14 +11,14 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from engine import forward_context  # noqa: E402
-from engine.attention.metadata import AttentionMetadata  # noqa: E402
-from engine.attention.torch_backend import TorchAttentionBackend  # noqa: E402
-from engine.layers import fused  # noqa: E402
-from engine.layers.norm_rope import RMSNorm, RotaryEmbedding  # noqa: E402
-from engine.loader import synthetic  # noqa: E402
-from engine.models.fused_llama import set_fused_kernels, uses_fused_kernels  # noqa: E402
-from engine.models.llama import LlamaForCausalLM  # noqa: E402
+from pdserve.engine import forward_context  # noqa: E402
+from pdserve.engine.attention.metadata import AttentionMetadata  # noqa: E402
+from pdserve.engine.attention.torch_backend import TorchAttentionBackend  # noqa: E402
+from pdserve.engine.layers import fused  # noqa: E402
+from pdserve.engine.layers.norm_rope import RMSNorm, RotaryEmbedding  # noqa: E402
+from pdserve.engine.loader import synthetic  # noqa: E402
+from pdserve.engine.models.fused_llama import set_fused_kernels, uses_fused_kernels  # noqa: E402
+from pdserve.engine.models.llama import LlamaForCausalLM  # noqa: E402
 
 DTYPES = [torch.float32, torch.bfloat16]
 

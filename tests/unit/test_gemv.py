@@ -12,8 +12,8 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from engine.layers import linear  # noqa: E402
-from engine.layers.gemv import GemvConfig, gemv, get_config, set_config  # noqa: E402
+from pdserve.engine.layers import linear  # noqa: E402
+from pdserve.engine.layers.gemv import GemvConfig, gemv, get_config, set_config  # noqa: E402
 
 # Small blocks so the interpreter is quick and N, K cover several blocks plus a ragged one.
 SUM = GemvConfig("sum", block_n=8, block_k=32, num_warps=4, num_stages=1)

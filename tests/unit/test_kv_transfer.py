@@ -15,8 +15,8 @@ import grpc
 import pytest
 import torch
 
-from engine.kv_cache.layout import KVLayout
-from kv_transfer import (
+from pdserve.engine.kv_cache.layout import KVLayout
+from pdserve.kv_transfer import (
     IncompatibleKVError,
     KVSink,
     KVTransferError,
@@ -24,7 +24,7 @@ from kv_transfer import (
     make_receiver,
     make_sender,
 )
-from kv_transfer.wire import encode_chunk, pb, pb_grpc
+from pdserve.kv_transfer.wire import encode_chunk, pb, pb_grpc
 
 LAYERS, BLOCKS, BLOCK_SIZE, HEADS, DIM = 4, 32, 16, 2, 8
 SRC_IDS = [3, 17, 8, 25]  # non-contiguous, out of order

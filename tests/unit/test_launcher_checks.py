@@ -6,8 +6,8 @@ import pytest
 
 pytest.importorskip("ray")
 
-from cluster.config import parse_config  # noqa: E402
-from cluster.launcher import Cluster, ClusterStartError  # noqa: E402
+from pdserve.cluster.config import parse_config  # noqa: E402
+from pdserve.cluster.launcher import Cluster, ClusterStartError  # noqa: E402
 
 
 def _cluster(ready: list[dict], **config) -> Cluster:

@@ -23,8 +23,8 @@ from collections import deque
 import pytest
 import torch
 
-from engine.kv_cache.layout import KVLayout
-from kv_transfer import (
+from pdserve.engine.kv_cache.layout import KVLayout
+from pdserve.kv_transfer import (
     IncompatibleKVError,
     KVTransferError,
     TransferStatus,
@@ -33,10 +33,10 @@ from kv_transfer import (
     nccl_device,
     nccl_transport,
 )
-from kv_transfer.nccl_control import ControlClient, ControlError, split_host_port
-from kv_transfer.nccl_device import apply_nccl_tuning, group_sizes, parse_nccl_tuning
-from kv_transfer.nccl_transport import NcclKVReceiver, NcclKVSender
-from kv_transfer.nccl_wire import (
+from pdserve.kv_transfer.nccl_control import ControlClient, ControlError, split_host_port
+from pdserve.kv_transfer.nccl_device import apply_nccl_tuning, group_sizes, parse_nccl_tuning
+from pdserve.kv_transfer.nccl_transport import NcclKVReceiver, NcclKVSender
+from pdserve.kv_transfer.nccl_wire import (
     MAX_GROUP_OPS,
     Announce,
     Run,

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from pdserve_proto import pb
-from router.request_decoding import UndecodableRequest, parse_generate_request
+from pdserve.proto import pb
+from pdserve.router.request_decoding import UndecodableRequest, parse_generate_request
 
 BAD = b"bad-\xff\xfe-utf8"
 MARK = b"PLACEHOLDER"  # same length as BAD, so the length prefixes stay right

@@ -13,22 +13,22 @@ use_interpreter()  # before anything imports triton
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from engine import forward_context  # noqa: E402
-from engine.attention import triton_kernels  # noqa: E402
-from engine.attention.metadata import AttentionMetadata  # noqa: E402
-from engine.attention.torch_backend import TorchAttentionBackend  # noqa: E402
-from engine.attention.triton_backend import TritonAttentionBackend  # noqa: E402
-from engine.config import RopeScaling  # noqa: E402
-from engine.layers import fused  # noqa: E402
-from engine.layers.norm_rope import RotaryEmbedding  # noqa: E402
-from engine.loader import synthetic  # noqa: E402
-from engine.models.fused_llama import (  # noqa: E402
+from pdserve.engine import forward_context  # noqa: E402
+from pdserve.engine.attention import triton_kernels  # noqa: E402
+from pdserve.engine.attention.metadata import AttentionMetadata  # noqa: E402
+from pdserve.engine.attention.torch_backend import TorchAttentionBackend  # noqa: E402
+from pdserve.engine.attention.triton_backend import TritonAttentionBackend  # noqa: E402
+from pdserve.engine.config import RopeScaling  # noqa: E402
+from pdserve.engine.layers import fused  # noqa: E402
+from pdserve.engine.layers.norm_rope import RotaryEmbedding  # noqa: E402
+from pdserve.engine.loader import synthetic  # noqa: E402
+from pdserve.engine.models.fused_llama import (  # noqa: E402
     FusedRotaryEmbedding,
     set_fused_kernels,
     set_rope_write_kv_fusion,
     uses_rope_write_kv_fusion,
 )
-from engine.models.llama import LlamaForCausalLM  # noqa: E402
+from pdserve.engine.models.llama import LlamaForCausalLM  # noqa: E402
 
 LLAMA3 = RopeScaling(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
                      original_max_position_embeddings=64)

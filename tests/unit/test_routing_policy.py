@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections import Counter
 from types import SimpleNamespace
 
-from router.policy import RoutingPolicy
+from pdserve.router.policy import RoutingPolicy
 
 
 def workers(*ids):

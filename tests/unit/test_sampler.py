@@ -9,8 +9,8 @@ import random
 import pytest
 import torch
 
-from engine.sampler import Sampler, SampleRequest
-from engine.sampling_params import SamplingParams
+from pdserve.engine.sampler import Sampler, SampleRequest
+from pdserve.engine.sampling_params import SamplingParams
 
 V = 64
 

@@ -8,12 +8,12 @@ import itertools
 
 import pytest
 
-from engine.config import SchedulerConfig
-from engine.kv_cache.block_hash import hash_blocks
-from engine.kv_cache.block_manager import BlockManager
-from engine.sampling_params import SamplingParams
-from engine.scheduler import ScheduledSeq, Scheduler
-from engine.sequence import FinishReason, Sequence, SequenceStatus
+from pdserve.engine.config import SchedulerConfig
+from pdserve.engine.kv_cache.block_hash import hash_blocks
+from pdserve.engine.kv_cache.block_manager import BlockManager
+from pdserve.engine.sampling_params import SamplingParams
+from pdserve.engine.scheduler import ScheduledSeq, Scheduler
+from pdserve.engine.sequence import FinishReason, Sequence, SequenceStatus
 
 BS = 4
 EOS = (0,)

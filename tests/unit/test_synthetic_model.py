@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine import LLM, SamplingParams
-from engine.loader import synthetic
-from engine.loader.registry import open_model
+from pdserve.engine import LLM, SamplingParams
+from pdserve.engine.loader import synthetic
+from pdserve.engine.loader.registry import open_model
 
 
 def _weights(name: str) -> dict[str, torch.Tensor]:
@@ -68,7 +68,7 @@ def test_engine_generates_from_token_ids_and_text(tiny_llm):
 
 def test_same_weights_in_hf_give_the_same_greedy_tokens(tiny_llm):
     pytest.importorskip("transformers")
-    from engine.loader.hf_export import hf_model_like
+    from pdserve.engine.loader.hf_export import hf_model_like
 
     engine = tiny_llm.engine
     hf = hf_model_like(engine.model, engine.model_config)

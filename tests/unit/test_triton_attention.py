@@ -14,11 +14,11 @@ use_interpreter()  # before anything imports triton
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from engine.attention.backend import get_backend  # noqa: E402
-from engine.attention.metadata import AttentionMetadata  # noqa: E402
-from engine.attention.torch_backend import TorchAttentionBackend, gather_kv  # noqa: E402
-from engine.attention.triton_backend import TritonAttentionBackend  # noqa: E402
-from engine.attention.triton_kernels import AttentionTiles, plan_decode_splits  # noqa: E402
+from pdserve.engine.attention.backend import get_backend  # noqa: E402
+from pdserve.engine.attention.metadata import AttentionMetadata  # noqa: E402
+from pdserve.engine.attention.torch_backend import TorchAttentionBackend, gather_kv  # noqa: E402
+from pdserve.engine.attention.triton_backend import TritonAttentionBackend  # noqa: E402
+from pdserve.engine.attention.triton_kernels import AttentionTiles, plan_decode_splits  # noqa: E402
 
 SMALL = AttentionTiles(prefill_block_m=16, prefill_block_n=16, decode_block_n=16)
 SPLIT16 = AttentionTiles(prefill_block_m=16, prefill_block_n=16, decode_block_n=16,
@@ -180,7 +180,7 @@ def test_torch_prefill_matmul_path_equals_its_sdpa_path(monkeypatch, dtype):
     """The torch backend attends small prefill chunks with bmm + softmax and large ones with
     SDPA; both must give the same rows (chunks on a cached prefix, from scratch, with decode
     rows beside them, GQA)."""
-    from engine.attention import torch_backend
+    from pdserve.engine.attention import torch_backend
 
     q, k_cache, v_cache, meta = make_batch([(0, 37), (21, 16), (40, 1), (0, 5), (70, 9)],
                                            heads=6, kv_heads=2, dtype=dtype, seed=3)

@@ -1,5 +1,5 @@
-"""GPU measurements below the engine, for `bench.gpu_engine`: the machine's own ceilings
-(device-to-device copy bandwidth, bf16 matmul rate), the attention kernels alone against
+"""GPU measurements below the engine, for `pdserve.bench.micro.gpu_engine`: the machine's own
+ceilings (device-to-device copy bandwidth, bf16 matmul rate), the attention kernels alone against
 `F.scaled_dot_product_attention`, event timing, and a per-kernel profile summary.
 
 Timings are medians of CUDA-event-timed repeats after warm-up, on random data (never zeros).
@@ -73,7 +73,7 @@ def _paged(batch: int, ctx: int, kv_heads: int, head_dim: int, block: int, gen):
 
 
 def _meta(query_lens: list[int], seq_lens: list[int], tables: torch.Tensor):
-    from engine.attention.metadata import AttentionMetadata
+    from pdserve.engine.attention.metadata import AttentionMetadata
 
     qsl = [0]
     for q in query_lens:
@@ -91,7 +91,7 @@ def _meta(query_lens: list[int], seq_lens: list[int], tables: torch.Tensor):
 def decode_attention(batch: int = 32, ctx: int = 4096, heads: int = 32, kv_heads: int = 8,
                      head_dim: int = 128, block: int = 16) -> dict:
     """Our split-K decode kernel (graph-replayed) vs SDPA over contiguous GQA K/V."""
-    from engine.attention.triton_backend import TritonAttentionBackend
+    from pdserve.engine.attention.triton_backend import TritonAttentionBackend
 
     gen = torch.Generator(device="cuda").manual_seed(0)
     k, v, tables = _paged(batch, ctx, kv_heads, head_dim, block, gen)
@@ -118,7 +118,7 @@ def decode_attention(batch: int = 32, ctx: int = 4096, heads: int = 32, kv_heads
 def prefill_attention(tokens: int, heads: int = 32, kv_heads: int = 8, head_dim: int = 128,
                       block: int = 16) -> dict:
     """Our varlen causal prefill kernel vs SDPA (flash) on one sequence of `tokens`."""
-    from engine.attention.triton_backend import TritonAttentionBackend
+    from pdserve.engine.attention.triton_backend import TritonAttentionBackend
 
     gen = torch.Generator(device="cuda").manual_seed(1)
     k, v, tables = _paged(1, tokens, kv_heads, head_dim, block, gen)
@@ -191,7 +191,7 @@ GEMV_SHAPES = {  # name: (in_features, out_features)
 
 def gemv_configs(rows: int) -> list:
     """The block-size sweep: the sum kernel (one row only) and the tensor-core dot kernel."""
-    from engine.layers.gemv import GemvConfig
+    from pdserve.engine.layers.gemv import GemvConfig
 
     dot = [GemvConfig("dot", bn, bk, w, s) for bn, bk, w, s in
            ((16, 256, 4, 4), (16, 128, 4, 6), (16, 512, 4, 3), (32, 256, 4, 4),
@@ -215,7 +215,7 @@ def gemv_shapes(ceil: dict, rows_list=(1, 8), shapes=None, l2_bytes: int = 256 <
     config of the sweep. One CUDA graph runs the product on enough distinct weight copies
     to exceed `l2_bytes` (as a model's layers do: nothing is served from L2); time per
     product = replay / copies. GB/s counts the weight, x and the output once."""
-    from engine.layers.gemv import gemv, get_config
+    from pdserve.engine.layers.gemv import gemv, get_config
 
     rows_out = []
     gen = torch.Generator(device="cuda").manual_seed(0)

@@ -1,6 +1,7 @@
 """KV handoff between two GPUs: raw CuPy NCCL send/recv against our `nccl` transport.
 
-Run on the GPU machine, in one command: `python -m bench.gpu_handoff --out handoff.json`
+Run on the GPU machine, in one command:
+`python -m pdserve.bench.micro.gpu_handoff --out handoff.json`
 (add `--sweep` to repeat the core figures under a few NCCL tunings, each in fresh processes:
 NCCL reads its environment once, when a process makes its first communicator).
 
@@ -60,8 +61,8 @@ import traceback
 import torch
 import torch.multiprocessing as mp
 
-from engine.kv_cache.layout import KVLayout
-from kv_transfer.nccl_wire import TRAILER_LEN, block_runs
+from pdserve.engine.kv_cache.layout import KVLayout
+from pdserve.kv_transfer.nccl_wire import TRAILER_LEN, block_runs
 
 SIZES_MIB = (1, 4, 16, 64, 256)
 LAYERS, KV_HEADS, HEAD_DIM, BLOCK, TOKENS = 32, 8, 128, 16, 2048
@@ -93,7 +94,7 @@ def _layout() -> KVLayout:
 
 def _setup(cfg: dict, role: str) -> None:
     """Before any NCCL call in this process: tuning, and NCCL's INIT log to a file."""
-    from kv_transfer.nccl_device import apply_nccl_tuning
+    from pdserve.kv_transfer.nccl_device import apply_nccl_tuning
 
     os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
     os.environ["NCCL_DEBUG"] = "INFO"
@@ -153,7 +154,7 @@ def _raw(rank: int, uid, cfg: dict, barrier) -> dict:
     import cupy
     from cupy.cuda import nccl
 
-    from kv_transfer.nccl_device import group_sizes, new_communicator
+    from pdserve.kv_transfer.nccl_device import group_sizes, new_communicator
 
     gpu = P_GPU if rank == 0 else D_GPU
     with cupy.cuda.Device(gpu):
@@ -235,8 +236,8 @@ def _prefill(cfg, q_uid, q_sink, q_res, barrier) -> None:
         _setup(cfg, "prefill")
         from cupy.cuda import nccl
 
-        from kv_transfer import KVSink
-        from kv_transfer.nccl_transport import NcclKVSender
+        from pdserve.kv_transfer import KVSink
+        from pdserve.kv_transfer.nccl_transport import NcclKVSender
 
         torch.cuda.set_device(P_GPU)
         uid = [int(b) & 0xFF for b in nccl.get_unique_id()]
@@ -298,8 +299,8 @@ def _prefill(cfg, q_uid, q_sink, q_res, barrier) -> None:
 def _decode(cfg, q_uid, q_sink, q_res, barrier) -> None:
     try:
         _setup(cfg, "decode")
-        from kv_transfer import TransferStatus
-        from kv_transfer.nccl_transport import NcclKVReceiver
+        from pdserve.kv_transfer import TransferStatus
+        from pdserve.kv_transfer.nccl_transport import NcclKVReceiver
 
         torch.cuda.set_device(D_GPU)
         res: dict = {"raw": _raw(1, q_uid.get(timeout=120), cfg, barrier)}
@@ -562,7 +563,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if torch.cuda.device_count() < 2:
         raise SystemExit("needs 2 CUDA devices")
-    from kv_transfer.nccl_device import parse_nccl_tuning
+    from pdserve.kv_transfer.nccl_device import parse_nccl_tuning
 
     main_cfg = {"name": "main", "tuning": parse_nccl_tuning(args.tuning), "warmup": args.warmup,
                 "repeats": args.repeats, "sizes": list(SIZES_MIB), "variants": list(VARIANTS),

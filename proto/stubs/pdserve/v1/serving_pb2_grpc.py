@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from pdserve_proto.stubs.pdserve.v1 import serving_pb2 as pdserve_dot_v1_dot_serving__pb2
+from pdserve.proto.stubs.pdserve.v1 import serving_pb2 as pdserve_dot_v1_dot_serving__pb2
 
 GRPC_GENERATED_VERSION = '1.84.0'
 GRPC_VERSION = grpc.__version__

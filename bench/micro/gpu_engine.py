@@ -2,7 +2,8 @@
 
 One command, one process, everything measured in the same run:
 
-1. ceilings: device-to-device copy bandwidth and bf16 matmul 8192^3 (`bench.gpu_kernels`);
+1. ceilings: device-to-device copy bandwidth and bf16 matmul 8192^3
+   (`pdserve.bench.micro.gpu_kernels`);
 2. decode step (model + sampling, CUDA graphs, fused kernels) of a random-weight
    Llama-3.1-8B shape at batch 1/8/32/128 with 1k-token contexts: median of CUDA-event
    timed steps, and achieved bandwidth = (weight bytes + KV bytes read) / step time;
@@ -23,7 +24,7 @@ One command, one process, everything measured in the same run:
 6. HF transformers on the same weights and GPU: bf16 correctness (DESIGN.md's logprob-
    closeness rule) and its decode step at batch 1/8/32 (manual loop with its KV cache).
 
-Run on the GPU machine: `python -m bench.gpu_engine --out gpu_engine.json`
+Run on the GPU machine: `python -m pdserve.bench.micro.gpu_engine --out gpu_engine.json`
 (`--sections rope_write_kv_ab` or `gemv_ab` for one comparison alone; `--help` lists the
 sections).
 Markdown tables go to stdout, every number to the JSON file.
@@ -40,8 +41,8 @@ import traceback
 
 import torch
 
-from bench import gpu_kernels
-from bench.gpu_kernels import time_ms
+from pdserve.bench.micro import gpu_kernels
+from pdserve.bench.micro.gpu_kernels import time_ms
 
 BLOCK = 16
 
@@ -85,8 +86,8 @@ def _names(text: str) -> list[str]:
 
 
 def build_engine(args):
-    from engine.config import CacheConfig, EngineConfig, SchedulerConfig
-    from engine.llm_engine import LLMEngine
+    from pdserve.engine.config import CacheConfig, EngineConfig, SchedulerConfig
+    from pdserve.engine.llm_engine import LLMEngine
 
     longest = max(args.prefill)
     tokens = max(args.batches) * (args.context + 64) + longest + 64
@@ -111,8 +112,8 @@ def recapture(engine, fused: bool, tiles=None, rope_write_kv: bool = True) -> No
     """Switch the model between fused and reference layers and recapture the graphs
     (`tiles`: another split plan for the graphs' decode attention; `rope_write_kv`: on the
     fused path, RoPE and the K/V cache write in one kernel, or in two)."""
-    from engine.cuda_graph import DecodeGraphRunner
-    from engine.models.fused_llama import set_fused_kernels, set_rope_write_kv_fusion
+    from pdserve.engine.cuda_graph import DecodeGraphRunner
+    from pdserve.engine.models.fused_llama import set_fused_kernels, set_rope_write_kv_fusion
 
     engine.runner.decode_graphs = None
     gc.collect()
@@ -126,8 +127,8 @@ def recapture(engine, fused: bool, tiles=None, rope_write_kv: bool = True) -> No
 def start_decoding(engine, batch: int, context: int, tag: str) -> list:
     """`batch` requests whose `context`-token prompts are 'already prefilled' (random KV in
     freshly allocated blocks), each with its first token: the next step is pure decode."""
-    from engine.sampler import SampleResult
-    from engine.sampling_params import SamplingParams
+    from pdserve.engine.sampler import SampleResult
+    from pdserve.engine.sampling_params import SamplingParams
 
     gen = torch.Generator().manual_seed(batch)
     vocab = engine.model_config.vocab_size
@@ -155,7 +156,7 @@ def decode_bytes(engine, batch: int, context: int) -> tuple[float, float]:
 
 
 def measure_decode(engine, batch: int, args, ceil: dict, label: str, full_step: bool) -> dict:
-    from engine.scheduler import ScheduledSeq
+    from pdserve.engine.scheduler import ScheduledSeq
 
     seqs = start_decoding(engine, batch, args.context, label)
     items = [ScheduledSeq(s, 1) for s in seqs]
@@ -178,9 +179,9 @@ def measure_decode(engine, batch: int, args, ceil: dict, label: str, full_step: 
 
 
 def measure_prefill(engine, tokens: int, ceil: dict, label: str) -> dict:
-    from engine.sampling_params import SamplingParams
-    from engine.scheduler import ScheduledSeq
-    from engine.sequence import Sequence
+    from pdserve.engine.sampling_params import SamplingParams
+    from pdserve.engine.scheduler import ScheduledSeq
+    from pdserve.engine.sequence import Sequence
 
     mc, model = engine.model_config, engine.model
     gen = torch.Generator().manual_seed(tokens)
@@ -204,7 +205,7 @@ def measure_prefill(engine, tokens: int, ceil: dict, label: str) -> dict:
 
 
 def profile_decode(engine, batch: int, args, variant: str = "graphs+fused") -> dict:
-    from engine.scheduler import ScheduledSeq
+    from pdserve.engine.scheduler import ScheduledSeq
 
     seqs = start_decoding(engine, batch, args.context, "profile")
     items = [ScheduledSeq(s, 1) for s in seqs]
@@ -226,9 +227,9 @@ def profile_decode(engine, batch: int, args, variant: str = "graphs+fused") -> d
 def profile_prefill(engine, tokens: int) -> dict:
     """Kernel time of a prefill step against its wall time: where they differ, the step is
     bound by the host launching kernels, not by the GPU."""
-    from engine.sampling_params import SamplingParams
-    from engine.scheduler import ScheduledSeq
-    from engine.sequence import Sequence
+    from pdserve.engine.sampling_params import SamplingParams
+    from pdserve.engine.scheduler import ScheduledSeq
+    from pdserve.engine.sequence import Sequence
 
     gen = torch.Generator().manual_seed(tokens)
     prompt = torch.randint(0, engine.model_config.vocab_size, (tokens,), generator=gen).tolist()
@@ -250,7 +251,7 @@ def profile_prefill(engine, tokens: int) -> dict:
 
 
 def engine_generate(engine, prompts: list[list[int]], new_tokens: int):
-    from engine.sampling_params import SamplingParams
+    from pdserve.engine.sampling_params import SamplingParams
 
     params = SamplingParams(temperature=0, max_tokens=new_tokens, logprobs=5)
     outs = {}
@@ -267,7 +268,7 @@ def engine_generate(engine, prompts: list[list[int]], new_tokens: int):
 
 
 def hf_correctness(engine, hf, n_prompts: int = 4, prompt_len: int = 64, new: int = 16):
-    from engine.loader.hf_export import closeness_violations, teacher_forced_logprobs
+    from pdserve.engine.loader.hf_export import closeness_violations, teacher_forced_logprobs
 
     gen = torch.Generator().manual_seed(5)
     vocab = engine.model_config.vocab_size
@@ -482,8 +483,8 @@ def main(argv=None) -> dict:
     def gemv_ab():
         """cuBLAS, then the Triton GEMV for the small projections, then for all of dense()'s
         products, back to back, same graphs set-up; the switch is restored afterwards."""
-        from engine.layers import gemv as gemv_mod
-        from engine.layers import linear
+        from pdserve.engine.layers import gemv as gemv_mod
+        from pdserve.engine.layers import linear
 
         res["gemv_micro"] = micro = gpu_kernels.gemv_shapes(ceil)
         for row in micro:  # the sweep's best config for each shape goes into the A/B
@@ -545,7 +546,7 @@ def main(argv=None) -> dict:
 
 
 def run_hf(engine, args, res: dict) -> None:
-    from engine.loader.hf_export import hf_model_like
+    from pdserve.engine.loader.hf_export import hf_model_like
 
     hf = hf_model_like(engine.model, engine.model_config)
     res["hf_correctness"] = hf_correctness(engine, hf)

@@ -18,7 +18,7 @@ Busy co-tenants still hurt multi-threaded runs unevenly (OpenMP threads wait at 
 a descheduled peer): quote runs whose repeats agree, or use `--threads 1` or
 `OMP_WAIT_POLICY=PASSIVE` on a shared machine (docs/benchmarks.md).
 
-Run: `python -m bench.engine_vs_hf [--threads 2] [--repeats 3] [--json out.json]`.
+Run: `python -m pdserve.bench.micro.engine_vs_hf [--threads 2] [--repeats 3] [--json out.json]`.
 """
 
 from __future__ import annotations
@@ -116,7 +116,7 @@ class Ours:
     """`engine.LLM`, greedy with forced output lengths, prefix caching off."""
 
     def __init__(self, args: argparse.Namespace):
-        from engine import LLM
+        from pdserve.engine import LLM
 
         self.llm = LLM(
             MODEL,
@@ -127,7 +127,7 @@ class Ours:
         )
 
     def generate(self, prompts: list[list[int]], new_tokens: list[int]) -> list[list[int]]:
-        from engine import SamplingParams
+        from pdserve.engine import SamplingParams
 
         params = [SamplingParams(temperature=0, max_tokens=n, min_tokens=n) for n in new_tokens]
         return [o.token_ids for o in self.llm.generate(prompts, params)]
@@ -139,7 +139,7 @@ class HF:
     def __init__(self, pad_token_id: int):
         import transformers
 
-        from engine.loader.registry import resolve_model_path
+        from pdserve.engine.loader.registry import resolve_model_path
 
         transformers.logging.set_verbosity_error()
         path = resolve_model_path(MODEL)
