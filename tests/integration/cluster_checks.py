@@ -1,5 +1,5 @@
 """Helpers the cluster tests share: start a real cluster, read its workers' KV accounting
-through `Admin.Stats`, compute HF transformers' greedy reference."""
+through `Admin.Stats`, fold streamed responses."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-import torch
+from testkit import hf_greedy  # noqa: F401 (re-exported for the cluster tests)
 
 from pdserve.cluster.background import BackgroundCluster
 from pdserve.cluster.client import PdserveClient
@@ -47,14 +47,6 @@ def assert_blocks_back(client: PdserveClient, start: dict[str, int],
             raise AssertionError(f"after {timeout:.0f}s free blocks are {now}, expected {start}; "
                                  f"still running/waiting: {busy}")
         time.sleep(0.1)
-
-
-def hf_greedy(hf_model, ids: list[int], n: int) -> list[int]:
-    """HF transformers' greedy continuation of exactly `n` tokens (EOS suppressed)."""
-    with torch.no_grad():
-        out = hf_model.generate(torch.tensor([ids]), max_new_tokens=n, min_new_tokens=n,
-                                do_sample=False, pad_token_id=2)
-    return out[0, len(ids):].tolist()
 
 
 def collect(responses) -> dict:

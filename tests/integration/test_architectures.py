@@ -12,6 +12,7 @@ import json
 
 import pytest
 import torch
+from testkit import hf_greedy
 
 from pdserve.engine import LLM, SamplingParams
 
@@ -38,14 +39,6 @@ NEW_TOKENS = 10
 def prompts(seed: int = 1) -> list[list[int]]:
     g = torch.Generator().manual_seed(seed)
     return [torch.randint(3, 256, (n,), generator=g).tolist() for n in PROMPT_LENS]
-
-
-def hf_greedy(model, ids: list[int], n: int) -> list[int]:
-    out = model.generate(
-        torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-        max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0,
-    )
-    return out[0, len(ids):].tolist()
 
 
 def hf_log_softmax(model, ids: list[int]) -> torch.Tensor:
@@ -79,7 +72,8 @@ def test_greedy_tokens_match_hf(pair):
     params = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, min_tokens=NEW_TOKENS)
     outs = llm.generate(ps, params)
     for p, o in zip(ps, outs):
-        assert o.token_ids == hf_greedy(hf, p, NEW_TOKENS), f"prompt of {len(p)} tokens"
+        assert o.token_ids == hf_greedy(hf, p, NEW_TOKENS, pad_token_id=0), \
+            f"prompt of {len(p)} tokens"
     blocks = llm.engine.blocks
     assert blocks.num_free_blocks == blocks.num_blocks
 
@@ -135,7 +129,7 @@ def test_llama31_long_prompt_matches_hf(tiny_model_factory):
     g = torch.Generator().manual_seed(5)
     ids = torch.randint(3, 256, (2600,), generator=g).tolist()
     (out,) = llm.generate([ids], SamplingParams(temperature=0, max_tokens=6, min_tokens=6))
-    assert out.token_ids == hf_greedy(hf, ids, 6)
+    assert out.token_ids == hf_greedy(hf, ids, 6, pad_token_id=0)
     (lp_out,) = llm.generate([ids], SamplingParams(temperature=0, max_tokens=4, logprobs=1))
     assert lp_out.cached_tokens > 0  # the second run reused the cached prefix
     ref = hf_log_softmax(hf, ids + lp_out.token_ids)
@@ -154,7 +148,8 @@ def test_mistral_sliding_window_is_never_silently_ignored(tiny_model_factory):
     llm = LLM(path, block_size=8, num_blocks=64)
     ids = prompts()[2][:16]
     (out,) = llm.generate([ids], SamplingParams(temperature=0, max_tokens=8, min_tokens=8))
-    assert out.token_ids == hf_greedy(hf, ids, 8)  # 16 + 8 = 24 positions: all in window
+    # 16 + 8 = 24 positions: all in the window
+    assert out.token_ids == hf_greedy(hf, ids, 8, pad_token_id=0)
     with pytest.raises(ValueError) as e:
         llm.generate([ids], SamplingParams(temperature=0, max_tokens=9))
     assert "16" in str(e.value) and "9" in str(e.value) and "24" in str(e.value)

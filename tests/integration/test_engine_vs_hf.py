@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+from testkit import hf_greedy
 
 from pdserve.engine import SamplingParams
 
@@ -17,14 +18,6 @@ PROMPTS = [
     "Q: What is the boiling point of water at sea level in Celsius?\nA:",
     "The quick brown fox jumps over the lazy dog. " * 6 + "The dog then",
 ]
-
-
-def hf_greedy(hf_model, ids: list[int], n: int) -> list[int]:
-    out = hf_model.generate(
-        torch.tensor([ids]), max_new_tokens=n, min_new_tokens=n, do_sample=False,
-        pad_token_id=2,
-    )
-    return out[0, len(ids):].tolist()
 
 
 def test_greedy_batch_matches_hf(llm, hf_model):

@@ -18,7 +18,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -30,6 +29,7 @@ from pathlib import Path
 import grpc
 import pytest
 import torch
+from testkit import free_ports
 
 pytest.importorskip("ray")
 pytest.importorskip("aiohttp", reason="the Ray dashboard (job server) needs ray[default]")
@@ -45,17 +45,6 @@ CONFIG = "configs/ray-job.yaml"  # relative to the working dir the job runs in
 PROMPT = "The capital of France is"
 MAX_TOKENS = 12
 START_TIMEOUT = 180.0
-
-
-def _free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
 
 
 class Head:
@@ -79,7 +68,7 @@ class Head:
         env.update(PATH=f"{bindir}{os.pathsep}{env.get('PATH', '')}", RAY_AUTH_MODE="token",
                    RAY_AUTH_TOKEN_PATH=token_path, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0")
         self.env = env
-        gcs, self.dash, agent, client = _free_ports(4)
+        gcs, self.dash, agent, client = free_ports(4)
         self.url = f"http://127.0.0.1:{self.dash}"
         self.log = open(os.path.join(tmp, "head.log"), "w")
         self.proc = subprocess.Popen(
@@ -184,7 +173,7 @@ def test_ray_job_submit_serves_a_request(hf_model):
     t0 = time.monotonic()
     tmp = tempfile.mkdtemp(prefix="pdrj", dir="/tmp")  # short: Ray's socket paths live here
     head = Head(tmp)
-    (router_port,) = _free_ports(1)
+    (router_port,) = free_ports(1)
     job_id = f"pdserve-test-{secrets.token_hex(4)}"
     submitted = False
     try:

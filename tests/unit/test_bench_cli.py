@@ -2,20 +2,14 @@
 
 from __future__ import annotations
 
-import socket
 import sys
 
 import pytest
+from testkit import free_port
 
 from pdserve.bench.cli import main
 from pdserve.bench.fake_server import FakeServerThread, Pace
 from pdserve.bench.report import load_report, recompute_summaries
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.mark.parametrize(

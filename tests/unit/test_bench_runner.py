@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-import socket
 import time
 
 import pytest
+from testkit import free_port
 
 from pdserve.bench.arrival import Arrival
 from pdserve.bench.client import GenerationClient, ServerUnreachable, build_request
@@ -19,13 +19,6 @@ from pdserve.bench.workloads import RequestSpec, random_workload
 
 def specs(n: int, output_len: int) -> list[RequestSpec]:
     return [RequestSpec(output_len, 4, prompt_token_ids=(1, 2, 3, 4)) for _ in range(n)]
-
-
-def free_port() -> int:
-    """A loopback port that nothing listens on (bound, then released)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 async def run_against(pace: Pace, requests, arrival, **kwargs):
