@@ -1,17 +1,23 @@
 """Ray actor shells around the plain worker classes (all logic lives in the workers).
 
 Actors are threaded (`max_concurrency`), so one actor serves many requests at once: each
-call blocks a thread on the worker's engine loop, never the loop itself.
+call blocks a thread on the worker's engine loop, never the loop itself. Messages cross the
+Ray edge as plain data (`pdserve.messages`: `to_dict` out, `from_dict` in), so Ray never
+pickles one of our objects.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Generator, Iterator
+from contextlib import closing
+from dataclasses import replace
 
 import ray
 
 from pdserve.cluster.config import ClusterConfig
+from pdserve.messages import KVSink, OutputChunk, PrefillResult, WorkerRequest
 
 MAX_CONCURRENCY = 512
 
@@ -21,6 +27,14 @@ def _setup(threads: int) -> None:
 
     torch.set_num_threads(threads)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+
+
+def _as_dicts(chunks: Generator[OutputChunk, None, None]) -> Iterator[dict]:
+    """A worker's chunk stream as plain data; closing it closes the worker's stream (which
+    aborts the request when the router stopped reading)."""
+    with closing(chunks):
+        for chunk in chunks:
+            yield chunk.to_dict()
 
 
 def _node() -> str:
@@ -55,7 +69,7 @@ class _WorkerShell:
         return self.worker.abort(request_id)
 
     def stats(self) -> dict:
-        return {**self.worker.stats(), "node": _node()}
+        return replace(self.worker.stats(), node=_node()).to_dict()
 
     def shutdown(self) -> None:
         self.worker.close()
@@ -77,7 +91,8 @@ class PrefillActor(_WorkerShell):
         return self._identity("prefill")
 
     def prefill(self, request: dict, sink: dict) -> dict:
-        return self.worker.prefill(request, sink)
+        return self.worker.prefill(WorkerRequest.from_dict(request),
+                                   KVSink.from_dict(sink)).to_dict()
 
     # ---- nccl KV transport: pairing through Ray (cluster/nccl_setup.py) ----------------------
 
@@ -113,13 +128,14 @@ class DecodeActor(_WorkerShell):
 
     def reserve(self, request_id: str, num_prompt_tokens: int, max_tokens: int,
                 lease_s: float) -> dict:
-        return self.worker.reserve(request_id, num_prompt_tokens, max_tokens, lease_s)
+        return self.worker.reserve(request_id, num_prompt_tokens, max_tokens, lease_s).to_dict()
 
     def generate_from_prefill(self, request: dict, first: dict):
-        yield from self.worker.generate_from_prefill(request, first)
+        yield from _as_dicts(self.worker.generate_from_prefill(
+            WorkerRequest.from_dict(request), PrefillResult.from_dict(first)))
 
     def generate(self, request: dict):
-        yield from self.worker.generate(request)
+        yield from _as_dicts(self.worker.generate(WorkerRequest.from_dict(request)))
 
     # ---- nccl KV transport: pairing through Ray (cluster/nccl_setup.py) ----------------------
 

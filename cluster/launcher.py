@@ -7,6 +7,10 @@ pool's custom resources or node labels when the YAML names them.
 
 Ray: `ray.address` set -> join that cluster; unset -> join the cluster of the Ray job this
 process runs in (RAY_ADDRESS, set by `ray job submit`), else start a private local instance.
+
+This process is the router: it imports no torch and never opens the weights. Its tokenizer
+comes from the model's metadata (`open_tokenizer`); the vocabulary size, limits and the KV
+compatibility key come from the workers' `ready()` identities.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ from pdserve.cluster.actors import DecodeActor, PrefillActor
 from pdserve.cluster.config import ClusterConfig, PoolSection
 from pdserve.cluster.nccl_setup import connect_all as connect_nccl_pairs
 from pdserve.cluster.ray_clients import RayDecodeClient, RayPrefillClient
-from pdserve.engine.loader.registry import open_model
+from pdserve.engine.loader.model_files import open_tokenizer
 from pdserve.proto import pb
 from pdserve.router.grpc_server import start_server
 from pdserve.router.lifecycle import RequestLifecycle
@@ -153,6 +157,15 @@ class Cluster:
                     f"prefill workers run on other hosts {sorted(elsewhere)}: set "
                     "decode.transfer_host to 'node-ip' (or an interface of its node)")
 
+    @property
+    def compat_key(self) -> str:
+        """The KV compatibility key every worker reported (they agree, or start failed)."""
+        return self.ready_info[0]["compat_key"]
+
+    def vocab_size(self) -> int:
+        """The model's vocabulary size as the decode (or colocated) workers loaded it."""
+        return min(i["vocab_size"] for i in self.ready_info if "vocab_size" in i)
+
     def max_request_tokens(self) -> int:
         """The longest request (prompt + max_tokens) the router admits.
 
@@ -229,12 +242,12 @@ async def _poll_stats(lifecycle: RequestLifecycle, interval: float = 0.5) -> Non
 async def run_router(cluster: Cluster, stop: asyncio.Event, on_ready=None) -> None:
     """Serve gRPC in front of a started cluster until `stop` is set."""
     cfg = cluster.config
-    source = open_model(cfg.model.name)  # tokenizer and limits only; weights stay on disk
+    tokenizer = open_tokenizer(cfg.model.name)  # metadata only: no weights, no digest
     limits = Limits(
         max_model_len=cluster.max_request_tokens(),
         max_tokens_limit=cfg.router.max_tokens_limit,
         max_prompt_tokens=cfg.router.max_prompt_tokens,
-        vocab_size=source.config.vocab_size, model_name=cfg.model.name,
+        vocab_size=cluster.vocab_size(), model_name=cfg.model.name,
     )
     token = os.environ.get(cfg.router.auth_token_env) if cfg.router.auth_token_env else None
     if cfg.router.auth_token_env and not token:
@@ -244,11 +257,12 @@ async def run_router(cluster: Cluster, stop: asyncio.Event, on_ready=None) -> No
     model_info = pb.ModelInfo(name=cfg.model.name, max_model_len=limits.max_model_len,
                               block_size=cfg.kv.block_size, dtype=cfg.model.dtype)
     server, port = await start_server(
-        lifecycle, source.tokenizer, limits, cfg.router.host, cfg.router.port,
+        lifecycle, tokenizer, limits, cfg.router.host, cfg.router.port,
         cfg.router.max_queue, cfg.router.max_request_bytes, token, model_info)
     poller = asyncio.create_task(_poll_stats(lifecycle))
     address = f"{cfg.router.host}:{port}"
     msg = cluster.summary(address)
+    log.info("KV compatibility key %s (reported by every worker)", cluster.compat_key)
     log.info(msg)
     print(msg, flush=True)
     if on_ready:

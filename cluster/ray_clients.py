@@ -4,6 +4,9 @@ A worker's exception reaches the caller as a `RayTaskError` whose text is the wh
 traceback (with terminal colour codes). The router turns exception text into the status
 message a client reads, so every call here re-raises the worker's own exception instead:
 the client sees "injected transfer failure for req-1", not a stack trace of our files.
+
+Messages go out with `to_dict` and come back through `from_dict` (`pdserve.messages`):
+Ray carries plain data only.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from collections.abc import AsyncIterator
 from ray.exceptions import RayTaskError
 
 from pdserve.engine.kv_cache.block_manager import OutOfBlocksError
+from pdserve.messages import KVSink, OutputChunk, PrefillResult, WorkerRequest, WorkerStats
 from pdserve.router.workers import DecodeClient, PrefillClient, WorkerBusy
 
 
@@ -43,16 +47,17 @@ class RayPrefillClient(PrefillClient):
         self.worker_id = worker_id
 
     @_raises_worker_errors
-    async def prefill(self, request: dict, sink: dict) -> dict:
-        return await self.handle.prefill.remote(request, sink)
+    async def prefill(self, request: WorkerRequest, sink: KVSink) -> PrefillResult:
+        return PrefillResult.from_dict(
+            await self.handle.prefill.remote(request.to_dict(), sink.to_dict()))
 
     @_raises_worker_errors
     async def abort(self, request_id: str) -> bool:
         return await self.handle.abort.remote(request_id)
 
     @_raises_worker_errors
-    async def stats(self) -> dict:
-        return await self.handle.stats.remote()
+    async def stats(self) -> WorkerStats:
+        return WorkerStats.from_dict(await self.handle.stats.remote())
 
 
 class RayDecodeClient(DecodeClient):
@@ -61,30 +66,32 @@ class RayDecodeClient(DecodeClient):
         self.worker_id = worker_id
 
     @_raises_worker_errors
-    async def reserve(self, request_id, num_prompt_tokens, max_tokens, lease_s) -> dict:
-        return await self.handle.reserve.remote(request_id, num_prompt_tokens, max_tokens,
-                                                lease_s)
+    async def reserve(self, request_id: str, num_prompt_tokens: int, max_tokens: int,
+                      lease_s: float) -> KVSink:
+        return KVSink.from_dict(await self.handle.reserve.remote(
+            request_id, num_prompt_tokens, max_tokens, lease_s))
 
-    def stream_from_prefill(self, request: dict, first: dict) -> AsyncIterator[dict]:
-        return _stream(self.handle.generate_from_prefill, request, first)
+    def stream_from_prefill(self, request: WorkerRequest, first: PrefillResult
+                            ) -> AsyncIterator[OutputChunk]:
+        return _stream(self.handle.generate_from_prefill, request.to_dict(), first.to_dict())
 
-    def stream_local(self, request: dict) -> AsyncIterator[dict]:
-        return _stream(self.handle.generate, request)
+    def stream_local(self, request: WorkerRequest) -> AsyncIterator[OutputChunk]:
+        return _stream(self.handle.generate, request.to_dict())
 
     @_raises_worker_errors
     async def abort(self, request_id: str) -> bool:
         return await self.handle.abort.remote(request_id)
 
     @_raises_worker_errors
-    async def stats(self) -> dict:
-        return await self.handle.stats.remote()
+    async def stats(self) -> WorkerStats:
+        return WorkerStats.from_dict(await self.handle.stats.remote())
 
 
-async def _stream(method, *args) -> AsyncIterator[dict]:
-    """Items of a generator actor method, consumed as a Ray streaming generator."""
+async def _stream(method, *args) -> AsyncIterator[OutputChunk]:
+    """Chunks of a generator actor method, consumed as a Ray streaming generator."""
     gen = method.options(num_returns="streaming").remote(*args)
     try:
         async for ref in gen:
-            yield await ref
+            yield OutputChunk.from_dict(await ref)
     except RayTaskError as e:
         raise _worker_error(e) from e

@@ -21,8 +21,15 @@ from pdserve.engine.engine_loop import EngineLoop
 from pdserve.engine.kv_cache.block_manager import OutOfBlocksError
 from pdserve.engine.llm_engine import LLMEngine, RequestOutput
 from pdserve.engine.sampler import SampleResult
-from pdserve.engine.sampling_params import SamplingParams
 from pdserve.kv_transfer import KVTransferError, TransferStatus, make_receiver
+from pdserve.messages import (
+    KVSink,
+    OutputChunk,
+    PrefillResult,
+    WorkerRequest,
+    WorkerStats,
+    blocks_for,
+)
 
 log = logging.getLogger("pdserve.decode")
 
@@ -67,15 +74,15 @@ class DecodeWorker:
     # ---- handoff ----------------------------------------------------------------------------
 
     def reserve(self, request_id: str, num_prompt_tokens: int, max_tokens: int,
-                lease_s: float = 30.0) -> dict:
-        """Allocate blocks for a prompt's KV under a lease; returns the sink (a dict)."""
+                lease_s: float = 30.0) -> KVSink:
+        """Allocate blocks for a prompt's KV under a lease; returns the sink."""
         bs = self.engine.layout.block_size
 
-        def do(engine: LLMEngine) -> dict:
+        def do(engine: LLMEngine) -> KVSink:
             if request_id in self._reserved or engine.sequence(request_id) is not None:
                 raise ValueError(f"request id {request_id!r} is already in use")
             engine.scheduler.check_fits(num_prompt_tokens, max_tokens)
-            need = -(-num_prompt_tokens // bs)
+            need = blocks_for(num_prompt_tokens, bs)
             if not engine.blocks.can_allocate(need):
                 # Back-pressure, not a failure: the router waits and tries again.
                 raise OutOfBlocksError(
@@ -92,22 +99,22 @@ class DecodeWorker:
                 engine.blocks.free(blocks)
                 raise
             self._reserved[request_id] = blocks
-            return sink.to_dict()
+            return sink
 
         return self.loop.call(do)
 
-    def generate_from_prefill(self, request: dict, first: dict) -> Iterator[dict]:
+    def generate_from_prefill(self, request: WorkerRequest, first: PrefillResult
+                              ) -> Iterator[OutputChunk]:
         """Commit a handed-off request and stream its output chunks (the first token's
         chunk first). Raises KVTransferError, freeing the reservation, if the KV did not
         fully arrive."""
-        rid = request["request_id"]
+        rid = request.request_id
         status = self.receiver.wait(rid, self.transfer_timeout)
         if status is not TransferStatus.COMPLETE:
             self._drop_reservation(rid)
             raise KVTransferError(f"KV for {rid} did not arrive ({status.name})")
-        params = SamplingParams.from_dict(request["params"])
-        top = [tuple(t) for t in first.get("top_logprobs") or []]
-        sample = SampleResult(int(first["token_id"]), first.get("logprob"), top)
+        params = request.params
+        sample = SampleResult(first.token_id, first.logprob, list(first.top_logprobs))
         stream = self._open_stream(rid)
 
         def commit(engine: LLMEngine) -> RequestOutput:
@@ -116,9 +123,8 @@ class DecodeWorker:
                 raise KVTransferError(f"reservation for {rid} was aborted or expired")
             self.receiver.cancel(rid)  # the receiver's part is done; the blocks are ours now
             try:
-                return engine.add_prefilled(rid, request["prompt_token_ids"], params,
-                                            params.seed, blocks, sample,
-                                            int(first.get("cached_tokens") or 0))
+                return engine.add_prefilled(rid, list(request.prompt_token_ids), params,
+                                            params.seed, blocks, sample, first.cached_tokens)
             except BaseException:
                 engine.blocks.free(blocks)
                 raise
@@ -133,13 +139,12 @@ class DecodeWorker:
             stream.put(_END)
         yield from self._drain(rid, stream)
 
-    def generate(self, request: dict) -> Iterator[dict]:
+    def generate(self, request: WorkerRequest) -> Iterator[OutputChunk]:
         """Prefill and decode a request here (colocated mode); streams output chunks."""
-        rid = request["request_id"]
-        params = SamplingParams.from_dict(request["params"])
+        rid, params = request.request_id, request.params
         stream = self._open_stream(rid)
         try:
-            self.loop.call(lambda e: e.add_request(rid, request["prompt_token_ids"], params))
+            self.loop.call(lambda e: e.add_request(rid, list(request.prompt_token_ids), params))
         except BaseException:
             self._close_stream(rid)
             raise
@@ -161,19 +166,19 @@ class DecodeWorker:
             stream.put(_END)
         return found
 
-    def stats(self) -> dict:
+    def stats(self) -> WorkerStats:
         eng = self.engine
-        return {
-            "worker_id": self.worker_id,
-            "role": self.role,
-            "free_blocks": eng.blocks.num_free_blocks,
-            "total_blocks": eng.blocks.num_blocks,
-            "running": len(eng.scheduler.running),
-            "waiting": len(eng.scheduler.waiting) + len(self._reserved),
-            "prompt_tokens": eng.stats["prompt_tokens"],
-            "generated_tokens": eng.stats["generated_tokens"],
-            "leases_expired": self.leases_expired,
-        }
+        return WorkerStats(
+            worker_id=self.worker_id,
+            role=self.role,
+            free_blocks=eng.blocks.num_free_blocks,
+            total_blocks=eng.blocks.num_blocks,
+            running=len(eng.scheduler.running),
+            waiting=len(eng.scheduler.waiting) + len(self._reserved),
+            prompt_tokens=eng.stats["prompt_tokens"],
+            generated_tokens=eng.stats["generated_tokens"],
+            leases_expired=self.leases_expired,
+        )
 
     def close(self) -> None:
         self.loop.stop()
@@ -191,7 +196,7 @@ class DecodeWorker:
         with self._lock:
             self._streams.pop(rid, None)
 
-    def _drain(self, rid: str, stream: queue.SimpleQueue) -> Iterator[dict]:
+    def _drain(self, rid: str, stream: queue.SimpleQueue) -> Iterator[OutputChunk]:
         """Yield coalesced chunks until the request finishes; abort it if the consumer
         goes away first (the router closed the stream: client cancel)."""
         finished = False
@@ -203,9 +208,10 @@ class DecodeWorker:
                         outs.append(stream.get_nowait())
                     except queue.Empty:
                         break
-                chunk = _merge([o for o in outs if o is not _END])
-                finished = chunk["finished"] or any(o is _END for o in outs)
-                if chunk["token_ids"] or chunk["text"] or chunk["finished"]:
+                chunk = OutputChunk.merge(OutputChunk.from_output(o) for o in outs
+                                          if o is not _END)
+                finished = chunk.finished or any(o is _END for o in outs)
+                if not chunk.empty:
                     yield chunk
         finally:
             self._close_stream(rid)
@@ -238,20 +244,3 @@ class DecodeWorker:
             if self._free_reservation(rid):
                 self.leases_expired += 1
                 log.warning("lease for %s expired before commit; freed its blocks", rid)
-
-
-def _merge(outs: list[RequestOutput]) -> dict:
-    chunk = {"token_ids": [], "text": "", "logprobs": [], "finished": False,
-             "finish_reason": "", "prompt_tokens": 0, "completion_tokens": 0, "cached_tokens": 0}
-    for o in outs:
-        chunk["token_ids"] += o.new_token_ids
-        chunk["text"] += o.new_text
-        chunk["logprobs"] += [
-            {"token_id": lp.token_id, "logprob": lp.logprob, "top": [list(t) for t in lp.top]}
-            for lp in o.new_logprobs
-        ]
-        if o.finished and not chunk["finished"]:
-            chunk.update(finished=True, finish_reason=o.finish_reason,
-                         prompt_tokens=o.prompt_tokens, completion_tokens=o.completion_tokens,
-                         cached_tokens=o.cached_tokens)
-    return chunk

@@ -10,20 +10,29 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2")
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# Names only: the router reads these configs (cluster/config.py) and must not import torch.
+_DTYPES = ("float32", "bfloat16", "float16")
+
+
+def check_dtype(name: str) -> str:
+    """A dtype name from a config file, refused with a clear error unless supported."""
+    if name not in _DTYPES:
+        raise ValueError(f"unknown dtype {name!r}; supported: {sorted(_DTYPES)}")
+    return name
 
 
 def torch_dtype(name: str) -> torch.dtype:
     """Map a dtype name from a config file to a torch dtype, with a clear error."""
-    try:
-        return _DTYPES[name]
-    except KeyError:
-        raise ValueError(f"unknown dtype {name!r}; supported: {sorted(_DTYPES)}") from None
+    import torch
+
+    return getattr(torch, check_dtype(name))
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,7 +141,7 @@ class EngineConfig:
     enable_fused_kernels: bool = True
 
     def __post_init__(self) -> None:
-        torch_dtype(self.dtype)
+        check_dtype(self.dtype)
 
 
 def compatibility_key(model: ModelConfig, block_size: int, dtype: str) -> str:

@@ -43,6 +43,7 @@ from pdserve.engine import forward_context
 from pdserve.engine.attention.metadata import AttentionMetadata
 from pdserve.engine.parallel import tp_size
 from pdserve.engine.scheduler import ScheduledSeq
+from pdserve.messages import blocks_for
 
 log = logging.getLogger("pdserve.engine")
 
@@ -81,7 +82,7 @@ class DecodeGraphRunner:
         self.batch_sizes = batch_buckets(max_num_seqs)
         self.contexts = context_buckets(max_model_len)
         self.n = n = self.batch_sizes[-1]
-        max_blocks = -(-self.contexts[-1] // bs)
+        max_blocks = blocks_for(self.contexts[-1], bs)
         num_slots = self.kv_cache.shape[2] * bs
         if num_slots >= 2**31:
             raise ValueError(f"{num_slots} KV slots overflow the int32 graph inputs")
@@ -131,7 +132,7 @@ class DecodeGraphRunner:
 
     def _forward(self, b: int, ctx: int) -> None:
         n = self.n
-        m = -(-ctx // self.block_size)
+        m = blocks_for(ctx, self.block_size)
         wide = self.inputs[: 3 * n].to(torch.int64)
         meta = AttentionMetadata(
             query_start_loc=self.query_start_loc[: b + 1],
@@ -181,13 +182,13 @@ class DecodeGraphRunner:
         """Write the batch into the pinned host buffer; returns how many int32s to copy."""
         self._copied.synchronize()  # the previous step's copy has read the buffer
         h, n, bs = self.host_np, self.n, self.block_size
-        m = -(-ctx // bs)
+        m = blocks_for(ctx, bs)
         tables = 4 * n
         for i, item in enumerate(batch):
             seq = item.seq
             pos = seq.num_computed_tokens
             blocks = seq.block_ids
-            used = pos // bs + 1
+            used = blocks_for(pos + 1, bs)
             h[i] = seq.token_ids[pos]
             h[n + i] = pos
             h[2 * n + i] = blocks[pos // bs] * bs + pos % bs

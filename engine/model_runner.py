@@ -17,6 +17,7 @@ from pdserve.engine import forward_context
 from pdserve.engine.attention.backend import AttentionBackend
 from pdserve.engine.attention.metadata import AttentionMetadata
 from pdserve.engine.scheduler import ScheduledSeq
+from pdserve.messages import blocks_for
 
 
 class ModelRunner:
@@ -54,7 +55,7 @@ class ModelRunner:
             pos.extend(range(start, start + n))
             qlens.append(n)
             slens.append(start + n)
-            tables.append(seq.block_ids[: -(-(start + n) // bs)])
+            tables.append(seq.block_ids[: blocks_for(start + n, bs)])
             if item.samples:
                 sample_rows.append(len(ids) - 1)
         width = max(1, max(len(t) for t in tables))

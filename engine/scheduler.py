@@ -18,6 +18,7 @@ from pdserve.engine.config import SchedulerConfig
 from pdserve.engine.kv_cache.block_hash import ROOT_HASH, hash_block, hash_blocks
 from pdserve.engine.kv_cache.block_manager import BlockManager
 from pdserve.engine.sequence import FinishReason, Sequence, SequenceStatus
+from pdserve.messages import blocks_for
 
 
 @dataclass(slots=True)
@@ -69,7 +70,7 @@ class Scheduler:
                 f"prompt ({num_prompt_tokens} tokens) + max_tokens ({max_tokens}) = {total} "
                 f"exceeds the model's context length of {self.max_model_len}"
             )
-        need = -(-total // self.block_size)
+        need = blocks_for(total, self.block_size)
         if need > self.blocks.num_blocks:
             raise ValueError(
                 f"request needs {need} KV blocks for {total} tokens but the pool has only "
@@ -186,7 +187,7 @@ class Scheduler:
             self.waiting.remove(seq)
 
     def _reserve(self, seq: Sequence, n: int) -> bool:
-        need = -(-(seq.num_computed_tokens + n) // self.block_size) - len(seq.block_ids)
+        need = blocks_for(seq.num_computed_tokens + n, self.block_size) - len(seq.block_ids)
         if need <= 0:
             return True
         if not self.blocks.can_allocate(need):

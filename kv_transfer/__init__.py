@@ -2,7 +2,8 @@
 
 Transports (`grpc`, `local`, later `nccl`) sit behind `KVSender` / `KVReceiver`
 (kv_transfer.base) and are built by name with `make_sender` / `make_receiver`. Imports only
-the engine's KV layout contract, torch, grpc, protobuf — never ray, redis or the workers.
+the engine's KV layout contract, the `KVSink` message (`pdserve.messages`, re-exported
+here), torch, grpc, protobuf — never ray, redis or the workers.
 """
 
 from __future__ import annotations

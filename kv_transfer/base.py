@@ -15,10 +15,12 @@ from __future__ import annotations
 import enum
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, fields
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
+
+# KVSink lives with the other router <-> worker messages; re-exported for the transports.
+from pdserve.messages import KVSink, blocks_for
 
 
 class KVTransferError(RuntimeError):
@@ -34,58 +36,6 @@ class TransferStatus(enum.Enum):
     COMPLETE = "complete"  # every layer's K and V for every block was written; "done" seen
     FAILED = "failed"  # refused, aborted by the sender, or cut off; no more writes happen
     UNKNOWN = "unknown"  # never expected, or forgotten by cancel/expire
-
-
-@dataclass(frozen=True, slots=True)
-class KVSink:
-    """Where one request's KV goes: a decode worker's reservation, published to the sender.
-
-    It crosses process boundaries inside Ray calls, so it converts to and from plain JSON
-    types (`to_dict` / `from_dict`) and never needs pickle.
-
-    Invariants: `block_ids` are distinct decode-pool block ids in sequence order, exactly
-    `ceil(num_tokens / block_size)` of them (a cached prefix is not part of the sink, so
-    `num_tokens` counts the transferred tokens); `deadline` is the lease expiry in unix
-    seconds, after which the receiver may drop the reservation and reuse the blocks.
-    """
-
-    transport: str
-    address: str
-    request_id: str
-    block_ids: tuple[int, ...]
-    num_tokens: int
-    compat_key: str
-    deadline: float
-
-    def __post_init__(self) -> None:
-        if not self.request_id:
-            raise ValueError("KVSink.request_id must not be empty")
-        if not self.block_ids:
-            raise ValueError("KVSink.block_ids must not be empty")
-        if len(set(self.block_ids)) != len(self.block_ids):
-            raise ValueError(f"KVSink.block_ids repeat a block: {self.block_ids}")
-        if self.num_tokens < 1:
-            raise ValueError(f"KVSink.num_tokens must be >= 1, got {self.num_tokens}")
-
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["block_ids"] = list(self.block_ids)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> KVSink:
-        names = {f.name for f in fields(cls)}
-        if set(d) != names:
-            raise ValueError(f"KVSink fields must be exactly {sorted(names)}, got {sorted(d)}")
-        return cls(
-            transport=str(d["transport"]),
-            address=str(d["address"]),
-            request_id=str(d["request_id"]),
-            block_ids=tuple(int(b) for b in d["block_ids"]),
-            num_tokens=int(d["num_tokens"]),
-            compat_key=str(d["compat_key"]),
-            deadline=float(d["deadline"]),
-        )
 
 
 def check_pool(pool: torch.Tensor) -> None:
@@ -107,7 +57,7 @@ def check_block_ids(block_ids: Sequence[int], num_pool_blocks: int, num_tokens: 
         raise ValueError(f"{what} block ids {bad} are outside the pool (0..{num_pool_blocks - 1})")
     if len(set(block_ids)) != len(block_ids):
         raise ValueError(f"{what} block ids repeat a block: {list(block_ids)}")
-    need = -(-num_tokens // block_size)
+    need = blocks_for(num_tokens, block_size)
     if len(block_ids) != need:
         raise ValueError(
             f"{num_tokens} tokens need {need} blocks of {block_size}, {what} has {len(block_ids)}"

@@ -21,7 +21,8 @@ from pdserve.engine.llm_engine import LLMEngine, RequestOutput
 from pdserve.engine.sampling_params import SamplingParams
 from pdserve.engine.scheduler import ScheduledSeq
 from pdserve.engine.sequence import Sequence
-from pdserve.kv_transfer import KVSink, KVTransferError, SendHandle, make_sender
+from pdserve.kv_transfer import KVTransferError, SendHandle, make_sender
+from pdserve.messages import KVSink, OutputChunk, PrefillResult, WorkerRequest, WorkerStats
 
 log = logging.getLogger("pdserve.prefill")
 
@@ -32,7 +33,7 @@ class _Pending:
     future: Future
     seq: Sequence | None = None
     handle: SendHandle | None = None
-    result: dict | None = None
+    result: PrefillResult | None = None
     opened_at: float = 0.0
     sampled_at: float = 0.0
     num_blocks: int = 0
@@ -69,27 +70,26 @@ class PrefillWorker:
     def compat_key(self) -> str:
         return self.engine.compat_key
 
-    def prefill(self, request: dict, sink: dict, timeout: float | None = None) -> dict:
+    def prefill(self, request: WorkerRequest, sink: KVSink,
+                timeout: float | None = None) -> PrefillResult:
         """Prefill `request` and hand its KV to `sink`; returns the first sampled token.
 
-        `request` = {request_id, prompt_token_ids, params (a SamplingParams dict whose seed
-        the router has set, so both sides draw the same random numbers)}.
-        Raises KVTransferError if the handoff fails (blocks on both sides are freed by then
-        on this side; the router aborts the reservation on the decode side).
+        `request.params.seed` is set by the router, so both sides draw the same random
+        numbers. Raises KVTransferError if the handoff fails (blocks on both sides are freed
+        by then on this side; the router aborts the reservation on the decode side).
         """
-        rid = request["request_id"]
-        params = SamplingParams.from_dict(request["params"])
+        rid, params = request.request_id, request.params
         # Only the first token is made here: the decode worker does the rest and owns stop
         # strings; min_tokens matters only as far as suppressing eos for this first token.
         local = replace(params, max_tokens=1, min_tokens=min(params.min_tokens, 1), stop=())
-        pending = _Pending(KVSink.from_dict(sink), Future(), params=params)
+        pending = _Pending(sink, Future(), params=params)
         with self._lock:
             if rid in self._pending:
                 raise ValueError(f"request id {rid!r} is already being prefilled")
             self._pending[rid] = pending
 
         def add(engine: LLMEngine):
-            pending.seq = engine.add_request(rid, request["prompt_token_ids"], local)
+            pending.seq = engine.add_request(rid, list(request.prompt_token_ids), local)
 
         try:
             self.loop.call(add)
@@ -122,22 +122,22 @@ class PrefillWorker:
             pending.future.set_exception(KVTransferError(f"request {request_id} was aborted"))
         return True
 
-    def stats(self) -> dict:
+    def stats(self) -> WorkerStats:
         eng = self.engine
-        return {
-            "worker_id": self.worker_id,
-            "role": "prefill",
-            "free_blocks": eng.blocks.num_free_blocks,
-            "total_blocks": eng.blocks.num_blocks,
-            "running": len(eng.scheduler.running),
-            "waiting": len(eng.scheduler.waiting),
-            "prompt_tokens": eng.stats["prompt_tokens"],
-            "generated_tokens": eng.stats["generated_tokens"],
-            "handoffs": self.handoffs["count"],
-            "handoff_seconds": self.handoffs["seconds"],
-            "handoff_bytes": self.handoffs["bytes"],
-            "handoff_tail_seconds": self.handoffs["tail_seconds"],
-        }
+        return WorkerStats(
+            worker_id=self.worker_id,
+            role="prefill",
+            free_blocks=eng.blocks.num_free_blocks,
+            total_blocks=eng.blocks.num_blocks,
+            running=len(eng.scheduler.running),
+            waiting=len(eng.scheduler.waiting),
+            prompt_tokens=eng.stats["prompt_tokens"],
+            generated_tokens=eng.stats["generated_tokens"],
+            handoffs=self.handoffs["count"],
+            handoff_seconds=self.handoffs["seconds"],
+            handoff_bytes=self.handoffs["bytes"],
+            handoff_tail_seconds=self.handoffs["tail_seconds"],
+        )
 
     def close(self) -> None:
         self.loop.stop()
@@ -181,18 +181,16 @@ class PrefillWorker:
                 pending = self._pending.get(out.request_id)
             if pending is None or not out.finished:
                 continue
-            pending.result = {
-                "request_id": out.request_id,
-                "token_id": out.new_token_ids[0] if out.new_token_ids else None,
-                "logprob": out.new_logprobs[0].logprob if out.new_logprobs else None,
-                "top_logprobs": [list(t) for t in out.new_logprobs[0].top]
-                if out.new_logprobs else [],
-                "finish_reason": out.finish_reason,
-                "cached_tokens": out.cached_tokens,
-            }
-            chunk = _client_first_chunk(out, pending.params)
-            if chunk is not None:
-                pending.result["first_chunk"] = chunk
+            if out.new_token_ids:  # none when the step failed and aborted the request
+                pending.result = PrefillResult(
+                    request_id=out.request_id,
+                    token_id=out.new_token_ids[0],
+                    logprob=out.new_logprobs[0].logprob if out.new_logprobs else None,
+                    top_logprobs=tuple(out.new_logprobs[0].top) if out.new_logprobs else (),
+                    finish_reason=out.finish_reason or "",
+                    cached_tokens=out.cached_tokens,
+                    first_chunk=_client_first_chunk(out, pending.params),
+                )
             pending.sampled_at = time.perf_counter()
             self._finishers.submit(self._finish_transfer, out.request_id, pending)
 
@@ -201,6 +199,9 @@ class PrefillWorker:
         try:
             if pending.handle is None:
                 raise KVTransferError(f"no KV transfer was opened for {rid}")
+            if pending.result is None:
+                pending.handle.abort()
+                raise KVTransferError(f"prefill of {rid} was aborted before a token")
             if self._inject_failures > 0:
                 self._inject_failures -= 1
                 pending.handle.abort()
@@ -229,7 +230,8 @@ class PrefillWorker:
             )
 
 
-def _client_first_chunk(out: RequestOutput, params: SamplingParams | None) -> dict | None:
+def _client_first_chunk(out: RequestOutput, params: SamplingParams | None
+                        ) -> OutputChunk | None:
     """The first token's output chunk exactly as the decode worker will stream it, when this
     side can know it: then the router sends it to the client as soon as the prefill returns,
     instead of after the decode worker's commit (TTFT), and drops it from the decode stream.
@@ -243,10 +245,5 @@ def _client_first_chunk(out: RequestOutput, params: SamplingParams | None) -> di
     if (params is None or params.max_tokens <= 1 or params.stop
             or out.finish_reason != "length" or len(out.new_token_ids) != 1):
         return None
-    return {
-        "token_ids": list(out.new_token_ids), "text": out.new_text,
-        "logprobs": [{"token_id": lp.token_id, "logprob": lp.logprob,
-                      "top": [list(t) for t in lp.top]} for lp in out.new_logprobs],
-        "finished": False, "finish_reason": "", "prompt_tokens": 0, "completion_tokens": 0,
-        "cached_tokens": 0,
-    }
+    return replace(OutputChunk.from_output(out), finished=False, finish_reason="",
+                   prompt_tokens=0, completion_tokens=0, cached_tokens=0)

@@ -17,6 +17,7 @@ import uuid
 import grpc
 
 from pdserve.engine.tokenizer import TextTokenizer
+from pdserve.messages import OutputChunk
 from pdserve.proto import pb, pb_grpc
 from pdserve.router.lifecycle import DecodeFull, HandoffFailed, RequestLifecycle
 from pdserve.router.request_decoding import GenerateRequestParser, UndecodableRequest
@@ -108,14 +109,13 @@ class AdminService(pb_grpc.AdminServicer):
         return pb.StatsResponse(
             workers=[
                 pb.WorkerStats(
-                    worker_id=s["worker_id"], role=s["role"], free_blocks=s["free_blocks"],
-                    total_blocks=s["total_blocks"], running=s["running"], waiting=s["waiting"],
-                    prompt_tokens_processed=s["prompt_tokens"],
-                    generated_tokens=s["generated_tokens"], node=s.get("node", ""),
-                    handoffs=s.get("handoffs", 0), handoff_seconds=s.get("handoff_seconds", 0.0),
-                    handoff_bytes=s.get("handoff_bytes", 0),
-                    handoff_tail_seconds=s.get("handoff_tail_seconds", 0.0),
-                    leases_expired=s.get("leases_expired", 0),
+                    worker_id=s.worker_id, role=s.role, free_blocks=s.free_blocks,
+                    total_blocks=s.total_blocks, running=s.running, waiting=s.waiting,
+                    prompt_tokens_processed=s.prompt_tokens,
+                    generated_tokens=s.generated_tokens, node=s.node,
+                    handoffs=s.handoffs, handoff_seconds=s.handoff_seconds,
+                    handoff_bytes=s.handoff_bytes, handoff_tail_seconds=s.handoff_tail_seconds,
+                    leases_expired=s.leases_expired,
                 )
                 for s in stats
             ],
@@ -124,18 +124,18 @@ class AdminService(pb_grpc.AdminServicer):
         )
 
 
-def _response(rid: str, chunk: dict) -> pb.GenerateResponse:
-    resp = pb.GenerateResponse(request_id=rid, token_ids=chunk["token_ids"], text=chunk["text"])
-    for lp in chunk.get("logprobs") or []:
+def _response(rid: str, chunk: OutputChunk) -> pb.GenerateResponse:
+    resp = pb.GenerateResponse(request_id=rid, token_ids=chunk.token_ids, text=chunk.text)
+    for lp in chunk.logprobs:
         resp.logprobs.append(pb.TokenLogprob(
-            token_id=lp["token_id"], logprob=lp["logprob"],
-            top=[pb.TopLogprob(token_id=t, logprob=v) for t, v in lp["top"]],
+            token_id=lp.token_id, logprob=lp.logprob,
+            top=[pb.TopLogprob(token_id=t, logprob=v) for t, v in lp.top],
         ))
-    if chunk.get("finished"):
-        resp.finish_reason = chunk["finish_reason"]
-        resp.usage.CopyFrom(pb.Usage(prompt_tokens=chunk["prompt_tokens"],
-                                     completion_tokens=chunk["completion_tokens"],
-                                     cached_tokens=chunk["cached_tokens"]))
+    if chunk.finished:
+        resp.finish_reason = chunk.finish_reason
+        resp.usage.CopyFrom(pb.Usage(prompt_tokens=chunk.prompt_tokens,
+                                     completion_tokens=chunk.completion_tokens,
+                                     cached_tokens=chunk.cached_tokens))
     return resp
 
 

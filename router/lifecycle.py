@@ -13,9 +13,10 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from pdserve.engine.sampling_params import SamplingParams
+from pdserve.messages import KVSink, OutputChunk, PrefillResult, WorkerRequest
 from pdserve.router.policy import RoutingPolicy
 from pdserve.router.workers import DecodeClient, PrefillClient, WorkerBusy
 
@@ -64,9 +65,9 @@ class RequestLifecycle:
         self.counters = RouterCounters()
 
     async def run(self, request_id: str, ids: list[int], params: SamplingParams
-                  ) -> AsyncIterator[dict]:
-        """Yield output chunks (dicts) of one request; aborts it everywhere if closed early."""
-        request = {"request_id": request_id, "prompt_token_ids": ids, "params": params.to_dict()}
+                  ) -> AsyncIterator[OutputChunk]:
+        """Yield output chunks of one request; aborts it everywhere if closed early."""
+        request = WorkerRequest(request_id, tuple(ids), params)
         local = self.mode == "colocated" or len(ids) <= self.conditional_prefill_tokens
         self.counters.in_flight += 1
         try:
@@ -76,8 +77,8 @@ class RequestLifecycle:
                 stream = self._run_disaggregated(request, len(ids), params.max_tokens)
             async for chunk in stream:
                 yield chunk
-                if chunk.get("finished"):
-                    if chunk.get("finish_reason") == "abort":
+                if chunk.finished:
+                    if chunk.finish_reason == "abort":
                         self.counters.aborted += 1
                     else:
                         self.counters.finished += 1
@@ -87,22 +88,19 @@ class RequestLifecycle:
         finally:
             self.counters.in_flight -= 1
 
-    async def _run_local(self, request: dict) -> AsyncIterator[dict]:
-        d = self.policy.pick_decode(self.decode, len(request["prompt_token_ids"]))
-        async for chunk in self._guarded(d.stream_local(request), [d], request["request_id"]):
+    async def _run_local(self, request: WorkerRequest) -> AsyncIterator[OutputChunk]:
+        d = self.policy.pick_decode(self.decode, len(request.prompt_token_ids))
+        async for chunk in self._guarded(d.stream_local(request), [d], request.request_id):
             yield chunk
 
-    async def _run_disaggregated(self, request: dict, n_prompt: int, max_tokens: int
-                                 ) -> AsyncIterator[dict]:
-        rid = request["request_id"]
+    async def _run_disaggregated(self, request: WorkerRequest, n_prompt: int, max_tokens: int
+                                 ) -> AsyncIterator[OutputChunk]:
+        rid = request.request_id
         tried: set[str] = set()
         last_error: Exception | None = None
         for attempt in range(self.handoff_retries + 1):
             p = self.policy.pick_prefill(self.prefill, exclude=tried)
-            # Counted from the pick, so requests routed while this one waits for decode
-            # room already see P as busier.
-            in_flight = self.policy.in_flight
-            in_flight[p.worker_id] = in_flight.get(p.worker_id, 0) + 1
+            self.policy.on_prefill_started(p)
             try:
                 d, sink = await self._reserve_when_room(rid, n_prompt, max_tokens, tried)
                 first = await self._prefill(request, p, d, sink)
@@ -115,10 +113,10 @@ class RequestLifecycle:
                                 p.worker_id, d.worker_id, last_error)
                 continue
             finally:
-                in_flight[p.worker_id] -= 1
+                self.policy.on_prefill_done(p)
             stream = d.stream_from_prefill(request, first)
-            if first.get("first_chunk"):
-                stream = _first_chunk_early(first["first_chunk"], stream, rid)
+            if first.first_chunk is not None:
+                stream = _first_chunk_early(first.first_chunk, stream, rid)
             async for chunk in self._guarded(stream, [p, d], rid):
                 yield chunk
             return
@@ -126,7 +124,7 @@ class RequestLifecycle:
                             f"{last_error}")
 
     async def _reserve_when_room(self, rid: str, n_prompt: int, max_tokens: int,
-                                 tried: set[str]) -> tuple[DecodeClient, dict]:
+                                 tried: set[str]) -> tuple[DecodeClient, KVSink]:
         """Reserve the prompt's blocks on a decode worker, waiting while every one is full.
 
         A full decode pool is back-pressure, not a failure: its running requests free blocks
@@ -157,9 +155,10 @@ class RequestLifecycle:
             await asyncio.sleep(delay)
             delay = min(delay * 2, 0.5)
 
-    async def _prefill(self, request: dict, p: PrefillClient, d: DecodeClient, sink: dict):
+    async def _prefill(self, request: WorkerRequest, p: PrefillClient, d: DecodeClient,
+                       sink: KVSink) -> PrefillResult:
         """Prefill on P into D's reservation; on any failure abort both sides."""
-        rid = request["request_id"]
+        rid = request.request_id
         try:
             return await p.prefill(request, sink)
         except asyncio.CancelledError:
@@ -170,11 +169,12 @@ class RequestLifecycle:
             raise _HandoffError(str(e)) from e
 
     @staticmethod
-    async def _guarded(stream: AsyncIterator[dict], workers, rid: str) -> AsyncIterator[dict]:
+    async def _guarded(stream: AsyncIterator[OutputChunk], workers, rid: str
+                       ) -> AsyncIterator[OutputChunk]:
         finished = False
         try:
             async for chunk in stream:
-                finished = finished or bool(chunk.get("finished"))
+                finished = finished or chunk.finished
                 yield chunk
         finally:
             if not finished:
@@ -186,25 +186,25 @@ class _HandoffError(RuntimeError):
     pass
 
 
-async def _first_chunk_early(early: dict, stream: AsyncIterator[dict], rid: str
-                             ) -> AsyncIterator[dict]:
+async def _first_chunk_early(early: OutputChunk, stream: AsyncIterator[OutputChunk], rid: str
+                             ) -> AsyncIterator[OutputChunk]:
     """Yield the prefill worker's first-token chunk at once, then the decode stream without
     that token. The prefill side sends the chunk only when the decode side's first output is
     sure to be the same token with the same text (`prefill_worker.worker._client_first_chunk`),
     so the client's first token no longer waits for the commit on the decode worker."""
     yield early
-    n_tok, n_text, n_lp = len(early["token_ids"]), len(early["text"]), len(early["logprobs"])
+    n_tok, n_text, n_lp = len(early.token_ids), len(early.text), len(early.logprobs)
     first = True
     async for chunk in stream:
         if first:
             first = False
-            if (chunk["token_ids"][:n_tok] != early["token_ids"]
-                    or not chunk["text"].startswith(early["text"])):
+            if (chunk.token_ids[:n_tok] != early.token_ids
+                    or not chunk.text.startswith(early.text)):
                 raise RuntimeError(f"decode stream of {rid} does not start with the first "
                                    f"token the prefill worker sampled")
-            chunk = {**chunk, "token_ids": chunk["token_ids"][n_tok:],
-                     "text": chunk["text"][n_text:], "logprobs": chunk["logprobs"][n_lp:]}
-            if not (chunk["token_ids"] or chunk["text"] or chunk["finished"]):
+            chunk = replace(chunk, token_ids=chunk.token_ids[n_tok:],
+                            text=chunk.text[n_text:], logprobs=chunk.logprobs[n_lp:])
+            if chunk.empty:
                 continue
         yield chunk
 

@@ -3,16 +3,28 @@
 Default: the prefill worker with the fewest requests in flight from this router, and the
 decode worker with the most free KV blocks (last polled stats, minus what this router has
 reserved on it since). Ties go round-robin so equal workers share load.
+
+The policy owns its counters: the lifecycle reports what it did (`on_prefill_started`,
+`on_prefill_done`, `on_reserved`) and polled stats (`update_stats`), never edits them.
 """
 
 from __future__ import annotations
 
 import itertools
 
+from pdserve.messages import WorkerStats, blocks_for
 from pdserve.router.workers import DecodeClient, PrefillClient
 
 
 class RoutingPolicy:
+    """Picks workers from the router's view of the cluster.
+
+    Invariants: `in_flight[p]` counts the requests routed to prefill worker `p` whose
+    prefill has not returned (every `on_prefill_started` is matched by one
+    `on_prefill_done`, success or not), so it is never negative; `free_blocks[d]` is the
+    last polled figure minus what was reserved on `d` since.
+    """
+
     def __init__(self, block_size: int):
         self.block_size = block_size
         self.free_blocks: dict[str, int] = {}
@@ -22,9 +34,9 @@ class RoutingPolicy:
         self._tie_prefill = itertools.count()
         self._tie_decode = itertools.count()
 
-    def update_stats(self, stats: list[dict]) -> None:
+    def update_stats(self, stats: list[WorkerStats]) -> None:
         for s in stats:
-            self.free_blocks[s["worker_id"]] = int(s["free_blocks"])
+            self.free_blocks[s.worker_id] = s.free_blocks
 
     def pick_prefill(self, workers: list[PrefillClient], exclude=frozenset()) -> PrefillClient:
         pool = [w for w in workers if w.worker_id not in exclude] or workers
@@ -39,6 +51,18 @@ class RoutingPolicy:
         return max(pool, key=lambda w: (self.free_blocks.get(w.worker_id, 0),
                                         -((pool.index(w) - turn) % len(pool))))
 
+    def on_prefill_started(self, p: PrefillClient) -> None:
+        """`p` was picked for a request (counted from the pick, so requests routed while
+        this one still waits for decode room already see `p` as busier)."""
+        self.in_flight[p.worker_id] = self.in_flight.get(p.worker_id, 0) + 1
+
+    def on_prefill_done(self, p: PrefillClient) -> None:
+        """The request picked for `p` left it: prefilled, failed or abandoned."""
+        left = self.in_flight.get(p.worker_id, 0) - 1
+        if left < 0:
+            raise RuntimeError(f"on_prefill_done for {p.worker_id} without a matching start")
+        self.in_flight[p.worker_id] = left
+
     def on_reserved(self, d: DecodeClient, n_prompt: int) -> None:
-        need = -(-n_prompt // self.block_size)
+        need = blocks_for(n_prompt, self.block_size)
         self.free_blocks[d.worker_id] = self.free_blocks.get(d.worker_id, 0) - need

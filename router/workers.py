@@ -1,15 +1,18 @@
 """How the router talks to workers: two small async interfaces, implemented over Ray in
-`cluster.ray_clients` (and by anything else that can carry plain dicts).
+`cluster.ray_clients` (and by anything else that can carry plain data).
 
-Every payload is a plain dict of JSON types (request: request_id, prompt_token_ids, params;
-sink: kv_transfer.KVSink.to_dict(); chunks: token_ids, text, logprobs, finished, ...), so
-no transport between router and workers needs pickle for our data.
+Every argument and answer is a `pdserve.messages` message (or a plain scalar). An
+implementation that crosses a process boundary converts them with their `to_dict` /
+`from_dict` at its edge, so no transport between router and workers needs pickle for our
+data; the router itself never sees the plain form.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator
+
+from pdserve.messages import KVSink, OutputChunk, PrefillResult, WorkerRequest, WorkerStats
 
 
 class WorkerBusy(RuntimeError):
@@ -20,8 +23,8 @@ class WorkerClient(ABC):
     worker_id: str
 
     @abstractmethod
-    async def stats(self) -> dict:
-        """free_blocks, total_blocks, running, waiting, prompt/generated token counts."""
+    async def stats(self) -> WorkerStats:
+        """Free/total blocks, running and waiting requests, token and handoff counters."""
 
     @abstractmethod
     async def abort(self, request_id: str) -> bool:
@@ -30,22 +33,25 @@ class WorkerClient(ABC):
 
 class PrefillClient(WorkerClient):
     @abstractmethod
-    async def prefill(self, request: dict, sink: dict) -> dict:
-        """Prefill and hand the KV to `sink`; returns the first token (token_id, logprob,
-        top_logprobs, finish_reason, cached_tokens). Raises on a failed handoff."""
+    async def prefill(self, request: WorkerRequest, sink: KVSink) -> PrefillResult:
+        """Prefill and hand the KV to `sink`; returns the first token once the decode side
+        acknowledged every layer. Raises on a failed handoff (this side's blocks are freed;
+        the caller aborts the reservation)."""
 
 
 class DecodeClient(WorkerClient):
     @abstractmethod
     async def reserve(self, request_id: str, num_prompt_tokens: int, max_tokens: int,
-                      lease_s: float) -> dict:
-        """Allocate the prompt's blocks under a lease; returns the sink dict. Raises
-        WorkerBusy when there are not enough free blocks right now."""
+                      lease_s: float) -> KVSink:
+        """Allocate the prompt's blocks under a lease; returns the sink. Raises WorkerBusy
+        when there are not enough free blocks right now (nothing was allocated)."""
 
     @abstractmethod
-    def stream_from_prefill(self, request: dict, first: dict) -> AsyncIterator[dict]:
-        """Commit a handed-off request and stream its output chunks."""
+    def stream_from_prefill(self, request: WorkerRequest, first: PrefillResult
+                            ) -> AsyncIterator[OutputChunk]:
+        """Commit a handed-off request and stream its output chunks, the first token's
+        first. Raises (having freed the reservation) if the KV did not fully arrive."""
 
     @abstractmethod
-    def stream_local(self, request: dict) -> AsyncIterator[dict]:
+    def stream_local(self, request: WorkerRequest) -> AsyncIterator[OutputChunk]:
         """Prefill and decode on this worker (colocated / short prompts)."""

@@ -43,6 +43,7 @@ import torch
 
 from pdserve.bench.micro import gpu_kernels
 from pdserve.bench.micro.gpu_kernels import time_ms
+from pdserve.messages import blocks_for
 
 BLOCK = 16
 
@@ -93,7 +94,7 @@ def build_engine(args):
     tokens = max(args.batches) * (args.context + 64) + longest + 64
     config = EngineConfig(
         model=args.model, dtype="bfloat16", device="cuda",
-        cache=CacheConfig(block_size=BLOCK, num_blocks=-(-tokens // BLOCK) + 64,
+        cache=CacheConfig(block_size=BLOCK, num_blocks=blocks_for(tokens, BLOCK) + 64,
                           enable_prefix_caching=False),
         scheduler=SchedulerConfig(max_num_seqs=max(args.batches),
                                   max_num_batched_tokens=longest,
@@ -136,7 +137,7 @@ def start_decoding(engine, batch: int, context: int, tag: str) -> list:
     seqs = []
     for i in range(batch):
         prompt = torch.randint(0, vocab, (context,), generator=gen).tolist()
-        blocks = engine.blocks.allocate(-(-(context + 64) // BLOCK))
+        blocks = engine.blocks.allocate(blocks_for(context + 64, BLOCK))
         rid = f"{tag}-{batch}-{i}"
         engine.add_prefilled(rid, prompt, params, i, blocks, SampleResult(prompt[-1], None, []))
         seqs.append(engine.sequence(rid))
@@ -187,7 +188,7 @@ def measure_prefill(engine, tokens: int, ceil: dict, label: str) -> dict:
     gen = torch.Generator().manual_seed(tokens)
     prompt = torch.randint(0, mc.vocab_size, (tokens,), generator=gen).tolist()
     seq = Sequence(f"prefill-{tokens}", prompt, SamplingParams(temperature=0), 0)
-    seq.block_ids = engine.blocks.allocate(-(-(tokens + 1) // BLOCK))
+    seq.block_ids = engine.blocks.allocate(blocks_for(tokens + 1, BLOCK))
     items, reqs = [ScheduledSeq(seq, tokens)], [engine.sample_request(seq)]
     ms = time_ms(lambda: engine.sampler(engine.runner.execute(items), reqs), warmup=2, iters=5)
     engine.blocks.free(seq.block_ids)
@@ -234,7 +235,7 @@ def profile_prefill(engine, tokens: int) -> dict:
     gen = torch.Generator().manual_seed(tokens)
     prompt = torch.randint(0, engine.model_config.vocab_size, (tokens,), generator=gen).tolist()
     seq = Sequence(f"prefill-profile-{tokens}", prompt, SamplingParams(temperature=0), 0)
-    seq.block_ids = engine.blocks.allocate(-(-(tokens + 1) // BLOCK))
+    seq.block_ids = engine.blocks.allocate(blocks_for(tokens + 1, BLOCK))
     items, reqs = [ScheduledSeq(seq, tokens)], [engine.sample_request(seq)]
 
     def step():

@@ -14,6 +14,8 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from pdserve.messages import blocks_for
+
 
 def time_ms(fn: Callable[[], object], warmup: int = 3, iters: int = 20) -> float:
     """Median milliseconds of `fn()` between two CUDA events (host gaps included)."""
@@ -64,7 +66,7 @@ def _copy_ms(n: int) -> float:
 
 
 def _paged(batch: int, ctx: int, kv_heads: int, head_dim: int, block: int, gen):
-    num_blocks = batch * (-(-ctx // block))
+    num_blocks = batch * blocks_for(ctx, block)
     k = torch.randn(num_blocks, block, kv_heads, head_dim, device="cuda", generator=gen,
                     dtype=torch.bfloat16)
     v = torch.randn_like(k)

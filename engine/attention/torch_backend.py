@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from pdserve.engine import forward_context
 from pdserve.engine.attention.backend import AttentionBackend, register_backend
 from pdserve.engine.attention.metadata import AttentionMetadata
+from pdserve.messages import blocks_for
 
 
 def gather_kv(cache: torch.Tensor, block_ids: torch.Tensor, length: int) -> torch.Tensor:
@@ -32,7 +33,7 @@ def gather_kv(cache: torch.Tensor, block_ids: torch.Tensor, length: int) -> torc
     is several times faster on CPU than advanced indexing `cache[ids]`, which goes through
     the generic index kernel, and gives the same tensor.
     """
-    n_blocks = -(-length // cache.shape[1])
+    n_blocks = blocks_for(length, cache.shape[1])
     return cache.index_select(0, block_ids[:n_blocks].long()).flatten(0, 1)[:length]
 
 
@@ -80,7 +81,7 @@ def _plan(meta: AttentionMetadata, block_size: int) -> _StepPlan:
             decode_rows.append(start)
             decode_seqs.append(i)
         elif qlen > 0:
-            n_blocks = -(-slen // block_size)
+            n_blocks = blocks_for(slen, block_size)
             mask = None
             if qlen != slen:
                 # Query j sits at position slen - qlen + j and sees keys up to that position.
@@ -103,7 +104,7 @@ def _plan_decode(
     device = meta.block_tables.device
     lens = [meta.seq_lens_host[i] for i in seqs]
     max_len = max(lens)
-    tables = meta.block_tables[:, : -(-max_len // block_size)]
+    tables = meta.block_tables[:, : blocks_for(max_len, block_size)]
     if rows is not None:
         tables = tables[torch.tensor(seqs, device=device)]
     mask = None

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from pdserve.engine.config import ModelConfig, RopeScaling
+from pdserve.engine.loader.model_files import open_gguf, read_fields
 
 _LAYER_NAMES = {
     "attn_norm": "input_layernorm",
@@ -31,23 +32,6 @@ _TOP_NAMES = {
     "output_norm": "model.norm",
     "output": "lm_head",
 }
-
-
-def _open(path: str):
-    import gguf  # imported here: only GGUF users pay for it
-
-    return gguf.GGUFReader(path)
-
-
-def read_fields(reader) -> dict:
-    """All metadata key/value pairs of a GGUF file as plain Python values."""
-    out = {}
-    for key, field in reader.fields.items():
-        try:
-            out[key] = field.contents()
-        except Exception:  # a field type this gguf version cannot decode: not needed by us
-            continue
-    return out
 
 
 def file_revision(path: str) -> str:
@@ -117,7 +101,7 @@ def load_gguf(path: str) -> tuple[ModelConfig, dict, Iterator[tuple[str, torch.T
     """Open a GGUF file: (model config, metadata fields, lazy iterator of HF-named tensors)."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"GGUF file not found: {path}")
-    reader = _open(path)
+    reader = open_gguf(path)
     fields = read_fields(reader)
     has_output = any(t.name == "output.weight" for t in reader.tensors)
     config = model_config_from_fields(fields, file_revision(path), has_output)

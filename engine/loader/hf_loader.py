@@ -11,6 +11,7 @@ from collections.abc import Iterator
 import torch
 
 from pdserve.engine.config import ModelConfig, RopeScaling
+from pdserve.engine.loader.model_files import hf_eos_token_ids
 
 _ARCHITECTURES = {
     "LlamaForCausalLM": "llama",
@@ -100,8 +101,6 @@ def model_config_from_hf(cfg: dict, revision: str) -> ModelConfig:
     heads = int(cfg["num_attention_heads"])
     hidden = int(cfg["hidden_size"])
     theta, scaling = _rope_settings(cfg)
-    eos = cfg.get("eos_token_id")
-    eos_ids = tuple(eos) if isinstance(eos, list) else ((eos,) if eos is not None else ())
     return ModelConfig(
         architecture=arch,
         vocab_size=int(cfg["vocab_size"]),
@@ -118,7 +117,7 @@ def model_config_from_hf(cfg: dict, revision: str) -> ModelConfig:
         tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
         attention_bias=arch == "qwen2" or bool(cfg.get("attention_bias", False)),
         bos_token_id=cfg.get("bos_token_id"),
-        eos_token_ids=eos_ids,
+        eos_token_ids=hf_eos_token_ids(cfg),
         revision=revision,
     )
 

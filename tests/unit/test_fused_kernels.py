@@ -19,6 +19,7 @@ from pdserve.engine.layers.norm_rope import RMSNorm, RotaryEmbedding  # noqa: E4
 from pdserve.engine.loader import synthetic  # noqa: E402
 from pdserve.engine.models.fused_llama import set_fused_kernels, uses_fused_kernels  # noqa: E402
 from pdserve.engine.models.llama import LlamaForCausalLM  # noqa: E402
+from pdserve.messages import blocks_for  # noqa: E402
 
 DTYPES = [torch.float32, torch.bfloat16]
 
@@ -80,7 +81,7 @@ def _forward(model, ids, kv_cache):
     meta = AttentionMetadata(
         query_start_loc=torch.tensor([0, n], dtype=torch.int32),
         seq_lens=torch.tensor([n], dtype=torch.int32),
-        block_tables=torch.arange(-(-n // 8), dtype=torch.int32)[None],
+        block_tables=torch.arange(blocks_for(n, 8), dtype=torch.int32)[None],
         slot_mapping=torch.arange(n),
         query_lens_host=[n], seq_lens_host=[n], max_query_len=n, max_seq_len=n,
     )

@@ -5,11 +5,19 @@ from __future__ import annotations
 from collections import Counter
 from types import SimpleNamespace
 
+import pytest
+
+from pdserve.messages import WorkerStats
 from pdserve.router.policy import RoutingPolicy
 
 
 def workers(*ids):
     return [SimpleNamespace(worker_id=i) for i in ids]
+
+
+def stats(worker_id: str, free_blocks: int) -> WorkerStats:
+    return WorkerStats(worker_id, "decode", free_blocks, total_blocks=64, running=0, waiting=0,
+                       prompt_tokens=0, generated_tokens=0)
 
 
 def test_equal_prefill_and_decode_workers_share_requests_evenly():
@@ -34,8 +42,7 @@ def test_prefill_with_fewer_requests_in_flight_wins():
 def test_decode_with_most_free_blocks_wins_and_reservations_count_against_it():
     policy = RoutingPolicy(block_size=16)
     decode = workers("d0", "d1")
-    policy.update_stats([{"worker_id": "d0", "free_blocks": 10},
-                         {"worker_id": "d1", "free_blocks": 12}])
+    policy.update_stats([stats("d0", free_blocks=10), stats("d1", free_blocks=12)])
     first = policy.pick_decode(decode, 64)
     assert first.worker_id == "d1"
     policy.on_reserved(first, 64)  # 4 blocks: d1 now has 8 in the router's estimate
@@ -49,3 +56,20 @@ def test_excluded_workers_are_avoided_while_others_remain():
                for _ in range(3))
     # With every worker excluded the pool is used anyway rather than failing.
     assert policy.pick_prefill(prefill, exclude={"p0", "p1"}).worker_id in ("p0", "p1")
+
+
+def test_prefills_in_flight_are_counted_by_the_policy_from_pick_to_return():
+    policy = RoutingPolicy(block_size=16)
+    p0, p1 = prefill = workers("p0", "p1")
+    policy.on_prefill_started(p0)
+    policy.on_prefill_started(p0)
+    policy.on_prefill_started(p1)
+    assert policy.pick_prefill(prefill).worker_id == "p1"
+    policy.on_prefill_done(p0)
+    policy.on_prefill_done(p0)
+    assert policy.in_flight == {"p0": 0, "p1": 1}
+    assert policy.pick_prefill(prefill).worker_id == "p0"
+    policy.on_prefill_done(p1)
+    with pytest.raises(RuntimeError, match="without a matching start"):
+        policy.on_prefill_done(p1)
+    assert policy.in_flight == {"p0": 0, "p1": 0}

@@ -19,6 +19,7 @@ from pdserve.engine.attention.metadata import AttentionMetadata  # noqa: E402
 from pdserve.engine.attention.torch_backend import TorchAttentionBackend, gather_kv  # noqa: E402
 from pdserve.engine.attention.triton_backend import TritonAttentionBackend  # noqa: E402
 from pdserve.engine.attention.triton_kernels import AttentionTiles, plan_decode_splits  # noqa: E402
+from pdserve.messages import blocks_for  # noqa: E402
 
 SMALL = AttentionTiles(prefill_block_m=16, prefill_block_n=16, decode_block_n=16)
 SPLIT16 = AttentionTiles(prefill_block_m=16, prefill_block_n=16, decode_block_n=16,
@@ -42,7 +43,7 @@ def make_batch(
     """
     gen = torch.Generator().manual_seed(seed)
     seq_lens = [c + n for c, n in ctx_and_query]
-    blocks_per_seq = [-(-s // block_size) for s in seq_lens]
+    blocks_per_seq = [blocks_for(s, block_size) for s in seq_lens]
     num_blocks = sum(blocks_per_seq) + 3  # spare blocks stay zero and must never be read
     order = torch.randperm(num_blocks, generator=gen).tolist()
     block_tables = torch.full((len(seq_lens), max(blocks_per_seq)), -1, dtype=torch.int32)
