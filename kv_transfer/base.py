@@ -43,10 +43,13 @@ class KVSink:
     It crosses process boundaries inside Ray calls, so it converts to and from plain JSON
     types (`to_dict` / `from_dict`) and never needs pickle.
 
-    Invariants: `block_ids` are distinct decode-pool block ids in sequence order, exactly
-    `ceil(num_tokens / block_size)` of them (a cached prefix is not part of the sink, so
-    `num_tokens` counts the transferred tokens); `deadline` is the lease expiry in unix
-    seconds, after which the receiver may drop the reservation and reuse the blocks.
+    Invariants: `num_tokens` counts the request's prompt tokens, all of them; the receiver
+    already holds the KV of the first `first_block` blocks (a prefix it had cached), so
+    those are not sent; `block_ids` are distinct decode-pool block ids for the request's
+    blocks `first_block, first_block + 1, ...`, in that order, exactly
+    `ceil(num_tokens / block_size) - first_block >= 1` of them; `deadline` is the lease
+    expiry in unix seconds, after which the receiver may drop the reservation and reuse
+    the blocks.
     """
 
     transport: str
@@ -56,6 +59,7 @@ class KVSink:
     num_tokens: int
     compat_key: str
     deadline: float
+    first_block: int = 0
 
     def __post_init__(self) -> None:
         if not self.request_id:
@@ -66,6 +70,8 @@ class KVSink:
             raise ValueError(f"KVSink.block_ids repeat a block: {self.block_ids}")
         if self.num_tokens < 1:
             raise ValueError(f"KVSink.num_tokens must be >= 1, got {self.num_tokens}")
+        if self.first_block < 0:
+            raise ValueError(f"KVSink.first_block must be >= 0, got {self.first_block}")
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -85,6 +91,7 @@ class KVSink:
             num_tokens=int(d["num_tokens"]),
             compat_key=str(d["compat_key"]),
             deadline=float(d["deadline"]),
+            first_block=int(d["first_block"]),
         )
 
 
@@ -100,18 +107,22 @@ def check_pool(pool: torch.Tensor) -> None:
 
 
 def check_block_ids(block_ids: Sequence[int], num_pool_blocks: int, num_tokens: int,
-                    block_size: int, what: str) -> None:
-    """The sink invariants that need the pool: ids in range, count matches num_tokens."""
+                    block_size: int, what: str, first_block: int = 0) -> None:
+    """The sink invariants that need the pool: ids in range, and the count is the blocks of
+    `num_tokens` tokens from block `first_block` on."""
     bad = [b for b in block_ids if not 0 <= b < num_pool_blocks]
     if bad:
         raise ValueError(f"{what} block ids {bad} are outside the pool (0..{num_pool_blocks - 1})")
     if len(set(block_ids)) != len(block_ids):
         raise ValueError(f"{what} block ids repeat a block: {list(block_ids)}")
-    need = -(-num_tokens // block_size)
+    need = -(-num_tokens // block_size) - first_block
+    if need < 1:
+        raise ValueError(f"{num_tokens} tokens fill {need + first_block} blocks of "
+                         f"{block_size}: nothing is left to send from block {first_block}")
     if len(block_ids) != need:
-        raise ValueError(
-            f"{num_tokens} tokens need {need} blocks of {block_size}, {what} has {len(block_ids)}"
-        )
+        after = f" after the first {first_block}" if first_block else ""
+        raise ValueError(f"{num_tokens} tokens need {need} blocks of {block_size}{after}, "
+                         f"{what} has {len(block_ids)}")
 
 
 class KVReceiver(ABC):
@@ -137,8 +148,11 @@ class KVReceiver(ABC):
 
     @abstractmethod
     def expect(self, request_id: str, block_ids: Sequence[int], num_tokens: int,
-               deadline: float) -> KVSink:
-        """Register a reservation and return the sink to hand to the prefill side."""
+               deadline: float, first_block: int = 0) -> KVSink:
+        """Register a reservation and return the sink to hand to the prefill side.
+
+        `block_ids` receive the request's blocks from `first_block` on (the ones before are
+        already held here); `num_tokens` counts the whole prompt (`KVSink`)."""
 
     @abstractmethod
     def status(self, request_id: str) -> TransferStatus:
@@ -178,7 +192,7 @@ class SendHandle(ABC):
 
     @abstractmethod
     def send_layer(self, layer: int) -> None:
-        """Snapshot `pool[layer, :, src_block_ids]` and queue it for the wire."""
+        """Snapshot layer `layer` of the blocks being sent and queue it for the wire."""
 
     @abstractmethod
     def finish(self, timeout: float | None = None) -> None:
@@ -208,7 +222,10 @@ class KVSender(ABC):
 
     @abstractmethod
     def open(self, sink: KVSink, src_block_ids: Sequence[int]) -> SendHandle:
-        """Start a transfer of `pool[:, :, src_block_ids]` into `sink.block_ids`."""
+        """Start a transfer of the request into `sink.block_ids`.
+
+        `src_block_ids` are the request's blocks in this pool, all of them, in order; only
+        those from `sink.first_block` on are sent (`blocks_to_send`)."""
 
     def close(self) -> None:  # noqa: B027 (a no-op for transports that hold nothing)
         """Release pooled connections (handles still open may fail)."""
@@ -223,13 +240,19 @@ class KVSender(ABC):
             )
         if sink.transport != self.transport:
             raise ValueError(f"sink is for transport {sink.transport!r}, not {self.transport!r}")
-        if len(src_block_ids) != len(sink.block_ids):
+        if len(src_block_ids) != sink.first_block + len(sink.block_ids):
             raise ValueError(
                 f"request {sink.request_id}: {len(src_block_ids)} source blocks for "
-                f"{len(sink.block_ids)} sink blocks"
+                f"{len(sink.block_ids)} sink blocks from block {sink.first_block}"
             )
         check_block_ids(src_block_ids, self.pool.shape[2], sink.num_tokens, self.pool.shape[3],
                         "source")
+
+    @staticmethod
+    def blocks_to_send(sink: KVSink, src_block_ids: Sequence[int]) -> list[int]:
+        """The source blocks that go into `sink.block_ids`, pairwise: those from
+        `sink.first_block` on (the receiver holds the ones before)."""
+        return list(src_block_ids[sink.first_block:])
 
     def source_index(self, src_block_ids: Sequence[int]) -> torch.Tensor:
         """The source block ids as an index tensor on the pool's device (for transports that
