@@ -106,9 +106,10 @@ class DecodeActor(_WorkerShell):
 
     def ready(self) -> dict:
         engine = self.worker.engine
+        usage = engine.usage()
         return {**self._identity(self.worker.role), "address": self.worker.receiver.address,
                 "max_model_len": engine.max_model_len,
-                "kv_capacity_tokens": engine.blocks.num_blocks * engine.layout.block_size,
+                "kv_capacity_tokens": usage.total_blocks * usage.block_size,
                 "vocab_size": engine.model_config.vocab_size}
 
     def reserve(self, request_id: str, num_prompt_tokens: int, max_tokens: int,
