@@ -119,16 +119,18 @@ class DecodeWorker:
                 self._free_reservation(rid)
                 raise
             self.connector.cancel(rid)  # the receiver's part is done; the blocks are ours now
+            # Queued here, on the engine thread: the next step's token (queued by
+            # `_on_outputs` on this thread too) must not overtake the first one.
+            stream.put(out)
+            if out.finished:
+                stream.put(_END)
             return out
 
         try:
-            out = self.loop.call(commit)
+            self.loop.call(commit)
         except BaseException:
             self._close_stream(rid)
             raise
-        stream.put(out)
-        if out.finished:
-            stream.put(_END)
         yield from self._drain(rid, stream)
 
     def generate(self, request: dict) -> Iterator[dict]:
