@@ -113,8 +113,9 @@ class DecodeActor(_WorkerShell):
                 "vocab_size": engine.model_config.vocab_size}
 
     def reserve(self, request_id: str, num_prompt_tokens: int, max_tokens: int,
-                lease_s: float) -> dict:
-        return self.worker.reserve(request_id, num_prompt_tokens, max_tokens, lease_s)
+                lease_s: float, prompt_token_ids: list[int] | None = None) -> dict:
+        return self.worker.reserve(request_id, num_prompt_tokens, max_tokens, lease_s,
+                                   prompt_token_ids)
 
     def generate_from_prefill(self, request: dict, first: dict):
         yield from self.worker.generate_from_prefill(request, first)

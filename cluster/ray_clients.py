@@ -61,9 +61,10 @@ class RayDecodeClient(DecodeClient):
         self.worker_id = worker_id
 
     @_raises_worker_errors
-    async def reserve(self, request_id, num_prompt_tokens, max_tokens, lease_s) -> dict:
+    async def reserve(self, request_id, num_prompt_tokens, max_tokens, lease_s,
+                      prompt_token_ids=None) -> dict:
         return await self.handle.reserve.remote(request_id, num_prompt_tokens, max_tokens,
-                                                lease_s)
+                                                lease_s, prompt_token_ids)
 
     def stream_from_prefill(self, request: dict, first: dict) -> AsyncIterator[dict]:
         return _stream(self.handle.generate_from_prefill, request, first)

@@ -104,7 +104,8 @@ class RequestLifecycle:
             in_flight = self.policy.in_flight
             in_flight[p.worker_id] = in_flight.get(p.worker_id, 0) + 1
             try:
-                d, sink = await self._reserve_when_room(rid, n_prompt, max_tokens, tried)
+                d, sink = await self._reserve_when_room(rid, n_prompt, max_tokens, tried,
+                                                        request["prompt_token_ids"])
                 first = await self._prefill(request, p, d, sink)
             except _HandoffError as e:
                 last_error = e.__cause__ or e
@@ -126,7 +127,8 @@ class RequestLifecycle:
                             f"{last_error}")
 
     async def _reserve_when_room(self, rid: str, n_prompt: int, max_tokens: int,
-                                 tried: set[str]) -> tuple[DecodeClient, dict]:
+                                 tried: set[str], prompt: list[int]
+                                 ) -> tuple[DecodeClient, dict]:
         """Reserve the prompt's blocks on a decode worker, waiting while every one is full.
 
         A full decode pool is back-pressure, not a failure: its running requests free blocks
@@ -142,7 +144,9 @@ class RequestLifecycle:
                 if d.worker_id in busy:
                     break
                 try:
-                    sink = await d.reserve(rid, n_prompt, max_tokens, self.lease_seconds)
+                    # D reuses what it has cached of the prompt; P sends only the rest.
+                    sink = await d.reserve(rid, n_prompt, max_tokens, self.lease_seconds,
+                                           prompt)
                 except WorkerBusy:
                     busy.add(d.worker_id)
                     continue

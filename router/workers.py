@@ -38,8 +38,10 @@ class PrefillClient(WorkerClient):
 class DecodeClient(WorkerClient):
     @abstractmethod
     async def reserve(self, request_id: str, num_prompt_tokens: int, max_tokens: int,
-                      lease_s: float) -> dict:
-        """Allocate the prompt's blocks under a lease; returns the sink dict. Raises
+                      lease_s: float, prompt_token_ids: list[int] | None = None) -> dict:
+        """Allocate the prompt's blocks under a lease; returns the sink dict. With
+        `prompt_token_ids` the worker reuses the prefix it has cached: the sink then starts
+        past it (`first_block`) and the prefill worker sends only the rest. Raises
         WorkerBusy when there are not enough free blocks right now."""
 
     @abstractmethod
