@@ -20,12 +20,9 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from pdserve.engine.kv_connector import KVConnector, LoadSpec, SaveSpec, StepTransfers
-from pdserve.engine.scheduler import ScheduledSeq
 from pdserve.engine.sequence import FinishReason
 from pdserve.engine.sequence import Sequence as Seq
 from pdserve.kv_transfer.base import (
@@ -37,6 +34,11 @@ from pdserve.kv_transfer.base import (
     TransferStatus,
 )
 from pdserve.kv_transfer.registry import make_receiver, make_sender
+
+if TYPE_CHECKING:
+    import torch
+
+    from pdserve.engine.scheduler import ScheduledSeq
 
 log = logging.getLogger("pdserve.kv")
 
