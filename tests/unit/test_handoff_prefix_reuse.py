@@ -23,6 +23,9 @@ from pdserve.kv_transfer import KVTransferError
 from pdserve.prefill_worker.worker import PrefillWorker
 
 BS = 8
+# kv_transfer.wire reads protobuf bytes through torch.frombuffer, which warns once that the
+# buffer is read-only (it is only read); test_kv_transfer.py filters it the same way.
+pytestmark = pytest.mark.filterwarnings("ignore:The given buffer is not writable")
 PROMPT = [(7 * i + 3) % 500 + 5 for i in range(43)]  # 6 blocks, the last one partly filled
 _ids = itertools.count()
 
