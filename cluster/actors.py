@@ -121,14 +121,16 @@ class DecodeActor(_WorkerShell):
 
     def ready(self) -> dict:
         engine = self.worker.engine
+        usage = engine.usage()
         return {**self._identity(self.worker.role), "address": self.worker.receiver.address,
                 "max_model_len": engine.max_model_len,
-                "kv_capacity_tokens": engine.blocks.num_blocks * engine.layout.block_size,
+                "kv_capacity_tokens": usage.total_blocks * usage.block_size,
                 "vocab_size": engine.model_config.vocab_size}
 
     def reserve(self, request_id: str, num_prompt_tokens: int, max_tokens: int,
-                lease_s: float) -> dict:
-        return self.worker.reserve(request_id, num_prompt_tokens, max_tokens, lease_s).to_dict()
+                lease_s: float, prompt_token_ids: list[int] | None = None) -> dict:
+        return self.worker.reserve(request_id, num_prompt_tokens, max_tokens, lease_s,
+                                   prompt_token_ids).to_dict()
 
     def generate_from_prefill(self, request: dict, first: dict):
         yield from _as_dicts(self.worker.generate_from_prefill(

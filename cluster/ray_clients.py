@@ -67,9 +67,9 @@ class RayDecodeClient(DecodeClient):
 
     @_raises_worker_errors
     async def reserve(self, request_id: str, num_prompt_tokens: int, max_tokens: int,
-                      lease_s: float) -> KVSink:
+                      lease_s: float, prompt_token_ids: list[int] | None = None) -> KVSink:
         return KVSink.from_dict(await self.handle.reserve.remote(
-            request_id, num_prompt_tokens, max_tokens, lease_s))
+            request_id, num_prompt_tokens, max_tokens, lease_s, prompt_token_ids))
 
     def stream_from_prefill(self, request: WorkerRequest, first: PrefillResult
                             ) -> AsyncIterator[OutputChunk]:

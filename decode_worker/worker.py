@@ -21,15 +21,9 @@ from pdserve.engine.engine_loop import EngineLoop
 from pdserve.engine.kv_cache.block_manager import OutOfBlocksError
 from pdserve.engine.llm_engine import LLMEngine, RequestOutput
 from pdserve.engine.sampler import SampleResult
-from pdserve.kv_transfer import KVTransferError, TransferStatus, make_receiver
-from pdserve.messages import (
-    KVSink,
-    OutputChunk,
-    PrefillResult,
-    WorkerRequest,
-    WorkerStats,
-    blocks_for,
-)
+from pdserve.kv_transfer import KVTransferError, TransferStatus
+from pdserve.kv_transfer.connector import PushReceiver
+from pdserve.messages import KVSink, OutputChunk, PrefillResult, WorkerRequest, WorkerStats
 
 log = logging.getLogger("pdserve.decode")
 
@@ -52,15 +46,16 @@ class DecodeWorker:
         self.worker_id = worker_id
         self.role = role
         self.transfer_timeout = transfer_timeout
-        self.engine = LLMEngine(config)
         # grpc (data) and nccl (announces): bind `host`; senders connect to `advertise_host`
         # (default `host`), which must be set when `host` is a wildcard such as 0.0.0.0.
         opts: dict = {"name": worker_id} if transport in ("local", "nccl") else {}
         if transport in ("grpc", "nccl"):
             opts.update(host=host, advertise_host=advertise_host)
-        self.receiver = make_receiver(transport, self.engine.kv_cache, self.engine.compat_key,
-                                      **opts)
-        self._reserved: dict[str, list[int]] = {}
+        # The KV connector: a reservation's tokens count as loaded once its receiver says
+        # the prefill worker's push is COMPLETE.
+        self.connector = PushReceiver(transport, **opts)
+        self.engine = LLMEngine(config, kv_connector=self.connector)
+        self.receiver = self.connector.receiver
         self._streams: dict[str, queue.SimpleQueue] = {}
         self._lock = threading.Lock()
         self.leases_expired = 0
@@ -74,31 +69,26 @@ class DecodeWorker:
     # ---- handoff ----------------------------------------------------------------------------
 
     def reserve(self, request_id: str, num_prompt_tokens: int, max_tokens: int,
-                lease_s: float = 30.0) -> KVSink:
-        """Allocate blocks for a prompt's KV under a lease; returns the sink."""
-        bs = self.engine.layout.block_size
+                lease_s: float = 30.0, prompt_token_ids: list[int] | None = None) -> KVSink:
+        """Allocate blocks for a prompt's KV under a lease; returns the sink.
+
+        With `prompt_token_ids`, the longest prefix of the prompt this worker has cached is
+        reused: only the blocks after it are reserved, and the sink starts past it (its
+        `first_block`), so the prefill worker sends only those."""
 
         def do(engine: LLMEngine) -> KVSink:
-            if request_id in self._reserved or engine.sequence(request_id) is not None:
-                raise ValueError(f"request id {request_id!r} is already in use")
-            engine.scheduler.check_fits(num_prompt_tokens, max_tokens)
-            need = blocks_for(num_prompt_tokens, bs)
-            if not engine.blocks.can_allocate(need):
-                # Back-pressure, not a failure: the router waits and tries again.
-                raise OutOfBlocksError(
-                    f"{self.worker_id} has {engine.blocks.num_free_blocks} free blocks, "
-                    f"{need} needed"
-                )
-            # Consecutive ids where the pool allows: a transfer into them is one region per
-            # layer (one NCCL call per K or V) instead of one per run of blocks.
-            blocks = engine.blocks.allocate_contiguous(need)
             try:
-                sink = self.receiver.expect(request_id, blocks, num_prompt_tokens,
-                                            time.time() + lease_s)
+                res = engine.reserve(request_id, num_prompt_tokens, max_tokens,
+                                     prompt_token_ids)
+            except OutOfBlocksError as e:
+                # Back-pressure, not a failure: the router waits and tries again.
+                raise OutOfBlocksError(f"{self.worker_id}: {e}") from None
+            try:
+                sink = self.connector.expect(request_id, res.new_block_ids, num_prompt_tokens,
+                                             time.time() + lease_s, res.first_new_block)
             except BaseException:
-                engine.blocks.free(blocks)
+                engine.release(request_id)
                 raise
-            self._reserved[request_id] = blocks
             return sink
 
         return self.loop.call(do)
@@ -118,25 +108,29 @@ class DecodeWorker:
         stream = self._open_stream(rid)
 
         def commit(engine: LLMEngine) -> RequestOutput:
-            blocks = self._reserved.pop(rid, None)
-            if blocks is None:
-                raise KVTransferError(f"reservation for {rid} was aborted or expired")
-            self.receiver.cancel(rid)  # the receiver's part is done; the blocks are ours now
             try:
-                return engine.add_prefilled(rid, list(request.prompt_token_ids), params,
-                                            params.seed, blocks, sample, first.cached_tokens)
+                # The connector vouches for the pushed tokens (the receiver said COMPLETE).
+                out = engine.adopt(rid, list(request.prompt_token_ids), params, params.seed,
+                                   sample, first.cached_tokens)
+            except KeyError:
+                self.connector.cancel(rid)
+                raise KVTransferError(f"reservation for {rid} was aborted or expired") from None
             except BaseException:
-                engine.blocks.free(blocks)
+                self._free_reservation(rid)
                 raise
+            self.connector.cancel(rid)  # the receiver's part is done; the blocks are ours now
+            # Queued here, on the engine thread: the next step's token (queued by
+            # `_on_outputs` on this thread too) must not overtake the first one.
+            stream.put(out)
+            if out.finished:
+                stream.put(_END)
+            return out
 
         try:
-            out = self.loop.call(commit)
+            self.loop.call(commit)
         except BaseException:
             self._close_stream(rid)
             raise
-        stream.put(out)
-        if out.finished:
-            stream.put(_END)
         yield from self._drain(rid, stream)
 
     def generate(self, request: WorkerRequest) -> Iterator[OutputChunk]:
@@ -167,22 +161,22 @@ class DecodeWorker:
         return found
 
     def stats(self) -> WorkerStats:
-        eng = self.engine
+        usage = self.engine.usage()
         return WorkerStats(
             worker_id=self.worker_id,
             role=self.role,
-            free_blocks=eng.blocks.num_free_blocks,
-            total_blocks=eng.blocks.num_blocks,
-            running=len(eng.scheduler.running),
-            waiting=len(eng.scheduler.waiting) + len(self._reserved),
-            prompt_tokens=eng.stats["prompt_tokens"],
-            generated_tokens=eng.stats["generated_tokens"],
+            free_blocks=usage.free_blocks,
+            total_blocks=usage.total_blocks,
+            running=usage.running,
+            waiting=usage.waiting + usage.reserved,
+            prompt_tokens=self.engine.stats["prompt_tokens"],
+            generated_tokens=self.engine.stats["generated_tokens"],
             leases_expired=self.leases_expired,
         )
 
     def close(self) -> None:
         self.loop.stop()
-        self.receiver.close()
+        self.connector.close()
 
     # ---- internals ----------------------------------------------------------------------------
 
@@ -228,13 +222,10 @@ class DecodeWorker:
                         stream.put(_END)
 
     def _free_reservation(self, rid: str) -> bool:
-        """On the loop thread: forget an uncommitted reservation and free its blocks."""
-        blocks = self._reserved.pop(rid, None)
-        if blocks is None:
-            return False
-        self.receiver.cancel(rid)
-        self.engine.blocks.free(blocks)
-        return True
+        """On the loop thread: forget an uncommitted reservation and free its blocks (no
+        byte lands in them once the receiver forgot it)."""
+        self.connector.cancel(rid)
+        return self.engine.release(rid)
 
     def _drop_reservation(self, rid: str) -> None:
         self.loop.call(lambda engine: self._free_reservation(rid))
@@ -244,3 +235,4 @@ class DecodeWorker:
             if self._free_reservation(rid):
                 self.leases_expired += 1
                 log.warning("lease for %s expired before commit; freed its blocks", rid)
+

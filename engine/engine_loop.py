@@ -14,7 +14,7 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any
 
-from pdserve.engine.llm_engine import LayerHookFactory, LLMEngine, RequestOutput
+from pdserve.engine.llm_engine import LLMEngine, RequestOutput
 
 log = logging.getLogger("pdserve.engine")
 
@@ -26,13 +26,11 @@ class EngineLoop:
         self,
         engine: LLMEngine,
         on_outputs: Callable[[list[RequestOutput]], None],
-        layer_hook: LayerHookFactory | None = None,
         on_idle: Callable[[LLMEngine], None] | None = None,
         idle_interval: float = 0.5,
     ):
         self.engine = engine
         self._on_outputs = on_outputs
-        self._layer_hook = layer_hook
         self._on_idle = on_idle
         self._idle_interval = idle_interval
         self._calls: queue.SimpleQueue[tuple[Callable, Future]] = queue.SimpleQueue()
@@ -47,6 +45,11 @@ class EngineLoop:
         self._stop.set()
         self._calls.put((lambda e: None, Future()))  # wake the thread
         self._thread.join(timeout)
+
+    def wake(self) -> None:
+        """Run one loop iteration soon even if idle: e.g. a KV transfer ended, so blocks
+        its request held can be freed (`LLMEngine.release_finished_transfers`)."""
+        self._calls.put((lambda e: None, Future()))
 
     def submit(self, fn: Callable[[LLMEngine], Any]) -> Future:
         """Run `fn(engine)` on the loop thread before the next step."""
@@ -79,10 +82,11 @@ class EngineLoop:
     def _run(self) -> None:
         while not self._stop.is_set():
             self._drain_calls(block=not self.engine.has_unfinished())
+            self.engine.release_finished_transfers()
             if self._stop.is_set() or not self.engine.has_unfinished():
                 continue
             try:
-                outputs = self.engine.step(self._layer_hook)
+                outputs = self.engine.step()
             except Exception:
                 # A failed step must not kill the worker; the batch's requests are aborted
                 # so their callers get an answer and their blocks come back.

@@ -1,6 +1,7 @@
 """Per-step state the attention layers read, so `model.forward(input_ids, positions)` stays
-clean: the attention metadata, the KV pool, the backend, and an optional hook called after
-each layer's K/V is written (layer-wise KV streaming to a decode worker hangs off it).
+clean: the attention metadata, the KV pool, the backend, and the KV connector's layer hooks:
+one called before a layer's attention touches the KV (its loads must have landed), one
+after the layer's K/V is written (layer-wise KV streaming to a decode worker hangs off it).
 
 It also holds what every layer would otherwise derive again from the same step inputs
 (`step_cached`): the rotary rows of the step's positions, the torch backend's plan of the
@@ -26,6 +27,7 @@ class ForwardContext:
     kv_cache: torch.Tensor  # [L, 2, num_blocks, block_size, kv_heads, head_dim]
     backend: AttentionBackend
     on_layer_written: Callable[[int], None] | None = None
+    wait_for_layer: Callable[[int], None] | None = None
     # key -> (the object the value was derived from, the value); see `step_cached`.
     step_cache: dict[Hashable, tuple[Any, Any]] = field(default_factory=dict)
 

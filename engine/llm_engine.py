@@ -2,7 +2,10 @@
 
 `LLMEngine.step()` runs one scheduled batch and returns what each touched request produced
 since the last step. The offline `LLM` drives it in a loop; workers drive it from their own
-loops and use its parts (`scheduler`, `blocks`, `runner`, `kv_cache`) directly.
+loops (engine/engine_loop.py) and own its blocks only through its operations: `reserve`
+blocks for KV that will come from elsewhere, `adopt` a request whose prompt KV is in them,
+`release` them, `abort`, and the read-only `usage()` view. KV moves in and out through a
+KV connector (engine/kv_connector.py), never through the engine's parts.
 """
 
 from __future__ import annotations
@@ -18,22 +21,24 @@ import torch
 from pdserve.engine.attention.backend import get_backend
 from pdserve.engine.config import EngineConfig, compatibility_key, torch_dtype
 from pdserve.engine.detokenizer import Detokenizer
+from pdserve.engine.kv_cache.block_hash import BlockHash
 from pdserve.engine.kv_cache.block_manager import BlockManager
 from pdserve.engine.kv_cache.layout import KVLayout
+from pdserve.engine.kv_cache.prefix_cache import CacheListener
+from pdserve.engine.kv_connector import KVConnector, NoKVConnector
 from pdserve.engine.loader.registry import open_model
 from pdserve.engine.model_runner import ModelRunner
 from pdserve.engine.models.llama import LlamaForCausalLM
 from pdserve.engine.parallel import tp_size
 from pdserve.engine.sampler import Sampler, SampleRequest, SampleResult
 from pdserve.engine.sampling_params import SamplingParams
-from pdserve.engine.scheduler import ScheduledSeq, Scheduler
+from pdserve.engine.scheduler import Scheduler
 from pdserve.engine.sequence import FinishReason, TokenLogprob
 from pdserve.engine.sequence import Sequence as Seq
 
 log = logging.getLogger("pdserve.engine")
 
 PromptInput = str | Sequence[int] | Sequence[dict]
-LayerHookFactory = Callable[[list[ScheduledSeq]], Callable[[int], None] | None]
 
 
 @dataclass(slots=True)
@@ -51,10 +56,46 @@ class RequestOutput:
     cached_tokens: int = 0
 
 
+@dataclass(frozen=True, slots=True)
+class Reservation:
+    """Blocks an engine set aside for a request whose prompt KV will be written from
+    elsewhere. `block_ids` hold tokens `[0, num_tokens)` in order; the first
+    `first_new_block` of them are this engine's cached prefix (already written), the rest
+    (`new_block_ids`) are fresh and must be written before `adopt`."""
+
+    request_id: str
+    block_ids: tuple[int, ...]
+    num_tokens: int
+    first_new_block: int
+    block_size: int
+
+    @property
+    def new_block_ids(self) -> tuple[int, ...]:
+        return self.block_ids[self.first_new_block:]
+
+    @property
+    def num_cached_tokens(self) -> int:
+        return self.first_new_block * self.block_size
+
+
+@dataclass(frozen=True, slots=True)
+class EngineUsage:
+    """A read-only view of an engine's load: safe to take from any thread (plain counts
+    read without the engine thread, so at most one step stale)."""
+
+    free_blocks: int  # free or evictable (cached, unused)
+    total_blocks: int
+    block_size: int
+    running: int
+    waiting: int
+    reserved: int  # reservations not adopted yet
+    held: int  # finished requests whose blocks a transfer still reads
+
+
 class LLMEngine:
     """One model replica on one device (or one tensor-parallel rank)."""
 
-    def __init__(self, config: EngineConfig, hold_blocks_on_finish: bool = False):
+    def __init__(self, config: EngineConfig, kv_connector: KVConnector | None = None):
         t0 = time.perf_counter()
         self.config = config
         if config.num_threads:
@@ -84,9 +125,10 @@ class LLMEngine:
         self.kv_cache = self.layout.allocate(num_blocks, self.device)
         self.compat_key = compatibility_key(mc, cache.block_size, config.dtype)
         self.blocks = BlockManager(num_blocks, cache.block_size, cache.enable_prefix_caching)
+        self.connector = kv_connector or NoKVConnector()
+        self.connector.register_kv_cache(self.kv_cache, self.compat_key)
         self.scheduler = Scheduler(
-            config.scheduler, self.blocks, self.max_model_len, self.compat_key,
-            hold_blocks_on_finish=hold_blocks_on_finish,
+            config.scheduler, self.blocks, self.max_model_len, self.compat_key, self.connector
         )
         backend = get_backend(config.attention_backend, self.device)
         self.runner = ModelRunner(self.model, self.kv_cache, backend, cache.block_size,
@@ -100,6 +142,7 @@ class LLMEngine:
         self.sampler = Sampler()
         self.detokenizer = Detokenizer(self.tokenizer)
         self._seqs: dict[str, Seq] = {}
+        self._reservations: dict[str, tuple[Reservation, list[BlockHash]]] = {}
         self.stats = {"prompt_tokens": 0, "generated_tokens": 0, "steps": 0}
         log.info(
             "engine ready in %.1fs: %s (%s, %d layers) on %s, %s attention, KV cache %d blocks "
@@ -135,8 +178,7 @@ class LLMEngine:
     ) -> Seq:
         """Validate and queue a request; raises ValueError and changes nothing on bad input."""
         params = params or SamplingParams()
-        if request_id in self._seqs:
-            raise ValueError(f"request id {request_id!r} is already in use")
+        self._check_new_id(request_id)
         ids = self.tokenize(prompt)
         params.validate_against(self.model_config.vocab_size)
         self.scheduler.check_fits(len(ids), params.max_tokens)
@@ -147,30 +189,39 @@ class LLMEngine:
         return seq
 
     def abort(self, request_id: str) -> bool:
+        """Stop a request wherever it is (waiting, running, reserved, or finished with its
+        blocks held for a transfer); its blocks are freed. False if unknown."""
         seq = self._seqs.pop(request_id, None)
-        if seq is None:
-            return False
-        self.scheduler.abort(request_id)
-        self.detokenizer.forget(request_id)
-        return True
+        held = self.scheduler.abort(request_id) is not None
+        released = self.release(request_id)
+        if seq is not None:
+            self.detokenizer.forget(request_id)
+        return seq is not None or held or released
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_work
 
     # ---- stepping ------------------------------------------------------------------------
 
-    def step(self, layer_hook: LayerHookFactory | None = None) -> list[RequestOutput]:
+    def step(self) -> list[RequestOutput]:
         """Schedule and run one batch; returns the new output of every sampled request.
 
-        `layer_hook(batch)` may return a callback run after each layer's K/V is written
-        (a prefill worker streams KV to decode workers from it).
+        The KV connector's worker half runs with the forward pass: this step's loads and
+        saves start before it, each layer waits for its loads and saves itself once
+        written (layer l leaves while layer l+1 computes), and the saves are closed after.
         """
+        self.release_finished_transfers()
         batch = self.scheduler.schedule()
         if not batch:
             return []
         self.stats["steps"] += 1
         sampling = [item for item in batch if item.samples]  # before postprocess moves counts
-        logits = self.runner.execute(batch, layer_hook(batch) if layer_hook else None)
+        transfers = self.scheduler.build_step(batch)
+        self.connector.start_step(transfers)
+        try:
+            logits = self.runner.execute(batch, self.connector if transfers else None)
+        finally:
+            self.connector.end_step()
         self.stats["prompt_tokens"] += sum(
             max(0, min(i.seq.num_computed_tokens + i.num_new_tokens, i.seq.num_prompt_tokens)
                 - i.seq.num_computed_tokens)
@@ -189,31 +240,89 @@ class LLMEngine:
             num_generated=seq.num_output_tokens, eos_token_ids=self.model_config.eos_token_ids,
         )
 
-    def add_prefilled(
+    # ---- blocks owned on behalf of KV that comes from elsewhere -----------------------------
+
+    def reserve(self, request_id: str, num_tokens: int, max_tokens: int,
+                prompt_token_ids: Sequence[int] | None = None) -> Reservation:
+        """Set blocks aside for the first `num_tokens` tokens of a request whose KV will be
+        written from elsewhere (a prefill worker's push). With `prompt_token_ids`, the
+        longest prefix of them cached here is reused (never the last token's block), so only
+        the blocks after it need writing.
+
+        Raises ValueError if the request can never fit, OutOfBlocksError (taking nothing) if
+        it does not fit now. The blocks stay reserved until `adopt` or `release`.
+        """
+        self._check_new_id(request_id)
+        self.scheduler.check_fits(num_tokens, max_tokens)
+        ids = None if prompt_token_ids is None else list(prompt_token_ids)[:num_tokens]
+        block_ids, cached = self.scheduler.reserve(num_tokens, ids)
+        res = Reservation(request_id, tuple(block_ids), num_tokens, len(cached),
+                          self.layout.block_size)
+        self._reservations[request_id] = (res, cached)
+        return res
+
+    def adopt(
         self,
         request_id: str,
         prompt_token_ids: list[int],
         params: SamplingParams,
         seed: int,
-        block_ids: list[int],
         first: SampleResult,
         cached_tokens: int = 0,
     ) -> RequestOutput:
-        """Join a request whose prompt KV is already in `block_ids` (written by a prefill
-        worker) and whose first token `first` was sampled there; returns that token's output.
+        """Join a reserved request whose prompt KV is in its reserved blocks and whose first
+        token `first` was sampled elsewhere; returns that token's output.
 
-        The blocks become the sequence's: they are freed when it finishes or is aborted.
+        The KV connector must vouch for every prompt token past the cached prefix (the
+        transfer into the reservation completed); otherwise RuntimeError and the
+        reservation stays as it was. The blocks become the sequence's: they are freed when
+        it finishes or is aborted. `cached_tokens` is what the prefill side reused.
         """
-        if request_id in self._seqs:
-            raise ValueError(f"request id {request_id!r} is already in use")
+        res, cached = self._reservations.get(request_id, (None, None))
+        if res is None:
+            raise KeyError(f"request {request_id!r} has no reservation (never made, released, "
+                           "or already adopted)")
+        if len(prompt_token_ids) > res.num_tokens:
+            raise ValueError(f"request {request_id}: {len(prompt_token_ids)} prompt tokens, "
+                             f"{res.num_tokens} reserved")
         seq = Seq(request_id, list(prompt_token_ids), params, seed)
-        seq.block_ids = list(block_ids)
-        seq.num_computed_tokens = seq.num_prompt_tokens
-        seq.num_cached_tokens = cached_tokens  # reused on the prefill side
-        self.scheduler.add_running(seq)
-        self.scheduler.commit_full_blocks(seq)
+        self.scheduler.adopt(seq, list(res.block_ids), cached)
+        del self._reservations[request_id]
+        seq.num_cached_tokens = cached_tokens
         self._seqs[request_id] = seq
         return self._accept_token(seq, first)
+
+    def release(self, request_id: str) -> bool:
+        """Free a reservation that will not be adopted. Its cached prefix blocks go back to
+        the prefix cache (evictable, still findable); its fresh blocks, never published,
+        to the free list. False if there is none."""
+        res, _ = self._reservations.pop(request_id, (None, None))
+        if res is None:
+            return False
+        self.blocks.free(reversed(res.block_ids))
+        return True
+
+    def release_finished_transfers(self) -> None:
+        """Free the blocks of finished requests whose transfers the connector says ended."""
+        self.scheduler.transfers_finished(self.connector.finished_transfers())
+
+    def usage(self) -> EngineUsage:
+        s = self.scheduler
+        return EngineUsage(
+            free_blocks=self.blocks.num_free_blocks, total_blocks=self.blocks.num_blocks,
+            block_size=self.blocks.block_size, running=len(s.running), waiting=len(s.waiting),
+            reserved=len(self._reservations), held=len(s.held),
+        )
+
+    def subscribe_cache_events(self, listener: CacheListener) -> Callable[[], None]:
+        """Call `listener` on the engine thread for every `stored` / `evicted` event of this
+        engine's prefix cache (engine/kv_cache/prefix_cache.py); returns the unsubscriber."""
+        return self.blocks.prefix_cache.subscribe(listener)
+
+    def _check_new_id(self, request_id: str) -> None:
+        if request_id in self._seqs or request_id in self._reservations \
+                or request_id in self.scheduler.held:
+            raise ValueError(f"request id {request_id!r} is already in use")
 
     def _accept_token(self, seq: Seq, res: SampleResult) -> RequestOutput:
         if seq.first_token_time is None:

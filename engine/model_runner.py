@@ -8,8 +8,9 @@ step goes through the LM head.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from itertools import accumulate
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -18,6 +19,9 @@ from pdserve.engine.attention.backend import AttentionBackend
 from pdserve.engine.attention.metadata import AttentionMetadata
 from pdserve.engine.scheduler import ScheduledSeq
 from pdserve.messages import blocks_for
+
+if TYPE_CHECKING:
+    from pdserve.engine.kv_connector import KVConnectorWorker
 
 
 class ModelRunner:
@@ -88,15 +92,21 @@ class ModelRunner:
     def execute(
         self,
         batch: Sequence[ScheduledSeq],
-        on_layer_written: Callable[[int], None] | None = None,
+        kv_connector: KVConnectorWorker | None = None,
     ) -> torch.Tensor:
-        """Run the step; returns logits `[num sampling sequences, vocab]` in batch order."""
-        if self.decode_graphs is not None and on_layer_written is None:
+        """Run the step; returns logits `[num sampling sequences, vocab]` in batch order.
+
+        With `kv_connector` (a step that loads or saves KV), every layer waits for its loads
+        before its attention and saves its K/V right after writing them."""
+        if self.decode_graphs is not None and kv_connector is None:
             logits = self.decode_graphs.run(batch)  # None unless a pure-decode batch fits
             if logits is not None:
                 return logits
         input_ids, positions, meta, rows = self.prepare(batch)
-        ctx = forward_context.ForwardContext(meta, self.kv_cache, self.backend, on_layer_written)
+        ctx = forward_context.ForwardContext(meta, self.kv_cache, self.backend)
+        if kv_connector is not None:
+            ctx.wait_for_layer = kv_connector.wait_for_layer
+            ctx.on_layer_written = kv_connector.save_layer
         with forward_context.use(ctx):
             hidden = self.model(input_ids, positions)
         if rows.numel() != hidden.shape[0]:  # else every row samples (a pure decode step)

@@ -4,8 +4,9 @@ Each step: running sequences first, in arrival order (a decoding sequence costs 
 a sequence mid-prefill its next chunk), then waiting sequences are admitted while the token
 budget, the sequence limit and free blocks allow. When blocks run out the newest running
 sequence is preempted (its blocks freed, recomputed later — its full blocks usually come
-back from the prefix cache). Worker kinds specialise this class; it knows nothing of
-models or transports.
+back from the prefix cache). It knows nothing of models or transports: a KV connector's
+scheduler half (engine/kv_connector.py) says which tokens come from elsewhere, which
+blocks to save, and when a finished request's blocks may be freed.
 """
 
 from __future__ import annotations
@@ -15,8 +16,14 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from pdserve.engine.config import SchedulerConfig
-from pdserve.engine.kv_cache.block_hash import ROOT_HASH, hash_block, hash_blocks
-from pdserve.engine.kv_cache.block_manager import BlockManager
+from pdserve.engine.kv_cache.block_hash import ROOT_HASH, BlockHash, hash_block, hash_blocks
+from pdserve.engine.kv_cache.block_manager import BlockManager, OutOfBlocksError
+from pdserve.engine.kv_connector import (
+    KVConnectorScheduler,
+    LoadSpec,
+    NoKVConnector,
+    StepTransfers,
+)
 from pdserve.engine.sequence import FinishReason, Sequence, SequenceStatus
 from pdserve.messages import blocks_for
 
@@ -35,9 +42,10 @@ class ScheduledSeq:
 class Scheduler:
     """Decides which tokens of which sequences run in the next model step.
 
-    Invariants: a sequence is in exactly one of `waiting`, `running` or neither (finished);
-    a running sequence holds blocks for at least its computed tokens; after `abort` or
-    finish (unless `hold_blocks_on_finish`) its blocks are back in the block manager.
+    Invariants: a sequence is in exactly one of `waiting`, `running`, `held` (finished, its
+    blocks kept while the connector still transfers them) or none (finished, blocks freed);
+    a running sequence holds blocks for at least its computed tokens; after `abort` its
+    blocks are back in the block manager.
     """
 
     def __init__(
@@ -46,17 +54,19 @@ class Scheduler:
         blocks: BlockManager,
         max_model_len: int,
         compat_key: str,
-        hold_blocks_on_finish: bool = False,
+        connector: KVConnectorScheduler | None = None,
     ):
         self.config = config
         self.blocks = blocks
         self.block_size = blocks.block_size
         self.max_model_len = max_model_len
         self.compat_key = compat_key
-        self.hold_blocks_on_finish = hold_blocks_on_finish
+        self.connector = connector or NoKVConnector()
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
+        self.held: dict[str, Sequence] = {}
         self.num_preemptions = 0
+        self._loads: list[LoadSpec] = []  # admitted this step with tokens from elsewhere
 
     # ---- admission -------------------------------------------------------------------------
 
@@ -82,10 +92,38 @@ class Scheduler:
         seq.status = SequenceStatus.WAITING
         self.waiting.append(seq)
 
-    def add_running(self, seq: Sequence) -> None:
-        """Join a sequence whose KV is already in its blocks (a handed-off request)."""
+    def reserve(self, num_tokens: int, token_ids: list[int] | None = None
+                ) -> tuple[list[int], list[BlockHash]]:
+        """Blocks for the first `num_tokens` tokens of a request whose KV comes from
+        elsewhere: the cached prefix of `token_ids` (when given) first, then fresh blocks
+        (consecutive ids where the pool allows: a transfer into them is one region per
+        layer). Returns (block ids, hashes of the cached ones). Raises OutOfBlocksError
+        and takes nothing when the pool cannot hold them now."""
+        hashes = self.prefix_hashes(token_ids) if token_ids is not None else []
+        cached = self.blocks.match_prefix(hashes)
+        need = -(-num_tokens // self.block_size) - len(cached)
+        if not self.blocks.can_allocate(need):
+            self.blocks.free(reversed(cached))
+            raise OutOfBlocksError(f"{need} blocks needed for {num_tokens} tokens, "
+                                   f"{self.blocks.num_free_blocks} free")
+        return cached + self.blocks.allocate_contiguous(need), hashes[: len(cached)]
+
+    def adopt(self, seq: Sequence, block_ids: list[int], cached: list[BlockHash]) -> None:
+        """Join a sequence whose prompt KV is in `block_ids`: the cached prefix (`cached`,
+        its hashes) and, after it, what the connector says was loaded from elsewhere.
+        Raises RuntimeError, changing nothing, unless that covers the whole prompt."""
+        local = len(cached) * self.block_size
+        external = self.connector.num_external_tokens(seq, local)
+        if local + external != seq.num_prompt_tokens:
+            raise RuntimeError(
+                f"request {seq.request_id}: prompt KV incomplete ({local} cached + {external} "
+                f"loaded of {seq.num_prompt_tokens} tokens)"
+            )
+        seq.block_ids, seq.block_hashes = list(block_ids), list(cached)
+        seq.num_computed_tokens = seq.num_prompt_tokens
         seq.status = SequenceStatus.RUNNING
         self.running.append(seq)
+        self.commit_full_blocks(seq)
 
     @property
     def has_work(self) -> bool:
@@ -112,8 +150,10 @@ class Scheduler:
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             seq = self.waiting[0]
             matched_now = not seq.block_ids
+            external = 0
             if matched_now:
                 self._match_prefix(seq)
+                external = self._external_tokens(seq)
             n = min(seq.num_tokens - seq.num_computed_tokens, budget)
             if not self._reserve(seq, n):
                 if matched_now:
@@ -123,11 +163,19 @@ class Scheduler:
                     self._reset_to_waiting(seq)
                 break
             self.waiting.popleft()
+            if external:
+                self._loads.append(LoadSpec(seq.request_id, tuple(seq.block_ids),
+                                            seq.num_computed_tokens - external, external))
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
             out.append(ScheduledSeq(seq, n))
             budget -= n
         return out
+
+    def build_step(self, batch: list[ScheduledSeq]) -> StepTransfers:
+        """The KV connector's work for the step `schedule()` just returned."""
+        loads, self._loads = self._loads, []
+        return self.connector.build_step(batch, loads)
 
     def postprocess(self, scheduled: Iterable[ScheduledSeq]) -> None:
         """Advance computed counts and publish hashes of blocks that became full."""
@@ -158,19 +206,36 @@ class Scheduler:
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = reason
         self._remove(seq)
-        if not self.hold_blocks_on_finish or reason is FinishReason.ABORT:
+        if self.connector.request_finished(seq):
             self.release(seq)
+        else:
+            self.held[seq.request_id] = seq
 
     def abort(self, request_id: str) -> Sequence | None:
-        """Finish a request wherever it is; its blocks are freed. None if unknown."""
+        """Finish a request wherever it is, held ones included; its blocks are freed. None
+        if unknown."""
+        seq = self.held.get(request_id)
+        if seq is not None:
+            seq.finish_reason = FinishReason.ABORT
+            self.connector.request_finished(seq)  # stops its transfers; True by contract
+            self.release(seq)
+            return seq
         for seq in (*self.running, *self.waiting):
             if seq.request_id == request_id:
                 self.finish(seq, FinishReason.ABORT)
                 return seq
         return None
 
+    def transfers_finished(self, request_ids: Iterable[str]) -> None:
+        """Free the held blocks of requests whose transfers ended (the connector says so)."""
+        for rid in request_ids:
+            seq = self.held.get(rid)
+            if seq is not None:
+                self.release(seq)
+
     def release(self, seq: Sequence) -> None:
-        """Free a sequence's blocks (called later by workers that hold them on finish)."""
+        """Free a sequence's blocks (full ones stay in the prefix cache, evictable)."""
+        self.held.pop(seq.request_id, None)
         if seq.block_ids:
             # Tail first: freed blocks become evictable in this order, so under memory
             # pressure a cached prefix loses its last blocks before its first ones, and
@@ -208,10 +273,24 @@ class Scheduler:
         seq.block_hashes = []
         seq.status = SequenceStatus.WAITING
 
+    def _external_tokens(self, seq: Sequence) -> int:
+        """Count tokens the connector provides as computed (their load is listed in this
+        step's transfers once the sequence is admitted); never the last token, whose logits
+        must be computed to sample."""
+        local = seq.num_computed_tokens
+        external = max(0, min(self.connector.num_external_tokens(seq, local),
+                              seq.num_tokens - 1 - local))
+        seq.num_computed_tokens += external
+        return external
+
+    def prefix_hashes(self, token_ids: list[int]) -> list[BlockHash]:
+        """Hashes of the full blocks of `token_ids` that a cached prefix may cover: never
+        the block of the last token, whose logits must be computed to sample."""
+        usable = (len(token_ids) - 1) // self.block_size * self.block_size
+        return hash_blocks(token_ids[:usable], self.block_size, self.compat_key)
+
     def _match_prefix(self, seq: Sequence) -> None:
-        # Never match the last token: its logits must be computed to sample.
-        usable = (seq.num_tokens - 1) // self.block_size * self.block_size
-        hashes = hash_blocks(seq.token_ids[:usable], self.block_size, self.compat_key)
+        hashes = self.prefix_hashes(seq.token_ids)
         matched = self.blocks.match_prefix(hashes)
         seq.block_ids = matched
         seq.block_hashes = hashes[: len(matched)]

@@ -50,18 +50,22 @@ def check_pool(pool: torch.Tensor) -> None:
 
 
 def check_block_ids(block_ids: Sequence[int], num_pool_blocks: int, num_tokens: int,
-                    block_size: int, what: str) -> None:
-    """The sink invariants that need the pool: ids in range, count matches num_tokens."""
+                    block_size: int, what: str, first_block: int = 0) -> None:
+    """The sink invariants that need the pool: ids in range, and the count is the blocks of
+    `num_tokens` tokens from block `first_block` on."""
     bad = [b for b in block_ids if not 0 <= b < num_pool_blocks]
     if bad:
         raise ValueError(f"{what} block ids {bad} are outside the pool (0..{num_pool_blocks - 1})")
     if len(set(block_ids)) != len(block_ids):
         raise ValueError(f"{what} block ids repeat a block: {list(block_ids)}")
-    need = blocks_for(num_tokens, block_size)
+    need = blocks_for(num_tokens, block_size) - first_block
+    if need < 1:
+        raise ValueError(f"{num_tokens} tokens fill {need + first_block} blocks of "
+                         f"{block_size}: nothing is left to send from block {first_block}")
     if len(block_ids) != need:
-        raise ValueError(
-            f"{num_tokens} tokens need {need} blocks of {block_size}, {what} has {len(block_ids)}"
-        )
+        after = f" after the first {first_block}" if first_block else ""
+        raise ValueError(f"{num_tokens} tokens need {need} blocks of {block_size}{after}, "
+                         f"{what} has {len(block_ids)}")
 
 
 class KVReceiver(ABC):
@@ -87,8 +91,11 @@ class KVReceiver(ABC):
 
     @abstractmethod
     def expect(self, request_id: str, block_ids: Sequence[int], num_tokens: int,
-               deadline: float) -> KVSink:
-        """Register a reservation and return the sink to hand to the prefill side."""
+               deadline: float, first_block: int = 0) -> KVSink:
+        """Register a reservation and return the sink to hand to the prefill side.
+
+        `block_ids` receive the request's blocks from `first_block` on (the ones before are
+        already held here); `num_tokens` counts the whole prompt (`KVSink`)."""
 
     @abstractmethod
     def status(self, request_id: str) -> TransferStatus:
@@ -128,7 +135,7 @@ class SendHandle(ABC):
 
     @abstractmethod
     def send_layer(self, layer: int) -> None:
-        """Snapshot `pool[layer, :, src_block_ids]` and queue it for the wire."""
+        """Snapshot layer `layer` of the blocks being sent and queue it for the wire."""
 
     @abstractmethod
     def finish(self, timeout: float | None = None) -> None:
@@ -158,7 +165,10 @@ class KVSender(ABC):
 
     @abstractmethod
     def open(self, sink: KVSink, src_block_ids: Sequence[int]) -> SendHandle:
-        """Start a transfer of `pool[:, :, src_block_ids]` into `sink.block_ids`."""
+        """Start a transfer of the request into `sink.block_ids`.
+
+        `src_block_ids` are the request's blocks in this pool, all of them, in order; only
+        those from `sink.first_block` on are sent (`blocks_to_send`)."""
 
     def close(self) -> None:  # noqa: B027 (a no-op for transports that hold nothing)
         """Release pooled connections (handles still open may fail)."""
@@ -173,13 +183,19 @@ class KVSender(ABC):
             )
         if sink.transport != self.transport:
             raise ValueError(f"sink is for transport {sink.transport!r}, not {self.transport!r}")
-        if len(src_block_ids) != len(sink.block_ids):
+        if len(src_block_ids) != sink.first_block + len(sink.block_ids):
             raise ValueError(
                 f"request {sink.request_id}: {len(src_block_ids)} source blocks for "
-                f"{len(sink.block_ids)} sink blocks"
+                f"{len(sink.block_ids)} sink blocks from block {sink.first_block}"
             )
         check_block_ids(src_block_ids, self.pool.shape[2], sink.num_tokens, self.pool.shape[3],
                         "source")
+
+    @staticmethod
+    def blocks_to_send(sink: KVSink, src_block_ids: Sequence[int]) -> list[int]:
+        """The source blocks that go into `sink.block_ids`, pairwise: those from
+        `sink.first_block` on (the receiver holds the ones before)."""
+        return list(src_block_ids[sink.first_block:])
 
     def source_index(self, src_block_ids: Sequence[int]) -> torch.Tensor:
         """The source block ids as an index tensor on the pool's device (for transports that

@@ -130,7 +130,7 @@ class GrpcKVSender(KVSender):
 
     def open(self, sink: KVSink, src_block_ids: Sequence[int]) -> GrpcSendHandle:
         self.check_sink(sink, src_block_ids)
-        src = self.source_index(src_block_ids)
+        src = self.source_index(self.blocks_to_send(sink, src_block_ids))
         with self._lock:
             channel = self._channels.get(sink.address)
             if channel is None:

@@ -50,7 +50,7 @@ class LocalKVSender(KVSender):
 
     def open(self, sink: KVSink, src_block_ids: Sequence[int]) -> LocalSendHandle:
         self.check_sink(sink, src_block_ids)
-        src = self.source_index(src_block_ids)
+        src = self.source_index(self.blocks_to_send(sink, src_block_ids))
         return LocalSendHandle(sink, self.pool, src, self.compat_key)
 
 

@@ -360,8 +360,8 @@ class NcclKVReceiver(BlockReceiver):
     # ---- KVReceiver ---------------------------------------------------------------------------
 
     def expect(self, request_id: str, block_ids: Sequence[int], num_tokens: int,
-               deadline: float):
-        sink = super().expect(request_id, block_ids, num_tokens, deadline)
+               deadline: float, first_block: int = 0):
+        sink = super().expect(request_id, block_ids, num_tokens, deadline, first_block)
         with self._cond:
             self._ids[request_id] = sink.block_ids
         return sink

@@ -318,7 +318,8 @@ class NcclKVSender(KVSender):
         if pair is None:
             raise KVTransferError(f"request {sink.request_id}: no NCCL communicator to decode "
                                   f"worker {peer_id!r} (connected: {sorted(self._pairs)})")
-        handle = NcclSendHandle(pair, sink, control, self.pool, list(src_block_ids),
+        handle = NcclSendHandle(pair, sink, control, self.pool,
+                                self.blocks_to_send(sink, src_block_ids),
                                 self.compat_key, self.timing)
         pair.submit(handle)
         return handle

@@ -70,11 +70,11 @@ class BlockReceiver(KVReceiver):
     # ---- owner (decode worker) side -------------------------------------------------------
 
     def expect(self, request_id: str, block_ids: Sequence[int], num_tokens: int,
-               deadline: float) -> KVSink:
+               deadline: float, first_block: int = 0) -> KVSink:
         sink = KVSink(self.transport, self.address, request_id, tuple(int(b) for b in block_ids),
-                      num_tokens, self.compat_key, float(deadline))
+                      num_tokens, self.compat_key, float(deadline), int(first_block))
         check_block_ids(sink.block_ids, self.pool.shape[2], num_tokens, self.pool.shape[3],
-                        "reserved")
+                        "reserved", sink.first_block)
         num_layers = self.pool.shape[0]
         res = _Reservation(
             block_ids=sink.block_ids,
@@ -137,7 +137,10 @@ class BlockReceiver(KVReceiver):
             raise ChunkRejected("ABORTED", f"request {request_id} is {res.state.value}")
 
     def write(self, request_id: str, layer: int, first_block: int, data: torch.Tensor) -> None:
-        """Validate one chunk `[2, n, block_size, kv_heads, head_dim]` and write it in place."""
+        """Validate one chunk `[2, n, block_size, kv_heads, head_dim]` and write it in place.
+
+        `first_block` indexes the reservation's own blocks (0 = the sink's first block,
+        whatever the sink's `first_block` in the request)."""
         res = self._lookup(request_id)
         n = data.shape[1] if data.dim() == 5 else 0
         want = (2, n, *self.pool.shape[3:])

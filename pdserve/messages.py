@@ -56,10 +56,13 @@ class KVSink:
     It crosses process boundaries inside Ray calls, so it converts to and from plain JSON
     types (`to_dict` / `from_dict`) and never needs pickle.
 
-    Invariants: `block_ids` are distinct decode-pool block ids in sequence order, exactly
-    `ceil(num_tokens / block_size)` of them (a cached prefix is not part of the sink, so
-    `num_tokens` counts the transferred tokens); `deadline` is the lease expiry in unix
-    seconds, after which the receiver may drop the reservation and reuse the blocks.
+    Invariants: `num_tokens` counts the request's prompt tokens, all of them; the receiver
+    already holds the KV of the first `first_block` blocks (a prefix it had cached), so
+    those are not sent; `block_ids` are distinct decode-pool block ids for the request's
+    blocks `first_block, first_block + 1, ...`, in that order, exactly
+    `blocks_for(num_tokens, block_size) - first_block >= 1` of them; `deadline` is the lease
+    expiry in unix seconds, after which the receiver may drop the reservation and reuse
+    the blocks.
     """
 
     transport: str
@@ -69,6 +72,7 @@ class KVSink:
     num_tokens: int
     compat_key: str
     deadline: float
+    first_block: int = 0
 
     def __post_init__(self) -> None:
         if not self.request_id:
@@ -79,6 +83,8 @@ class KVSink:
             raise ValueError(f"KVSink.block_ids repeat a block: {self.block_ids}")
         if self.num_tokens < 1:
             raise ValueError(f"KVSink.num_tokens must be >= 1, got {self.num_tokens}")
+        if self.first_block < 0:
+            raise ValueError(f"KVSink.first_block must be >= 0, got {self.first_block}")
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -98,6 +104,7 @@ class KVSink:
             num_tokens=int(d["num_tokens"]),
             compat_key=str(d["compat_key"]),
             deadline=float(d["deadline"]),
+            first_block=int(d["first_block"]),
         )
 
 

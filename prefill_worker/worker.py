@@ -4,7 +4,9 @@ For each request it samples the first token with the request's seed, so disaggre
 colocated runs agree, and sends every layer's KV blocks to the decode worker's reserved
 blocks during the step that finishes the prompt — layer l leaves while layer l+1 computes.
 Its own copy of the blocks is kept until the transfer is acknowledged, then freed (their
-full blocks stay in the prefix cache for the next prompt with the same prefix).
+full blocks stay in the prefix cache for the next prompt with the same prefix). The push
+is the engine's KV connector (kv_transfer/connector.py); this class only pairs each
+request's first token with its push's outcome.
 """
 
 from __future__ import annotations
@@ -12,16 +14,15 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass, replace
 
 from pdserve.engine.config import EngineConfig
 from pdserve.engine.engine_loop import EngineLoop
 from pdserve.engine.llm_engine import LLMEngine, RequestOutput
 from pdserve.engine.sampling_params import SamplingParams
-from pdserve.engine.scheduler import ScheduledSeq
-from pdserve.engine.sequence import Sequence
-from pdserve.kv_transfer import KVTransferError, SendHandle, make_sender
+from pdserve.kv_transfer import KVTransferError
+from pdserve.kv_transfer.connector import PushSender, TransferOutcome
 from pdserve.messages import KVSink, OutputChunk, PrefillResult, WorkerRequest, WorkerStats
 
 log = logging.getLogger("pdserve.prefill")
@@ -29,15 +30,13 @@ log = logging.getLogger("pdserve.prefill")
 
 @dataclass(slots=True)
 class _Pending:
-    sink: KVSink
     future: Future
-    seq: Sequence | None = None
-    handle: SendHandle | None = None
-    result: PrefillResult | None = None
-    opened_at: float = 0.0
+    params: SamplingParams  # the request's own (not the one-token copy)
+    result: PrefillResult | None = None  # the first token, once sampled
+    aborted: bool = False  # the request ended without a token (aborted, or its step failed)
+    outcome: TransferOutcome | None = None  # the push's end, once known
     sampled_at: float = 0.0
-    num_blocks: int = 0
-    params: SamplingParams | None = None  # the request's own (not the one-token copy)
+    settled_at: float = 0.0  # when the push ended
 
 
 class PrefillWorker:
@@ -52,16 +51,18 @@ class PrefillWorker:
         inject_transfer_failures: int = 0,
     ):
         self.worker_id = worker_id
-        self.engine = LLMEngine(config, hold_blocks_on_finish=True)
-        self.sender = make_sender(transport, self.engine.kv_cache, self.engine.compat_key)
         self.transfer_timeout = transfer_timeout
-        # Test hook for fault-injection tests: the next N handoffs fail after sending.
-        self._inject_failures = inject_transfer_failures
+        # The KV connector pushes each prompt's KV into its sink layer by layer and keeps the
+        # request's blocks until the receiver acknowledged them (fault-injection tests: the
+        # next N pushes fail after sending).
+        self.connector = PushSender(transport, self._on_transfer_done, transfer_timeout,
+                                    fail_next=inject_transfer_failures)
+        self.engine = LLMEngine(config, kv_connector=self.connector)
+        self.sender = self.connector.sender  # nccl pairing goes through it (cluster/actors.py)
         self._pending: dict[str, _Pending] = {}
         self.handoffs = {"count": 0, "seconds": 0.0, "tail_seconds": 0.0, "bytes": 0}
         self._lock = threading.Lock()
-        self._finishers = ThreadPoolExecutor(max_workers=8, thread_name_prefix="kv-finish")
-        self.loop = EngineLoop(self.engine, self._on_outputs, layer_hook=self._layer_hook)
+        self.loop = EngineLoop(self.engine, self._on_outputs)
         self.loop.start()
 
     # ---- API (called from the actor's threads) ---------------------------------------------
@@ -75,24 +76,29 @@ class PrefillWorker:
         """Prefill `request` and hand its KV to `sink`; returns the first sampled token.
 
         `request.params.seed` is set by the router, so both sides draw the same random
-        numbers. Raises KVTransferError if the handoff fails (blocks on both sides are freed
-        by then on this side; the router aborts the reservation on the decode side).
+        numbers. The sink may start
+        past the prompt's first blocks (the decode side holds them): only the rest is sent.
+        Raises KVTransferError if the handoff fails (blocks on this side are freed by then
+        or as soon as the request stops; the router aborts the reservation on the decode
+        side).
         """
         rid, params = request.request_id, request.params
         # Only the first token is made here: the decode worker does the rest and owns stop
         # strings; min_tokens matters only as far as suppressing eos for this first token.
         local = replace(params, max_tokens=1, min_tokens=min(params.min_tokens, 1), stop=())
-        pending = _Pending(sink, Future(), params=params)
+        pending = _Pending(Future(), params)
         with self._lock:
             if rid in self._pending:
                 raise ValueError(f"request id {rid!r} is already being prefilled")
             self._pending[rid] = pending
-
-        def add(engine: LLMEngine):
-            pending.seq = engine.add_request(rid, list(request.prompt_token_ids), local)
-
         try:
-            self.loop.call(add)
+            self.connector.send(rid, sink)
+            try:
+                self.loop.call(
+                    lambda e: e.add_request(rid, list(request.prompt_token_ids), local))
+            except BaseException:
+                self.connector.forget(rid)
+                raise
         except BaseException:
             with self._lock:
                 self._pending.pop(rid, None)
@@ -107,32 +113,23 @@ class PrefillWorker:
         """Stop a prefill wherever it is; frees its blocks and aborts its transfer."""
         with self._lock:
             pending = self._pending.pop(request_id, None)
-        if pending is None:
-            return False
-
-        def stop(engine: LLMEngine):
-            if pending.handle is not None:
-                pending.handle.abort()
-            engine.abort(request_id)
-            if pending.seq is not None:
-                engine.scheduler.release(pending.seq)
-
-        self.loop.call(stop)
-        if not pending.future.done():
+        found = self.loop.call(lambda engine: engine.abort(request_id))
+        self.connector.forget(request_id)
+        if pending is not None and not pending.future.done():
             pending.future.set_exception(KVTransferError(f"request {request_id} was aborted"))
-        return True
+        return found or pending is not None
 
     def stats(self) -> WorkerStats:
-        eng = self.engine
+        usage = self.engine.usage()
         return WorkerStats(
             worker_id=self.worker_id,
             role="prefill",
-            free_blocks=eng.blocks.num_free_blocks,
-            total_blocks=eng.blocks.num_blocks,
-            running=len(eng.scheduler.running),
-            waiting=len(eng.scheduler.waiting),
-            prompt_tokens=eng.stats["prompt_tokens"],
-            generated_tokens=eng.stats["generated_tokens"],
+            free_blocks=usage.free_blocks,
+            total_blocks=usage.total_blocks,
+            running=usage.running,
+            waiting=usage.waiting,
+            prompt_tokens=self.engine.stats["prompt_tokens"],
+            generated_tokens=self.engine.stats["generated_tokens"],
             handoffs=self.handoffs["count"],
             handoff_seconds=self.handoffs["seconds"],
             handoff_bytes=self.handoffs["bytes"],
@@ -141,39 +138,9 @@ class PrefillWorker:
 
     def close(self) -> None:
         self.loop.stop()
-        self._finishers.shutdown(wait=False, cancel_futures=True)
-        self.sender.close()
+        self.connector.close()
 
-    # ---- loop-thread callbacks ---------------------------------------------------------------
-
-    def _layer_hook(self, batch: list[ScheduledSeq]):
-        """Open a transfer for every request whose prompt completes in this step."""
-        handles: list[SendHandle] = []
-        for item in batch:
-            if not item.samples:
-                continue
-            with self._lock:
-                pending = self._pending.get(item.seq.request_id)
-            if pending is None or pending.handle is not None:
-                continue
-            n_blocks = len(pending.sink.block_ids)
-            try:
-                pending.handle = self.sender.open(pending.sink, item.seq.block_ids[:n_blocks])
-                pending.opened_at, pending.num_blocks = time.perf_counter(), n_blocks
-            except KVTransferError as e:
-                # The prompt still finishes computing; _finish_transfer then frees it.
-                if not pending.future.done():
-                    pending.future.set_exception(e)
-                continue
-            handles.append(pending.handle)
-        if not handles:
-            return None
-
-        def send(layer: int) -> None:
-            for h in handles:
-                h.send_layer(layer)
-
-        return send
+    # ---- callbacks: the engine thread (outputs) and the connector's threads (outcomes) -------
 
     def _on_outputs(self, outputs: list[RequestOutput]) -> None:
         for out in outputs:
@@ -181,8 +148,9 @@ class PrefillWorker:
                 pending = self._pending.get(out.request_id)
             if pending is None or not out.finished:
                 continue
-            if out.new_token_ids:  # none when the step failed and aborted the request
-                pending.result = PrefillResult(
+            result = None
+            if out.new_token_ids and out.finish_reason != "abort":
+                result = PrefillResult(
                     request_id=out.request_id,
                     token_id=out.new_token_ids[0],
                     logprob=out.new_logprobs[0].logprob if out.new_logprobs else None,
@@ -191,43 +159,44 @@ class PrefillWorker:
                     cached_tokens=out.cached_tokens,
                     first_chunk=_client_first_chunk(out, pending.params),
                 )
-            pending.sampled_at = time.perf_counter()
-            self._finishers.submit(self._finish_transfer, out.request_id, pending)
-
-    def _finish_transfer(self, rid: str, pending: _Pending) -> None:
-        error: Exception | None = None
-        try:
-            if pending.handle is None:
-                raise KVTransferError(f"no KV transfer was opened for {rid}")
-            if pending.result is None:
-                pending.handle.abort()
-                raise KVTransferError(f"prefill of {rid} was aborted before a token")
-            if self._inject_failures > 0:
-                self._inject_failures -= 1
-                pending.handle.abort()
-                raise KVTransferError(f"injected transfer failure for {rid}")
-            pending.handle.finish(self.transfer_timeout)
             with self._lock:
-                self.handoffs["count"] += 1
-                now = time.perf_counter()
-                self.handoffs["seconds"] += now - pending.opened_at
-                self.handoffs["tail_seconds"] += now - pending.sampled_at
-                self.handoffs["bytes"] += pending.num_blocks * self.engine.layout.block_bytes
-        except Exception as e:  # noqa: BLE001 - reported to the caller below
-            error = e
-        # Free our copy on the loop thread (the block manager is single-threaded).
-        seq = pending.seq
-        self.loop.submit(lambda engine: engine.scheduler.release(seq) if seq else None)
+                pending.result, pending.aborted = result, result is None
+                pending.sampled_at = time.perf_counter()
+            self._settle(out.request_id, pending)
+
+    def _on_transfer_done(self, outcome: TransferOutcome) -> None:
         with self._lock:
-            self._pending.pop(rid, None)
+            pending = self._pending.get(outcome.request_id)
+            if pending is not None:
+                pending.outcome, pending.settled_at = outcome, time.perf_counter()
+        if pending is not None:
+            self._settle(outcome.request_id, pending)
+        self.loop.wake()  # the engine may free the request's blocks now
+
+    def _settle(self, rid: str, pending: _Pending) -> None:
+        """Answer the caller once the first token and the push's outcome are both known (a
+        failed push answers at once; the request's blocks are freed when it stops)."""
+        with self._lock:
+            outcome, result = pending.outcome, pending.result
+            aborted = pending.aborted
+            if self._pending.get(rid) is not pending:
+                return
+            if not (aborted or (outcome is not None and (outcome.error or result))):
+                return
+            del self._pending[rid]
+            if outcome is not None and outcome.error is None and not aborted:
+                self.handoffs["count"] += 1
+                self.handoffs["seconds"] += outcome.seconds
+                self.handoffs["tail_seconds"] += max(0.0, pending.settled_at - pending.sampled_at)
+                self.handoffs["bytes"] += outcome.num_blocks * self.engine.layout.block_bytes
         if pending.future.done():
             return
-        if error is None:
-            pending.future.set_result(pending.result)
+        if aborted:
+            pending.future.set_exception(KVTransferError(f"prefill of {rid} was aborted"))
+        elif outcome.error is not None:
+            pending.future.set_exception(outcome.error)
         else:
-            pending.future.set_exception(
-                error if isinstance(error, KVTransferError) else KVTransferError(str(error))
-            )
+            pending.future.set_result(result)
 
 
 def _client_first_chunk(out: RequestOutput, params: SamplingParams | None

@@ -102,7 +102,8 @@ class RequestLifecycle:
             p = self.policy.pick_prefill(self.prefill, exclude=tried)
             self.policy.on_prefill_started(p)
             try:
-                d, sink = await self._reserve_when_room(rid, n_prompt, max_tokens, tried)
+                d, sink = await self._reserve_when_room(rid, n_prompt, max_tokens, tried,
+                                                        list(request.prompt_token_ids))
                 first = await self._prefill(request, p, d, sink)
             except _HandoffError as e:
                 last_error = e.__cause__ or e
@@ -124,7 +125,8 @@ class RequestLifecycle:
                             f"{last_error}")
 
     async def _reserve_when_room(self, rid: str, n_prompt: int, max_tokens: int,
-                                 tried: set[str]) -> tuple[DecodeClient, KVSink]:
+                                 tried: set[str], prompt: list[int]
+                                 ) -> tuple[DecodeClient, KVSink]:
         """Reserve the prompt's blocks on a decode worker, waiting while every one is full.
 
         A full decode pool is back-pressure, not a failure: its running requests free blocks
@@ -140,7 +142,9 @@ class RequestLifecycle:
                 if d.worker_id in busy:
                     break
                 try:
-                    sink = await d.reserve(rid, n_prompt, max_tokens, self.lease_seconds)
+                    # D reuses what it has cached of the prompt; P sends only the rest.
+                    sink = await d.reserve(rid, n_prompt, max_tokens, self.lease_seconds,
+                                           prompt)
                 except WorkerBusy:
                     busy.add(d.worker_id)
                     continue

@@ -42,9 +42,11 @@ class PrefillClient(WorkerClient):
 class DecodeClient(WorkerClient):
     @abstractmethod
     async def reserve(self, request_id: str, num_prompt_tokens: int, max_tokens: int,
-                      lease_s: float) -> KVSink:
-        """Allocate the prompt's blocks under a lease; returns the sink. Raises WorkerBusy
-        when there are not enough free blocks right now (nothing was allocated)."""
+                      lease_s: float, prompt_token_ids: list[int] | None = None) -> KVSink:
+        """Allocate the prompt's blocks under a lease; returns the sink. With
+        `prompt_token_ids` the worker reuses the prefix it has cached: the sink then starts
+        past it (`first_block`) and the prefill worker sends only the rest. Raises
+        WorkerBusy when there are not enough free blocks right now (nothing was allocated)."""
 
     @abstractmethod
     def stream_from_prefill(self, request: WorkerRequest, first: PrefillResult

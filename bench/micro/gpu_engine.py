@@ -43,6 +43,7 @@ import torch
 
 from pdserve.bench.micro import gpu_kernels
 from pdserve.bench.micro.gpu_kernels import time_ms
+from pdserve.engine.kv_connector import NoKVConnector
 from pdserve.messages import blocks_for
 
 BLOCK = 16
@@ -102,7 +103,7 @@ def build_engine(args):
         enable_cuda_graphs=True, enable_fused_kernels=True,
     )
     t0 = time.perf_counter()
-    engine = LLMEngine(config)
+    engine = LLMEngine(config, kv_connector=RandomKV())
     torch.cuda.synchronize()
     init_s = time.perf_counter() - t0
     engine.kv_cache.normal_()  # random KV: zeros can time faster than real data
@@ -125,6 +126,19 @@ def recapture(engine, fused: bool, tiles=None, rope_write_kv: bool = True) -> No
         engine.runner, engine.max_model_len, engine.config.scheduler.max_num_seqs, tiles)
 
 
+class RandomKV(NoKVConnector):
+    """Stands in for a prefill worker: the prompt tokens of requests `start_decoding` adopts
+    count as loaded (their blocks hold the pool's random KV); other requests prefill."""
+
+    def __init__(self) -> None:
+        self.adopting: set[str] = set()
+
+    def num_external_tokens(self, seq, num_local_tokens: int) -> int:
+        if seq.request_id not in self.adopting:
+            return 0
+        return seq.num_prompt_tokens - num_local_tokens
+
+
 def start_decoding(engine, batch: int, context: int, tag: str) -> list:
     """`batch` requests whose `context`-token prompts are 'already prefilled' (random KV in
     freshly allocated blocks), each with its first token: the next step is pure decode."""
@@ -137,9 +151,11 @@ def start_decoding(engine, batch: int, context: int, tag: str) -> list:
     seqs = []
     for i in range(batch):
         prompt = torch.randint(0, vocab, (context,), generator=gen).tolist()
-        blocks = engine.blocks.allocate(blocks_for(context + 64, BLOCK))
         rid = f"{tag}-{batch}-{i}"
-        engine.add_prefilled(rid, prompt, params, i, blocks, SampleResult(prompt[-1], None, []))
+        engine.reserve(rid, context + 64, 0)  # 64 decode tokens need no new block
+        engine.connector.adopting.add(rid)
+        engine.adopt(rid, prompt, params, i, SampleResult(prompt[-1], None, []))
+        engine.connector.adopting.discard(rid)
         seqs.append(engine.sequence(rid))
     return seqs
 

@@ -1,10 +1,13 @@
 """Block accounting for the paged KV pool: allocation, sharing, freeing, prefix caching.
 
 The manager owns block *ids* only; the tensor they index lives in `KVLayout.allocate`.
+Which blocks are findable by hash, and which of those may be evicted, is the prefix
+cache's business (engine/kv_cache/prefix_cache.py); the manager keeps reference counts and
+the free list, and locks a cached block while it has references.
 
 Invariants:
 - every block id is in exactly one of: referenced (ref count > 0), the free list, or the
-  cached-evictable LRU (ref count 0, contents still valid and findable by hash);
+  prefix cache's evictable set (ref count 0, contents still valid and findable by hash);
 - `num_free_blocks` counts free + evictable, because an evictable block is reclaimed on
   demand; so after every sequence is freed, `num_free_blocks == num_blocks`;
 - a block is findable by hash only after `commit_hash` — i.e. after its KV was written —
@@ -13,10 +16,10 @@ Invariants:
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 
 from pdserve.engine.kv_cache.block_hash import BlockHash
+from pdserve.engine.kv_cache.prefix_cache import LRUPrefixCache, PrefixCache
 
 
 class OutOfBlocksError(RuntimeError):
@@ -26,29 +29,29 @@ class OutOfBlocksError(RuntimeError):
 class BlockManager:
     """Reference-counted block pool with an optional hash-indexed prefix cache."""
 
-    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True,
+                 prefix_cache: PrefixCache | None = None):
         if num_blocks < 1:
             raise ValueError(f"num_blocks must be >= 1, got {num_blocks}")
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
+        # With caching off the cache stays empty: nothing is ever inserted into it.
+        self.prefix_cache = prefix_cache or LRUPrefixCache()
         self._ref = [0] * num_blocks
         # Low ids first: keeps the used part of the pool dense, which helps locality.
         self._free: list[int] = list(range(num_blocks - 1, -1, -1))
-        self._evictable: OrderedDict[int, None] = OrderedDict()
-        self._hash_of: dict[int, BlockHash] = {}
-        self._block_of: dict[BlockHash, int] = {}
 
     # ---- queries -------------------------------------------------------------------------
 
     @property
     def num_free_blocks(self) -> int:
-        return len(self._free) + len(self._evictable)
+        return len(self._free) + self.prefix_cache.num_evictable
 
     @property
     def num_cached_blocks(self) -> int:
         """Blocks findable by hash (in use or evictable)."""
-        return len(self._block_of)
+        return self.prefix_cache.num_cached
 
     def can_allocate(self, n: int) -> bool:
         return n <= self.num_free_blocks
@@ -58,7 +61,7 @@ class BlockManager:
 
     def lookup(self, block_hash: BlockHash) -> int | None:
         """The block holding `block_hash`, if cached (does not take a reference)."""
-        return self._block_of.get(block_hash)
+        return self.prefix_cache.lookup(block_hash)
 
     # ---- allocation ----------------------------------------------------------------------
 
@@ -68,11 +71,8 @@ class BlockManager:
             raise OutOfBlocksError(f"asked for {n} blocks, {self.num_free_blocks} free")
         out = []
         for _ in range(n):
-            if self._free:
-                b = self._free.pop()
-            else:
-                b, _ = self._evictable.popitem(last=False)
-                self._forget_hash(b)
+            b = self._free.pop() if self._free else self.prefix_cache.evict()
+            assert b is not None  # num_free_blocks counted it
             self._ref[b] = 1
             out.append(b)
         return out
@@ -121,13 +121,9 @@ class BlockManager:
         """Take a reference on the cached blocks of the longest cached prefix of `hashes`."""
         if not self.enable_prefix_caching:
             return []
-        out = []
-        for h in hashes:
-            b = self._block_of.get(h)
-            if b is None:
-                break
+        out = self.prefix_cache.match(hashes)
+        for b in out:
             self._take(b)
-            out.append(b)
         return out
 
     def share(self, block_ids: Iterable[int]) -> None:
@@ -143,11 +139,8 @@ class BlockManager:
             if self._ref[b] < 1:
                 raise ValueError(f"double free of block {b}")
             self._ref[b] -= 1
-            if self._ref[b] == 0:
-                if b in self._hash_of:
-                    self._evictable[b] = None
-                else:
-                    self._free.append(b)
+            if self._ref[b] == 0 and not self.prefix_cache.unlock(b):
+                self._free.append(b)
 
     def commit_hash(self, block_id: int, block_hash: BlockHash) -> None:
         """Make a full, written block findable by its hash (no-op when caching is off).
@@ -155,30 +148,18 @@ class BlockManager:
         If another block already holds the same hash, the first one stays the canonical
         copy and this block stays private.
         """
-        if not self.enable_prefix_caching or block_id in self._hash_of:
-            return
-        if block_hash in self._block_of:
-            return
-        self._hash_of[block_id] = block_hash
-        self._block_of[block_hash] = block_id
+        if self.enable_prefix_caching:
+            self.prefix_cache.insert(block_id, block_hash)
 
     def reset_prefix_cache(self) -> int:
         """Drop every evictable cached block back to the free list; returns how many."""
-        n = len(self._evictable)
-        while self._evictable:
-            b, _ = self._evictable.popitem(last=False)
-            self._forget_hash(b)
-            self._free.append(b)
-        return n
+        freed = self.prefix_cache.clear()
+        self._free.extend(freed)
+        return len(freed)
 
     # ---- internals -----------------------------------------------------------------------
 
     def _take(self, b: int) -> None:
         if self._ref[b] == 0:
-            del self._evictable[b]
+            self.prefix_cache.lock(b)
         self._ref[b] += 1
-
-    def _forget_hash(self, b: int) -> None:
-        h = self._hash_of.pop(b, None)
-        if h is not None:
-            del self._block_of[h]

@@ -54,6 +54,8 @@ class LlamaAttention(nn.Module):
         k = k.view(t, self.num_kv_heads, self.head_dim)
         v = v.view(t, self.num_kv_heads, self.head_dim)
         k_cache, v_cache = ctx.kv_cache[self.layer_idx, 0], ctx.kv_cache[self.layer_idx, 1]
+        if ctx.wait_for_layer is not None:
+            ctx.wait_for_layer(self.layer_idx)
         q = self.rope_write_kv(ctx, positions, q, k, v, k_cache, v_cache)
         if ctx.on_layer_written is not None:
             ctx.on_layer_written(self.layer_idx)

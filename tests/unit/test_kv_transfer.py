@@ -15,6 +15,8 @@ import grpc
 import pytest
 import torch
 
+from pdserve.engine.kv_cache.block_hash import hash_blocks
+from pdserve.engine.kv_cache.block_manager import BlockManager
 from pdserve.engine.kv_cache.layout import KVLayout
 from pdserve.kv_transfer import (
     IncompatibleKVError,
@@ -302,6 +304,86 @@ def test_finish_before_every_layer_fails_both_sides(make_pair, transport):
     with pytest.raises(KVTransferError, match=r"layers \[3\]"):
         handle.finish(timeout=5)
     assert rx.wait("r1", 5) is TransferStatus.FAILED
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+@pytest.mark.parametrize("first_block", [1, 3])
+def test_sink_from_a_later_block_moves_only_those_blocks(make_pair, transport, first_block):
+    """The decode side holds the first blocks (its cached prefix): only the rest travel."""
+    src, dst, rx, tx = make_pair(transport)
+    dst_ids = DST_IDS[first_block:]
+    sink = rx.expect("r1", dst_ids, NUM_TOKENS, time.time() + 30, first_block=first_block)
+    sink = KVSink.from_dict(json.loads(json.dumps(sink.to_dict())))
+    assert sink.first_block == first_block and sink.num_tokens == NUM_TOKENS
+    handle = tx.open(sink, SRC_IDS)  # the sender names every block of the request
+    send_all(handle)
+    handle.finish(timeout=10)
+    assert rx.wait("r1", 10) is TransferStatus.COMPLETE
+    assert rx.chunks_written == LAYERS  # one chunk a layer, of the later blocks only
+    assert torch.equal(dst[:, :, dst_ids], src[:, :, SRC_IDS[first_block:]])
+    assert untouched_outside(dst, dst_ids)
+
+
+def test_start_block_counts_are_checked_on_both_sides(make_pair):
+    src, dst, rx, tx = make_pair("local")
+    with pytest.raises(ValueError, match="need 2 blocks of 16 after the first 2"):
+        rx.expect("r", DST_IDS[1:], NUM_TOKENS, time.time() + 30, first_block=2)
+    with pytest.raises(ValueError, match="nothing is left to send"):
+        rx.expect("r", [5], NUM_TOKENS, time.time() + 30, first_block=4)
+    sink = rx.expect("r", DST_IDS[2:], NUM_TOKENS, time.time() + 30, first_block=2)
+    with pytest.raises(ValueError, match="2 source blocks for 2 sink blocks from block 2"):
+        tx.open(sink, SRC_IDS[2:])  # only the sent blocks: the request's others are missing
+    with pytest.raises(ValueError, match="first_block"):
+        dataclasses.replace(sink, first_block=-1)
+    assert rx.status("r") is TransferStatus.PENDING and not dst.any()
+
+
+def _prefix_cached_pools(transport: str, make_pair, first_block: int):
+    """Two block managers over the pair's pools; the decode side already holds the prompt's
+    first `first_block` blocks in its prefix cache, the prefill side holds nothing."""
+    src, dst, rx, tx = make_pair(transport)
+    p_blocks, d_blocks = BlockManager(BLOCKS, BLOCK_SIZE), BlockManager(BLOCKS, BLOCK_SIZE)
+    tokens = list(range(NUM_TOKENS))
+    hashes = hash_blocks(tokens, BLOCK_SIZE, KEY)
+    earlier = d_blocks.allocate(first_block)
+    for b, h in zip(earlier, hashes):
+        d_blocks.commit_hash(b, h)
+    d_blocks.free(reversed(earlier))
+    start = (p_blocks.num_free_blocks, d_blocks.num_free_blocks)
+    cached = d_blocks.match_prefix(hashes[:first_block])
+    assert cached == earlier
+    need = -(-NUM_TOKENS // BLOCK_SIZE)
+    fresh = d_blocks.allocate(need - first_block)
+    src_ids = p_blocks.allocate(need)
+    sink = rx.expect("r1", fresh, NUM_TOKENS, time.time() + 30, first_block=first_block)
+    return src, dst, rx, tx, p_blocks, d_blocks, start, cached + fresh, src_ids, sink
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+@pytest.mark.parametrize("outcome", ["commit", "abort"])
+def test_prefix_reuse_frees_every_block_on_both_sides(make_pair, transport, outcome):
+    """Reserve past a cached prefix, transfer, then commit (and finish) or abort: the free
+    block counts on both sides come back to where they started, and the cached prefix
+    blocks were never written by the transfer."""
+    src, dst, rx, tx, p_blocks, d_blocks, start, d_ids, src_ids, sink = \
+        _prefix_cached_pools(transport, make_pair, first_block=2)
+    before_prefix = dst[:, :, d_ids[:2]].clone()
+    handle = tx.open(sink, src_ids)
+    if outcome == "commit":
+        send_all(handle)
+        handle.finish(timeout=10)
+        assert rx.wait("r1", 10) is TransferStatus.COMPLETE
+        assert torch.equal(dst[:, :, d_ids[2:]], src[:, :, src_ids[2:]])
+    else:
+        send_all(handle, [0])
+        handle.abort()
+        assert rx.wait("r1", 10) is TransferStatus.FAILED
+    rx.cancel("r1")
+    assert torch.equal(dst[:, :, d_ids[:2]], before_prefix)
+    p_blocks.free(reversed(src_ids))  # prefill side: after the ack, or at once on abort
+    d_blocks.free(reversed(d_ids))  # decode side: request finished, or reservation dropped
+    assert (p_blocks.num_free_blocks, d_blocks.num_free_blocks) == start == (BLOCKS, BLOCKS)
+    assert d_blocks.num_cached_blocks == 2  # the prefix stays cached for the next request
 
 
 def test_sink_round_trip_and_validation(make_pair):

@@ -363,6 +363,19 @@ def test_blocks_land_bit_for_bit_in_scattered_reserved_blocks(pair):
     assert not p.dst[:, :, others].any()
 
 
+def test_a_sink_from_a_later_block_moves_only_those_blocks(pair):
+    """The decode side holds the request's first two blocks: only blocks 2.. travel."""
+    p = pair()
+    src_ids, dst_ids = [3, 17, 8, 9, 25], [4, 5, 11]
+    sink = p.rx.expect("r1", dst_ids, 5 * BLOCK_SIZE - 1, time.time() + 30, first_block=2)
+    handle = send_all(p.tx, sink, src_ids)
+    handle.finish(5)
+    assert p.rx.wait("r1", 5) is TransferStatus.COMPLETE
+    assert landed(p, src_ids[2:], dst_ids)
+    others = [b for b in range(BLOCKS) if b not in dst_ids]
+    assert not p.dst[:, :, others].any()
+
+
 def test_idle_decode_side_has_no_nccl_operation_pending(pair):
     # The decode GPU must not hold a posted receive while no transfer is announced: it
     # would stall lazily loaded kernels and cudaFree in the decode process until data came.

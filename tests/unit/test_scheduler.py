@@ -11,6 +11,7 @@ import pytest
 from pdserve.engine.config import SchedulerConfig
 from pdserve.engine.kv_cache.block_hash import hash_blocks
 from pdserve.engine.kv_cache.block_manager import BlockManager
+from pdserve.engine.kv_connector import NoKVConnector
 from pdserve.engine.sampling_params import SamplingParams
 from pdserve.engine.scheduler import ScheduledSeq, Scheduler
 from pdserve.engine.sequence import FinishReason, Sequence, SequenceStatus
@@ -31,7 +32,16 @@ def make_scheduler(
 ) -> Scheduler:
     blocks = BlockManager(num_blocks, BS)
     config = SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=budget)
-    return Scheduler(config, blocks, max_model_len, "test-key", hold_blocks_on_finish=hold)
+    return Scheduler(config, blocks, max_model_len, "test-key",
+                     HoldOnFinish() if hold else None)
+
+
+class HoldOnFinish(NoKVConnector):
+    """A connector whose transfers never end by themselves: a finished request keeps its
+    blocks until released; an aborted one frees them at once."""
+
+    def request_finished(self, seq: Sequence) -> bool:
+        return seq.finish_reason is FinishReason.ABORT
 
 
 def make_seq(prompt: list[int] | int, max_tokens: int = 4, rid: str | None = None) -> Sequence:
