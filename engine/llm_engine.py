@@ -1,8 +1,10 @@
 """The engine core: model + KV pool + scheduler + sampler + detokeniser, stepped by callers.
 
 `LLMEngine.step()` runs one scheduled batch and returns what each touched request produced
-since the last step. The offline `LLM` drives it in a loop; workers drive it from their own
-loops and use its parts (`scheduler`, `blocks`, `runner`, `kv_cache`) directly.
+since the last step. The model itself runs behind an `Executor` (`engine.executor`): in
+this process by default, or over a tensor-parallel rank group whose driver this engine is.
+The offline `LLM` drives it in a loop; workers drive it from their own loops and use its
+parts (`scheduler`, `blocks`, `runner`, `kv_cache`) directly.
 """
 
 from __future__ import annotations
@@ -11,19 +13,14 @@ import logging
 import secrets
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
-import torch
-
-from pdserve.engine.attention.backend import get_backend
-from pdserve.engine.config import EngineConfig, compatibility_key, torch_dtype
+from pdserve.engine.config import EngineConfig
 from pdserve.engine.detokenizer import Detokenizer
+from pdserve.engine.executor.base import Executor
+from pdserve.engine.executor.step import StepInput
+from pdserve.engine.executor.uniproc import UniprocExecutor
 from pdserve.engine.kv_cache.block_manager import BlockManager
-from pdserve.engine.kv_cache.layout import KVLayout
-from pdserve.engine.loader.registry import open_model
-from pdserve.engine.model_runner import ModelRunner
-from pdserve.engine.models.llama import LlamaForCausalLM
-from pdserve.engine.parallel import tp_size
 from pdserve.engine.sampler import Sampler, SampleRequest, SampleResult
 from pdserve.engine.sampling_params import SamplingParams
 from pdserve.engine.scheduler import ScheduledSeq, Scheduler
@@ -52,61 +49,52 @@ class RequestOutput:
 
 
 class LLMEngine:
-    """One model replica on one device (or one tensor-parallel rank)."""
+    """One model replica: the scheduler and sampler here, the model behind `executor`."""
 
-    def __init__(self, config: EngineConfig, hold_blocks_on_finish: bool = False):
+    def __init__(self, config: EngineConfig, hold_blocks_on_finish: bool = False,
+                 executor: Executor | None = None):
+        """`executor` runs the model steps (default: `UniprocExecutor(config)`, the whole
+        model in this process); a `MultiprocExecutor` makes this the driver of a rank
+        group."""
         t0 = time.perf_counter()
         self.config = config
-        if config.num_threads:
-            torch.set_num_threads(config.num_threads)
-        self.device = torch.device(config.device)
-        dtype = torch_dtype(config.dtype)
-        source = open_model(config.model, self.device, dtype)
-        self.model_config = mc = source.config
-        self.tokenizer = source.tokenizer
-        limit = config.scheduler.max_model_len or mc.max_position_embeddings
-        self.max_model_len = min(limit, mc.max_position_embeddings)
-        with torch.device(self.device):
-            # The rope table covers the positions this engine serves, not all 128k of 3.1.
-            model = LlamaForCausalLM(replace(mc, max_position_embeddings=self.max_model_len),
-                                     dtype)
-        model.load_weights(source.weights)
-        if config.enable_fused_kernels and self.device.type == "cuda":
-            from pdserve.engine.models.fused_llama import set_fused_kernels
-
-            set_fused_kernels(model, True)
-        self.model = model.eval()
+        self.executor = executor if executor is not None else UniprocExecutor(config)
+        rank = self.executor.worker  # this process's rank: its model shard, KV pool, runner
+        self.device = rank.device
+        self.model_config = mc = rank.model_config
+        self.tokenizer = rank.tokenizer
+        self.max_model_len = rank.max_model_len
+        self.model = rank.model
+        self.runner = rank.runner
+        self.layout = rank.layout
+        self.kv_cache = rank.kv_cache
+        # What the blocks mean (in every block hash; checked on every transfer) and how
+        # this replica holds them (compared at start-up with its transfer peers).
+        self.content_key = rank.content_key
+        self.layout_key = rank.layout_key
+        self.compat_key = self.content_key.digest
+        num_blocks = rank.num_blocks
         cache = config.cache
-        # Under tensor parallelism the model holds num_kv_heads / tp_size heads per rank;
-        # the KV pool must be laid out the same way or writing K/V fails.
-        self.layout = KVLayout.for_model(mc, cache.block_size, config.dtype, tp_size())
-        num_blocks = cache.num_blocks or self.layout.num_blocks_for(cache.memory_bytes)
-        self.kv_cache = self.layout.allocate(num_blocks, self.device)
-        self.compat_key = compatibility_key(mc, cache.block_size, config.dtype)
         self.blocks = BlockManager(num_blocks, cache.block_size, cache.enable_prefix_caching)
         self.scheduler = Scheduler(
             config.scheduler, self.blocks, self.max_model_len, self.compat_key,
             hold_blocks_on_finish=hold_blocks_on_finish,
         )
-        backend = get_backend(config.attention_backend, self.device)
-        self.runner = ModelRunner(self.model, self.kv_cache, backend, cache.block_size,
-                                  self.device)
-        if config.enable_cuda_graphs:  # pure-decode steps replay captured graphs on CUDA
-            from pdserve.engine.cuda_graph import DecodeGraphRunner
-
-            self.runner.decode_graphs = DecodeGraphRunner.maybe_create(
-                self.runner, self.max_model_len, config.scheduler.max_num_seqs
-            )
         self.sampler = Sampler()
         self.detokenizer = Detokenizer(self.tokenizer)
         self._seqs: dict[str, Seq] = {}
         self.stats = {"prompt_tokens": 0, "generated_tokens": 0, "steps": 0}
         log.info(
-            "engine ready in %.1fs: %s (%s, %d layers) on %s, %s attention, KV cache %d blocks "
-            "x %d tokens (%.1f MiB)", time.perf_counter() - t0, config.model, mc.architecture,
-            mc.num_layers, self.device, backend.name, num_blocks, cache.block_size,
+            "engine ready in %.1fs: %s (%s, %d layers) on %s, %s attention, TP %d, KV cache "
+            "%d blocks x %d tokens (%.1f MiB per rank)", time.perf_counter() - t0,
+            config.model, mc.architecture, mc.num_layers, self.device,
+            self.runner.backend.name, rank.parallel.tp_size, num_blocks, cache.block_size,
             num_blocks * self.layout.block_bytes / 2**20,
         )
+
+    def shutdown(self) -> None:
+        """Release the executor's ranks (a no-op for the in-process executor)."""
+        self.executor.shutdown()
 
     # ---- requests ------------------------------------------------------------------------
 
@@ -170,7 +158,9 @@ class LLMEngine:
             return []
         self.stats["steps"] += 1
         sampling = [item for item in batch if item.samples]  # before postprocess moves counts
-        logits = self.runner.execute(batch, layer_hook(batch) if layer_hook else None)
+        step = StepInput.from_batch(batch, self.layout.block_size)
+        logits = self.executor.execute_model(
+            step, layer_hook(batch) if layer_hook else None).logits
         self.stats["prompt_tokens"] += sum(
             max(0, min(i.seq.num_computed_tokens + i.num_new_tokens, i.seq.num_prompt_tokens)
                 - i.seq.num_computed_tokens)

@@ -54,7 +54,7 @@ class KVSink:
     request_id: str
     block_ids: tuple[int, ...]
     num_tokens: int
-    compat_key: str
+    compat_key: str  # the receiver's content key digest (`engine.config.ContentKey.digest`)
     deadline: float
 
     def __post_init__(self) -> None:
