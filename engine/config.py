@@ -120,13 +120,11 @@ class SchedulerConfig:
 class ParallelConfig:
     """How one model replica is split: `tensor_parallel_size` ranks share every layer
     (KV heads split between them), `pipeline_parallel_size` stages split the layers (not
-    run yet: only 1 is accepted). `collective_timeout_s` bounds how long any rank waits in a
-    collective for the others during a step, so a dead or hung rank fails the step with an
-    error instead of hanging its group."""
+    run yet: only 1 is accepted). The ranks themselves, and their collective timeout, come
+    from the rank group the driver is given (`engine.executor.group.init_rank_group`)."""
 
     tensor_parallel_size: int = 1
     pipeline_parallel_size: int = 1
-    collective_timeout_s: float = 60.0
 
     def __post_init__(self) -> None:
         if self.tensor_parallel_size < 1:
@@ -135,9 +133,6 @@ class ParallelConfig:
         if self.pipeline_parallel_size != 1:
             raise ValueError("pipeline_parallel_size must be 1: pipeline parallelism is not "
                              f"built yet (got {self.pipeline_parallel_size})")
-        if self.collective_timeout_s <= 0:
-            raise ValueError(
-                f"collective_timeout_s must be > 0, got {self.collective_timeout_s}")
 
     @property
     def world_size(self) -> int:

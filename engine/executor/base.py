@@ -34,7 +34,7 @@ class Executor(ABC):
     - `execute_model` returns the full-vocabulary fp32 logits of the step's sampling
       sequences on the driver, valid until the next call.
     - A failure on any rank (an error, a dead process, a collective that times out after
-      `ParallelConfig.collective_timeout_s`) raises `ExecutorError` on the driver instead of
+      the rank group's collective timeout) raises `ExecutorError` on the driver instead of
       hanging it; after that every call raises. `shutdown` releases the followers and may
       be called more than once.
     - `worker` is the driver's own rank: its model shard, KV pool and runner, which the
