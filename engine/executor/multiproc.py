@@ -68,7 +68,7 @@ class MultiprocExecutor(Executor):
             raise
         refused = [f"rank {r}: {s}" for r, s in enumerate(statuses) if s]
         if refused:
-            self._closed = True  # the followers have already left
+            self._release_followers()  # those that accepted; the others have left
             raise ExecutorError("follower ranks refused the driver's model: " + "; ".join(refused))
         log.info("rank group of %d ready (driver rank 0, %d KV blocks per rank)",
                  group.world_size, self.worker.num_blocks)
