@@ -62,7 +62,8 @@ class _WorkerShell:
 
     def _identity(self, role: str) -> dict:
         return {"worker_id": self.worker.worker_id, "role": role,
-                "compat_key": self.worker.compat_key, "node": _node(),
+                "content_key": self.worker.engine.content_key.to_dict(),
+                "layout_key": self.worker.engine.layout_key.to_dict(), "node": _node(),
                 "node_ip": ray.util.get_node_ip_address(), "pid": os.getpid()}
 
     def abort(self, request_id: str) -> bool:

@@ -31,6 +31,13 @@ from pdserve.cluster.actors import DecodeActor, PrefillActor
 from pdserve.cluster.config import ClusterConfig, PoolSection
 from pdserve.cluster.nccl_setup import connect_all as connect_nccl_pairs
 from pdserve.cluster.ray_clients import RayDecodeClient, RayPrefillClient
+from pdserve.engine.config import ContentKey
+from pdserve.engine.kv_cache.keys import (
+    HandshakeError,
+    LayoutKey,
+    check_same_content,
+    handshake,
+)
 from pdserve.engine.loader.model_files import open_tokenizer
 from pdserve.proto import pb
 from pdserve.router.grpc_server import start_server
@@ -133,12 +140,29 @@ class Cluster:
                     except Exception as e:
                         raise ClusterStartError(f"a worker failed to start: {e}") from e
                     bar.update(1)
-        keys = {i["compat_key"] for i in self.ready_info}
-        if len(keys) > 1:
-            raise ClusterStartError(
-                f"workers disagree on the KV compatibility key {sorted(keys)}: model, dtype "
-                "or block size differ; refusing to exchange KV between them")
+        self._check_keys()
         self._check_reachable()
+
+    def _check_keys(self) -> None:
+        """The KV handshake, before any request: every worker serves the same content
+        (weights, tokenizer, dtype), and every prefill worker can send KV to every decode
+        worker in the layout each holds it (block size, TP/PP split, KV heads per rank).
+        A refusal names the workers and the differing fields."""
+        def keys(info: dict) -> tuple[str, ContentKey, LayoutKey]:
+            return (info["worker_id"], ContentKey.from_dict(info["content_key"]),
+                    LayoutKey.from_dict(info["layout_key"]))
+
+        infos = [keys(i) for i in self.ready_info]
+        prefill = [keys(i) for i in self.ready_info if i["role"] == "prefill"]
+        decode = [keys(i) for i in self.ready_info if i["role"] == "decode"]
+        try:
+            for name, content, _ in infos[1:]:
+                check_same_content(infos[0][0], infos[0][1], name, content)
+            for p in prefill:
+                for d in decode:
+                    handshake(*p, *d)
+        except HandshakeError as e:
+            raise ClusterStartError(f"refusing to start: {e}") from None
 
     def _check_reachable(self) -> None:
         """Refuse a decode worker whose KV receiver listens on loopback while a prefill

@@ -1,15 +1,17 @@
 """Frozen configuration objects for the engine.
 
 `ModelConfig` describes an architecture (read from a GGUF header or an HF `config.json`);
-`CacheConfig` the paged KV pool; `SchedulerConfig` the batching limits. They are frozen so
-that a worker's configuration cannot drift after the compatibility key was computed from it.
+`CacheConfig` the paged KV pool; `SchedulerConfig` the batching limits; `ParallelConfig` how
+one replica is split over ranks. They are frozen so that a worker's configuration cannot
+drift after its keys (`ContentKey` here, `LayoutKey` in `engine.kv_cache.layout`) were
+computed from it.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -69,8 +71,8 @@ class ModelConfig:
     attention_bias: bool = False
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
-    # Identifies the weights (file digest or directory fingerprint); part of the
-    # compatibility key so that two workers with different weights refuse to share KV.
+    # Identifies the weights (file digest or directory fingerprint); part of the content
+    # key so that two workers with different weights refuse to share KV.
     revision: str = ""
 
     def __post_init__(self) -> None:
@@ -124,6 +126,29 @@ class SchedulerConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class ParallelConfig:
+    """How one model replica is split: `tensor_parallel_size` ranks share every layer
+    (KV heads split between them), `pipeline_parallel_size` stages split the layers (not
+    run yet: only 1 is accepted). The ranks themselves, and their collective timeout, come
+    from the rank group the driver is given (`engine.executor.group.init_rank_group`)."""
+
+    tensor_parallel_size: int = 1
+    pipeline_parallel_size: int = 1
+
+    def __post_init__(self) -> None:
+        if self.tensor_parallel_size < 1:
+            raise ValueError(
+                f"tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
+        if self.pipeline_parallel_size != 1:
+            raise ValueError("pipeline_parallel_size must be 1: pipeline parallelism is not "
+                             f"built yet (got {self.pipeline_parallel_size})")
+
+    @property
+    def world_size(self) -> int:
+        return self.tensor_parallel_size * self.pipeline_parallel_size
+
+
+@dataclass(frozen=True, slots=True)
 class EngineConfig:
     """Everything one engine instance needs; built by `LLM` or by a worker from YAML."""
 
@@ -132,6 +157,7 @@ class EngineConfig:
     device: str = "cpu"
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
     attention_backend: str = "auto"
     num_threads: int | None = None
     # CUDA only (no-ops elsewhere): replay decode steps from captured graphs
@@ -144,25 +170,64 @@ class EngineConfig:
         check_dtype(self.dtype)
 
 
-def compatibility_key(model: ModelConfig, block_size: int, dtype: str) -> str:
-    """A short digest of everything two workers must agree on to exchange KV blocks.
+# Names the per-layer block format `[block_size, kv_heads, head_dim]` of K and V (the
+# layout contract in engine/kv_cache/layout.py); bump it when that format changes.
+KV_FORMAT = "LKV[nb,bs,h,d]/v1"
 
-    Covers the KV layout (layers, kv heads, head dim, block size, dtype) and the weights'
-    revision. The handshake between prefill and decode compares these strings and refuses
-    a mismatch; block hashes include it so that caches of different models never collide.
+
+@dataclass(frozen=True, slots=True)
+class ContentKey:
+    """What the numbers in a KV block mean: which weights, tokenizer, dtype and architecture
+    produced them. Two sides with equal content keys hold the same K and V for the same
+    token ids, however each splits them over ranks, stages or blocks.
+
+    Its `digest` goes into every block hash (`engine.kv_cache.block_hash`), so a block
+    means the same thing on every worker, store and node, and transports check it on every
+    transfer (`KVSink.compat_key` carries it). It deliberately leaves out how a side holds
+    the blocks (block size, TP/PP split: `engine.kv_cache.layout.LayoutKey`), so workers of
+    different layouts still agree on block hashes.
     """
-    fields = {
-        "arch": model.architecture,
-        "layers": model.num_layers,
-        "kv_heads": model.num_kv_heads,
-        "head_dim": model.head_dim,
-        "block_size": block_size,
-        "dtype": dtype,
-        "revision": model.revision,
-        "layout": "LKV[nb,bs,h,d]/v1",
-    }
-    blob = json.dumps(fields, sort_keys=True).encode()
-    return hashlib.sha256(blob).hexdigest()[:16]
+
+    architecture: str
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    hidden_size: int
+    rope: str  # theta and scaling: K is cached after rotation
+    revision: str
+    tokenizer: str
+    dtype: str
+    kv_format: str = KV_FORMAT
+
+    @classmethod
+    def for_model(cls, model: ModelConfig, dtype: str, tokenizer: str = "") -> ContentKey:
+        """The key of `model`'s weights run in `dtype`; `tokenizer` is the tokenizer's
+        fingerprint (the same token ids must mean the same text on both sides)."""
+        scaling = asdict(model.rope_scaling) if model.rope_scaling else None
+        return cls(
+            architecture=model.architecture, num_layers=model.num_layers,
+            num_heads=model.num_heads, num_kv_heads=model.num_kv_heads,
+            head_dim=model.head_dim, hidden_size=model.hidden_size,
+            rope=json.dumps([model.rope_theta, scaling], sort_keys=True),
+            revision=model.revision, tokenizer=tokenizer, dtype=dtype,
+        )
+
+    @property
+    def digest(self) -> str:
+        """16 hex digits naming this key: what block hashes and transfers carry."""
+        blob = json.dumps(asdict(self), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ContentKey:
+        names = {f.name for f in fields(cls)}
+        if set(d) != names:
+            raise ValueError(f"ContentKey fields must be exactly {sorted(names)}, got {sorted(d)}")
+        return cls(**d)
 
 
 def model_config_dict(model: ModelConfig) -> dict:

@@ -35,14 +35,12 @@ import bisect
 import dataclasses
 import logging
 import time
-from collections.abc import Sequence
 
 import torch
 
 from pdserve.engine import forward_context
 from pdserve.engine.attention.metadata import AttentionMetadata
-from pdserve.engine.parallel import tp_size
-from pdserve.engine.scheduler import ScheduledSeq
+from pdserve.engine.executor.step import StepInput
 from pdserve.messages import blocks_for
 
 log = logging.getLogger("pdserve.engine")
@@ -71,7 +69,7 @@ def context_buckets(max_model_len: int) -> list[int]:
 
 
 class DecodeGraphRunner:
-    """Captured decode steps of one `ModelRunner`; `run(batch)` replays one or declines."""
+    """Captured decode steps of one `ModelRunner`; `run(step)` replays one or declines."""
 
     def __init__(self, runner, max_model_len: int, max_num_seqs: int, tiles=None):
         self.model = runner.model
@@ -105,8 +103,9 @@ class DecodeGraphRunner:
         `tiles` overrides the graphs' attention tiles (benchmarks compare plans)."""
         if runner.device.type != "cuda":
             return None
-        if runner.backend.name not in GRAPH_SAFE_BACKENDS or tp_size() != 1:
-            log.info("CUDA graphs off: backend %s, TP size %d", runner.backend.name, tp_size())
+        tp = runner.model.parallel.tp_size
+        if runner.backend.name not in GRAPH_SAFE_BACKENDS or tp != 1:
+            log.info("CUDA graphs off: backend %s, TP size %d", runner.backend.name, tp)
             return None
         graphs = cls(runner, max_model_len, max_num_seqs, tiles)
         graphs.capture()
@@ -151,50 +150,44 @@ class DecodeGraphRunner:
 
     # ---- replay ----------------------------------------------------------------------------
 
-    def run(self, batch: Sequence[ScheduledSeq]) -> torch.Tensor | None:
-        """Logits `[sampling rows, vocab]` of a pure-decode batch, or None (run it eagerly).
+    def run(self, step: StepInput) -> torch.Tensor | None:
+        """Logits `[sampling rows, vocab]` of a pure-decode step, or None (run it eagerly).
 
         The returned tensor is a view of the static output: valid until the next replay.
         """
-        real = len(batch)
-        if real == 0 or real > self.n:
-            return None
-        max_len = 0
-        for item in batch:
-            if item.num_new_tokens != 1:
-                return None
-            max_len = max(max_len, item.seq.num_computed_tokens + 1)
+        real = step.num_seqs
+        if real == 0 or real > self.n or len(step.token_ids) != real:
+            return None  # a sequence with more than one new token: not a pure decode
+        max_len = max(step.context_lens) + 1
         if max_len > self.contexts[-1]:
             return None
         b = self.batch_sizes[bisect.bisect_left(self.batch_sizes, real)]
         ctx = self.contexts[bisect.bisect_left(self.contexts, max_len)]
-        count = self._fill(batch, b, ctx)
+        count = self._fill(step, b, ctx)
         self.inputs[:count].copy_(self.host[:count], non_blocking=True)
         self._copied.record()
         self.graphs[(b, ctx)].replay()
         self.replays += 1
-        rows = [i for i, item in enumerate(batch) if item.samples]
+        rows = [i for i, samples in enumerate(step.samples) if samples]
         if len(rows) == real:
             return self.logits[:real]
         return self.logits[torch.tensor(rows, dtype=torch.int64).to(self.device)]
 
-    def _fill(self, batch: Sequence[ScheduledSeq], b: int, ctx: int) -> int:
-        """Write the batch into the pinned host buffer; returns how many int32s to copy."""
+    def _fill(self, step: StepInput, b: int, ctx: int) -> int:
+        """Write the step into the pinned host buffer; returns how many int32s to copy."""
         self._copied.synchronize()  # the previous step's copy has read the buffer
         h, n, bs = self.host_np, self.n, self.block_size
         m = blocks_for(ctx, bs)
         tables = 4 * n
-        for i, item in enumerate(batch):
-            seq = item.seq
-            pos = seq.num_computed_tokens
-            blocks = seq.block_ids
-            used = blocks_for(pos + 1, bs)
-            h[i] = seq.token_ids[pos]
+        for i, (token, pos, blocks) in enumerate(
+                zip(step.token_ids, step.context_lens, step.block_tables)):
+            used = len(blocks)  # pos // bs + 1: the table covers the new token
+            h[i] = token
             h[n + i] = pos
             h[2 * n + i] = blocks[pos // bs] * bs + pos % bs
             h[3 * n + i] = pos + 1
-            h[tables + i * m : tables + i * m + used] = blocks[:used]
-        real = len(batch)
+            h[tables + i * m : tables + i * m + used] = blocks
+        real = step.num_seqs
         h[real:b] = 0
         h[n + real : n + b] = 0
         h[2 * n + real : 2 * n + b] = -1

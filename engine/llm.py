@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 from tqdm import tqdm
 
-from pdserve.engine.config import CacheConfig, EngineConfig, SchedulerConfig
+from pdserve.engine.config import CacheConfig, EngineConfig, ParallelConfig, SchedulerConfig
 from pdserve.engine.llm_engine import LLMEngine, PromptInput
 from pdserve.engine.sampling_params import SamplingParams
 from pdserve.engine.sequence import TokenLogprob
@@ -33,19 +33,27 @@ class LLM:
     """Generate text offline with the paged engine.
 
     `LLM("smollm2-135m-instruct", block_size=16, max_num_batched_tokens=512)`; keyword
-    arguments are fields of `EngineConfig`, `CacheConfig` or `SchedulerConfig`.
+    arguments are fields of `EngineConfig`, `CacheConfig`, `SchedulerConfig` or
+    `ParallelConfig`. With `rank_group` (from `engine.executor.group.init_rank_group`, on
+    rank 0) this process drives a tensor-parallel group whose other ranks run
+    `engine.executor.multiproc.run_follower` with the same `engine_config(...)`.
     """
 
-    def __init__(self, model: str = "smollm2-135m-instruct", **kwargs):
-        cache_keys = set(CacheConfig.__dataclass_fields__)
-        sched_keys = set(SchedulerConfig.__dataclass_fields__)
-        cache = {k: kwargs.pop(k) for k in list(kwargs) if k in cache_keys}
-        sched = {k: kwargs.pop(k) for k in list(kwargs) if k in sched_keys}
-        config = EngineConfig(
-            model=model, cache=CacheConfig(**cache), scheduler=SchedulerConfig(**sched), **kwargs
-        )
-        self.engine = LLMEngine(config)
+    def __init__(self, model: str = "smollm2-135m-instruct", rank_group=None, **kwargs):
+        if rank_group is not None:
+            kwargs.setdefault("tensor_parallel_size", rank_group.world_size)
+        config = engine_config(model, **kwargs)
+        executor = None
+        if rank_group is not None:
+            from pdserve.engine.executor.multiproc import MultiprocExecutor
+
+            executor = MultiprocExecutor(config, rank_group)
+        self.engine = LLMEngine(config, executor=executor)
         self.tokenizer = self.engine.tokenizer
+
+    def shutdown(self) -> None:
+        """Release a rank group's followers (nothing to do for a single process)."""
+        self.engine.shutdown()
 
     def generate(
         self,
@@ -91,6 +99,17 @@ class LLM:
         finally:
             bar.close()
         return [outs[r] for r in rids]
+
+
+def engine_config(model: str = "smollm2-135m-instruct", **kwargs) -> EngineConfig:
+    """The `EngineConfig` that `LLM(model, **kwargs)` runs with (followers of a rank group
+    build theirs with this, so that every rank holds a shard of the same model)."""
+    groups = [(CacheConfig, "cache"), (SchedulerConfig, "scheduler"), (ParallelConfig, "parallel")]
+    parts = {}
+    for cls, name in groups:
+        keys = set(cls.__dataclass_fields__)
+        parts[name] = cls(**{k: kwargs.pop(k) for k in list(kwargs) if k in keys})
+    return EngineConfig(model=model, **parts, **kwargs)
 
 
 def _as_list(prompts) -> list:

@@ -5,7 +5,9 @@ since the last step. The offline `LLM` drives it in a loop; workers drive it fro
 loops (engine/engine_loop.py) and own its blocks only through its operations: `reserve`
 blocks for KV that will come from elsewhere, `adopt` a request whose prompt KV is in them,
 `release` them, `abort`, and the read-only `usage()` view. KV moves in and out through a
-KV connector (engine/kv_connector.py), never through the engine's parts.
+KV connector (engine/kv_connector.py), never through the engine's parts. The model itself
+runs behind an `Executor` (`engine.executor`): in this process by default, or over a
+tensor-parallel rank group whose driver this engine is.
 """
 
 from __future__ import annotations
@@ -14,22 +16,17 @@ import logging
 import secrets
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
-import torch
-
-from pdserve.engine.attention.backend import get_backend
-from pdserve.engine.config import EngineConfig, compatibility_key, torch_dtype
+from pdserve.engine.config import EngineConfig
 from pdserve.engine.detokenizer import Detokenizer
+from pdserve.engine.executor.base import Executor
+from pdserve.engine.executor.step import StepInput
+from pdserve.engine.executor.uniproc import UniprocExecutor
 from pdserve.engine.kv_cache.block_hash import BlockHash
 from pdserve.engine.kv_cache.block_manager import BlockManager
-from pdserve.engine.kv_cache.layout import KVLayout
 from pdserve.engine.kv_cache.prefix_cache import CacheListener
 from pdserve.engine.kv_connector import KVConnector, NoKVConnector
-from pdserve.engine.loader.registry import open_model
-from pdserve.engine.model_runner import ModelRunner
-from pdserve.engine.models.llama import LlamaForCausalLM
-from pdserve.engine.parallel import tp_size
 from pdserve.engine.sampler import Sampler, SampleRequest, SampleResult
 from pdserve.engine.sampling_params import SamplingParams
 from pdserve.engine.scheduler import Scheduler
@@ -93,63 +90,54 @@ class EngineUsage:
 
 
 class LLMEngine:
-    """One model replica on one device (or one tensor-parallel rank)."""
+    """One model replica: the scheduler and sampler here, the model behind `executor`."""
 
-    def __init__(self, config: EngineConfig, kv_connector: KVConnector | None = None):
+    def __init__(self, config: EngineConfig, kv_connector: KVConnector | None = None,
+                 executor: Executor | None = None):
+        """`executor` runs the model steps (default: `UniprocExecutor(config)`, the whole
+        model in this process); a `MultiprocExecutor` makes this the driver of a rank
+        group. `kv_connector` moves KV in and out (default: none)."""
         t0 = time.perf_counter()
         self.config = config
-        if config.num_threads:
-            torch.set_num_threads(config.num_threads)
-        self.device = torch.device(config.device)
-        dtype = torch_dtype(config.dtype)
-        source = open_model(config.model, self.device, dtype)
-        self.model_config = mc = source.config
-        self.tokenizer = source.tokenizer
-        limit = config.scheduler.max_model_len or mc.max_position_embeddings
-        self.max_model_len = min(limit, mc.max_position_embeddings)
-        with torch.device(self.device):
-            # The rope table covers the positions this engine serves, not all 128k of 3.1.
-            model = LlamaForCausalLM(replace(mc, max_position_embeddings=self.max_model_len),
-                                     dtype)
-        model.load_weights(source.weights)
-        if config.enable_fused_kernels and self.device.type == "cuda":
-            from pdserve.engine.models.fused_llama import set_fused_kernels
-
-            set_fused_kernels(model, True)
-        self.model = model.eval()
+        self.executor = executor if executor is not None else UniprocExecutor(config)
+        rank = self.executor.worker  # this process's rank: its model shard, KV pool, runner
+        self.device = rank.device
+        self.model_config = mc = rank.model_config
+        self.tokenizer = rank.tokenizer
+        self.max_model_len = rank.max_model_len
+        self.model = rank.model
+        self.runner = rank.runner
+        self.layout = rank.layout
+        self.kv_cache = rank.kv_cache
+        # What the blocks mean (in every block hash; checked on every transfer) and how
+        # this replica holds them (compared at start-up with its transfer peers).
+        self.content_key = rank.content_key
+        self.layout_key = rank.layout_key
+        self.compat_key = self.content_key.digest
+        num_blocks = rank.num_blocks
         cache = config.cache
-        # Under tensor parallelism the model holds num_kv_heads / tp_size heads per rank;
-        # the KV pool must be laid out the same way or writing K/V fails.
-        self.layout = KVLayout.for_model(mc, cache.block_size, config.dtype, tp_size())
-        num_blocks = cache.num_blocks or self.layout.num_blocks_for(cache.memory_bytes)
-        self.kv_cache = self.layout.allocate(num_blocks, self.device)
-        self.compat_key = compatibility_key(mc, cache.block_size, config.dtype)
         self.blocks = BlockManager(num_blocks, cache.block_size, cache.enable_prefix_caching)
         self.connector = kv_connector or NoKVConnector()
         self.connector.register_kv_cache(self.kv_cache, self.compat_key)
         self.scheduler = Scheduler(
             config.scheduler, self.blocks, self.max_model_len, self.compat_key, self.connector
         )
-        backend = get_backend(config.attention_backend, self.device)
-        self.runner = ModelRunner(self.model, self.kv_cache, backend, cache.block_size,
-                                  self.device)
-        if config.enable_cuda_graphs:  # pure-decode steps replay captured graphs on CUDA
-            from pdserve.engine.cuda_graph import DecodeGraphRunner
-
-            self.runner.decode_graphs = DecodeGraphRunner.maybe_create(
-                self.runner, self.max_model_len, config.scheduler.max_num_seqs
-            )
         self.sampler = Sampler()
         self.detokenizer = Detokenizer(self.tokenizer)
         self._seqs: dict[str, Seq] = {}
         self._reservations: dict[str, tuple[Reservation, list[BlockHash]]] = {}
         self.stats = {"prompt_tokens": 0, "generated_tokens": 0, "steps": 0}
         log.info(
-            "engine ready in %.1fs: %s (%s, %d layers) on %s, %s attention, KV cache %d blocks "
-            "x %d tokens (%.1f MiB)", time.perf_counter() - t0, config.model, mc.architecture,
-            mc.num_layers, self.device, backend.name, num_blocks, cache.block_size,
+            "engine ready in %.1fs: %s (%s, %d layers) on %s, %s attention, TP %d, KV cache "
+            "%d blocks x %d tokens (%.1f MiB per rank)", time.perf_counter() - t0,
+            config.model, mc.architecture, mc.num_layers, self.device,
+            self.runner.backend.name, rank.parallel.tp_size, num_blocks, cache.block_size,
             num_blocks * self.layout.block_bytes / 2**20,
         )
+
+    def shutdown(self) -> None:
+        """Release the executor's ranks (a no-op for the in-process executor)."""
+        self.executor.shutdown()
 
     # ---- requests ------------------------------------------------------------------------
 
@@ -219,7 +207,9 @@ class LLMEngine:
         transfers = self.scheduler.build_step(batch)
         self.connector.start_step(transfers)
         try:
-            logits = self.runner.execute(batch, self.connector if transfers else None)
+            step = StepInput.from_batch(batch, self.layout.block_size)
+            logits = self.executor.execute_model(
+                step, self.connector if transfers else None).logits
         finally:
             self.connector.end_step()
         self.stats["prompt_tokens"] += sum(

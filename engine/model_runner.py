@@ -1,4 +1,4 @@
-"""Executes one model step for a mixed batch of prefill chunks and decode tokens.
+"""Executes one model step for a mixed batch of prefill chunks and decode tokens, on one rank.
 
 The batch is flattened without padding: the tokens of every scheduled sequence are
 concatenated, and `AttentionMetadata` says where each sequence starts, how long its context
@@ -8,7 +8,6 @@ step goes through the LM head.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from itertools import accumulate
 from typing import TYPE_CHECKING
 
@@ -17,15 +16,14 @@ import torch
 from pdserve.engine import forward_context
 from pdserve.engine.attention.backend import AttentionBackend
 from pdserve.engine.attention.metadata import AttentionMetadata
-from pdserve.engine.scheduler import ScheduledSeq
-from pdserve.messages import blocks_for
+from pdserve.engine.executor.step import StepInput
 
 if TYPE_CHECKING:
     from pdserve.engine.kv_connector import KVConnectorWorker
 
 
 class ModelRunner:
-    """Owns the model, the KV pool tensor and the attention backend of one worker."""
+    """Owns the model, the KV pool tensor and the attention backend of one rank."""
 
     def __init__(
         self,
@@ -43,25 +41,18 @@ class ModelRunner:
         # Set by the engine on CUDA (engine.cuda_graph.DecodeGraphRunner).
         self.decode_graphs = None
 
-    def prepare(self, batch: Sequence[ScheduledSeq]) -> tuple[torch.Tensor, ...]:
+    def prepare(self, step: StepInput) -> tuple[torch.Tensor, ...]:
         """Host-side flattening: (input_ids, positions, metadata, logits row indices)."""
         bs = self.block_size
-        ids: list[int] = []
+        qlens, tables = step.query_lens, step.block_tables
         pos: list[int] = []
-        qlens: list[int] = []
         slens: list[int] = []
-        tables: list[list[int]] = []
         sample_rows: list[int] = []
-        for item in batch:
-            seq, n = item.seq, item.num_new_tokens
-            start = seq.num_computed_tokens
-            ids.extend(seq.token_ids[start : start + n])
+        for n, start, samples in zip(qlens, step.context_lens, step.samples):
             pos.extend(range(start, start + n))
-            qlens.append(n)
             slens.append(start + n)
-            tables.append(seq.block_ids[: blocks_for(start + n, bs)])
-            if item.samples:
-                sample_rows.append(len(ids) - 1)
+            if samples:
+                sample_rows.append(len(pos) - 1)
         width = max(1, max(len(t) for t in tables))
         block_tables = torch.tensor([t + [-1] * (width - len(t)) for t in tables],
                                     dtype=torch.int32)
@@ -69,7 +60,7 @@ class ModelRunner:
         # Slot of every new token = its block (from its sequence's table row) * bs + offset,
         # computed with a few tensor ops instead of a Python loop over the tokens.
         seq_of_token = torch.repeat_interleave(
-            torch.arange(len(batch)), torch.tensor(qlens), output_size=len(pos)
+            torch.arange(len(qlens)), torch.tensor(qlens), output_size=len(pos)
         )
         slots = block_tables[seq_of_token, positions // bs].long() * bs + positions % bs
         dev = self.device
@@ -84,14 +75,14 @@ class ModelRunner:
             max_query_len=max(qlens),
             max_seq_len=max(slens),
         )
-        input_ids = torch.tensor(ids, dtype=torch.int64).to(dev, non_blocking=True)
+        input_ids = torch.tensor(step.token_ids, dtype=torch.int64).to(dev, non_blocking=True)
         rows = torch.tensor(sample_rows, dtype=torch.int64).to(dev, non_blocking=True)
         return input_ids, positions.to(dev, non_blocking=True), meta, rows
 
     @torch.inference_mode()
     def execute(
         self,
-        batch: Sequence[ScheduledSeq],
+        step: StepInput,
         kv_connector: KVConnectorWorker | None = None,
     ) -> torch.Tensor:
         """Run the step; returns logits `[num sampling sequences, vocab]` in batch order.
@@ -99,10 +90,10 @@ class ModelRunner:
         With `kv_connector` (a step that loads or saves KV), every layer waits for its loads
         before its attention and saves its K/V right after writing them."""
         if self.decode_graphs is not None and kv_connector is None:
-            logits = self.decode_graphs.run(batch)  # None unless a pure-decode batch fits
+            logits = self.decode_graphs.run(step)  # None unless a pure-decode batch fits
             if logits is not None:
                 return logits
-        input_ids, positions, meta, rows = self.prepare(batch)
+        input_ids, positions, meta, rows = self.prepare(step)
         ctx = forward_context.ForwardContext(meta, self.kv_cache, self.backend)
         if kv_connector is not None:
             ctx.wait_for_layer = kv_connector.wait_for_layer

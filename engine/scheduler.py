@@ -101,7 +101,7 @@ class Scheduler:
         and takes nothing when the pool cannot hold them now."""
         hashes = self.prefix_hashes(token_ids) if token_ids is not None else []
         cached = self.blocks.match_prefix(hashes)
-        need = -(-num_tokens // self.block_size) - len(cached)
+        need = blocks_for(num_tokens, self.block_size) - len(cached)
         if not self.blocks.can_allocate(need):
             self.blocks.free(reversed(cached))
             raise OutOfBlocksError(f"{need} blocks needed for {num_tokens} tokens, "

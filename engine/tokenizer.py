@@ -8,6 +8,7 @@ the ids equal HF transformers' for the same file.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections.abc import Sequence
@@ -104,6 +105,14 @@ class TextTokenizer:
     @property
     def vocab_size(self) -> int:
         return self._tok.get_vocab_size(with_added_tokens=True)
+
+    @cached_property
+    def fingerprint(self) -> str:
+        """A digest of the vocabulary, merges and special ids: part of the content key, so
+        that two sides whose same token ids mean different text never share KV."""
+        h = hashlib.sha256(self._tok.to_str().encode())
+        h.update(json.dumps([self.bos_token_id, list(self.eos_token_ids), self.add_bos]).encode())
+        return "tok:" + h.hexdigest()[:16]
 
     def encode(self, text: str) -> list[int]:
         ids = self._tok.encode(text, add_special_tokens=False).ids

@@ -70,7 +70,7 @@ class KVSink:
     request_id: str
     block_ids: tuple[int, ...]
     num_tokens: int
-    compat_key: str
+    compat_key: str  # the receiver's content key digest (`engine.config.ContentKey.digest`)
     deadline: float
     first_block: int = 0
 

@@ -173,10 +173,11 @@ def decode_bytes(engine, batch: int, context: int) -> tuple[float, float]:
 
 
 def measure_decode(engine, batch: int, args, ceil: dict, label: str, full_step: bool) -> dict:
+    from pdserve.engine.executor.step import StepInput
     from pdserve.engine.scheduler import ScheduledSeq
 
     seqs = start_decoding(engine, batch, args.context, label)
-    items = [ScheduledSeq(s, 1) for s in seqs]
+    items = StepInput.from_batch([ScheduledSeq(s, 1) for s in seqs], engine.layout.block_size)
     reqs = [engine.sample_request(s) for s in seqs]
 
     def step():
@@ -196,6 +197,7 @@ def measure_decode(engine, batch: int, args, ceil: dict, label: str, full_step: 
 
 
 def measure_prefill(engine, tokens: int, ceil: dict, label: str) -> dict:
+    from pdserve.engine.executor.step import StepInput
     from pdserve.engine.sampling_params import SamplingParams
     from pdserve.engine.scheduler import ScheduledSeq
     from pdserve.engine.sequence import Sequence
@@ -205,7 +207,8 @@ def measure_prefill(engine, tokens: int, ceil: dict, label: str) -> dict:
     prompt = torch.randint(0, mc.vocab_size, (tokens,), generator=gen).tolist()
     seq = Sequence(f"prefill-{tokens}", prompt, SamplingParams(temperature=0), 0)
     seq.block_ids = engine.blocks.allocate(blocks_for(tokens + 1, BLOCK))
-    items, reqs = [ScheduledSeq(seq, tokens)], [engine.sample_request(seq)]
+    items = StepInput.from_batch([ScheduledSeq(seq, tokens)], engine.layout.block_size)
+    reqs = [engine.sample_request(seq)]
     ms = time_ms(lambda: engine.sampler(engine.runner.execute(items), reqs), warmup=2, iters=5)
     engine.blocks.free(seq.block_ids)
     linear = sum(
@@ -222,10 +225,11 @@ def measure_prefill(engine, tokens: int, ceil: dict, label: str) -> dict:
 
 
 def profile_decode(engine, batch: int, args, variant: str = "graphs+fused") -> dict:
+    from pdserve.engine.executor.step import StepInput
     from pdserve.engine.scheduler import ScheduledSeq
 
     seqs = start_decoding(engine, batch, args.context, "profile")
-    items = [ScheduledSeq(s, 1) for s in seqs]
+    items = StepInput.from_batch([ScheduledSeq(s, 1) for s in seqs], engine.layout.block_size)
     reqs = [engine.sample_request(s) for s in seqs]
     prof = gpu_kernels.kernel_profile(lambda: engine.sampler(engine.runner.execute(items), reqs))
     if prof["kernel_us_per_step"] == 0:  # graph kernels not traced: profile eager instead
@@ -244,6 +248,7 @@ def profile_decode(engine, batch: int, args, variant: str = "graphs+fused") -> d
 def profile_prefill(engine, tokens: int) -> dict:
     """Kernel time of a prefill step against its wall time: where they differ, the step is
     bound by the host launching kernels, not by the GPU."""
+    from pdserve.engine.executor.step import StepInput
     from pdserve.engine.sampling_params import SamplingParams
     from pdserve.engine.scheduler import ScheduledSeq
     from pdserve.engine.sequence import Sequence
@@ -252,7 +257,8 @@ def profile_prefill(engine, tokens: int) -> dict:
     prompt = torch.randint(0, engine.model_config.vocab_size, (tokens,), generator=gen).tolist()
     seq = Sequence(f"prefill-profile-{tokens}", prompt, SamplingParams(temperature=0), 0)
     seq.block_ids = engine.blocks.allocate(blocks_for(tokens + 1, BLOCK))
-    items, reqs = [ScheduledSeq(seq, tokens)], [engine.sample_request(seq)]
+    items = StepInput.from_batch([ScheduledSeq(seq, tokens)], engine.layout.block_size)
+    reqs = [engine.sample_request(seq)]
 
     def step():
         engine.sampler(engine.runner.execute(items), reqs)

@@ -7,8 +7,13 @@ One pool tensor per worker holds the whole cache:
 so that, for layer `l`, `kv[l, 0]` and `kv[l, 1]` are each
 `[num_blocks, block_size, num_kv_heads, head_dim]` (DESIGN.md's per-layer layout) and a
 block's K and V for one layer are two contiguous `block_size * num_kv_heads * head_dim`
-runs. Transports move `kv[l, :, block_ids]` layer by layer; both sides must agree on the
-`compatibility_key` of `engine.config`, which names this layout.
+runs. Transports move `kv[l, :, block_ids]` layer by layer.
+
+Two keys decide whether two sides may exchange blocks (DESIGN.md, "Two keys"): the
+`ContentKey` of `engine.config` (what the numbers mean; in every block hash) and the
+`LayoutKey` of `engine.kv_cache.keys` (how a side holds them: block size, TP/PP split),
+re-exported here. `handshake` compares both and refuses, naming the fields, whatever no
+transport can bridge.
 """
 
 from __future__ import annotations
@@ -18,6 +23,12 @@ from dataclasses import dataclass
 import torch
 
 from pdserve.engine.config import ModelConfig, torch_dtype
+from pdserve.engine.kv_cache.keys import (  # noqa: F401 (re-exported: the layout contract)
+    HandshakeError,
+    LayoutKey,
+    check_same_content,
+    handshake,
+)
 
 
 @dataclass(frozen=True, slots=True)

@@ -8,7 +8,9 @@ The model is written once; under TP each rank holds a slice:
 - `VocabParallelEmbedding` splits the vocabulary; out-of-shard ids give zeros, then
   all-reduce.
 Weights are loaded with `load(full_tensor, part=...)`, which narrows to this rank's rows.
-Every projection (and the LM head) multiplies through `dense`.
+Each layer keeps the `ParallelContext` it was built with (`engine.parallel`): which shard
+it holds and which group it reduces over. Every projection (and the LM head) multiplies
+through `dense`.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pdserve.engine.parallel import tp_all_reduce, tp_rank, tp_size
+from pdserve.engine.parallel import SINGLE, ParallelContext
 
 _ONEDNN_DTYPES = (torch.float32, torch.bfloat16)
 _onednn_enabled: bool | None = None  # None: not probed yet
@@ -156,20 +158,14 @@ def forget_packed(weight: torch.Tensor) -> None:
         delattr(weight, _PACKED_ATTR)
 
 
-def _shard(full: torch.Tensor, dim: int) -> torch.Tensor:
-    size = tp_size()
-    if full.shape[dim] % size:
-        raise ValueError(f"dim {dim} of size {full.shape[dim]} cannot be split {size} ways")
-    n = full.shape[dim] // size
-    return full.narrow(dim, tp_rank() * n, n)
-
-
 class MergedColumnLinear(nn.Module):
     """Fused column-parallel projection with named parts of full sizes `part_sizes`."""
 
-    def __init__(self, in_features: int, part_sizes: dict[str, int], bias: bool, dtype):
+    def __init__(self, in_features: int, part_sizes: dict[str, int], bias: bool, dtype,
+                 parallel: ParallelContext = SINGLE):
         super().__init__()
-        size = tp_size()
+        self.parallel = parallel
+        size = parallel.tp_size
         self.offsets: dict[str, tuple[int, int]] = {}
         start = 0
         for name, full in part_sizes.items():
@@ -186,7 +182,7 @@ class MergedColumnLinear(nn.Module):
     def load(self, full: torch.Tensor, part: str, is_bias: bool = False) -> None:
         start, n = self.offsets[part]
         target = self.bias if is_bias else self.weight
-        target.data[start : start + n].copy_(_shard(full, 0))
+        target.data[start : start + n].copy_(self.parallel.shard(full, 0))
         forget_packed(target)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -194,47 +190,53 @@ class MergedColumnLinear(nn.Module):
 
 
 class ColumnParallelLinear(MergedColumnLinear):
-    def __init__(self, in_features: int, out_features: int, bias: bool, dtype):
-        super().__init__(in_features, {"all": out_features}, bias, dtype)
+    def __init__(self, in_features: int, out_features: int, bias: bool, dtype,
+                 parallel: ParallelContext = SINGLE):
+        super().__init__(in_features, {"all": out_features}, bias, dtype, parallel)
 
     def load(self, full: torch.Tensor, part: str = "all", is_bias: bool = False) -> None:
         super().load(full, part, is_bias)
 
 
 class RowParallelLinear(nn.Module):
-    def __init__(self, in_features: int, out_features: int, dtype):
+    def __init__(self, in_features: int, out_features: int, dtype,
+                 parallel: ParallelContext = SINGLE):
         super().__init__()
-        if in_features % tp_size():
-            raise ValueError(f"in_features {in_features} not divisible by TP size {tp_size()}")
+        self.parallel = parallel
+        if in_features % parallel.tp_size:
+            raise ValueError(
+                f"in_features {in_features} not divisible by TP size {parallel.tp_size}")
         self.weight = nn.Parameter(
-            torch.empty(out_features, in_features // tp_size(), dtype=dtype), requires_grad=False
+            torch.empty(out_features, in_features // parallel.tp_size, dtype=dtype),
+            requires_grad=False,
         )
 
     def load(self, full: torch.Tensor) -> None:
-        self.weight.data.copy_(_shard(full, 1))
+        self.weight.data.copy_(self.parallel.shard(full, 1))
         forget_packed(self.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return tp_all_reduce(dense(x, self.weight))
+        return self.parallel.all_reduce(dense(x, self.weight))
 
 
 class VocabParallelEmbedding(nn.Module):
-    def __init__(self, vocab_size: int, dim: int, dtype):
+    def __init__(self, vocab_size: int, dim: int, dtype, parallel: ParallelContext = SINGLE):
         super().__init__()
-        if vocab_size % tp_size():
-            raise ValueError(f"vocab {vocab_size} not divisible by TP size {tp_size()}")
-        self.shard = vocab_size // tp_size()
-        self.start = tp_rank() * self.shard
+        self.parallel = parallel
+        if vocab_size % parallel.tp_size:
+            raise ValueError(f"vocab {vocab_size} not divisible by TP size {parallel.tp_size}")
+        self.shard = vocab_size // parallel.tp_size
+        self.start = parallel.tp_rank * self.shard
         self.weight = nn.Parameter(torch.empty(self.shard, dim, dtype=dtype), requires_grad=False)
 
     def load(self, full: torch.Tensor) -> None:
-        self.weight.data.copy_(_shard(full, 0))
+        self.weight.data.copy_(self.parallel.shard(full, 0))
         forget_packed(self.weight)  # the LM head may multiply by this (tied embeddings)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        if tp_size() == 1:
+        if self.parallel.tp_size == 1:
             return F.embedding(ids, self.weight)
         local = ids - self.start
         inside = (local >= 0) & (local < self.shard)
         out = F.embedding(local.clamp(0, self.shard - 1), self.weight)
-        return tp_all_reduce(out * inside.unsqueeze(-1))
+        return self.parallel.all_reduce(out * inside.unsqueeze(-1))

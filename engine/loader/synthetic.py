@@ -143,6 +143,7 @@ class SyntheticTokenizer:
         if vocab_size < 256:
             raise ValueError(f"vocab of {vocab_size} cannot hold the 256 byte ids")
         self.vocab_size = vocab_size
+        self.fingerprint = f"bytes/{vocab_size}"
 
     def encode(self, text: str) -> list[int]:
         return list(text.encode("utf-8"))

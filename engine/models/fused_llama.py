@@ -22,7 +22,6 @@ import torch
 from pdserve.engine.layers import fused
 from pdserve.engine.layers.norm_rope import RMSNorm, RotaryEmbedding
 from pdserve.engine.models.llama import LlamaAttention, LlamaDecoderLayer, LlamaForCausalLM
-from pdserve.engine.parallel import tp_size
 
 
 class FusedRMSNorm(RMSNorm):
@@ -54,7 +53,7 @@ class FusedLlamaDecoderLayer(LlamaDecoderLayer):
         h = self.self_attn(positions, fused.rms_norm(x, norm1.weight, norm1.eps))
         x, normed = fused.add_rms_norm(x, h, norm2.weight, norm2.eps)
         act = fused.silu_mul(self.mlp.gate_up_proj(normed))
-        if tp_size() == 1:
+        if self.mlp.down_proj.parallel.tp_size == 1:
             # The residual rides in the GEMM's C operand: no separate add kernel, and in
             # place (x is this layer's own buffer), so no copy of x into a new output.
             return x.addmm_(act, self.mlp.down_proj.weight.t())

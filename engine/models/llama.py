@@ -3,7 +3,7 @@
 One flattened batch of `T` tokens goes through `forward(input_ids, positions)`; attention
 reads its per-step metadata from `engine.forward_context`. Tensor parallelism lives in the
 layers (`engine.layers.linear`): this file only says which projection is column- or
-row-parallel.
+row-parallel, and hands every layer the `ParallelContext` the model was built with.
 """
 
 from __future__ import annotations
@@ -23,15 +23,16 @@ from pdserve.engine.layers.linear import (
     dense,
 )
 from pdserve.engine.layers.norm_rope import RMSNorm, RotaryEmbedding
-from pdserve.engine.parallel import tp_all_gather_last_dim, tp_size
+from pdserve.engine.parallel import SINGLE, ParallelContext
 
 
 class LlamaAttention(nn.Module):
-    def __init__(self, config: ModelConfig, layer_idx: int, rope: RotaryEmbedding, dtype):
+    def __init__(self, config: ModelConfig, layer_idx: int, rope: RotaryEmbedding, dtype,
+                 parallel: ParallelContext = SINGLE):
         super().__init__()
         self.layer_idx = layer_idx
-        self.num_heads = config.num_heads // tp_size()
-        self.num_kv_heads = config.num_kv_heads // tp_size()
+        self.num_heads = config.num_heads // parallel.tp_size
+        self.num_kv_heads = config.num_kv_heads // parallel.tp_size
         self.head_dim = config.head_dim
         self.scale = config.head_dim**-0.5
         self.rope = rope
@@ -41,8 +42,9 @@ class LlamaAttention(nn.Module):
             {"q": config.num_heads * d, "k": config.num_kv_heads * d, "v": config.num_kv_heads * d},
             bias=config.attention_bias,
             dtype=dtype,
+            parallel=parallel,
         )
-        self.o_proj = RowParallelLinear(config.num_heads * d, config.hidden_size, dtype)
+        self.o_proj = RowParallelLinear(config.num_heads * d, config.hidden_size, dtype, parallel)
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         ctx = forward_context.current()
@@ -71,13 +73,13 @@ class LlamaAttention(nn.Module):
 
 
 class LlamaMLP(nn.Module):
-    def __init__(self, config: ModelConfig, dtype):
+    def __init__(self, config: ModelConfig, dtype, parallel: ParallelContext = SINGLE):
         super().__init__()
         n = config.intermediate_size
         self.gate_up_proj = MergedColumnLinear(
-            config.hidden_size, {"gate": n, "up": n}, bias=False, dtype=dtype
+            config.hidden_size, {"gate": n, "up": n}, bias=False, dtype=dtype, parallel=parallel
         )
-        self.down_proj = RowParallelLinear(n, config.hidden_size, dtype)
+        self.down_proj = RowParallelLinear(n, config.hidden_size, dtype, parallel)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
@@ -85,12 +87,13 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, config: ModelConfig, layer_idx: int, rope: RotaryEmbedding, dtype):
+    def __init__(self, config: ModelConfig, layer_idx: int, rope: RotaryEmbedding, dtype,
+                 parallel: ParallelContext = SINGLE):
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
-        self.self_attn = LlamaAttention(config, layer_idx, rope, dtype)
+        self.self_attn = LlamaAttention(config, layer_idx, rope, dtype, parallel)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
-        self.mlp = LlamaMLP(config, dtype)
+        self.mlp = LlamaMLP(config, dtype, parallel)
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         x = x + self.self_attn(positions, self.input_layernorm(x))
@@ -98,21 +101,32 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaForCausalLM(nn.Module):
-    """Embedding -> decoder layers -> final norm; `compute_logits` applies the LM head."""
+    """Embedding -> decoder layers -> final norm; `compute_logits` applies the LM head.
 
-    def __init__(self, config: ModelConfig, dtype=torch.float32):
+    `parallel` says which tensor-parallel shard of every weight this instance holds.
+    """
+
+    def __init__(self, config: ModelConfig, dtype=torch.float32,
+                 parallel: ParallelContext = SINGLE):
         super().__init__()
+        if parallel.pp_size != 1:
+            raise NotImplementedError("pipeline parallelism: the model runs all its layers "
+                                      f"on one stage (got pp_size={parallel.pp_size})")
         self.config = config
+        self.parallel = parallel
         self.rope = RotaryEmbedding(config)
-        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, dtype)
+        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, dtype,
+                                                   parallel)
         self.layers = nn.ModuleList(
-            LlamaDecoderLayer(config, i, self.rope, dtype) for i in range(config.num_layers)
+            LlamaDecoderLayer(config, i, self.rope, dtype, parallel)
+            for i in range(config.num_layers)
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
         if config.tie_word_embeddings:
             self.lm_head = self.embed_tokens
         else:
-            self.lm_head = VocabParallelEmbedding(config.vocab_size, config.hidden_size, dtype)
+            self.lm_head = VocabParallelEmbedding(config.vocab_size, config.hidden_size, dtype,
+                                                  parallel)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         x = self.embed_tokens(input_ids)
@@ -121,7 +135,7 @@ class LlamaForCausalLM(nn.Module):
         return self.norm(x)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return tp_all_gather_last_dim(dense(hidden, self.lm_head.weight))
+        return self.parallel.all_gather_last_dim(dense(hidden, self.lm_head.weight))
 
     # ---- weights ---------------------------------------------------------------------------
 

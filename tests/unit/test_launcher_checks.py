@@ -44,3 +44,41 @@ def test_ipv6_loopback_counts_as_loopback():
     c = _cluster([_prefill("10.0.0.1"), _decode("10.0.0.2", "[::1]:4321")])
     with pytest.raises(ClusterStartError):
         c._check_reachable()
+
+
+# ---- the KV handshake at start-up --------------------------------------------------------
+
+def _keyed(worker_id: str, role: str, tp: int = 1, revision: str = "gguf:a") -> dict:
+    import torch
+
+    from pdserve.engine.config import ContentKey
+    from pdserve.engine.kv_cache.layout import LayoutKey
+    from pdserve.engine.loader import synthetic
+
+    model = synthetic.synthetic_config("random:tiny", torch.device("cpu"), torch.float32)
+    content = ContentKey.for_model(model, "float32", "tok:t")
+    return {"worker_id": worker_id, "role": role, "node_ip": "127.0.0.1",
+            "content_key": {**content.to_dict(), "revision": revision},
+            "layout_key": LayoutKey.for_model(model, 16, "float32", tp).to_dict()}
+
+
+def test_prefill_tp2_with_decode_tp1_fails_start_up_naming_the_field():
+    c = _cluster([_keyed("prefill-0", "prefill", tp=2), _keyed("decode-0", "decode"),
+                  _keyed("decode-1", "decode", tp=2)])
+    with pytest.raises(ClusterStartError, match="prefill-0 tp_size=2, decode-0 tp_size=1"):
+        c._check_keys()
+
+
+def test_workers_with_different_weights_fail_start_up_naming_the_field():
+    c = _cluster([_keyed("colocated-0", "colocated"),
+                  _keyed("colocated-1", "colocated", revision="gguf:b")], mode="colocated")
+    with pytest.raises(ClusterStartError, match="colocated-1 revision=gguf:b"):
+        c._check_keys()
+
+
+def test_matching_pairs_pass_and_decode_workers_may_differ_among_themselves():
+    _cluster([_keyed("prefill-0", "prefill", tp=2), _keyed("prefill-1", "prefill", tp=2),
+              _keyed("decode-0", "decode", tp=2)])._check_keys()
+    # Two decode workers never exchange KV: different layouts among them are fine.
+    _cluster([_keyed("colocated-0", "colocated"), _keyed("colocated-1", "colocated", tp=2)],
+             mode="colocated")._check_keys()

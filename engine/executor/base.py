@@ -1,0 +1,63 @@
+"""The executor seam: how a worker runs one model step, in one process or over a rank group.
+
+The engine (scheduler, block manager, sampler, detokeniser) lives on one *driver* rank. Each
+step it hands the executor a `StepInput`; the executor runs the model on every rank that
+holds part of the replica and returns the `StepOutput` the driver samples from. Tensor and
+pipeline parallelism live behind this seam: the engine never sees ranks.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import TYPE_CHECKING
+
+from pdserve.engine.executor.rank_worker import RankWorker
+from pdserve.engine.executor.step import StepInput, StepOutput
+from pdserve.engine.parallel import ParallelContext
+
+if TYPE_CHECKING:
+    from pdserve.engine.kv_connector import KVConnectorWorker
+
+
+class ExecutorError(RuntimeError):
+    """A rank of the group failed, died or did not answer in time; the executor is
+    unusable afterwards (its ranks may be out of step) and must be rebuilt."""
+
+
+class Executor(ABC):
+    """Runs model steps for one driver.
+
+    Invariants:
+    - Only the driver calls it, one step at a time; steps run in the order given. Every
+      rank of the replica executes every step on the same `StepInput` (TP) or on its stage
+      of it (PP); follower ranks never schedule, sample or free blocks.
+    - Every rank holds a KV pool of `num_blocks` blocks; a block id names the same tokens on
+      every rank (each rank stores its own KV heads, or its stage's layers, of them). The
+      block manager on the driver is therefore the only one.
+    - `execute_model` returns the full-vocabulary fp32 logits of the step's sampling
+      sequences on the driver, valid until the next call.
+    - A failure on any rank (an error, a dead process, a collective that times out after
+      the rank group's collective timeout) raises `ExecutorError` on the driver instead of
+      hanging it; after that every call raises. `shutdown` releases the followers and may
+      be called more than once.
+    - `worker` is the driver's own rank: its model shard, KV pool and runner, which the
+      engine and the KV transports of this process use directly.
+    """
+
+    worker: RankWorker
+
+    @abstractmethod
+    def execute_model(
+        self, step: StepInput, kv_connector: KVConnectorWorker | None = None
+    ) -> StepOutput:
+        """Run one step. With `kv_connector` (the worker half of a KV connector: a step that
+        loads or saves KV), the driver waits for layer l's loads before its attention and
+        saves its K/V right after writing them (layer-wise KV streaming hangs off it)."""
+
+    def shutdown(self) -> None:  # noqa: B027 - one process has nothing to release
+        """Release the ranks this executor started or drives."""
+
+    @property
+    def parallel(self) -> ParallelContext:
+        """The driver rank's place in the replica's TP/PP layout."""
+        return self.worker.parallel

@@ -1,0 +1,139 @@
+"""A rank group: the `torch.distributed` groups of one model replica's ranks, and the
+channel on which the driver rank tells the follower ranks what to run.
+
+Whoever places the ranks (a test spawning processes, later a Ray actor group) calls
+`init_rank_group` once in each of them. Two groups are made:
+
+- the model's group (NCCL on GPU, gloo on CPU) for the layers' all-reduce and all-gather,
+  with `timeout_s` as its collective timeout;
+- a gloo control group on the CPU for `ControlChannel`: the driver broadcasts each message
+  as a msgpack map in a uint8 tensor (never pickle, never `broadcast_object_list`).
+
+Timeouts: every collective of a step waits at most `timeout_s` for the other ranks, so a
+dead or hung rank fails the step instead of hanging the group. The one wait that has no
+such bound is a follower's wait for the driver's next message (a driver may be idle for
+hours); a driver that dies closes its sockets, which ends that wait with an error. On
+NCCL, torch's watchdog enforces the model group's timeout by tearing the process down.
+"""
+
+from __future__ import annotations
+
+import datetime
+from dataclasses import dataclass
+from typing import Any
+
+import msgpack
+import torch
+
+from pdserve.engine.parallel import ParallelContext
+
+DRIVER_RANK = 0
+# How long a follower waits for the driver's next message: as long as the driver lives.
+FOLLOWER_IDLE_TIMEOUT = datetime.timedelta(days=365)
+_STATUS_BYTES = 1024  # one rank's status line in `gather_text`
+
+
+class ControlChannel:
+    """Driver -> followers messages over a gloo group: msgpack maps in uint8 tensors.
+
+    Invariants: only the driver (group rank 0) sends; every follower receives every message
+    in order (each is two broadcasts: an int64 length, then the bytes). Every wait has a
+    timeout; a failed or timed-out broadcast raises `RuntimeError` from torch.
+    """
+
+    def __init__(self, group: Any, rank: int, world_size: int, timeout_s: float):
+        self.group = group
+        self.rank = rank
+        self.world_size = world_size
+        self.timeout = datetime.timedelta(seconds=timeout_s)
+
+    def send(self, msg: dict, timeout_s: float | None = None) -> None:
+        if self.rank != DRIVER_RANK:
+            raise RuntimeError("only the driver rank sends on the control channel")
+        timeout = self._timeout(timeout_s)
+        body = msgpack.packb(msg, use_bin_type=True)
+        self._broadcast(torch.tensor([len(body)], dtype=torch.int64), timeout)
+        self._broadcast(torch.frombuffer(bytearray(body), dtype=torch.uint8), timeout)
+
+    def recv(self, timeout_s: float | None = None) -> dict:
+        """The driver's next message (followers); waits `FOLLOWER_IDLE_TIMEOUT` by default."""
+        timeout = FOLLOWER_IDLE_TIMEOUT if timeout_s is None else self._timeout(timeout_s)
+        size = torch.zeros(1, dtype=torch.int64)
+        self._broadcast(size, timeout)
+        body = torch.empty(int(size.item()), dtype=torch.uint8)
+        self._broadcast(body, timeout)
+        msg = msgpack.unpackb(body.numpy().tobytes(), raw=False, strict_map_key=True)
+        if not isinstance(msg, dict) or not isinstance(msg.get("op"), str):
+            raise ValueError("control message is not a map with an 'op'")
+        return msg
+
+    def gather_text(self, text: str, timeout_s: float | None = None) -> list[str]:
+        """Every rank's status line (at most 1 KiB of UTF-8 each), in rank order.
+
+        Each rank writes its line into its own row of a zeroed table; a sum over the ranks
+        is then the table of all lines (an all-gather with the per-call timeout that
+        torch's Python API offers only for all-reduce)."""
+        import torch.distributed as dist
+
+        data = text.encode()[:_STATUS_BYTES]
+        table = torch.zeros(self.world_size, _STATUS_BYTES, dtype=torch.uint8)
+        if data:
+            table[self.rank, : len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+        opts = dist.AllreduceOptions()
+        opts.reduceOp, opts.timeout = dist.ReduceOp.SUM, self._timeout(timeout_s)
+        self.group.allreduce([table], opts).wait()
+        return [row.numpy().tobytes().rstrip(b"\0").decode(errors="replace") for row in table]
+
+    def _timeout(self, timeout_s: float | None) -> datetime.timedelta:
+        return self.timeout if timeout_s is None else datetime.timedelta(seconds=timeout_s)
+
+    def _broadcast(self, t: torch.Tensor, timeout: datetime.timedelta) -> None:
+        import torch.distributed as dist
+
+        opts = dist.BroadcastOptions()
+        opts.rootRank, opts.rootTensor, opts.timeout = DRIVER_RANK, 0, timeout
+        self.group.broadcast([t], opts).wait()
+
+
+@dataclass
+class RankGroup:
+    """This process's rank in a group of `world_size` ranks serving one model replica."""
+
+    rank: int
+    world_size: int
+    device: torch.device
+    parallel: ParallelContext
+    control: ControlChannel
+    timeout_s: float
+
+    @property
+    def is_driver(self) -> bool:
+        return self.rank == DRIVER_RANK
+
+    def destroy(self) -> None:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def init_rank_group(rank: int, world_size: int, init_method: str, device: str = "cpu",
+                    timeout_s: float = 60.0) -> RankGroup:
+    """Join the group (every rank calls this with the same `init_method`, e.g.
+    `tcp://127.0.0.1:PORT`). `device` is this rank's own device ("cuda:1" for rank 1 on a
+    multi-GPU host). All ranks form one tensor-parallel group (no pipeline stages yet)."""
+    import torch.distributed as dist
+
+    dev = torch.device(device)
+    timeout = datetime.timedelta(seconds=timeout_s)
+    backend = "nccl" if dev.type == "cuda" else "gloo"
+    if dev.type == "cuda":
+        if dev.index is None:
+            dev = torch.device("cuda", torch.cuda.current_device())
+        torch.cuda.set_device(dev)
+    dist.init_process_group(backend, init_method=init_method, rank=rank,
+                            world_size=world_size, timeout=timeout)
+    control = dist.new_group(backend="gloo", timeout=timeout)
+    parallel = ParallelContext(tp_rank=rank, tp_size=world_size, tp_group=dist.group.WORLD)
+    return RankGroup(rank, world_size, dev, parallel,
+                     ControlChannel(control, rank, world_size, timeout_s), timeout_s)

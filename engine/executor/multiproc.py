@@ -1,0 +1,173 @@
+"""A tensor-parallel replica over a rank group: the driver rank schedules, followers execute.
+
+The driver's engine owns the scheduler, block manager and sampler. For each step,
+`MultiprocExecutor` broadcasts the `StepInput` on the group's control channel and runs its
+own shard; every follower (`run_follower`) receives the same step and runs its shard, and
+the layers' collectives join the shards (row-parallel all-reduce, vocabulary all-gather).
+Followers run no scheduler: they only hold their KV pool, whose block ids the driver's
+block manager assigns.
+
+Start-up: followers build their model while the driver builds its own; the driver then
+sends `init` (pool size and the keys it expects) and every rank reports whether it agrees,
+so a follower with another model, dtype or layout fails the start, not a later step.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+from pdserve.engine.config import EngineConfig
+from pdserve.engine.executor.base import Executor, ExecutorError
+from pdserve.engine.executor.group import RankGroup
+from pdserve.engine.executor.rank_worker import RankWorker
+from pdserve.engine.executor.step import StepInput, StepOutput
+
+if TYPE_CHECKING:
+    from pdserve.engine.kv_connector import KVConnectorWorker
+
+log = logging.getLogger("pdserve.engine")
+
+# How long start-up may wait for the slowest rank to load its weights.
+START_TIMEOUT_S = 600.0
+
+
+def _check_group(config: EngineConfig, group: RankGroup) -> None:
+    if group.world_size != config.parallel.world_size:
+        raise ValueError(
+            f"rank group of {group.world_size} ranks, but the config asks for "
+            f"tensor_parallel_size={config.parallel.tensor_parallel_size}")
+
+
+class MultiprocExecutor(Executor):
+    """The driver rank (rank 0) of a rank group made by `init_rank_group`.
+
+    KV streaming from a layer hook is refused while `tp_size > 1`: each rank holds only its
+    own KV heads, and a transport that sends every rank's share is not built yet.
+    """
+
+    def __init__(self, config: EngineConfig, group: RankGroup,
+                 start_timeout_s: float = START_TIMEOUT_S):
+        _check_group(config, group)
+        if not group.is_driver:
+            raise ValueError(f"rank {group.rank} is a follower: call run_follower on it")
+        self.group = group
+        self._channel = group.control
+        self._step_id = 0
+        self._broken: str | None = None
+        self._closed = False
+        try:
+            self.worker = RankWorker(config, group.parallel, group.device)
+            self.worker.allocate_kv(self.worker.default_num_blocks())
+            self._channel.send({"op": "init", "num_blocks": self.worker.num_blocks,
+                                "content_key": self.worker.content_key.digest,
+                                "layout_key": self.worker.layout_key.to_dict()},
+                               timeout_s=start_timeout_s)
+            statuses = self._channel.gather_text("", timeout_s=start_timeout_s)
+        except BaseException as e:
+            self._release_followers()
+            if isinstance(e, RuntimeError):
+                raise ExecutorError(f"rank group failed to start: {e}") from e
+            raise
+        refused = [f"rank {r}: {s}" for r, s in enumerate(statuses) if s]
+        if refused:
+            self._release_followers()  # those that accepted; the others have left
+            raise ExecutorError("follower ranks refused the driver's model: " + "; ".join(refused))
+        log.info("rank group of %d ready (driver rank 0, %d KV blocks per rank)",
+                 group.world_size, self.worker.num_blocks)
+
+    def execute_model(
+        self, step: StepInput, kv_connector: KVConnectorWorker | None = None
+    ) -> StepOutput:
+        if self._broken is not None:
+            raise ExecutorError(self._broken)
+        if self._closed:
+            raise ExecutorError("the rank group was shut down")
+        if kv_connector is not None and self.parallel.tp_size > 1:
+            raise NotImplementedError(
+                "KV streaming from a tensor-parallel group: each rank holds only its own KV "
+                "heads, and no transport sends every rank's share yet")
+        self._step_id += 1
+        try:
+            self._channel.send({"op": "step", "id": self._step_id, "step": step.to_plain()})
+            logits = self.worker.runner.execute(step, kv_connector)
+        except Exception as e:
+            # The ranks may now be in different places of the step: the group cannot go on.
+            self._broken = (
+                f"step {self._step_id} of the rank group failed: a follower rank died, hung "
+                f"past the {self.group.timeout_s:g}s collective timeout, or failed itself; "
+                f"the rank group is unusable, restart it ({type(e).__name__}: {e})")
+            raise ExecutorError(self._broken) from e
+        return StepOutput(logits)
+
+    def shutdown(self) -> None:
+        """Tell the followers to return from `run_follower` (best effort if broken)."""
+        if not self._closed:
+            self._release_followers()
+
+    def _release_followers(self) -> None:
+        self._closed = True
+        try:
+            self._channel.send({"op": "stop"}, timeout_s=min(self.group.timeout_s, 10.0))
+        except RuntimeError as e:  # a dead follower needs no release
+            log.warning("rank group: could not tell every follower to stop: %s", e)
+
+
+class Follower:
+    """A follower rank: builds its shard of the driver's model, then executes the steps the
+    driver broadcasts until it says stop. It never schedules, samples or frees blocks."""
+
+    def __init__(self, config: EngineConfig, group: RankGroup):
+        _check_group(config, group)
+        if group.is_driver:
+            raise ValueError("rank 0 is the driver: build the engine with a MultiprocExecutor")
+        self.group = group
+        self.worker = RankWorker(config, group.parallel, group.device)
+        self.steps = 0
+
+    def run(self) -> int:
+        """Serve until the driver stops; returns the number of steps executed. Raises
+        `ExecutorError` if the driver disappears or the step stream breaks."""
+        rank, channel = self.group.rank, self.group.control
+        try:
+            msg = channel.recv(timeout_s=START_TIMEOUT_S)
+            if msg["op"] == "stop":
+                return 0
+            problem = _init_problem(self.worker, msg)
+            if not problem:
+                self.worker.allocate_kv(int(msg["num_blocks"]))
+            channel.gather_text(problem, timeout_s=START_TIMEOUT_S)
+            if problem:
+                raise ExecutorError(f"rank {rank} refused the driver's model: {problem}")
+            while True:
+                msg = channel.recv()
+                if msg["op"] == "stop":
+                    return self.steps
+                if msg["op"] != "step" or msg.get("id") != self.steps + 1:
+                    raise ExecutorError(f"rank {rank} expected step {self.steps + 1}, got "
+                                        f"{msg['op']} {msg.get('id')}")
+                self.worker.runner.execute(StepInput.from_plain(msg["step"]))
+                self.steps += 1
+        except ExecutorError:
+            raise
+        except RuntimeError as e:
+            raise ExecutorError(f"follower rank {rank} lost the driver: {e}") from e
+
+
+def run_follower(config: EngineConfig, group: RankGroup) -> int:
+    """Serve as follower rank `group.rank` until the driver stops; returns the number of
+    steps executed (see `Follower`)."""
+    return Follower(config, group).run()
+
+
+def _init_problem(worker: RankWorker, msg: dict) -> str:
+    """Why this follower cannot serve the driver's model ("" if it can)."""
+    if msg.get("op") != "init":
+        return f"expected init, got {msg.get('op')!r}"
+    if msg.get("content_key") != worker.content_key.digest:
+        return (f"content key {worker.content_key.digest} differs from the driver's "
+                f"{msg.get('content_key')} (model, tokenizer or dtype differ)")
+    mine = worker.layout_key.to_dict()
+    theirs = msg.get("layout_key") or {}
+    diff = [f"{k}={mine[k]} (driver {theirs.get(k)})" for k in mine if mine[k] != theirs.get(k)]
+    return "layout differs: " + ", ".join(diff) if diff else ""

@@ -1,0 +1,83 @@
+"""One rank's share of a model replica: its weight shard, its KV pool, its step runner.
+
+Built the same way on the driver rank and on every follower rank, from the same
+`EngineConfig` and that rank's `ParallelContext`; the layers take their own shard of each
+weight as they load. The KV pool is allocated separately (`allocate_kv`) because its size
+is the driver's decision: followers allocate what the driver tells them.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import replace
+
+import torch
+
+from pdserve.engine.attention.backend import get_backend
+from pdserve.engine.config import ContentKey, EngineConfig, torch_dtype
+from pdserve.engine.kv_cache.layout import KVLayout, LayoutKey
+from pdserve.engine.loader.registry import open_model
+from pdserve.engine.model_runner import ModelRunner
+from pdserve.engine.models.llama import LlamaForCausalLM
+from pdserve.engine.parallel import ParallelContext
+
+log = logging.getLogger("pdserve.engine")
+
+
+class RankWorker:
+    """The model, KV pool and `ModelRunner` of one rank (`runner` exists after
+    `allocate_kv`)."""
+
+    def __init__(self, config: EngineConfig, parallel: ParallelContext,
+                 device: str | torch.device | None = None):
+        self.config = config
+        self.parallel = parallel
+        if config.num_threads:
+            torch.set_num_threads(config.num_threads)
+        self.device = torch.device(device if device is not None else config.device)
+        dtype = torch_dtype(config.dtype)
+        source = open_model(config.model, self.device, dtype)
+        self.model_config = mc = source.config
+        self.tokenizer = source.tokenizer
+        limit = config.scheduler.max_model_len or mc.max_position_embeddings
+        self.max_model_len = min(limit, mc.max_position_embeddings)
+        with torch.device(self.device):
+            # The rope table covers the positions this engine serves, not all 128k of 3.1.
+            model = LlamaForCausalLM(replace(mc, max_position_embeddings=self.max_model_len),
+                                     dtype, parallel)
+        model.load_weights(source.weights)
+        if config.enable_fused_kernels and self.device.type == "cuda":
+            from pdserve.engine.models.fused_llama import set_fused_kernels
+
+            set_fused_kernels(model, True)
+        self.model = model.eval()
+        bs = config.cache.block_size
+        # Under tensor parallelism the model holds num_kv_heads / tp_size heads per rank;
+        # the KV pool must be laid out the same way or writing K/V fails.
+        self.layout = KVLayout.for_model(mc, bs, config.dtype, parallel.tp_size)
+        self.layout_key = LayoutKey.for_model(mc, bs, config.dtype, parallel.tp_size,
+                                              parallel.pp_size)
+        self.content_key = ContentKey.for_model(mc, config.dtype,
+                                                self.tokenizer.fingerprint)
+        self.num_blocks = 0
+        self.kv_cache: torch.Tensor | None = None
+        self.runner: ModelRunner | None = None
+
+    def default_num_blocks(self) -> int:
+        cache = self.config.cache
+        return cache.num_blocks or self.layout.num_blocks_for(cache.memory_bytes)
+
+    def allocate_kv(self, num_blocks: int) -> None:
+        """Allocate the pool and make the runner (and, on CUDA, capture decode graphs)."""
+        config = self.config
+        self.num_blocks = num_blocks
+        self.kv_cache = self.layout.allocate(num_blocks, self.device)
+        backend = get_backend(config.attention_backend, self.device)
+        self.runner = ModelRunner(self.model, self.kv_cache, backend, config.cache.block_size,
+                                  self.device)
+        if config.enable_cuda_graphs:  # pure-decode steps replay captured graphs on CUDA
+            from pdserve.engine.cuda_graph import DecodeGraphRunner
+
+            self.runner.decode_graphs = DecodeGraphRunner.maybe_create(
+                self.runner, self.max_model_len, config.scheduler.max_num_seqs
+            )

@@ -1,0 +1,100 @@
+"""The layout key and the start-up handshake between KV peers (torch-free: the router
+process runs the handshake over the workers' reported keys).
+
+The `ContentKey` (engine.config) says what a block's numbers mean; the `LayoutKey` here
+how one side holds them. `handshake` compares both for a sender/receiver pair and refuses,
+naming the fields, what no transport can bridge.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+
+from pdserve.engine.config import ContentKey, ModelConfig
+
+
+@dataclass(frozen=True, slots=True)
+class LayoutKey:
+    """How one side (a worker: all its ranks and stages) holds its KV blocks.
+
+    `kv_heads_per_rank` is what each TP rank's pool holds; `layers_per_stage` how many
+    layers each pipeline stage's pool holds, in stage order. Two sides with equal content
+    keys but different layout keys hold the same numbers cut differently: only a transport
+    that reshards may connect them.
+    """
+
+    block_size: int
+    kv_heads_per_rank: int
+    head_dim: int
+    layers_per_stage: tuple[int, ...]
+    tp_size: int
+    pp_size: int
+    dtype: str
+
+    @classmethod
+    def for_model(cls, model: ModelConfig, block_size: int, dtype: str, tp_size: int = 1,
+                  pp_size: int = 1) -> LayoutKey:
+        from pdserve.engine.parallel import layers_per_stage
+
+        if model.num_kv_heads % tp_size:
+            raise ValueError(
+                f"{model.num_kv_heads} KV heads cannot be split over tensor-parallel size {tp_size}"
+            )
+        return cls(block_size, model.num_kv_heads // tp_size, model.head_dim,
+                   layers_per_stage(model.num_layers, pp_size), tp_size, pp_size, dtype)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["layers_per_stage"] = list(self.layers_per_stage)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> LayoutKey:
+        names = {f.name for f in fields(cls)}
+        if set(d) != names:
+            raise ValueError(f"LayoutKey fields must be exactly {sorted(names)}, got {sorted(d)}")
+        return cls(**{**d, "layers_per_stage": tuple(int(n) for n in d["layers_per_stage"])})
+
+
+class HandshakeError(ValueError):
+    """Two sides cannot exchange KV blocks; the message names the fields that differ."""
+
+
+# Layout fields some transport can bridge (by resharding KV heads or layers). None yet:
+# every layout difference is refused at start-up instead of failing each transfer.
+RESHARDABLE_FIELDS: frozenset[str] = frozenset()
+
+
+def handshake(a_name: str, a_content: ContentKey, a_layout: LayoutKey,
+              b_name: str, b_content: ContentKey, b_layout: LayoutKey,
+              reshardable: frozenset[str] = RESHARDABLE_FIELDS) -> None:
+    """Check that side `a` (say a prefill worker) may send KV to side `b` (a decode worker).
+
+    Refuses, with a `HandshakeError` naming each differing field and both values
+    ("prefill-0 tp_size=2, decode-0 tp_size=1"), a content mismatch of any kind and a
+    layout difference in a field outside `reshardable`.
+    """
+    problems = []
+    content = _differences(a_content.to_dict(), b_content.to_dict(), a_name, b_name)
+    if content:
+        problems.append(f"content differs (blocks would not mean the same thing): {content}")
+    layout = _differences(a_layout.to_dict(), b_layout.to_dict(), a_name, b_name, reshardable)
+    if layout:
+        problems.append(f"KV layout differs and no transport reshards it yet: {layout}")
+    if problems:
+        raise HandshakeError(f"{a_name} cannot send KV to {b_name}: " + "; ".join(problems))
+
+
+def check_same_content(a_name: str, a_content: ContentKey, b_name: str,
+                       b_content: ContentKey) -> None:
+    """Refuse (naming the fields) two sides whose blocks would not mean the same thing,
+    whatever their layouts: they must not share block hashes or a KV store."""
+    content = _differences(a_content.to_dict(), b_content.to_dict(), a_name, b_name)
+    if content:
+        raise HandshakeError(f"{a_name} and {b_name} serve different content: {content}")
+
+
+def _differences(a: dict, b: dict, a_name: str, b_name: str,
+                 allowed: frozenset[str] = frozenset()) -> str:
+    return "; ".join(f"{a_name} {k}={a[k]}, {b_name} {k}={b[k]}"
+                     for k in a if a[k] != b[k] and k not in allowed)
