@@ -1,4 +1,5 @@
-"""The `pdserve` command: serve a cluster, stream a completion, benchmark, show stats."""
+"""The `pdserve` command: serve a cluster, stream a completion, benchmark, show stats and
+status, stop a server."""
 
 from __future__ import annotations
 
@@ -20,7 +21,9 @@ def _serve(args) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    overrides = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
+    overrides = {k: v for k, v in (("host", args.host), ("port", args.port),
+                                   ("http_host", args.http_host), ("http_port", args.http_port))
+                 if v is not None}
     if overrides:
         cfg = cfg.model_copy(update={"router": cfg.router.model_copy(update=overrides)})
     return serve(cfg)
@@ -73,6 +76,57 @@ def _stats(args) -> int:
     return 0
 
 
+def _target(args) -> str:
+    """--target, else the only local server's gRPC address, else the default port."""
+    if args.target:
+        return args.target
+    from pdserve.cluster.control import running_servers
+
+    servers = running_servers()
+    return servers[0]["grpc"] if len(servers) == 1 else "127.0.0.1:50051"
+
+
+def _status(args) -> int:
+    import grpc
+
+    from pdserve.cluster.client import PdserveClient
+    from pdserve.cluster.control import format_status
+    from pdserve.proto import pb
+
+    target = _target(args)
+    token = os.environ.get(args.token_env) if args.token_env else None
+    with PdserveClient(target, token=token) as client:
+        try:
+            health = client.health()
+            models = client.generation.ListModels(pb.ListModelsRequest(), timeout=30,
+                                                  metadata=client.metadata).models
+        except grpc.RpcError as e:
+            print(f"error: router {target}: {e.code().name}: {e.details()}", file=sys.stderr)
+            return 1
+        try:
+            stats = client.stats()
+        except grpc.RpcError as e:
+            print(format_status(target, health, models[0] if models else None, None))
+            print(f"error: worker stats failed (a worker is down?): {e.details()}",
+                  file=sys.stderr)
+            return 1
+    print(format_status(target, health, models[0] if models else None, stats))
+    return 0
+
+
+def _stop(args) -> int:
+    from pdserve.cluster.control import stop_server
+
+    try:
+        server = stop_server(args.target, args.timeout)
+    except (LookupError, TimeoutError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(f"stopped pdserve (pid {server['pid']}, gRPC {server['grpc']}"
+          + (f", HTTP {server['http']}" if server.get("http") else "") + ")")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "bench":
@@ -85,7 +139,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("config", nargs="?", default=None,
                    help="cluster YAML (default: built-in local CPU 1P1D config)")
     p.add_argument("--host", default=None)
-    p.add_argument("--port", type=int, default=None)
+    p.add_argument("--port", type=int, default=None, help="gRPC port")
+    p.add_argument("--http-host", default=None, help="OpenAI HTTP API interface")
+    p.add_argument("--http-port", type=int, default=None, help="OpenAI HTTP API port")
     g = sub.add_parser("generate", help="stream a completion from a running cluster")
     g.add_argument("prompt")
     g.add_argument("--target", default="127.0.0.1:50051")
@@ -97,10 +153,19 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("-v", "--verbose", action="store_true")
     s = sub.add_parser("stats", help="per-worker KV blocks and queues")
     s.add_argument("--target", default="127.0.0.1:50051")
+    st = sub.add_parser("status", help="router health, model, workers and their KV use")
+    st.add_argument("--target", default=None,
+                    help="router HOST:PORT (default: the one local server, or :50051)")
+    st.add_argument("--token-env", default=None, help="env var holding the bearer token")
+    sp = sub.add_parser("stop", help="stop a `pdserve serve` running on this machine")
+    sp.add_argument("--target", default=None, help="its gRPC HOST:PORT (needed when several "
+                    "run here)")
+    sp.add_argument("--timeout", type=float, default=60.0)
     sub.add_parser("bench", help="serving benchmark (see `pdserve bench --help`)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    return {"serve": _serve, "generate": _generate, "stats": _stats}[args.cmd](args)
+    return {"serve": _serve, "generate": _generate, "stats": _stats, "status": _status,
+            "stop": _stop}[args.cmd](args)
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ from tqdm import tqdm
 
 from pdserve.cluster.actors import DecodeActor, PrefillActor
 from pdserve.cluster.config import ClusterConfig, PoolSection
+from pdserve.cluster.control import RunFile
 from pdserve.cluster.nccl_setup import connect_all as connect_nccl_pairs
 from pdserve.cluster.ray_clients import RayDecodeClient, RayPrefillClient
 from pdserve.engine.loader.registry import open_model
@@ -299,14 +300,21 @@ def serve(config: ClusterConfig) -> int:
     try:
         cluster.start()
 
+        run_file: list[RunFile] = []
+
         async def main() -> None:
             stop = asyncio.Event()
             loop = asyncio.get_running_loop()
             for sig in (signal.SIGINT, signal.SIGTERM):
                 loop.add_signal_handler(sig, stop.set)
-            await run_router(cluster, stop)
+            await run_router(cluster, stop, on_ready=lambda address: run_file.append(
+                RunFile(address, cluster.http_url)))
 
-        asyncio.run(main())
+        try:
+            asyncio.run(main())
+        finally:
+            for f in run_file:  # `pdserve stop` finds a server by this file
+                f.remove()
         print("shutting down", flush=True)
         return 0
     finally:
