@@ -98,8 +98,11 @@ class RouterMetrics:
                                    "of room (queue_full: router.max_queue in flight; "
                                    "decode_full: no KV blocks within the admission timeout).",
                                    [*lab, "reason"], registry=r)
+        # Exported as 0 from the start, so rates and dashboards see every series at once.
+        for reason in ("stop", "length", "abort", "error"):
+            self._success.labels(model_name, reason)
         for reason in ("queue_full", "decode_full"):
-            self._rejections.labels(model_name, reason)  # exported as 0 from the start
+            self._rejections.labels(model_name, reason)
         self._polled = _PolledCollector(model_name, counters)
         r.register(self._polled)
         Gauge("pdserve:router_requests_in_flight", "Requests admitted by the router and not "

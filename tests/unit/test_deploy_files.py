@@ -62,3 +62,27 @@ def test_kuberay_manifests():
 
 def test_job_submit_script_is_valid_bash():
     subprocess.run(["bash", "-n", str(DEPLOY / "job_submit.sh")], check=True)
+
+
+def test_grafana_dashboard_queries_only_metrics_the_router_exports():
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from pdserve.router.lifecycle import RouterCounters
+    from pdserve.router.metrics import RouterMetrics
+
+    metrics = RouterMetrics("m", 512, RouterCounters())
+    metrics.observe_worker_stats([
+        {"worker_id": "prefill-0", "role": "prefill", "free_blocks": 1, "total_blocks": 2,
+         "running": 0, "waiting": 0, "prompt_tokens": 0, "generated_tokens": 0, "handoffs": 0},
+        {"worker_id": "decode-0", "role": "decode", "free_blocks": 1, "total_blocks": 2,
+         "running": 0, "waiting": 0, "prompt_tokens": 0, "generated_tokens": 0,
+         "leases_expired": 0},
+    ])
+    exported = set()
+    for family in text_string_to_metric_families(metrics.exposition().decode()):
+        exported |= {family.name} | {s.name for s in family.samples}
+    dashboard = json.loads((ROOT / "deploy" / "grafana" / "pdserve-dashboard.json").read_text())
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
+    used = {name for e in exprs for name in re.findall(r"pdserve:[a-z0-9_]+", e)}
+    assert len(dashboard["panels"]) >= 10 and len(used) >= 15
+    assert used <= exported, sorted(used - exported)

@@ -129,4 +129,5 @@ def test_routers_in_one_process_do_not_share_metrics():
     a = RouterMetrics("m", 64, RouterCounters())
     b = RouterMetrics("m", 64, RouterCounters())
     a.watch(admitted(3)).close(failed=True)
-    assert b"finished_reason=\"error\"" not in b.exposition()
+    assert samples(a)[("pdserve:request_success_total", (("finished_reason", "error"),))] == 1
+    assert samples(b)[("pdserve:request_success_total", (("finished_reason", "error"),))] == 0
