@@ -348,6 +348,22 @@ def test_disconnect_mid_decode_frees_blocks_everywhere(http, grpc_client, start_
     assert grpc_client.stats().requests_aborted == aborted + 1
 
 
+def test_disconnect_during_a_non_streamed_request_frees_blocks(http, grpc_client,
+                                                                start_blocks):
+    """The client of a non-streamed request hangs up while its answer is being decoded."""
+    aborted = grpc_client.stats().requests_aborted
+    base = worker_stats(grpc_client)["decode-0"].generated_tokens
+    conn = http.connect()
+    conn.request("POST", "/v1/completions", json.dumps(
+        {"model": MODEL, "prompt": PROMPT, "max_tokens": 120, "ignore_eos": True}),
+        http.headers())
+    _wait_for(lambda: worker_stats(grpc_client)["decode-0"].generated_tokens > base + 2)
+    conn.close()
+    assert_blocks_back(grpc_client, start_blocks)
+    assert worker_stats(grpc_client)["decode-0"].generated_tokens - base < 120
+    assert grpc_client.stats().requests_aborted == aborted + 1
+
+
 def test_disconnect_mid_prefill_frees_blocks_everywhere(http, grpc_client, start_blocks):
     """No byte was sent to the client yet (headers go out with the first token): the
     disconnect is still noticed and aborts the prefill and the decode reservation."""
