@@ -86,3 +86,11 @@ def test_grafana_dashboard_queries_only_metrics_the_router_exports():
     used = {name for e in exprs for name in re.findall(r"pdserve:[a-z0-9_]+", e)}
     assert len(dashboard["panels"]) >= 10 and len(used) >= 15
     assert used <= exported, sorted(used - exported)
+
+
+def test_kuberay_service_exposes_the_http_api_of_the_config():
+    _, service = yaml.safe_load_all((DEPLOY / "kuberay" / "raycluster.yaml").read_text())
+    router = load_config(ROOT / "configs" / "multinode.yaml").router
+    ports = {p["name"]: p["port"] for p in service["spec"]["ports"]}
+    assert ports == {"grpc": router.port, "http": router.http_port}
+    assert router.http_host == "0.0.0.0" and router.auth_token_env
