@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import time
 from urllib.parse import urlsplit
 
 from prometheus_client.parser import text_string_to_metric_families
@@ -89,3 +90,10 @@ def sample(metrics: dict, name: str, **labels) -> float:
 
 def delta(after: dict, before: dict, name: str, **labels) -> float:
     return sample(after, name, **labels) - sample(before, name, **labels)
+
+
+def wait_for(predicate, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.02)

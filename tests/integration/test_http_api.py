@@ -12,7 +12,7 @@ import time
 import openai
 import pytest
 from cluster_checks import assert_blocks_back, free_blocks, worker_stats
-from http_checks import Http, delta, read_all_events, read_event, sample
+from http_checks import Http, delta, read_all_events, read_event, sample, wait_for
 
 from pdserve.bench.cli import main as bench_main
 from pdserve.bench.report import load_report
@@ -329,13 +329,6 @@ def test_queue_full_is_429(http, grpc_client, start_blocks):
 # ---- client disconnect ---------------------------------------------------------------------
 
 
-def _wait_for(predicate, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.02)
-
-
 def test_disconnect_mid_decode_frees_blocks_everywhere(http, grpc_client, start_blocks):
     aborted = grpc_client.stats().requests_aborted
     conn, resp = _long_stream(http)
@@ -357,7 +350,7 @@ def test_disconnect_during_a_non_streamed_request_frees_blocks(http, grpc_client
     conn.request("POST", "/v1/completions", json.dumps(
         {"model": MODEL, "prompt": PROMPT, "max_tokens": 120, "ignore_eos": True}),
         http.headers())
-    _wait_for(lambda: worker_stats(grpc_client)["decode-0"].generated_tokens > base + 2)
+    wait_for(lambda: worker_stats(grpc_client)["decode-0"].generated_tokens > base + 2)
     conn.close()
     assert_blocks_back(grpc_client, start_blocks)
     assert worker_stats(grpc_client)["decode-0"].generated_tokens - base < 120
@@ -372,7 +365,7 @@ def test_disconnect_mid_prefill_frees_blocks_everywhere(http, grpc_client, start
     conn, _ = http.connect(), None
     conn.request("POST", "/v1/completions", json.dumps(
         {"model": MODEL, "prompt": ids, "max_tokens": 8, "stream": True}), http.headers())
-    _wait_for(lambda: worker_stats(grpc_client)["prefill-0"].prompt_tokens_processed > base
+    wait_for(lambda: worker_stats(grpc_client)["prefill-0"].prompt_tokens_processed > base
               and worker_stats(grpc_client)["decode-0"].waiting)
     conn.close()
     assert_blocks_back(grpc_client, start_blocks)
