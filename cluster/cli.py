@@ -24,9 +24,19 @@ def _serve(args) -> int:
     overrides = {k: v for k, v in (("host", args.host), ("port", args.port),
                                    ("http_host", args.http_host), ("http_port", args.http_port))
                  if v is not None}
-    if overrides:
-        cfg = cfg.model_copy(update={"router": cfg.router.model_copy(update=overrides)})
-    return serve(cfg)
+    if overrides:  # validated like the YAML: --http-port 70000 is refused the same way
+        raw = cfg.model_dump(mode="json")
+        raw["router"].update(overrides)
+        try:
+            cfg = parse_config(raw, "the config with the command line's options")
+        except ConfigError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+    try:
+        return serve(cfg)
+    except OSError as e:  # a port already in use: one line, not a traceback
+        print(f"error: {e}", file=sys.stderr)
+        return 1
 
 
 def _generate(args) -> int:
