@@ -129,6 +129,24 @@ class FrontDoor:
         `fill_max_tokens`: the client left max_tokens unset and wants as many as fit (an
         OpenAI chat request): it becomes the room the context and the server's limit leave.
         """
+        return self.admit_all([request], fill_max_tokens)[0]
+
+    def admit_all(self, requests: list[pb.GenerateRequest], fill_max_tokens: bool = False
+                  ) -> list[Admitted]:
+        """`admit` for requests that run together (an OpenAI request's `n` choices): all
+        pass, with room in the queue for every one, or none does."""
+        if len(requests) > self.max_queue:
+            raise Rejected(Refusal.INVALID, f"n={len(requests)} choices need as many places "
+                                            f"in the queue; this server has {self.max_queue}")
+        admitted = [self._checked(r, fill_max_tokens) for r in requests]
+        if self.lifecycle.counters.in_flight + len(requests) > self.max_queue:
+            if self.metrics:
+                self.metrics.on_rejected(Refusal.QUEUE_FULL)
+            raise Rejected(Refusal.QUEUE_FULL, f"server busy: {self.max_queue} requests in "
+                                               "flight; retry later")
+        return admitted
+
+    def _checked(self, request: pb.GenerateRequest, fill_max_tokens: bool) -> Admitted:
         size = request.ByteSize()
         if size > self.max_request_bytes:
             raise Rejected(Refusal.INVALID, f"request is {size} bytes; the limit is "
@@ -140,11 +158,6 @@ class FrontDoor:
         if fill_max_tokens:
             room = min(self.limits.max_tokens_limit, self.limits.max_model_len - len(ids))
             params = dataclasses.replace(params, max_tokens=max(room, params.max_tokens))
-        if self.lifecycle.counters.in_flight >= self.max_queue:
-            if self.metrics:
-                self.metrics.on_rejected(Refusal.QUEUE_FULL)
-            raise Rejected(Refusal.QUEUE_FULL, f"server busy: {self.max_queue} requests in "
-                                               "flight; retry later")
         rid = request.request_id or f"req-{uuid.uuid4().hex[:16]}"
         return Admitted(rid, ids, params)
 

@@ -12,11 +12,14 @@ needs it), 404 an unknown model or route, 413 a body over `router.max_request_by
 failed handoff, 500 a worker error. A streamed request sends its headers with its first
 event, so every refusal before the first token still gets its status; a failure after it
 arrives as an `{"error": ...}` event before `[DONE]`. A client that disconnects cancels the
-handler (aiohttp's `handler_cancellation`), which aborts the request on every worker.
+handler (aiohttp's `handler_cancellation`), which aborts the request on every worker. `n`
+choices run as `n` requests admitted together; their chunks interleave as they come, and
+one failing or the client leaving aborts them all.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
@@ -24,7 +27,7 @@ from contextlib import aclosing
 
 from aiohttp import web
 
-from pdserve.router.frontdoor import FrontDoor, Refusal, Rejected, chunk_fields
+from pdserve.router.frontdoor import Admitted, FrontDoor, Refusal, Rejected, chunk_fields
 from pdserve.router.openai_protocol import (
     BadRequest,
     error_body,
@@ -32,7 +35,7 @@ from pdserve.router.openai_protocol import (
     parse_chat,
     parse_completion,
 )
-from pdserve.router.openai_responses import Answer
+from pdserve.router.openai_responses import Answer, joint_usage, usage_event, whole_response
 
 log = logging.getLogger("pdserve.router")
 
@@ -135,28 +138,29 @@ class OpenAIServer:
             return error_response(404, f"The model `{parsed.model}` does not exist; this "
                                   f"server serves `{self.model}`.", "model", "model_not_found")
         try:
-            admitted = self.door.admit(parsed.request, parsed.fill_max_tokens)
+            admitted = self.door.admit_all(parsed.choice_requests(), parsed.fill_max_tokens)
         except Rejected as e:
             return _refused(e, param_of(e.message, parsed.kind))
-        answer = Answer(parsed, admitted.request_id, self.model, admitted.prompt_ids,
-                        self.door.tokenizer)
+        rid = admitted[0].request_id
+        answers = [Answer(parsed, rid, self.model, a.prompt_ids, self.door.tokenizer, index=i)
+                   for i, a in enumerate(admitted)]
         if parsed.stream:
-            return await self._stream(request, admitted, answer)
+            return await self._stream(request, admitted, answers)
         try:
-            async with aclosing(self.door.run(admitted)) as chunks:
-                async for chunk in chunks:
-                    answer.absorb(chunk_fields(chunk))
+            async with aclosing(self._chunks(admitted)) as chunks:
+                async for i, chunk in chunks:
+                    answers[i].absorb(chunk_fields(chunk))
         except Rejected as e:
             return _refused(e)
-        return web.json_response(answer.response())
+        return web.json_response(whole_response(answers))
 
-    async def _stream(self, request: web.Request, admitted, answer: Answer
-                      ) -> web.StreamResponse:
+    async def _stream(self, request: web.Request, admitted: list[Admitted],
+                      answers: list[Answer]) -> web.StreamResponse:
         resp: web.StreamResponse | None = None
         try:
-            async with aclosing(self.door.run(admitted)) as chunks:
-                async for chunk in chunks:
-                    events = answer.events(chunk_fields(chunk))
+            async with aclosing(self._chunks(admitted)) as chunks:
+                async for i, chunk in chunks:
+                    events = answers[i].events(chunk_fields(chunk))
                     if not events:
                         continue
                     if resp is None:
@@ -168,17 +172,54 @@ class OpenAIServer:
                 return _refused(e)
             await resp.write(_sse(error_body(_STATUS[e.refusal], e.message)))
         except ConnectionError:
-            # The client went away mid-write; closing the stream above aborted the request.
-            log.info("client of %s disconnected", admitted.request_id)
+            # The client went away mid-write; closing the streams above aborted the request.
+            log.info("client of %s disconnected", admitted[0].request_id)
             return resp
         if resp is None:  # the lifecycle ended without a chunk (not expected)
             resp = web.StreamResponse(headers=_SSE_HEADERS)
             await resp.prepare(request)
-        if answer.parsed.include_usage and answer.usage is not None:
-            await resp.write(_sse(answer.usage_event()))
+        if answers[0].parsed.include_usage and joint_usage(answers) is not None:
+            await resp.write(_sse(usage_event(answers)))
         await resp.write(_sse("[DONE]"))
         await resp.write_eof()
         return resp
+
+    async def _chunks(self, admitted: list[Admitted]):
+        """(choice index, chunk) of every choice, as they come. Closing it, or one choice
+        failing (raised as its Rejected), closes every choice's run: all are aborted."""
+        if len(admitted) == 1:
+            async with aclosing(self.door.run(admitted[0])) as chunks:
+                async for chunk in chunks:
+                    yield 0, chunk
+            return
+        queue: asyncio.Queue = asyncio.Queue()
+
+        async def pump(i: int, a: Admitted) -> None:
+            try:
+                async with aclosing(self.door.run(a)) as chunks:
+                    async for chunk in chunks:
+                        queue.put_nowait((i, chunk))
+            except Rejected as e:
+                queue.put_nowait((i, e))
+            else:
+                queue.put_nowait((i, None))
+
+        tasks = [asyncio.create_task(pump(i, a)) for i, a in enumerate(admitted)]
+        try:
+            running = len(tasks)
+            while running:
+                i, item = await queue.get()
+                if item is None:
+                    running -= 1
+                elif isinstance(item, Rejected):
+                    raise item
+                else:
+                    yield i, item
+        finally:
+            for t in tasks:
+                t.cancel()
+            # Every choice's abort must have reached its workers before the handler ends.
+            await asyncio.gather(*tasks, return_exceptions=True)
 
 
 def _refused(e: Rejected, param: str | None = None) -> web.Response:

@@ -4,9 +4,12 @@ The HTTP front end validates nothing about sampling itself: it converts the body
 same `GenerateRequest` the gRPC API takes, and `FrontDoor.admit` applies the one set of
 checks and limits. Here only the shape is checked (types, with pydantic in strict mode, so
 `"max_tokens": "5"` is an error, not 5) and fields this server cannot honour are refused
-with a 400 naming them instead of being silently ignored: `n` / `best_of` above 1, several
+with a 400 naming them instead of being silently ignored: `best_of` above `n`, several
 prompts in one request, penalties, `logit_bias`, `suffix`, tools, non-text response
 formats and content parts. Unknown fields are ignored, as OpenAI-compatible servers do.
+
+`n` choices are `n` requests through the router, sampled with seeds `seed`, `seed + 1`, ...
+(or `n` random seeds), so each choice is reproducible alone.
 
 Extensions (vLLM's names): `top_k`, `min_p`, `min_tokens`, `ignore_eos`, `stop_token_ids`,
 `return_token_ids`.
@@ -21,6 +24,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from pdserve.proto import pb
+
+MAX_N = 8  # choices per request; each holds a place in the router's queue
 
 
 class BadRequest(ValueError):
@@ -105,6 +110,20 @@ class Parsed:
     return_token_ids: bool
     fill_max_tokens: bool  # max_tokens unset on a chat request: as many as fit
     model: str | None
+    n: int = 1
+
+    def choice_requests(self) -> list[pb.GenerateRequest]:
+        """One GenerateRequest per choice; choice i samples with seed + i."""
+        if self.n == 1:
+            return [self.request]
+        out = []
+        for i in range(self.n):
+            req = pb.GenerateRequest()
+            req.CopyFrom(self.request)
+            if req.sampling.HasField("seed"):
+                req.sampling.seed = (req.sampling.seed + i) % 2**64
+            out.append(req)
+        return out
 
 
 def parse_completion(raw: bytes) -> Parsed:
@@ -113,8 +132,8 @@ def parse_completion(raw: bytes) -> Parsed:
     _set_prompt(req, body.prompt)
     if body.suffix:
         raise BadRequest("suffix is not supported", "suffix")
-    if body.best_of not in (None, 1):
-        raise BadRequest("best_of above 1 is not supported", "best_of")
+    if body.best_of not in (None, 1, body.n):
+        raise BadRequest("best_of above n is not supported", "best_of")
     if body.echo and body.logprobs is not None:
         raise BadRequest("echo with logprobs (prompt logprobs) is not supported", "echo")
     _fill_sampling(req, body, body.max_tokens, body.logprobs)
@@ -152,16 +171,15 @@ def parse_chat(raw: bytes) -> Parsed:
 
 
 def _parsed(kind, req, body: _Common, logprobs, echo, fill: bool) -> Parsed:
-    if body.n != 1:
-        raise BadRequest("only n=1 is supported; send n requests (with different seeds) "
-                         "for several choices", "n")
+    if not 1 <= body.n <= MAX_N:
+        raise BadRequest(f"n must be in [1, {MAX_N}]", "n")
     if body.stream_options is not None and not body.stream:
         raise BadRequest("stream_options is only allowed with stream: true", "stream_options")
     if body.model:
         req.model = body.model
     return Parsed(kind, req, body.stream,
                   bool(body.stream_options and body.stream_options.include_usage), logprobs,
-                  echo, body.return_token_ids, fill, body.model)
+                  echo, body.return_token_ids, fill, body.model, body.n)
 
 
 def _load(model: type[BaseModel], raw: bytes):

@@ -5,7 +5,9 @@ event per chunk that carries text or tokens, then an event with an empty delta (
 empty text (completions) and the `finish_reason`, then, with
 `stream_options.include_usage`, one event with `choices: []` and the usage (every other
 event then has `"usage": null`); the HTTP layer ends the stream with `data: [DONE]`.
-Non-streaming answers are the same chunks folded into one object.
+Non-streaming answers are the same chunks folded into one object. With `n` choices each
+has its own `Answer` (its `index`); the events of all choices interleave as they come, and
+`whole_response` / `usage_event` join them (prompt tokens once, completion tokens summed).
 """
 
 from __future__ import annotations
@@ -21,10 +23,11 @@ class Answer:
     """Accumulates one request's chunks; emits streaming events or the whole response."""
 
     def __init__(self, parsed: Parsed, request_id: str, model: str, prompt_ids: list[int],
-                 tokenizer: TextTokenizer):
+                 tokenizer: TextTokenizer, index: int = 0):
         self.parsed = parsed
         self.chat = parsed.kind == "chat"
         self.id = ("chatcmpl-" if self.chat else "cmpl-") + request_id
+        self.index = index
         self.model = model
         self.created = int(time.time())
         self.tokenizer = tokenizer
@@ -101,12 +104,9 @@ class Answer:
             out.append(self._event({} if self.chat else "", None, None, self.finish_reason))
         return out
 
-    def usage_event(self) -> dict:
-        return {"id": self.id, "object": self._object(chunk=True), "created": self.created,
-                "model": self.model, "choices": [], "usage": self.usage}
-
     def _event(self, payload, lps, ids, finish_reason) -> dict:
-        choice = {"index": 0, ("delta" if self.chat else "text"): payload, "logprobs": lps,
+        choice = {"index": self.index, ("delta" if self.chat else "text"): payload,
+                  "logprobs": lps,
                   "finish_reason": finish_reason}
         if self.parsed.return_token_ids:
             choice["token_ids"] = list(ids or [])
@@ -123,9 +123,10 @@ class Answer:
 
     # ---- whole answer --------------------------------------------------------------------
 
-    def response(self) -> dict:
+    def choice(self) -> dict:
+        """This choice of the non-streamed response."""
         text = "".join(self.text)
-        choice: dict = {"index": 0, "finish_reason": self.finish_reason}
+        choice: dict = {"index": self.index, "finish_reason": self.finish_reason}
         if self.chat:
             choice["message"] = {"role": "assistant", "content": text}
             choice["logprobs"] = {"content": self.logprobs} if self.parsed.logprobs is not None \
@@ -136,11 +137,36 @@ class Answer:
                 if self.parsed.logprobs is not None else None
         if self.parsed.return_token_ids:
             choice["token_ids"] = self.token_ids
-        body = {"id": self.id, "object": self._object(chunk=False), "created": self.created,
-                "model": self.model, "choices": [choice], "usage": self.usage}
-        if self.parsed.return_token_ids:
-            body["prompt_token_ids"] = self.prompt_ids
-        return body
+        return choice
+
+
+def joint_usage(answers: list[Answer]) -> dict | None:
+    """Usage of all choices: the prompt once, completion tokens summed."""
+    if any(a.usage is None for a in answers):
+        return None
+    first = answers[0].usage
+    completion = sum(a.usage["completion_tokens"] for a in answers)
+    return {"prompt_tokens": first["prompt_tokens"], "completion_tokens": completion,
+            "total_tokens": first["prompt_tokens"] + completion,
+            "prompt_tokens_details": first["prompt_tokens_details"]}
+
+
+def whole_response(answers: list[Answer]) -> dict:
+    """The non-streamed response object of every choice."""
+    a = answers[0]
+    body = {"id": a.id, "object": a._object(chunk=False), "created": a.created,
+            "model": a.model, "choices": [x.choice() for x in answers],
+            "usage": joint_usage(answers)}
+    if a.parsed.return_token_ids:
+        body["prompt_token_ids"] = a.prompt_ids
+    return body
+
+
+def usage_event(answers: list[Answer]) -> dict:
+    """The streamed usage event (`stream_options.include_usage`), after every choice."""
+    a = answers[0]
+    return {"id": a.id, "object": a._object(chunk=True), "created": a.created,
+            "model": a.model, "choices": [], "usage": joint_usage(answers)}
 
 
 def _merge_completion_logprobs(parts: list[dict]) -> dict:

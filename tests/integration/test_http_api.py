@@ -194,6 +194,32 @@ def test_logprobs(oai):
     assert content[0].logprob == pytest.approx(content[0].top_logprobs[0].logprob)
 
 
+def test_n_choices_each_equal_a_single_request_with_its_seed(oai, http, grpc_client,
+                                                              start_blocks):
+    params = dict(model=MODEL, prompt=PROMPT, max_tokens=N, temperature=0.9)
+    r = oai.completions.create(n=2, seed=40, **params, extra_body={"ignore_eos": True})
+    assert [c.index for c in r.choices] == [0, 1]
+    for i, c in enumerate(r.choices):
+        alone = oai.completions.create(seed=40 + i, **params, extra_body={"ignore_eos": True})
+        assert c.text == alone.choices[0].text
+    assert r.choices[0].text != r.choices[1].text
+    assert r.usage.completion_tokens == 2 * N
+    conn, resp = http.open_stream("/v1/chat/completions", {
+        "model": MODEL, "messages": CHAT, "max_tokens": N, "temperature": 0, "n": 2,
+        "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}})
+    try:
+        events = read_all_events(resp)
+    finally:
+        conn.close()
+    assert events[-1] == "[DONE]" and events[-2]["usage"]["completion_tokens"] == 2 * N
+    texts = {0: "", 1: ""}
+    for e in events[:-2]:
+        (choice,) = e["choices"]
+        texts[choice["index"]] += choice["delta"].get("content", "")
+    assert texts[0] == texts[1] != ""  # greedy: both choices the same answer
+    assert_blocks_back(grpc_client, start_blocks)
+
+
 # ---- raw HTTP: SSE framing and errors ------------------------------------------------------
 
 
@@ -257,7 +283,8 @@ ERRORS = {
     "temperature": ("/v1/completions", _body(temperature=-1), "default", 400, "temperature",
                     "temperature"),
     "top_p": ("/v1/completions", _body(top_p=1.5), "default", 400, "top_p", "top_p"),
-    "n above 1": ("/v1/completions", _body(n=2), "default", 400, "n", "n=1"),
+    "n above the queue": ("/v1/completions", _body(n=MAX_QUEUE + 1), "default", 400, "n",
+                          f"this server has {MAX_QUEUE}"),
     "several prompts": ("/v1/completions", _body(prompt=["a", "b"]), "default", 400, "prompt",
                         "several prompts"),
     "penalty": ("/v1/completions", _body(presence_penalty=0.5), "default", 400,
@@ -339,6 +366,17 @@ def test_disconnect_mid_decode_frees_blocks_everywhere(http, grpc_client, start_
     time.sleep(0.5)  # decoding really stopped, not just the stream
     assert worker_stats(grpc_client)["decode-0"].generated_tokens == generated
     assert grpc_client.stats().requests_aborted == aborted + 1
+
+
+def test_disconnect_with_two_choices_aborts_both(http, grpc_client, start_blocks):
+    aborted = grpc_client.stats().requests_aborted
+    conn, resp = _long_stream(http, n=2)
+    assert resp.status == 200
+    seen = {json.loads(read_event(resp))["choices"][0]["index"] for _ in range(6)}
+    assert seen == {0, 1}
+    conn.close()
+    assert_blocks_back(grpc_client, start_blocks)
+    assert grpc_client.stats().requests_aborted == aborted + 2
 
 
 def test_disconnect_during_a_non_streamed_request_frees_blocks(http, grpc_client,

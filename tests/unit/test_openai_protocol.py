@@ -54,7 +54,8 @@ def test_chat_messages_roles_parts_and_max_tokens():
 
 
 @pytest.mark.parametrize(("parse", "fields", "param", "message"), [
-    (parse_completion, {"prompt": "x", "n": 3}, "n", "n=1"),
+    (parse_completion, {"prompt": "x", "n": 0}, "n", "n must be in [1, 8]"),
+    (parse_chat, {"messages": [{"role": "user", "content": "x"}], "n": 9}, "n", "n must be"),
     (parse_completion, {"prompt": "x", "best_of": 2}, "best_of", "best_of"),
     (parse_completion, {"prompt": ["a", "b"]}, "prompt", "several prompts"),
     (parse_completion, {"prompt": "x", "max_tokens": 1.5}, "max_tokens", "integer"),
@@ -102,3 +103,12 @@ def test_not_a_json_object(raw):
 ])
 def test_validation_messages_map_to_openai_params(message, kind, param):
     assert param_of(message, kind) == param
+
+
+def test_n_choices_are_n_requests_with_consecutive_seeds():
+    p = parse_completion(body(prompt="hi", n=3, seed=2**64 - 2, best_of=3))
+    reqs = p.choice_requests()
+    assert [r.sampling.seed for r in reqs] == [2**64 - 2, 2**64 - 1, 0]
+    assert all(r.prompt == "hi" for r in reqs)
+    unseeded = parse_chat(body(messages=[{"role": "user", "content": "x"}], n=2))
+    assert [r.sampling.HasField("seed") for r in unseeded.choice_requests()] == [False, False]
