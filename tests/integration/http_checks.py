@@ -5,10 +5,45 @@ from __future__ import annotations
 
 import http.client
 import json
+import os
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from urllib.parse import urlsplit
 
 from prometheus_client.parser import text_string_to_metric_families
+
+from pdserve.cluster.background import BackgroundCluster
+from pdserve.cluster.client import PdserveClient
+from pdserve.cluster.config import parse_config
+
+MODEL = "smollm2-135m-instruct"
+TOKEN = "test-token-7f3a"
+TOKEN_ENV = "PDSERVE_HTTP_TEST_TOKEN"
+CHAT = [{"role": "system", "content": "You are a concise assistant."},
+        {"role": "user", "content": "What is the tallest mountain on Earth?"}]
+PROMPT = "The capital of France is"
+
+
+@contextmanager
+def http_cluster(router: dict, debug: dict | None = None
+                 ) -> Iterator[tuple[BackgroundCluster, PdserveClient, Http]]:
+    """A real 1P1D cluster whose gRPC and HTTP APIs need the bearer token TOKEN; a gRPC
+    client and an `Http` for it."""
+    config = {
+        "model": {"name": MODEL, "max_model_len": 512},
+        "kv": {"memory_mb": 32},
+        "prefill": {"max_num_batched_tokens": 32},
+        "router": {"port": 0, "http_port": 0, "auth_token_env": TOKEN_ENV, **router},
+        "debug": debug or {},
+    }
+    os.environ[TOKEN_ENV] = TOKEN
+    try:
+        with BackgroundCluster(parse_config(config)) as bg, \
+                PdserveClient(bg.address, token=TOKEN, timeout=120) as grpc_client:
+            yield bg, grpc_client, Http(bg.http_url, TOKEN)
+    finally:
+        os.environ.pop(TOKEN_ENV, None)
 
 
 class Http:
