@@ -28,6 +28,7 @@ from contextlib import aclosing
 from aiohttp import web
 
 from pdserve.router.frontdoor import Admitted, FrontDoor, Refusal, Rejected, chunk_fields
+from pdserve.router.metrics import CONTENT_TYPE, RouterMetrics
 from pdserve.router.openai_protocol import (
     BadRequest,
     error_body,
@@ -59,9 +60,9 @@ def _sse(payload: dict | str) -> bytes:
 class OpenAIServer:
     """Handlers of the HTTP API over one FrontDoor."""
 
-    def __init__(self, door: FrontDoor, metrics=None):
+    def __init__(self, door: FrontDoor, metrics: RouterMetrics | None = None):
         self.door = door
-        self.metrics = metrics  # router.metrics.RouterMetrics or None
+        self.metrics = metrics
         self.model = door.limits.model_name
         self.started = int(time.time())
 
@@ -121,8 +122,6 @@ class OpenAIServer:
     async def metrics_page(self, request: web.Request) -> web.Response:
         if self.metrics is None:
             return error_response(404, "metrics are off")
-        from pdserve.router.metrics import CONTENT_TYPE
-
         return web.Response(body=self.metrics.exposition(),
                             headers={"Content-Type": CONTENT_TYPE})
 
