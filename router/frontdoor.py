@@ -22,12 +22,16 @@ import uuid
 from collections.abc import AsyncIterator
 from contextlib import aclosing
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from pdserve.engine.sampling_params import SamplingParams
 from pdserve.engine.tokenizer import TextTokenizer
 from pdserve.proto import pb
 from pdserve.router.lifecycle import DecodeFull, HandoffFailed, RequestLifecycle
 from pdserve.router.validation import InvalidRequest, Limits, validate
+
+if TYPE_CHECKING:  # metrics imports this module
+    from pdserve.router.metrics import RouterMetrics
 
 log = logging.getLogger("pdserve.router")
 
@@ -113,7 +117,7 @@ class FrontDoor:
 
     def __init__(self, lifecycle: RequestLifecycle, tokenizer: TextTokenizer, limits: Limits,
                  max_queue: int, max_request_bytes: int, auth: BearerAuth,
-                 model_info: pb.ModelInfo, metrics=None):
+                 model_info: pb.ModelInfo, metrics: RouterMetrics | None = None):
         self.lifecycle = lifecycle
         self.tokenizer = tokenizer
         self.limits = limits
@@ -121,7 +125,7 @@ class FrontDoor:
         self.max_request_bytes = max_request_bytes
         self.auth = auth
         self.model_info = model_info
-        self.metrics = metrics  # router.metrics.RouterMetrics or None
+        self.metrics = metrics
 
     def admit(self, request: pb.GenerateRequest, fill_max_tokens: bool = False) -> Admitted:
         """Check size, input and queue room; raises Rejected(INVALID or QUEUE_FULL).
