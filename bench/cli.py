@@ -30,8 +30,8 @@ from pdserve.bench.options import (
     arrivals,
     build_parser,
     build_workload,
+    check_backend,
     check_numbers,
-    check_target,
 )
 from pdserve.bench.report import (
     format_summary,
@@ -63,7 +63,7 @@ class Plan:
 def make_plan(argv: list[str] | None) -> Plan:
     """Parse and check the arguments and build the workload; raises on bad input."""
     args = build_parser().parse_args(argv)
-    check_target(args.target)
+    check_backend(args)
     check_numbers(args)
     slo = parse_slo(args.slo)
     runs = arrivals(args)
@@ -89,6 +89,9 @@ def make_plan(argv: list[str] | None) -> Plan:
         temperature=args.temperature,
         api_key=args.api_key,
         progress=args.progress,
+        backend=args.backend,
+        base_url=args.base_url,
+        model=args.model,
     )
     out_dir = Path(args.out_dir or Path("bench", "results", time.strftime("%Y%m%d-%H%M%S")))
     config = {k: v for k, v in vars(args).items() if k != "api_key"}  # never store secrets

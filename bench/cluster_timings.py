@@ -29,7 +29,8 @@ from pdserve.cluster.client import PdserveClient
 def _start(config: str, timeout: float) -> tuple[subprocess.Popen, str, float]:
     t0 = time.perf_counter()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "pdserve.cluster", "serve", config, "--port", "0"],
+        [sys.executable, "-m", "pdserve.cluster", "serve", config, "--port", "0",
+         "--http-port", "0"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
     deadline = t0 + timeout

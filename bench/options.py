@@ -37,8 +37,17 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     """The benchmark's argument parser."""
     p = _Parser(prog="python -m pdserve.bench",
-                description="Benchmark a pdserve cluster over gRPC.")
-    p.add_argument("--target", default="127.0.0.1:50051", help="router HOST:PORT")
+                description="Benchmark a pdserve cluster over gRPC, or any OpenAI-compatible "
+                "server (pdserve's HTTP API, vLLM, SGLang) over HTTP, with one client.")
+    p.add_argument("--backend", default="pdserve", choices=("pdserve", "openai"),
+                   help="pdserve: the gRPC API at --target; openai: the OpenAI HTTP API at "
+                   "--base-url (streamed /v1/completions and /v1/chat/completions)")
+    p.add_argument("--target", default="127.0.0.1:50051", help="pdserve backend: router "
+                   "HOST:PORT")
+    p.add_argument("--base-url", default=None, help="openai backend: server URL, e.g. "
+                   "http://127.0.0.1:8000 (/v1 is added when missing)")
+    p.add_argument("--model", default=None, help="openai backend: model to request "
+                   "(default: the first one GET /v1/models lists)")
     p.add_argument(
         "--api-key",
         default=os.environ.get("PDSERVE_API_KEY"),
@@ -103,7 +112,16 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--request-timeout", type=float, default=300.0)
     r.add_argument("--connect-timeout", type=float, default=5.0)
     r.add_argument("--seed", type=int, default=0)
-    r.add_argument("--slo", default="", help="e.g. ttft=500ms,tpot=50ms,e2e=2s")
+    r.add_argument(
+        "--slo",
+        default="",
+        help="latency bounds every request must meet, e.g. ttft=500ms,tpot=50ms,e2e=2s "
+        "(unit required). Computes SLO attainment = share of measured requests that "
+        "completed within every bound (failed and aborted requests miss), and goodput = "
+        "those requests per second of the measured window; with --rates, the goodput "
+        "rate = the highest rate whose attainment is >= 90%% (DistServe). Without --slo "
+        "every completed request counts",
+    )
     r.add_argument(
         "--out-dir", default=None, help="JSON report and plots (default: bench/results/<time>)"
     )
@@ -123,6 +141,24 @@ def build_parser() -> argparse.ArgumentParser:
     )
     r.add_argument("--cluster-start-timeout", type=float, default=300.0)
     return p
+
+
+def check_backend(args: argparse.Namespace) -> None:
+    """The flags of the chosen backend are given and the other backend's are not."""
+    if args.backend == "openai":
+        if not args.base_url:
+            raise UsageError("--backend openai needs --base-url (e.g. http://127.0.0.1:8000)")
+        if not args.base_url.startswith(("http://", "https://")):
+            raise UsageError(f"--base-url must start with http:// or https://, got "
+                             f"{args.base_url!r}")
+        if args.compare:
+            raise UsageError("--compare starts pdserve clusters and drives their gRPC API; "
+                             "use --backend pdserve with it")
+        return
+    check_target(args.target)
+    for flag, value in (("--base-url", args.base_url), ("--model", args.model)):
+        if value is not None:
+            raise UsageError(f"{flag} applies to --backend openai only")
 
 
 def check_target(target: str) -> str:

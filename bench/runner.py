@@ -12,7 +12,7 @@ import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tqdm import tqdm
 
@@ -20,6 +20,9 @@ from pdserve.bench.arrival import Arrival
 from pdserve.bench.client import GenerationClient
 from pdserve.bench.records import RequestRecord
 from pdserve.bench.workloads import RequestSpec
+
+if TYPE_CHECKING:
+    from pdserve.bench.openai_client import OpenAIClient
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,6 +38,9 @@ class RunSettings:
     temperature: float = 0.0
     api_key: str | None = None
     progress: bool = True
+    backend: str = "pdserve"  # "pdserve": gRPC at `target`; "openai": HTTP at `base_url`
+    base_url: str | None = None
+    model: str | None = None  # openai backend: the model to ask for (None: the server's first)
 
 
 @dataclass(slots=True)
@@ -49,7 +55,7 @@ class RunResult:
 
 
 async def run_load(
-    client: GenerationClient,
+    client: GenerationClient | OpenAIClient,
     requests: Sequence[RequestSpec],
     arrival: Arrival,
     *,
@@ -102,6 +108,21 @@ async def run_load(
     return RunResult(arrival, records, len(requests), stopped)
 
 
+def make_client(settings: RunSettings) -> GenerationClient | OpenAIClient:
+    """The client of ``settings.backend``: both have ``connect``, ``generate`` and ``close``."""
+    common = dict(
+        request_timeout=settings.request_timeout,
+        force_output_len=settings.force_output_len,
+        temperature=settings.temperature,
+        api_key=settings.api_key,
+    )
+    if settings.backend == "openai":
+        from pdserve.bench.openai_client import OpenAIClient
+
+        return OpenAIClient(settings.base_url or "", model=settings.model, **common)
+    return GenerationClient(settings.target, **common)
+
+
 async def benchmark(
     settings: RunSettings,
     requests: Sequence[RequestSpec],
@@ -118,13 +139,7 @@ async def benchmark(
     Returns the server's Health report and the runs. Raises ServerUnreachable before
     sending anything when the target cannot be reached.
     """
-    client = GenerationClient(
-        settings.target,
-        request_timeout=settings.request_timeout,
-        force_output_len=settings.force_output_len,
-        temperature=settings.temperature,
-        api_key=settings.api_key,
-    )
+    client = make_client(settings)
     # A fresh id per invocation so repeated runs never reuse request ids on one server.
     run_id = uuid.uuid4().hex[:8]
     try:

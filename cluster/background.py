@@ -27,6 +27,11 @@ class BackgroundCluster:
         self._ready = threading.Event()
         self._error: BaseException | None = None
 
+    @property
+    def http_url(self) -> str | None:
+        """Base URL of the OpenAI HTTP API (e.g. http://127.0.0.1:8000), None when off."""
+        return self.cluster.http_url
+
     def __enter__(self) -> BackgroundCluster:
         self.start()
         return self

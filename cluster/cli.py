@@ -1,5 +1,5 @@
-"""The `pdserve` command: serve a cluster, stream a completion, benchmark, show stats, or
-run the whole disaggregated path once (`pdserve demo`)."""
+"""The `pdserve` command: serve a cluster, stream a completion, benchmark, show stats and
+status, stop a server, or run the whole disaggregated path once (`pdserve demo`)."""
 
 from __future__ import annotations
 
@@ -21,10 +21,22 @@ def _serve(args) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    overrides = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
-    if overrides:
-        cfg = cfg.model_copy(update={"router": cfg.router.model_copy(update=overrides)})
-    return serve(cfg)
+    overrides = {k: v for k, v in (("host", args.host), ("port", args.port),
+                                   ("http_host", args.http_host), ("http_port", args.http_port))
+                 if v is not None}
+    if overrides:  # validated like the YAML: --http-port 70000 is refused the same way
+        raw = cfg.model_dump(mode="json")
+        raw["router"].update(overrides)
+        try:
+            cfg = parse_config(raw, "the config with the command line's options")
+        except ConfigError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+    try:
+        return serve(cfg)
+    except OSError as e:  # a port already in use: one line, not a traceback
+        print(f"error: {e}", file=sys.stderr)
+        return 1
 
 
 def _demo(args) -> int:
@@ -86,6 +98,57 @@ def _stats(args) -> int:
     return 0
 
 
+def _target(args) -> str:
+    """--target, else the only local server's gRPC address, else the default port."""
+    if args.target:
+        return args.target
+    from pdserve.cluster.control import running_servers
+
+    servers = running_servers()
+    return servers[0]["grpc"] if len(servers) == 1 else "127.0.0.1:50051"
+
+
+def _status(args) -> int:
+    import grpc
+
+    from pdserve.cluster.client import PdserveClient
+    from pdserve.cluster.control import format_status
+    from pdserve.proto import pb
+
+    target = _target(args)
+    token = os.environ.get(args.token_env) if args.token_env else None
+    with PdserveClient(target, token=token) as client:
+        try:
+            health = client.health()
+            models = client.generation.ListModels(pb.ListModelsRequest(), timeout=30,
+                                                  metadata=client.metadata).models
+        except grpc.RpcError as e:
+            print(f"error: router {target}: {e.code().name}: {e.details()}", file=sys.stderr)
+            return 1
+        try:
+            stats = client.stats()
+        except grpc.RpcError as e:
+            print(format_status(target, health, models[0] if models else None, None))
+            print(f"error: worker stats failed (a worker is down?): {e.details()}",
+                  file=sys.stderr)
+            return 1
+    print(format_status(target, health, models[0] if models else None, stats))
+    return 0
+
+
+def _stop(args) -> int:
+    from pdserve.cluster.control import stop_server
+
+    try:
+        server = stop_server(args.target, args.timeout)
+    except (LookupError, TimeoutError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(f"stopped pdserve (pid {server['pid']}, gRPC {server['grpc']}"
+          + (f", HTTP {server['http']}" if server.get("http") else "") + ")")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "bench":
@@ -98,7 +161,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("config", nargs="?", default=None,
                    help="cluster YAML (default: built-in local CPU 1P1D config)")
     p.add_argument("--host", default=None)
-    p.add_argument("--port", type=int, default=None)
+    p.add_argument("--port", type=int, default=None, help="gRPC port")
+    p.add_argument("--http-host", default=None, help="OpenAI HTTP API interface")
+    p.add_argument("--http-port", type=int, default=None, help="OpenAI HTTP API port")
     d = sub.add_parser("demo", help="start a local cluster, stream one answer through the "
                        "router, say what happened, shut down")
     d.add_argument("prompt", nargs="?", default="Why is the sky blue?")
@@ -115,13 +180,22 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("-v", "--verbose", action="store_true")
     s = sub.add_parser("stats", help="per-worker KV blocks and queues")
     s.add_argument("--target", default="127.0.0.1:50051")
+    st = sub.add_parser("status", help="router health, model, workers and their KV use")
+    st.add_argument("--target", default=None,
+                    help="router HOST:PORT (default: the one local server, or :50051)")
+    st.add_argument("--token-env", default=None, help="env var holding the bearer token")
+    sp = sub.add_parser("stop", help="stop a `pdserve serve` running on this machine")
+    sp.add_argument("--target", default=None, help="its gRPC HOST:PORT (needed when several "
+                    "run here)")
+    sp.add_argument("--timeout", type=float, default=60.0)
     sub.add_parser("bench", help="serving benchmark (see `pdserve bench --help`)")
     args = parser.parse_args(argv)
     if args.cmd == "demo":  # the demo's own lines carry the story; Ray's and ours stay quiet
         logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
     else:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    return {"serve": _serve, "generate": _generate, "stats": _stats, "demo": _demo}[args.cmd](args)
+    return {"serve": _serve, "generate": _generate, "stats": _stats, "status": _status,
+            "stop": _stop, "demo": _demo}[args.cmd](args)
 
 
 if __name__ == "__main__":

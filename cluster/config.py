@@ -63,6 +63,11 @@ class PoolSection(_Strict):
 class RouterSection(_Strict):
     host: str = "127.0.0.1"
     port: int = Field(default=50051, ge=0, le=65535)
+    http_host: str = Field(default="127.0.0.1", min_length=1,
+                           description="interface of the OpenAI-compatible HTTP API")
+    http_port: int | None = Field(
+        default=8000, ge=0, le=65535, description="port of the OpenAI-compatible HTTP API "
+        "(/v1/completions, /v1/chat/completions, /v1/models, /health, /metrics); null: off")
     max_queue: int = Field(default=256, ge=1, description="requests in flight before "
                            "RESOURCE_EXHAUSTED")
     max_tokens_limit: int = Field(default=2048, ge=1)

@@ -1,4 +1,5 @@
-"""Start (or join) Ray, place the worker pools, wait until they are healthy, serve gRPC.
+"""Start (or join) Ray, place the worker pools, wait until they are healthy, serve gRPC and
+the OpenAI-compatible HTTP API.
 
 `pdserve serve CONFIG` and `python -m pdserve.cluster serve CONFIG` (also under `ray job submit`)
 both end up in `serve()`. Placement lives here and nowhere else: each worker gets its own
@@ -29,6 +30,7 @@ from tqdm import tqdm
 
 from pdserve.cluster.actors import DecodeActor, PrefillActor
 from pdserve.cluster.config import ClusterConfig, PoolSection
+from pdserve.cluster.control import RunFile
 from pdserve.cluster.nccl_setup import connect_all as connect_nccl_pairs
 from pdserve.cluster.ray_clients import RayDecodeClient, RayPrefillClient
 from pdserve.engine.config import ContentKey
@@ -40,8 +42,11 @@ from pdserve.engine.kv_cache.keys import (
 )
 from pdserve.engine.loader.model_files import open_tokenizer
 from pdserve.proto import pb
+from pdserve.router.frontdoor import BearerAuth, FrontDoor
 from pdserve.router.grpc_server import start_server
+from pdserve.router.http_server import OpenAIServer, start_http_server
 from pdserve.router.lifecycle import RequestLifecycle
+from pdserve.router.metrics import RouterMetrics
 from pdserve.router.policy import RoutingPolicy
 from pdserve.router.validation import Limits
 
@@ -62,6 +67,7 @@ class Cluster:
         self.decode_handles: list = []
         self.placement_groups: list = []
         self.ready_info: list[dict] = []
+        self.http_url: str | None = None  # the OpenAI HTTP API's base URL, once serving
 
     # ---- Ray and actors ------------------------------------------------------------------
 
@@ -253,18 +259,29 @@ def _is_loopback(host: str) -> bool:
         return host == "localhost"
 
 
-async def _poll_stats(lifecycle: RequestLifecycle, interval: float = 0.5) -> None:
+async def _poll_stats(lifecycle: RequestLifecycle, metrics: RouterMetrics,
+                      interval: float = 0.5) -> None:
     workers = [*lifecycle.prefill, *lifecycle.decode]
     while True:
         try:
-            lifecycle.policy.update_stats(await asyncio.gather(*(w.stats() for w in workers)))
+            stats = await asyncio.gather(*(w.stats() for w in workers))
+            lifecycle.policy.update_stats(stats)
+            metrics.observe_worker_stats(stats)
         except Exception as e:  # noqa: BLE001 - a dead worker shows in Stats; keep routing
             log.warning("stats poll failed: %s", e)
         await asyncio.sleep(interval)
 
 
+def _url_host(host: str) -> str:
+    if host in ("0.0.0.0", "::", "[::]"):
+        return "127.0.0.1"  # a wildcard is no address to connect to; this host answers
+    return f"[{host}]" if ":" in host and not host.startswith("[") else host
+
+
 async def run_router(cluster: Cluster, stop: asyncio.Event, on_ready=None) -> None:
-    """Serve gRPC in front of a started cluster until `stop` is set."""
+    """Serve gRPC (and the OpenAI HTTP API, unless `router.http_port` is null) in front of
+    a started cluster until `stop` is set. Both share one FrontDoor: the same limits,
+    validation, queue, request lifecycle and metrics."""
     cfg = cluster.config
     tokenizer = open_tokenizer(cfg.model.name)  # metadata only: no weights, no digest
     limits = Limits(
@@ -280,21 +297,38 @@ async def run_router(cluster: Cluster, stop: asyncio.Event, on_ready=None) -> No
     lifecycle = cluster.lifecycle()
     model_info = pb.ModelInfo(name=cfg.model.name, max_model_len=limits.max_model_len,
                               block_size=cfg.kv.block_size, dtype=cfg.model.dtype)
-    server, port = await start_server(
-        lifecycle, tokenizer, limits, cfg.router.host, cfg.router.port,
-        cfg.router.max_queue, cfg.router.max_request_bytes, token, model_info)
-    poller = asyncio.create_task(_poll_stats(lifecycle))
+    metrics = RouterMetrics(cfg.model.name, limits.max_model_len, lifecycle.counters)
+    door = FrontDoor(lifecycle, tokenizer, limits, cfg.router.max_queue,
+                     cfg.router.max_request_bytes, BearerAuth(token), model_info, metrics)
+    server, port = await start_server(door, cfg.router.host, cfg.router.port)
+    http = None
+    try:
+        if cfg.router.http_port is not None:
+            http, http_port = await start_http_server(
+                OpenAIServer(door, metrics), cfg.router.http_host, cfg.router.http_port)
+            cluster.http_url = f"http://{_url_host(cfg.router.http_host)}:{http_port}"
+    except BaseException:
+        await server.stop(grace=None)
+        raise
+    poller = asyncio.create_task(_poll_stats(lifecycle, metrics))
     address = f"{cfg.router.host}:{port}"
     msg = cluster.summary(address)
     log.info("KV compatibility key %s (reported by every worker)", cluster.compat_key)
     log.info(msg)
     print(msg, flush=True)
+    if cluster.http_url:
+        msg = (f"OpenAI-compatible HTTP API on {cluster.http_url}/v1 "
+               f"(health {cluster.http_url}/health, metrics {cluster.http_url}/metrics)")
+        log.info(msg)
+        print(msg, flush=True)
     if on_ready:
         on_ready(address)
     try:
         await stop.wait()
     finally:
         poller.cancel()
+        if http is not None:
+            await http.cleanup()
         await server.stop(grace=2.0)
 
 
@@ -304,14 +338,21 @@ def serve(config: ClusterConfig) -> int:
     try:
         cluster.start()
 
+        run_file: list[RunFile] = []
+
         async def main() -> None:
             stop = asyncio.Event()
             loop = asyncio.get_running_loop()
             for sig in (signal.SIGINT, signal.SIGTERM):
                 loop.add_signal_handler(sig, stop.set)
-            await run_router(cluster, stop)
+            await run_router(cluster, stop, on_ready=lambda address: run_file.append(
+                RunFile(address, cluster.http_url)))
 
-        asyncio.run(main())
+        try:
+            asyncio.run(main())
+        finally:
+            for f in run_file:  # `pdserve stop` finds a server by this file
+                f.remove()
         print("shutting down", flush=True)
         return 0
     finally:

@@ -1,87 +1,72 @@
 """The public gRPC front door: `pdserve.v1.Generation` and `pdserve.v1.Admin`.
 
-Validation errors (and request bytes protobuf cannot parse, such as invalid UTF-8 in a
-string field) become INVALID_ARGUMENT, a full queue RESOURCE_EXHAUSTED, a failed
-handoff after retries UNAVAILABLE; a client that cancels its stream cancels the handler,
-which aborts the request on every worker. Optional bearer-token auth is compared in
-constant time.
+Admission, validation and the run of a request are `router.frontdoor.FrontDoor`'s, shared
+with the HTTP API; here they map to gRPC statuses. Validation errors (and request bytes
+protobuf cannot parse, such as invalid UTF-8 in a string field) become INVALID_ARGUMENT, a
+full queue RESOURCE_EXHAUSTED, a failed handoff after retries UNAVAILABLE; a client that
+cancels its stream cancels the handler, which aborts the request on every worker. Optional
+bearer-token auth is compared in constant time.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hmac
 import logging
-import uuid
+from contextlib import aclosing
 
 import grpc
 
-from pdserve.engine.tokenizer import TextTokenizer
 from pdserve.messages import OutputChunk
 from pdserve.proto import pb, pb_grpc
-from pdserve.router.lifecycle import DecodeFull, HandoffFailed, RequestLifecycle
+from pdserve.router.frontdoor import BearerAuth, FrontDoor, Refusal, Rejected
+from pdserve.router.lifecycle import RequestLifecycle
 from pdserve.router.request_decoding import GenerateRequestParser, UndecodableRequest
-from pdserve.router.validation import InvalidRequest, Limits, validate
 from pdserve.router.workers import WorkerClient
 
 log = logging.getLogger("pdserve.router")
 
+_CODES = {Refusal.INVALID: grpc.StatusCode.INVALID_ARGUMENT,
+          Refusal.QUEUE_FULL: grpc.StatusCode.RESOURCE_EXHAUSTED,
+          Refusal.DECODE_FULL: grpc.StatusCode.RESOURCE_EXHAUSTED,
+          Refusal.UNAVAILABLE: grpc.StatusCode.UNAVAILABLE,
+          Refusal.INTERNAL: grpc.StatusCode.INTERNAL}
+
 
 class _Auth:
-    def __init__(self, token: str | None):
-        self.token = token
+    def __init__(self, auth: BearerAuth):
+        self.auth = auth
 
     async def check(self, context: grpc.aio.ServicerContext) -> None:
-        if not self.token:
-            return
         md = dict(context.invocation_metadata() or ())
-        got = md.get("authorization", "")
-        if not hmac.compare_digest(got.encode(), f"Bearer {self.token}".encode()):
+        if not self.auth.allows(md.get("authorization")):
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong bearer token")
 
 
 class GenerationService(pb_grpc.GenerationServicer):
-    def __init__(self, lifecycle: RequestLifecycle, tokenizer: TextTokenizer, limits: Limits,
-                 max_queue: int, max_request_bytes: int, auth: _Auth, model_info: pb.ModelInfo):
-        self.lifecycle = lifecycle
-        self.tokenizer = tokenizer
-        self.limits = limits
-        self.max_queue = max_queue
-        self.max_request_bytes = max_request_bytes
+    def __init__(self, door: FrontDoor, auth: _Auth):
+        self.door = door
+        self.lifecycle = door.lifecycle
         self.auth = auth
-        self.model_info = model_info
+        self.model_info = door.model_info
 
     async def Generate(self, request: pb.GenerateRequest, context):  # noqa: N802 (gRPC name)
         await self.auth.check(context)
         if isinstance(request, UndecodableRequest):  # e.g. invalid UTF-8 in a string field
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
-        if request.ByteSize() > self.max_request_bytes:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                                f"request is {request.ByteSize()} bytes; the limit is "
-                                f"{self.max_request_bytes}")
         try:
-            ids, params = validate(request, self.tokenizer, self.limits)
-        except InvalidRequest as e:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
-        if self.lifecycle.counters.in_flight >= self.max_queue:
-            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                                f"server busy: {self.max_queue} requests in flight; retry later")
-        rid = request.request_id or f"req-{uuid.uuid4().hex[:16]}"
+            admitted = self.door.admit(request)
+        except Rejected as e:
+            await context.abort(_CODES[e.refusal], e.message)
+        rid = admitted.request_id
         try:
-            async for chunk in self.lifecycle.run(rid, ids, params):
-                yield _response(rid, chunk)
-        except DecodeFull as e:
-            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
-        except HandoffFailed as e:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
+            async with aclosing(self.door.run(admitted)) as chunks:
+                async for chunk in chunks:
+                    yield _response(rid, chunk)
+        except Rejected as e:
+            await context.abort(_CODES[e.refusal], e.message)
         except asyncio.CancelledError:
             log.info("client cancelled %s", rid)
             raise
-        except grpc.aio.AbortError:
-            raise
-        except Exception as e:  # a worker error: the client gets a status, the router lives
-            log.exception("request %s failed", rid)
-            await context.abort(grpc.StatusCode.INTERNAL, f"request failed: {e}")
 
     async def Health(self, request, context):  # noqa: N802
         await self.auth.check(context)
@@ -139,17 +124,15 @@ def _response(rid: str, chunk: OutputChunk) -> pb.GenerateResponse:
     return resp
 
 
-async def start_server(lifecycle: RequestLifecycle, tokenizer: TextTokenizer, limits: Limits,
-                       host: str, port: int, max_queue: int, max_request_bytes: int,
-                       token: str | None, model_info: pb.ModelInfo) -> tuple[grpc.aio.Server, int]:
+async def start_server(door: FrontDoor, host: str, port: int
+                       ) -> tuple[grpc.aio.Server, int]:
     """Start serving; returns the server and the bound port (useful with port 0)."""
-    server = grpc.aio.server(options=[("grpc.max_receive_message_length", max_request_bytes)],
+    server = grpc.aio.server(options=[("grpc.max_receive_message_length",
+                                       door.max_request_bytes)],
                              interceptors=[GenerateRequestParser()])
-    auth = _Auth(token)
-    pb_grpc.add_GenerationServicer_to_server(
-        GenerationService(lifecycle, tokenizer, limits, max_queue, max_request_bytes, auth,
-                          model_info), server)
-    pb_grpc.add_AdminServicer_to_server(AdminService(lifecycle, auth), server)
+    auth = _Auth(door.auth)
+    pb_grpc.add_GenerationServicer_to_server(GenerationService(door, auth), server)
+    pb_grpc.add_AdminServicer_to_server(AdminService(door.lifecycle, auth), server)
     bound = server.add_insecure_port(f"{host}:{port}")
     if bound == 0:
         raise OSError(f"could not bind the router to {host}:{port}")

@@ -40,7 +40,7 @@ def _config(mode: str) -> dict:
         # with random weights near-tied logits then flip greedy tokens between rounds.
         "kv": {"block_size": 16, "memory_mb": 2048, "enable_prefix_caching": False},
         "decode": {"count": 1, **POOL, "max_num_seqs": 16},
-        "router": {"port": 0, "max_tokens_limit": 256},
+        "router": {"port": 0, "http_port": 0, "max_tokens_limit": 256},
     }
     if mode == "disaggregated":
         cfg.update(transport="nccl", prefill={"count": 1, **POOL})

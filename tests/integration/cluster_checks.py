@@ -18,7 +18,8 @@ from pdserve.proto import pb
 @contextmanager
 def running_cluster(config: dict) -> Iterator[tuple[BackgroundCluster, PdserveClient]]:
     """A real local Ray + actors + gRPC router on a free port, and a client for it."""
-    cfg = parse_config({**config, "router": {"port": 0, **config.get("router", {})}})
+    cfg = parse_config({**config, "router": {"port": 0, "http_port": 0,
+                                             **config.get("router", {})}})
     with BackgroundCluster(cfg) as bg, PdserveClient(bg.address, timeout=120) as client:
         yield bg, client
 

@@ -102,7 +102,7 @@ def _config(address: str, prefill: dict, decode: dict) -> dict:
         "kv": {"block_size": 16, "memory_mb": 24},
         "prefill": {"count": 1, "num_cpus": 0.5, **prefill},
         "decode": {"count": 1, "num_cpus": 0.5, "transfer_host": "node-ip", **decode},
-        "router": {"port": 0},
+        "router": {"port": 0, "http_port": 0},
         "ray": {"address": address},
     }
 

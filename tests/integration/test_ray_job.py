@@ -182,7 +182,8 @@ def test_ray_job_submit_serves_a_request(hf_model):
         assert head.http("/api/jobs/", None)[0] == 401
         head.cli("job", "submit", "--address", head.url, "--submission-id", job_id,
                  "--working-dir", str(REPO), "--no-wait", "--",
-                 "python", "-m", "pdserve.cluster", "serve", CONFIG, "--port", str(router_port))
+                 "python", "-m", "pdserve.cluster", "serve", CONFIG, "--port", str(router_port),
+                 "--http-port", "0")
         submitted = True
 
         ids = open_model("smollm2-135m-instruct").tokenizer.encode(PROMPT)

@@ -32,6 +32,14 @@ from pdserve.bench.report import load_report, recompute_summaries
         (["--burstiness", "0", "--rate", "1"], "burstiness must be > 0"),
         (["--burstiness", "0.5"], "--burstiness only applies with --rate"),
         (["--all-at-once", "--concurrency", "4"], "contradict"),
+        (["--backend", "openai"], "--backend openai needs --base-url"),
+        (["--backend", "openai", "--base-url", "127.0.0.1:8000"], "must start with http://"),
+        (["--base-url", "http://127.0.0.1:8000"], "--base-url applies to --backend openai"),
+        (["--model", "m"], "--model applies to --backend openai only"),
+        (["--backend", "openai", "--base-url", "http://127.0.0.1:{port}", "--connect-timeout",
+          "3"], "cannot reach an OpenAI-compatible server"),
+        (["--backend", "openai", "--base-url", "http://x", "--compare", __file__],
+         "--compare starts pdserve clusters"),
     ],
 )
 def test_bad_input_is_one_error_line_and_exit_2(args, message, capsys):
@@ -47,7 +55,9 @@ def test_bad_input_is_one_error_line_and_exit_2(args, message, capsys):
 
 def test_help_exits_zero(capsys):
     assert main(["--help"]) == 0
-    assert "--slo" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "--slo" in out
+    assert "attainment" in out and "goodput" in out and "--backend" in out
 
 
 def test_rate_sweep_writes_a_recomputable_report_and_plots(tmp_path, capsys):

@@ -104,6 +104,8 @@ def test_unknown_keys_are_rejected_by_name(raw, field):
     ({"mode": "split"}, ["mode"]),
     ({"decode": {"transfer_host": ""}}, ["decode.transfer_host"]),
     ({"router": {"port": 70000}}, ["router.port"]),
+    ({"router": {"http_port": 70000}}, ["router.http_port"]),
+    ({"router": {"http_hots": "0.0.0.0"}}, ["router.http_hots"]),
     ({"prefill": {"num_cpus": 0}}, ["prefill.num_cpus"]),
     ({"prefill": {"resources": {"prefill_node": "many"}}}, ["prefill.resources.prefill_node"]),
 ])
@@ -130,3 +132,9 @@ def test_load_config_reports_missing_file_and_bad_yaml(tmp_path):
     top.write_text("- 1\n- 2\n")
     with pytest.raises(ConfigError, match="mapping"):
         load_config(top)
+
+
+def test_http_api_defaults_to_loopback_and_can_be_turned_off():
+    router = parse_config({}).router
+    assert (router.http_host, router.http_port) == ("127.0.0.1", 8000)
+    assert parse_config({"router": {"http_port": None}}).router.http_port is None

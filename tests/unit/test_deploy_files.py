@@ -62,3 +62,35 @@ def test_kuberay_manifests():
 
 def test_job_submit_script_is_valid_bash():
     subprocess.run(["bash", "-n", str(DEPLOY / "job_submit.sh")], check=True)
+
+
+def test_grafana_dashboard_queries_only_metrics_the_router_exports():
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from pdserve.router.lifecycle import RouterCounters
+    from pdserve.messages import WorkerStats
+    from pdserve.router.metrics import RouterMetrics
+
+    metrics = RouterMetrics("m", 512, RouterCounters())
+    metrics.observe_worker_stats([
+        WorkerStats("prefill-0", "prefill", free_blocks=1, total_blocks=2, running=0,
+                    waiting=0, prompt_tokens=0, generated_tokens=0),
+        WorkerStats("decode-0", "decode", free_blocks=1, total_blocks=2, running=0,
+                    waiting=0, prompt_tokens=0, generated_tokens=0),
+    ])
+    exported = set()
+    for family in text_string_to_metric_families(metrics.exposition().decode()):
+        exported |= {family.name} | {s.name for s in family.samples}
+    dashboard = json.loads((ROOT / "deploy" / "grafana" / "pdserve-dashboard.json").read_text())
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
+    used = {name for e in exprs for name in re.findall(r"pdserve:[a-z0-9_]+", e)}
+    assert len(dashboard["panels"]) >= 10 and len(used) >= 15
+    assert used <= exported, sorted(used - exported)
+
+
+def test_kuberay_service_exposes_the_http_api_of_the_config():
+    _, service = yaml.safe_load_all((DEPLOY / "kuberay" / "raycluster.yaml").read_text())
+    router = load_config(ROOT / "configs" / "multinode.yaml").router
+    ports = {p["name"]: p["port"] for p in service["spec"]["ports"]}
+    assert ports == {"grpc": router.port, "http": router.http_port}
+    assert router.http_host == "0.0.0.0" and router.auth_token_env

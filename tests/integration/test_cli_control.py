@@ -1,0 +1,70 @@
+"""`pdserve serve` as a user starts it (a subprocess), then `pdserve status` and
+`pdserve stop` against it: the HTTP API's address is printed, status lists every worker,
+stop ends the process cleanly and removes its run file."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+
+import pytest
+
+from pdserve.cluster.cli import main as pdserve_main
+
+pytestmark = pytest.mark.slow
+
+CONFIG = """
+model: {max_model_len: 256}
+kv: {memory_mb: 16}
+prefill: {threads: 1}
+decode: {threads: 1}
+"""
+
+
+def test_serve_status_stop(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("PDSERVE_RUN_DIR", str(tmp_path / "run"))
+    config = tmp_path / "cluster.yaml"
+    config.write_text(CONFIG)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pdserve.cluster", "serve", str(config), "--port", "0",
+         "--http-port", "0"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"}, start_new_session=True)
+    try:
+        grpc_address = http_url = None
+        deadline = time.monotonic() + 600
+        for line in proc.stdout:
+            if m := re.search(r"serving on (\S+:\d+)", line):
+                grpc_address = m.group(1)
+            if m := re.search(r"OpenAI-compatible HTTP API on (http://\S+:\d+)/v1", line):
+                http_url = m.group(1)
+                break
+            assert time.monotonic() < deadline, "the server did not start"
+        assert grpc_address and http_url, "the server exited before serving"
+        # Keep reading its output, or a full pipe would block the server's logging.
+        threading.Thread(target=proc.stdout.read, daemon=True).start()
+        with urllib.request.urlopen(http_url + "/health", timeout=30) as resp:
+            assert json.load(resp)["status"] == "ok"
+
+        assert pdserve_main(["status"]) == 0  # the one local server, found by its run file
+        out = capsys.readouterr().out
+        assert f"router {grpc_address}: serving, disaggregated (1 prefill x 1 decode" in out
+        assert re.search(r"prefill-0\s+prefill\s+\S+\s+0\.0%", out), out
+        assert re.search(r"decode-0\s+decode\s+\S+\s+0\.0%", out), out
+        assert (tmp_path / "run").is_dir() and len(list((tmp_path / "run").iterdir())) == 1
+
+        assert pdserve_main(["stop", "--target", grpc_address]) == 0
+        assert f"stopped pdserve (pid {proc.pid}" in capsys.readouterr().out
+        assert proc.wait(30) == 0
+        assert list((tmp_path / "run").iterdir()) == []
+        assert pdserve_main(["stop"]) == 1  # nothing left to stop
+        assert "no running pdserve server" in capsys.readouterr().err
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
