@@ -189,8 +189,9 @@ class Cluster:
 
     @property
     def compat_key(self) -> str:
-        """The KV compatibility key every worker reported (they agree, or start failed)."""
-        return self.ready_info[0]["compat_key"]
+        """The digest of the content key every worker reported (they agree, or start
+        failed): what block hashes include and transports check per transfer."""
+        return ContentKey.from_dict(self.ready_info[0]["content_key"]).digest
 
     def vocab_size(self) -> int:
         """The model's vocabulary size as the decode (or colocated) workers loaded it."""
@@ -313,7 +314,7 @@ async def run_router(cluster: Cluster, stop: asyncio.Event, on_ready=None) -> No
     poller = asyncio.create_task(_poll_stats(lifecycle, metrics))
     address = f"{cfg.router.host}:{port}"
     msg = cluster.summary(address)
-    log.info("KV compatibility key %s (reported by every worker)", cluster.compat_key)
+    log.info("KV content key %s (reported by every worker)", cluster.compat_key)
     log.info(msg)
     print(msg, flush=True)
     if cluster.http_url:

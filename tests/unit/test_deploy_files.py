@@ -67,8 +67,8 @@ def test_job_submit_script_is_valid_bash():
 def test_grafana_dashboard_queries_only_metrics_the_router_exports():
     from prometheus_client.parser import text_string_to_metric_families
 
-    from pdserve.router.lifecycle import RouterCounters
     from pdserve.messages import WorkerStats
+    from pdserve.router.lifecycle import RouterCounters
     from pdserve.router.metrics import RouterMetrics
 
     metrics = RouterMetrics("m", 512, RouterCounters())
