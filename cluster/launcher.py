@@ -32,6 +32,7 @@ from pdserve.cluster.actors import DecodeActor, PrefillActor
 from pdserve.cluster.config import ClusterConfig, PoolSection
 from pdserve.cluster.control import RunFile
 from pdserve.cluster.nccl_setup import connect_all as connect_nccl_pairs
+from pdserve.cluster.nccl_setup import reconnect_broken as reconnect_nccl_pairs
 from pdserve.cluster.ray_clients import RayDecodeClient, RayPrefillClient
 from pdserve.engine.config import ContentKey
 from pdserve.engine.kv_cache.keys import (
@@ -279,6 +280,18 @@ def _url_host(host: str) -> str:
     return f"[{host}]" if ":" in host and not host.startswith("[") else host
 
 
+async def _heal_nccl_pairs(cluster: Cluster, interval: float = 5.0) -> None:
+    """Remake broken NCCL pairs (a communicator aborted after a transfer timeout) while the
+    router serves; runs only on an nccl cluster. Blocking Ray calls go to a thread."""
+    while True:
+        await asyncio.sleep(interval)
+        try:
+            await asyncio.to_thread(reconnect_nccl_pairs, cluster.prefill_handles,
+                                    cluster.decode_handles, 60.0)
+        except Exception as e:  # noqa: BLE001 - retried next round; requests use other pairs
+            log.warning("remaking broken NCCL pairs failed: %s", e)
+
+
 async def run_router(cluster: Cluster, stop: asyncio.Event, on_ready=None) -> None:
     """Serve gRPC (and the OpenAI HTTP API, unless `router.http_port` is null) in front of
     a started cluster until `stop` is set. Both share one FrontDoor: the same limits,
@@ -312,6 +325,8 @@ async def run_router(cluster: Cluster, stop: asyncio.Event, on_ready=None) -> No
         await server.stop(grace=None)
         raise
     poller = asyncio.create_task(_poll_stats(lifecycle, metrics))
+    healer = (asyncio.create_task(_heal_nccl_pairs(cluster))
+              if cfg.transport == "nccl" and cluster.prefill_handles else None)
     address = f"{cfg.router.host}:{port}"
     msg = cluster.summary(address)
     log.info("KV content key %s (reported by every worker)", cluster.compat_key)
@@ -328,6 +343,8 @@ async def run_router(cluster: Cluster, stop: asyncio.Event, on_ready=None) -> No
         await stop.wait()
     finally:
         poller.cancel()
+        if healer is not None:
+            healer.cancel()
         if http is not None:
             await http.cleanup()
         await server.stop(grace=2.0)

@@ -57,20 +57,33 @@ def connect_all(prefill: Sequence, decode: Sequence, timeout: float = 120.0) -> 
     return len(p_ids) * len(d_ids)
 
 
+def broken_pairs(p_ids: Sequence[str], p_broken: Sequence[Sequence[str]],
+                 d_ids: Sequence[str], d_broken: Sequence[Sequence[str]]
+                 ) -> list[tuple[str, str]]:
+    """The (prefill, decode) pairs either side reports broken, among live workers, sorted.
+
+    `p_broken[i]` are the decode ids prefill worker `p_ids[i]` gave up on, `d_broken[j]`
+    the prefill ids decode worker `d_ids[j]` gave up on. A peer that is not (or no longer)
+    in the pools is skipped: there is nothing to pair it with."""
+    bad = {(p, d) for p, peers in zip(p_ids, p_broken) for d in peers}
+    bad |= {(p, d) for d, peers in zip(d_ids, d_broken) for p in peers}
+    live_p, live_d = set(p_ids), set(d_ids)
+    return sorted((p, d) for p, d in bad if p in live_p and d in live_d)
+
+
 def reconnect_broken(prefill: Sequence, decode: Sequence, timeout: float = 120.0) -> int:
     """Remake every pair that either side reports broken; returns how many were remade.
 
-    Meant for a health loop: until a pair is remade, its prefill side refuses requests for
-    that decode worker at once, so the router retries them on another pair.
+    The router's health loop (`cluster.launcher`) calls it every few seconds on an nccl
+    cluster: until a pair is remade, its prefill side refuses requests for that decode
+    worker at once, so the router retries them on another pair.
     """
     p_ids, d_ids = _ids(prefill, timeout), _ids(decode, timeout)
     p_broken = ray.get([p.nccl_broken.remote() for p in prefill], timeout=timeout)
     d_broken = ray.get([d.nccl_broken.remote() for d in decode], timeout=timeout)
-    bad = {(p_id, d_id) for p_id, peers in zip(p_ids, p_broken) for d_id in peers}
-    bad |= {(p_id, d_id) for d_id, peers in zip(d_ids, d_broken) for p_id in peers}
     by_p, by_d = dict(zip(p_ids, prefill)), dict(zip(d_ids, decode))
-    for p_id, d_id in sorted(bad):
-        if p_id in by_p and d_id in by_d:
-            connect_pair(by_p[p_id], p_id, by_d[d_id], d_id, timeout)
-            log.info("NCCL KV pair %s -> %s remade", p_id, d_id)
-    return len(bad)
+    pairs = broken_pairs(p_ids, p_broken, d_ids, d_broken)
+    for p_id, d_id in pairs:
+        connect_pair(by_p[p_id], p_id, by_d[d_id], d_id, timeout)
+        log.info("NCCL KV pair %s -> %s remade", p_id, d_id)
+    return len(pairs)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
 from pdserve.engine.sampling_params import SamplingParams
 from pdserve.messages import KVSink, OutputChunk, PrefillResult, WorkerRequest
@@ -37,7 +37,6 @@ class RouterCounters:
     aborted: int = 0
     handoff_retries: int = 0
     in_flight: int = 0
-    errors: list[str] = field(default_factory=list)
 
 
 class RequestLifecycle:

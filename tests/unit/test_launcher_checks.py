@@ -82,3 +82,15 @@ def test_matching_pairs_pass_and_decode_workers_may_differ_among_themselves():
     # Two decode workers never exchange KV: different layouts among them are fine.
     _cluster([_keyed("colocated-0", "colocated"), _keyed("colocated-1", "colocated", tp=2)],
              mode="colocated")._check_keys()
+
+
+def test_broken_nccl_pairs_are_those_either_side_gave_up_on_among_live_workers():
+    from pdserve.cluster.nccl_setup import broken_pairs
+
+    p_ids, d_ids = ["prefill-0", "prefill-1"], ["decode-0", "decode-1"]
+    # prefill-0 gave up on decode-1; decode-0 gave up on prefill-1 (and on a worker that is
+    # gone); prefill-1 names decode-0 too (the same pair, once).
+    pairs = broken_pairs(p_ids, [["decode-1"], ["decode-0"]],
+                         d_ids, [["prefill-1", "prefill-9"], []])
+    assert pairs == [("prefill-0", "decode-1"), ("prefill-1", "decode-0")]
+    assert broken_pairs(p_ids, [[], []], d_ids, [[], []]) == []
