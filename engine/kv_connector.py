@@ -140,7 +140,28 @@ class KVConnector(KVConnectorScheduler, KVConnectorWorker):
     """Both halves in one object."""
 
 
-class NoKVConnector(KVConnector):
+class PassiveWorkerHalf(KVConnectorWorker):
+    """A worker half that moves nothing inside a step (KV, if any, lands outside the
+    forward pass, as a push receiver's does); `register_kv_cache` is left to the class."""
+
+    def start_step(self, transfers: StepTransfers) -> None:
+        if transfers.load:
+            raise RuntimeError(f"{type(self).__name__} loads nothing inside a step")
+
+    def wait_for_layer(self, layer: int) -> None:
+        pass
+
+    def save_layer(self, layer: int) -> None:
+        pass
+
+    def end_step(self) -> None:
+        pass
+
+    def finished_transfers(self) -> list[str]:
+        return []
+
+
+class NoKVConnector(PassiveWorkerHalf, KVConnector):
     """Nothing moves: what an engine without a connector uses."""
 
     def num_external_tokens(self, seq: Sequence, num_local_tokens: int) -> int:
@@ -155,18 +176,3 @@ class NoKVConnector(KVConnector):
     def register_kv_cache(self, kv_cache: torch.Tensor, compat_key: str) -> None:
         pass
 
-    def start_step(self, transfers: StepTransfers) -> None:
-        if transfers.load:
-            raise RuntimeError("loads scheduled on an engine without a KV connector")
-
-    def wait_for_layer(self, layer: int) -> None:
-        pass
-
-    def save_layer(self, layer: int) -> None:
-        pass
-
-    def end_step(self) -> None:
-        pass
-
-    def finished_transfers(self) -> list[str]:
-        return []

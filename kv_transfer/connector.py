@@ -22,7 +22,13 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from pdserve.engine.kv_connector import KVConnector, LoadSpec, SaveSpec, StepTransfers
+from pdserve.engine.kv_connector import (
+    KVConnector,
+    LoadSpec,
+    PassiveWorkerHalf,
+    SaveSpec,
+    StepTransfers,
+)
 from pdserve.engine.sequence import FinishReason
 from pdserve.engine.sequence import Sequence as Seq
 from pdserve.kv_transfer.base import (
@@ -219,7 +225,7 @@ class PushSender(KVConnector):
             log.exception("on_done failed for %s", rid)
 
 
-class PushReceiver(KVConnector):
+class PushReceiver(PassiveWorkerHalf, KVConnector):
     """Decode side: owns the transport's receiver; `expect` publishes a reservation's sink,
     `cancel` forgets it (before its blocks are freed or once they are adopted)."""
 
@@ -274,18 +280,3 @@ class PushReceiver(KVConnector):
         self.receiver = make_receiver(self.transport, kv_cache, compat_key, **self._opts)
         self._block_size = kv_cache.shape[3]
 
-    def start_step(self, transfers: StepTransfers) -> None:
-        if transfers.load:
-            raise RuntimeError("the push receiver loads nothing inside a step")
-
-    def wait_for_layer(self, layer: int) -> None:
-        pass
-
-    def save_layer(self, layer: int) -> None:
-        pass
-
-    def end_step(self) -> None:
-        pass
-
-    def finished_transfers(self) -> list[str]:
-        return []

@@ -1,5 +1,6 @@
 """Helpers the HTTP API tests share: plain HTTP requests with the standard library (so the
-checks do not depend on a client library's parsing), SSE reading, metrics scraping."""
+checks do not depend on a client library's parsing), SSE reading, metrics scraping, and
+the module fixtures over a test module's own `served` fixture (a module imports them)."""
 
 from __future__ import annotations
 
@@ -11,11 +12,15 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from urllib.parse import urlsplit
 
+import openai
+import pytest
+from cluster_checks import free_blocks
 from prometheus_client.parser import text_string_to_metric_families
 
 from pdserve.cluster.background import BackgroundCluster
 from pdserve.cluster.client import PdserveClient
 from pdserve.cluster.config import parse_config
+from pdserve.engine.loader.registry import open_model
 
 MODEL = "smollm2-135m-instruct"
 TOKEN = "test-token-7f3a"
@@ -132,3 +137,32 @@ def wait_for(predicate, timeout: float = 30.0) -> None:
     while not predicate():
         assert time.monotonic() < deadline, "timed out"
         time.sleep(0.02)
+
+
+@pytest.fixture(scope="module")
+def grpc_client(served) -> PdserveClient:
+    return served[1]
+
+
+@pytest.fixture(scope="module")
+def http(served) -> Http:
+    return served[2]
+
+
+@pytest.fixture(scope="module")
+def oai(served) -> openai.OpenAI:
+    # No retries: a refused request must reach the test, not be sent again.
+    return openai.OpenAI(base_url=served[0].http_url + "/v1", api_key=TOKEN, max_retries=0,
+                         timeout=120)
+
+
+@pytest.fixture(scope="module")
+def start_blocks(grpc_client) -> dict[str, int]:
+    blocks = free_blocks(grpc_client)
+    assert set(blocks) == {"prefill-0", "decode-0"}
+    return blocks
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return open_model(MODEL).tokenizer

@@ -1,3 +1,4 @@
+# ruff: noqa: F811 (pytest fixtures imported from http_checks are parameters here)
 """The OpenAI-compatible HTTP API of one real 1P1D cluster (local Ray, SmolLM2 on CPU, KV
 over loopback gRPC), driven by the official `openai` package and by raw HTTP: output equal
 to the gRPC API's, `n` choices, the SSE framing, every refusal's status and JSON body.
@@ -7,19 +8,19 @@ from __future__ import annotations
 
 import openai
 import pytest
-from cluster_checks import assert_blocks_back, free_blocks
-from http_checks import (
+from cluster_checks import assert_blocks_back
+from http_checks import (  # the module fixtures every HTTP test module uses:
     CHAT,
     MODEL,
     PROMPT,
-    TOKEN,
-    Http,
+    grpc_client,  # noqa: F401
+    http,  # noqa: F401
     http_cluster,
+    oai,  # noqa: F401
     read_all_events,
+    start_blocks,  # noqa: F401
+    tokenizer,  # noqa: F401
 )
-
-from pdserve.cluster.client import PdserveClient
-from pdserve.engine.loader.registry import open_model
 
 pytestmark = pytest.mark.slow
 
@@ -35,35 +36,6 @@ N = 8
 def served():
     with http_cluster(ROUTER) as served:
         yield served
-
-
-@pytest.fixture(scope="module")
-def grpc_client(served) -> PdserveClient:
-    return served[1]
-
-
-@pytest.fixture(scope="module")
-def http(served) -> Http:
-    return served[2]
-
-
-@pytest.fixture(scope="module")
-def oai(served) -> openai.OpenAI:
-    # No retries: a refused request must reach the test, not be sent again.
-    return openai.OpenAI(base_url=served[0].http_url + "/v1", api_key=TOKEN, max_retries=0,
-                         timeout=120)
-
-
-@pytest.fixture(scope="module")
-def start_blocks(grpc_client) -> dict[str, int]:
-    blocks = free_blocks(grpc_client)
-    assert set(blocks) == {"prefill-0", "decode-0"}
-    return blocks
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return open_model(MODEL).tokenizer
 
 
 def test_models_and_health(oai, http):

@@ -1,3 +1,4 @@
+# ruff: noqa: F811 (pytest fixtures imported from http_checks are parameters here)
 """Faults, limits and accounting of the OpenAI-compatible HTTP API on one real 1P1D cluster
 (local Ray, SmolLM2 on CPU, KV over loopback gRPC): a failed handoff, a full queue, clients
 that disconnect (free blocks back on every worker), /metrics after a known set of requests,
@@ -8,26 +9,28 @@ from __future__ import annotations
 import json
 import time
 
-import openai
 import pytest
-from cluster_checks import assert_blocks_back, free_blocks, worker_stats
-from http_checks import (
+from cluster_checks import assert_blocks_back, worker_stats
+from http_checks import (  # the module fixtures every HTTP test module uses:
     CHAT,
     MODEL,
     PROMPT,
     TOKEN,
     Http,
     delta,
+    grpc_client,  # noqa: F401
+    http,  # noqa: F401
     http_cluster,
+    oai,  # noqa: F401
     read_event,
     sample,
+    start_blocks,  # noqa: F401
+    tokenizer,  # noqa: F401
     wait_for,
 )
 
 from pdserve.bench.cli import main as bench_main
 from pdserve.bench.report import load_report
-from pdserve.cluster.client import PdserveClient
-from pdserve.engine.loader.registry import open_model
 
 pytestmark = pytest.mark.slow
 
@@ -43,35 +46,6 @@ def served():
         failed = http.request("POST", "/v1/completions",
                               {"model": MODEL, "prompt": PROMPT, "max_tokens": 4})
         yield bg, grpc_client, http, failed
-
-
-@pytest.fixture(scope="module")
-def grpc_client(served) -> PdserveClient:
-    return served[1]
-
-
-@pytest.fixture(scope="module")
-def http(served) -> Http:
-    return served[2]
-
-
-@pytest.fixture(scope="module")
-def oai(served) -> openai.OpenAI:
-    # No retries: a refused request must reach the test, not be sent again.
-    return openai.OpenAI(base_url=served[0].http_url + "/v1", api_key=TOKEN, max_retries=0,
-                         timeout=120)
-
-
-@pytest.fixture(scope="module")
-def start_blocks(grpc_client) -> dict[str, int]:
-    blocks = free_blocks(grpc_client)
-    assert set(blocks) == {"prefill-0", "decode-0"}
-    return blocks
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return open_model(MODEL).tokenizer
 
 
 def test_failed_handoff_is_503_in_openai_shape(served, grpc_client, start_blocks):
