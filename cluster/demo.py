@@ -21,8 +21,10 @@ from pdserve.cluster.config import ClusterConfig
 def run_demo(config: ClusterConfig, prompt: str, max_tokens: int = 64,
              out=sys.stdout) -> int:
     """Serve `prompt` once on a fresh cluster of `config`; returns a process exit code."""
-    # A private router port: the demo must not collide with a `pdserve serve` already up.
-    config = config.model_copy(update={"router": config.router.model_copy(update={"port": 0})})
+    # A private gRPC port and no HTTP listener: the demo must not collide with a `pdserve
+    # serve` already up.
+    config = config.model_copy(update={"router": config.router.model_copy(
+        update={"port": 0, "http_port": None})})
     pools = (f"{config.prefill.count} prefill + {config.decode.count} decode"
              if config.mode == "disaggregated" else f"{config.decode.count} colocated")
     say = lambda msg: print(f"[pdserve demo] {msg}", file=out, flush=True)  # noqa: E731
