@@ -10,12 +10,13 @@ import itertools
 import time
 
 import pytest
-from cluster_checks import hf_greedy
+from testkit import hf_greedy
 
 from pdserve.decode_worker.worker import DecodeWorker
 from pdserve.engine.config import CacheConfig, EngineConfig
 from pdserve.engine.sampling_params import SamplingParams
 from pdserve.kv_transfer import KVTransferError
+from pdserve.messages import WorkerRequest, blocks_for
 from pdserve.prefill_worker.worker import PrefillWorker
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -57,13 +58,13 @@ def handoff(p: PrefillWorker, d: DecodeWorker, prompt: list[int], n: int = 8
     returns (D's sink, the greedy tokens, how many blocks P sent)."""
     rid = f"dreuse-{next(_ids)}"
     sp = SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True, seed=3)
-    request = {"request_id": rid, "prompt_token_ids": prompt, "params": sp.to_dict()}
-    sent = p.stats()["handoff_bytes"]
+    request = WorkerRequest(rid, tuple(prompt), sp)
+    sent = p.stats().handoff_bytes
     sink = d.reserve(rid, len(prompt), n, prompt_token_ids=prompt)
     first = p.prefill(request, sink)
     chunks = list(d.generate_from_prefill(request, first))
-    sent = (p.stats()["handoff_bytes"] - sent) // p.engine.layout.block_bytes
-    return sink, [t for c in chunks for t in c["token_ids"]], sent
+    sent = (p.stats().handoff_bytes - sent) // p.engine.layout.block_bytes
+    return sink, [t for c in chunks for t in c.token_ids], sent
 
 
 def assert_blocks_back(p: PrefillWorker, d: DecodeWorker) -> None:
@@ -72,9 +73,9 @@ def assert_blocks_back(p: PrefillWorker, d: DecodeWorker) -> None:
     deadline = time.monotonic() + 10
     while True:
         ps, ds = p.stats(), d.stats()
-        now = (ps["free_blocks"], ds["free_blocks"], ps["running"] + ds["running"],
-               ds["waiting"])
-        if now == (ps["total_blocks"], ds["total_blocks"], 0, 0):
+        now = (ps.free_blocks, ds.free_blocks, ps.running + ds.running,
+               ds.waiting)
+        if now == (ps.total_blocks, ds.total_blocks, 0, 0):
             return
         assert time.monotonic() < deadline, f"(P free, D free, running, reserved) = {now}"
         time.sleep(0.02)
@@ -85,11 +86,11 @@ def test_second_request_reserves_and_receives_fewer_blocks_same_tokens(workers, 
     p, d = workers
     n_blocks = -(-len(prompt) // BS)
     cold_sink, cold, cold_sent = handoff(p, d, prompt)
-    assert (cold_sink["first_block"], len(cold_sink["block_ids"]), cold_sent) == \
+    assert (cold_sink.first_block, len(cold_sink.block_ids), cold_sent) == \
         (0, n_blocks, n_blocks)
     warm_sink, warm, warm_sent = handoff(p, d, prompt)
     # Every full block came from D's own cache: only the partly filled last one travelled.
-    assert (warm_sink["first_block"], len(warm_sink["block_ids"]), warm_sent) == \
+    assert (warm_sink.first_block, len(warm_sink.block_ids), warm_sent) == \
         (n_blocks - 1, 1, 1)
     assert warm == cold == hf_greedy(hf_model, prompt, 8)
     assert_blocks_back(p, d)
@@ -101,8 +102,8 @@ def test_prompt_sharing_a_head_reuses_it_and_matches_hf(workers, prompt, hf_mode
     other = chat(p, "Which animals live in it? Answer in one line.")
     common = next(i for i, (a, b) in enumerate(zip(prompt, other)) if a != b)
     sink, tokens, sent = handoff(p, d, other)
-    assert sink["first_block"] == common // BS >= 2
-    assert sent == len(sink["block_ids"]) == -(-len(other) // BS) - common // BS
+    assert sink.first_block == common // BS >= 2
+    assert sent == len(sink.block_ids) == blocks_for(len(other), BS) - common // BS
     assert tokens == hf_greedy(hf_model, other, 8)
     assert_blocks_back(p, d)
 
@@ -113,9 +114,9 @@ def test_aborts_after_a_reuse_reservation_give_every_block_back(workers, prompt)
     # Decode side aborts before the prefill: P's push is refused, P frees its copy.
     rid = f"dreuse-{next(_ids)}"
     sp = SamplingParams(temperature=0.0, max_tokens=4)
-    request = {"request_id": rid, "prompt_token_ids": prompt, "params": sp.to_dict()}
+    request = WorkerRequest(rid, tuple(prompt), sp)
     sink = d.reserve(rid, len(prompt), 4, prompt_token_ids=prompt)
-    assert sink["first_block"] > 0
+    assert sink.first_block > 0
     assert d.abort(rid)
     with pytest.raises(KVTransferError):
         p.prefill(request, sink)
@@ -123,7 +124,7 @@ def test_aborts_after_a_reuse_reservation_give_every_block_back(workers, prompt)
     assert_blocks_back(p, d)
     # Both sides abort after the push arrived, before the commit.
     rid = f"dreuse-{next(_ids)}"
-    request = {"request_id": rid, "prompt_token_ids": prompt, "params": sp.to_dict()}
+    request = WorkerRequest(rid, tuple(prompt), sp)
     sink = d.reserve(rid, len(prompt), 4, prompt_token_ids=prompt)
     p.prefill(request, sink)
     p.abort(rid)  # its push is done: nothing to stop, its copy is freed
