@@ -4,7 +4,7 @@ the module fixtures over a test module's own `served` fixture (a module imports 
 
 from __future__ import annotations
 
-import http.client
+import http.client as httplib
 import json
 import os
 import time
@@ -60,8 +60,8 @@ class Http:
         self.host, self.port = parts.hostname, parts.port
         self.token = token
 
-    def connect(self, timeout: float = 120.0) -> http.client.HTTPConnection:
-        return http.client.HTTPConnection(self.host, self.port, timeout=timeout)
+    def connect(self, timeout: float = 120.0) -> httplib.HTTPConnection:
+        return httplib.HTTPConnection(self.host, self.port, timeout=timeout)
 
     def headers(self, token: str | None = "default") -> dict:
         token = self.token if token == "default" else token
