@@ -5,6 +5,7 @@ reference."""
 from __future__ import annotations
 
 import socket
+import time
 
 import torch
 
@@ -35,3 +36,30 @@ def hf_greedy(hf_model, ids: list[int], n: int, pad_token_id: int = 2) -> list[i
             max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=pad_token_id,
         )
     return out[0, len(ids):].tolist()
+
+
+def worker_handoff(p, d, request_id: str, prompt: list[int], params, reuse: bool = True):
+    """One handoff between two plain workers (no Ray): reserve on decode worker `d`
+    (offering the prompt for prefix reuse), prefill on prefill worker `p`, commit on `d`;
+    returns (the sink `d` published, the generated token ids)."""
+    from pdserve.messages import WorkerRequest
+
+    request = WorkerRequest(request_id, tuple(prompt), params)
+    sink = d.reserve(request_id, len(prompt), params.max_tokens,
+                     prompt_token_ids=prompt if reuse else None)
+    first = p.prefill(request, sink)
+    chunks = list(d.generate_from_prefill(request, first))
+    return sink, [t for c in chunks for t in c.token_ids]
+
+
+def assert_worker_blocks_back(p, d, timeout: float = 10.0) -> None:
+    """Every block free on both plain workers (cached ones count as free), nothing left
+    running or reserved. P frees its copy once the push is acknowledged, so poll briefly."""
+    deadline = time.monotonic() + timeout
+    while True:
+        ps, ds = p.stats(), d.stats()
+        now = (ps.free_blocks, ds.free_blocks, ps.running + ds.running, ds.waiting)
+        if now == (ps.total_blocks, ds.total_blocks, 0, 0):
+            return
+        assert time.monotonic() < deadline, f"(P free, D free, running, reserved) = {now}"
+        time.sleep(0.02)

@@ -7,16 +7,15 @@ Every block comes back on both sides, after commits and after aborts."""
 from __future__ import annotations
 
 import itertools
-import time
 
 import pytest
-from testkit import hf_greedy
+from testkit import assert_worker_blocks_back, hf_greedy, worker_handoff
 
 from pdserve.decode_worker.worker import DecodeWorker
 from pdserve.engine.config import CacheConfig, EngineConfig
 from pdserve.engine.sampling_params import SamplingParams
 from pdserve.kv_transfer import KVTransferError
-from pdserve.messages import WorkerRequest, blocks_for
+from pdserve.messages import KVSink, WorkerRequest, blocks_for
 from pdserve.prefill_worker.worker import PrefillWorker
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -53,38 +52,19 @@ def prompt(workers) -> list[int]:
 
 
 def handoff(p: PrefillWorker, d: DecodeWorker, prompt: list[int], n: int = 8
-            ) -> tuple[dict, list[int], int]:
-    """Reserve on D (offering the prompt for prefix reuse), prefill on P, commit on D;
-    returns (D's sink, the greedy tokens, how many blocks P sent)."""
-    rid = f"dreuse-{next(_ids)}"
+            ) -> tuple[KVSink, list[int], int]:
+    """A plain-worker handoff offering the prompt for prefix reuse; returns (D's sink, the
+    greedy tokens, how many blocks P sent)."""
     sp = SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True, seed=3)
-    request = WorkerRequest(rid, tuple(prompt), sp)
     sent = p.stats().handoff_bytes
-    sink = d.reserve(rid, len(prompt), n, prompt_token_ids=prompt)
-    first = p.prefill(request, sink)
-    chunks = list(d.generate_from_prefill(request, first))
-    sent = (p.stats().handoff_bytes - sent) // p.engine.layout.block_bytes
-    return sink, [t for c in chunks for t in c.token_ids], sent
-
-
-def assert_blocks_back(p: PrefillWorker, d: DecodeWorker) -> None:
-    """Every block free on both sides (cached ones count as free), nothing running or
-    reserved; P frees its copy once the push is acknowledged, so poll briefly."""
-    deadline = time.monotonic() + 10
-    while True:
-        ps, ds = p.stats(), d.stats()
-        now = (ps.free_blocks, ds.free_blocks, ps.running + ds.running,
-               ds.waiting)
-        if now == (ps.total_blocks, ds.total_blocks, 0, 0):
-            return
-        assert time.monotonic() < deadline, f"(P free, D free, running, reserved) = {now}"
-        time.sleep(0.02)
+    sink, tokens = worker_handoff(p, d, f"dreuse-{next(_ids)}", prompt, sp)
+    return sink, tokens, (p.stats().handoff_bytes - sent) // p.engine.layout.block_bytes
 
 
 def test_second_request_reserves_and_receives_fewer_blocks_same_tokens(workers, prompt,
                                                                        hf_model):
     p, d = workers
-    n_blocks = -(-len(prompt) // BS)
+    n_blocks = blocks_for(len(prompt), BS)
     cold_sink, cold, cold_sent = handoff(p, d, prompt)
     assert (cold_sink.first_block, len(cold_sink.block_ids), cold_sent) == \
         (0, n_blocks, n_blocks)
@@ -93,7 +73,7 @@ def test_second_request_reserves_and_receives_fewer_blocks_same_tokens(workers, 
     assert (warm_sink.first_block, len(warm_sink.block_ids), warm_sent) == \
         (n_blocks - 1, 1, 1)
     assert warm == cold == hf_greedy(hf_model, prompt, 8)
-    assert_blocks_back(p, d)
+    assert_worker_blocks_back(p, d)
 
 
 def test_prompt_sharing_a_head_reuses_it_and_matches_hf(workers, prompt, hf_model):
@@ -105,7 +85,7 @@ def test_prompt_sharing_a_head_reuses_it_and_matches_hf(workers, prompt, hf_mode
     assert sink.first_block == common // BS >= 2
     assert sent == len(sink.block_ids) == blocks_for(len(other), BS) - common // BS
     assert tokens == hf_greedy(hf_model, other, 8)
-    assert_blocks_back(p, d)
+    assert_worker_blocks_back(p, d)
 
 
 def test_aborts_after_a_reuse_reservation_give_every_block_back(workers, prompt):
@@ -121,7 +101,7 @@ def test_aborts_after_a_reuse_reservation_give_every_block_back(workers, prompt)
     with pytest.raises(KVTransferError):
         p.prefill(request, sink)
     p.abort(rid)
-    assert_blocks_back(p, d)
+    assert_worker_blocks_back(p, d)
     # Both sides abort after the push arrived, before the commit.
     rid = f"dreuse-{next(_ids)}"
     request = WorkerRequest(rid, tuple(prompt), sp)
@@ -129,4 +109,4 @@ def test_aborts_after_a_reuse_reservation_give_every_block_back(workers, prompt)
     p.prefill(request, sink)
     p.abort(rid)  # its push is done: nothing to stop, its copy is freed
     assert d.abort(rid)
-    assert_blocks_back(p, d)
+    assert_worker_blocks_back(p, d)

@@ -15,12 +15,13 @@ import time
 from dataclasses import replace
 
 import pytest
+from testkit import assert_worker_blocks_back, worker_handoff
 
 from pdserve.decode_worker.worker import DecodeWorker
 from pdserve.engine.config import CacheConfig, EngineConfig
 from pdserve.engine.sampling_params import SamplingParams
 from pdserve.kv_transfer import KVTransferError
-from pdserve.messages import WorkerRequest
+from pdserve.messages import KVSink, WorkerRequest
 from pdserve.prefill_worker.worker import PrefillWorker
 
 BS = 8
@@ -48,31 +49,8 @@ def greedy(n: int = 6) -> SamplingParams:
 
 
 def handoff(p: PrefillWorker, d: DecodeWorker, prompt: list[int], reuse: bool = True,
-            params: SamplingParams | None = None) -> tuple[dict, list[int]]:
-    """Reserve on D (offering the prompt for prefix reuse), prefill on P, commit on D;
-    returns (the sink D published, the generated tokens)."""
-    rid = f"reuse-{next(_ids)}"
-    sp = params or greedy()
-    request = WorkerRequest(rid, tuple(prompt), sp)
-    sink = d.reserve(rid, len(prompt), sp.max_tokens,
-                     prompt_token_ids=prompt if reuse else None)
-    first = p.prefill(request, sink)
-    chunks = list(d.generate_from_prefill(request, first))
-    return sink, [t for c in chunks for t in c.token_ids]
-
-
-def blocks_back(p: PrefillWorker, d: DecodeWorker) -> None:
-    """Every block free on both sides (cached ones count as free), nothing left running or
-    reserved. P frees its copy once the push is acknowledged, so poll briefly."""
-    deadline = time.monotonic() + 10
-    while True:
-        ps, ds = p.stats(), d.stats()
-        now = (ps.free_blocks, ds.free_blocks, ps.running + ds.running,
-               ds.waiting)
-        if now == (ps.total_blocks, ds.total_blocks, 0, 0):
-            return
-        assert time.monotonic() < deadline, f"(P free, D free, running, reserved) = {now}"
-        time.sleep(0.01)
+            params: SamplingParams | None = None) -> tuple[KVSink, list[int]]:
+    return worker_handoff(p, d, f"reuse-{next(_ids)}", prompt, params or greedy(), reuse)
 
 
 def sent_blocks(p: PrefillWorker, fn) -> int:
@@ -91,7 +69,7 @@ def test_second_request_with_the_same_prefix_moves_only_the_last_block(workers):
     # 42 of 43 tokens may come from D's cache, i.e. 5 full blocks: only the 6th travels.
     assert (warm_sink.first_block, len(warm_sink.block_ids), n_warm) == (5, 1, 1)
     assert len(cold) == 6 and warm == cold
-    blocks_back(p, d)
+    assert_worker_blocks_back(p, d)
 
 
 def test_a_shared_head_is_reused_and_the_rest_is_sent(workers):
@@ -101,7 +79,7 @@ def test_a_shared_head_is_reused_and_the_rest_is_sent(workers):
     other = PROMPT[:2 * BS] + [(11 * i) % 500 + 3 for i in range(20)]  # diverges in block 2
     n = sent_blocks(p, lambda: out.update(sink=handoff(p, d, other)[0]))
     assert (out["sink"].first_block, len(out["sink"].block_ids), n) == (2, 3, 3)
-    blocks_back(p, d)
+    assert_worker_blocks_back(p, d)
 
 
 def test_without_the_prompt_the_decode_side_reserves_every_block(workers):
@@ -109,7 +87,7 @@ def test_without_the_prompt_the_decode_side_reserves_every_block(workers):
     handoff(p, d, PROMPT)
     sink, tokens = handoff(p, d, PROMPT, reuse=False)
     assert sink.first_block == 0 and len(sink.block_ids) == 6
-    blocks_back(p, d)
+    assert_worker_blocks_back(p, d)
 
 
 def test_aborted_and_expired_reuse_reservations_give_every_block_back(workers):
@@ -125,7 +103,7 @@ def test_aborted_and_expired_reuse_reservations_give_every_block_back(workers):
     with pytest.raises(KVTransferError):
         p.prefill(request, sink)
     p.abort(rid)
-    blocks_back(p, d)
+    assert_worker_blocks_back(p, d)
     # A lease that runs out before anything arrived.
     rid = f"reuse-{next(_ids)}"
     d.reserve(rid, len(PROMPT), 6, lease_s=0.05, prompt_token_ids=PROMPT)
@@ -133,8 +111,8 @@ def test_aborted_and_expired_reuse_reservations_give_every_block_back(workers):
     while d.leases_expired == 0:
         assert time.monotonic() < deadline, "the lease never expired"
         time.sleep(0.05)
-    blocks_back(p, d)
+    assert_worker_blocks_back(p, d)
     # The prefix is still cached: the next request reuses it.
     sink, _ = handoff(p, d, PROMPT)
     assert sink.first_block == 5
-    blocks_back(p, d)
+    assert_worker_blocks_back(p, d)
