@@ -90,6 +90,19 @@ class RaySection(_Strict):
     num_cpus: float | None = Field(default=None, gt=0,
                                    description="logical CPUs of a locally started Ray")
     namespace: str = "pdserve"
+    node_ip_address: str = Field(
+        default="127.0.0.1", min_length=1,
+        description="node address of a locally started Ray (ray.address unset): 127.0.0.1 "
+        "keeps every Ray listener on loopback; a host address lets other hosts reach it, and "
+        "then Ray listens on every interface (docs/deploy.md lists the ports)")
+
+    @model_validator(mode="after")
+    def _node_ip_only_for_local(self):
+        if self.address and "node_ip_address" in self.model_fields_set:
+            raise ValueError("ray.node_ip_address applies only to a locally started Ray "
+                             "(ray.address unset); the nodes of a joined cluster choose theirs "
+                             "with `ray start --node-ip-address`")
+        return self
 
 
 class DebugSection(_Strict):

@@ -31,9 +31,11 @@ from tqdm import tqdm
 from pdserve.cluster.actors import DecodeActor, PrefillActor
 from pdserve.cluster.config import ClusterConfig, PoolSection
 from pdserve.cluster.control import RunFile
+from pdserve.cluster.local_ray import start_local_ray
 from pdserve.cluster.nccl_setup import connect_all as connect_nccl_pairs
 from pdserve.cluster.nccl_setup import reconnect_broken as reconnect_nccl_pairs
 from pdserve.cluster.ray_clients import RayDecodeClient, RayPrefillClient
+from pdserve.cluster.reaper import start_reaper
 from pdserve.engine.config import ContentKey
 from pdserve.engine.kv_cache.keys import (
     HandshakeError,
@@ -98,12 +100,10 @@ class Cluster:
         if address:
             ray.init(address=address, namespace=cfg.ray.namespace, log_to_driver=True)
         else:
-            # address="local": a fresh instance even when a `ray start` cluster runs here
-            # (ray.init() would join that one, and refuse num_cpus).
             need = self._cpus_needed()
-            ray.init(address="local",
-                     num_cpus=cfg.ray.num_cpus or max(os.cpu_count() or 1, need + 1),
-                     namespace=cfg.ray.namespace, include_dashboard=False)
+            start_local_ray(cfg.ray.node_ip_address,
+                            num_cpus=cfg.ray.num_cpus or max(os.cpu_count() or 1, need + 1),
+                            namespace=cfg.ray.namespace)
         self.connected_ray = True
 
     def _cpus_needed(self) -> float:
@@ -350,8 +350,17 @@ async def run_router(cluster: Cluster, stop: asyncio.Event, on_ready=None) -> No
         await server.stop(grace=2.0)
 
 
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def serve(config: ClusterConfig) -> int:
-    """Blocking entry point of `pdserve serve`: start, serve until SIGINT/SIGTERM, clean up."""
+    """Blocking entry point of `pdserve serve`: start, serve until SIGINT/SIGTERM, clean up.
+    The reaper ends whatever this process started if it dies without cleaning up."""
+    start_reaper()
+    # Until the router's loop takes SIGTERM over, it stops start-up the way Ctrl-C does
+    # (the default action would end the process with Ray still running).
+    signal.signal(signal.SIGTERM, _interrupt)
     cluster = Cluster(config)
     try:
         cluster.start()

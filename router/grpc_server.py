@@ -127,8 +127,11 @@ def _response(rid: str, chunk: OutputChunk) -> pb.GenerateResponse:
 async def start_server(door: FrontDoor, host: str, port: int
                        ) -> tuple[grpc.aio.Server, int]:
     """Start serving; returns the server and the bound port (useful with port 0)."""
+    # grpc refuses a larger message (RESOURCE_EXHAUSTED) before it is parsed: the same
+    # bound the HTTP body has. Headers (the bearer token) stay within grpc's 8 KiB default.
     server = grpc.aio.server(options=[("grpc.max_receive_message_length",
-                                       door.max_request_bytes)],
+                                       door.max_request_bytes),
+                                      ("grpc.max_metadata_size", 8 << 10)],
                              interceptors=[GenerateRequestParser()])
     auth = _Auth(door.auth)
     pb_grpc.add_GenerationServicer_to_server(GenerationService(door, auth), server)

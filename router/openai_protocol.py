@@ -12,7 +12,11 @@ formats and content parts. Unknown fields are ignored, as OpenAI-compatible serv
 (or `n` random seeds), so each choice is reproducible alone.
 
 Extensions (vLLM's names): `top_k`, `min_p`, `min_tokens`, `ignore_eos`, `stop_token_ids`,
-`return_token_ids`.
+`return_token_ids`, `request_id` (choice i of n > 1 runs as `request_id-i`).
+
+Every string and list a body may carry is bounded: those that become part of the
+`GenerateRequest` by `FrontDoor.admit` (router.validation), the rest (`user`, a message's
+`name`, the model name that a 404 would quote) here.
 """
 
 from __future__ import annotations
@@ -24,8 +28,17 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from pdserve.proto import pb
+from pdserve.router.validation import (
+    MAX_MESSAGES,
+    MAX_MODEL_NAME_CHARS,
+    MAX_REQUEST_ID_CHARS,
+    InvalidRequest,
+    check_request_id,
+)
 
 MAX_N = 8  # choices per request; each holds a place in the router's queue
+MAX_USER_CHARS = 256  # OpenAI's end-user id: accepted, not used
+MAX_NAME_CHARS = 64  # a chat message's participant name: accepted, not used
 
 
 class BadRequest(ValueError):
@@ -61,6 +74,7 @@ class _Common(_Body):
     stream_options: StreamOptions | None = None
     return_token_ids: bool = False
     user: str | None = None
+    request_id: str | None = None
     # Accepted only at their neutral values: the engine has no penalties or biases.
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
@@ -122,6 +136,8 @@ class Parsed:
             req.CopyFrom(self.request)
             if req.sampling.HasField("seed"):
                 req.sampling.seed = (req.sampling.seed + i) % 2**64
+            if req.request_id:  # ids must differ between requests in flight
+                req.request_id = f"{req.request_id}-{i}"
             out.append(req)
         return out
 
@@ -148,9 +164,15 @@ def parse_chat(raw: bytes) -> Parsed:
     if body.response_format and body.response_format.get("type", "text") != "text":
         raise BadRequest("only response_format {'type': 'text'} is supported",
                          "response_format")
+    if len(body.messages) > MAX_MESSAGES:
+        raise BadRequest(f"messages has {len(body.messages)} entries; the limit is "
+                         f"{MAX_MESSAGES}", "messages")
     req = pb.GenerateRequest()
     req.messages.SetInParent()
     for i, m in enumerate(body.messages):
+        if m.name is not None and len(m.name) > MAX_NAME_CHARS:
+            raise BadRequest(f"messages[{i}].name is {len(m.name)} characters; the limit is "
+                             f"{MAX_NAME_CHARS}", f"messages[{i}].name")
         role = "system" if m.role == "developer" else m.role  # OpenAI's newer name for it
         req.messages.messages.add(role=role, content=_text(m.content, i))
     if body.top_logprobs is not None and not body.logprobs:
@@ -175,6 +197,21 @@ def _parsed(kind, req, body: _Common, logprobs, echo, fill: bool) -> Parsed:
         raise BadRequest(f"n must be in [1, {MAX_N}]", "n")
     if body.stream_options is not None and not body.stream:
         raise BadRequest("stream_options is only allowed with stream: true", "stream_options")
+    if body.model and len(body.model) > MAX_MODEL_NAME_CHARS:
+        raise BadRequest(f"model is {len(body.model)} characters; the limit is "
+                         f"{MAX_MODEL_NAME_CHARS}", "model")
+    if body.user is not None and len(body.user) > MAX_USER_CHARS:
+        raise BadRequest(f"user is {len(body.user)} characters; the limit is "
+                         f"{MAX_USER_CHARS}", "user")
+    if body.request_id:
+        # Room for the "-i" that tells the choices of n > 1 apart.
+        suffix = len(f"-{body.n - 1}") if body.n > 1 else 0
+        try:
+            check_request_id(body.request_id, MAX_REQUEST_ID_CHARS - suffix)
+        except InvalidRequest as e:
+            raise BadRequest(str(e) + (f" with n={body.n}" if suffix else ""),
+                             "request_id") from None
+        req.request_id = body.request_id
     if body.model:
         req.model = body.model
     return Parsed(kind, req, body.stream,
