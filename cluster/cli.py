@@ -37,7 +37,7 @@ def _serve(args) -> int:
     except OSError as e:  # a port already in use: one line, not a traceback
         print(f"error: {e}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:  # Ctrl-C or SIGTERM before serving; everything was stopped
+    except KeyboardInterrupt:  # Ctrl-C before serving; everything it started was stopped
         print("interrupted during start-up", file=sys.stderr)
         return 130
 

@@ -350,17 +350,12 @@ async def run_router(cluster: Cluster, stop: asyncio.Event, on_ready=None) -> No
         await server.stop(grace=2.0)
 
 
-def _interrupt(signum, frame) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
 def serve(config: ClusterConfig) -> int:
     """Blocking entry point of `pdserve serve`: start, serve until SIGINT/SIGTERM, clean up.
     The reaper ends whatever this process started if it dies without cleaning up."""
     start_reaper()
-    # Until the router's loop takes SIGTERM over, it stops start-up the way Ctrl-C does
-    # (the default action would end the process with Ray still running).
-    signal.signal(signal.SIGTERM, _interrupt)
+    # Start-up ends cleanly on Ctrl-C (KeyboardInterrupt) and on SIGTERM (ray.init installs
+    # a handler that raises SystemExit): either way the `finally` below stops the cluster.
     cluster = Cluster(config)
     try:
         cluster.start()

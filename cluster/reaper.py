@@ -9,11 +9,15 @@ ends the process before any cleanup runs.
 
 So `serve` starts a reaper first: a small sidecar process in its own session (Ctrl-C in a
 terminal and a kill of the server's process group do not reach it) that polls whether the
-server is still its parent. Everything the server starts afterwards inherits an
-environment variable carrying a per-server random tag (Ray passes its environment down to
-GCS, raylet, agents, workers and actors; a redis-server started with `subprocess` gets it
-too). When the server is gone, the reaper SIGTERMs every process of this user carrying
-that tag, SIGKILLs whatever is left after a grace period, and exits.
+server is still its parent. It knows the server's processes two ways, because each misses
+some: it records the server's process tree every second (once orphaned, a process leaves
+the tree), and everything the server starts inherits an environment variable carrying a
+per-server random tag (Ray passes its environment down to GCS, raylet, agents, workers and
+actors; a redis-server started with `subprocess` gets it too; but Ray's Python processes
+retitle themselves with `setproctitle`, which overwrites the environment block that
+/proc/PID/environ shows, so the agents and workers are found only by the tree). When the
+server is gone, the reaper SIGTERMs all of them, SIGKILLs whatever is left after a grace
+period, and exits.
 
 A process of a *joined* cluster (`ray.address` set) was not started by the server, does not
 carry the tag, and is left alone: Ray itself ends the actors the server owned.
@@ -33,6 +37,7 @@ import psutil
 
 TAG_ENV = "PDSERVE_OWNER_TAG"
 POLL_SECONDS = 0.2
+RECORD_SECONDS = 1.0
 GRACE_SECONDS = 2.0
 
 
@@ -64,10 +69,14 @@ def tagged_processes(tag: str) -> list[psutil.Process]:
     return found
 
 
-def reap(tag: str, grace: float = GRACE_SECONDS) -> list[int]:
-    """SIGTERM every process tagged `tag`, SIGKILL what is left after `grace` seconds;
-    returns the pids it signalled."""
-    procs = tagged_processes(tag)
+def reap(tag: str, recorded: list[psutil.Process] = (),
+         grace: float = GRACE_SECONDS) -> list[int]:
+    """SIGTERM every process tagged `tag` and every `recorded` one still running (psutil
+    refuses to signal a pid reused since it was recorded), SIGKILL what is left after
+    `grace` seconds; returns the pids it signalled."""
+    procs = {p.pid: p for p in recorded if p.is_running()}
+    procs.update((p.pid, p) for p in tagged_processes(tag))
+    procs = list(procs.values())
     for p in procs:
         try:
             p.terminate()
@@ -90,10 +99,31 @@ def reap(tag: str, grace: float = GRACE_SECONDS) -> list[int]:
 
 
 def watch(owner: int, tag: str) -> None:
-    """Block until `owner` (this process's parent) is gone, then reap its tag."""
+    """Record `owner`'s process tree until `owner` (this process's parent) is gone, then
+    reap everything recorded or tagged."""
+    recorded: dict[int, psutil.Process] = {}
+    me = psutil.Process()
+    next_record = 0.0
     while os.getppid() == owner:
+        if time.monotonic() >= next_record:
+            recorded = _record(owner, me, recorded)
+            next_record = time.monotonic() + RECORD_SECONDS
         time.sleep(POLL_SECONDS)
-    reap(tag)
+    reap(tag, list(recorded.values()))
+
+
+def _record(owner: int, me: psutil.Process, recorded: dict[int, psutil.Process]
+            ) -> dict[int, psutil.Process]:
+    """`owner`'s descendants now, plus those recorded before that still run (a process
+    whose parent died has left the tree but is still the owner's)."""
+    now = {pid: p for pid, p in recorded.items() if p.is_running()}
+    try:
+        for p in psutil.Process(owner).children(recursive=True):
+            if p.pid != me.pid:
+                now.setdefault(p.pid, p)
+    except psutil.Error:
+        pass  # the owner just ended: reap what was recorded
+    return now
 
 
 def main(argv: list[str] | None = None) -> int:

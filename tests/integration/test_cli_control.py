@@ -1,6 +1,7 @@
 """`pdserve serve` as a user starts it (a subprocess), then `pdserve status` and
 `pdserve stop` against it: the HTTP API's address is printed, status lists every worker,
-stop ends the process cleanly and removes its run file."""
+stop (SIGTERM) ends the process cleanly, removes its run file and leaves no process it
+started behind."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import time
 import urllib.request
 
 import pytest
+from process_checks import assert_all_gone, started_by
 
 from pdserve.cluster.cli import main as pdserve_main
 
@@ -58,9 +60,11 @@ def test_serve_status_stop(tmp_path, capsys, monkeypatch):
         assert re.search(r"decode-0\s+decode\s+\S+\s+0\.0%", out), out
         assert (tmp_path / "run").is_dir() and len(list((tmp_path / "run").iterdir())) == 1
 
+        family = started_by(proc.pid)
         assert pdserve_main(["stop", "--target", grpc_address]) == 0
         assert f"stopped pdserve (pid {proc.pid}" in capsys.readouterr().out
         assert proc.wait(30) == 0
+        assert_all_gone(family, within=10.0)
         assert list((tmp_path / "run").iterdir()) == []
         assert pdserve_main(["stop"]) == 1  # nothing left to stop
         assert "no running pdserve server" in capsys.readouterr().err
