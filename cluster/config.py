@@ -8,6 +8,7 @@ by construction (they are top-level keys), a `local` transport cannot cross node
 
 from __future__ import annotations
 
+import ipaddress
 from pathlib import Path
 from typing import Literal
 
@@ -98,6 +99,15 @@ class RaySection(_Strict):
 
     @model_validator(mode="after")
     def _node_ip_only_for_local(self):
+        try:
+            ip = ipaddress.ip_address(self.node_ip_address)
+        except ValueError:
+            raise ValueError(f"ray.node_ip_address must be an IP address, got "
+                             f"{self.node_ip_address!r}") from None
+        if ip.is_unspecified:
+            raise ValueError("ray.node_ip_address must be an address other hosts can reach "
+                             f"(or 127.0.0.1), not the wildcard {self.node_ip_address}: Ray "
+                             "advertises it")
         if self.address and "node_ip_address" in self.model_fields_set:
             raise ValueError("ray.node_ip_address applies only to a locally started Ray "
                              "(ray.address unset); the nodes of a joined cluster choose theirs "

@@ -72,6 +72,7 @@ def test_defaults_bind_loopback():
     assert cfg.router.host == "127.0.0.1"
     assert cfg.decode.transfer_host == "127.0.0.1"
     assert cfg.ray.address is None
+    assert cfg.ray.node_ip_address == "127.0.0.1"  # every listener of the local Ray
 
 
 def _error(raw: dict) -> str:
@@ -108,6 +109,10 @@ def test_unknown_keys_are_rejected_by_name(raw, field):
     ({"router": {"http_hots": "0.0.0.0"}}, ["router.http_hots"]),
     ({"prefill": {"num_cpus": 0}}, ["prefill.num_cpus"]),
     ({"prefill": {"resources": {"prefill_node": "many"}}}, ["prefill.resources.prefill_node"]),
+    ({"ray": {"address": "auto", "node_ip_address": "10.0.0.5"}},
+     ["ray.node_ip_address", "ray.address unset", "ray start --node-ip-address"]),
+    ({"ray": {"node_ip_address": "0.0.0.0"}}, ["ray.node_ip_address", "wildcard"]),
+    ({"ray": {"node_ip_address": "my-host"}}, ["ray.node_ip_address", "IP address"]),
 ])
 def test_bad_values_and_combinations_name_the_field(raw, words):
     msg = _error(raw)
@@ -138,3 +143,8 @@ def test_http_api_defaults_to_loopback_and_can_be_turned_off():
     router = parse_config({}).router
     assert (router.http_host, router.http_port) == ("127.0.0.1", 8000)
     assert parse_config({"router": {"http_port": None}}).router.http_port is None
+
+
+def test_a_local_ray_may_name_its_node_address():
+    assert parse_config({"ray": {"node_ip_address": "10.0.0.5"}}).ray.node_ip_address == \
+        "10.0.0.5"
