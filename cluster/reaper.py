@@ -32,6 +32,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterable
 
 import psutil
 
@@ -69,7 +70,7 @@ def tagged_processes(tag: str) -> list[psutil.Process]:
     return found
 
 
-def reap(tag: str, recorded: list[psutil.Process] = (),
+def reap(tag: str, recorded: Iterable[psutil.Process] = (),
          grace: float = GRACE_SECONDS) -> list[int]:
     """SIGTERM every process tagged `tag` and every `recorded` one still running (psutil
     refuses to signal a pid reused since it was recorded), SIGKILL what is left after
@@ -109,7 +110,7 @@ def watch(owner: int, tag: str) -> None:
             recorded = _record(owner, me, recorded)
             next_record = time.monotonic() + RECORD_SECONDS
         time.sleep(POLL_SECONDS)
-    reap(tag, list(recorded.values()))
+    reap(tag, recorded.values())
 
 
 def _record(owner: int, me: psutil.Process, recorded: dict[int, psutil.Process]
