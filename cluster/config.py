@@ -108,7 +108,9 @@ class RaySection(_Strict):
             raise ValueError("ray.node_ip_address must be an address other hosts can reach "
                              f"(or 127.0.0.1), not the wildcard {self.node_ip_address}: Ray "
                              "advertises it")
-        if self.address and "node_ip_address" in self.model_fields_set:
+        # Compared with the default, not "was it set": a config dumped and parsed again
+        # (the CLI's overrides) sets every field.
+        if self.address and self.node_ip_address != "127.0.0.1":
             raise ValueError("ray.node_ip_address applies only to a locally started Ray "
                              "(ray.address unset); the nodes of a joined cluster choose theirs "
                              "with `ray start --node-ip-address`")

@@ -148,3 +148,10 @@ def test_http_api_defaults_to_loopback_and_can_be_turned_off():
 def test_a_local_ray_may_name_its_node_address():
     assert parse_config({"ray": {"node_ip_address": "10.0.0.5"}}).ray.node_ip_address == \
         "10.0.0.5"
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: str(p.relative_to(CONFIG_DIR)))
+def test_a_config_dumped_and_parsed_again_is_the_same(path):
+    """What the CLI does to apply --port and friends."""
+    cfg = load_config(path)
+    assert parse_config(cfg.model_dump(mode="json")) == cfg
