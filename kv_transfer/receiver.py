@@ -64,6 +64,14 @@ class _Reservation:
     device_ids: torch.Tensor | None = None
 
 
+def secret_matches(res: _Reservation, secret: object) -> bool:
+    """Whether `secret` is the reservation's, compared in constant time."""
+    try:
+        return hmac.compare_digest(res.secret, secret.encode())
+    except (AttributeError, UnicodeError):  # not text: no secret at all
+        return False
+
+
 class BlockReceiver(KVReceiver):
     """A `KVReceiver` minus the listener: validates chunks and writes them into the pool."""
 
@@ -226,11 +234,7 @@ class BlockReceiver(KVReceiver):
         """The reservation `request_id`, if `secret` is its own; refuses (NOT_FOUND,
         PERMISSION_DENIED) without touching it otherwise."""
         res = self._lookup(request_id)
-        try:
-            ok = hmac.compare_digest(res.secret, secret.encode())
-        except (AttributeError, UnicodeError):  # not text: no secret at all
-            ok = False
-        if not ok:
+        if not secret_matches(res, secret):
             raise ChunkRejected("PERMISSION_DENIED",
                                 f"request {request_id!r}: missing or wrong reservation secret")
         return res
