@@ -56,6 +56,9 @@ class TLSFiles:
             raise TLSConfigError("requiring client certificates needs a CA file to check "
                                  "them against")
 
+    def _names(self) -> str:
+        return ", ".join(repr(p) for p in (self.cert_file, self.key_file, self.ca_file) if p)
+
     # ---- servers ---------------------------------------------------------------------------
 
     def server_credentials(self) -> grpc.ServerCredentials:
@@ -79,8 +82,7 @@ class TLSFiles:
                 ctx.load_verify_locations(self.ca_file)
                 ctx.verify_mode = ssl.CERT_REQUIRED
         except (OSError, ssl.SSLError) as e:
-            raise TLSConfigError(f"cannot load TLS files {self.cert_file!r}, "
-                                 f"{self.key_file!r}: {e}") from None
+            raise TLSConfigError(f"cannot load TLS files {self._names()}: {e}") from None
         return ctx
 
     # ---- clients ---------------------------------------------------------------------------
@@ -104,7 +106,7 @@ class TLSFiles:
             if self.cert_file is not None:
                 ctx.load_cert_chain(self.cert_file, self.key_file)
         except (OSError, ssl.SSLError) as e:
-            raise TLSConfigError(f"cannot load TLS files for an HTTPS client: {e}") from None
+            raise TLSConfigError(f"cannot load TLS files {self._names()}: {e}") from None
         return ctx
 
 
