@@ -1,6 +1,8 @@
 """A throwaway PKI for TLS tests (importable as `tls_certs`, beside `testkit`): a CA, a
-server certificate for loopback (127.0.0.1, ::1, localhost) and a client certificate, all
-signed by that CA, written as PEM files with the `cryptography` package."""
+node ("server") certificate for loopback (127.0.0.1, ::1, localhost) and a client
+certificate, all signed by that CA, written as PEM files with the `cryptography` package.
+The node certificate may serve and connect (serverAuth + clientAuth), as a cluster node's
+must under mutual TLS: its prefill worker presents it to the decode workers."""
 
 from __future__ import annotations
 
@@ -36,7 +38,7 @@ def _write_key(path: Path, key) -> None:
 
 
 def _issue(subject: str, key, ca_key, issuer: x509.Name, *, ca: bool = False,
-           sans: list | None = None, usage=None) -> x509.Certificate:
+           sans: list | None = None, usage=()) -> x509.Certificate:
     now = datetime.datetime.now(datetime.UTC)
     b = (x509.CertificateBuilder().subject_name(_name(subject)).issuer_name(issuer)
          .public_key(key.public_key()).serial_number(x509.random_serial_number())
@@ -51,7 +53,7 @@ def _issue(subject: str, key, ca_key, issuer: x509.Name, *, ca: bool = False,
     if sans:
         b = b.add_extension(x509.SubjectAlternativeName(sans), critical=False)
     if usage:
-        b = b.add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+        b = b.add_extension(x509.ExtendedKeyUsage(list(usage)), critical=False)
     return b.sign(ca_key, hashes.SHA256())
 
 
@@ -64,8 +66,9 @@ def make_pki(directory: Path) -> PKI:
     files["ca"].write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
     sans = [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
             x509.IPAddress(ipaddress.ip_address("::1"))]
-    for role, usage, names in (("server", ExtendedKeyUsageOID.SERVER_AUTH, sans),
-                               ("client", ExtendedKeyUsageOID.CLIENT_AUTH, None)):
+    node = (ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH)
+    for role, usage, names in (("server", node, sans),
+                               ("client", (ExtendedKeyUsageOID.CLIENT_AUTH,), None)):
         key = ec.generate_private_key(ec.SECP256R1())
         cert = _issue(f"pdserve test {role}", key, ca_key, ca_cert.subject, sans=names,
                       usage=usage)
