@@ -59,12 +59,12 @@ class GrpcKVReceiver(BlockReceiver):
     server: with threads, every open stream holds a thread for as long as its peer keeps it
     open, so a few idle streams (anyone can open them; the secret is only seen in their
     first message) took every thread and starved real transfers. Here a waiting stream
-    costs a coroutine; threads (`write_threads`) are taken only while a received chunk is
-    written into the pool. A stream that sends nothing for `idle_timeout` seconds is cut
-    (a real sender's gaps are one forward pass long), and at most `max_streams` streams are
-    open at once (more are refused with RESOURCE_EXHAUSTED), which bounds what idle peers
-    can hold. `tls` (pdserve.tls.TLSFiles) serves TLS, mutual when it requires client
-    certificates.
+    costs a coroutine; a received chunk is written into the pool on the loop (CPU pools) or
+    on one of `write_threads` threads (GPU pools). A stream that sends nothing for
+    `idle_timeout` seconds is cut (a real sender's gaps are one forward pass long), and at
+    most `max_streams` streams are open at once (more are refused with RESOURCE_EXHAUSTED),
+    which bounds what idle peers can hold. `tls` (pdserve.tls.TLSFiles) serves TLS, mutual
+    when it requires client certificates.
     """
 
     transport = "grpc"
@@ -75,6 +75,10 @@ class GrpcKVReceiver(BlockReceiver):
                  max_streams: int = 1024, tls: TLSFiles | None = None) -> None:
         super().__init__(pool, compat_key)
         self.idle_timeout = idle_timeout
+        # A CPU pool's write is a memcpy under locks held only for moments: done on the loop
+        # itself, it saves a thread hop per message (which, on a busy CPU, is what a
+        # transfer waits for most).
+        self.write_inline = not pool.is_cuda
         self.writers = futures.ThreadPoolExecutor(write_threads, thread_name_prefix="kv-recv")
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="kv-recv-loop",
@@ -164,15 +168,21 @@ class _Servicer(pb_grpc.KVTransferServicer):
         rx, loop = self.receiver, asyncio.get_running_loop()
         while True:
             try:
-                chunk = await asyncio.wait_for(context.read(), rx.idle_timeout)
+                # asyncio.timeout, not wait_for: no task is made per message.
+                async with asyncio.timeout(rx.idle_timeout):
+                    chunk = await context.read()
             except TimeoutError:
                 raise ChunkRejected("DEADLINE_EXCEEDED", f"no message for {rx.idle_timeout} s "
                                     "on a KV stream") from None
             if chunk is grpc.aio.EOF:
                 return None
-            # Pool writes (and the locks they take) run on a writer thread, one message of
-            # a stream at a time, so the loop keeps serving the other streams meanwhile.
-            ack = await loop.run_in_executor(rx.writers, self._take, stream, chunk)
+            if rx.write_inline:
+                ack = self._take(stream, chunk)
+            else:
+                # A GPU pool's write copies to the device and `finish` waits for the stream:
+                # that runs on a writer thread (one message of a stream at a time), so the
+                # loop keeps serving the other streams meanwhile.
+                ack = await loop.run_in_executor(rx.writers, self._take, stream, chunk)
             if ack is not None:
                 return ack
 
