@@ -3,14 +3,20 @@ with a throwaway CA and certificates made by `cryptography` (tests/tls_certs.py)
 
 from __future__ import annotations
 
+import asyncio
 import time
 from pathlib import Path
 
 import grpc
 import pytest
 import torch
+from aiohttp import web
 from tls_certs import make_pki
 
+from pdserve.bench.client import GenerationClient, ServerUnreachable
+from pdserve.bench.fake_server import Pace, start
+from pdserve.bench.openai_client import OpenAIClient
+from pdserve.bench.workloads import RequestSpec
 from pdserve.cluster.config import ConfigError, load_config, parse_config
 from pdserve.engine.kv_cache.layout import KVLayout
 from pdserve.kv_transfer import KVTransferError, TransferStatus, make_receiver, make_sender
@@ -129,3 +135,62 @@ def test_shipped_tls_config_names_every_file():
     cfg = load_config(Path(__file__).resolve().parents[2] / "configs" / "tls.yaml")
     assert cfg.tls.cert_file and cfg.tls.key_file and cfg.tls.ca_file and cfg.tls.mutual_kv
     assert cfg.router.auth_token_env
+
+
+def test_bench_grpc_client_streams_over_tls_with_the_ca(pki):
+    server_tls = TLSFiles(pki.server_cert, pki.server_key)
+
+    async def main():
+        server, port = await start(Pace(ttft=0.01, itl=0.01), tls=server_tls)
+        target = f"127.0.0.1:{port}"
+        try:
+            client = GenerationClient(target, ca_file=pki.ca)
+            try:
+                await client.connect(5.0)
+                spec = RequestSpec(3, 2, prompt_token_ids=(1, 2))
+                record = await client.generate(spec, "r0")
+            finally:
+                await client.close()
+            plain = GenerationClient(target)
+            try:
+                with pytest.raises(ServerUnreachable):
+                    await plain.connect(2.0)
+            finally:
+                await plain.close()
+        finally:
+            await server.stop(None)
+        return record
+
+    record = asyncio.run(main())
+    assert record.ok and record.streamed_tokens == 3
+
+
+def test_bench_openai_client_verifies_https_with_the_ca(pki):
+    async def models(request):
+        return web.json_response({"object": "list", "data": [{"id": "m"}]})
+
+    async def main():
+        app = web.Application()
+        app.router.add_get("/v1/models", models)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        ctx = TLSFiles(pki.server_cert, pki.server_key).server_ssl_context()
+        await web.TCPSite(runner, "127.0.0.1", 0, ssl_context=ctx).start()
+        url = f"https://127.0.0.1:{runner.addresses[0][1]}"
+        try:
+            client = OpenAIClient(url, ca_file=pki.ca)
+            try:
+                health = await client.connect()
+            finally:
+                await client.close()
+            stranger = OpenAIClient(url)  # the system's roots do not know the test CA
+            try:
+                with pytest.raises(ServerUnreachable):
+                    await stranger.connect()
+            finally:
+                await stranger.close()
+        finally:
+            await runner.cleanup()
+        return health
+
+    assert asyncio.run(main())["model"] == "m"
