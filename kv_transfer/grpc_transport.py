@@ -72,13 +72,15 @@ class GrpcKVReceiver(BlockReceiver):
     def __init__(self, pool: torch.Tensor, compat_key: str, host: str = "127.0.0.1",
                  port: int = 0, advertise_host: str | None = None, write_threads: int = 4,
                  max_chunk_bytes: int = 4 * DEFAULT_CHUNK_BYTES, idle_timeout: float = 10.0,
-                 max_streams: int = 1024, tls: TLSFiles | None = None) -> None:
+                 max_streams: int = 1024, tls: TLSFiles | None = None,
+                 write_inline: bool | None = None) -> None:
         super().__init__(pool, compat_key)
         self.idle_timeout = idle_timeout
         # A CPU pool's write is a memcpy under locks held only for moments: done on the loop
         # itself, it saves a thread hop per message (which, on a busy CPU, is what a
         # transfer waits for most).
-        self.write_inline = not pool.is_cuda
+        # (`write_inline` overrides the choice: tests take the GPU pools' path on a CPU.)
+        self.write_inline = not pool.is_cuda if write_inline is None else write_inline
         self.writers = futures.ThreadPoolExecutor(write_threads, thread_name_prefix="kv-recv")
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="kv-recv-loop",

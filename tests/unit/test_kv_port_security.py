@@ -37,7 +37,9 @@ def pair(request):
 
 
 GRPC = ("grpc", {})
-BOTH = [GRPC, ("local", {})]
+# The receiver as it runs for a GPU pool: pool writes on its writer threads, not the loop.
+GRPC_THREADED = ("grpc", {"write_inline": False})
+BOTH = [GRPC, GRPC_THREADED, ("local", {})]
 
 
 def push(address: str, chunks, timeout: float = 10) -> grpc.RpcError | None:
@@ -70,7 +72,7 @@ def test_each_reservation_gets_its_own_unguessable_secret_kept_out_of_repr():
         rx.close()
 
 
-@pytest.mark.parametrize("pair", [GRPC], indirect=True)
+@pytest.mark.parametrize("pair", [GRPC, GRPC_THREADED], indirect=True)
 @pytest.mark.parametrize("secret", ["", "wrong-secret", "\u00e9t\u00e9"])
 def test_forged_grpc_stream_is_refused_and_changes_nothing(pair, secret):
     src, dst, rx, tx = pair
@@ -150,7 +152,7 @@ class IdleStreams:
             channel.close()
 
 
-@pytest.mark.parametrize("pair", [GRPC], indirect=True)
+@pytest.mark.parametrize("pair", [GRPC, GRPC_THREADED], indirect=True)
 def test_idle_streams_do_not_delay_a_transfer(pair):
     src, dst, rx, tx = pair
     idle = IdleStreams(rx.address, 20)  # more than the old receiver had threads (16)
@@ -169,7 +171,9 @@ def test_idle_streams_do_not_delay_a_transfer(pair):
         idle.close()
 
 
-@pytest.mark.parametrize("pair", [("grpc", {"idle_timeout": 0.5})], indirect=True)
+@pytest.mark.parametrize("pair", [("grpc", {"idle_timeout": 0.5}),
+                                  ("grpc", {"idle_timeout": 0.5, "write_inline": False})],
+                         indirect=True)
 def test_a_stream_idle_past_the_timeout_is_cut(pair):
     src, _, rx, _ = pair
     sink = rx.expect("r1", DST_IDS, NUM_TOKENS, time.time() + 30)
