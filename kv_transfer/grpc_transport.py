@@ -2,13 +2,13 @@
 
 One `Push` stream carries one request: data chunks (a layer split into block ranges of at
 most `chunk_bytes`), then a closing `done` or `abort`. Every message carries the sink's
-secret; the receiver refuses a stream whose first message lacks it (PERMISSION_DENIED)
-without touching the reservation, and cuts a stream idle for longer than its
-`idle_timeout`. The receiver validates every chunk
-before writing it and answers a refusal with a gRPC status (NOT_FOUND unknown/cancelled
-request, INVALID_ARGUMENT malformed chunk, FAILED_PRECONDITION compatibility key mismatch,
-ABORTED request no longer pending); any refusal or a stream cut short marks the request
-FAILED, so decode never waits out the lease for a transfer that cannot finish.
+secret: a stream whose first message lacks it is refused (PERMISSION_DENIED) without
+touching the reservation. The receiver validates every chunk before writing it and answers
+a refusal with a gRPC status (NOT_FOUND unknown/cancelled request, INVALID_ARGUMENT
+malformed chunk, FAILED_PRECONDITION compatibility key mismatch, ABORTED request no longer
+pending, DEADLINE_EXCEEDED a stream idle past the receiver's `idle_timeout`); any refusal
+or a stream cut short marks the request FAILED — when the stream had proved the secret —
+so decode never waits out the lease for a transfer that cannot finish.
 """
 
 from __future__ import annotations
@@ -195,7 +195,8 @@ class _Servicer(pb_grpc.KVTransferServicer):
             self.receiver.fail(stream.request_id, "the stream ended before the sender's done")
 
     def _take(self, stream: _Stream, chunk: pb.KVChunk) -> pb.PushAck | None:
-        """Apply one message (on a writer thread); the ack once the stream is closed."""
+        """Apply one message (on the loop, or a writer thread); the ack once the stream is
+        closed."""
         rx, rid = self.receiver, chunk.request_id
         if stream.request_id is None:
             rx.begin(rid, chunk.compat_key, secret=chunk.secret)  # refuses before anything
