@@ -194,3 +194,15 @@ def test_bench_openai_client_verifies_https_with_the_ca(pki):
         return health
 
     assert asyncio.run(main())["model"] == "m"
+
+
+def test_launcher_refuses_unreadable_tls_files_before_starting_anything(pki, tmp_path):
+    import ray
+
+    from pdserve.cluster.launcher import Cluster, ClusterStartError
+
+    cfg = parse_config({"tls": {"cert_file": pki.server_cert,
+                                "key_file": str(tmp_path / "missing.key")}})
+    with pytest.raises(ClusterStartError, match="missing.key"):
+        Cluster(cfg).start()
+    assert not ray.is_initialized()
