@@ -88,6 +88,7 @@ def make_plan(argv: list[str] | None) -> Plan:
         force_output_len=args.force_output_len,
         temperature=args.temperature,
         api_key=args.api_key,
+        ca_file=args.ca_file,
         progress=args.progress,
         backend=args.backend,
         base_url=args.base_url,

@@ -16,6 +16,7 @@ import grpc
 from pdserve.bench.records import RequestRecord
 from pdserve.bench.workloads import RequestSpec
 from pdserve.proto import pb, pb_grpc
+from pdserve.tls import TLSFiles, secure_aio_channel
 
 
 class ServerUnreachable(ConnectionError):
@@ -66,13 +67,16 @@ class GenerationClient:
         force_output_len: bool = True,
         temperature: float = 0.0,
         api_key: str | None = None,
+        ca_file: str | None = None,
     ) -> None:
         self.target = target
         self.request_timeout = request_timeout
         self.force_output_len = force_output_len
         self.temperature = temperature
         self._metadata = (("authorization", f"Bearer {api_key}"),) if api_key else None
-        self._channel = grpc.aio.insecure_channel(target)
+        # TLS when a CA is given (the router's `tls:` config), plaintext otherwise.
+        self._channel = secure_aio_channel(
+            target, TLSFiles(ca_file=ca_file) if ca_file is not None else None)
         self._stub = pb_grpc.GenerationStub(self._channel)
 
     async def close(self) -> None:

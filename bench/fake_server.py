@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import grpc
 
 from pdserve.proto import pb, pb_grpc
+from pdserve.tls import TLSFiles, add_port
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,11 +75,13 @@ class FakeGeneration(pb_grpc.GenerationServicer):
         return pb.HealthResponse(serving=True, prefill_workers=0, decode_workers=0, mode="fake")
 
 
-async def start(pace: Pace, host: str = "127.0.0.1", port: int = 0) -> tuple[grpc.aio.Server, int]:
-    """Start a fake server on the running loop; returns it and the bound port."""
+async def start(pace: Pace, host: str = "127.0.0.1", port: int = 0,
+                tls: TLSFiles | None = None) -> tuple[grpc.aio.Server, int]:
+    """Start a fake server on the running loop (TLS with `tls`); returns it and the bound
+    port."""
     server = grpc.aio.server()
     pb_grpc.add_GenerationServicer_to_server(FakeGeneration(pace), server)
-    bound = server.add_insecure_port(f"{host}:{port}")
+    bound = add_port(server, f"{host}:{port}", tls)
     await server.start()
     return server, bound
 

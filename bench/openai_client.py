@@ -23,6 +23,7 @@ import aiohttp
 from pdserve.bench.client import ServerUnreachable
 from pdserve.bench.records import RequestRecord
 from pdserve.bench.workloads import RequestSpec
+from pdserve.tls import TLSFiles
 
 
 def api_base(base_url: str) -> str:
@@ -57,7 +58,8 @@ class OpenAIClient:
 
     def __init__(self, base_url: str, *, model: str | None = None,
                  request_timeout: float = 300.0, force_output_len: bool = True,
-                 temperature: float = 0.0, api_key: str | None = None) -> None:
+                 temperature: float = 0.0, api_key: str | None = None,
+                 ca_file: str | None = None) -> None:
         self.base = api_base(base_url)
         self.model = model
         self.request_timeout = request_timeout
@@ -65,7 +67,10 @@ class OpenAIClient:
         self.temperature = temperature
         self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         # No connection cap: the arrival process, not the client, decides concurrency.
-        self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
+        # `ca_file`: an https:// server whose certificate that CA signed (pdserve `tls:`).
+        ssl_ctx = TLSFiles(ca_file=ca_file).client_ssl_context() if ca_file else True
+        self._session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=0, ssl=ssl_ctx))
 
     async def close(self) -> None:
         await self._session.close()

@@ -53,6 +53,10 @@ def build_parser() -> argparse.ArgumentParser:
         default=os.environ.get("PDSERVE_API_KEY"),
         help="bearer token for the API (default: $PDSERVE_API_KEY)",
     )
+    p.add_argument("--ca-file", default=None, help="TLS: verify the server's certificate "
+                   "against this CA certificate (PEM); pdserve backend: connect with TLS "
+                   "(an https:// --base-url uses TLS anyway, with the system's roots "
+                   "unless this is given)")
     w = p.add_argument_group("workload")
     w.add_argument("--workload", default="random", choices=("random", "shared-prefix", "file"))
     w.add_argument(

@@ -37,6 +37,7 @@ class RunSettings:
     force_output_len: bool = True
     temperature: float = 0.0
     api_key: str | None = None
+    ca_file: str | None = None  # TLS: verify the server against this CA certificate (PEM)
     progress: bool = True
     backend: str = "pdserve"  # "pdserve": gRPC at `target`; "openai": HTTP at `base_url`
     base_url: str | None = None
@@ -115,6 +116,7 @@ def make_client(settings: RunSettings) -> GenerationClient | OpenAIClient:
         force_output_len=settings.force_output_len,
         temperature=settings.temperature,
         api_key=settings.api_key,
+        ca_file=settings.ca_file,
     )
     if settings.backend == "openai":
         from pdserve.bench.openai_client import OpenAIClient

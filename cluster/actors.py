@@ -86,6 +86,7 @@ class PrefillActor(_WorkerShell):
         self.worker = PrefillWorker(
             cfg.engine_config(cfg.prefill), transport=cfg.transport, worker_id=worker_id,
             inject_transfer_failures=cfg.debug.inject_transfer_failures,
+            tls=cfg.tls.sender_files() if cfg.tls and cfg.transport == "grpc" else None,
         )
 
     def ready(self) -> dict:
@@ -118,6 +119,7 @@ class DecodeActor(_WorkerShell):
         self.worker = DecodeWorker(
             cfg.engine_config(cfg.decode), transport=cfg.transport, worker_id=worker_id,
             role=role, host=host, advertise_host=advertise,
+            tls=cfg.tls.receiver_files() if cfg.tls and cfg.transport == "grpc" else None,
         )
 
     def ready(self) -> dict:

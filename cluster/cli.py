@@ -65,7 +65,7 @@ def _generate(args) -> int:
     if args.seed is not None:
         sampling["seed"] = args.seed
     try:
-        with PdserveClient(args.target, token=token) as client:
+        with PdserveClient(args.target, token=token, ca_file=args.ca_file) as client:
             last = None
             for r in client.stream(prompt, **sampling):
                 print(r.text, end="", flush=True)
@@ -87,7 +87,7 @@ def _stats(args) -> int:
     from pdserve.cluster.client import PdserveClient
 
     try:
-        with PdserveClient(args.target) as client:
+        with PdserveClient(args.target, ca_file=args.ca_file) as client:
             s = client.stats()
     except grpc.RpcError as e:
         print(f"error: {e.code().name}: {e.details()}", file=sys.stderr)
@@ -120,7 +120,7 @@ def _status(args) -> int:
 
     target = _target(args)
     token = os.environ.get(args.token_env) if args.token_env else None
-    with PdserveClient(target, token=token) as client:
+    with PdserveClient(target, token=token, ca_file=args.ca_file) as client:
         try:
             health = client.health()
             models = client.generation.ListModels(pb.ListModelsRequest(), timeout=30,
@@ -187,6 +187,9 @@ def main(argv: list[str] | None = None) -> int:
     st.add_argument("--target", default=None,
                     help="router HOST:PORT (default: the one local server, or :50051)")
     st.add_argument("--token-env", default=None, help="env var holding the bearer token")
+    for q in (g, s, st):
+        q.add_argument("--ca-file", default=None, help="connect with TLS, verifying the "
+                       "router's certificate against this CA certificate (PEM)")
     sp = sub.add_parser("stop", help="stop a `pdserve serve` running on this machine")
     sp.add_argument("--target", default=None, help="its gRPC HOST:PORT (needed when several "
                     "run here)")

@@ -4,21 +4,25 @@
     with PdserveClient("127.0.0.1:50051") as c:
         for piece in c.stream("Tell me a joke", max_tokens=32):
             print(piece.text, end="", flush=True)
+
+Against a router serving TLS (config `tls:`), pass `tls=True` to verify it with the system's
+roots, or `ca_file=` the CA certificate that signed the router's certificate.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 
-import grpc
-
 from pdserve.proto import pb, pb_grpc
+from pdserve.tls import TLSFiles, secure_channel
 
 
 class PdserveClient:
     def __init__(self, target: str = "127.0.0.1:50051", token: str | None = None,
-                 timeout: float | None = 600.0):
-        self.channel = grpc.insecure_channel(target)
+                 timeout: float | None = 600.0, ca_file: str | None = None,
+                 tls: bool = False):
+        secure = tls or ca_file is not None
+        self.channel = secure_channel(target, TLSFiles(ca_file=ca_file) if secure else None)
         self.generation = pb_grpc.GenerationStub(self.channel)
         self.admin = pb_grpc.AdminStub(self.channel)
         self.metadata = [("authorization", f"Bearer {token}")] if token else None

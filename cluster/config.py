@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import ipaddress
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from pdserve.engine.config import CacheConfig, EngineConfig, SchedulerConfig
+
+if TYPE_CHECKING:
+    from pdserve.tls import TLSFiles
 
 
 class _Strict(BaseModel):
@@ -85,6 +88,57 @@ class RouterSection(_Strict):
         default=0, ge=0, description="prompts this short are prefilled on the decode worker")
 
 
+class TLSSection(_Strict):
+    """TLS on the router's gRPC and HTTP ports and on the grpc KV transport (docs/security.md).
+
+    Paths only: the PEM files are read on each node where they are used (the router's
+    node, every decode and prefill worker's node), so they must exist there at these paths.
+    """
+
+    cert_file: str = Field(min_length=1, description="PEM certificate (chain) the router and "
+                           "every decode worker's KV receiver present")
+    key_file: str = Field(min_length=1, description="PEM private key of cert_file")
+    ca_file: str | None = Field(
+        default=None, min_length=1, description="PEM CA certificate(s) the prefill workers "
+        "verify the KV receivers against (default: the system's roots); with mutual_kv, the "
+        "receivers verify the prefill workers against it too")
+    mutual_kv: bool = Field(
+        default=False, description="mutual TLS between nodes: KV receivers require a client "
+        "certificate chained to ca_file, and prefill workers present cert_file")
+    kv_server_name: str | None = Field(
+        default=None, min_length=1, description="name the prefill workers expect in the KV "
+        "receivers' certificate (default: the host of the receiver's address), for one "
+        "certificate with a DNS name shared by every node")
+
+    def router_files(self) -> TLSFiles:
+        """What the router's gRPC and HTTP listeners serve with."""
+        from pdserve.tls import TLSFiles
+        return TLSFiles(self.cert_file, self.key_file)
+
+    def receiver_files(self) -> TLSFiles:
+        """What a decode worker's KV receiver serves with (client certificates required
+        under mutual_kv)."""
+        from pdserve.tls import TLSFiles
+        return TLSFiles(self.cert_file, self.key_file, self.ca_file,
+                        require_client_cert=self.mutual_kv)
+
+    def sender_files(self) -> TLSFiles:
+        """What a prefill worker's KV sender connects with (its certificate under
+        mutual_kv)."""
+        from pdserve.tls import TLSFiles
+        if self.mutual_kv:
+            return TLSFiles(self.cert_file, self.key_file, self.ca_file,
+                            server_name=self.kv_server_name)
+        return TLSFiles(ca_file=self.ca_file, server_name=self.kv_server_name)
+
+    @model_validator(mode="after")
+    def _mutual_needs_ca(self):
+        if self.mutual_kv and self.ca_file is None:
+            raise ValueError("tls.mutual_kv needs tls.ca_file (the CA the peers' "
+                             "certificates are checked against)")
+        return self
+
+
 class RaySection(_Strict):
     address: str | None = Field(default=None, description="unset: start a local Ray; "
                                 "'auto' or ray://host:port: join")
@@ -132,6 +186,7 @@ class ClusterConfig(_Strict):
     router: RouterSection = Field(default_factory=RouterSection)
     ray: RaySection = Field(default_factory=RaySection)
     debug: DebugSection = Field(default_factory=DebugSection)
+    tls: TLSSection | None = Field(default=None, description="unset: plaintext listeners")
 
     @model_validator(mode="after")
     def _consistent(self):
@@ -147,6 +202,9 @@ class ClusterConfig(_Strict):
         for name, pool in (("prefill", self.prefill), ("decode", self.decode)):
             if pool.device.startswith("cuda") and pool.num_gpus <= 0:
                 raise ValueError(f"{name}.device is {pool.device!r} but {name}.num_gpus is 0")
+        if self.tls is not None and self.tls.mutual_kv and self.transport != "grpc":
+            raise ValueError("tls.mutual_kv applies to the grpc KV transport; the nccl "
+                             "transport's announces are admitted by the reservation secret")
         return self
 
     def engine_config(self, pool: PoolSection) -> EngineConfig:

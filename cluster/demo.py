@@ -31,7 +31,9 @@ def run_demo(config: ClusterConfig, prompt: str, max_tokens: int = 64,
     say(f"starting a local cluster: {pools} worker(s), model {config.model.name}, "
         f"KV transport {config.transport} (first start loads the model: ~10-30 s on a CPU)")
     t0 = time.perf_counter()
-    with BackgroundCluster(config) as cluster, PdserveClient(cluster.address) as client:
+    tls = config.tls  # a TLS config: the demo's client verifies the router with its CA
+    with BackgroundCluster(config) as cluster, PdserveClient(
+            cluster.address, ca_file=tls.ca_file if tls else None, tls=tls is not None) as client:
         workers = client.stats().workers
         say(f"ready in {time.perf_counter() - t0:.1f} s; router on {cluster.address}; workers: "
             + ", ".join(f"{w.worker_id} ({w.role})" for w in workers))

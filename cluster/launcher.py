@@ -52,6 +52,7 @@ from pdserve.router.lifecycle import RequestLifecycle
 from pdserve.router.metrics import RouterMetrics
 from pdserve.router.policy import RoutingPolicy
 from pdserve.router.validation import Limits
+from pdserve.tls import TLSConfigError
 
 log = logging.getLogger("pdserve.cluster")
 
@@ -76,6 +77,12 @@ class Cluster:
 
     def start(self, ready_timeout: float = 600.0) -> None:
         cfg = self.config
+        if cfg.tls is not None:  # an unreadable file fails now, not after the workers start
+            try:
+                cfg.tls.router_files().server_ssl_context()
+                cfg.tls.sender_files().client_ssl_context()
+            except TLSConfigError as e:
+                raise ClusterStartError(f"tls: {e}") from None
         if not ray.is_initialized():
             self._connect_ray()
         n_prefill = cfg.prefill.count if cfg.mode == "disaggregated" else 0
@@ -314,13 +321,16 @@ async def run_router(cluster: Cluster, stop: asyncio.Event, on_ready=None) -> No
     metrics = RouterMetrics(cfg.model.name, limits.max_model_len, lifecycle.counters)
     door = FrontDoor(lifecycle, tokenizer, limits, cfg.router.max_queue,
                      cfg.router.max_request_bytes, BearerAuth(token), model_info, metrics)
-    server, port = await start_server(door, cfg.router.host, cfg.router.port)
+    tls = cfg.tls.router_files() if cfg.tls else None
+    server, port = await start_server(door, cfg.router.host, cfg.router.port, tls)
     http = None
     try:
         if cfg.router.http_port is not None:
             http, http_port = await start_http_server(
-                OpenAIServer(door, metrics), cfg.router.http_host, cfg.router.http_port)
-            cluster.http_url = f"http://{_url_host(cfg.router.http_host)}:{http_port}"
+                OpenAIServer(door, metrics), cfg.router.http_host, cfg.router.http_port,
+                tls.server_ssl_context() if tls else None)
+            scheme = "https" if tls else "http"
+            cluster.http_url = f"{scheme}://{_url_host(cfg.router.http_host)}:{http_port}"
     except BaseException:
         await server.stop(grace=None)
         raise

@@ -15,6 +15,7 @@ import queue
 import threading
 import time
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 from pdserve.engine.config import EngineConfig
 from pdserve.engine.engine_loop import EngineLoop
@@ -24,6 +25,9 @@ from pdserve.engine.sampler import SampleResult
 from pdserve.kv_transfer import KVTransferError, TransferStatus
 from pdserve.kv_transfer.connector import PushReceiver
 from pdserve.messages import KVSink, OutputChunk, PrefillResult, WorkerRequest, WorkerStats
+
+if TYPE_CHECKING:  # pdserve.tls imports grpc, which the local transport never needs
+    from pdserve.tls import TLSFiles
 
 log = logging.getLogger("pdserve.decode")
 
@@ -42,6 +46,7 @@ class DecodeWorker:
         host: str = "127.0.0.1",
         transfer_timeout: float = 30.0,
         advertise_host: str | None = None,
+        tls: TLSFiles | None = None,
     ):
         self.worker_id = worker_id
         self.role = role
@@ -51,6 +56,8 @@ class DecodeWorker:
         opts: dict = {"name": worker_id} if transport in ("local", "nccl") else {}
         if transport in ("grpc", "nccl"):
             opts.update(host=host, advertise_host=advertise_host)
+        if tls is not None:  # the grpc receiver serves TLS (mutual when it asks for certs)
+            opts["tls"] = tls
         # The KV connector: a reservation's tokens count as loaded once its receiver says
         # the prefill worker's push is COMPLETE.
         self.connector = PushReceiver(transport, **opts)

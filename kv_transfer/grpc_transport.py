@@ -1,15 +1,19 @@
 """The `grpc` transport: KV bytes over HTTP/2, any host, CPU or GPU pools.
 
 One `Push` stream carries one request: data chunks (a layer split into block ranges of at
-most `chunk_bytes`), then a closing `done` or `abort`. The receiver validates every chunk
-before writing it and answers a refusal with a gRPC status (NOT_FOUND unknown/cancelled
-request, INVALID_ARGUMENT malformed chunk, FAILED_PRECONDITION compatibility key mismatch,
-ABORTED request no longer pending); any refusal or a stream cut short marks the request
-FAILED, so decode never waits out the lease for a transfer that cannot finish.
+most `chunk_bytes`), then a closing `done` or `abort`. Every message carries the sink's
+secret: a stream whose first message lacks it is refused (PERMISSION_DENIED) without
+touching the reservation. The receiver validates every chunk before writing it and answers
+a refusal with a gRPC status (NOT_FOUND unknown/cancelled request, INVALID_ARGUMENT
+malformed chunk, FAILED_PRECONDITION compatibility key mismatch, ABORTED request no longer
+pending, DEADLINE_EXCEEDED a stream idle past the receiver's `idle_timeout`); any refusal
+or a stream cut short marks the request FAILED — when the stream had proved the secret —
+so decode never waits out the lease for a transfer that cannot finish.
 """
 
 from __future__ import annotations
 
+import asyncio
 import math
 import queue
 import threading
@@ -31,6 +35,7 @@ from pdserve.kv_transfer.wire import (
     pb,
     pb_grpc,
 )
+from pdserve.tls import TLSFiles, add_port, secure_channel
 
 _DONE, _ABORT = object(), object()
 
@@ -48,77 +53,180 @@ def _host_port(host: str, port: int) -> str:
 
 
 class GrpcKVReceiver(BlockReceiver):
-    """A receiver listening on `host:port` (loopback and a free port by default)."""
+    """A receiver listening on `host:port` (loopback and a free port by default).
+
+    The listener is a grpc.aio server on its own event-loop thread, not a thread-per-stream
+    server: with threads, every open stream holds a thread for as long as its peer keeps it
+    open, so a few idle streams (anyone can open them; the secret is only seen in their
+    first message) took every thread and starved real transfers. Here a waiting stream
+    costs a coroutine; a received chunk is written into the pool on the loop (CPU pools) or
+    on one of `write_threads` threads (GPU pools). A stream that sends nothing for
+    `idle_timeout` seconds is cut (a real sender's gaps are one forward pass long), and at
+    most `max_streams` streams are open at once (more are refused with RESOURCE_EXHAUSTED),
+    which bounds what idle peers can hold. `tls` (pdserve.tls.TLSFiles) serves TLS, mutual
+    when it requires client certificates.
+    """
 
     transport = "grpc"
 
     def __init__(self, pool: torch.Tensor, compat_key: str, host: str = "127.0.0.1",
-                 port: int = 0, advertise_host: str | None = None, max_workers: int = 16,
-                 max_chunk_bytes: int = 4 * DEFAULT_CHUNK_BYTES) -> None:
+                 port: int = 0, advertise_host: str | None = None, write_threads: int = 4,
+                 max_chunk_bytes: int = 4 * DEFAULT_CHUNK_BYTES, idle_timeout: float = 10.0,
+                 max_streams: int = 1024, tls: TLSFiles | None = None,
+                 write_inline: bool | None = None) -> None:
         super().__init__(pool, compat_key)
-        # Each open stream holds one worker thread for its duration: max_workers bounds the
-        # number of transfers into this worker that progress at once.
-        self._server = grpc.server(
-            futures.ThreadPoolExecutor(max_workers, thread_name_prefix="kv-recv"),
-            options=grpc_options(max(max_chunk_bytes, _block_layer_bytes(pool))),
-        )
-        pb_grpc.add_KVTransferServicer_to_server(_Servicer(self), self._server)
-        bound = self._server.add_insecure_port(_host_port(host, port))
+        self.idle_timeout = idle_timeout
+        # A CPU pool's write is a memcpy under locks held only for moments: done on the loop
+        # itself, it saves a thread hop per message (which, on a busy CPU, is what a
+        # transfer waits for most).
+        # (`write_inline` overrides the choice: tests take the GPU pools' path on a CPU.)
+        self.write_inline = not pool.is_cuda if write_inline is None else write_inline
+        self.writers = futures.ThreadPoolExecutor(write_threads, thread_name_prefix="kv-recv")
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="kv-recv-loop",
+                                        daemon=True)
+        self._thread.start()
+        options = grpc_options(max(max_chunk_bytes, _block_layer_bytes(pool)))
+        try:
+            bound = asyncio.run_coroutine_threadsafe(
+                self._listen(_host_port(host, port), options, max_streams, tls),
+                self._loop).result(60)
+        except BaseException:
+            self._stop_loop()
+            raise
         if not bound:
+            self._stop_loop()
             raise OSError(f"cannot listen for KV transfers on {host}:{port}")
-        self._server.start()
         self._address = _host_port(advertise_host or host, bound)
+
+    async def _listen(self, address: str, options: list, max_streams: int,
+                      tls: TLSFiles | None) -> int:
+        self._server = grpc.aio.server(options=options, maximum_concurrent_rpcs=max_streams)
+        pb_grpc.add_KVTransferServicer_to_server(_Servicer(self), self._server)
+        bound = add_port(self._server, address, tls)
+        if bound:
+            await self._server.start()
+        return bound
 
     @property
     def address(self) -> str:
         return self._address
 
     def close(self) -> None:
-        self._server.stop(grace=1.0).wait()
+        if self._loop.is_closed():
+            return
+        try:
+            asyncio.run_coroutine_threadsafe(self._server.stop(1.0), self._loop).result(10)
+        finally:
+            self._stop_loop()
+            self.writers.shutdown(wait=False, cancel_futures=True)
+
+    def _stop_loop(self) -> None:
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(10)
+        if not self._thread.is_alive():
+            self._loop.close()
+
+
+class _Stream:
+    """One Push stream's state: the request it carries once its first message proved the
+    reservation's secret (`request_id` stays None until then), and whether it closed."""
+
+    __slots__ = ("request_id", "closed")
+
+    def __init__(self) -> None:
+        self.request_id: str | None = None
+        self.closed = False
 
 
 class _Servicer(pb_grpc.KVTransferServicer):
     def __init__(self, receiver: GrpcKVReceiver) -> None:
         self.receiver = receiver
 
-    def Push(self, request_iterator: Iterator[pb.KVChunk],  # noqa: N802 (gRPC method name)
-             context: grpc.ServicerContext) -> pb.PushAck:
-        rx, request_id, closed = self.receiver, None, False
+    async def Push(self, request_iterator, context: grpc.aio.ServicerContext  # noqa: N802
+                   ) -> pb.PushAck:
+        rx, stream = self.receiver, _Stream()
+        loop = asyncio.get_running_loop()
         try:
-            for chunk in request_iterator:
-                if request_id is None:
-                    request_id = chunk.request_id
-                    rx.begin(request_id, chunk.compat_key)
-                elif chunk.request_id != request_id:
-                    raise ChunkRejected("INVALID_ARGUMENT",
-                                        f"stream for request {request_id} carried a chunk for "
-                                        f"{chunk.request_id}; one stream carries one request")
-                if chunk.abort:
-                    closed = True
-                    rx.fail(request_id, "aborted by the sender")
-                    return pb.PushAck(request_id=request_id, error="aborted")
-                if chunk.done:
-                    closed = True
-                    rx.finish(request_id, chunk.num_layers)
-                    return pb.PushAck(request_id=request_id, complete=True,
-                                      layers_received=rx.layers_received(request_id))
-                rx.write(request_id, chunk.layer, chunk.first_block, decode_chunk(chunk))
+            ack = await self._read(stream, context)
         except ChunkRejected as e:
-            context.abort(grpc.StatusCode[e.code], str(e))
-        finally:
-            if request_id is not None and not closed:
-                rx.fail(request_id, "the stream ended before the sender's done")
-        context.abort(grpc.StatusCode.ABORTED, f"stream for {request_id} ended without done")
+            await loop.run_in_executor(rx.writers, self._cut, stream)
+            await context.abort(grpc.StatusCode[e.code], str(e))
+        except BaseException:  # cancelled (peer gone, server stopping): not awaited
+            try:
+                rx.writers.submit(self._cut, stream)
+            except RuntimeError:  # the receiver is closing: nothing is waited on any more
+                pass
+            raise
+        if ack is None:
+            await loop.run_in_executor(rx.writers, self._cut, stream)
+            await context.abort(grpc.StatusCode.ABORTED,
+                                f"stream for {stream.request_id} ended without done")
+        return ack
+
+    async def _read(self, stream: _Stream, context: grpc.aio.ServicerContext
+                    ) -> pb.PushAck | None:
+        """Apply the stream's messages in order; the ack, or None when it ended early."""
+        rx, loop = self.receiver, asyncio.get_running_loop()
+        while True:
+            try:
+                # asyncio.timeout, not wait_for: no task is made per message.
+                async with asyncio.timeout(rx.idle_timeout):
+                    chunk = await context.read()
+            except TimeoutError:
+                raise ChunkRejected("DEADLINE_EXCEEDED", f"no message for {rx.idle_timeout} s "
+                                    "on a KV stream") from None
+            if chunk is grpc.aio.EOF:
+                return None
+            if rx.write_inline:
+                ack = self._take(stream, chunk)
+            else:
+                # A GPU pool's write copies to the device and `finish` waits for the stream:
+                # that runs on a writer thread (one message of a stream at a time), so the
+                # loop keeps serving the other streams meanwhile.
+                ack = await loop.run_in_executor(rx.writers, self._take, stream, chunk)
+            if ack is not None:
+                return ack
+
+    def _cut(self, stream: _Stream) -> None:
+        """A stream ended without its closing message: FAIL its request — only if the
+        stream proved the secret (a stranger's stream must not fail someone's request)."""
+        if stream.request_id is not None and not stream.closed:
+            self.receiver.fail(stream.request_id, "the stream ended before the sender's done")
+
+    def _take(self, stream: _Stream, chunk: pb.KVChunk) -> pb.PushAck | None:
+        """Apply one message (on the loop, or a writer thread); the ack once the stream is
+        closed."""
+        rx, rid = self.receiver, chunk.request_id
+        if stream.request_id is None:
+            rx.begin(rid, chunk.compat_key, secret=chunk.secret)  # refuses before anything
+            stream.request_id = rid
+        elif rid != stream.request_id:
+            raise ChunkRejected("INVALID_ARGUMENT",
+                                f"stream for request {stream.request_id} carried a chunk for "
+                                f"{rid}; one stream carries one request")
+        if chunk.abort:
+            rx.sender_abort(rid, "aborted by the sender", secret=chunk.secret)
+            stream.closed = True
+            return pb.PushAck(request_id=rid, error="aborted")
+        if chunk.done:
+            stream.closed = True
+            rx.finish(rid, chunk.num_layers, secret=chunk.secret)
+            return pb.PushAck(request_id=rid, complete=True,
+                              layers_received=rx.layers_received(rid))
+        rx.write(rid, chunk.layer, chunk.first_block, decode_chunk(chunk), secret=chunk.secret)
+        return None
 
 
 class GrpcKVSender(KVSender):
-    """Opens `Push` streams; one pooled channel per destination address."""
+    """Opens `Push` streams; one pooled channel per destination address (TLS with `tls`)."""
 
     transport = "grpc"
 
     def __init__(self, pool: torch.Tensor, compat_key: str,
-                 chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> None:
+                 chunk_bytes: int = DEFAULT_CHUNK_BYTES, tls: TLSFiles | None = None) -> None:
         super().__init__(pool, compat_key)
+        self._tls = tls  # TLS to the receivers (client certificate too under mutual TLS)
         unit = _block_layer_bytes(pool)
         self.blocks_per_chunk = max(1, chunk_bytes // unit)
         self._options = grpc_options(max(chunk_bytes, unit)) + [
@@ -134,7 +242,7 @@ class GrpcKVSender(KVSender):
         with self._lock:
             channel = self._channels.get(sink.address)
             if channel is None:
-                channel = grpc.insecure_channel(sink.address, options=self._options)
+                channel = secure_channel(sink.address, self._tls, self._options)
                 self._channels[sink.address] = channel
         return GrpcSendHandle(pb_grpc.KVTransferStub(channel), sink, self.pool, src,
                               self.compat_key, self.blocks_per_chunk)
@@ -213,12 +321,14 @@ class GrpcSendHandle(SendHandle):
                 return  # the lease is over: end the stream; the receiver marks it FAILED
             if item is _DONE or item is _ABORT:
                 yield closing_chunk(self.request_id, len(self._tracker.sent),
-                                    abort=item is _ABORT, compat_key=key)
+                                    abort=item is _ABORT, compat_key=key,
+                                    secret=self._sink.secret)
                 return
             layer, first, snap, event = item
             if event is not None:
                 event.synchronize()
-            yield encode_chunk(self.request_id, layer, first, snap, compat_key=key)
+            yield encode_chunk(self.request_id, layer, first, snap, compat_key=key,
+                               secret=self._sink.secret)
             key = ""
 
 

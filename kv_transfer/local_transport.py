@@ -72,7 +72,8 @@ class LocalSendHandle(SendHandle):
             return
         try:
             rx = self._begin()
-            rx.write(self.request_id, layer, 0, self._pool[layer].index_select(1, self._src))
+            rx.write(self.request_id, layer, 0, self._pool[layer].index_select(1, self._src),
+                     secret=self._sink.secret)
         except ChunkRejected as e:
             self._error = transfer_error(e.code, str(e))
 
@@ -100,7 +101,7 @@ class LocalSendHandle(SendHandle):
             raise ChunkRejected("UNAVAILABLE",
                                 f"no local KV receiver named {self._sink.address!r}")
         if not self._began:
-            rx.begin(self.request_id, self._compat_key)
+            rx.begin(self.request_id, self._compat_key, secret=self._sink.secret)
             self._began = True
         return rx
 
@@ -108,9 +109,10 @@ class LocalSendHandle(SendHandle):
         try:
             rx = self._begin()
             if abort:
-                rx.fail(self.request_id, "aborted by the sender")
+                rx.sender_abort(self.request_id, "aborted by the sender",
+                                secret=self._sink.secret)
             else:
-                rx.finish(self.request_id, len(self._tracker.sent))
+                rx.finish(self.request_id, len(self._tracker.sent), secret=self._sink.secret)
         except ChunkRejected as e:
             self._error = transfer_error(e.code, str(e))
 

@@ -3,7 +3,8 @@
 Announce first (nccl_wire has the message layout): a prefill worker writes each transfer's
 announce on the host channel (kv_transfer/nccl_control.py) before it puts a byte on the
 communicator. The announce handler checks it against the reservation made by `expect`
-(compat key, layer count, block size, exact destination ids, still PENDING) and hands a
+(the sink's secret first — without it the transfer is drained and the reservation left as
+it was —, compat key, layer count, block size, exact destination ids, still PENDING) and hands a
 job to that communicator's `_PeerLink`: a receive into the reservation (reply: accepted) or,
 for a refusal, a drain into scratch (reply: refused, drained; the request, if known, is
 marked FAILED) — the sender does not wait for the reply before sending, so the bytes come
@@ -68,7 +69,7 @@ from pdserve.kv_transfer.nccl_wire import (
     pair_token,
     request_key,
 )
-from pdserve.kv_transfer.receiver import BlockReceiver, _Reservation
+from pdserve.kv_transfer.receiver import BlockReceiver, _Reservation, secret_matches
 
 log = logging.getLogger("pdserve.kv.nccl")
 _NAMES = itertools.count()
@@ -429,8 +430,11 @@ class NcclKVReceiver(BlockReceiver):
         with self._cond:
             link = self._by_token.get(a.pair)
             res, ids = self._table.get(rid), self._ids.get(rid)
+            # Only the sink's holder may claim the request (a forged announce must not make
+            # the real one look "announced twice", nor fail it).
+            admitted = res is not None and secret_matches(res, a.secret)
             again = rid in self._announced
-            if res is not None:
+            if admitted:
                 self._announced.add(rid)
         if link is None:
             return _refuse("UNAVAILABLE", f"{self._name} has no NCCL communicator {a.pair[:12]} "
@@ -440,7 +444,7 @@ class NcclKVReceiver(BlockReceiver):
         if max(n for _, n in runs) > _MAX_SCRATCH or a.num_layers > self.pool.shape[0] * 4:
             return _refuse("INVALID_ARGUMENT", f"request {rid}: announce of {a.num_layers} "
                            f"layers and {a.block_bytes}-byte blocks is out of range")
-        code, why = self._check(a, res, ids, again)
+        code, why = self._check(a, res, ids, again, admitted)
         job = _Job(rid, None if code else res, request_key(rid), a.num_layers, runs,
                    drain=bool(code), trace={"announce": read_at} if self.timing else None)
         stopped = link.submit(job)  # posts its receives now when the link is idle
@@ -452,13 +456,17 @@ class NcclKVReceiver(BlockReceiver):
         return _refuse(code, why, drain=True) if code else {"ok": True}
 
     def _check(self, a: Announce, res: _Reservation | None, ids: tuple[int, ...] | None,
-               again: bool) -> tuple[str, str]:
+               again: bool, admitted: bool) -> tuple[str, str]:
         """("", "") if `a` may land in its reservation, else (status code, why); a known
-        request that cannot is marked FAILED."""
+        request that cannot is marked FAILED — unless the announce lacks its secret, which
+        leaves the reservation as it was."""
         rid = a.request_id
         if res is None or ids is None:
             return "NOT_FOUND", (f"request {rid!r} is not expected here (never reserved, "
                                  "cancelled, or expired)")
+        if not admitted:
+            return "PERMISSION_DENIED", (f"request {rid!r}: missing or wrong reservation "
+                                         "secret")
         if a.compat_key != self.compat_key:
             why = (f"request {rid}: sender KV compatibility key {a.compat_key!r} differs from "
                    f"this decode worker's {self.compat_key!r}")

@@ -347,7 +347,7 @@ class NcclSendHandle(SendHandle):
         bb = pool[0, 0, 0].numel() * pool.element_size()
         self._block_bytes, self._kv_stride = bb, pool.shape[2] * bb  # K of a layer -> its V
         self.announce = Announce(pair.token, sink.request_id, compat_key, self._layers, bb,
-                                 sink.block_ids)
+                                 sink.block_ids, sink.secret)
         self._key = request_key(sink.request_id)
         self._ready: dict[int, tuple[Any, Any]] = {}  # layer -> (event, its stream), until sent
         self._idx: dict[int, torch.Tensor] = {}  # run -> gather indices on the device

@@ -3,7 +3,7 @@
 A transfer is announced before any NCCL operation for it exists on either GPU:
 
     ANNOUNCE  (host channel, msgpack; kv_transfer/nccl_control.py) pair token, request id,
-              compat key, layers, block bytes, destination block ids
+              compat key, layers, block bytes, destination block ids, the sink's secret
     LAYER l   (NCCL) for each run: K bytes, then V bytes (`length * block_bytes` each)
     TRAILER   (NCCL) int64[4]: magic, request key, layers sent with real data, outcome
     REPLY     (host channel, any time after the announce was read) accepted, or refused
@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 TRAILER_LEN = 4
@@ -69,27 +69,32 @@ class Announce:
     num_layers: int
     block_bytes: int  # bytes of one block's K (or V) for one layer
     block_ids: tuple[int, ...]  # destination ids, in request order
+    # KVSink.secret: the decode side refuses (and drains) an announce without it, leaving
+    # the reservation as it was. Not in repr: it must not reach a log line.
+    secret: str = field(default="", repr=False)
 
     def to_msg(self) -> dict[str, Any]:
         return {"op": "announce", "pair": self.pair, "request_id": self.request_id,
                 "compat_key": self.compat_key, "num_layers": self.num_layers,
-                "block_bytes": self.block_bytes, "block_ids": list(self.block_ids)}
+                "block_bytes": self.block_bytes, "block_ids": list(self.block_ids),
+                "secret": self.secret}
 
     @classmethod
     def from_msg(cls, msg: Any) -> Announce:
         """Parse a received announce; ValueError names what is malformed."""
         want = {"op", "pair", "request_id", "compat_key", "num_layers", "block_bytes",
-                "block_ids"}
+                "block_ids", "secret"}
         if not isinstance(msg, dict) or set(msg) != want or msg["op"] != "announce":
             what = sorted(msg) if isinstance(msg, dict) else type(msg).__name__
             raise ValueError(f"not an nccl KV announce: {what}")
         ids = msg["block_ids"]
         ints = [msg["num_layers"], msg["block_bytes"]]
         if not isinstance(ids, list) or not all(type(b) is int for b in [*ids, *ints]) or \
-                not all(isinstance(msg[k], str) for k in ("pair", "request_id", "compat_key")):
+                not all(isinstance(msg[k], str)
+                        for k in ("pair", "request_id", "compat_key", "secret")):
             raise ValueError("nccl KV announce fields have the wrong types")
         a = cls(msg["pair"], msg["request_id"], msg["compat_key"], msg["num_layers"],
-                msg["block_bytes"], tuple(ids))
+                msg["block_bytes"], tuple(ids), msg["secret"])
         if not a.request_id or not a.block_ids or min(a.num_layers, a.block_bytes) < 1:
             raise ValueError(f"nccl KV announce out of range: {a.request_id!r}, "
                              f"{len(a.block_ids)} blocks, {a.num_layers} layers, "

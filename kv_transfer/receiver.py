@@ -5,10 +5,18 @@ own `lock` is held across a write into its blocks. State changes that stop write
 FAILED) take the reservation lock first, so they wait out a write in progress and no write
 can land in blocks after the caller was told they are free. Order: reservation lock, then
 receiver lock — never the reverse.
+
+Admission: `expect` issues each reservation a random secret (in its `KVSink`); every
+transport-side call (`begin`, `write`, `finish`, `sender_abort`) names it and is refused
+with PERMISSION_DENIED, before the reservation is looked at any further, when it differs
+(constant-time compare). A refused chunk changes nothing: knowing a request id is not
+enough to write into, complete or fail its reservation.
 """
 
 from __future__ import annotations
 
+import hmac
+import secrets
 import threading
 import time
 from collections.abc import Sequence
@@ -41,6 +49,7 @@ class _Reservation:
     num_tokens: int
     deadline: float
     num_layers: int
+    secret: bytes  # KVSink.secret, encoded: what every chunk must carry
     state: TransferStatus = TransferStatus.PENDING
     forgotten: bool = False
     # received[l][i]: block i of the request arrived for layer l (a repeat is not counted twice)
@@ -53,6 +62,14 @@ class _Reservation:
     # stream (a decode step, milliseconds), and transports that write the pool themselves
     # (nccl) never need it.
     device_ids: torch.Tensor | None = None
+
+
+def secret_matches(res: _Reservation, secret: object) -> bool:
+    """Whether `secret` is the reservation's, compared in constant time."""
+    try:
+        return hmac.compare_digest(res.secret, secret.encode())
+    except (AttributeError, UnicodeError):  # not text: no secret at all
+        return False
 
 
 class BlockReceiver(KVReceiver):
@@ -71,14 +88,18 @@ class BlockReceiver(KVReceiver):
 
     def expect(self, request_id: str, block_ids: Sequence[int], num_tokens: int,
                deadline: float, first_block: int = 0) -> KVSink:
+        # 256 random bits, URL-safe text (it crosses Ray calls as JSON and gRPC as a string).
+        secret = secrets.token_urlsafe(32)
         sink = KVSink(self.transport, self.address, request_id, tuple(int(b) for b in block_ids),
-                      num_tokens, self.compat_key, float(deadline), int(first_block))
+                      num_tokens, self.compat_key, float(deadline), int(first_block),
+                      secret=secret)
         check_block_ids(sink.block_ids, self.pool.shape[2], num_tokens, self.pool.shape[3],
                         "reserved", sink.first_block)
         num_layers = self.pool.shape[0]
         res = _Reservation(
             block_ids=sink.block_ids,
             num_tokens=num_tokens, deadline=sink.deadline, num_layers=num_layers,
+            secret=secret.encode(),
             received=[bytearray(len(sink.block_ids)) for _ in range(num_layers)],
         )
         with self._cond:
@@ -125,23 +146,25 @@ class BlockReceiver(KVReceiver):
 
     # ---- transport side ------------------------------------------------------------------
 
-    def begin(self, request_id: str, compat_key: str) -> None:
-        """The first message of a transfer: the request must be pending and keys must match."""
+    def begin(self, request_id: str, compat_key: str, *, secret: str) -> None:
+        """The first message of a transfer: the secret must be the reservation's, the request
+        pending and the keys equal (a key mismatch from the rightful sender FAILs it)."""
+        res = self.admit(request_id, secret)
         if compat_key != self.compat_key:
             msg = (f"request {request_id}: sender KV compatibility key {compat_key!r} "
                    f"differs from this decode worker's {self.compat_key!r}")
             self.fail(request_id, msg)
             raise ChunkRejected("FAILED_PRECONDITION", msg)
-        res = self._lookup(request_id)
         if res.state is not TransferStatus.PENDING:
             raise ChunkRejected("ABORTED", f"request {request_id} is {res.state.value}")
 
-    def write(self, request_id: str, layer: int, first_block: int, data: torch.Tensor) -> None:
+    def write(self, request_id: str, layer: int, first_block: int, data: torch.Tensor, *,
+              secret: str) -> None:
         """Validate one chunk `[2, n, block_size, kv_heads, head_dim]` and write it in place.
 
         `first_block` indexes the reservation's own blocks (0 = the sink's first block,
         whatever the sink's `first_block` in the request)."""
-        res = self._lookup(request_id)
+        res = self.admit(request_id, secret)
         n = data.shape[1] if data.dim() == 5 else 0
         want = (2, n, *self.pool.shape[3:])
         if data.dim() != 5 or tuple(data.shape) != want or n < 1:
@@ -180,9 +203,9 @@ class BlockReceiver(KVReceiver):
         with self._cond:
             self.chunks_written += 1
 
-    def finish(self, request_id: str, num_layers: int) -> TransferStatus:
+    def finish(self, request_id: str, num_layers: int, *, secret: str) -> TransferStatus:
         """The sender's closing message: COMPLETE if everything arrived, else FAILED."""
-        res = self._lookup(request_id)
+        res = self.admit(request_id, secret)
         with res.lock:
             if res.forgotten:
                 raise ChunkRejected("NOT_FOUND", f"request {request_id} was cancelled")
@@ -202,8 +225,22 @@ class BlockReceiver(KVReceiver):
                                 f"({layers}/{res.num_layers} layers): {res.error}")
         return state
 
+    def sender_abort(self, request_id: str, reason: str, *, secret: str) -> None:
+        """The sender gave the transfer up: FAILED, once the secret is the reservation's."""
+        self.admit(request_id, secret)
+        self.fail(request_id, reason)
+
+    def admit(self, request_id: str, secret: str) -> _Reservation:
+        """The reservation `request_id`, if `secret` is its own; refuses (NOT_FOUND,
+        PERMISSION_DENIED) without touching it otherwise."""
+        res = self._lookup(request_id)
+        if not secret_matches(res, secret):
+            raise ChunkRejected("PERMISSION_DENIED",
+                                f"request {request_id!r}: missing or wrong reservation secret")
+        return res
+
     def fail(self, request_id: str, reason: str) -> None:
-        """Mark a pending request FAILED (no more writes); a no-op for others."""
+        """Owner side: mark a pending request FAILED (no more writes); a no-op for others."""
         with self._cond:
             res = self._table.get(request_id)
         if res is None:

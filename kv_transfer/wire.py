@@ -44,21 +44,22 @@ def grpc_options(max_message_bytes: int) -> list[tuple[str, int]]:
 
 
 def encode_chunk(request_id: str, layer: int, first_block: int, data: torch.Tensor,
-                 compat_key: str = "") -> pb.KVChunk:
-    """One data chunk from a host tensor `[2, n, block_size, kv_heads, head_dim]`."""
+                 compat_key: str = "", secret: str = "") -> pb.KVChunk:
+    """One data chunk from a host tensor `[2, n, block_size, kv_heads, head_dim]`;
+    `secret` is the sink's (every message carries it)."""
     payload = data.contiguous().view(torch.uint8).numpy().tobytes()
     return pb.KVChunk(
         request_id=request_id, compat_key=compat_key, layer=layer, first_block=first_block,
         num_blocks=data.shape[1], dtype=dtype_name(data.dtype), shape=list(data.shape),
-        data=payload,
+        data=payload, secret=secret,
     )
 
 
 def closing_chunk(request_id: str, num_layers: int, abort: bool = False,
-                  compat_key: str = "") -> pb.KVChunk:
+                  compat_key: str = "", secret: str = "") -> pb.KVChunk:
     """The last message of a stream: `done` with the layer count, or `abort`."""
     return pb.KVChunk(request_id=request_id, compat_key=compat_key, done=not abort,
-                      abort=abort, num_layers=num_layers)
+                      abort=abort, num_layers=num_layers, secret=secret)
 
 
 def decode_chunk(chunk: pb.KVChunk) -> torch.Tensor:

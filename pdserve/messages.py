@@ -15,7 +15,7 @@ parameters, so the router process, the workers and the engine may all import it.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Protocol
 
 from pdserve.engine.sampling_params import SamplingParams
@@ -62,7 +62,10 @@ class KVSink:
     blocks `first_block, first_block + 1, ...`, in that order, exactly
     `blocks_for(num_tokens, block_size) - first_block >= 1` of them; `deadline` is the lease
     expiry in unix seconds, after which the receiver may drop the reservation and reuse
-    the blocks.
+    the blocks. `secret` is the reservation's capability, issued by the receiver at
+    `expect`: the receiver admits a chunk for this request only with it, so whoever learns
+    a request id still cannot write into its blocks. It travels only inside the sink (Ray
+    calls) and the transfer; it is left out of `repr` so it never reaches a log line.
     """
 
     transport: str
@@ -73,6 +76,7 @@ class KVSink:
     compat_key: str  # the receiver's content key digest (`engine.config.ContentKey.digest`)
     deadline: float
     first_block: int = 0
+    secret: str = field(default="", repr=False)
 
     def __post_init__(self) -> None:
         if not self.request_id:
@@ -105,6 +109,7 @@ class KVSink:
             compat_key=str(d["compat_key"]),
             deadline=float(d["deadline"]),
             first_block=int(d["first_block"]),
+            secret=str(d["secret"]),
         )
 
 

@@ -16,6 +16,7 @@ import threading
 import time
 from concurrent.futures import Future
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 from pdserve.engine.config import EngineConfig
 from pdserve.engine.engine_loop import EngineLoop
@@ -24,6 +25,9 @@ from pdserve.engine.sampling_params import SamplingParams
 from pdserve.kv_transfer import KVTransferError
 from pdserve.kv_transfer.connector import PushSender, TransferOutcome
 from pdserve.messages import KVSink, OutputChunk, PrefillResult, WorkerRequest, WorkerStats
+
+if TYPE_CHECKING:  # pdserve.tls imports grpc, which the local transport never needs
+    from pdserve.tls import TLSFiles
 
 log = logging.getLogger("pdserve.prefill")
 
@@ -49,14 +53,17 @@ class PrefillWorker:
         worker_id: str = "prefill-0",
         transfer_timeout: float = 30.0,
         inject_transfer_failures: int = 0,
+        tls: TLSFiles | None = None,
     ):
         self.worker_id = worker_id
         self.transfer_timeout = transfer_timeout
         # The KV connector pushes each prompt's KV into its sink layer by layer and keeps the
         # request's blocks until the receiver acknowledged them (fault-injection tests: the
         # next N pushes fail after sending).
+        # `tls`: the grpc sender's TLS to the receivers.
+        opts = {"tls": tls} if tls is not None else {}
         self.connector = PushSender(transport, self._on_transfer_done, transfer_timeout,
-                                    fail_next=inject_transfer_failures)
+                                    fail_next=inject_transfer_failures, **opts)
         self.engine = LLMEngine(config, kv_connector=self.connector)
         self.sender = self.connector.sender  # nccl pairing goes through it (cluster/actors.py)
         self._pending: dict[str, _Pending] = {}

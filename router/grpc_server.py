@@ -5,7 +5,8 @@ with the HTTP API; here they map to gRPC statuses. Validation errors (and reques
 protobuf cannot parse, such as invalid UTF-8 in a string field) become INVALID_ARGUMENT, a
 full queue RESOURCE_EXHAUSTED, a failed handoff after retries UNAVAILABLE; a client that
 cancels its stream cancels the handler, which aborts the request on every worker. Optional
-bearer-token auth is compared in constant time.
+bearer-token auth is compared in constant time. With TLS configured the port speaks only
+TLS: a plaintext client fails its handshake.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from pdserve.router.frontdoor import BearerAuth, FrontDoor, Refusal, Rejected
 from pdserve.router.lifecycle import RequestLifecycle
 from pdserve.router.request_decoding import GenerateRequestParser, UndecodableRequest
 from pdserve.router.workers import WorkerClient
+from pdserve.tls import TLSFiles, add_port
 
 log = logging.getLogger("pdserve.router")
 
@@ -124,9 +126,10 @@ def _response(rid: str, chunk: OutputChunk) -> pb.GenerateResponse:
     return resp
 
 
-async def start_server(door: FrontDoor, host: str, port: int
+async def start_server(door: FrontDoor, host: str, port: int, tls: TLSFiles | None = None
                        ) -> tuple[grpc.aio.Server, int]:
-    """Start serving; returns the server and the bound port (useful with port 0)."""
+    """Start serving (TLS with `tls`); returns the server and the bound port (useful with
+    port 0)."""
     # grpc refuses a larger message (RESOURCE_EXHAUSTED) before it is parsed: the same
     # bound the HTTP body has. Headers (the bearer token) stay within grpc's 8 KiB default.
     server = grpc.aio.server(options=[("grpc.max_receive_message_length",
@@ -136,7 +139,7 @@ async def start_server(door: FrontDoor, host: str, port: int
     auth = _Auth(door.auth)
     pb_grpc.add_GenerationServicer_to_server(GenerationService(door, auth), server)
     pb_grpc.add_AdminServicer_to_server(AdminService(door.lifecycle, auth), server)
-    bound = server.add_insecure_port(f"{host}:{port}")
+    bound = add_port(server, f"{host}:{port}", tls)
     if bound == 0:
         raise OSError(f"could not bind the router to {host}:{port}")
     await server.start()

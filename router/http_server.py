@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import ssl
 import time
 from contextlib import aclosing
 
@@ -228,14 +229,16 @@ def _refused(e: Rejected, param: str | None = None) -> web.Response:
     return error_response(status, e.message, param if status == 400 else None, code)
 
 
-async def start_http_server(server: OpenAIServer, host: str, port: int
+async def start_http_server(server: OpenAIServer, host: str, port: int,
+                            ssl_context: ssl.SSLContext | None = None
                             ) -> tuple[web.AppRunner, int]:
-    """Serve `server` on host:port (0: a free port); returns the runner and the bound port."""
+    """Serve `server` on host:port (0: a free port), HTTPS with `ssl_context`; returns the
+    runner and the bound port."""
     # Streams still open at shutdown are cut after 5 s (their requests abort on the workers).
     runner = web.AppRunner(server.app(), handler_cancellation=True, access_log=None,
                            shutdown_timeout=5.0)
     await runner.setup()
-    site = web.TCPSite(runner, host, port)
+    site = web.TCPSite(runner, host, port, ssl_context=ssl_context)
     try:
         await site.start()
     except OSError as e:

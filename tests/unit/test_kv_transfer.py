@@ -208,7 +208,8 @@ def test_malformed_chunks_are_rejected_and_write_nothing(make_pair):
     }
     cases["short"][0].data = cases["short"][0].data[:-4]
     for rid, (chunk, message) in cases.items():
-        rx.expect(rid, DST_IDS, NUM_TOKENS, time.time() + 30)
+        # The rightful sender (it holds the secret) sends something malformed.
+        chunk.secret = rx.expect(rid, DST_IDS, NUM_TOKENS, time.time() + 30).secret
         err = _push(rx.address, [chunk])
         assert err.code() is grpc.StatusCode.INVALID_ARGUMENT, rid
         assert message in err.details(), rid

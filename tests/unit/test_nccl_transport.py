@@ -232,7 +232,7 @@ class FakeDevice:
 
 
 def test_announce_and_trailer_round_trip():
-    a = Announce(pair_token([1, 2, 3]), "r1", KEY, 32, 32768, (5, 6, 9))
+    a = Announce(pair_token([1, 2, 3]), "r1", KEY, 32, 32768, (5, 6, 9), "s3cret")
     msg = a.to_msg()
     assert Announce.from_msg(msg) == a
     assert Trailer.decode(Trailer(7, 32, 1).encode()) == Trailer(7, 32, 1)
@@ -470,6 +470,22 @@ def test_incompatible_announce_is_refused_and_fails_the_request(pair):
     assert p.rx.wait("r", 1) is TransferStatus.FAILED
     assert "compatibility key" in p.rx.error("r") and not p.dst.any()
     assert until(lambda: p.rx_dev.pending() == 0) and p.tx.broken_peers() == []
+
+
+def test_announce_without_the_sinks_secret_is_refused_and_leaves_the_reservation(pair):
+    p = pair()
+    sink = expect(p.rx, "r", [3, 4])
+    for secret in ("", "forged"):  # on the pair itself: the payload comes and is drained
+        forged = dataclasses.replace(sink, secret=secret)
+        with pytest.raises(KVTransferError, match="PERMISSION_DENIED"):
+            send_all(p.tx, forged, [5, 6]).finish(5)
+    assert p.rx.status("r") is TransferStatus.PENDING and p.rx.error("r") == ""
+    assert not p.dst.any() and until(lambda: p.rx_dev.pending() == 0)
+    assert "forged" not in repr(Announce("t", "r", KEY, 1, 8, (1,), "forged"))
+    # The sink's holder is neither "announced twice" nor failed by the forgeries.
+    send_all(p.tx, sink, [5, 6]).finish(5)
+    assert p.rx.wait("r", 5) is TransferStatus.COMPLETE and landed(p, [5, 6], [3, 4])
+    assert p.tx.broken_peers() == [] and p.rx.broken_peers() == []
 
 
 def test_announce_channel_refuses_junk_and_keeps_serving(pair):
