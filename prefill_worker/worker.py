@@ -11,6 +11,7 @@ request's first token with its push's outcome.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import threading
 import time
@@ -27,11 +28,14 @@ from pdserve.messages import KVSink, OutputChunk, PrefillResult, WorkerRequest, 
 
 log = logging.getLogger("pdserve.prefill")
 
+_ABORT_MEMORY_S = 60.0  # how long an abort that came before its prefill call is remembered
+
 
 @dataclass(slots=True)
 class _Pending:
     future: Future
-    params: SamplingParams  # the request's own (not the one-token copy)
+    params: SamplingParams | None  # the request's own (not the one-token copy); None: no
+    # early first chunk (a resumed request)
     result: PrefillResult | None = None  # the first token, once sampled
     aborted: bool = False  # the request ended without a token (aborted, or its step failed)
     outcome: TransferOutcome | None = None  # the push's end, once known
@@ -60,6 +64,10 @@ class PrefillWorker:
         self.engine = LLMEngine(config, kv_connector=self.connector)
         self.sender = self.connector.sender  # nccl pairing goes through it (cluster/actors.py)
         self._pending: dict[str, _Pending] = {}
+        # request id -> when: aborts that came before any prefill call for the request, and
+        # prefill calls that came (kept for _ABORT_MEMORY_S)
+        self._aborted: dict[str, float] = {}
+        self._started: dict[str, float] = {}
         self.handoffs = {"count": 0, "seconds": 0.0, "tail_seconds": 0.0, "bytes": 0}
         self._lock = threading.Lock()
         self.loop = EngineLoop(self.engine, self._on_outputs)
@@ -85,9 +93,18 @@ class PrefillWorker:
         rid, params = request.request_id, request.params
         # Only the first token is made here: the decode worker does the rest and owns stop
         # strings; min_tokens matters only as far as suppressing eos for this first token.
-        local = replace(params, max_tokens=1, min_tokens=min(params.min_tokens, 1), stop=())
-        pending = _Pending(Future(), params)
+        # A resumed request (migrated off a dead decode worker) is prefilled over its prompt
+        # and the tokens already streamed, so its first token here is the next one: at the
+        # same position, hence with the same random numbers, as on the worker that died.
+        n_done = len(request.resumed_token_ids)
+        local = replace(params, max_tokens=1, stop=(),
+                        min_tokens=min(max(params.min_tokens - n_done, 0), 1))
+        # The early first chunk's text would lack the streamed tokens as left context.
+        pending = _Pending(Future(), params if not n_done else None)
         with self._lock:
+            if self._aborted.pop(rid, None) is not None:
+                raise KVTransferError(f"request {rid} was aborted before its prefill came")
+            _remember(self._started, rid, time.monotonic())
             if rid in self._pending:
                 raise ValueError(f"request id {rid!r} is already being prefilled")
             self._pending[rid] = pending
@@ -95,7 +112,7 @@ class PrefillWorker:
             self.connector.send(rid, sink)
             try:
                 self.loop.call(
-                    lambda e: e.add_request(rid, list(request.prompt_token_ids), local))
+                    lambda e: e.add_request(rid, list(request.all_token_ids), local))
             except BaseException:
                 self.connector.forget(rid)
                 raise
@@ -117,6 +134,13 @@ class PrefillWorker:
         self.connector.forget(request_id)
         if pending is not None and not pending.future.done():
             pending.future.set_exception(KVTransferError(f"request {request_id} was aborted"))
+        with self._lock:
+            if request_id not in self._started:
+                # The router may abort a request whose prefill call is still on its way (a
+                # client that cancels at once): remember it, so that call is refused
+                # instead of computing a whole prompt nobody wants. (Not for one that came
+                # already: a retry or a migration may prefill it here again.)
+                _remember(self._aborted, request_id, time.monotonic())
         return found or pending is not None
 
     def stats(self) -> WorkerStats:
@@ -197,6 +221,15 @@ class PrefillWorker:
             pending.future.set_exception(outcome.error)
         else:
             pending.future.set_result(result)
+
+
+def _remember(times: dict[str, float], rid: str, now: float) -> None:
+    """Note `rid` at `now`, forgetting entries older than _ABORT_MEMORY_S (the dict is in
+    time order, oldest first, so that is a walk from its front)."""
+    times.pop(rid, None)
+    times[rid] = now
+    for old in list(itertools.takewhile(lambda r: now - times[r] >= _ABORT_MEMORY_S, times)):
+        del times[old]
 
 
 def _client_first_chunk(out: RequestOutput, params: SamplingParams | None
