@@ -110,9 +110,18 @@ class PrefillWorker:
             self._pending[rid] = pending
         try:
             self.connector.send(rid, sink)
+
+            def add(engine) -> None:
+                # On the engine thread: an abort that came in between (it dropped `pending`
+                # and queued its engine.abort before this) must not be undone by adding the
+                # request after it; one that comes later finds the request in the engine.
+                with self._lock:
+                    if self._pending.get(rid) is not pending:
+                        raise KVTransferError(f"request {rid} was aborted")
+                engine.add_request(rid, list(request.all_token_ids), local)
+
             try:
-                self.loop.call(
-                    lambda e: e.add_request(rid, list(request.all_token_ids), local))
+                self.loop.call(add)
             except BaseException:
                 self.connector.forget(rid)
                 raise
