@@ -17,7 +17,7 @@ import time
 from collections.abc import Iterator
 
 from pdserve.engine.config import EngineConfig
-from pdserve.engine.engine_loop import EngineLoop
+from pdserve.engine.engine_loop import EngineLoop, RecentIds
 from pdserve.engine.kv_cache.block_manager import OutOfBlocksError
 from pdserve.engine.llm_engine import LLMEngine, RequestOutput
 from pdserve.engine.sampler import SampleResult
@@ -60,6 +60,7 @@ class DecodeWorker:
         self._streams: dict[str, queue.SimpleQueue] = {}
         self._lock = threading.Lock()
         self.leases_expired = 0
+        self._aborted = RecentIds()  # touched on the loop thread only
         self.loop = EngineLoop(self.engine, self._on_outputs, on_idle=self._expire_leases)
         self.loop.start()
 
@@ -139,9 +140,14 @@ class DecodeWorker:
         resumed request recomputes its streamed tokens' KV with the prompt, then continues."""
         rid, params = request.request_id, request.params
         stream = self._open_stream(rid)
+
+        def add(engine: LLMEngine) -> None:
+            if self._aborted.pop(rid):  # on the loop thread, as `abort` notes it
+                raise KVTransferError(f"request {rid} was aborted before it came")
+            engine.add_request(rid, list(request.prompt_token_ids), params, _resume(request))
+
         try:
-            self.loop.call(lambda e: e.add_request(rid, list(request.prompt_token_ids), params,
-                                                   _resume(request)))
+            self.loop.call(add)
         except BaseException:
             self._close_stream(rid)
             raise
@@ -158,6 +164,11 @@ class DecodeWorker:
         def do(engine: LLMEngine) -> bool:
             dropped = self._free_reservation(request_id)
             aborted = engine.abort(request_id)
+            if not (dropped or aborted):
+                # A `generate` call may still be on its way (Ray runs an actor's calls on
+                # several threads, so this abort can overtake it): it is refused when it
+                # comes. (A reservation is never made after its abort: the router awaits it.)
+                self._aborted.add(request_id)
             return dropped or aborted
 
         found = self.loop.call(do)

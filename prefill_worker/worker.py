@@ -11,7 +11,6 @@ request's first token with its push's outcome.
 
 from __future__ import annotations
 
-import itertools
 import logging
 import threading
 import time
@@ -19,7 +18,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, replace
 
 from pdserve.engine.config import EngineConfig
-from pdserve.engine.engine_loop import EngineLoop
+from pdserve.engine.engine_loop import EngineLoop, RecentIds
 from pdserve.engine.llm_engine import LLMEngine, RequestOutput
 from pdserve.engine.sampling_params import SamplingParams
 from pdserve.kv_transfer import KVTransferError
@@ -28,7 +27,6 @@ from pdserve.messages import KVSink, OutputChunk, PrefillResult, WorkerRequest, 
 
 log = logging.getLogger("pdserve.prefill")
 
-_ABORT_MEMORY_S = 60.0  # how long an abort that came before its prefill call is remembered
 
 
 @dataclass(slots=True)
@@ -64,10 +62,9 @@ class PrefillWorker:
         self.engine = LLMEngine(config, kv_connector=self.connector)
         self.sender = self.connector.sender  # nccl pairing goes through it (cluster/actors.py)
         self._pending: dict[str, _Pending] = {}
-        # request id -> when: aborts that came before any prefill call for the request, and
-        # prefill calls that came (kept for _ABORT_MEMORY_S)
-        self._aborted: dict[str, float] = {}
-        self._started: dict[str, float] = {}
+        # Aborts that came before any prefill call for their request, and prefill calls.
+        self._aborted = RecentIds()
+        self._started = RecentIds()
         self.handoffs = {"count": 0, "seconds": 0.0, "tail_seconds": 0.0, "bytes": 0}
         self._lock = threading.Lock()
         self.loop = EngineLoop(self.engine, self._on_outputs)
@@ -102,9 +99,9 @@ class PrefillWorker:
         # The early first chunk's text would lack the streamed tokens as left context.
         pending = _Pending(Future(), params if not n_done else None)
         with self._lock:
-            if self._aborted.pop(rid, None) is not None:
+            if self._aborted.pop(rid):
                 raise KVTransferError(f"request {rid} was aborted before its prefill came")
-            _remember(self._started, rid, time.monotonic())
+            self._started.add(rid)
             if rid in self._pending:
                 raise ValueError(f"request id {rid!r} is already being prefilled")
             self._pending[rid] = pending
@@ -149,7 +146,7 @@ class PrefillWorker:
                 # client that cancels at once): remember it, so that call is refused
                 # instead of computing a whole prompt nobody wants. (Not for one that came
                 # already: a retry or a migration may prefill it here again.)
-                _remember(self._aborted, request_id, time.monotonic())
+                self._aborted.add(request_id)
         return found or pending is not None
 
     def stats(self) -> WorkerStats:
@@ -230,15 +227,6 @@ class PrefillWorker:
             pending.future.set_exception(outcome.error)
         else:
             pending.future.set_result(result)
-
-
-def _remember(times: dict[str, float], rid: str, now: float) -> None:
-    """Note `rid` at `now`, forgetting entries older than _ABORT_MEMORY_S (the dict is in
-    time order, oldest first, so that is a walk from its front)."""
-    times.pop(rid, None)
-    times[rid] = now
-    for old in list(itertools.takewhile(lambda r: now - times[r] >= _ABORT_MEMORY_S, times)):
-        del times[old]
 
 
 def _client_first_chunk(out: RequestOutput, params: SamplingParams | None
