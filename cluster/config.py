@@ -95,7 +95,7 @@ class RaySection(_Strict):
 class HealthSection(_Strict):
     """How the launcher's supervisor watches the workers (cluster/supervisor.py)."""
 
-    probe_interval: float = Field(default=1.0, gt=0, description="seconds between probes of "
+    probe_interval: float = Field(default=0.5, gt=0, description="seconds between probes of "
                                   "every worker")
     probe_timeout: float = Field(default=10.0, gt=0, description="a worker that does not "
                                  "answer a probe within this many seconds is hung: it is "
