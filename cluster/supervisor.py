@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
 from pdserve.cluster.config import HealthSection
@@ -54,6 +55,10 @@ class Supervisor:
         self.metrics = metrics
         self.clients = {w.worker_id: w for w in [*lifecycle.prefill, *lifecycle.decode]}
         self._replacing: dict[str, asyncio.Task] = {}
+        # Its own threads for the blocking replacement calls, not the loop's default
+        # executor: asyncio.run waits for that one at exit, and a replacement may wait for
+        # its actor's placement for up to `replace_timeout`.
+        self._threads = ThreadPoolExecutor(max_workers=4, thread_name_prefix="replace")
         self._wake = asyncio.Event()
         lifecycle.on_worker_down = lambda worker_id: self._wake.set()
 
@@ -71,6 +76,7 @@ class Supervisor:
         finally:
             for task in self._replacing.values():
                 task.cancel()
+            self._threads.shutdown(wait=False, cancel_futures=True)
 
     async def probe(self) -> None:
         """Ask every worker that is up for its stats; mark the dead and the hung down."""
@@ -107,8 +113,9 @@ class Supervisor:
             log.warning("replacing worker %s", worker_id)
             try:
                 # Blocking Ray calls (start, ready, checks, NCCL pairing) go to a thread.
-                handle = await asyncio.to_thread(self.cluster.replace_worker, worker_id,
-                                                 self.health.replace_timeout)
+                handle = await asyncio.get_running_loop().run_in_executor(
+                    self._threads, self.cluster.replace_worker, worker_id,
+                    self.health.replace_timeout)
             except Exception as e:  # noqa: BLE001 - tried again; the pool serves without it
                 log.error("replacing %s failed: %s; trying again in %.0fs", worker_id, e,
                           RETRY_PAUSE_S)
