@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator, Callable
+from contextlib import aclosing
 from dataclasses import dataclass, replace
 
 from pdserve.engine.sampling_params import SamplingParams
@@ -151,17 +152,19 @@ class RequestLifecycle:
                 if migration:
                     request = replace(request, resumed_token_ids=tuple(streamed),
                                       resumed_chars=chars)
-                stream = self._run_local(request) if local else self._run_disaggregated(request)
+                attempt = self._run_local(request) if local else self._run_disaggregated(request)
                 try:
-                    async for chunk in stream:
-                        streamed.extend(chunk.token_ids)
-                        chars += len(chunk.text)
-                        yield chunk
-                        if chunk.finished:
-                            if chunk.finish_reason == "abort":
-                                self.counters.aborted += 1
-                            else:
-                                self.counters.finished += 1
+                    # Closed at once when the client goes away: that aborts on the workers.
+                    async with aclosing(attempt) as stream:
+                        async for chunk in stream:
+                            streamed.extend(chunk.token_ids)
+                            chars += len(chunk.text)
+                            yield chunk
+                            if chunk.finished:
+                                if chunk.finish_reason == "abort":
+                                    self.counters.aborted += 1
+                                else:
+                                    self.counters.finished += 1
                     return
                 except WorkerDown as e:
                     # Only a decode stream raises it here: the handoff handles its own.
