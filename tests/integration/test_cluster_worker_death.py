@@ -271,7 +271,7 @@ def test_no_decode_worker_left_is_a_clear_error_then_service_returns(served, sta
 def test_prefill_worker_killed_mid_prefill_is_retried_on_the_other(served, start_blocks,
                                                                     tokenizer, hf_model):
     bg, client = served
-    prompts = [long_prompt(tokenizer, s) for s in range(10, 16)]
+    prompts = [long_prompt(tokenizer, s) for s in range(10, 14)]
     streams = Streams(client, prompts, n=4)
     victim = wait_until(lambda: busy_worker(client, "prefill"), 60, "a prefill worker busy",
                         interval=0.01)
