@@ -9,6 +9,7 @@ expired, and a cancel storm of long prompts frees every reservation within a sec
 from __future__ import annotations
 
 import os
+import re
 import signal
 import threading
 import time
@@ -25,6 +26,7 @@ from cluster_checks import (
     worker_stats,
 )
 
+from pdserve.cluster.cli import main as pdserve_main
 from pdserve.engine.loader.registry import open_model
 
 pytestmark = pytest.mark.slow
@@ -201,7 +203,7 @@ def test_a_cancel_storm_of_long_prompts_frees_every_block_within_a_second(client
 
 
 def test_decode_worker_killed_mid_stream_every_stream_migrates(served, start_blocks,
-                                                                short_prompts):
+                                                                short_prompts, capsys):
     bg, client = served
     streams = Streams(client, [ids for ids, _ in short_prompts] * 2)
     streams.wait_first_tokens()
@@ -216,6 +218,11 @@ def test_decode_worker_killed_mid_stream_every_stream_migrates(served, start_blo
     states = {w.worker_id: w.state for w in client.stats().workers}
     assert len(states) == 4 and states.pop(victim) == "down"
     assert set(states.values()) == {"up"}
+    capsys.readouterr()
+    assert pdserve_main(["stats", "--target", bg.address]) == 0
+    shown = capsys.readouterr().out
+    assert re.search(rf"{victim}\s+decode\s+DOWN", shown), shown
+    assert all(re.search(rf"{w}\s+\S+\s+\d+/\d+", shown) for w in states), shown
 
     results = streams.join()
     for (_, expected), result in zip(short_prompts * 2, results):
