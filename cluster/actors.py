@@ -135,6 +135,9 @@ class DecodeActor(_WorkerShell):
         return self.worker.reserve(request_id, num_prompt_tokens, max_tokens, lease_s,
                                    prompt_token_ids).to_dict()
 
+    def renew(self, request_id: str, lease_s: float) -> bool:
+        return self.worker.renew(request_id, lease_s)
+
     def generate_from_prefill(self, request: dict, first: dict):
         yield from _as_dicts(self.worker.generate_from_prefill(
             WorkerRequest.from_dict(request), PrefillResult.from_dict(first)))

@@ -94,10 +94,14 @@ def _stats(args) -> int:
         return 1
     print(f"{'worker':<14}{'role':<11}{'free/total blocks':>18}{'running':>9}{'waiting':>9}")
     for w in s.workers:
+        if w.state == "down":
+            print(f"{w.worker_id:<14}{w.role:<11}{'DOWN':>18}  (dead or hung; being replaced)")
+            continue
         print(f"{w.worker_id:<14}{w.role:<11}{w.free_blocks:>9}/{w.total_blocks:<8}"
               f"{w.running:>9}{w.waiting:>9}")
     print(f"finished {s.requests_finished}, aborted {s.requests_aborted}, "
-          f"handoff retries {s.handoff_retries}, in flight {s.queued_requests}")
+          f"handoff retries {s.handoff_retries}, in flight {s.queued_requests}, "
+          f"migrated {s.migrations}, workers replaced {s.workers_replaced}")
     return 0
 
 

@@ -171,6 +171,20 @@ class RaySection(_Strict):
         return self
 
 
+class HealthSection(_Strict):
+    """How the launcher's supervisor watches the workers (cluster/supervisor.py)."""
+
+    probe_interval: float = Field(default=0.5, gt=0, description="seconds between probes of "
+                                  "every worker")
+    probe_timeout: float = Field(default=10.0, gt=0, description="a worker that does not "
+                                 "answer a probe within this many seconds is hung: it is "
+                                 "taken out of routing and replaced")
+    replace_workers: bool = Field(default=True, description="start a new worker in place of "
+                                  "a dead or hung one")
+    replace_timeout: float = Field(default=600.0, gt=0, description="how long a replacement "
+                                   "may take to become ready before it is tried again")
+
+
 class DebugSection(_Strict):
     inject_transfer_failures: int = Field(default=0, ge=0,
                                           description="fail the first N KV handoffs (tests)")
@@ -185,6 +199,7 @@ class ClusterConfig(_Strict):
     decode: PoolSection = Field(default_factory=PoolSection)
     router: RouterSection = Field(default_factory=RouterSection)
     ray: RaySection = Field(default_factory=RaySection)
+    health: HealthSection = Field(default_factory=HealthSection)
     debug: DebugSection = Field(default_factory=DebugSection)
     tls: TLSSection | None = Field(default=None, description="unset: plaintext listeners")
 

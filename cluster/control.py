@@ -101,8 +101,9 @@ def format_status(target: str, health, model, stats) -> str:
     """The `pdserve status` report from Health, ModelInfo and StatsResponse messages."""
     kinds = f"{health.prefill_workers} prefill x {health.decode_workers} decode" \
         if health.mode == "disaggregated" else f"{health.decode_workers} colocated"
+    down = f"; down: {', '.join(health.workers_down)}" if health.workers_down else ""
     lines = [f"router {target}: {'serving' if health.serving else 'NOT serving'}, "
-             f"{health.mode} ({kinds} workers)"]
+             f"{health.mode} ({kinds} workers up{down})"]
     if model is not None:
         lines.append(f"model {model.name}: max_model_len {model.max_model_len}, "
                      f"block_size {model.block_size}, {model.dtype}")
@@ -111,10 +112,14 @@ def format_status(target: str, health, model, stats) -> str:
     lines.append(f"{'worker':<14}{'role':<11}{'node':<14}{'KV used':>9}{'free/total':>13}"
                  f"{'running':>9}{'waiting':>9}")
     for w in stats.workers:
+        if w.state == "down":
+            lines.append(f"{w.worker_id:<14}{w.role:<11}DOWN (dead or hung; being replaced)")
+            continue
         used = 1 - w.free_blocks / w.total_blocks if w.total_blocks else 0.0
         lines.append(f"{w.worker_id:<14}{w.role:<11}{w.node[:12]:<14}{used:>8.1%}"
                      f"{w.free_blocks:>7}/{w.total_blocks:<5}{w.running:>9}{w.waiting:>9}")
     lines.append(f"requests: in flight {stats.queued_requests}, finished "
                  f"{stats.requests_finished}, aborted {stats.requests_aborted}, handoff "
-                 f"retries {stats.handoff_retries}")
+                 f"retries {stats.handoff_retries}, migrated {stats.migrations}; workers "
+                 f"replaced {stats.workers_replaced}")
     return "\n".join(lines)

@@ -33,9 +33,11 @@ from pdserve.cluster.config import ClusterConfig, PoolSection
 from pdserve.cluster.control import RunFile
 from pdserve.cluster.local_ray import start_local_ray
 from pdserve.cluster.nccl_setup import connect_all as connect_nccl_pairs
+from pdserve.cluster.nccl_setup import connect_pair as connect_nccl_pair
 from pdserve.cluster.nccl_setup import reconnect_broken as reconnect_nccl_pairs
 from pdserve.cluster.ray_clients import RayDecodeClient, RayPrefillClient
 from pdserve.cluster.reaper import start_reaper
+from pdserve.cluster.supervisor import Supervisor
 from pdserve.engine.config import ContentKey
 from pdserve.engine.kv_cache.keys import (
     HandshakeError,
@@ -70,6 +72,7 @@ class Cluster:
         self.prefill_handles: list = []
         self.decode_handles: list = []
         self.placement_groups: list = []
+        self.worker_groups: dict[str, object] = {}  # worker id -> its placement group
         self.ready_info: list[dict] = []
         self.http_url: str | None = None  # the OpenAI HTTP API's base URL, once serving
 
@@ -87,13 +90,10 @@ class Cluster:
             self._connect_ray()
         n_prefill = cfg.prefill.count if cfg.mode == "disaggregated" else 0
         role = "decode" if cfg.mode == "disaggregated" else "colocated"
-        blob = cfg.model_dump(mode="json")
         for i in range(n_prefill):
-            self.prefill_handles.append(
-                self._place(PrefillActor, cfg.prefill).remote(blob, f"prefill-{i}"))
+            self.prefill_handles.append(self._start_worker(f"prefill-{i}"))
         for i in range(cfg.decode.count):
-            self.decode_handles.append(
-                self._place(DecodeActor, cfg.decode).remote(blob, f"{role}-{i}", role))
+            self.decode_handles.append(self._start_worker(f"{role}-{i}"))
         self._wait_ready(ready_timeout)
         if cfg.transport == "nccl" and self.prefill_handles:
             # One pooled communicator per (prefill, decode) pair, made before any request.
@@ -118,17 +118,71 @@ class Cluster:
         n_prefill = cfg.prefill.count if cfg.mode == "disaggregated" else 0
         return n_prefill * cfg.prefill.num_cpus + cfg.decode.count * cfg.decode.num_cpus
 
-    def _place(self, actor_cls, pool: PoolSection):
+    def _start_worker(self, worker_id: str):
+        """Start the actor of `worker_id` ("prefill-0", "decode-1", "colocated-0"), in the
+        placement group it had (a replacement) or a new one; returns its handle."""
+        cfg = self.config
+        blob = cfg.model_dump(mode="json")
+        if worker_id.startswith("prefill-"):
+            return self._place(PrefillActor, cfg.prefill, worker_id).remote(blob, worker_id)
+        role = "decode" if cfg.mode == "disaggregated" else "colocated"
+        return self._place(DecodeActor, cfg.decode, worker_id).remote(blob, worker_id, role)
+
+    def replace_worker(self, worker_id: str, ready_timeout: float):
+        """Kill the actor of `worker_id` (dead or hung) and start a new one in its placement
+        group; returns the new handle once it passed the start-up checks (ready, KV keys,
+        reachability, NCCL pairs). Blocking; the supervisor runs it in a thread. On failure
+        the new actor is killed and the old handle stays in the pools (it is down)."""
+        handles = self.prefill_handles if worker_id.startswith("prefill-") \
+            else self.decode_handles
+        index = int(worker_id.rsplit("-", 1)[1])
+        try:
+            ray.kill(handles[index], no_restart=True)  # a hung one still holds its bundle
+        except Exception:  # noqa: BLE001 - already dead is fine
+            pass
+        new = self._start_worker(worker_id)
+        try:
+            info = ray.get(new.ready.remote(), timeout=ready_timeout)
+            before = self.ready_info
+            self.ready_info = [i for i in before if i["worker_id"] != worker_id] + [info]
+            try:
+                self._check_keys()
+                self._check_reachable()
+            except ClusterStartError:
+                self.ready_info = before
+                raise
+            if self.config.transport == "nccl" and self.prefill_handles:
+                # The peers' communicators with the dead process are useless: make new
+                # ones with the new process (each side replaces its pair for that peer).
+                # Not exercised in CI (no GPUs there).
+                pairs = ([(new, worker_id, d, f"decode-{j}")
+                          for j, d in enumerate(self.decode_handles)]
+                         if worker_id.startswith("prefill-") else
+                         [(p, f"prefill-{j}", new, worker_id)
+                          for j, p in enumerate(self.prefill_handles)])
+                for p, p_id, d, d_id in pairs:
+                    connect_nccl_pair(p, p_id, d, d_id, ready_timeout)
+        except BaseException:
+            ray.kill(new, no_restart=True)
+            raise
+        handles[index] = new
+        return new
+
+    def _place(self, actor_cls, pool: PoolSection, worker_id: str):
         """Actor options that put one worker of `pool` into its own placement group; the
         group's bundle holds the pool's custom resources and is restricted to nodes with
-        the pool's labels, so both kinds of pinning hold for every actor in the group."""
+        the pool's labels, so both kinds of pinning hold for every actor in the group.
+        A replacement of `worker_id` goes into the group the worker had."""
         opts: dict = {"num_cpus": pool.num_cpus, "num_gpus": pool.num_gpus}
         bundle = {"CPU": pool.num_cpus, **pool.resources}
         if pool.num_gpus:
             bundle["GPU"] = pool.num_gpus
         selector = {"bundle_label_selector": [dict(pool.node_labels)]} if pool.node_labels else {}
-        pg = placement_group([bundle], strategy="STRICT_PACK", **selector)
-        self.placement_groups.append(pg)
+        pg = self.worker_groups.get(worker_id)
+        if pg is None:
+            pg = placement_group([bundle], strategy="STRICT_PACK", **selector)
+            self.placement_groups.append(pg)
+            self.worker_groups[worker_id] = pg
         opts["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
             placement_group=pg, placement_group_bundle_index=0)
         if pool.resources:
@@ -268,19 +322,6 @@ def _is_loopback(host: str) -> bool:
         return host == "localhost"
 
 
-async def _poll_stats(lifecycle: RequestLifecycle, metrics: RouterMetrics,
-                      interval: float = 0.5) -> None:
-    workers = [*lifecycle.prefill, *lifecycle.decode]
-    while True:
-        try:
-            stats = await asyncio.gather(*(w.stats() for w in workers))
-            lifecycle.policy.update_stats(stats)
-            metrics.observe_worker_stats(stats)
-        except Exception as e:  # noqa: BLE001 - a dead worker shows in Stats; keep routing
-            log.warning("stats poll failed: %s", e)
-        await asyncio.sleep(interval)
-
-
 def _url_host(host: str) -> str:
     if host in ("0.0.0.0", "::", "[::]"):
         return "127.0.0.1"  # a wildcard is no address to connect to; this host answers
@@ -334,7 +375,8 @@ async def run_router(cluster: Cluster, stop: asyncio.Event, on_ready=None) -> No
     except BaseException:
         await server.stop(grace=None)
         raise
-    poller = asyncio.create_task(_poll_stats(lifecycle, metrics))
+    # The router's stats poll, and what notices and replaces dead or hung workers.
+    poller = asyncio.create_task(Supervisor(cluster, lifecycle, cfg.health, metrics).run())
     healer = (asyncio.create_task(_heal_nccl_pairs(cluster))
               if cfg.transport == "nccl" and cluster.prefill_handles else None)
     address = f"{cfg.router.host}:{port}"

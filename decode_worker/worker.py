@@ -18,10 +18,11 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 from pdserve.engine.config import EngineConfig
-from pdserve.engine.engine_loop import EngineLoop
+from pdserve.engine.engine_loop import EngineLoop, RecentIds
 from pdserve.engine.kv_cache.block_manager import OutOfBlocksError
 from pdserve.engine.llm_engine import LLMEngine, RequestOutput
 from pdserve.engine.sampler import SampleResult
+from pdserve.engine.sequence import Resume
 from pdserve.kv_transfer import KVTransferError, TransferStatus
 from pdserve.kv_transfer.connector import PushReceiver
 from pdserve.messages import KVSink, OutputChunk, PrefillResult, WorkerRequest, WorkerStats
@@ -66,6 +67,7 @@ class DecodeWorker:
         self._streams: dict[str, queue.SimpleQueue] = {}
         self._lock = threading.Lock()
         self.leases_expired = 0
+        self._aborted = RecentIds()  # touched on the loop thread only
         self.loop = EngineLoop(self.engine, self._on_outputs, on_idle=self._expire_leases)
         self.loop.start()
 
@@ -118,7 +120,7 @@ class DecodeWorker:
             try:
                 # The connector vouches for the pushed tokens (the receiver said COMPLETE).
                 out = engine.adopt(rid, list(request.prompt_token_ids), params, params.seed,
-                                   sample, first.cached_tokens)
+                                   sample, first.cached_tokens, _resume(request))
             except KeyError:
                 self.connector.cancel(rid)
                 raise KVTransferError(f"reservation for {rid} was aborted or expired") from None
@@ -141,15 +143,27 @@ class DecodeWorker:
         yield from self._drain(rid, stream)
 
     def generate(self, request: WorkerRequest) -> Iterator[OutputChunk]:
-        """Prefill and decode a request here (colocated mode); streams output chunks."""
+        """Prefill and decode a request here (colocated mode); streams output chunks. A
+        resumed request recomputes its streamed tokens' KV with the prompt, then continues."""
         rid, params = request.request_id, request.params
         stream = self._open_stream(rid)
+
+        def add(engine: LLMEngine) -> None:
+            if self._aborted.pop(rid):  # on the loop thread, as `abort` notes it
+                raise KVTransferError(f"request {rid} was aborted before it came")
+            engine.add_request(rid, list(request.prompt_token_ids), params, _resume(request))
+
         try:
-            self.loop.call(lambda e: e.add_request(rid, list(request.prompt_token_ids), params))
+            self.loop.call(add)
         except BaseException:
             self._close_stream(rid)
             raise
         yield from self._drain(rid, stream)
+
+    def renew(self, request_id: str, lease_s: float) -> bool:
+        """Extend an uncommitted reservation's lease to `lease_s` from now (the router does
+        it while the prefill for it is still running); False if it is gone already."""
+        return self.receiver.renew(request_id, time.time() + lease_s)
 
     def abort(self, request_id: str) -> bool:
         """Abort a request in any state: reserved, decoding or unknown (a no-op)."""
@@ -157,6 +171,11 @@ class DecodeWorker:
         def do(engine: LLMEngine) -> bool:
             dropped = self._free_reservation(request_id)
             aborted = engine.abort(request_id)
+            if not (dropped or aborted):
+                # A `generate` call may still be on its way (Ray runs an actor's calls on
+                # several threads, so this abort can overtake it): it is refused when it
+                # comes. (A reservation is never made after its abort: the router awaits it.)
+                self._aborted.add(request_id)
             return dropped or aborted
 
         found = self.loop.call(do)
@@ -243,3 +262,8 @@ class DecodeWorker:
                 self.leases_expired += 1
                 log.warning("lease for %s expired before commit; freed its blocks", rid)
 
+
+def _resume(request: WorkerRequest) -> Resume | None:
+    if not request.resumed_token_ids:
+        return None
+    return Resume(request.resumed_token_ids, request.resumed_chars)

@@ -7,9 +7,11 @@ returns a `Future`. Outputs of each step go to `on_outputs`, called on the loop 
 
 from __future__ import annotations
 
+import itertools
 import logging
 import queue
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any
@@ -17,6 +19,32 @@ from typing import Any
 from pdserve.engine.llm_engine import LLMEngine, RequestOutput
 
 log = logging.getLogger("pdserve.engine")
+
+
+class RecentIds:
+    """Request ids seen in the last `seconds` (not thread-safe: guard it, or touch it from
+    the loop thread only). Workers remember an abort that found nothing here — its request
+    may still be on its way, a call overtaken by the abort — and refuse that request when it
+    comes, instead of running a whole request nobody wants."""
+
+    def __init__(self, seconds: float = 60.0):
+        self.seconds = seconds
+        self._at: dict[str, float] = {}  # insertion order is time order: oldest first
+
+    def add(self, request_id: str) -> None:
+        now = time.monotonic()
+        self._at.pop(request_id, None)
+        self._at[request_id] = now
+        for old in list(itertools.takewhile(lambda r: now - self._at[r] >= self.seconds,
+                                            self._at)):
+            del self._at[old]
+
+    def pop(self, request_id: str) -> bool:
+        """True (and forgotten) if `request_id` was seen."""
+        return self._at.pop(request_id, None) is not None
+
+    def __contains__(self, request_id: str) -> bool:
+        return request_id in self._at
 
 
 class EngineLoop:

@@ -30,7 +30,7 @@ from pdserve.engine.kv_connector import KVConnector, NoKVConnector
 from pdserve.engine.sampler import Sampler, SampleRequest, SampleResult
 from pdserve.engine.sampling_params import SamplingParams
 from pdserve.engine.scheduler import Scheduler
-from pdserve.engine.sequence import FinishReason, TokenLogprob
+from pdserve.engine.sequence import FinishReason, Resume, TokenLogprob
 from pdserve.engine.sequence import Sequence as Seq
 
 log = logging.getLogger("pdserve.engine")
@@ -162,9 +162,14 @@ class LLMEngine:
         return ids
 
     def add_request(
-        self, request_id: str, prompt: PromptInput, params: SamplingParams | None = None
+        self, request_id: str, prompt: PromptInput, params: SamplingParams | None = None,
+        resume: Resume | None = None,
     ) -> Seq:
-        """Validate and queue a request; raises ValueError and changes nothing on bad input."""
+        """Validate and queue a request; raises ValueError and changes nothing on bad input.
+
+        `resume` continues a request another engine began (a migration): its output tokens
+        are recomputed with the prompt, and sampling goes on from the position after them.
+        """
         params = params or SamplingParams()
         self._check_new_id(request_id)
         ids = self.tokenize(prompt)
@@ -172,6 +177,8 @@ class LLMEngine:
         self.scheduler.check_fits(len(ids), params.max_tokens)
         seed = params.seed if params.seed is not None else secrets.randbits(63)
         seq = Seq(request_id, ids, params, seed)
+        if resume is not None:
+            self._resume(seq, resume)
         self.scheduler.add(seq)
         self._seqs[request_id] = seq
         return seq
@@ -259,6 +266,7 @@ class LLMEngine:
         seed: int,
         first: SampleResult,
         cached_tokens: int = 0,
+        resume: Resume | None = None,
     ) -> RequestOutput:
         """Join a reserved request whose prompt KV is in its reserved blocks and whose first
         token `first` was sampled elsewhere; returns that token's output.
@@ -267,15 +275,20 @@ class LLMEngine:
         transfer into the reservation completed); otherwise RuntimeError and the
         reservation stays as it was. The blocks become the sequence's: they are freed when
         it finishes or is aborted. `cached_tokens` is what the prefill side reused.
+        With `resume` (a migrated request) the pushed KV covers the prompt and the resumed
+        output tokens, and `first` is the token after them.
         """
         res, cached = self._reservations.get(request_id, (None, None))
         if res is None:
             raise KeyError(f"request {request_id!r} has no reservation (never made, released, "
                            "or already adopted)")
-        if len(prompt_token_ids) > res.num_tokens:
-            raise ValueError(f"request {request_id}: {len(prompt_token_ids)} prompt tokens, "
-                             f"{res.num_tokens} reserved")
+        n_resumed = len(resume.output_token_ids) if resume is not None else 0
+        if len(prompt_token_ids) + n_resumed > res.num_tokens:
+            raise ValueError(f"request {request_id}: {len(prompt_token_ids) + n_resumed} "
+                             f"tokens to adopt, {res.num_tokens} reserved")
         seq = Seq(request_id, list(prompt_token_ids), params, seed)
+        if resume is not None:
+            self._resume(seq, resume)
         self.scheduler.adopt(seq, list(res.block_ids), cached)
         del self._reservations[request_id]
         seq.num_cached_tokens = cached_tokens
@@ -313,6 +326,24 @@ class LLMEngine:
         if request_id in self._seqs or request_id in self._reservations \
                 or request_id in self.scheduler.held:
             raise ValueError(f"request id {request_id!r} is already in use")
+
+    def _resume(self, seq: Seq, resume: Resume) -> None:
+        """Give `seq` the output another engine already produced: its tokens, and the
+        detokenizer's state after them, rebuilt by feeding them one at a time as the first
+        engine did (so the next token's text is decoded with the same left context, and a
+        stop string may still span the boundary); `emitted_chars` of that text were
+        streamed, so only what follows is emitted."""
+        out = list(resume.output_token_ids)
+        if len(out) >= seq.params.max_tokens:
+            raise ValueError(f"request {seq.request_id}: {len(out)} tokens resumed, "
+                             f"max_tokens is {seq.params.max_tokens}")
+        for token in out:
+            seq.token_ids.append(token)
+            self.detokenizer.update(seq)
+        if not 0 <= resume.emitted_chars <= len(seq.output_text):
+            raise ValueError(f"request {seq.request_id}: {resume.emitted_chars} characters "
+                             f"streamed, but its tokens decode to {len(seq.output_text)}")
+        seq.num_emitted_chars = resume.emitted_chars
 
     def _accept_token(self, seq: Seq, res: SampleResult) -> RequestOutput:
         if seq.first_token_time is None:

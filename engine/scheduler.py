@@ -109,18 +109,19 @@ class Scheduler:
         return cached + self.blocks.allocate_contiguous(need), hashes[: len(cached)]
 
     def adopt(self, seq: Sequence, block_ids: list[int], cached: list[BlockHash]) -> None:
-        """Join a sequence whose prompt KV is in `block_ids`: the cached prefix (`cached`,
-        its hashes) and, after it, what the connector says was loaded from elsewhere.
-        Raises RuntimeError, changing nothing, unless that covers the whole prompt."""
+        """Join a sequence whose KV is in `block_ids`: the cached prefix (`cached`, its
+        hashes) and, after it, what the connector says was loaded from elsewhere. Raises
+        RuntimeError, changing nothing, unless that covers all its tokens (the prompt, and
+        the output tokens of a resumed request)."""
         local = len(cached) * self.block_size
         external = self.connector.num_external_tokens(seq, local)
-        if local + external != seq.num_prompt_tokens:
+        if local + external != seq.num_tokens:
             raise RuntimeError(
-                f"request {seq.request_id}: prompt KV incomplete ({local} cached + {external} "
-                f"loaded of {seq.num_prompt_tokens} tokens)"
+                f"request {seq.request_id}: KV incomplete ({local} cached + {external} "
+                f"loaded of {seq.num_tokens} tokens)"
             )
         seq.block_ids, seq.block_hashes = list(block_ids), list(cached)
-        seq.num_computed_tokens = seq.num_prompt_tokens
+        seq.num_computed_tokens = seq.num_tokens
         seq.status = SequenceStatus.RUNNING
         self.running.append(seq)
         self.commit_full_blocks(seq)

@@ -29,6 +29,15 @@ class TokenLogprob:
     top: list[tuple[int, float]] = field(default_factory=list)
 
 
+@dataclass(frozen=True, slots=True)
+class Resume:
+    """Where a request that another engine began stands (a migration): the output tokens
+    it produced, in order, and how many characters of their text the client already has."""
+
+    output_token_ids: tuple[int, ...]
+    emitted_chars: int = 0
+
+
 @dataclass(slots=True, eq=False)
 class Sequence:
     """A request being served.

@@ -110,6 +110,11 @@ class KVReceiver(ABC):
         """Forget the reservation; waits out a write in progress for it, then none follow."""
 
     @abstractmethod
+    def renew(self, request_id: str, deadline: float) -> bool:
+        """Move a PENDING reservation's deadline to `deadline` (never earlier); False if the
+        reservation is unknown (forgotten, expired) or no longer PENDING."""
+
+    @abstractmethod
     def expire(self, now: float | None = None) -> list[str]:
         """Cancel every not-COMPLETE reservation whose deadline is before `now`; their ids."""
 

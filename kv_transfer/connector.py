@@ -19,7 +19,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 from pdserve.engine.kv_connector import (
@@ -160,7 +160,13 @@ class PushSender(KVConnector):
             if push is None:
                 continue
             try:
-                handle = self.sender.open(push.sink, spec.block_ids)
+                # The router renews the lease on the decode side while this prefill runs
+                # (router.lifecycle), so the deadline the sink was reserved with may have
+                # passed by the time the prompt is done: the push gets `transfer_timeout`
+                # from now. A reservation that did expire is refused by the receiver at once.
+                sink = replace(push.sink, deadline=max(push.sink.deadline,
+                                                       time.time() + self.transfer_timeout))
+                handle = self.sender.open(sink, spec.block_ids)
             except (KVTransferError, ValueError) as e:
                 # The prompt still finishes computing; its blocks are freed when it does.
                 with self._lock:

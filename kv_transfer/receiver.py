@@ -135,6 +135,14 @@ class BlockReceiver(KVReceiver):
             res.forgotten = True
         self._notify()
 
+    def renew(self, request_id: str, deadline: float) -> bool:
+        with self._cond:
+            res = self._table.get(request_id)
+            if res is None or res.state is not TransferStatus.PENDING:
+                return False
+            res.deadline = max(res.deadline, deadline)
+            return True
+
     def expire(self, now: float | None = None) -> list[str]:
         now = time.time() if now is None else now
         with self._cond:

@@ -119,26 +119,45 @@ class WorkerRequest:
 
     Invariants: `request_id` is not empty; `params.seed` is set (the router fixes it, so the
     prefill and the decode worker draw the same random numbers for the same positions).
+
+    A *resumed* request (migrated off a worker that died) carries the output tokens the
+    client already has (`resumed_token_ids`) and the length of their streamed text
+    (`resumed_chars`): the worker continues after them, and `params` stay the original's.
     """
 
     request_id: str
     prompt_token_ids: tuple[int, ...]
     params: SamplingParams
+    resumed_token_ids: tuple[int, ...] = ()
+    resumed_chars: int = 0
 
     def __post_init__(self) -> None:
         if not self.request_id:
             raise MessageError("WorkerRequest.request_id must not be empty")
         _set(self, "prompt_token_ids", tuple(self.prompt_token_ids))
+        _set(self, "resumed_token_ids", tuple(self.resumed_token_ids))
+        if len(self.resumed_token_ids) >= self.params.max_tokens or self.resumed_chars < 0:
+            raise MessageError(f"WorkerRequest {self.request_id}: {len(self.resumed_token_ids)}"
+                               f" resumed tokens ({self.resumed_chars} chars) for max_tokens "
+                               f"{self.params.max_tokens}")
+
+    @property
+    def all_token_ids(self) -> tuple[int, ...]:
+        """The tokens whose KV a worker computes: the prompt, then the resumed output."""
+        return self.prompt_token_ids + self.resumed_token_ids
 
     def to_dict(self) -> dict[str, Any]:
         return {"request_id": self.request_id, "prompt_token_ids": list(self.prompt_token_ids),
-                "params": self.params.to_dict()}
+                "params": self.params.to_dict(),
+                "resumed_token_ids": list(self.resumed_token_ids),
+                "resumed_chars": self.resumed_chars}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> WorkerRequest:
         _check_keys(cls, d)
         return cls(str(d["request_id"]), tuple(int(t) for t in d["prompt_token_ids"]),
-                   SamplingParams.from_dict(d["params"]))
+                   SamplingParams.from_dict(d["params"]),
+                   tuple(int(t) for t in d["resumed_token_ids"]), int(d["resumed_chars"]))
 
 
 @dataclass(frozen=True, slots=True)

@@ -19,7 +19,7 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 from pdserve.engine.config import EngineConfig
-from pdserve.engine.engine_loop import EngineLoop
+from pdserve.engine.engine_loop import EngineLoop, RecentIds
 from pdserve.engine.llm_engine import LLMEngine, RequestOutput
 from pdserve.engine.sampling_params import SamplingParams
 from pdserve.kv_transfer import KVTransferError
@@ -32,10 +32,12 @@ if TYPE_CHECKING:  # pdserve.tls imports grpc, which the local transport never n
 log = logging.getLogger("pdserve.prefill")
 
 
+
 @dataclass(slots=True)
 class _Pending:
     future: Future
-    params: SamplingParams  # the request's own (not the one-token copy)
+    params: SamplingParams | None  # the request's own (not the one-token copy); None: no
+    # early first chunk (a resumed request)
     result: PrefillResult | None = None  # the first token, once sampled
     aborted: bool = False  # the request ended without a token (aborted, or its step failed)
     outcome: TransferOutcome | None = None  # the push's end, once known
@@ -67,6 +69,9 @@ class PrefillWorker:
         self.engine = LLMEngine(config, kv_connector=self.connector)
         self.sender = self.connector.sender  # nccl pairing goes through it (cluster/actors.py)
         self._pending: dict[str, _Pending] = {}
+        # Aborts that came before any prefill call for their request, and prefill calls.
+        self._aborted = RecentIds()
+        self._started = RecentIds()
         self.handoffs = {"count": 0, "seconds": 0.0, "tail_seconds": 0.0, "bytes": 0}
         self._lock = threading.Lock()
         self.loop = EngineLoop(self.engine, self._on_outputs)
@@ -92,17 +97,35 @@ class PrefillWorker:
         rid, params = request.request_id, request.params
         # Only the first token is made here: the decode worker does the rest and owns stop
         # strings; min_tokens matters only as far as suppressing eos for this first token.
-        local = replace(params, max_tokens=1, min_tokens=min(params.min_tokens, 1), stop=())
-        pending = _Pending(Future(), params)
+        # A resumed request (migrated off a dead decode worker) is prefilled over its prompt
+        # and the tokens already streamed, so its first token here is the next one: at the
+        # same position, hence with the same random numbers, as on the worker that died.
+        n_done = len(request.resumed_token_ids)
+        local = replace(params, max_tokens=1, stop=(),
+                        min_tokens=min(max(params.min_tokens - n_done, 0), 1))
+        # The early first chunk's text would lack the streamed tokens as left context.
+        pending = _Pending(Future(), params if not n_done else None)
         with self._lock:
+            if self._aborted.pop(rid):
+                raise KVTransferError(f"request {rid} was aborted before its prefill came")
+            self._started.add(rid)
             if rid in self._pending:
                 raise ValueError(f"request id {rid!r} is already being prefilled")
             self._pending[rid] = pending
         try:
             self.connector.send(rid, sink)
+
+            def add(engine) -> None:
+                # On the engine thread: an abort that came in between (it dropped `pending`
+                # and queued its engine.abort before this) must not be undone by adding the
+                # request after it; one that comes later finds the request in the engine.
+                with self._lock:
+                    if self._pending.get(rid) is not pending:
+                        raise KVTransferError(f"request {rid} was aborted")
+                engine.add_request(rid, list(request.all_token_ids), local)
+
             try:
-                self.loop.call(
-                    lambda e: e.add_request(rid, list(request.prompt_token_ids), local))
+                self.loop.call(add)
             except BaseException:
                 self.connector.forget(rid)
                 raise
@@ -124,6 +147,13 @@ class PrefillWorker:
         self.connector.forget(request_id)
         if pending is not None and not pending.future.done():
             pending.future.set_exception(KVTransferError(f"request {request_id} was aborted"))
+        with self._lock:
+            if request_id not in self._started:
+                # The router may abort a request whose prefill call is still on its way (a
+                # client that cancels at once): remember it, so that call is refused
+                # instead of computing a whole prompt nobody wants. (Not for one that came
+                # already: a retry or a migration may prefill it here again.)
+                self._aborted.add(request_id)
         return found or pending is not None
 
     def stats(self) -> WorkerStats:

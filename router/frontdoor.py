@@ -28,7 +28,8 @@ from pdserve.engine.sampling_params import SamplingParams
 from pdserve.engine.tokenizer import TextTokenizer
 from pdserve.messages import OutputChunk
 from pdserve.proto import pb
-from pdserve.router.lifecycle import DecodeFull, HandoffFailed, RequestLifecycle
+from pdserve.router.lifecycle import DecodeFull, HandoffFailed, RequestLifecycle, WorkerLost
+from pdserve.router.policy import NoWorkerUp
 from pdserve.router.validation import InvalidRequest, Limits, validate
 
 if TYPE_CHECKING:  # metrics imports this module
@@ -43,7 +44,7 @@ class Refusal(enum.Enum):
     INVALID = "invalid"  # the client's input (gRPC INVALID_ARGUMENT, HTTP 400)
     QUEUE_FULL = "queue_full"  # max_queue in flight (RESOURCE_EXHAUSTED, 429)
     DECODE_FULL = "decode_full"  # no KV room within the admission timeout (RESOURCE_EXHAUSTED, 503)
-    UNAVAILABLE = "unavailable"  # every handoff retry failed (UNAVAILABLE, 503)
+    UNAVAILABLE = "unavailable"  # handoff retries failed, no worker up (UNAVAILABLE, 503)
     INTERNAL = "internal"  # a worker error (INTERNAL, 500)
 
 
@@ -182,7 +183,7 @@ class FrontDoor:
                 self.metrics.on_rejected(Refusal.DECODE_FULL)
             watch = None  # refused before it ran: a rejection, not a finished request
             raise Rejected(Refusal.DECODE_FULL, str(e)) from e
-        except HandoffFailed as e:
+        except (HandoffFailed, NoWorkerUp, WorkerLost) as e:
             failed = True
             raise Rejected(Refusal.UNAVAILABLE, str(e)) from e
         except (asyncio.CancelledError, GeneratorExit):

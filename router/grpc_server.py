@@ -20,9 +20,8 @@ import grpc
 from pdserve.messages import OutputChunk
 from pdserve.proto import pb, pb_grpc
 from pdserve.router.frontdoor import BearerAuth, FrontDoor, Refusal, Rejected
-from pdserve.router.lifecycle import RequestLifecycle
+from pdserve.router.lifecycle import RequestLifecycle, WorkerReport
 from pdserve.router.request_decoding import GenerateRequestParser, UndecodableRequest
-from pdserve.router.workers import WorkerClient
 from pdserve.tls import TLSFiles, add_port
 
 log = logging.getLogger("pdserve.router")
@@ -72,9 +71,10 @@ class GenerationService(pb_grpc.GenerationServicer):
 
     async def Health(self, request, context):  # noqa: N802
         await self.auth.check(context)
-        lc = self.lifecycle
-        return pb.HealthResponse(serving=True, prefill_workers=len(lc.prefill),
-                                 decode_workers=len(lc.decode), mode=lc.mode)
+        h = self.lifecycle.health()
+        return pb.HealthResponse(serving=h.serving, prefill_workers=h.prefill_up,
+                                 decode_workers=h.decode_up, mode=self.lifecycle.mode,
+                                 workers_down=list(h.down))
 
     async def ListModels(self, request, context):  # noqa: N802
         await self.auth.check(context)
@@ -89,26 +89,28 @@ class AdminService(pb_grpc.AdminServicer):
     async def Stats(self, request, context):  # noqa: N802
         await self.auth.check(context)
         lc = self.lifecycle
-        workers: list[WorkerClient] = [*lc.prefill, *lc.decode]
-        stats = await asyncio.gather(*(w.stats() for w in workers))
-        lc.policy.update_stats(stats)
+        reports = await lc.worker_reports()
         c = lc.counters
         return pb.StatsResponse(
-            workers=[
-                pb.WorkerStats(
-                    worker_id=s.worker_id, role=s.role, free_blocks=s.free_blocks,
-                    total_blocks=s.total_blocks, running=s.running, waiting=s.waiting,
-                    prompt_tokens_processed=s.prompt_tokens,
-                    generated_tokens=s.generated_tokens, node=s.node,
-                    handoffs=s.handoffs, handoff_seconds=s.handoff_seconds,
-                    handoff_bytes=s.handoff_bytes, handoff_tail_seconds=s.handoff_tail_seconds,
-                    leases_expired=s.leases_expired,
-                )
-                for s in stats
-            ],
+            workers=[_worker_stats(r) for r in reports],
             queued_requests=c.in_flight, requests_finished=c.finished,
             requests_aborted=c.aborted, handoff_retries=c.handoff_retries,
+            migrations=c.migrations, workers_replaced=c.workers_replaced,
         )
+
+
+def _worker_stats(r: WorkerReport) -> pb.WorkerStats:
+    s = r.stats
+    if s is None:
+        return pb.WorkerStats(worker_id=r.worker_id, role=r.role, state="down")
+    return pb.WorkerStats(
+        worker_id=s.worker_id, role=s.role, free_blocks=s.free_blocks,
+        total_blocks=s.total_blocks, running=s.running, waiting=s.waiting,
+        prompt_tokens_processed=s.prompt_tokens, generated_tokens=s.generated_tokens,
+        node=s.node, handoffs=s.handoffs, handoff_seconds=s.handoff_seconds,
+        handoff_bytes=s.handoff_bytes, handoff_tail_seconds=s.handoff_tail_seconds,
+        leases_expired=s.leases_expired, state="up",
+    )
 
 
 def _response(rid: str, chunk: OutputChunk) -> pb.GenerateResponse:

@@ -112,8 +112,12 @@ class OpenAIServer:
 
     async def health(self, request: web.Request) -> web.Response:
         lc = self.door.lifecycle
-        body = {"status": "ok", "mode": lc.mode, "prefill_workers": len(lc.prefill),
-                "decode_workers": len(lc.decode)}
+        h = lc.health()
+        body = {"status": "ok", "mode": lc.mode, "prefill_workers": h.prefill_up,
+                "decode_workers": h.decode_up, "workers_down": list(h.down)}
+        if not h.serving:
+            body["status"] = "a worker pool is empty: " + ", ".join(h.down) + " down"
+            return web.json_response(body, status=503)
         age = self.metrics.stats_age() if self.metrics else None
         if age is not None and age > STALE_STATS_SECONDS:
             body["status"] = f"workers have not answered a stats poll for {age:.0f}s"

@@ -6,19 +6,26 @@ first token's output chunk, the router streams it as soon as P returns, before t
 A failure of the reserve or the prefill aborts both sides and retries on another worker
 pair; a client that goes away aborts everywhere. Every path ends with both workers' blocks
 freed.
+
+Worker death is routine: a worker found dead (`WorkerDown`) is marked down in the policy
+(never picked again until the supervisor replaced it). A request whose decode worker dies
+mid-stream is *migrated*: re-run on another decode worker from its prompt plus the tokens
+the client already has, with the same seed, so the continuation samples the same tokens at
+the same positions and the client sees no gap and no repeat.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from contextlib import aclosing
 from dataclasses import dataclass, replace
 
 from pdserve.engine.sampling_params import SamplingParams
-from pdserve.messages import KVSink, OutputChunk, PrefillResult, WorkerRequest
+from pdserve.messages import KVSink, OutputChunk, PrefillResult, WorkerRequest, WorkerStats
 from pdserve.router.policy import RoutingPolicy
-from pdserve.router.workers import DecodeClient, PrefillClient, WorkerBusy
+from pdserve.router.workers import DecodeClient, PrefillClient, WorkerBusy, WorkerDown
 
 log = logging.getLogger("pdserve.router")
 
@@ -31,12 +38,37 @@ class DecodeFull(RuntimeError):
     """No decode worker had room for the prompt's KV within the admission timeout."""
 
 
+@dataclass(frozen=True, slots=True)
+class PoolHealth:
+    """What Health answers: serving while every pool has a worker up."""
+
+    serving: bool
+    prefill_up: int
+    decode_up: int
+    down: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerReport:
+    """One worker in Admin.Stats: its stats, or None when it is down or did not answer."""
+
+    worker_id: str
+    role: str
+    stats: WorkerStats | None
+
+
+class WorkerLost(RuntimeError):
+    """A request's decode worker died and the request could not be migrated."""
+
+
 @dataclass
 class RouterCounters:
     finished: int = 0
     aborted: int = 0
     handoff_retries: int = 0
     in_flight: int = 0
+    migrations: int = 0  # requests moved off a dead decode worker mid-stream
+    workers_replaced: int = 0  # dead or hung workers the supervisor replaced
 
 
 class RequestLifecycle:
@@ -52,6 +84,7 @@ class RequestLifecycle:
         lease_seconds: float = 30.0,
         conditional_prefill_tokens: int = 0,
         admission_timeout: float = 120.0,
+        max_migrations: int = 2,
     ):
         self.mode = mode
         self.prefill = prefill
@@ -61,7 +94,50 @@ class RequestLifecycle:
         self.lease_seconds = lease_seconds
         self.conditional_prefill_tokens = conditional_prefill_tokens
         self.admission_timeout = admission_timeout
+        self.max_migrations = max_migrations
         self.counters = RouterCounters()
+        # Called with a worker's id when a call finds it dead (the supervisor replaces it).
+        self.on_worker_down: Callable[[str], None] | None = None
+
+    def worker_down(self, worker_id: str) -> None:
+        """A call found `worker_id` dead: route around it from now on."""
+        if worker_id in self.policy.down:
+            return
+        log.warning("worker %s is down; routing around it until it is replaced", worker_id)
+        self.policy.mark_down(worker_id)
+        if self.on_worker_down is not None:
+            self.on_worker_down(worker_id)
+
+    def health(self) -> PoolHealth:
+        p_up, d_up = len(self.policy.up(self.prefill)), len(self.policy.up(self.decode))
+        serving = d_up > 0 and (p_up > 0 or self.mode == "colocated")
+        down = tuple(w.worker_id for w in [*self.prefill, *self.decode]
+                     if w.worker_id in self.policy.down)
+        return PoolHealth(serving, p_up, d_up, down)
+
+    async def worker_reports(self, timeout: float = 2.0) -> list[WorkerReport]:
+        """Every configured worker, in pool order: the stats of those that answered within
+        `timeout`, None for the others (down, or not answering now). Never raises for a
+        worker: one dead or hung worker must not hide the others."""
+        decode_role = "decode" if self.mode == "disaggregated" else "colocated"
+        workers = [(w, "prefill") for w in self.prefill] + [(w, decode_role)
+                                                             for w in self.decode]
+
+        async def ask(w) -> WorkerStats | None:
+            if w.worker_id in self.policy.down:
+                return None  # it may hang: the supervisor's probe already said so
+            try:
+                return await asyncio.wait_for(w.stats(), timeout)
+            except WorkerDown:
+                self.worker_down(w.worker_id)
+                return None
+            except Exception as e:  # noqa: BLE001 - shown as not answering, others still shown
+                log.warning("stats of %s failed: %s", w.worker_id, e)
+                return None
+
+        answers = await asyncio.gather(*(ask(w) for w, _ in workers))
+        self.policy.update_stats([a for a in answers if a is not None])
+        return [WorkerReport(w.worker_id, role, a) for (w, role), a in zip(workers, answers)]
 
     async def run(self, request_id: str, ids: list[int], params: SamplingParams
                   ) -> AsyncIterator[OutputChunk]:
@@ -69,18 +145,36 @@ class RequestLifecycle:
         request = WorkerRequest(request_id, tuple(ids), params)
         local = self.mode == "colocated" or len(ids) <= self.conditional_prefill_tokens
         self.counters.in_flight += 1
+        streamed: list[int] = []  # what the client has: a migration resumes after it
+        chars = 0
         try:
-            if local:
-                stream = self._run_local(request)
-            else:
-                stream = self._run_disaggregated(request, len(ids), params.max_tokens)
-            async for chunk in stream:
-                yield chunk
-                if chunk.finished:
-                    if chunk.finish_reason == "abort":
-                        self.counters.aborted += 1
-                    else:
-                        self.counters.finished += 1
+            for migration in range(self.max_migrations + 1):
+                if migration:
+                    request = replace(request, resumed_token_ids=tuple(streamed),
+                                      resumed_chars=chars)
+                attempt = self._run_local(request) if local else self._run_disaggregated(request)
+                try:
+                    # Closed at once when the client goes away: that aborts on the workers.
+                    async with aclosing(attempt) as stream:
+                        async for chunk in stream:
+                            streamed.extend(chunk.token_ids)
+                            chars += len(chunk.text)
+                            yield chunk
+                            if chunk.finished:
+                                if chunk.finish_reason == "abort":
+                                    self.counters.aborted += 1
+                                else:
+                                    self.counters.finished += 1
+                    return
+                except WorkerDown as e:
+                    # Only a decode stream raises it here: the handoff handles its own.
+                    self.worker_down(e.worker_id)
+                    if migration == self.max_migrations:
+                        raise WorkerLost(f"{e}; {request_id} was moved {migration} times, "
+                                         "giving up") from None
+                    self.counters.migrations += 1
+                    log.warning("%s: migrating %s after %d tokens", e, request_id,
+                                len(streamed))
         except (asyncio.CancelledError, GeneratorExit):
             self.counters.aborted += 1
             raise
@@ -88,21 +182,24 @@ class RequestLifecycle:
             self.counters.in_flight -= 1
 
     async def _run_local(self, request: WorkerRequest) -> AsyncIterator[OutputChunk]:
-        d = self.policy.pick_decode(self.decode, len(request.prompt_token_ids))
+        d = self.policy.pick_decode(self.decode, len(request.all_token_ids))
         async for chunk in self._guarded(d.stream_local(request), [d], request.request_id):
             yield chunk
 
-    async def _run_disaggregated(self, request: WorkerRequest, n_prompt: int, max_tokens: int
-                                 ) -> AsyncIterator[OutputChunk]:
+    async def _run_disaggregated(self, request: WorkerRequest) -> AsyncIterator[OutputChunk]:
         rid = request.request_id
+        # A resumed request hands off its prompt and the tokens already streamed, and needs
+        # room for the rest of its output only.
+        tokens = list(request.all_token_ids)
+        max_tokens = request.params.max_tokens - len(request.resumed_token_ids)
         tried: set[str] = set()
         last_error: Exception | None = None
         for attempt in range(self.handoff_retries + 1):
             p = self.policy.pick_prefill(self.prefill, exclude=tried)
             self.policy.on_prefill_started(p)
             try:
-                d, sink = await self._reserve_when_room(rid, n_prompt, max_tokens, tried,
-                                                        list(request.prompt_token_ids))
+                d, sink = await self._reserve_when_room(rid, len(tokens), max_tokens, tried,
+                                                        tokens)
                 first = await self._prefill(request, p, d, sink)
             except _HandoffError as e:
                 last_error = e.__cause__ or e
@@ -136,16 +233,18 @@ class RequestLifecycle:
         delay = 0.02
         while True:
             busy: set[str] = set()
-            while len(busy) < len(self.decode):
+            while len(busy) < len(self.policy.up(self.decode)):
                 d = self.policy.pick_decode(self.decode, n_prompt, exclude=tried | busy)
                 if d.worker_id in busy:
                     break
                 try:
                     # D reuses what it has cached of the prompt; P sends only the rest.
-                    sink = await d.reserve(rid, n_prompt, max_tokens, self.lease_seconds,
-                                           prompt)
+                    sink = await self._reserve(d, rid, n_prompt, max_tokens, prompt)
                 except WorkerBusy:
                     busy.add(d.worker_id)
+                    continue
+                except WorkerDown as e:
+                    self.worker_down(e.worker_id)  # and pick among the others
                     continue
                 except Exception as e:
                     raise HandoffFailed(f"reserving KV blocks on {d.worker_id} failed: {e}") \
@@ -158,21 +257,66 @@ class RequestLifecycle:
             await asyncio.sleep(delay)
             delay = min(delay * 2, 0.5)
 
+    async def _reserve(self, d: DecodeClient, rid: str, n_prompt: int, max_tokens: int,
+                       prompt: list[int]) -> KVSink:
+        """`d.reserve`, made safe to cancel: a reservation is made even when the caller
+        goes away while the call is on its way, so on cancel this waits for the answer and
+        aborts what it reserved (an abort sent at once could reach D first and find
+        nothing), instead of leaving the blocks to the lease."""
+        call = asyncio.ensure_future(d.reserve(rid, n_prompt, max_tokens, self.lease_seconds,
+                                               prompt))
+        try:
+            return await asyncio.shield(call)
+        except asyncio.CancelledError:
+            await asyncio.shield(self._abort_reserved(call, d, rid))
+            raise
+
+    async def _abort_reserved(self, call: asyncio.Future, d: DecodeClient, rid: str) -> None:
+        try:
+            await call
+        except Exception:  # noqa: BLE001 - nothing was reserved
+            return
+        await self._abort_all([d], rid)
+
     async def _prefill(self, request: WorkerRequest, p: PrefillClient, d: DecodeClient,
                        sink: KVSink) -> PrefillResult:
-        """Prefill on P into D's reservation; on any failure abort both sides."""
+        """Prefill on P into D's reservation, keeping the lease alive while P works; on any
+        failure abort both sides."""
         rid = request.request_id
+        lease = asyncio.create_task(self._keep_lease(d, rid))
         try:
             return await p.prefill(request, sink)
         except asyncio.CancelledError:
-            await asyncio.shield(_abort_all([p, d], rid))
+            await asyncio.shield(self._abort_all([p, d], rid))
             raise
         except Exception as e:
-            await _abort_all([p, d], rid)
+            if isinstance(e, WorkerDown):
+                self.worker_down(e.worker_id)
+            await self._abort_all([p, d], rid)
             raise _HandoffError(str(e)) from e
+        finally:
+            lease.cancel()
 
-    @staticmethod
-    async def _guarded(stream: AsyncIterator[OutputChunk], workers, rid: str
+    async def _keep_lease(self, d: DecodeClient, rid: str) -> None:
+        """Renew the reservation's lease on D while the prefill call on P is pending.
+
+        The lease exists to free blocks whose prefill will never come (the router or P
+        died); a prefill that is queued or long is not that, and must not be thrown away
+        and redone because it outlived the lease. The router is the party that knows the
+        prefill is still wanted and in progress, so it renews: every third of a lease,
+        until the call returns or fails. If the router dies, renewals stop and the lease
+        frees the blocks as before."""
+        period = self.lease_seconds / 3
+        while True:
+            await asyncio.sleep(period)
+            try:
+                if not await d.renew(rid, self.lease_seconds):
+                    return  # gone (aborted or expired): the push will be refused
+            except Exception as e:  # noqa: BLE001 - D is down; the prefill call fails too
+                log.warning("renewing the lease of %s on %s failed: %s", rid, d.worker_id, e)
+                return
+
+    async def _guarded(self, stream: AsyncIterator[OutputChunk], workers, rid: str
                        ) -> AsyncIterator[OutputChunk]:
         finished = False
         try:
@@ -182,7 +326,16 @@ class RequestLifecycle:
         finally:
             if not finished:
                 # Shielded: the abort must reach the workers even while we are cancelled.
-                await asyncio.shield(_abort_all(workers, rid))
+                await asyncio.shield(self._abort_all(workers, rid))
+
+    async def _abort_all(self, workers, rid: str) -> None:
+        live = [w for w in workers if w.worker_id not in self.policy.down]
+        results = await asyncio.gather(*(w.abort(rid) for w in live), return_exceptions=True)
+        for w, r in zip(live, results):
+            if isinstance(r, WorkerDown):
+                self.worker_down(w.worker_id)
+            elif isinstance(r, Exception):
+                log.warning("abort of %s on %s failed: %s", rid, w.worker_id, r)
 
 
 class _HandoffError(RuntimeError):
@@ -211,9 +364,3 @@ async def _first_chunk_early(early: OutputChunk, stream: AsyncIterator[OutputChu
                 continue
         yield chunk
 
-
-async def _abort_all(workers, rid: str) -> None:
-    results = await asyncio.gather(*(w.abort(rid) for w in workers), return_exceptions=True)
-    for w, r in zip(workers, results):
-        if isinstance(r, Exception):
-            log.warning("abort of %s on %s failed: %s", rid, w.worker_id, r)

@@ -252,6 +252,14 @@ class _PolledCollector:
                                       "another worker pair.", labels=["model_name"])
         retries.add_metric([self.model_name], self.counters.handoff_retries)
         yield retries
+        for name, doc, value in (
+                ("pdserve:request_migrations", "Requests moved off a dead decode worker "
+                 "mid-stream.", self.counters.migrations),
+                ("pdserve:workers_replaced", "Dead or hung workers replaced by new ones.",
+                 self.counters.workers_replaced)):
+            family = CounterMetricFamily(name, doc, labels=["model_name"])
+            family.add_metric([self.model_name], value)
+            yield family
         age = GaugeMetricFamily("pdserve:worker_stats_age_seconds", "Seconds since the worker "
                                 "figures were polled (-1: never).", labels=["model_name"])
         age.add_metric([self.model_name], -1.0 if self.polled_at is None

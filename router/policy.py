@@ -16,19 +16,25 @@ from pdserve.messages import WorkerStats, blocks_for
 from pdserve.router.workers import DecodeClient, PrefillClient
 
 
+class NoWorkerUp(RuntimeError):
+    """Every worker of a pool is down (dead or hung, not yet replaced)."""
+
+
 class RoutingPolicy:
     """Picks workers from the router's view of the cluster.
 
     Invariants: `in_flight[p]` counts the requests routed to prefill worker `p` whose
     prefill has not returned (every `on_prefill_started` is matched by one
     `on_prefill_done`, success or not), so it is never negative; `free_blocks[d]` is the
-    last polled figure minus what was reserved on `d` since.
+    last polled figure minus what was reserved on `d` since; a worker in `down` is never
+    picked (NoWorkerUp when a whole pool is down).
     """
 
     def __init__(self, block_size: int):
         self.block_size = block_size
         self.free_blocks: dict[str, int] = {}
         self.in_flight: dict[str, int] = {}
+        self.down: set[str] = set()  # workers found dead or hung, until replaced
         # One tie-break counter per pool: a shared one would advance in lock-step (one
         # prefill pick, one decode pick per request) and always break ties the same way.
         self._tie_prefill = itertools.count()
@@ -38,15 +44,39 @@ class RoutingPolicy:
         for s in stats:
             self.free_blocks[s.worker_id] = s.free_blocks
 
+    # ---- liveness: a down worker is never picked -------------------------------------------
+
+    def mark_down(self, worker_id: str) -> None:
+        self.down.add(worker_id)
+
+    def mark_up(self, worker_id: str) -> None:
+        """`worker_id` runs again (a fresh process): nothing of the old one is counted."""
+        self.down.discard(worker_id)
+        self.free_blocks.pop(worker_id, None)
+
+    def up(self, workers: list) -> list:
+        return [w for w in workers if w.worker_id not in self.down]
+
+    def _pool(self, workers: list, exclude, kind: str) -> list:
+        """The workers to pick from: the up ones not in `exclude`, else any up one (a retry
+        may go back to a worker it already tried). NoWorkerUp when none is up."""
+        live = self.up(workers)
+        if not live:
+            raise NoWorkerUp(f"no {kind} worker is up ({len(workers)} configured, all down; "
+                             "replacements are starting)")
+        return [w for w in live if w.worker_id not in exclude] or live
+
+    # ---- picks -----------------------------------------------------------------------------
+
     def pick_prefill(self, workers: list[PrefillClient], exclude=frozenset()) -> PrefillClient:
-        pool = [w for w in workers if w.worker_id not in exclude] or workers
+        pool = self._pool(workers, exclude, "prefill")
         turn = next(self._tie_prefill)
         return min(pool, key=lambda w: (self.in_flight.get(w.worker_id, 0),
                                         (pool.index(w) - turn) % len(pool)))
 
     def pick_decode(self, workers: list[DecodeClient], n_prompt: int,
                     exclude=frozenset()) -> DecodeClient:
-        pool = [w for w in workers if w.worker_id not in exclude] or workers
+        pool = self._pool(workers, exclude, "decode")
         turn = next(self._tie_decode)
         return max(pool, key=lambda w: (self.free_blocks.get(w.worker_id, 0),
                                         -((pool.index(w) - turn) % len(pool))))

@@ -5,6 +5,8 @@ Every argument and answer is a `pdserve.messages` message (or a plain scalar). A
 implementation that crosses a process boundary converts them with their `to_dict` /
 `from_dict` at its edge, so no transport between router and workers needs pickle for our
 data; the router itself never sees the plain form.
+
+A call to a worker whose process is gone raises `WorkerDown`, never the carrier's own error.
 """
 
 from __future__ import annotations
@@ -17,6 +19,15 @@ from pdserve.messages import KVSink, OutputChunk, PrefillResult, WorkerRequest, 
 
 class WorkerBusy(RuntimeError):
     """The worker is healthy but has no room now (e.g. no free KV blocks); try later."""
+
+
+class WorkerDown(RuntimeError):
+    """The worker's process died or stopped answering: whatever it held is lost. The
+    router stops routing to it until the supervisor replaced it (`cluster.supervisor`)."""
+
+    def __init__(self, worker_id: str, message: str):
+        super().__init__(message)
+        self.worker_id = worker_id
 
 
 class WorkerClient(ABC):
@@ -47,6 +58,11 @@ class DecodeClient(WorkerClient):
         `prompt_token_ids` the worker reuses the prefix it has cached: the sink then starts
         past it (`first_block`) and the prefill worker sends only the rest. Raises
         WorkerBusy when there are not enough free blocks right now (nothing was allocated)."""
+
+    @abstractmethod
+    async def renew(self, request_id: str, lease_s: float) -> bool:
+        """Extend an uncommitted reservation's lease to `lease_s` from now; False if it is
+        gone (aborted or expired)."""
 
     @abstractmethod
     def stream_from_prefill(self, request: WorkerRequest, first: PrefillResult

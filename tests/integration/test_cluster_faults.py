@@ -20,6 +20,7 @@ from cluster_checks import (
 from pdserve.engine import SamplingParams
 from pdserve.engine.loader.registry import open_model
 from pdserve.kv_transfer import KVTransferError
+from pdserve.messages import WorkerRequest
 from pdserve.proto import pb
 
 pytestmark = pytest.mark.slow
@@ -108,8 +109,8 @@ def test_orphaned_reservation_is_freed_by_its_lease(served, start_blocks):
     assert time.monotonic() - t0 < 5.0
     assert ray.get(decode.stats.remote())["leases_expired"] == 1
 
-    late = {"request_id": "orphan-1", "prompt_token_ids": ids,
-            "params": SamplingParams(temperature=0, max_tokens=4, seed=0).to_dict()}
+    late = WorkerRequest("orphan-1", tuple(ids),
+                         SamplingParams(temperature=0, max_tokens=4, seed=0)).to_dict()
     with pytest.raises(ray.exceptions.RayTaskError) as err:
         ray.get(prefill.prefill.remote(late, sink), timeout=60)
     assert isinstance(err.value.cause, KVTransferError)

@@ -31,6 +31,7 @@ MESSAGES = [
     WorkerRequest("req-1", (1, 2, 3), SamplingParams(max_tokens=4, seed=2**64 - 1,
                                                      stop=("x",), stop_token_ids=(2,),
                                                      logprobs=2)),
+    WorkerRequest("req-2", (1, 2), SamplingParams(max_tokens=4, seed=3), (7, 8), 5),
     KVSink("grpc", "127.0.0.1:4000", "req-1", (3, 4, 9), 40, "abc123", 1.7e9 + 0.25),
     LP,
     CHUNK,
@@ -66,7 +67,7 @@ def test_unknown_and_missing_keys_are_refused(msg):
 
 
 def test_nested_messages_are_checked_too():
-    bad = MESSAGES[6].to_dict()
+    bad = MESSAGES[7].to_dict()
     bad["first_chunk"]["logprobs"][0]["extra"] = 0
     with pytest.raises(MessageError, match="TokenLogprob.*extra"):
         PrefillResult.from_dict(bad)

@@ -93,6 +93,7 @@ def test_unfinished_requests_are_aborts_or_errors(setup):
 def test_worker_figures_come_from_the_latest_poll(setup):
     m, _, counters = setup
     counters.in_flight, counters.handoff_retries = 3, 2
+    counters.migrations, counters.workers_replaced = 4, 1
     m.observe_worker_stats([
         WorkerStats.from_dict(
             {"worker_id": "prefill-0", "role": "prefill", "free_blocks": 30, "total_blocks": 40,
@@ -120,6 +121,8 @@ def test_worker_figures_come_from_the_latest_poll(setup):
     assert s[("pdserve:kv_leases_expired_total", d)] == 1
     assert s[("pdserve:worker_generation_tokens_total", d)] == 90
     assert s[("pdserve:kv_handoff_retries_total", ())] == 2
+    assert s[("pdserve:request_migrations_total", ())] == 4
+    assert s[("pdserve:workers_replaced_total", ())] == 1
     assert s[("pdserve:router_requests_in_flight", ())] == 3
     assert 0 <= s[("pdserve:worker_stats_age_seconds", ())] < 5
 

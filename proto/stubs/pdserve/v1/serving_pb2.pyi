@@ -117,16 +117,18 @@ class HealthRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class HealthResponse(_message.Message):
-    __slots__ = ("serving", "prefill_workers", "decode_workers", "mode")
+    __slots__ = ("serving", "prefill_workers", "decode_workers", "mode", "workers_down")
     SERVING_FIELD_NUMBER: _ClassVar[int]
     PREFILL_WORKERS_FIELD_NUMBER: _ClassVar[int]
     DECODE_WORKERS_FIELD_NUMBER: _ClassVar[int]
     MODE_FIELD_NUMBER: _ClassVar[int]
+    WORKERS_DOWN_FIELD_NUMBER: _ClassVar[int]
     serving: bool
     prefill_workers: int
     decode_workers: int
     mode: str
-    def __init__(self, serving: _Optional[bool] = ..., prefill_workers: _Optional[int] = ..., decode_workers: _Optional[int] = ..., mode: _Optional[str] = ...) -> None: ...
+    workers_down: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, serving: _Optional[bool] = ..., prefill_workers: _Optional[int] = ..., decode_workers: _Optional[int] = ..., mode: _Optional[str] = ..., workers_down: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ListModelsRequest(_message.Message):
     __slots__ = ()
@@ -155,7 +157,7 @@ class StatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class WorkerStats(_message.Message):
-    __slots__ = ("worker_id", "role", "free_blocks", "total_blocks", "running", "waiting", "prompt_tokens_processed", "generated_tokens", "node", "handoffs", "handoff_seconds", "handoff_bytes", "leases_expired", "handoff_tail_seconds")
+    __slots__ = ("worker_id", "role", "free_blocks", "total_blocks", "running", "waiting", "prompt_tokens_processed", "generated_tokens", "node", "handoffs", "handoff_seconds", "handoff_bytes", "leases_expired", "handoff_tail_seconds", "state")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
     FREE_BLOCKS_FIELD_NUMBER: _ClassVar[int]
@@ -170,6 +172,7 @@ class WorkerStats(_message.Message):
     HANDOFF_BYTES_FIELD_NUMBER: _ClassVar[int]
     LEASES_EXPIRED_FIELD_NUMBER: _ClassVar[int]
     HANDOFF_TAIL_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     role: str
     free_blocks: int
@@ -184,18 +187,23 @@ class WorkerStats(_message.Message):
     handoff_bytes: int
     leases_expired: int
     handoff_tail_seconds: float
-    def __init__(self, worker_id: _Optional[str] = ..., role: _Optional[str] = ..., free_blocks: _Optional[int] = ..., total_blocks: _Optional[int] = ..., running: _Optional[int] = ..., waiting: _Optional[int] = ..., prompt_tokens_processed: _Optional[int] = ..., generated_tokens: _Optional[int] = ..., node: _Optional[str] = ..., handoffs: _Optional[int] = ..., handoff_seconds: _Optional[float] = ..., handoff_bytes: _Optional[int] = ..., leases_expired: _Optional[int] = ..., handoff_tail_seconds: _Optional[float] = ...) -> None: ...
+    state: str
+    def __init__(self, worker_id: _Optional[str] = ..., role: _Optional[str] = ..., free_blocks: _Optional[int] = ..., total_blocks: _Optional[int] = ..., running: _Optional[int] = ..., waiting: _Optional[int] = ..., prompt_tokens_processed: _Optional[int] = ..., generated_tokens: _Optional[int] = ..., node: _Optional[str] = ..., handoffs: _Optional[int] = ..., handoff_seconds: _Optional[float] = ..., handoff_bytes: _Optional[int] = ..., leases_expired: _Optional[int] = ..., handoff_tail_seconds: _Optional[float] = ..., state: _Optional[str] = ...) -> None: ...
 
 class StatsResponse(_message.Message):
-    __slots__ = ("workers", "queued_requests", "requests_finished", "requests_aborted", "handoff_retries")
+    __slots__ = ("workers", "queued_requests", "requests_finished", "requests_aborted", "handoff_retries", "migrations", "workers_replaced")
     WORKERS_FIELD_NUMBER: _ClassVar[int]
     QUEUED_REQUESTS_FIELD_NUMBER: _ClassVar[int]
     REQUESTS_FINISHED_FIELD_NUMBER: _ClassVar[int]
     REQUESTS_ABORTED_FIELD_NUMBER: _ClassVar[int]
     HANDOFF_RETRIES_FIELD_NUMBER: _ClassVar[int]
+    MIGRATIONS_FIELD_NUMBER: _ClassVar[int]
+    WORKERS_REPLACED_FIELD_NUMBER: _ClassVar[int]
     workers: _containers.RepeatedCompositeFieldContainer[WorkerStats]
     queued_requests: int
     requests_finished: int
     requests_aborted: int
     handoff_retries: int
-    def __init__(self, workers: _Optional[_Iterable[_Union[WorkerStats, _Mapping]]] = ..., queued_requests: _Optional[int] = ..., requests_finished: _Optional[int] = ..., requests_aborted: _Optional[int] = ..., handoff_retries: _Optional[int] = ...) -> None: ...
+    migrations: int
+    workers_replaced: int
+    def __init__(self, workers: _Optional[_Iterable[_Union[WorkerStats, _Mapping]]] = ..., queued_requests: _Optional[int] = ..., requests_finished: _Optional[int] = ..., requests_aborted: _Optional[int] = ..., handoff_retries: _Optional[int] = ..., migrations: _Optional[int] = ..., workers_replaced: _Optional[int] = ...) -> None: ...
