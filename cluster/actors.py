@@ -55,6 +55,18 @@ def transfer_endpoint(transfer_host: str) -> tuple[str, str | None]:
     return transfer_host, None
 
 
+def _store(cfg: ClusterConfig):
+    """This worker's KV store connector, when the cluster runs the store (the launcher put
+    the index URL into the config: kv_store.redis_url)."""
+    if not cfg.kv_store.enabled:
+        return None
+    from pdserve.kv_store.connector import StoreConnector
+    from pdserve.kv_store.index import StoreIndex
+
+    return StoreConnector(StoreIndex(cfg.kv_store.redis_url), _node(),
+                          pin_lease_s=cfg.kv_store.pin_lease_seconds)
+
+
 class _WorkerShell:
     """What every worker actor answers the same way; `self.worker` is the plain class."""
 
@@ -85,7 +97,7 @@ class PrefillActor(_WorkerShell):
         _setup(cfg.prefill.threads)
         self.worker = PrefillWorker(
             cfg.engine_config(cfg.prefill), transport=cfg.transport, worker_id=worker_id,
-            inject_transfer_failures=cfg.debug.inject_transfer_failures,
+            inject_transfer_failures=cfg.debug.inject_transfer_failures, store=_store(cfg),
         )
 
     def ready(self) -> dict:
@@ -117,7 +129,7 @@ class DecodeActor(_WorkerShell):
         host, advertise = transfer_endpoint(cfg.decode.transfer_host)
         self.worker = DecodeWorker(
             cfg.engine_config(cfg.decode), transport=cfg.transport, worker_id=worker_id,
-            role=role, host=host, advertise_host=advertise,
+            role=role, host=host, advertise_host=advertise, store=_store(cfg),
         )
 
     def ready(self) -> dict:

@@ -31,6 +31,7 @@ from tqdm import tqdm
 from pdserve.cluster.actors import DecodeActor, PrefillActor
 from pdserve.cluster.config import ClusterConfig, PoolSection
 from pdserve.cluster.control import RunFile
+from pdserve.cluster.kv_store_setup import KVStoreDeployment
 from pdserve.cluster.nccl_setup import connect_all as connect_nccl_pairs
 from pdserve.cluster.nccl_setup import reconnect_broken as reconnect_nccl_pairs
 from pdserve.cluster.ray_clients import RayDecodeClient, RayPrefillClient
@@ -69,6 +70,7 @@ class Cluster:
         self.placement_groups: list = []
         self.ready_info: list[dict] = []
         self.http_url: str | None = None  # the OpenAI HTTP API's base URL, once serving
+        self.kv_store = KVStoreDeployment(config)
 
     # ---- Ray and actors ------------------------------------------------------------------
 
@@ -78,7 +80,8 @@ class Cluster:
             self._connect_ray()
         n_prefill = cfg.prefill.count if cfg.mode == "disaggregated" else 0
         role = "decode" if cfg.mode == "disaggregated" else "colocated"
-        blob = cfg.model_dump(mode="json")
+        worker_cfg = self.kv_store.start_index()  # with the index URL, when the store runs
+        blob = worker_cfg.model_dump(mode="json")
         for i in range(n_prefill):
             self.prefill_handles.append(
                 self._place(PrefillActor, cfg.prefill).remote(blob, f"prefill-{i}"))
@@ -86,6 +89,7 @@ class Cluster:
             self.decode_handles.append(
                 self._place(DecodeActor, cfg.decode).remote(blob, f"{role}-{i}", role))
         self._wait_ready(ready_timeout)
+        self.kv_store.start_pools(worker_cfg, self.ready_info)
         if cfg.transport == "nccl" and self.prefill_handles:
             # One pooled communicator per (prefill, decode) pair, made before any request.
             connect_nccl_pairs(self.prefill_handles, self.decode_handles)
@@ -218,6 +222,7 @@ class Cluster:
         return min(context, kv)
 
     def shutdown(self) -> None:
+        self.kv_store.stop()
         for h in [*self.prefill_handles, *self.decode_handles]:
             try:
                 ray.kill(h)

@@ -20,7 +20,9 @@ from pdserve.engine.config import EngineConfig
 from pdserve.engine.engine_loop import EngineLoop
 from pdserve.engine.kv_cache.block_manager import OutOfBlocksError
 from pdserve.engine.llm_engine import LLMEngine, RequestOutput
+from pdserve.engine.multi_connector import MultiConnector
 from pdserve.engine.sampler import SampleResult
+from pdserve.kv_store.connector import StoreConnector, store_stats
 from pdserve.kv_transfer import KVTransferError, TransferStatus
 from pdserve.kv_transfer.connector import PushReceiver
 from pdserve.messages import KVSink, OutputChunk, PrefillResult, WorkerRequest, WorkerStats
@@ -42,6 +44,7 @@ class DecodeWorker:
         host: str = "127.0.0.1",
         transfer_timeout: float = 30.0,
         advertise_host: str | None = None,
+        store: StoreConnector | None = None,
     ):
         self.worker_id = worker_id
         self.role = role
@@ -54,12 +57,18 @@ class DecodeWorker:
         # The KV connector: a reservation's tokens count as loaded once its receiver says
         # the prefill worker's push is COMPLETE.
         self.connector = PushReceiver(transport, **opts)
-        self.engine = LLMEngine(config, kv_connector=self.connector)
+        # With the global KV store, requests prefilled here load their stored prefix first.
+        self.store = store
+        engine_connector = self.connector if store is None \
+            else MultiConnector([self.connector, store])
+        self.engine = LLMEngine(config, kv_connector=engine_connector)
         self.receiver = self.connector.receiver
         self._streams: dict[str, queue.SimpleQueue] = {}
         self._lock = threading.Lock()
         self.leases_expired = 0
         self.loop = EngineLoop(self.engine, self._on_outputs, on_idle=self._expire_leases)
+        if store is not None:
+            store.on_saved = self.loop.wake  # saved blocks may be freed
         self.loop.start()
 
     @property
@@ -172,11 +181,14 @@ class DecodeWorker:
             prompt_tokens=self.engine.stats["prompt_tokens"],
             generated_tokens=self.engine.stats["generated_tokens"],
             leases_expired=self.leases_expired,
+            **store_stats(self.store),
         )
 
     def close(self) -> None:
         self.loop.stop()
         self.connector.close()
+        if self.store is not None:
+            self.store.close()
 
     # ---- internals ----------------------------------------------------------------------------
 

@@ -71,14 +71,14 @@ class StoreConnector(KVConnector):
     """Loads prefixes from and saves finished requests' blocks to this node's pool.
 
     `on_saved` is called (from the saver thread) when a kept request's blocks may be freed:
-    the owner wakes its engine loop then."""
+    the owner wakes its engine loop then (it may be set after construction)."""
 
     def __init__(self, index: StoreIndex, node: str, on_saved: Callable[[], None] = lambda: None,
                  pin_lease_s: float = 30.0):
         self.index = index
         self.node = node
         self.pin_lease_ms = int(pin_lease_s * 1000)
-        self._on_saved = on_saved
+        self.on_saved = on_saved
         self.counters = StoreCounters()
         self.kv_cache: torch.Tensor | None = None
         self.compat_key = ""
@@ -227,7 +227,7 @@ class StoreConnector(KVConnector):
                 if self._saves.get(save.request_id) is save:
                     del self._saves[save.request_id]
                     self._finished.append(save.request_id)
-            self._on_saved()
+            self.on_saved()
 
     def _save(self, save: _Save) -> None:
         got = self.index.alloc(self.node, save.hashes)
@@ -248,3 +248,12 @@ class StoreConnector(KVConnector):
                            self.kv_cache[:, :, where[ref.block_hash]])
             written.append(ref)
         self.counters.saved_blocks += self.index.commit(self.node, written)
+
+
+def store_stats(store: StoreConnector | None) -> dict[str, int]:
+    """A worker's `WorkerStats` store_* fields (zeros without a store)."""
+    if store is None:
+        return {}
+    c = store.counters
+    return {"store_lookups": c.lookups, "store_hit_blocks": c.hit_blocks,
+            "store_hit_tokens": c.hit_tokens, "store_saved_blocks": c.saved_blocks}
