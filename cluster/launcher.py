@@ -89,7 +89,10 @@ class Cluster:
             self.decode_handles.append(
                 self._place(DecodeActor, cfg.decode).remote(blob, f"{role}-{i}", role))
         self._wait_ready(ready_timeout)
-        self.kv_store.start_pools(worker_cfg, self.ready_info)
+        try:
+            self.kv_store.start_pools(worker_cfg, self.ready_info)
+        except ValueError as e:
+            raise ClusterStartError(f"refusing to start the KV store: {e}") from None
         if cfg.transport == "nccl" and self.prefill_handles:
             # One pooled communicator per (prefill, decode) pair, made before any request.
             connect_nccl_pairs(self.prefill_handles, self.decode_handles)

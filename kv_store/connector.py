@@ -85,7 +85,9 @@ class StoreConnector(KVConnector):
         self.block_size = 0
         self._pool: BlockPool | None = None
         self._pool_lock = threading.Lock()
-        self._pins: dict[str, list[SlotRef]] = {}  # engine thread only
+        # Engine thread only: each admitted request's pinned slots, with the pool mapping
+        # they were checked in (the saver thread may map a newer pool meanwhile).
+        self._pins: dict[str, tuple[BlockPool, list[SlotRef]]] = {}
         self._step_loads: list[LoadSpec] = []
         self._saves: dict[str, _Save] = {}
         self._finished: list[str] = []
@@ -124,7 +126,7 @@ class StoreConnector(KVConnector):
         self.counters.rejected_blocks += len(refs) - good if pool is not None else 0
         self.index.unpin(self.node, refs[good:])
         if good:
-            self._pins[seq.request_id] = refs[:good]
+            self._pins[seq.request_id] = (pool, refs[:good])
         return good * bs
 
     def build_step(self, batch: Sequence[ScheduledSeq], load: Sequence[LoadSpec]
@@ -161,15 +163,15 @@ class StoreConnector(KVConnector):
         # The loads are copied now, before the forward pass: the pool is host memory the
         # copy reads directly, and every layer needs them before its attention.
         for spec in transfers.load:
-            refs = self._pins.pop(spec.request_id, [])
+            pool, refs = self._pins.pop(spec.request_id, (None, []))
             first = spec.first_token // self.block_size
             n = spec.num_tokens // self.block_size
-            if len(refs) < n or self._pool is None:
+            if len(refs) < n:
                 raise RuntimeError(f"{spec.request_id}: {n} store blocks admitted, "
                                    f"{len(refs)} pinned")
             try:
                 for k, ref in enumerate(refs[:n]):
-                    self._pool.read_into(ref.slot, self.kv_cache[:, :, spec.block_ids[first + k]])
+                    pool.read_into(ref.slot, self.kv_cache[:, :, spec.block_ids[first + k]])
             finally:
                 self.index.unpin(self.node, refs)
             self.counters.hit_blocks += n
@@ -192,7 +194,7 @@ class StoreConnector(KVConnector):
     # ---- internals ----------------------------------------------------------------------------
 
     def _unpin(self, rid: str) -> None:
-        refs = self._pins.pop(rid, None)
+        _, refs = self._pins.pop(rid, (None, None))
         if refs:
             self.index.unpin(self.node, refs)
 

@@ -69,10 +69,20 @@ class BlockPool:
             + num_slots * probe.block_bytes
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
         try:
-            os.ftruncate(fd, size)
+            # Reserve the memory now: a sparse file in a full tmpfs would SIGBUS a worker on
+            # its first write instead of failing here with a clear error.
+            try:
+                os.posix_fallocate(fd, 0, size)
+            except OSError as e:
+                raise OSError(e.errno, f"cannot allocate a {size / 2**20:.0f} MiB KV block "
+                              f"pool in {os.path.dirname(path)} ({e.strerror}): lower "
+                              "kv_store.pool_mb or enlarge the shared-memory mount") from None
             os.pwrite(fd, header.tobytes(), 0)
-        finally:
+        except BaseException:
             os.close(fd)
+            os.unlink(path)
+            raise
+        os.close(fd)
         return cls(path, num_slots, shape, dtype)
 
     @classmethod
