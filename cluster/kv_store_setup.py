@@ -9,6 +9,7 @@ Order: `start_index` before the workers (they get the index URL in their config)
 from __future__ import annotations
 
 import logging
+import os
 
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
@@ -54,6 +55,7 @@ class KVStoreDeployment:
         self.config = config
         self.redis = None  # a RedisServer this process started
         self.actors: dict[str, object] = {}  # node id -> KVStoreActor
+        self.paths: list[str] = []  # the pool files they made
 
     def start_index(self) -> ClusterConfig:
         """Start Redis if the config names none; returns the config the workers get."""
@@ -78,16 +80,39 @@ class KVStoreDeployment:
         (lk,) = layouts
         if lk.tp_size != 1 or lk.pp_size != 1:
             raise ValueError("kv_store supports tensor/pipeline parallel size 1 only so far")
-        shape = [sum(lk.layers_per_stage), 2, lk.block_size, lk.kv_heads_per_rank, lk.head_dim]
-        blob = config.model_dump(mode="json")
+        self._shape = [sum(lk.layers_per_stage), 2, lk.block_size, lk.kv_heads_per_rank,
+                       lk.head_dim]
+        self._dtype = lk.dtype
+        self._blob = config.model_dump(mode="json")
         for node in sorted({i["node"] for i in ready_info}):
-            self.actors[node] = KVStoreActor.options(
-                scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False),
-            ).remote(blob, node, shape, lk.dtype)
-        ray.get([a.stats.remote() for a in self.actors.values()], timeout=60)
+            self._start_actor(node)
+        self.paths = [s["path"] for s in self.stats(timeout=60)]
 
-    def stats(self) -> list[dict]:
-        return ray.get([a.stats.remote() for a in self.actors.values()], timeout=10)
+    def heal(self, timeout: float = 10) -> list[str]:
+        """Replace store actors that died (their nodes' pools are misses meanwhile); returns
+        the nodes whose store was restarted. Blocking: call it off the event loop."""
+        restarted = []
+        for node, actor in list(self.actors.items()):
+            try:
+                ray.get(actor.stats.remote(), timeout=timeout)
+            except ray.exceptions.GetTimeoutError:
+                continue  # busy, not dead
+            except ray.exceptions.RayActorError:
+                log.warning("KV store actor on node %s died; starting a new one", node)
+                self._start_actor(node)
+                self.paths.append(ray.get(self.actors[node].stats.remote(),
+                                          timeout=60)["path"])
+                restarted.append(node)
+        return restarted
+
+    def _start_actor(self, node: str) -> None:
+        self.actors[node] = KVStoreActor.options(
+            scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False),
+        ).remote(self._blob, node, self._shape, self._dtype)
+
+    def stats(self, timeout: float = 10) -> list[dict]:
+        """Each node pool's path, capacity, use, pins, evictions and puts."""
+        return ray.get([a.stats.remote() for a in self.actors.values()], timeout=timeout)
 
     def stop(self) -> None:
         """Close the store actors (each removes its pool file) and the private Redis."""
@@ -101,6 +126,10 @@ class KVStoreDeployment:
             except Exception:  # noqa: BLE001
                 pass
         self.actors.clear()
+        for path in self.paths:  # a store actor that was killed left its file (this node's)
+            if os.path.exists(path):
+                os.unlink(path)
+        self.paths = []
         if self.redis is not None:
             self.redis.stop()
             self.redis = None

@@ -300,6 +300,16 @@ async def _heal_nccl_pairs(cluster: Cluster, interval: float = 5.0) -> None:
             log.warning("remaking broken NCCL pairs failed: %s", e)
 
 
+async def _heal_kv_store(cluster: Cluster, interval: float = 5.0) -> None:
+    """Restart store actors that died (their nodes' pools are misses until then)."""
+    while True:
+        await asyncio.sleep(interval)
+        try:
+            await asyncio.to_thread(cluster.kv_store.heal)
+        except Exception as e:  # noqa: BLE001 - retried next round; serving goes on
+            log.warning("restarting a KV store actor failed: %s", e)
+
+
 async def run_router(cluster: Cluster, stop: asyncio.Event, on_ready=None) -> None:
     """Serve gRPC (and the OpenAI HTTP API, unless `router.http_port` is null) in front of
     a started cluster until `stop` is set. Both share one FrontDoor: the same limits,
@@ -335,6 +345,8 @@ async def run_router(cluster: Cluster, stop: asyncio.Event, on_ready=None) -> No
     poller = asyncio.create_task(_poll_stats(lifecycle, metrics))
     healer = (asyncio.create_task(_heal_nccl_pairs(cluster))
               if cfg.transport == "nccl" and cluster.prefill_handles else None)
+    store_healer = (asyncio.create_task(_heal_kv_store(cluster))
+                    if cluster.kv_store.actors else None)
     address = f"{cfg.router.host}:{port}"
     msg = cluster.summary(address)
     log.info("KV content key %s (reported by every worker)", cluster.compat_key)
@@ -353,6 +365,8 @@ async def run_router(cluster: Cluster, stop: asyncio.Event, on_ready=None) -> No
         poller.cancel()
         if healer is not None:
             healer.cancel()
+        if store_healer is not None:
+            store_healer.cancel()
         if http is not None:
             await http.cleanup()
         await server.stop(grace=2.0)

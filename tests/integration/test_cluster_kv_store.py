@@ -127,3 +127,36 @@ def test_redis_killed_mid_load_and_store_killed_keep_answers_right(served, token
     for t, w in zip(texts, want):
         assert ask(client, t) == w
     assert_blocks_back(client, start)
+
+
+def test_32_concurrent_shared_prefix_requests(served, tokenizer, hf_model):
+    bg, client = served
+    deadline = time.monotonic() + 60  # the launcher replaces the store actor killed before
+    while not all(p.get("capacity_blocks") for p in _pools(bg)):
+        assert time.monotonic() < deadline, "the killed store actor was not replaced"
+        time.sleep(0.5)
+    start = free_blocks(client)
+    texts = [STORY + f" the number {i} was" for i in range(8)]
+    want = {t: hf_greedy(hf_model, tokenizer.encode(t), 4) for t in texts}
+    got: dict[int, list[int]] = {}
+
+    def one(i: int) -> None:
+        got[i] = client.generate(texts[i % 8], max_tokens=4, min_tokens=4,
+                                 temperature=0)["token_ids"]
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(32)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(300)
+    assert [got.get(i) for i in range(32)] == [want[texts[i % 8]] for i in range(32)]
+    assert_blocks_back(client, start)
+    pools = _pools(bg)
+    assert pools and all(p["pinned_blocks"] == 0 and p["used_blocks"] > 0 for p in pools)
+
+
+def _pools(bg) -> list[dict]:
+    try:
+        return bg.cluster.kv_store.stats(timeout=5)
+    except ray.exceptions.RayActorError:
+        return [{}]  # dead, not replaced yet
