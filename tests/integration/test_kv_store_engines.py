@@ -47,9 +47,10 @@ def greedy(n: int) -> SamplingParams:
     return SamplingParams(temperature=0, max_tokens=n, ignore_eos=True)
 
 
-def run(engine: LLMEngine, prompts: dict[str, list[int]], n: int, between=None
-        ) -> dict[str, list[int]]:
-    """Serve `prompts` together to the end; then wait until the store saved their blocks."""
+def run(engine: LLMEngine, prompts: dict[str, list[int]], n: int, between=None,
+        cached: dict[str, int] | None = None) -> dict[str, list[int]]:
+    """Serve `prompts` together to the end; then wait until the store saved their blocks.
+    `cached` receives each request's reported cached (not computed) prompt tokens."""
     for rid, ids in prompts.items():
         engine.add_request(rid, ids, greedy(n))
     out: dict[str, list[int]] = {rid: [] for rid in prompts}
@@ -57,6 +58,8 @@ def run(engine: LLMEngine, prompts: dict[str, list[int]], n: int, between=None
     while engine.has_unfinished():
         for o in engine.step():
             out[o.request_id] += o.new_token_ids
+            if o.finished and cached is not None:
+                cached[o.request_id] = o.cached_tokens
         steps += 1
         if between is not None and steps == 1:
             between()
@@ -85,8 +88,9 @@ def test_prefix_computed_on_a_is_loaded_by_b_which_prefills_only_the_rest(cluste
     loaded = shared // BS * BS
     assert loaded >= 2 * BS
     before, hits = b.stats["prompt_tokens"], b.connector.counters.hit_tokens
-    assert run(b, {"b1": second}, 6)["b1"] == hf_greedy(hf_model, second, 6)
-    assert b.connector.counters.hit_tokens - hits == loaded
+    cached: dict[str, int] = {}
+    assert run(b, {"b1": second}, 6, cached=cached)["b1"] == hf_greedy(hf_model, second, 6)
+    assert b.connector.counters.hit_tokens - hits == loaded == cached["b1"]
     assert b.stats["prompt_tokens"] - before == len(second) - loaded  # only the suffix
     # The whole first prompt on B: every block A saved (prompt and output) is there.
     before = b.stats["prompt_tokens"]
