@@ -82,8 +82,9 @@ class DecodeWorker:
         """Allocate blocks for a prompt's KV under a lease; returns the sink.
 
         With `prompt_token_ids`, the longest prefix of the prompt this worker has cached is
-        reused: only the blocks after it are reserved, and the sink starts past it (its
-        `first_block`), so the prefill worker sends only those."""
+        reused, then (with the global KV store) the blocks after it that the store holds are
+        loaded: the sink starts past both (its `first_block`), so the prefill worker sends
+        only the rest."""
 
         def do(engine: LLMEngine) -> KVSink:
             try:
@@ -93,6 +94,12 @@ class DecodeWorker:
                 # Back-pressure, not a failure: the router waits and tries again.
                 raise OutOfBlocksError(f"{self.worker_id}: {e}") from None
             try:
+                if self.store is not None and prompt_token_ids is not None:
+                    # Blocks the global KV store holds need not be sent either.
+                    loaded = self.store.load_now(prompt_token_ids[:num_prompt_tokens],
+                                                 res.first_new_block, res.new_block_ids)
+                    if loaded:
+                        res = engine.mark_loaded(request_id, loaded)
                 sink = self.connector.expect(request_id, res.new_block_ids, num_prompt_tokens,
                                              time.time() + lease_s, res.first_new_block)
             except BaseException:

@@ -107,27 +107,30 @@ class StoreConnector(KVConnector):
     def num_external_tokens(self, seq: Seq, num_local_tokens: int) -> int:
         self._unpin(seq.request_id)  # a request re-admitted after its earlier try failed
         bs = self.block_size
-        usable = (len(seq.token_ids) - 1) // bs * bs  # never the last token's block
-        first = num_local_tokens // bs
-        if usable <= num_local_tokens or num_local_tokens % bs or not self.index.available:
+        if num_local_tokens % bs:
             return 0
-        hashes = hash_blocks(seq.token_ids[:usable], bs, self.compat_key)[first:]
-        self.counters.lookups += 1
-        found = self.index.pin(self.node, hashes, self.pin_lease_ms)
-        if found is None:
-            return 0
-        path, refs = found
-        pool = self._attach(path)
-        good = 0
-        if pool is not None:
-            while good < len(refs) and pool.check(refs[good].slot, refs[good].gen,
-                                                  refs[good].block_hash):
-                good += 1
-        self.counters.rejected_blocks += len(refs) - good if pool is not None else 0
-        self.index.unpin(self.node, refs[good:])
-        if good:
-            self._pins[seq.request_id] = (pool, refs[:good])
-        return good * bs
+        hashes = self._prefix_hashes(seq.token_ids)[num_local_tokens // bs:]
+        pool, refs = self._pin_checked(hashes)
+        if refs:
+            self._pins[seq.request_id] = (pool, refs)
+        return len(refs) * bs
+
+    def load_now(self, token_ids: Sequence[int], first_block: int,
+                 block_ids: Sequence[int]) -> list[bytes]:
+        """Copy the stored blocks of the prompt's prefix from block `first_block` on into
+        `block_ids` (fresh blocks of a reservation, in order) right now, on the engine
+        thread; returns the hashes of the blocks written (a prefix of them, maybe none).
+        Never the last token's block, whose KV the prefill side must send."""
+        hashes = self._prefix_hashes(token_ids)[first_block:first_block + len(block_ids)]
+        pool, refs = self._pin_checked(hashes)
+        try:
+            for ref, block in zip(refs, block_ids):
+                pool.read_into(ref.slot, self.kv_cache[:, :, block])
+        finally:
+            self.index.unpin(self.node, refs)
+        self.counters.hit_blocks += len(refs)
+        self.counters.hit_tokens += len(refs) * self.block_size
+        return [r.block_hash for r in refs]
 
     def build_step(self, batch: Sequence[ScheduledSeq], load: Sequence[LoadSpec]
                    ) -> StepTransfers:
@@ -192,6 +195,31 @@ class StoreConnector(KVConnector):
         return out
 
     # ---- internals ----------------------------------------------------------------------------
+
+    def _prefix_hashes(self, token_ids: Sequence[int]) -> list[bytes]:
+        """Hashes of the full blocks a load may cover: never the last token's block."""
+        usable = (len(token_ids) - 1) // self.block_size * self.block_size
+        return hash_blocks(list(token_ids[:usable]), self.block_size, self.compat_key)
+
+    def _pin_checked(self, hashes: Sequence[bytes]) -> tuple[BlockPool | None, list[SlotRef]]:
+        """Pin the longest stored prefix of `hashes` whose bytes check out (the rest, if
+        any, is unpinned again): one round trip, then header and CRC checks."""
+        if not hashes or not self.index.available:
+            return None, []
+        self.counters.lookups += 1
+        found = self.index.pin(self.node, hashes, self.pin_lease_ms)
+        if found is None:
+            return None, []
+        path, refs = found
+        pool = self._attach(path)
+        good = 0
+        if pool is not None:
+            while good < len(refs) and pool.check(refs[good].slot, refs[good].gen,
+                                                  refs[good].block_hash):
+                good += 1
+            self.counters.rejected_blocks += len(refs) - good
+        self.index.unpin(self.node, refs[good:])
+        return pool, refs[:good]
 
     def _unpin(self, rid: str) -> None:
         _, refs = self._pins.pop(rid, (None, None))
