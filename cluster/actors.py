@@ -55,6 +55,18 @@ def transfer_endpoint(transfer_host: str) -> tuple[str, str | None]:
     return transfer_host, None
 
 
+def _store(cfg: ClusterConfig):
+    """This worker's KV store connector, when the cluster runs the store (the launcher put
+    the index URL into the config: kv_store.redis_url)."""
+    if not cfg.kv_store.enabled:
+        return None
+    from pdserve.kv_store.connector import StoreConnector
+    from pdserve.kv_store.index import StoreIndex
+
+    return StoreConnector(StoreIndex(cfg.kv_store.redis_url), _node(),
+                          pin_lease_s=cfg.kv_store.pin_lease_seconds)
+
+
 class _WorkerShell:
     """What every worker actor answers the same way; `self.worker` is the plain class."""
 
@@ -87,6 +99,7 @@ class PrefillActor(_WorkerShell):
             cfg.engine_config(cfg.prefill), transport=cfg.transport, worker_id=worker_id,
             inject_transfer_failures=cfg.debug.inject_transfer_failures,
             tls=cfg.tls.sender_files() if cfg.tls and cfg.transport == "grpc" else None,
+            store=_store(cfg),
         )
 
     def ready(self) -> dict:
@@ -120,6 +133,7 @@ class DecodeActor(_WorkerShell):
             cfg.engine_config(cfg.decode), transport=cfg.transport, worker_id=worker_id,
             role=role, host=host, advertise_host=advertise,
             tls=cfg.tls.receiver_files() if cfg.tls and cfg.transport == "grpc" else None,
+            store=_store(cfg),
         )
 
     def ready(self) -> dict:

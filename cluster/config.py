@@ -185,6 +185,24 @@ class HealthSection(_Strict):
                                    "may take to become ready before it is tried again")
 
 
+class KVStoreSection(_Strict):
+    """The global KV store (kv_store/): a Redis index and one CPU block pool per node that
+    every worker on the node shares; off unless `enabled`."""
+
+    enabled: bool = False
+    redis_url: str | None = Field(
+        default=None, description="redis:// or rediss:// URL (password, TLS) of the index; "
+        "unset: start a private redis-server on loopback, which only workers on the router's "
+        "node reach (set it for multi-node clusters)")
+    pool_mb: int = Field(default=512, ge=1, description="CPU block pool per node, MiB")
+    shm_dir: str = Field(default="/dev/shm", min_length=1,
+                         description="where the pool file is mapped from (shared memory)")
+    pin_lease_seconds: float = Field(default=30.0, gt=0, description="how long a read pin "
+                                     "outlives a worker that died while loading")
+    store_lease_seconds: float = Field(default=2.0, gt=0, description="how long a node's pool "
+                                       "stays findable after its store process died")
+
+
 class DebugSection(_Strict):
     inject_transfer_failures: int = Field(default=0, ge=0,
                                           description="fail the first N KV handoffs (tests)")
@@ -200,6 +218,7 @@ class ClusterConfig(_Strict):
     router: RouterSection = Field(default_factory=RouterSection)
     ray: RaySection = Field(default_factory=RaySection)
     health: HealthSection = Field(default_factory=HealthSection)
+    kv_store: KVStoreSection = Field(default_factory=KVStoreSection)
     debug: DebugSection = Field(default_factory=DebugSection)
     tls: TLSSection | None = Field(default=None, description="unset: plaintext listeners")
 

@@ -31,6 +31,7 @@ from tqdm import tqdm
 from pdserve.cluster.actors import DecodeActor, PrefillActor
 from pdserve.cluster.config import ClusterConfig, PoolSection
 from pdserve.cluster.control import RunFile
+from pdserve.cluster.kv_store_setup import KVStoreDeployment
 from pdserve.cluster.local_ray import start_local_ray
 from pdserve.cluster.nccl_setup import connect_all as connect_nccl_pairs
 from pdserve.cluster.nccl_setup import connect_pair as connect_nccl_pair
@@ -75,6 +76,8 @@ class Cluster:
         self.worker_groups: dict[str, object] = {}  # worker id -> its placement group
         self.ready_info: list[dict] = []
         self.http_url: str | None = None  # the OpenAI HTTP API's base URL, once serving
+        self.kv_store = KVStoreDeployment(config)
+        self._worker_cfg = config  # with the KV store's index URL once it runs
 
     # ---- Ray and actors ------------------------------------------------------------------
 
@@ -90,11 +93,17 @@ class Cluster:
             self._connect_ray()
         n_prefill = cfg.prefill.count if cfg.mode == "disaggregated" else 0
         role = "decode" if cfg.mode == "disaggregated" else "colocated"
+        # Workers get the config with the index URL, when the store runs.
+        self._worker_cfg = self.kv_store.start_index()
         for i in range(n_prefill):
             self.prefill_handles.append(self._start_worker(f"prefill-{i}"))
         for i in range(cfg.decode.count):
             self.decode_handles.append(self._start_worker(f"{role}-{i}"))
         self._wait_ready(ready_timeout)
+        try:
+            self.kv_store.start_pools(self._worker_cfg, self.ready_info)
+        except ValueError as e:
+            raise ClusterStartError(f"refusing to start the KV store: {e}") from None
         if cfg.transport == "nccl" and self.prefill_handles:
             # One pooled communicator per (prefill, decode) pair, made before any request.
             connect_nccl_pairs(self.prefill_handles, self.decode_handles)
@@ -122,7 +131,7 @@ class Cluster:
         """Start the actor of `worker_id` ("prefill-0", "decode-1", "colocated-0"), in the
         placement group it had (a replacement) or a new one; returns its handle."""
         cfg = self.config
-        blob = cfg.model_dump(mode="json")
+        blob = self._worker_cfg.model_dump(mode="json")
         if worker_id.startswith("prefill-"):
             return self._place(PrefillActor, cfg.prefill, worker_id).remote(blob, worker_id)
         role = "decode" if cfg.mode == "disaggregated" else "colocated"
@@ -279,6 +288,7 @@ class Cluster:
         return min(context, kv)
 
     def shutdown(self) -> None:
+        self.kv_store.stop()
         for h in [*self.prefill_handles, *self.decode_handles]:
             try:
                 ray.kill(h)
@@ -340,6 +350,16 @@ async def _heal_nccl_pairs(cluster: Cluster, interval: float = 5.0) -> None:
             log.warning("remaking broken NCCL pairs failed: %s", e)
 
 
+async def _heal_kv_store(cluster: Cluster, interval: float = 5.0) -> None:
+    """Restart store actors that died (their nodes' pools are misses until then)."""
+    while True:
+        await asyncio.sleep(interval)
+        try:
+            await asyncio.to_thread(cluster.kv_store.heal)
+        except Exception as e:  # noqa: BLE001 - retried next round; serving goes on
+            log.warning("restarting a KV store actor failed: %s", e)
+
+
 async def run_router(cluster: Cluster, stop: asyncio.Event, on_ready=None) -> None:
     """Serve gRPC (and the OpenAI HTTP API, unless `router.http_port` is null) in front of
     a started cluster until `stop` is set. Both share one FrontDoor: the same limits,
@@ -379,6 +399,8 @@ async def run_router(cluster: Cluster, stop: asyncio.Event, on_ready=None) -> No
     poller = asyncio.create_task(Supervisor(cluster, lifecycle, cfg.health, metrics).run())
     healer = (asyncio.create_task(_heal_nccl_pairs(cluster))
               if cfg.transport == "nccl" and cluster.prefill_handles else None)
+    store_healer = (asyncio.create_task(_heal_kv_store(cluster))
+                    if cluster.kv_store.actors else None)
     address = f"{cfg.router.host}:{port}"
     msg = cluster.summary(address)
     log.info("KV content key %s (reported by every worker)", cluster.compat_key)
@@ -397,6 +419,8 @@ async def run_router(cluster: Cluster, stop: asyncio.Event, on_ready=None) -> No
         poller.cancel()
         if healer is not None:
             healer.cancel()
+        if store_healer is not None:
+            store_healer.cancel()
         if http is not None:
             await http.cleanup()
         await server.stop(grace=2.0)

@@ -21,8 +21,10 @@ from pdserve.engine.config import EngineConfig
 from pdserve.engine.engine_loop import EngineLoop, RecentIds
 from pdserve.engine.kv_cache.block_manager import OutOfBlocksError
 from pdserve.engine.llm_engine import LLMEngine, RequestOutput
+from pdserve.engine.multi_connector import MultiConnector
 from pdserve.engine.sampler import SampleResult
 from pdserve.engine.sequence import Resume
+from pdserve.kv_store.connector import StoreConnector, store_stats
 from pdserve.kv_transfer import KVTransferError, TransferStatus
 from pdserve.kv_transfer.connector import PushReceiver
 from pdserve.messages import KVSink, OutputChunk, PrefillResult, WorkerRequest, WorkerStats
@@ -48,6 +50,7 @@ class DecodeWorker:
         transfer_timeout: float = 30.0,
         advertise_host: str | None = None,
         tls: TLSFiles | None = None,
+        store: StoreConnector | None = None,
     ):
         self.worker_id = worker_id
         self.role = role
@@ -62,13 +65,19 @@ class DecodeWorker:
         # The KV connector: a reservation's tokens count as loaded once its receiver says
         # the prefill worker's push is COMPLETE.
         self.connector = PushReceiver(transport, **opts)
-        self.engine = LLMEngine(config, kv_connector=self.connector)
+        # With the global KV store, requests prefilled here load their stored prefix first.
+        self.store = store
+        engine_connector = self.connector if store is None \
+            else MultiConnector([self.connector, store])
+        self.engine = LLMEngine(config, kv_connector=engine_connector)
         self.receiver = self.connector.receiver
         self._streams: dict[str, queue.SimpleQueue] = {}
         self._lock = threading.Lock()
         self.leases_expired = 0
         self._aborted = RecentIds()  # touched on the loop thread only
         self.loop = EngineLoop(self.engine, self._on_outputs, on_idle=self._expire_leases)
+        if store is not None:
+            store.on_saved = self.loop.wake  # saved blocks may be freed
         self.loop.start()
 
     @property
@@ -82,8 +91,9 @@ class DecodeWorker:
         """Allocate blocks for a prompt's KV under a lease; returns the sink.
 
         With `prompt_token_ids`, the longest prefix of the prompt this worker has cached is
-        reused: only the blocks after it are reserved, and the sink starts past it (its
-        `first_block`), so the prefill worker sends only those."""
+        reused, then (with the global KV store) the blocks after it that the store holds are
+        loaded: the sink starts past both (its `first_block`), so the prefill worker sends
+        only the rest."""
 
         def do(engine: LLMEngine) -> KVSink:
             try:
@@ -93,6 +103,12 @@ class DecodeWorker:
                 # Back-pressure, not a failure: the router waits and tries again.
                 raise OutOfBlocksError(f"{self.worker_id}: {e}") from None
             try:
+                if self.store is not None and prompt_token_ids is not None:
+                    # Blocks the global KV store holds need not be sent either.
+                    loaded = self.store.load_now(prompt_token_ids[:num_prompt_tokens],
+                                                 res.first_new_block, res.new_block_ids)
+                    if loaded:
+                        res = engine.mark_loaded(request_id, loaded)
                 sink = self.connector.expect(request_id, res.new_block_ids, num_prompt_tokens,
                                              time.time() + lease_s, res.first_new_block)
             except BaseException:
@@ -198,11 +214,14 @@ class DecodeWorker:
             prompt_tokens=self.engine.stats["prompt_tokens"],
             generated_tokens=self.engine.stats["generated_tokens"],
             leases_expired=self.leases_expired,
+            **store_stats(self.store),
         )
 
     def close(self) -> None:
         self.loop.stop()
         self.connector.close()
+        if self.store is not None:
+            self.store.close()
 
     # ---- internals ----------------------------------------------------------------------------
 

@@ -295,6 +295,23 @@ class LLMEngine:
         self._seqs[request_id] = seq
         return self._accept_token(seq, first)
 
+    def mark_loaded(self, request_id: str, block_hashes: Sequence[BlockHash]) -> Reservation:
+        """The first `len(block_hashes)` fresh blocks of a reservation were written here (a
+        KV store's connector loaded them) and hold these hashes: they join its prefix (and
+        this engine's prefix cache), so the transfer into it starts after them. Returns the
+        updated reservation."""
+        res, cached = self._reservations[request_id]
+        k = len(block_hashes)
+        if k >= len(res.new_block_ids):
+            raise ValueError(f"request {request_id}: {k} blocks loaded, but the last of its "
+                             f"{len(res.new_block_ids)} fresh blocks must come from its push")
+        for block, h in zip(res.new_block_ids, block_hashes):
+            self.blocks.commit_hash(block, h)
+        res = Reservation(request_id, res.block_ids, res.num_tokens, res.first_new_block + k,
+                          res.block_size)
+        self._reservations[request_id] = (res, cached + list(block_hashes))
+        return res
+
     def release(self, request_id: str) -> bool:
         """Free a reservation that will not be adopted. Its cached prefix blocks go back to
         the prefix cache (evictable, still findable); its fresh blocks, never published,

@@ -282,6 +282,8 @@ class Scheduler:
         external = max(0, min(self.connector.num_external_tokens(seq, local),
                               seq.num_tokens - 1 - local))
         seq.num_computed_tokens += external
+        if seq.num_output_tokens == 0:
+            seq.num_cached_tokens += external  # not computed here either (usage.cached_tokens)
         return external
 
     def prefix_hashes(self, token_ids: list[int]) -> list[BlockHash]:

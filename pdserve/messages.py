@@ -337,6 +337,12 @@ class WorkerStats:
     handoff_tail_seconds: float = 0.0
     leases_expired: int = 0
     node: str = ""
+    # The global KV store (kv_store/), this worker's side: admissions that asked it, blocks
+    # and tokens loaded from it (prefill not computed here), blocks this worker saved to it.
+    store_lookups: int = 0
+    store_hit_blocks: int = 0
+    store_hit_tokens: int = 0
+    store_saved_blocks: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -21,7 +21,9 @@ from typing import TYPE_CHECKING
 from pdserve.engine.config import EngineConfig
 from pdserve.engine.engine_loop import EngineLoop, RecentIds
 from pdserve.engine.llm_engine import LLMEngine, RequestOutput
+from pdserve.engine.multi_connector import MultiConnector
 from pdserve.engine.sampling_params import SamplingParams
+from pdserve.kv_store.connector import StoreConnector, store_stats
 from pdserve.kv_transfer import KVTransferError
 from pdserve.kv_transfer.connector import PushSender, TransferOutcome
 from pdserve.messages import KVSink, OutputChunk, PrefillResult, WorkerRequest, WorkerStats
@@ -56,6 +58,7 @@ class PrefillWorker:
         transfer_timeout: float = 30.0,
         inject_transfer_failures: int = 0,
         tls: TLSFiles | None = None,
+        store: StoreConnector | None = None,
     ):
         self.worker_id = worker_id
         self.transfer_timeout = transfer_timeout
@@ -66,7 +69,12 @@ class PrefillWorker:
         opts = {"tls": tls} if tls is not None else {}
         self.connector = PushSender(transport, self._on_transfer_done, transfer_timeout,
                                     fail_next=inject_transfer_failures, **opts)
-        self.engine = LLMEngine(config, kv_connector=self.connector)
+        # With the global KV store, prompts load their stored prefix and prefill only the
+        # rest; the push then sends every block, loaded or computed.
+        self.store = store
+        engine_connector = self.connector if store is None \
+            else MultiConnector([self.connector, store])
+        self.engine = LLMEngine(config, kv_connector=engine_connector)
         self.sender = self.connector.sender  # nccl pairing goes through it (cluster/actors.py)
         self._pending: dict[str, _Pending] = {}
         # Aborts that came before any prefill call for their request, and prefill calls.
@@ -75,6 +83,8 @@ class PrefillWorker:
         self.handoffs = {"count": 0, "seconds": 0.0, "tail_seconds": 0.0, "bytes": 0}
         self._lock = threading.Lock()
         self.loop = EngineLoop(self.engine, self._on_outputs)
+        if store is not None:
+            store.on_saved = self.loop.wake  # saved blocks may be freed
         self.loop.start()
 
     # ---- API (called from the actor's threads) ---------------------------------------------
@@ -171,11 +181,14 @@ class PrefillWorker:
             handoff_seconds=self.handoffs["seconds"],
             handoff_bytes=self.handoffs["bytes"],
             handoff_tail_seconds=self.handoffs["tail_seconds"],
+            **store_stats(self.store),
         )
 
     def close(self) -> None:
         self.loop.stop()
         self.connector.close()
+        if self.store is not None:
+            self.store.close()
 
     # ---- callbacks: the engine thread (outputs) and the connector's threads (outcomes) -------
 

@@ -228,6 +228,12 @@ class _PolledCollector:
             "leases_expired": CounterMetricFamily("pdserve:kv_leases_expired", "Decode "
                                                   "reservations freed by lease expiry.",
                                                   labels=lab),
+            "store_hit_tokens": CounterMetricFamily(
+                "pdserve:kv_store_hit_tokens", "Prompt tokens a worker loaded from the global "
+                "KV store instead of computing them.", labels=lab),
+            "store_saved_blocks": CounterMetricFamily(
+                "pdserve:kv_store_saved_blocks", "KV blocks a worker saved to the global KV "
+                "store.", labels=lab),
         }
         for s in self.snapshot:
             values = [self.model_name, s.worker_id, s.role]
@@ -239,6 +245,8 @@ class _PolledCollector:
             fams["total_blocks"].add_metric(values, total)
             fams["prompt_tokens"].add_metric(values, s.prompt_tokens)
             fams["generated_tokens"].add_metric(values, s.generated_tokens)
+            fams["store_hit_tokens"].add_metric(values, s.store_hit_tokens)
+            fams["store_saved_blocks"].add_metric(values, s.store_saved_blocks)
             if s.role == "prefill":
                 fams["handoffs"].add_metric(values, s.handoffs)
                 fams["handoff_bytes"].add_metric(values, s.handoff_bytes)

@@ -4,6 +4,19 @@
 # unpinned torch would pull a multi-GB CUDA build.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# The global KV store's index is a real redis-server (kv_store/redis_server.py starts one on
+# loopback when kv_store.redis_url is unset); Debian's package, installed when missing.
+if ! command -v redis-server >/dev/null 2>&1; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+        echo "installing redis-server (apt)..."
+        DEBIAN_FRONTEND=noninteractive apt-get update -q >/dev/null
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
+            redis-server >/dev/null
+    else
+        echo "warning: redis-server not found and cannot apt-get install it (need root);" \
+            "the KV store tests will fail: install it (e.g. sudo apt-get install redis-server)" >&2
+    fi
+fi
 PY=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then
     "$PY" -m venv .venv

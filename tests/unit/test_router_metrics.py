@@ -99,12 +99,16 @@ def test_worker_figures_come_from_the_latest_poll(setup):
             {"worker_id": "prefill-0", "role": "prefill", "free_blocks": 30, "total_blocks": 40,
              "running": 1, "waiting": 2, "prompt_tokens": 500, "generated_tokens": 5,
              "handoffs": 4, "handoff_seconds": 0.2, "handoff_bytes": 1000,
-             "handoff_tail_seconds": 0.05, "leases_expired": 0, "node": ""}),
+             "handoff_tail_seconds": 0.05, "leases_expired": 0, "node": "",
+             "store_lookups": 3, "store_hit_blocks": 2, "store_hit_tokens": 32,
+             "store_saved_blocks": 7}),
         WorkerStats.from_dict(
             {"worker_id": "decode-0", "role": "decode", "free_blocks": 10, "total_blocks": 40,
              "running": 3, "waiting": 0, "prompt_tokens": 0, "generated_tokens": 90,
              "handoffs": 0, "handoff_seconds": 0.0, "handoff_bytes": 0,
-             "handoff_tail_seconds": 0.0, "leases_expired": 1, "node": ""}),
+             "handoff_tail_seconds": 0.0, "leases_expired": 1, "node": "",
+             "store_lookups": 0, "store_hit_blocks": 0, "store_hit_tokens": 0,
+             "store_saved_blocks": 0}),
     ])
     s = samples(m)
     p = (("role", "prefill"), ("worker", "prefill-0"))
@@ -120,6 +124,8 @@ def test_worker_figures_come_from_the_latest_poll(setup):
     assert s[("pdserve:kv_handoff_seconds_sum", p)] == pytest.approx(0.2)
     assert s[("pdserve:kv_leases_expired_total", d)] == 1
     assert s[("pdserve:worker_generation_tokens_total", d)] == 90
+    assert s[("pdserve:kv_store_hit_tokens_total", p)] == 32
+    assert s[("pdserve:kv_store_saved_blocks_total", p)] == 7
     assert s[("pdserve:kv_handoff_retries_total", ())] == 2
     assert s[("pdserve:request_migrations_total", ())] == 4
     assert s[("pdserve:workers_replaced_total", ())] == 1

@@ -1,0 +1,289 @@
+"""The global KV store as a KV connector (engine/kv_connector.py), for any worker on a node
+whose store process runs (kv_store/node_store.py).
+
+Get: when the scheduler admits a request, `num_external_tokens` pins the longest prefix of
+the request's block hashes (after what the engine's own prefix cache holds) that the node's
+pool has, and checks each slot's bytes against its hash, generation and CRC; the first
+mismatch ends the prefix (a miss, never wrong KV). The worker half copies those slots into
+the request's fresh blocks at the start of the admitting step, before any layer reads
+them, then unpins them.
+
+Put: when a request leaves the engine, its full computed blocks (prompt and output; the
+block hashes the scheduler committed, so they carry the content key) are saved to the pool
+on a background thread. `request_finished` keeps the blocks until that thread copied them;
+an abort stops the copy between two blocks. Blocks a worker later evicts from its own pool
+were saved this way when their request ended, so eviction needs no second copy.
+
+No Redis, or no store process on the node: lookups are misses and saves are skipped; the
+engine serves on, computing everything itself.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from pdserve.engine.kv_cache.block_hash import hash_blocks
+from pdserve.engine.kv_connector import (
+    KVConnector,
+    LoadSpec,
+    StepTransfers,
+)
+from pdserve.engine.sequence import FinishReason
+from pdserve.engine.sequence import Sequence as Seq
+from pdserve.kv_store.index import SlotRef, StoreIndex
+from pdserve.kv_store.pool import BlockPool
+
+if TYPE_CHECKING:
+    import torch
+
+    from pdserve.engine.scheduler import ScheduledSeq
+
+log = logging.getLogger("pdserve.kv_store")
+
+
+@dataclass(slots=True)
+class StoreCounters:
+    """What this worker got from and gave to the store (WorkerStats' store_* fields)."""
+
+    lookups: int = 0  # admissions that asked the store
+    hit_blocks: int = 0  # blocks loaded from the store
+    hit_tokens: int = 0
+    rejected_blocks: int = 0  # indexed but whose bytes did not check out (a miss)
+    saved_blocks: int = 0  # blocks this worker wrote to the pool
+    save_skipped: int = 0  # saves dropped: no store, no Redis, or no free slot
+
+
+@dataclass(slots=True)
+class _Save:
+    request_id: str
+    block_ids: list[int]
+    hashes: list[bytes]
+    cancelled: bool = False
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+class StoreConnector(KVConnector):
+    """Loads prefixes from and saves finished requests' blocks to this node's pool.
+
+    `on_saved` is called (from the saver thread) when a kept request's blocks may be freed:
+    the owner wakes its engine loop then (it may be set after construction)."""
+
+    def __init__(self, index: StoreIndex, node: str, on_saved: Callable[[], None] = lambda: None,
+                 pin_lease_s: float = 30.0):
+        self.index = index
+        self.node = node
+        self.pin_lease_ms = int(pin_lease_s * 1000)
+        self.on_saved = on_saved
+        self.counters = StoreCounters()
+        self.kv_cache: torch.Tensor | None = None
+        self.compat_key = ""
+        self.block_size = 0
+        self._pool: BlockPool | None = None
+        self._pool_lock = threading.Lock()
+        # Engine thread only: each admitted request's pinned slots, with the pool mapping
+        # they were checked in (the saver thread may map a newer pool meanwhile).
+        self._pins: dict[str, tuple[BlockPool, list[SlotRef]]] = {}
+        self._step_loads: list[LoadSpec] = []
+        self._saves: dict[str, _Save] = {}
+        self._finished: list[str] = []
+        self._lock = threading.Lock()
+        self._queue: queue.SimpleQueue[_Save | None] = queue.SimpleQueue()
+        self._saver = threading.Thread(target=self._save_loop, name="kv-store-save",
+                                       daemon=True)
+        self._saver.start()
+
+    def close(self) -> None:
+        self._queue.put(None)
+        self._saver.join(5)
+        self.index.close()
+
+    # ---- scheduler half -----------------------------------------------------------------------
+
+    def num_external_tokens(self, seq: Seq, num_local_tokens: int) -> int:
+        self._unpin(seq.request_id)  # a request re-admitted after its earlier try failed
+        bs = self.block_size
+        if num_local_tokens % bs:
+            return 0
+        hashes = self._prefix_hashes(seq.token_ids)[num_local_tokens // bs:]
+        pool, refs = self._pin_checked(hashes)
+        if refs:
+            self._pins[seq.request_id] = (pool, refs)
+        return len(refs) * bs
+
+    def load_now(self, token_ids: Sequence[int], first_block: int,
+                 block_ids: Sequence[int]) -> list[bytes]:
+        """Copy the stored blocks of the prompt's prefix from block `first_block` on into
+        `block_ids` (fresh blocks of a reservation, in order) right now, on the engine
+        thread; returns the hashes of the blocks written (a prefix of them, maybe none).
+        Never the last token's block, whose KV the prefill side must send."""
+        hashes = self._prefix_hashes(token_ids)[first_block:first_block + len(block_ids)]
+        pool, refs = self._pin_checked(hashes)
+        try:
+            for ref, block in zip(refs, block_ids):
+                pool.read_into(ref.slot, self.kv_cache[:, :, block])
+        finally:
+            self.index.unpin(self.node, refs)
+        self.counters.hit_blocks += len(refs)
+        self.counters.hit_tokens += len(refs) * self.block_size
+        return [r.block_hash for r in refs]
+
+    def build_step(self, batch: Sequence[ScheduledSeq], load: Sequence[LoadSpec]
+                   ) -> StepTransfers:
+        return StepTransfers(load=tuple(load))
+
+    def request_finished(self, seq: Seq) -> bool:
+        rid = seq.request_id
+        self._unpin(rid)
+        if seq.finish_reason is FinishReason.ABORT:
+            with self._lock:
+                save = self._saves.pop(rid, None)
+            if save is not None:
+                with save.lock:  # waits for the block being copied, then stops the copy
+                    save.cancelled = True
+            return True
+        n = min(len(seq.block_hashes), len(seq.block_ids))
+        if n == 0 or not self.index.available:
+            return True
+        save = _Save(rid, list(seq.block_ids[:n]), list(seq.block_hashes[:n]))
+        with self._lock:
+            self._saves[rid] = save
+        self._queue.put(save)
+        return False
+
+    # ---- worker half --------------------------------------------------------------------------
+
+    def register_kv_cache(self, kv_cache: torch.Tensor, compat_key: str) -> None:
+        self.kv_cache = kv_cache
+        self.compat_key = compat_key
+        self.block_size = kv_cache.shape[3]
+
+    def start_step(self, transfers: StepTransfers) -> None:
+        # The loads are copied now, before the forward pass: the pool is host memory the
+        # copy reads directly, and every layer needs them before its attention.
+        for spec in transfers.load:
+            pool, refs = self._pins.pop(spec.request_id, (None, []))
+            first = spec.first_token // self.block_size
+            n = spec.num_tokens // self.block_size
+            if len(refs) < n:
+                raise RuntimeError(f"{spec.request_id}: {n} store blocks admitted, "
+                                   f"{len(refs)} pinned")
+            try:
+                for k, ref in enumerate(refs[:n]):
+                    pool.read_into(ref.slot, self.kv_cache[:, :, spec.block_ids[first + k]])
+            finally:
+                self.index.unpin(self.node, refs)
+            self.counters.hit_blocks += n
+            self.counters.hit_tokens += n * self.block_size
+
+    def wait_for_layer(self, layer: int) -> None:
+        pass
+
+    def save_layer(self, layer: int) -> None:
+        pass
+
+    def end_step(self) -> None:
+        pass
+
+    def finished_transfers(self) -> list[str]:
+        with self._lock:
+            out, self._finished = self._finished, []
+        return out
+
+    # ---- internals ----------------------------------------------------------------------------
+
+    def _prefix_hashes(self, token_ids: Sequence[int]) -> list[bytes]:
+        """Hashes of the full blocks a load may cover: never the last token's block."""
+        usable = (len(token_ids) - 1) // self.block_size * self.block_size
+        return hash_blocks(list(token_ids[:usable]), self.block_size, self.compat_key)
+
+    def _pin_checked(self, hashes: Sequence[bytes]) -> tuple[BlockPool | None, list[SlotRef]]:
+        """Pin the longest stored prefix of `hashes` whose bytes check out (the rest, if
+        any, is unpinned again): one round trip, then header and CRC checks."""
+        if not hashes or not self.index.available:
+            return None, []
+        self.counters.lookups += 1
+        found = self.index.pin(self.node, hashes, self.pin_lease_ms)
+        if found is None:
+            return None, []
+        path, refs = found
+        pool = self._attach(path)
+        good = 0
+        if pool is not None:
+            while good < len(refs) and pool.check(refs[good].slot, refs[good].gen,
+                                                  refs[good].block_hash):
+                good += 1
+            self.counters.rejected_blocks += len(refs) - good
+        self.index.unpin(self.node, refs[good:])
+        return pool, refs[:good]
+
+    def _unpin(self, rid: str) -> None:
+        _, refs = self._pins.pop(rid, (None, None))
+        if refs:
+            self.index.unpin(self.node, refs)
+
+    def _attach(self, path: str) -> BlockPool | None:
+        """The node's pool at `path` (re-mapped when the store process was replaced)."""
+        with self._pool_lock:
+            if self._pool is not None and self._pool.path == path:
+                return self._pool
+            try:
+                pool = BlockPool.attach(path)
+            except (OSError, ValueError) as e:
+                log.warning("KV store pool %s cannot be mapped: %s", path, e)
+                return None
+            want = tuple(self.kv_cache[:, :, 0].shape)
+            if pool.block_shape != want or pool.blocks.dtype != self.kv_cache.dtype:
+                log.warning("KV store pool %s holds %s %s blocks, this worker %s %s", path,
+                            pool.block_shape, pool.dtype, want, self.kv_cache.dtype)
+                return None
+            self._pool = pool
+            return pool
+
+    def _save_loop(self) -> None:
+        while True:
+            save = self._queue.get()
+            if save is None:
+                return
+            try:
+                self._save(save)
+            except Exception:  # noqa: BLE001 - a failed save is a skipped one; blocks go back
+                log.exception("saving %s to the KV store failed", save.request_id)
+            with self._lock:
+                if self._saves.get(save.request_id) is save:
+                    del self._saves[save.request_id]
+                    self._finished.append(save.request_id)
+            self.on_saved()
+
+    def _save(self, save: _Save) -> None:
+        got = self.index.alloc(self.node, save.hashes)
+        if got is None:
+            self.counters.save_skipped += len(save.hashes)
+            return
+        path, refs = got
+        pool = self._attach(path)
+        if pool is None:
+            return
+        where = dict(zip(save.hashes, save.block_ids))
+        written: list[SlotRef] = []
+        for ref in refs:
+            with save.lock:
+                if save.cancelled:
+                    break
+                pool.write(ref.slot, ref.gen, ref.block_hash,
+                           self.kv_cache[:, :, where[ref.block_hash]])
+            written.append(ref)
+        self.counters.saved_blocks += self.index.commit(self.node, written)
+
+
+def store_stats(store: StoreConnector | None) -> dict[str, int]:
+    """A worker's `WorkerStats` store_* fields (zeros without a store)."""
+    if store is None:
+        return {}
+    c = store.counters
+    return {"store_lookups": c.lookups, "store_hit_blocks": c.hit_blocks,
+            "store_hit_tokens": c.hit_tokens, "store_saved_blocks": c.saved_blocks}

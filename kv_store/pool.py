@@ -1,0 +1,127 @@
+"""A node's CPU block pool: a preallocated file in shared memory that every worker on the
+node maps, so a block is written and read with one memcpy and no RPC.
+
+File layout: a 128-byte file header (magic, slot count, block shape), one 32-byte header
+per slot, then the slots, each one KV block in the engine's layout over all layers
+(`kv[:, :, block]` of engine/kv_cache/layout.py: `[L, 2, block_size, kv_heads, head_dim]`).
+
+A slot header says what the slot holds: the block hash, the generation the index gave the
+write, and a CRC32 of the bytes. A writer zeroes the generation first and writes the header
+last, so a reader that finds the hash and generation the index promised, and a matching
+CRC, has whole bytes of that block; anything else is a miss (never wrong KV).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import zlib
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from pdserve.engine.config import torch_dtype
+
+_MAGIC = b"PDKVPOOL"
+_FILE_HEADER = 128
+_DTYPE_AT = 96
+_SLOT_HEADER = np.dtype([("hash", "S16"), ("gen", "<i8"), ("crc", "<u4"), ("pad", "<u4")])
+_ALIGN = 4096
+
+
+class BlockPool:
+    """A mapped pool file. `create` makes one (the store process); `attach` maps an
+    existing one (workers). Slot bookkeeping (free, LRU, pins) lives in the index."""
+
+    def __init__(self, path: str, num_slots: int, block_shape: Sequence[int], dtype: str):
+        self.path = path
+        self.num_slots = num_slots
+        self.block_shape = tuple(int(x) for x in block_shape)
+        self.dtype = dtype
+        tdtype = torch_dtype(dtype)
+        self.block_bytes = math.prod(self.block_shape) * torch.empty((), dtype=tdtype
+                                                                     ).element_size()
+        self._data_offset = _align(_FILE_HEADER + num_slots * _SLOT_HEADER.itemsize)
+        size = self._data_offset + num_slots * self.block_bytes
+        self._mm = np.memmap(path, dtype=np.uint8, mode="r+", shape=(size,))
+        self.headers = np.ndarray((num_slots,), _SLOT_HEADER, self._mm, _FILE_HEADER)
+        raw = np.ndarray((num_slots, self.block_bytes), np.uint8, self._mm, self._data_offset)
+        self._raw = raw
+        self.blocks = torch.from_numpy(raw).view(tdtype).view(num_slots, *self.block_shape)
+
+    @classmethod
+    def create(cls, path: str, num_slots: int, block_shape: Sequence[int], dtype: str
+               ) -> BlockPool:
+        if num_slots < 1:
+            raise ValueError("a block pool needs at least one slot")
+        shape = [int(x) for x in block_shape]
+        header = np.zeros(_FILE_HEADER, np.uint8)
+        meta = np.array([num_slots, len(shape), *shape], "<i8").tobytes()
+        dt = dtype.encode()
+        header[:8] = np.frombuffer(_MAGIC, np.uint8)
+        header[8:8 + len(meta)] = np.frombuffer(meta, np.uint8)
+        header[_DTYPE_AT:_DTYPE_AT + len(dt)] = np.frombuffer(dt, np.uint8)
+        probe = cls.__new__(cls)
+        probe.block_bytes = math.prod(shape) * torch.empty(
+            (), dtype=torch_dtype(dtype)).element_size()
+        size = _align(_FILE_HEADER + num_slots * _SLOT_HEADER.itemsize) \
+            + num_slots * probe.block_bytes
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            # Reserve the memory now: a sparse file in a full tmpfs would SIGBUS a worker on
+            # its first write instead of failing here with a clear error.
+            try:
+                os.posix_fallocate(fd, 0, size)
+            except OSError as e:
+                raise OSError(e.errno, f"cannot allocate a {size / 2**20:.0f} MiB KV block "
+                              f"pool in {os.path.dirname(path)} ({e.strerror}): lower "
+                              "kv_store.pool_mb or enlarge the shared-memory mount") from None
+            os.pwrite(fd, header.tobytes(), 0)
+        except BaseException:
+            os.close(fd)
+            os.unlink(path)
+            raise
+        os.close(fd)
+        return cls(path, num_slots, shape, dtype)
+
+    @classmethod
+    def attach(cls, path: str) -> BlockPool:
+        with open(path, "rb") as f:
+            header = f.read(_FILE_HEADER)
+        if header[:8] != _MAGIC:
+            raise ValueError(f"{path} is not a KV block pool")
+        num_slots, ndim = np.frombuffer(header[8:24], "<i8")
+        shape = np.frombuffer(header[24:24 + 8 * int(ndim)], "<i8").tolist()
+        dtype = header[_DTYPE_AT:_FILE_HEADER].rstrip(b"\x00").decode()
+        return cls(path, int(num_slots), shape, dtype)
+
+    def write(self, slot: int, gen: int, block_hash: bytes, block: torch.Tensor) -> None:
+        """Copy one block (`[L, 2, block_size, kv_heads, head_dim]`, any device) into `slot`
+        as generation `gen` of `block_hash`. The caller owns the slot (the index allocated
+        it to this write)."""
+        h = self.headers[slot]
+        h["gen"] = 0  # readers miss from here until the new header is complete
+        self.blocks[slot].copy_(block)
+        self.headers[slot] = (block_hash, gen, zlib.crc32(self._raw[slot]), 0)
+
+    def check(self, slot: int, gen: int, block_hash: bytes) -> bool:
+        """True if `slot` holds whole bytes of generation `gen` of `block_hash`."""
+        if not 0 <= slot < self.num_slots:
+            return False
+        h = self.headers[slot]
+        if int(h["gen"]) != gen or bytes(h["hash"]).ljust(16, b"\x00") != block_hash:
+            return False
+        return zlib.crc32(self._raw[slot]) == int(h["crc"])
+
+    def read_into(self, slot: int, out: torch.Tensor) -> None:
+        """Copy `slot` into `out` (a block view of an engine's KV pool)."""
+        out.copy_(self.blocks[slot])
+
+    def close(self) -> None:
+        self.blocks = self.headers = self._raw = None
+        self._mm = None  # unmapped once the last view is gone
+
+
+def _align(n: int) -> int:
+    return (n + _ALIGN - 1) // _ALIGN * _ALIGN
