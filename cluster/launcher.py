@@ -2,9 +2,10 @@
 the OpenAI-compatible HTTP API.
 
 `pdserve serve CONFIG` and `python -m pdserve.cluster serve CONFIG` (also under `ray job submit`)
-both end up in `serve()`. Placement lives here and nowhere else: each worker gets its own
-placement group (STRICT_PACK, ready for a tensor-parallel group's bundles), pinned with the
-pool's custom resources or node labels when the YAML names them.
+both end up in `serve()`. Placement goes through `_place` only: each worker gets its own
+placement group (STRICT_PACK, one bundle per rank of a tensor-parallel worker:
+`cluster/rank_groups.py`), pinned with the pool's custom resources or node labels when the
+YAML names them.
 
 Ray: `ray.address` set -> join that cluster; unset -> join the cluster of the Ray job this
 process runs in (RAY_ADDRESS, set by `ray job submit`), else start a private local instance.
@@ -24,8 +25,7 @@ import signal
 import time
 
 import ray
-from ray.util.placement_group import placement_group, remove_placement_group
-from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+from ray.util.placement_group import remove_placement_group
 from tqdm import tqdm
 
 from pdserve.cluster.actors import DecodeActor, PrefillActor
@@ -33,6 +33,7 @@ from pdserve.cluster.config import ClusterConfig, PoolSection
 from pdserve.cluster.control import RunFile
 from pdserve.cluster.nccl_setup import connect_all as connect_nccl_pairs
 from pdserve.cluster.nccl_setup import reconnect_broken as reconnect_nccl_pairs
+from pdserve.cluster.rank_groups import WorkerGroup, start_worker
 from pdserve.cluster.ray_clients import RayDecodeClient, RayPrefillClient
 from pdserve.engine.config import ContentKey
 from pdserve.engine.kv_cache.keys import (
@@ -67,6 +68,7 @@ class Cluster:
         self.prefill_handles: list = []
         self.decode_handles: list = []
         self.placement_groups: list = []
+        self.worker_groups: list[WorkerGroup] = []  # every worker's rank actors
         self.ready_info: list[dict] = []
         self.http_url: str | None = None  # the OpenAI HTTP API's base URL, once serving
 
@@ -79,12 +81,17 @@ class Cluster:
         n_prefill = cfg.prefill.count if cfg.mode == "disaggregated" else 0
         role = "decode" if cfg.mode == "disaggregated" else "colocated"
         blob = cfg.model_dump(mode="json")
-        for i in range(n_prefill):
-            self.prefill_handles.append(
-                self._place(PrefillActor, cfg.prefill).remote(blob, f"prefill-{i}"))
-        for i in range(cfg.decode.count):
-            self.decode_handles.append(
-                self._place(DecodeActor, cfg.decode).remote(blob, f"{role}-{i}", role))
+        try:
+            for i in range(n_prefill):
+                self.prefill_handles.append(self._place(
+                    PrefillActor, cfg.prefill, "prefill", blob, f"prefill-{i}",
+                    timeout=ready_timeout))
+            for i in range(cfg.decode.count):
+                self.decode_handles.append(self._place(
+                    DecodeActor, cfg.decode, "decode", blob, f"{role}-{i}", role,
+                    timeout=ready_timeout))
+        except TimeoutError as e:
+            raise ClusterStartError(str(e)) from None
         self._wait_ready(ready_timeout)
         if cfg.transport == "nccl" and self.prefill_handles:
             # One pooled communicator per (prefill, decode) pair, made before any request.
@@ -109,24 +116,20 @@ class Cluster:
     def _cpus_needed(self) -> float:
         cfg = self.config
         n_prefill = cfg.prefill.count if cfg.mode == "disaggregated" else 0
-        return n_prefill * cfg.prefill.num_cpus + cfg.decode.count * cfg.decode.num_cpus
+        return (n_prefill * cfg.prefill.num_cpus * cfg.prefill.tp * cfg.prefill.pp
+                + cfg.decode.count * cfg.decode.num_cpus * cfg.decode.tp * cfg.decode.pp)
 
-    def _place(self, actor_cls, pool: PoolSection):
-        """Actor options that put one worker of `pool` into its own placement group; the
-        group's bundle holds the pool's custom resources and is restricted to nodes with
-        the pool's labels, so both kinds of pinning hold for every actor in the group."""
-        opts: dict = {"num_cpus": pool.num_cpus, "num_gpus": pool.num_gpus}
-        bundle = {"CPU": pool.num_cpus, **pool.resources}
-        if pool.num_gpus:
-            bundle["GPU"] = pool.num_gpus
-        selector = {"bundle_label_selector": [dict(pool.node_labels)]} if pool.node_labels else {}
-        pg = placement_group([bundle], strategy="STRICT_PACK", **selector)
-        self.placement_groups.append(pg)
-        opts["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
-            placement_group=pg, placement_group_bundle_index=0)
-        if pool.resources:
-            opts["resources"] = dict(pool.resources)
-        return actor_cls.options(**opts)
+    def _place(self, actor_cls, pool: PoolSection, pool_name: str, blob: dict, worker_id: str,
+               *args, timeout: float):
+        """Start one worker of `pool` in its own placement group (one bundle a rank,
+        `cluster/rank_groups.py`); returns the handle of its driver rank. Each bundle holds
+        the pool's custom resources and is restricted to nodes with the pool's labels, so
+        both kinds of pinning hold for every rank."""
+        group = start_worker(actor_cls, pool, blob, pool_name, worker_id, *args,
+                             place_timeout=timeout)
+        self.placement_groups.append(group.placement)
+        self.worker_groups.append(group)
+        return group.driver
 
     def _wait_ready(self, timeout: float) -> None:
         handles = [*self.prefill_handles, *self.decode_handles]
@@ -218,7 +221,8 @@ class Cluster:
         return min(context, kv)
 
     def shutdown(self) -> None:
-        for h in [*self.prefill_handles, *self.decode_handles]:
+        followers = [f for g in self.worker_groups for f in g.followers]
+        for h in [*self.prefill_handles, *self.decode_handles, *followers]:
             try:
                 ray.kill(h)
             except Exception:  # noqa: BLE001 - already dead is fine

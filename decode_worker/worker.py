@@ -18,6 +18,7 @@ from collections.abc import Iterator
 
 from pdserve.engine.config import EngineConfig
 from pdserve.engine.engine_loop import EngineLoop
+from pdserve.engine.executor.base import Executor
 from pdserve.engine.kv_cache.block_manager import OutOfBlocksError
 from pdserve.engine.llm_engine import LLMEngine, RequestOutput
 from pdserve.engine.sampler import SampleResult
@@ -42,6 +43,7 @@ class DecodeWorker:
         host: str = "127.0.0.1",
         transfer_timeout: float = 30.0,
         advertise_host: str | None = None,
+        executor: Executor | None = None,
     ):
         self.worker_id = worker_id
         self.role = role
@@ -54,7 +56,8 @@ class DecodeWorker:
         # The KV connector: a reservation's tokens count as loaded once its receiver says
         # the prefill worker's push is COMPLETE.
         self.connector = PushReceiver(transport, **opts)
-        self.engine = LLMEngine(config, kv_connector=self.connector)
+        # `executor`: the model over a rank group (tensor-parallel), default this process.
+        self.engine = LLMEngine(config, kv_connector=self.connector, executor=executor)
         self.receiver = self.connector.receiver
         self._streams: dict[str, queue.SimpleQueue] = {}
         self._lock = threading.Lock()
@@ -75,6 +78,8 @@ class DecodeWorker:
         With `prompt_token_ids`, the longest prefix of the prompt this worker has cached is
         reused: only the blocks after it are reserved, and the sink starts past it (its
         `first_block`), so the prefill worker sends only those."""
+
+        self._check_working()
 
         def do(engine: LLMEngine) -> KVSink:
             try:
@@ -136,6 +141,7 @@ class DecodeWorker:
     def generate(self, request: WorkerRequest) -> Iterator[OutputChunk]:
         """Prefill and decode a request here (colocated mode); streams output chunks."""
         rid, params = request.request_id, request.params
+        self._check_working()
         stream = self._open_stream(rid)
         try:
             self.loop.call(lambda e: e.add_request(rid, list(request.prompt_token_ids), params))
@@ -160,12 +166,23 @@ class DecodeWorker:
             stream.put(_END)
         return found
 
+    @property
+    def failure(self) -> str | None:
+        """Why this worker can serve nothing more (its rank group broke), or None."""
+        reason = self.engine.executor.failure
+        return f"{self.worker_id} failed: {reason}" if reason else None
+
+    def _check_working(self) -> None:
+        if self.failure:
+            raise RuntimeError(self.failure)
+
     def stats(self) -> WorkerStats:
         usage = self.engine.usage()
         return WorkerStats(
             worker_id=self.worker_id,
             role=self.role,
-            free_blocks=usage.free_blocks,
+            # A failed worker has no block a new request could get: routing goes elsewhere.
+            free_blocks=0 if self.failure else usage.free_blocks,
             total_blocks=usage.total_blocks,
             running=usage.running,
             waiting=usage.waiting + usage.reserved,
@@ -177,6 +194,7 @@ class DecodeWorker:
     def close(self) -> None:
         self.loop.stop()
         self.connector.close()
+        self.engine.shutdown()  # releases a rank group's followers
 
     # ---- internals ----------------------------------------------------------------------------
 
@@ -205,6 +223,9 @@ class DecodeWorker:
                 chunk = OutputChunk.merge(OutputChunk.from_output(o) for o in outs
                                           if o is not _END)
                 finished = chunk.finished or any(o is _END for o in outs)
+                if chunk.finish_reason == "abort" and self.failure:
+                    # Not a cancel: the step failed under the request. Say why.
+                    raise RuntimeError(self.failure)
                 if not chunk.empty:
                     yield chunk
         finally:

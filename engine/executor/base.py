@@ -58,6 +58,13 @@ class Executor(ABC):
         """Release the ranks this executor started or drives."""
 
     @property
+    def failure(self) -> str | None:
+        """Why this executor can run no more steps (a rank died, hung or failed), or None
+        while it works. Once set it stays set: the worker serving through it must fail its
+        requests with this reason and take no new ones."""
+        return None
+
+    @property
     def parallel(self) -> ParallelContext:
         """The driver rank's place in the replica's TP/PP layout."""
         return self.worker.parallel

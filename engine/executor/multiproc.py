@@ -97,8 +97,22 @@ class MultiprocExecutor(Executor):
                 f"step {self._step_id} of the rank group failed: a follower rank died, hung "
                 f"past the {self.group.timeout_s:g}s collective timeout, or failed itself; "
                 f"the rank group is unusable, restart it ({type(e).__name__}: {e})")
+            self._disband()
             raise ExecutorError(self._broken) from e
         return StepOutput(logits)
+
+    @property
+    def failure(self) -> str | None:
+        return self._broken
+
+    def _disband(self) -> None:
+        """Close this rank's sockets of the broken group, so that surviving followers'
+        waits for the next step end with an error now instead of when this process exits."""
+        self._closed = True
+        try:
+            self.group.destroy()
+        except Exception as e:  # noqa: BLE001 - already torn down by the failure
+            log.warning("rank group: closing the broken group failed: %s", e)
 
     def shutdown(self) -> None:
         """Tell the followers to return from `run_follower` (best effort if broken)."""

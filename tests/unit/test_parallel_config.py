@@ -1,0 +1,52 @@
+"""The YAML schema refuses tensor/pipeline-parallel sizes a model cannot be split into,
+naming the reason, before any worker starts (it reads the model's metadata only)."""
+
+from __future__ import annotations
+
+import pytest
+
+from pdserve.cluster.config import ConfigError, parse_config
+
+
+def _colocated(model: str, **decode) -> dict:
+    return {"model": {"name": model}, "mode": "colocated", "decode": decode}
+
+
+def test_tp3_of_smollm2_is_accepted_and_reaches_the_engine():
+    cfg = parse_config(_colocated("smollm2-135m-instruct", tp=3))
+    engine = cfg.engine_config(cfg.decode)
+    assert engine.parallel.tensor_parallel_size == 3 and engine.parallel.world_size == 3
+
+
+def test_tp2_of_smollm2_is_refused_naming_the_heads():
+    with pytest.raises(ConfigError) as e:
+        parse_config(_colocated("smollm2-135m-instruct", tp=2))
+    msg = str(e.value)
+    assert "decode.tp=2" in msg and "9 query heads do not split into 2" in msg
+    assert "3 KV heads" in msg
+
+
+def test_tp_beyond_the_kv_heads_is_refused():
+    # random:tiny has 4 query heads and 2 KV heads.
+    with pytest.raises(ConfigError, match="2 KV heads do not split into 4"):
+        parse_config(_colocated("random:tiny", tp=4))
+
+
+def test_pipeline_parallelism_is_refused_until_built():
+    with pytest.raises(ConfigError, match="pipeline parallelism is not built yet"):
+        parse_config(_colocated("random:tiny", pp=2))
+
+
+def test_parallel_disaggregated_workers_are_refused():
+    with pytest.raises(ConfigError, match="prefill.tp=2 in mode 'disaggregated'"):
+        parse_config({"model": {"name": "random:tiny"}, "prefill": {"tp": 2}})
+
+
+def test_unsplit_pools_do_not_read_the_model():
+    # tp = pp = 1: no metadata read, so an unknown model name is the workers' business.
+    parse_config(_colocated("no-such-model"))
+
+
+def test_bad_sizes_are_refused_by_the_field():
+    with pytest.raises(ConfigError, match="decode.tp"):
+        parse_config(_colocated("random:tiny", tp=0))
