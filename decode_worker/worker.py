@@ -189,6 +189,9 @@ class DecodeWorker:
             prompt_tokens=self.engine.stats["prompt_tokens"],
             generated_tokens=self.engine.stats["generated_tokens"],
             leases_expired=self.leases_expired,
+            tp=self.engine.layout_key.tp_size,
+            pp=self.engine.layout_key.pp_size,
+            rank_failure=self.engine.executor.failure or "",
         )
 
     def close(self) -> None:

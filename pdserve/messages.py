@@ -296,7 +296,8 @@ class WorkerStats:
     `waiting` on a decode worker includes reservations not yet committed. The handoff
     counters are a prefill worker's (transfer open -> acknowledgement, and first token
     sampled -> acknowledgement); `leases_expired` a decode worker's. `node` is the Ray node
-    id, filled in by the actor shell.
+    id, filled in by the actor shell. A worker whose `rank_failure` is set serves nothing
+    more and reports `free_blocks` 0.
     """
 
     worker_id: str
@@ -313,6 +314,9 @@ class WorkerStats:
     handoff_tail_seconds: float = 0.0
     leases_expired: int = 0
     node: str = ""
+    tp: int = 1  # the worker's rank group: tensor-parallel ranks x pipeline stages
+    pp: int = 1
+    rank_failure: str = ""  # why the rank group broke (a rank died or hung); "" if healthy
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -321,5 +325,5 @@ class WorkerStats:
     def from_dict(cls, d: dict[str, Any]) -> WorkerStats:
         _check_keys(cls, d)
         kinds = {"worker_id": str, "role": str, "node": str, "handoff_seconds": float,
-                 "handoff_tail_seconds": float}
+                 "handoff_tail_seconds": float, "rank_failure": str}
         return cls(**{k: kinds.get(k, int)(v) for k, v in d.items()})

@@ -100,7 +100,8 @@ class AdminService(pb_grpc.AdminServicer):
                     generated_tokens=s.generated_tokens, node=s.node,
                     handoffs=s.handoffs, handoff_seconds=s.handoff_seconds,
                     handoff_bytes=s.handoff_bytes, handoff_tail_seconds=s.handoff_tail_seconds,
-                    leases_expired=s.leases_expired,
+                    leases_expired=s.leases_expired, tp=s.tp, pp=s.pp,
+                    rank_failure=s.rank_failure,
                 )
                 for s in stats
             ],

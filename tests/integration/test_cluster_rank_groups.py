@@ -115,6 +115,9 @@ def test_killed_follower_fails_its_worker_cleanly(tiny_tp2):
         assert _greedy(client, prompt) == hf_greedy(hf, prompt, NEW_TOKENS)
     stats = worker_stats(client)
     assert stats[victim].running == stats[victim].waiting == 0
+    # Admin.Stats (what `pdserve stats` prints) shows each worker's layout and rank health.
+    assert (stats[victim].tp, stats[victim].pp, stats[other].tp) == (2, 1, 2)
+    assert "rank group" in stats[victim].rank_failure and stats[other].rank_failure == ""
     assert_blocks_back(client, {victim: 0, other: stats[other].total_blocks})
     # The failed worker's driver is not hung: it still answers, and refuses work clearly.
     driver = _group(bg, victim).driver
