@@ -91,14 +91,16 @@ class _WorkerShell:
 
 @ray.remote(max_concurrency=MAX_CONCURRENCY)
 class PrefillActor(_WorkerShell):
-    def __init__(self, config: dict, worker_id: str):
+    def __init__(self, config: dict, worker_id: str, rank_group: dict | None = None):
         from pdserve.prefill_worker.worker import PrefillWorker
 
         cfg = ClusterConfig.model_validate(config)
         _setup(cfg.prefill.threads)
+        engine_config = cfg.engine_config(cfg.prefill)
         self.worker = PrefillWorker(
-            cfg.engine_config(cfg.prefill), transport=cfg.transport, worker_id=worker_id,
+            engine_config, transport=cfg.transport, worker_id=worker_id,
             inject_transfer_failures=cfg.debug.inject_transfer_failures,
+            executor=_executor(engine_config, rank_group),
         )
 
     def ready(self) -> dict:

@@ -144,11 +144,11 @@ class ClusterConfig(_Strict):
             if pool.pp > 1:
                 raise ValueError(f"{name}.pp={pool.pp}: pipeline parallelism is not built yet "
                                  "(pp must be 1)")
-            if self.mode == "disaggregated":
+            if self.mode == "disaggregated" and self.transport != "grpc":
                 raise ValueError(
-                    f"{name}.tp={pool.tp} in mode 'disaggregated': sending each rank's KV "
-                    "heads to the peer ranks that own them is not built yet; use tp 1 on both "
-                    "sides or mode 'colocated'")
+                    f"{name}.tp={pool.tp} in mode 'disaggregated' needs transport 'grpc' "
+                    f"(each rank sends its own KV heads to the peer ranks holding them; "
+                    f"'{self.transport}' sends whole pools only)")
         from pdserve.engine.loader.model_files import read_model_shape
 
         shape = read_model_shape(self.model.name)

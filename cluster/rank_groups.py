@@ -103,8 +103,9 @@ class FollowerActor:
         section: PoolSection = getattr(cfg, pool)
         torch.set_num_threads(section.threads)
         self.worker_id, self.rank = worker_id, rank
+        self.kv = _rank_connector(cfg, pool, rank)
         self.group = RankGroupSpec.from_dict(spec).join(rank, section.device)
-        self.follower = Follower(cfg.engine_config(section), self.group)
+        self.follower = Follower(cfg.engine_config(section), self.group, self.kv)
 
     def run(self) -> int:
         """Serve until the driver says stop (returns the steps executed); raises if the
@@ -113,12 +114,32 @@ class FollowerActor:
             return self.follower.run()
         finally:
             self.group.destroy()
+            if self.kv is not None:
+                self.kv.close()
 
     def health(self) -> dict:
         w = self.follower.worker
         return {"worker_id": self.worker_id, "rank": self.rank, "pid": os.getpid(),
                 "steps": self.follower.steps, "kv_blocks": w.num_blocks,
-                "kv_heads": w.layout.num_kv_heads if w.kv_cache is not None else 0}
+                "kv_heads": w.layout.num_kv_heads if w.kv_cache is not None else 0,
+                # Reservations this rank's receiver still holds (decode ranks): what the
+                # driver has not cancelled — 0 once every handoff committed or aborted.
+                "kv_reservations": getattr(self.kv, "num_reservations", 0)}
+
+
+def _rank_connector(cfg: ClusterConfig, pool: str, rank: int):
+    """This rank's half of its worker's KV connector: a prefill rank pushes its own heads,
+    a decode rank (disaggregated) receives them; a colocated rank moves no KV."""
+    from pdserve.kv_transfer.rank_connector import RankPushReceiver, RankPushSender
+
+    if cfg.mode != "disaggregated":
+        return None
+    if pool == "prefill":
+        return RankPushSender(cfg.transport, rank, cfg.prefill.tp)
+    from pdserve.cluster.actors import transfer_endpoint
+
+    host, advertise = transfer_endpoint(cfg.decode.transfer_host)
+    return RankPushReceiver(cfg.transport, host=host, advertise_host=advertise)
 
 
 def start_worker(actor_cls, pool: PoolSection, config_blob: dict, pool_name: str,

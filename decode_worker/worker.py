@@ -58,6 +58,8 @@ class DecodeWorker:
         self.connector = PushReceiver(transport, **opts)
         # `executor`: the model over a rank group (tensor-parallel), default this process.
         self.engine = LLMEngine(config, kv_connector=self.connector, executor=executor)
+        if self.engine.layout_key.tp_size > 1:  # each follower rank receives its own heads
+            self.connector.bind_ranks(self.engine.rank_kv_control)
         self.receiver = self.connector.receiver
         self._streams: dict[str, queue.SimpleQueue] = {}
         self._lock = threading.Lock()
@@ -104,7 +106,10 @@ class DecodeWorker:
         chunk first). Raises KVTransferError, freeing the reservation, if the KV did not
         fully arrive."""
         rid = request.request_id
+        deadline = time.monotonic() + self.transfer_timeout
         status = self.receiver.wait(rid, self.transfer_timeout)
+        if status is TransferStatus.COMPLETE and self.connector.has_ranks:
+            status = self._wait_ranks(rid, deadline)
         if status is not TransferStatus.COMPLETE:
             self._drop_reservation(rid)
             raise KVTransferError(f"KV for {rid} did not arrive ({status.name})")
@@ -250,6 +255,18 @@ class DecodeWorker:
         byte lands in them once the receiver forgot it)."""
         self.connector.cancel(rid)
         return self.engine.release(rid)
+
+    def _wait_ranks(self, rid: str, deadline: float) -> TransferStatus:
+        """Until every follower rank's part of `rid` arrived (its prefill ranks push
+        independently), failed, or `deadline`; asked on the loop thread (it uses the rank
+        group), backing off from 5 ms."""
+        delay = 0.005
+        while True:
+            status = self.loop.call(lambda e: self.connector.rank_status(rid))
+            if status is not TransferStatus.PENDING or time.monotonic() > deadline:
+                return status
+            time.sleep(delay)
+            delay = min(delay * 2, 0.1)
 
     def _drop_reservation(self, rid: str) -> None:
         self.loop.call(lambda engine: self._free_reservation(rid))

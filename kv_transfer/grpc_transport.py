@@ -20,7 +20,15 @@ from concurrent import futures
 import grpc
 import torch
 
-from pdserve.kv_transfer.base import KVSender, KVSink, KVTransferError, LayerTracker, SendHandle
+from pdserve.kv_transfer.base import (
+    FanOutHandle,
+    HeadRoute,
+    KVSender,
+    KVSink,
+    KVTransferError,
+    LayerTracker,
+    SendHandle,
+)
 from pdserve.kv_transfer.receiver import BlockReceiver, ChunkRejected, transfer_error
 from pdserve.kv_transfer.wire import (
     DEFAULT_CHUNK_BYTES,
@@ -84,6 +92,7 @@ class _Servicer(pb_grpc.KVTransferServicer):
     def Push(self, request_iterator: Iterator[pb.KVChunk],  # noqa: N802 (gRPC method name)
              context: grpc.ServicerContext) -> pb.PushAck:
         rx, request_id, closed = self.receiver, None, False
+        heads, cells = None, 0  # this stream's share of the heads, and blocks x heads written
         try:
             for chunk in request_iterator:
                 if request_id is None:
@@ -99,10 +108,19 @@ class _Servicer(pb_grpc.KVTransferServicer):
                     return pb.PushAck(request_id=request_id, error="aborted")
                 if chunk.done:
                     closed = True
-                    rx.finish(request_id, chunk.num_layers)
+                    part = (heads is not None
+                            and cells == chunk.num_layers * rx.reserved_blocks(request_id))
+                    rx.finish(request_id, chunk.num_layers, part_complete=part)
                     return pb.PushAck(request_id=request_id, complete=True,
                                       layers_received=rx.layers_received(request_id))
-                rx.write(request_id, chunk.layer, chunk.first_block, decode_chunk(chunk))
+                data = decode_chunk(chunk)
+                span = (chunk.first_head, chunk.first_head + data.shape[3])
+                if heads is not None and span != heads:
+                    raise ChunkRejected("INVALID_ARGUMENT",
+                                        f"request {request_id}: one stream carries one range "
+                                        f"of heads, got {span} after {heads}")
+                rx.write(request_id, chunk.layer, chunk.first_block, data, chunk.first_head)
+                heads, cells = span, cells + chunk.num_blocks
         except ChunkRejected as e:
             context.abort(grpc.StatusCode[e.code], str(e))
         finally:
@@ -117,8 +135,9 @@ class GrpcKVSender(KVSender):
     transport = "grpc"
 
     def __init__(self, pool: torch.Tensor, compat_key: str,
-                 chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> None:
-        super().__init__(pool, compat_key)
+                 chunk_bytes: int = DEFAULT_CHUNK_BYTES, tp_rank: int = 0,
+                 tp_size: int = 1) -> None:
+        super().__init__(pool, compat_key, tp_rank, tp_size)
         unit = _block_layer_bytes(pool)
         self.blocks_per_chunk = max(1, chunk_bytes // unit)
         self._options = grpc_options(max(chunk_bytes, unit)) + [
@@ -128,16 +147,23 @@ class GrpcKVSender(KVSender):
         self._channels: dict[str, grpc.Channel] = {}
         self._lock = threading.Lock()
 
-    def open(self, sink: KVSink, src_block_ids: Sequence[int]) -> GrpcSendHandle:
+    def open(self, sink: KVSink, src_block_ids: Sequence[int]) -> SendHandle:
+        """One `Push` stream per receiving rank that holds any of this rank's heads (one
+        stream, all heads, when both sides hold the same heads)."""
         self.check_sink(sink, src_block_ids)
+        routes = self.routes(sink)
         src = self.source_index(self.blocks_to_send(sink, src_block_ids))
+        parts = [GrpcSendHandle(self._stub(r.address), sink, self.pool, src, self.compat_key,
+                                self.blocks_per_chunk, r) for r in routes]
+        return parts[0] if len(parts) == 1 else FanOutHandle(sink.request_id, parts)
+
+    def _stub(self, address: str) -> pb_grpc.KVTransferStub:
         with self._lock:
-            channel = self._channels.get(sink.address)
+            channel = self._channels.get(address)
             if channel is None:
-                channel = grpc.insecure_channel(sink.address, options=self._options)
-                self._channels[sink.address] = channel
-        return GrpcSendHandle(pb_grpc.KVTransferStub(channel), sink, self.pool, src,
-                              self.compat_key, self.blocks_per_chunk)
+                channel = grpc.insecure_channel(address, options=self._options)
+                self._channels[address] = channel
+        return pb_grpc.KVTransferStub(channel)
 
     def close(self) -> None:
         with self._lock:
@@ -150,9 +176,15 @@ class GrpcSendHandle(SendHandle):
     """One request's `Push` stream; gRPC's request thread serializes and sends the queue."""
 
     def __init__(self, stub: pb_grpc.KVTransferStub, sink: KVSink, pool: torch.Tensor,
-                 src: torch.Tensor, compat_key: str, blocks_per_chunk: int) -> None:
+                 src: torch.Tensor, compat_key: str, blocks_per_chunk: int,
+                 route: HeadRoute | None = None) -> None:
         self.request_id = sink.request_id
-        self._sink, self._pool, self._src = sink, pool, src
+        self._sink, self._src = sink, src
+        self._route = route or HeadRoute(sink.address, 0, pool.shape[4], 0)
+        self._address = self._route.address
+        r = self._route
+        # The heads this stream carries (a view; each layer's snapshot copies them).
+        self._pool = pool if r.count == pool.shape[4] else pool[..., r.first:r.first + r.count, :]
         self._compat_key = compat_key
         self._bpc = blocks_per_chunk
         self._tracker = LayerTracker(sink.request_id, pool.shape[0])
@@ -189,12 +221,12 @@ class GrpcSendHandle(SendHandle):
         except grpc.FutureTimeoutError:
             self._future.cancel()
             raise KVTransferError(f"request {self.request_id}: no acknowledgement from "
-                                  f"{self._sink.address} within {timeout} s") from None
+                                  f"{self._address} within {timeout} s") from None
         except grpc.FutureCancelledError:
             raise KVTransferError(f"request {self.request_id}: transfer cancelled") from None
         except grpc.RpcError as e:
             raise transfer_error(e.code().name,
-                                 f"{self._sink.address}: {e.details()}") from None
+                                 f"{self._address}: {e.details()}") from None
         if not ack.complete:
             raise KVTransferError(f"request {self.request_id}: receiver did not complete it "
                                   f"({ack.error or 'no reason given'})")
@@ -218,7 +250,8 @@ class GrpcSendHandle(SendHandle):
             layer, first, snap, event = item
             if event is not None:
                 event.synchronize()
-            yield encode_chunk(self.request_id, layer, first, snap, compat_key=key)
+            yield encode_chunk(self.request_id, layer, first, snap, compat_key=key,
+                               first_head=self._route.dst_first)
             key = ""
 
 

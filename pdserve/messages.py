@@ -62,7 +62,10 @@ class KVSink:
     blocks `first_block, first_block + 1, ...`, in that order, exactly
     `blocks_for(num_tokens, block_size) - first_block >= 1` of them; `deadline` is the lease
     expiry in unix seconds, after which the receiver may drop the reservation and reuse
-    the blocks.
+    the blocks. A decode worker of several tensor-parallel ranks lists every rank's
+    receiver in `rank_addresses`, in rank order (`rank_addresses[0] == address`): rank j
+    holds KV heads `[j * H / n, (j + 1) * H / n)` of the model's H; each sending rank sends
+    every receiving rank the heads both hold. Empty: one receiving rank, at `address`.
     """
 
     transport: str
@@ -73,8 +76,12 @@ class KVSink:
     compat_key: str  # the receiver's content key digest (`engine.config.ContentKey.digest`)
     deadline: float
     first_block: int = 0
+    rank_addresses: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
+        _set(self, "rank_addresses", tuple(self.rank_addresses))
+        if self.rank_addresses and self.rank_addresses[0] != self.address:
+            raise ValueError("KVSink.rank_addresses must start with the sink's address")
         if not self.request_id:
             raise ValueError("KVSink.request_id must not be empty")
         if not self.block_ids:
@@ -89,6 +96,7 @@ class KVSink:
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["block_ids"] = list(self.block_ids)
+        d["rank_addresses"] = list(self.rank_addresses)
         return d
 
     @classmethod
@@ -105,6 +113,7 @@ class KVSink:
             compat_key=str(d["compat_key"]),
             deadline=float(d["deadline"]),
             first_block=int(d["first_block"]),
+            rank_addresses=tuple(str(a) for a in d["rank_addresses"]),
         )
 
 

@@ -19,6 +19,7 @@ from dataclasses import dataclass, replace
 
 from pdserve.engine.config import EngineConfig
 from pdserve.engine.engine_loop import EngineLoop
+from pdserve.engine.executor.base import Executor
 from pdserve.engine.llm_engine import LLMEngine, RequestOutput
 from pdserve.engine.sampling_params import SamplingParams
 from pdserve.kv_transfer import KVTransferError
@@ -49,15 +50,20 @@ class PrefillWorker:
         worker_id: str = "prefill-0",
         transfer_timeout: float = 30.0,
         inject_transfer_failures: int = 0,
+        executor: Executor | None = None,
     ):
         self.worker_id = worker_id
         self.transfer_timeout = transfer_timeout
         # The KV connector pushes each prompt's KV into its sink layer by layer and keeps the
         # request's blocks until the receiver acknowledged them (fault-injection tests: the
         # next N pushes fail after sending).
+        # A tensor-parallel worker (`executor`: its rank group) pushes rank by rank: this
+        # driver sends its own KV heads, each follower rank its own.
+        tp = config.parallel.tensor_parallel_size
         self.connector = PushSender(transport, self._on_transfer_done, transfer_timeout,
-                                    fail_next=inject_transfer_failures)
-        self.engine = LLMEngine(config, kv_connector=self.connector)
+                                    fail_next=inject_transfer_failures,
+                                    **({"tp_size": tp} if tp > 1 else {}))
+        self.engine = LLMEngine(config, kv_connector=self.connector, executor=executor)
         self.sender = self.connector.sender  # nccl pairing goes through it (cluster/actors.py)
         self._pending: dict[str, _Pending] = {}
         self.handoffs = {"count": 0, "seconds": 0.0, "tail_seconds": 0.0, "bytes": 0}

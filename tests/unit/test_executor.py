@@ -40,7 +40,7 @@ def test_step_input_crosses_as_msgpack_and_keeps_what_ranks_need():
 
 
 def test_inconsistent_step_input_is_refused():
-    plain = [[1, 2, 3], [2], [0], [[0]], [True]]
+    plain = [[1, 2, 3], [2], [0], [[0]], [True], None]
     with pytest.raises(ValueError, match="inconsistent"):
         StepInput.from_plain(plain)
     with pytest.raises(ValueError):

@@ -37,9 +37,14 @@ def test_pipeline_parallelism_is_refused_until_built():
         parse_config(_colocated("random:tiny", pp=2))
 
 
-def test_parallel_disaggregated_workers_are_refused():
-    with pytest.raises(ConfigError, match="prefill.tp=2 in mode 'disaggregated'"):
-        parse_config({"model": {"name": "random:tiny"}, "prefill": {"tp": 2}})
+def test_parallel_disaggregated_workers_need_a_transport_that_reshards():
+    cfg = parse_config({"model": {"name": "random:tiny"}, "prefill": {"tp": 2}})
+    assert cfg.engine_config(cfg.prefill).parallel.tensor_parallel_size == 2
+    gpus = {"num_gpus": 1, "device": "cuda"}
+    with pytest.raises(ConfigError, match="prefill.tp=2 in mode 'disaggregated' needs "
+                                          "transport 'grpc'"):
+        parse_config({"model": {"name": "random:tiny"}, "transport": "nccl",
+                      "prefill": {"tp": 2, **gpus}, "decode": gpus})
 
 
 def test_unsplit_pools_do_not_read_the_model():

@@ -7,7 +7,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class KVChunk(_message.Message):
-    __slots__ = ("request_id", "compat_key", "layer", "first_block", "num_blocks", "dtype", "shape", "data", "done", "num_layers", "abort")
+    __slots__ = ("request_id", "compat_key", "layer", "first_block", "num_blocks", "dtype", "shape", "data", "done", "num_layers", "abort", "first_head")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     COMPAT_KEY_FIELD_NUMBER: _ClassVar[int]
     LAYER_FIELD_NUMBER: _ClassVar[int]
@@ -19,6 +19,7 @@ class KVChunk(_message.Message):
     DONE_FIELD_NUMBER: _ClassVar[int]
     NUM_LAYERS_FIELD_NUMBER: _ClassVar[int]
     ABORT_FIELD_NUMBER: _ClassVar[int]
+    FIRST_HEAD_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     compat_key: str
     layer: int
@@ -30,7 +31,8 @@ class KVChunk(_message.Message):
     done: bool
     num_layers: int
     abort: bool
-    def __init__(self, request_id: _Optional[str] = ..., compat_key: _Optional[str] = ..., layer: _Optional[int] = ..., first_block: _Optional[int] = ..., num_blocks: _Optional[int] = ..., dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ..., done: _Optional[bool] = ..., num_layers: _Optional[int] = ..., abort: _Optional[bool] = ...) -> None: ...
+    first_head: int
+    def __init__(self, request_id: _Optional[str] = ..., compat_key: _Optional[str] = ..., layer: _Optional[int] = ..., first_block: _Optional[int] = ..., num_blocks: _Optional[int] = ..., dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ..., done: _Optional[bool] = ..., num_layers: _Optional[int] = ..., abort: _Optional[bool] = ..., first_head: _Optional[int] = ...) -> None: ...
 
 class PushAck(_message.Message):
     __slots__ = ("request_id", "layers_received", "complete", "error")
