@@ -4,9 +4,10 @@ followers execute. Greedy tokens must equal HF transformers', a cancel must give
 block back, and a killed follower rank must fail its worker cleanly while the other
 worker keeps serving.
 
-Two clusters, each shared by its module's tests: a tiny HF Llama (4 query heads, 2 KV heads)
-with two TP=2 workers (the fault tests need a second worker to keep serving), and the real
-SmolLM2-135M (9 query heads, 3 KV heads) with one TP=3 worker.
+One cluster, shared by the module's tests: a tiny HF Llama (4 query heads, 2 KV heads)
+with two colocated TP=2 workers (the fault test needs a second worker to keep serving).
+TP=3 on the real SmolLM2 and disaggregated pairs of different parallelism are in
+test_cluster_reshard.py.
 """
 
 from __future__ import annotations
@@ -122,19 +123,3 @@ def test_killed_follower_fails_its_worker_cleanly(tiny_tp2):
     # The failed worker's driver is not hung: it still answers, and refuses work clearly.
     driver = _group(bg, victim).driver
     assert ray.get(driver.stats.remote(), timeout=10)["running"] == 0
-
-
-@pytest.fixture(scope="module")
-def smollm_tp3():
-    with running_cluster(_config("smollm2-135m-instruct", tp=3, count=1)) as (bg, client):
-        yield bg, client
-
-
-def test_tp3_smollm2_greedy_equals_hf(smollm_tp3, hf_model):
-    bg, client = smollm_tp3
-    group = bg.cluster.worker_groups[0]
-    assert len(group.followers) == 2
-    heads = [ray.get(f.health.remote(), timeout=30)["kv_heads"] for f in group.followers]
-    assert heads == [1, 1]  # 3 KV heads, one a rank
-    ids = [1, 9690, 198, 2683, 359, 253, 5356, 30]
-    assert _greedy(client, ids, 5) == hf_greedy(hf_model, ids, 5)
