@@ -138,3 +138,11 @@ def test_http_api_defaults_to_loopback_and_can_be_turned_off():
     router = parse_config({}).router
     assert (router.http_host, router.http_port) == ("127.0.0.1", 8000)
     assert parse_config({"router": {"http_port": None}}).router.http_port is None
+
+
+def test_parallel_configs_give_each_pool_its_tensor_parallelism():
+    cpu = load_config(CONFIG_DIR / "cpu-tp.yaml")
+    assert (cpu.prefill.tp, cpu.decode.tp, cpu.transport) == (1, 3, "grpc")
+    assert cpu.engine_config(cpu.decode).parallel.tensor_parallel_size == 3
+    gpu = load_config(CONFIG_DIR / "gpu-tp.yaml")
+    assert (gpu.prefill.tp, gpu.decode.tp) == (3, 1) and gpu.prefill.num_gpus == 1
