@@ -141,9 +141,10 @@ class ClusterConfig(_Strict):
         if not split:
             return
         for name, pool in split:
-            if pool.pp > 1:
-                raise ValueError(f"{name}.pp={pool.pp}: pipeline parallelism is not built yet "
-                                 "(pp must be 1)")
+            if pool.pp > 1 and self.mode == "disaggregated":
+                raise ValueError(f"{name}.pp={pool.pp} in mode 'disaggregated': sending KV "
+                                 "from or to pipeline stages is not built yet (pp > 1 runs "
+                                 "in mode 'colocated')")
             if self.mode == "disaggregated" and self.transport != "grpc":
                 raise ValueError(
                     f"{name}.tp={pool.tp} in mode 'disaggregated' needs transport 'grpc' "

@@ -43,24 +43,26 @@ class RankGroupSpec:
     init_method: str
     world_size: int
     timeout_s: float
+    pp_size: int = 1
 
     def to_dict(self) -> dict:
         return {"init_method": self.init_method, "world_size": self.world_size,
-                "timeout_s": self.timeout_s}
+                "timeout_s": self.timeout_s, "pp_size": self.pp_size}
 
     @classmethod
     def from_dict(cls, d: dict) -> RankGroupSpec:
-        if set(d) != {"init_method", "world_size", "timeout_s"}:
-            raise ValueError(f"a rank group spec has init_method, world_size, timeout_s; "
-                             f"got {sorted(d)}")
-        return cls(str(d["init_method"]), int(d["world_size"]), float(d["timeout_s"]))
+        if set(d) != {"init_method", "world_size", "timeout_s", "pp_size"}:
+            raise ValueError(f"a rank group spec has init_method, world_size, timeout_s, "
+                             f"pp_size; got {sorted(d)}")
+        return cls(str(d["init_method"]), int(d["world_size"]), float(d["timeout_s"]),
+                   int(d["pp_size"]))
 
     def join(self, rank: int, device: str):
         """Join the group as `rank` (blocks until every rank joined, or `timeout_s`)."""
         from pdserve.engine.executor.group import init_rank_group
 
         return init_rank_group(rank, self.world_size, self.init_method, device=device,
-                               timeout_s=self.timeout_s)
+                               timeout_s=self.timeout_s, pp_size=self.pp_size)
 
 
 @dataclass
@@ -176,7 +178,7 @@ def start_worker(actor_cls, pool: PoolSection, config_blob: dict, pool_name: str
         raise TimeoutError(
             f"{worker_id}: {world} ranks of {bundle} each could not be placed on one node within "
             f"{place_timeout:.0f}s (not enough CPUs/GPUs there? see `ray status`)") from None
-    spec = RankGroupSpec(f"tcp://127.0.0.1:{port}", world, pool.collective_timeout_s)
+    spec = RankGroupSpec(f"tcp://127.0.0.1:{port}", world, pool.collective_timeout_s, pool.pp)
     group = WorkerGroup(worker_id, None, pg, pool.tp, pool.pp)  # type: ignore[arg-type]
     for rank in range(1, world):
         f = FollowerActor.options(**opts(rank)).remote(config_blob, pool_name, worker_id, rank,

@@ -58,7 +58,8 @@ class DecodeWorker:
         self.connector = PushReceiver(transport, **opts)
         # `executor`: the model over a rank group (tensor-parallel), default this process.
         self.engine = LLMEngine(config, kv_connector=self.connector, executor=executor)
-        if self.engine.layout_key.tp_size > 1:  # each follower rank receives its own heads
+        if role == "decode" and self.engine.layout_key.tp_size > 1:
+            # Handed-off KV: each follower rank receives its own heads.
             self.connector.bind_ranks(self.engine.rank_kv_control)
         self.receiver = self.connector.receiver
         self._streams: dict[str, queue.SimpleQueue] = {}

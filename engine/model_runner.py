@@ -98,8 +98,34 @@ class ModelRunner:
         if kv_connector is not None:
             ctx.wait_for_layer = kv_connector.wait_for_layer
             ctx.on_layer_written = kv_connector.save_layer
+        pp = self.model.parallel
+        if pp.pp_size > 1:
+            return self._execute_stage(input_ids, positions, ctx, rows)
         with forward_context.use(ctx):
             hidden = self.model(input_ids, positions)
         if rows.numel() != hidden.shape[0]:  # else every row samples (a pure decode step)
             hidden = hidden[rows]
         return self.model.compute_logits(hidden).float()
+
+    def _execute_stage(self, input_ids, positions, ctx, rows) -> torch.Tensor | None:
+        """One pipeline stage's part of the step: hidden states in from the previous stage
+        (or the embedding), out to the next (or the LM head, whose logits go to the
+        driver). Returns the logits on the driver, None on every other rank. The stages
+        run one after the other: one micro-batch in flight, no overlap."""
+        pp, model = self.model.parallel, self.model
+        hidden_in = None
+        if not pp.is_first_stage:
+            hidden_in = pp.recv_prev((input_ids.shape[0], model.config.hidden_size),
+                                     next(model.parameters()).dtype, self.device)
+        with forward_context.use(ctx):
+            hidden = model(input_ids, positions, hidden_in)
+        if not pp.is_last_stage:
+            pp.send_next(hidden)
+            if pp.rank != 0:
+                return None
+            return pp.recv_logits((rows.numel(), model.config.vocab_size), self.device)
+        if rows.numel() != hidden.shape[0]:
+            hidden = hidden[rows]
+        logits = model.compute_logits(hidden).float()
+        pp.send_logits(logits)
+        return logits

@@ -37,7 +37,11 @@ def _check_group(config: EngineConfig, group: RankGroup) -> None:
     if group.world_size != config.parallel.world_size:
         raise ValueError(
             f"rank group of {group.world_size} ranks, but the config asks for "
-            f"tensor_parallel_size={config.parallel.tensor_parallel_size}")
+            f"tensor_parallel_size={config.parallel.tensor_parallel_size} x "
+            f"pipeline_parallel_size={config.parallel.pipeline_parallel_size}")
+    if group.parallel.pp_size != config.parallel.pipeline_parallel_size:
+        raise ValueError(f"rank group of {group.parallel.pp_size} pipeline stages, but the "
+                         f"config asks for {config.parallel.pipeline_parallel_size}")
 
 
 class MultiprocExecutor(Executor):
