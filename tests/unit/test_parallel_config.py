@@ -32,9 +32,13 @@ def test_tp_beyond_the_kv_heads_is_refused():
         parse_config(_colocated("random:tiny", tp=4))
 
 
-def test_pipeline_parallelism_is_refused_until_built():
-    with pytest.raises(ConfigError, match="pipeline parallelism is not built yet"):
-        parse_config(_colocated("random:tiny", pp=2))
+def test_pipeline_stages_are_checked_against_the_layers():
+    cfg = parse_config(_colocated("random:tiny", pp=2, tp=2))  # 2 layers, 2 KV heads
+    assert cfg.engine_config(cfg.decode).parallel.world_size == 4
+    with pytest.raises(ConfigError, match="its 2 layers cannot fill 3 pipeline stages"):
+        parse_config(_colocated("random:tiny", pp=3))
+    with pytest.raises(ConfigError, match="decode.pp=2 in mode 'disaggregated'"):
+        parse_config({"model": {"name": "random:tiny"}, "decode": {"pp": 2}})
 
 
 def test_parallel_disaggregated_workers_need_a_transport_that_reshards():
