@@ -89,6 +89,9 @@ class PrefillWorker:
         side).
         """
         rid, params = request.request_id, request.params
+        failure = self.engine.executor.failure
+        if failure:  # the router retries the handoff on another prefill worker
+            raise KVTransferError(f"{self.worker_id} failed: {failure}")
         # Only the first token is made here: the decode worker does the rest and owns stop
         # strings; min_tokens matters only as far as suppressing eos for this first token.
         local = replace(params, max_tokens=1, min_tokens=min(params.min_tokens, 1), stop=())
@@ -127,10 +130,11 @@ class PrefillWorker:
 
     def stats(self) -> WorkerStats:
         usage = self.engine.usage()
+        failure = self.engine.executor.failure
         return WorkerStats(
             worker_id=self.worker_id,
             role="prefill",
-            free_blocks=usage.free_blocks,
+            free_blocks=0 if failure else usage.free_blocks,  # a failed worker offers none
             total_blocks=usage.total_blocks,
             running=usage.running,
             waiting=usage.waiting,
@@ -140,11 +144,15 @@ class PrefillWorker:
             handoff_seconds=self.handoffs["seconds"],
             handoff_bytes=self.handoffs["bytes"],
             handoff_tail_seconds=self.handoffs["tail_seconds"],
+            tp=self.engine.layout_key.tp_size,
+            pp=self.engine.layout_key.pp_size,
+            rank_failure=failure or "",
         )
 
     def close(self) -> None:
         self.loop.stop()
         self.connector.close()
+        self.engine.shutdown()  # releases a rank group's followers
 
     # ---- callbacks: the engine thread (outputs) and the connector's threads (outcomes) -------
 

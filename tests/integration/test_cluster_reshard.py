@@ -13,8 +13,11 @@ block managers (Admin.Stats) and each follower rank's receiver reservations.
 
 from __future__ import annotations
 
+import os
+import signal
 import time
 
+import grpc
 import pytest
 import ray
 from cluster_checks import assert_blocks_back, free_blocks, running_cluster
@@ -23,6 +26,7 @@ from testkit import hf_greedy
 pytestmark = pytest.mark.timeout(600)
 
 NEW_TOKENS = 5
+TIMEOUT_S = 20  # the rank groups' collective timeout
 SHORT = 8  # prompts this short are prefilled on the decode worker
 
 
@@ -31,8 +35,9 @@ def _config(model: str, p_tp: int, d_tp: int) -> dict:
         "model": {"name": model, "max_model_len": 512},
         "mode": "disaggregated",
         "kv": {"block_size": 8, "memory_mb": 8},
-        "prefill": {"count": 1, "tp": p_tp, "num_cpus": 0.25, "collective_timeout_s": 20},
-        "decode": {"count": 1, "tp": d_tp, "num_cpus": 0.25, "collective_timeout_s": 20},
+        "prefill": {"count": 1, "tp": p_tp, "num_cpus": 0.25,
+                    "collective_timeout_s": TIMEOUT_S},
+        "decode": {"count": 1, "tp": d_tp, "num_cpus": 0.25, "collective_timeout_s": TIMEOUT_S},
         "router": {"conditional_prefill_tokens": SHORT},
         "ray": {"num_cpus": 2},
     }
@@ -84,6 +89,28 @@ def test_cancel_mid_prefill_and_mid_decode_gives_blocks_back_on_every_rank(tiny_
     stream.close()
     assert_blocks_back(client, start)
     assert _follower_reservations(bg) == [0]
+
+
+def test_killed_prefill_follower_fails_the_handoff_clearly(tiny_p2_d1):
+    # Last test on this cluster: it breaks the prefill worker for good.
+    bg, client, _ = tiny_p2_d1
+    start = free_blocks(client)
+    (p_group,) = [g for g in bg.cluster.worker_groups if g.worker_id == "prefill-0"]
+    pid = ray.get(p_group.followers[0].health.remote(), timeout=30)["pid"]
+    os.kill(pid, signal.SIGKILL)
+    t0 = time.monotonic()
+    with pytest.raises(grpc.RpcError) as err:
+        client.generate(list(range(3, 40)), max_tokens=4, temperature=0)
+    assert time.monotonic() - t0 < TIMEOUT_S + 10
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert "prefill-0" in err.value.details() and "rank group" in err.value.details()
+    stats = {w.worker_id: w for w in client.stats().workers}
+    assert "rank group" in stats["prefill-0"].rank_failure
+    assert stats["decode-0"].rank_failure == ""
+    # Nothing leaked on the decode side; the broken prefill worker holds nothing either.
+    assert_blocks_back(client, {**start, "prefill-0": 0})
+    with pytest.raises(ray.exceptions.RayActorError):
+        ray.get(p_group.follower_runs[0], timeout=30)
 
 
 @pytest.fixture(scope="module")
