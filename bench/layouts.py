@@ -23,9 +23,9 @@ from pdserve.engine.loader.model_files import read_model_shape
 MODEL = "smollm2-135m-instruct"
 # name -> (mode, prefill (tp, pp), decode (tp, pp))
 LAYOUTS = {
-    "1P1D, TP1 -> TP1": ("disaggregated", (1, 1), (1, 1)),
-    "1P1D, TP1 -> TP3": ("disaggregated", (1, 1), (3, 1)),
-    "1P1D, TP3 -> TP1": ("disaggregated", (3, 1), (1, 1)),
+    "P TP1 -> D TP1": ("disaggregated", (1, 1), (1, 1)),
+    "P TP1 -> D TP3": ("disaggregated", (1, 1), (3, 1)),
+    "P TP3 -> D TP1": ("disaggregated", (3, 1), (1, 1)),
     "colocated TP1": ("colocated", (1, 1), (1, 1)),
     "colocated TP3": ("colocated", (1, 1), (3, 1)),
     "colocated PP2": ("colocated", (1, 1), (1, 2)),

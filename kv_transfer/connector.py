@@ -301,7 +301,11 @@ class PushReceiver(PassiveWorkerHalf, KVConnector):
         with self._lock:
             self._sinks.pop(request_id, None)
         if self._ranks is not None:
-            self._rank_call({"op": "cancel", "request_id": request_id})
+            try:
+                self._rank_call({"op": "cancel", "request_id": request_id})
+            except Exception as e:  # noqa: BLE001 - a broken group serves nothing more;
+                # the caller must still free the driver's blocks
+                log.warning("cancelling %s on the follower ranks failed: %s", request_id, e)
 
     def rank_status(self, request_id: str) -> TransferStatus:
         """The follower ranks' parts together: FAILED if any failed or was forgotten,

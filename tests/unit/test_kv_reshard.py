@@ -121,3 +121,16 @@ def test_a_decode_side_that_cannot_split_the_heads_is_refused_at_open():
     finally:
         for rx in rxs:
             rx.close()
+
+
+def test_the_local_transport_refuses_to_reshard():
+    from pdserve.kv_transfer.local_transport import LocalKVReceiver, LocalKVSender
+
+    rx = LocalKVReceiver(torch.zeros(LAYERS, 2, BLOCKS, BS, HEADS, DIM), KEY)
+    try:
+        sink = rx.expect("r1", DST, TOKENS, time.time() + 60)
+        sender = LocalKVSender(_shard(_full(), 0, 2), KEY, tp_rank=0, tp_size=2)
+        with pytest.raises(ValueError, match="does not reshard"):
+            sender.open(sink, SRC)
+    finally:
+        rx.close()
