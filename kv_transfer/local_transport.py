@@ -14,14 +14,7 @@ from collections.abc import Sequence
 
 import torch
 
-from pdserve.kv_transfer.base import (
-    HeadRoute,
-    KVSender,
-    KVSink,
-    KVTransferError,
-    LayerTracker,
-    SendHandle,
-)
+from pdserve.kv_transfer.base import KVSender, KVSink, KVTransferError, LayerTracker, SendHandle
 from pdserve.kv_transfer.receiver import BlockReceiver, ChunkRejected, transfer_error
 
 _RECEIVERS: dict[str, LocalKVReceiver] = {}
@@ -57,7 +50,7 @@ class LocalKVSender(KVSender):
 
     def open(self, sink: KVSink, src_block_ids: Sequence[int]) -> LocalSendHandle:
         self.check_sink(sink, src_block_ids)
-        if self.routes(sink) != [HeadRoute(sink.address, 0, self.pool.shape[4], 0)]:
+        if self.total_heads != self.pool.shape[4] or sink.rank_addresses:
             raise ValueError("the local transport moves whole pools: it does not reshard KV "
                              "heads between different tensor-parallel layouts (use grpc)")
         src = self.source_index(self.blocks_to_send(sink, src_block_ids))
