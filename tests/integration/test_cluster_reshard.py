@@ -62,11 +62,11 @@ def _handoffs(client) -> int:
 def tiny_p2_d1(tiny_model_factory):
     path, hf = tiny_model_factory("llama", seed=41)
     with running_cluster(_config(path, p_tp=2, d_tp=1)) as (bg, client):
-        yield bg, client, hf
+        yield bg, client, hf, path
 
 
 def test_prefill_tp2_to_decode_tp1_equals_hf(tiny_p2_d1):
-    bg, client, hf = tiny_p2_d1
+    bg, client, hf, path = tiny_p2_d1
     parallel = {i["worker_id"]: i["parallel"]["tp"] for i in bg.cluster.ready_info}
     assert parallel == {"prefill-0": 2, "decode-0": 1}
     before = _handoffs(client)
@@ -75,10 +75,13 @@ def test_prefill_tp2_to_decode_tp1_equals_hf(tiny_p2_d1):
     assert _handoffs(client) == before + 2, "the prompts must have gone P -> D"
     (follower,) = bg.cluster.worker_groups[0].followers
     assert ray.get(follower.health.remote())["kv_heads"] == 1  # P rank 1 sent its own head
+    from pdserve.engine import LLM
+
+    _seeded_equal_offline(client, LLM(path, block_size=8, num_blocks=64), list(range(3, 30)))
 
 
 def test_cancel_mid_prefill_and_mid_decode_gives_blocks_back_on_every_rank(tiny_p2_d1):
-    bg, client, _ = tiny_p2_d1
+    bg, client, _, _ = tiny_p2_d1
     start = free_blocks(client)
     long_prompt = list(range(3, 200))
     stream = client.stream(long_prompt, max_tokens=100, min_tokens=100, temperature=0)
@@ -93,7 +96,7 @@ def test_cancel_mid_prefill_and_mid_decode_gives_blocks_back_on_every_rank(tiny_
 
 def test_killed_prefill_follower_fails_the_handoff_clearly(tiny_p2_d1):
     # Last test on this cluster: it breaks the prefill worker for good.
-    bg, client, _ = tiny_p2_d1
+    bg, client, _, _ = tiny_p2_d1
     start = free_blocks(client)
     (p_group,) = [g for g in bg.cluster.worker_groups if g.worker_id == "prefill-0"]
     pid = ray.get(p_group.followers[0].health.remote(), timeout=30)["pid"]
@@ -119,7 +122,21 @@ def smollm_p1_d3():
         yield bg, client
 
 
-def test_smollm2_prefill_tp1_to_decode_tp3_and_colocated_tp3_equal_hf(smollm_p1_d3, hf_model):
+def _seeded_equal_offline(client, llm, prompt: list[int]) -> None:
+    """Seeded sampling keyed by (seed, position): a layout's tokens equal a one-rank
+    offline engine's for the same seeds (the first token sampled on P, the rest on D)."""
+    from pdserve.engine import SamplingParams
+
+    params = {"temperature": 1.5, "max_tokens": NEW_TOKENS, "min_tokens": NEW_TOKENS}
+    seeds = (7, 1234, 2**40 + 3)
+    want = llm.generate([prompt] * len(seeds), [SamplingParams(seed=s, **params) for s in seeds])
+    for seed, offline in zip(seeds, want):
+        assert client.generate(prompt, seed=seed, **params)["token_ids"] == offline.token_ids
+    assert len({tuple(o.token_ids) for o in want}) > 1  # the seeds really sample
+
+
+def test_smollm2_prefill_tp1_to_decode_tp3_and_colocated_tp3_equal_hf(smollm_p1_d3, hf_model,
+                                                                       llm):
     bg, client = smollm_p1_d3
     (d_group,) = [g for g in bg.cluster.worker_groups if g.worker_id == "decode-0"]
     heads = [ray.get(f.health.remote(), timeout=30)["kv_heads"] for f in d_group.followers]
@@ -132,6 +149,9 @@ def test_smollm2_prefill_tp1_to_decode_tp3_and_colocated_tp3_equal_hf(smollm_p1_
     long = [1, 9690, 198, 2683, 359, 253, 5356, 30, 1350, 314, 260, 3575, 282, 4649, 47, 2]
     assert _greedy(client, long) == hf_greedy(hf_model, long, NEW_TOKENS)
     assert _handoffs(client) == handed + 1  # P TP=1 pushed to all three D ranks
+    # (Not after the end-of-turn token: what follows it is near-certain for any seed.)
+    _seeded_equal_offline(client, llm, long[:-2])  # P TP=1 -> D TP=3
+    _seeded_equal_offline(client, llm, short)  # colocated on the TP=3 worker
     stream = client.stream(long * 4, max_tokens=50, min_tokens=50, temperature=0)
     next(stream)
     stream.close()
