@@ -26,9 +26,10 @@ class ParallelContext:
 
     Ranks are numbered stage-major: global rank = `pp_rank * tp_size + tp_rank` (the
     driver, rank 0, is stage 0's TP rank 0). Stage s hands its hidden states to the same TP
-    rank of stage s + 1 (`send_next` / `recv_prev`, point-to-point on the world group);
-    the last stage's TP rank 0 sends the logits to the driver (`send_logits` /
-    `recv_logits`). Every rank of a stage holds the full hidden states after its layers
+    rank of stage s + 1 (`isend_next` / `recv_prev`, point-to-point on the world group);
+    the last stage's TP rank 0 sends the logits to the driver (`isend_logits` /
+    `recv_logits`). Every pair of ranks sends and receives micro-batches in the same order.
+    Every rank of a stage holds the full hidden states after its layers
     (the row-parallel all-reduce), so no gather is needed between stages.
     """
 
@@ -74,11 +75,12 @@ class ParallelContext:
     def is_last_stage(self) -> bool:
         return self.pp_rank == self.pp_size - 1
 
-    def send_next(self, x: torch.Tensor) -> None:
-        """Hidden states to the same TP rank of the next stage."""
+    def isend_next(self, x: torch.Tensor):
+        """Hidden states to the same TP rank of the next stage, without waiting: the
+        returned work must be waited on (and `x` kept alive) before the step ends."""
         import torch.distributed as dist
 
-        dist.send(x.contiguous(), self.rank + self.tp_size)
+        return dist.isend(x.contiguous(), self.rank + self.tp_size)
 
     def recv_prev(self, shape: tuple[int, ...], dtype: torch.dtype,
                   device: torch.device) -> torch.Tensor:
@@ -89,12 +91,14 @@ class ParallelContext:
         dist.recv(x, self.rank - self.tp_size)
         return x
 
-    def send_logits(self, logits: torch.Tensor) -> None:
-        """The last stage's TP rank 0 hands the step's logits to the driver (rank 0)."""
+    def isend_logits(self, logits: torch.Tensor):
+        """The last stage's TP rank 0 hands a micro-batch's logits to the driver (rank 0)
+        without waiting; None where nothing is sent (other TP ranks, no sampling rows)."""
         import torch.distributed as dist
 
         if self.tp_rank == 0 and self.rank != 0 and logits.numel():
-            dist.send(logits.contiguous(), 0)
+            return dist.isend(logits.contiguous(), 0)
+        return None
 
     def recv_logits(self, shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
         """On the driver: the logits the last stage computed (fp32)."""

@@ -57,6 +57,22 @@ class StepInput:
     def num_seqs(self) -> int:
         return len(self.query_lens)
 
+    def split(self, n: int) -> list[StepInput]:
+        """The step as `n` micro-batches of consecutive sequences (as even as possible),
+        in batch order; what a pipeline keeps in flight at once. Each part keeps the
+        invariants; `kv` stays with the whole step."""
+        n = max(1, min(n, self.num_seqs))
+        base, extra = divmod(self.num_seqs, n)
+        parts, seq, tok = [], 0, 0
+        for i in range(n):
+            k = base + (i < extra)
+            ntok = sum(self.query_lens[seq:seq + k])
+            parts.append(StepInput(self.token_ids[tok:tok + ntok], self.query_lens[seq:seq + k],
+                                   self.context_lens[seq:seq + k],
+                                   self.block_tables[seq:seq + k], self.samples[seq:seq + k]))
+            seq, tok = seq + k, tok + ntok
+        return parts
+
     def to_plain(self) -> list:
         """Plain lists of ints and bools (msgpack-ready), in field order."""
         return [self.token_ids, self.query_lens, self.context_lens, self.block_tables,

@@ -1,12 +1,13 @@
 """Pipeline parallelism in a real cluster: a colocated worker whose layers are split into
 two stages (Ray actors of one placement group; hidden states go stage to stage over gloo
 send/recv, the logits come back to the driver) gives HF transformers' greedy tokens, for
-prompts that fit one step and prompts whose prefill is chunked through the stages.
-
-The stages run one after the other (one micro-batch in flight): correct, not overlapped.
+prompts that fit one step, prompts whose prefill is chunked through the stages, and
+concurrent requests, whose steps go through the stages as two micro-batches.
 """
 
 from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import ray
@@ -41,6 +42,13 @@ def test_pipeline_stages_equal_hf(tiny_model_factory, tp):
             out = client.generate(prompt, max_tokens=NEW_TOKENS, min_tokens=NEW_TOKENS,
                                   temperature=0)
             assert out["token_ids"] == hf_greedy(hf, prompt, NEW_TOKENS)
+        # Batched: each step of several sequences is split into two micro-batches in flight.
+        prompts = [[3 + i, 60 + 2 * i, 9, 100 - i] for i in range(4)]
+        with ThreadPoolExecutor(4) as pool:
+            outs = list(pool.map(lambda p: client.generate(
+                p, max_tokens=NEW_TOKENS, min_tokens=NEW_TOKENS, temperature=0), prompts))
+        for p, out in zip(prompts, outs):
+            assert out["token_ids"] == hf_greedy(hf, p, NEW_TOKENS)
         steps = [ray.get(f.health.remote(), timeout=30)["steps"] for f in group.followers]
         assert min(steps) > 0
         assert client.stats().workers[0].pp == 2

@@ -39,6 +39,16 @@ def test_step_input_crosses_as_msgpack_and_keeps_what_ranks_need():
     assert StepInput.from_plain(msgpack.unpackb(wire, raw=False)) == step
 
 
+def test_a_step_splits_into_micro_batches_of_whole_sequences():
+    step = StepInput([1, 2, 3, 4, 5, 6], [3, 1, 2], [0, 7, 4], [[0], [1, 2], [3]],
+                     [True, True, False])
+    a, b = step.split(2)
+    assert (a.token_ids, a.query_lens, a.context_lens, a.block_tables, a.samples) == \
+        ([1, 2, 3, 4], [3, 1], [0, 7], [[0], [1, 2]], [True, True])
+    assert (b.token_ids, b.query_lens, b.samples) == ([5, 6], [2], [False])
+    assert [s.num_seqs for s in step.split(5)] == [1, 1, 1]  # never an empty part
+
+
 def test_inconsistent_step_input_is_refused():
     plain = [[1, 2, 3], [2], [0], [[0]], [True], None]
     with pytest.raises(ValueError, match="inconsistent"):
