@@ -6,7 +6,8 @@ For each layout (a prefill/decode split of tensor- and pipeline-parallel ranks) 
 real cluster (local Ray, gloo, gRPC), and reports: start-up (launch to serving), TTFT and
 TPOT of one greedy request (streamed, first chunk / mean gap after it), and the prompt's KV
 bytes each rank sends (prefill ranks) and receives (decode ranks) in a handoff — each rank
-moves only its own heads. Prints a markdown table. On a 2-core CPU this shows what the
+moves only its own heads (`--concurrency N`: N requests at once, mean TTFT and TPOT).
+Prints a markdown table. On a 2-core CPU this shows what the
 layouts cost in start-up and communication, not a speed-up: every rank shares the cores.
 """
 
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 from pdserve.cluster.background import BackgroundCluster
 from pdserve.cluster.client import PdserveClient
@@ -50,21 +52,30 @@ def _kv_bytes(prompt_len: int, block_size: int) -> int:
     return blocks * block_size * s["num_layers"] * 2 * s["num_kv_heads"] * head_dim * 4
 
 
-def run_layout(name: str, prompt_len: int, new_tokens: int, block_size: int) -> dict:
+def _timed(client, prompt: list[int], new_tokens: int) -> tuple[float, float]:
+    """(TTFT, TPOT) of one streamed greedy request."""
+    t = time.perf_counter()
+    stamps = []
+    for r in client.stream(prompt, max_tokens=new_tokens, min_tokens=new_tokens,
+                           temperature=0):
+        stamps.extend([time.perf_counter()] * max(1, len(r.token_ids)))
+    return stamps[0] - t, (stamps[-1] - stamps[0]) / max(1, len(stamps) - 1)
+
+
+def run_layout(name: str, prompt_len: int, new_tokens: int, block_size: int,
+               concurrency: int = 1) -> dict:
     mode, p, d = LAYOUTS[name]
     cfg = parse_config(_config(mode, p, d, block_size))
     t0 = time.perf_counter()
     with BackgroundCluster(cfg) as bg, PdserveClient(bg.address, timeout=600) as client:
         startup = time.perf_counter() - t0
-        prompt = [1] + [(7 * i) % 40000 + 100 for i in range(prompt_len - 1)]
-        client.generate(prompt[:16], max_tokens=2)  # warm-up
-        t = time.perf_counter()
-        stamps = []
-        for r in client.stream(prompt, max_tokens=new_tokens, min_tokens=new_tokens,
-                               temperature=0):
-            stamps.extend([time.perf_counter()] * max(1, len(r.token_ids)))
-    ttft = stamps[0] - t
-    tpot = (stamps[-1] - stamps[0]) / max(1, len(stamps) - 1)
+        prompts = [[1] + [(7 * i + 13 * c) % 40000 + 100 for i in range(prompt_len - 1)]
+                   for c in range(concurrency)]
+        client.generate(prompts[0][:16], max_tokens=2)  # warm-up
+        with ThreadPoolExecutor(concurrency) as pool:
+            timings = list(pool.map(lambda q: _timed(client, q, new_tokens), prompts))
+    ttft = sum(t for t, _ in timings) / len(timings)
+    tpot = sum(t for _, t in timings) / len(timings)
     kv = _kv_bytes(prompt_len, block_size) if mode == "disaggregated" else 0
     return {"layout": name, "ranks": p[0] * p[1] * (mode == "disaggregated") + d[0] * d[1],
             "startup_s": startup, "ttft_ms": ttft * 1e3, "tpot_ms": tpot * 1e3,
@@ -76,13 +87,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--prompt-len", type=int, default=256)
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--block-size", type=int, default=16)
+    ap.add_argument("--concurrency", type=int, default=1,
+                    help="requests sent at once (mean TTFT/TPOT over them)")
     ap.add_argument("--layouts", default=",".join(LAYOUTS),
                     help="comma-separated names from: " + "; ".join(LAYOUTS))
     args = ap.parse_args(argv)
-    rows = [run_layout(n.strip(), args.prompt_len, args.new_tokens, args.block_size)
-            for n in args.layouts.split(",")]
+    rows = [run_layout(n.strip(), args.prompt_len, args.new_tokens, args.block_size,
+                       args.concurrency) for n in args.layouts.split(",")]
     print(f"\nSmolLM2-135M fp32, prompt {args.prompt_len} tokens, {args.new_tokens} new "
-          "tokens, gRPC KV, one request at a time\n")
+          f"tokens, gRPC KV, {args.concurrency} request(s) at once\n")
     print("| layout | ranks | start-up s | TTFT ms | TPOT ms | KV sent / P rank | "
           "KV received / D rank |")
     print("|---|---|---|---|---|---|---|")
