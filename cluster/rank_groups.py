@@ -179,12 +179,9 @@ def start_worker(actor_cls, pool: PoolSection, config_blob: dict, pool_name: str
             f"{worker_id}: {world} ranks of {bundle} each could not be placed on one node within "
             f"{place_timeout:.0f}s (not enough CPUs/GPUs there? see `ray status`)") from None
     spec = RankGroupSpec(f"tcp://127.0.0.1:{port}", world, pool.collective_timeout_s, pool.pp)
-    group = WorkerGroup(worker_id, None, pg, pool.tp, pool.pp)  # type: ignore[arg-type]
-    for rank in range(1, world):
-        f = FollowerActor.options(**opts(rank)).remote(config_blob, pool_name, worker_id, rank,
-                                                       spec.to_dict())
-        group.followers.append(f)
-        group.follower_runs.append(f.run.remote())
-    group.driver = actor_cls.options(**opts(0)).remote(config_blob, worker_id, *args,
-                                                       rank_group=spec.to_dict())
-    return group
+    followers = [FollowerActor.options(**opts(rank)).remote(
+        config_blob, pool_name, worker_id, rank, spec.to_dict()) for rank in range(1, world)]
+    runs = [f.run.remote() for f in followers]  # each starts once its rank has joined
+    driver = actor_cls.options(**opts(0)).remote(config_blob, worker_id, *args,
+                                                 rank_group=spec.to_dict())
+    return WorkerGroup(worker_id, driver, pg, pool.tp, pool.pp, followers, runs)
