@@ -67,13 +67,26 @@ def _store(cfg: ClusterConfig):
                           pin_lease_s=cfg.kv_store.pin_lease_seconds)
 
 
+def _executor(engine_config, rank_group: dict | None):
+    """The driver side of a rank group (`cluster/rank_groups.py`), or None: one process."""
+    if rank_group is None:
+        return None
+    from pdserve.cluster.rank_groups import RankGroupSpec
+    from pdserve.engine.executor.multiproc import MultiprocExecutor
+
+    group = RankGroupSpec.from_dict(rank_group).join(0, engine_config.device)
+    return MultiprocExecutor(engine_config, group)
+
+
 class _WorkerShell:
     """What every worker actor answers the same way; `self.worker` is the plain class."""
 
     worker: object
 
     def _identity(self, role: str) -> dict:
+        lk = self.worker.engine.layout_key
         return {"worker_id": self.worker.worker_id, "role": role,
+                "parallel": {"tp": lk.tp_size, "pp": lk.pp_size},
                 "content_key": self.worker.engine.content_key.to_dict(),
                 "layout_key": self.worker.engine.layout_key.to_dict(), "node": _node(),
                 "node_ip": ray.util.get_node_ip_address(), "pid": os.getpid()}
@@ -90,16 +103,18 @@ class _WorkerShell:
 
 @ray.remote(max_concurrency=MAX_CONCURRENCY)
 class PrefillActor(_WorkerShell):
-    def __init__(self, config: dict, worker_id: str):
+    def __init__(self, config: dict, worker_id: str, rank_group: dict | None = None):
         from pdserve.prefill_worker.worker import PrefillWorker
 
         cfg = ClusterConfig.model_validate(config)
         _setup(cfg.prefill.threads)
+        engine_config = cfg.engine_config(cfg.prefill)
         self.worker = PrefillWorker(
-            cfg.engine_config(cfg.prefill), transport=cfg.transport, worker_id=worker_id,
+            engine_config, transport=cfg.transport, worker_id=worker_id,
             inject_transfer_failures=cfg.debug.inject_transfer_failures,
             tls=cfg.tls.sender_files() if cfg.tls and cfg.transport == "grpc" else None,
             store=_store(cfg),
+            executor=_executor(engine_config, rank_group),
         )
 
     def ready(self) -> dict:
@@ -123,17 +138,20 @@ class PrefillActor(_WorkerShell):
 
 @ray.remote(max_concurrency=MAX_CONCURRENCY)
 class DecodeActor(_WorkerShell):
-    def __init__(self, config: dict, worker_id: str, role: str):
+    def __init__(self, config: dict, worker_id: str, role: str,
+                 rank_group: dict | None = None):
         from pdserve.decode_worker.worker import DecodeWorker
 
         cfg = ClusterConfig.model_validate(config)
         _setup(cfg.decode.threads)
         host, advertise = transfer_endpoint(cfg.decode.transfer_host)
+        engine_config = cfg.engine_config(cfg.decode)
         self.worker = DecodeWorker(
-            cfg.engine_config(cfg.decode), transport=cfg.transport, worker_id=worker_id,
+            engine_config, transport=cfg.transport, worker_id=worker_id,
             role=role, host=host, advertise_host=advertise,
             tls=cfg.tls.receiver_files() if cfg.tls and cfg.transport == "grpc" else None,
             store=_store(cfg),
+            executor=_executor(engine_config, rank_group),
         )
 
     def ready(self) -> dict:

@@ -92,13 +92,17 @@ def _stats(args) -> int:
     except grpc.RpcError as e:
         print(f"error: {e.code().name}: {e.details()}", file=sys.stderr)
         return 1
-    print(f"{'worker':<14}{'role':<11}{'free/total blocks':>18}{'running':>9}{'waiting':>9}")
+    print(f"{'worker':<14}{'role':<11}{'free/total blocks':>18}{'running':>9}{'waiting':>9}"
+          f"  {'ranks':<12}")
     for w in s.workers:
         if w.state == "down":
             print(f"{w.worker_id:<14}{w.role:<11}{'DOWN':>18}  (dead or hung; being replaced)")
             continue
+        ranks = f"tp{w.tp or 1} pp{w.pp or 1} " + ("FAILED" if w.rank_failure else "ok")
         print(f"{w.worker_id:<14}{w.role:<11}{w.free_blocks:>9}/{w.total_blocks:<8}"
-              f"{w.running:>9}{w.waiting:>9}")
+              f"{w.running:>9}{w.waiting:>9}  {ranks:<12}")
+        if w.rank_failure:
+            print(f"  {w.worker_id}: {w.rank_failure}")
     print(f"finished {s.requests_finished}, aborted {s.requests_aborted}, "
           f"handoff retries {s.handoff_retries}, in flight {s.queued_requests}, "
           f"migrated {s.migrations}, workers replaced {s.workers_replaced}")

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from pdserve.engine.config import CacheConfig, EngineConfig, SchedulerConfig
+from pdserve.engine.config import CacheConfig, EngineConfig, ParallelConfig, SchedulerConfig
 
 if TYPE_CHECKING:
     from pdserve.tls import TLSFiles
@@ -57,6 +57,12 @@ class PoolSection(_Strict):
                                         description="Ray node labels the pool must run on")
     max_num_seqs: int = Field(default=64, ge=1)
     max_num_batched_tokens: int = Field(default=512, ge=1)
+    tp: int = Field(default=1, ge=1, description="tensor-parallel ranks per worker (one Ray "
+                    "actor each, packed on one node)")
+    pp: int = Field(default=1, ge=1, description="pipeline stages per worker")
+    collective_timeout_s: float = Field(
+        default=30.0, gt=0, description="how long a rank waits for the others in one "
+        "collective before its worker fails (a dead or hung rank)")
     transfer_host: str = Field(
         default="127.0.0.1", min_length=1,
         description="interface a decode worker's KV receiver binds: an address, 'node-ip' "
@@ -239,7 +245,36 @@ class ClusterConfig(_Strict):
         if self.tls is not None and self.tls.mutual_kv and self.transport != "grpc":
             raise ValueError("tls.mutual_kv applies to the grpc KV transport; the nccl "
                              "transport's announces are admitted by the reservation secret")
+        self._check_parallelism()
         return self
+
+    def _check_parallelism(self) -> None:
+        """Refuse TP/PP sizes the model cannot be split into, naming the reason, before
+        any worker loads a weight (reads the model's metadata only when a pool is split)."""
+        pools = [("decode", self.decode)]
+        if self.mode == "disaggregated":
+            pools.insert(0, ("prefill", self.prefill))
+        split = [(name, pool) for name, pool in pools if pool.tp * pool.pp > 1]
+        if not split:
+            return
+        for name, pool in split:
+            if pool.pp > 1 and self.mode == "disaggregated":
+                raise ValueError(f"{name}.pp={pool.pp} in mode 'disaggregated': sending KV "
+                                 "from or to pipeline stages is not built yet (pp > 1 runs "
+                                 "in mode 'colocated')")
+            if self.mode == "disaggregated" and self.transport != "grpc":
+                raise ValueError(
+                    f"{name}.tp={pool.tp} in mode 'disaggregated' needs transport 'grpc' "
+                    f"(each rank sends its own KV heads to the peer ranks holding them; "
+                    f"'{self.transport}' sends whole pools only)")
+        from pdserve.engine.loader.model_files import read_model_shape
+
+        shape = read_model_shape(self.model.name)
+        for name, pool in split:
+            problem = parallelism_problem(shape, pool.tp, pool.pp)
+            if problem:
+                raise ValueError(f"{name}.tp={pool.tp}, {name}.pp={pool.pp} cannot serve "
+                                 f"{self.model.name}: {problem}")
 
     def engine_config(self, pool: PoolSection) -> EngineConfig:
         """The engine settings one worker of `pool` runs with."""
@@ -253,7 +288,24 @@ class ClusterConfig(_Strict):
                                       max_num_batched_tokens=pool.max_num_batched_tokens,
                                       max_model_len=self.model.max_model_len),
             num_threads=pool.threads,
+            parallel=ParallelConfig(tensor_parallel_size=pool.tp,
+                                    pipeline_parallel_size=pool.pp),
         )
+
+
+def parallelism_problem(shape: dict[str, int], tp: int, pp: int) -> str:
+    """Why a model of `shape` (`read_model_shape`) cannot be split into `tp` tensor-parallel
+    ranks and `pp` stages ("" if it can): every rank must hold whole query and KV heads,
+    an equal slice of the MLP and of the vocabulary; every stage at least one layer."""
+    reasons = []
+    for field, what in (("num_heads", "query heads"), ("num_kv_heads", "KV heads"),
+                        ("intermediate_size", "MLP features"),
+                        ("vocab_size", "vocabulary entries")):
+        if shape[field] % tp:
+            reasons.append(f"its {shape[field]} {what} do not split into {tp} equal shares")
+    if pp > shape["num_layers"]:
+        reasons.append(f"its {shape['num_layers']} layers cannot fill {pp} pipeline stages")
+    return "; ".join(reasons)
 
 
 class ConfigError(ValueError):

@@ -2,9 +2,10 @@
 the OpenAI-compatible HTTP API.
 
 `pdserve serve CONFIG` and `python -m pdserve.cluster serve CONFIG` (also under `ray job submit`)
-both end up in `serve()`. Placement lives here and nowhere else: each worker gets its own
-placement group (STRICT_PACK, ready for a tensor-parallel group's bundles), pinned with the
-pool's custom resources or node labels when the YAML names them.
+both end up in `serve()`. Placement goes through `_place` only: each worker gets its own
+placement group (STRICT_PACK, one bundle per rank of a tensor-parallel worker:
+`cluster/rank_groups.py`), pinned with the pool's custom resources or node labels when the
+YAML names them.
 
 Ray: `ray.address` set -> join that cluster; unset -> join the cluster of the Ray job this
 process runs in (RAY_ADDRESS, set by `ray job submit`), else start a private local instance.
@@ -24,18 +25,18 @@ import signal
 import time
 
 import ray
-from ray.util.placement_group import placement_group, remove_placement_group
-from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+from ray.util.placement_group import remove_placement_group
 from tqdm import tqdm
 
 from pdserve.cluster.actors import DecodeActor, PrefillActor
-from pdserve.cluster.config import ClusterConfig, PoolSection
+from pdserve.cluster.config import ClusterConfig
 from pdserve.cluster.control import RunFile
 from pdserve.cluster.kv_store_setup import KVStoreDeployment
 from pdserve.cluster.local_ray import start_local_ray
 from pdserve.cluster.nccl_setup import connect_all as connect_nccl_pairs
 from pdserve.cluster.nccl_setup import connect_pair as connect_nccl_pair
 from pdserve.cluster.nccl_setup import reconnect_broken as reconnect_nccl_pairs
+from pdserve.cluster.rank_groups import WorkerGroup, start_worker
 from pdserve.cluster.ray_clients import RayDecodeClient, RayPrefillClient
 from pdserve.cluster.reaper import start_reaper
 from pdserve.cluster.supervisor import Supervisor
@@ -45,6 +46,7 @@ from pdserve.engine.kv_cache.keys import (
     LayoutKey,
     check_same_content,
     handshake,
+    reshardable_fields,
 )
 from pdserve.engine.loader.model_files import open_tokenizer
 from pdserve.proto import pb
@@ -60,6 +62,14 @@ from pdserve.tls import TLSConfigError
 log = logging.getLogger("pdserve.cluster")
 
 
+def _kill_all(actors) -> None:
+    for a in actors:
+        try:
+            ray.kill(a, no_restart=True)
+        except Exception:  # noqa: BLE001 - already dead is fine
+            pass
+
+
 class ClusterStartError(RuntimeError):
     pass
 
@@ -73,7 +83,8 @@ class Cluster:
         self.prefill_handles: list = []
         self.decode_handles: list = []
         self.placement_groups: list = []
-        self.worker_groups: dict[str, object] = {}  # worker id -> its placement group
+        # worker id -> its rank actors and placement group (a replacement reuses the group)
+        self.worker_groups: dict[str, WorkerGroup] = {}
         self.ready_info: list[dict] = []
         self.http_url: str | None = None  # the OpenAI HTTP API's base URL, once serving
         self.kv_store = KVStoreDeployment(config)
@@ -95,10 +106,13 @@ class Cluster:
         role = "decode" if cfg.mode == "disaggregated" else "colocated"
         # Workers get the config with the index URL, when the store runs.
         self._worker_cfg = self.kv_store.start_index()
-        for i in range(n_prefill):
-            self.prefill_handles.append(self._start_worker(f"prefill-{i}"))
-        for i in range(cfg.decode.count):
-            self.decode_handles.append(self._start_worker(f"{role}-{i}"))
+        try:
+            for i in range(n_prefill):
+                self.prefill_handles.append(self._start_worker(f"prefill-{i}", ready_timeout))
+            for i in range(cfg.decode.count):
+                self.decode_handles.append(self._start_worker(f"{role}-{i}", ready_timeout))
+        except TimeoutError as e:
+            raise ClusterStartError(str(e)) from None
         self._wait_ready(ready_timeout)
         try:
             self.kv_store.start_pools(self._worker_cfg, self.ready_info)
@@ -125,17 +139,30 @@ class Cluster:
     def _cpus_needed(self) -> float:
         cfg = self.config
         n_prefill = cfg.prefill.count if cfg.mode == "disaggregated" else 0
-        return n_prefill * cfg.prefill.num_cpus + cfg.decode.count * cfg.decode.num_cpus
+        return (n_prefill * cfg.prefill.num_cpus * cfg.prefill.tp * cfg.prefill.pp
+                + cfg.decode.count * cfg.decode.num_cpus * cfg.decode.tp * cfg.decode.pp)
 
-    def _start_worker(self, worker_id: str):
-        """Start the actor of `worker_id` ("prefill-0", "decode-1", "colocated-0"), in the
-        placement group it had (a replacement) or a new one; returns its handle."""
+    def _start_worker(self, worker_id: str, timeout: float):
+        """Start the rank actors of `worker_id` ("prefill-0", "decode-1", "colocated-0") in
+        the placement group it had (a replacement) or a new one (one bundle a rank,
+        `cluster/rank_groups.py`); returns the handle of its driver rank. Each bundle holds
+        the pool's custom resources and is restricted to nodes with the pool's labels, so
+        both kinds of pinning hold for every rank."""
         cfg = self.config
         blob = self._worker_cfg.model_dump(mode="json")
         if worker_id.startswith("prefill-"):
-            return self._place(PrefillActor, cfg.prefill, worker_id).remote(blob, worker_id)
-        role = "decode" if cfg.mode == "disaggregated" else "colocated"
-        return self._place(DecodeActor, cfg.decode, worker_id).remote(blob, worker_id, role)
+            actor_cls, pool, pool_name, args = PrefillActor, cfg.prefill, "prefill", ()
+        else:
+            role = "decode" if cfg.mode == "disaggregated" else "colocated"
+            actor_cls, pool, pool_name, args = DecodeActor, cfg.decode, "decode", (role,)
+        old = self.worker_groups.get(worker_id)
+        group = start_worker(actor_cls, pool, blob, pool_name, worker_id, *args,
+                             place_timeout=timeout,
+                             placement=old.placement if old is not None else None)
+        if old is None:
+            self.placement_groups.append(group.placement)
+        self.worker_groups[worker_id] = group
+        return group.driver
 
     def replace_worker(self, worker_id: str, ready_timeout: float):
         """Kill the actor of `worker_id` (dead or hung) and start a new one in its placement
@@ -145,11 +172,8 @@ class Cluster:
         handles = self.prefill_handles if worker_id.startswith("prefill-") \
             else self.decode_handles
         index = int(worker_id.rsplit("-", 1)[1])
-        try:
-            ray.kill(handles[index], no_restart=True)  # a hung one still holds its bundle
-        except Exception:  # noqa: BLE001 - already dead is fine
-            pass
-        new = self._start_worker(worker_id)
+        _kill_all(self.worker_groups[worker_id].actors)  # a hung one still holds its bundle
+        new = self._start_worker(worker_id, ready_timeout)
         try:
             info = ray.get(new.ready.remote(), timeout=ready_timeout)
             before = self.ready_info
@@ -172,31 +196,11 @@ class Cluster:
                 for p, p_id, d, d_id in pairs:
                     connect_nccl_pair(p, p_id, d, d_id, ready_timeout)
         except BaseException:
-            ray.kill(new, no_restart=True)
+            _kill_all(self.worker_groups[worker_id].actors)
             raise
         handles[index] = new
         return new
 
-    def _place(self, actor_cls, pool: PoolSection, worker_id: str):
-        """Actor options that put one worker of `pool` into its own placement group; the
-        group's bundle holds the pool's custom resources and is restricted to nodes with
-        the pool's labels, so both kinds of pinning hold for every actor in the group.
-        A replacement of `worker_id` goes into the group the worker had."""
-        opts: dict = {"num_cpus": pool.num_cpus, "num_gpus": pool.num_gpus}
-        bundle = {"CPU": pool.num_cpus, **pool.resources}
-        if pool.num_gpus:
-            bundle["GPU"] = pool.num_gpus
-        selector = {"bundle_label_selector": [dict(pool.node_labels)]} if pool.node_labels else {}
-        pg = self.worker_groups.get(worker_id)
-        if pg is None:
-            pg = placement_group([bundle], strategy="STRICT_PACK", **selector)
-            self.placement_groups.append(pg)
-            self.worker_groups[worker_id] = pg
-        opts["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
-            placement_group=pg, placement_group_bundle_index=0)
-        if pool.resources:
-            opts["resources"] = dict(pool.resources)
-        return actor_cls.options(**opts)
 
     def _wait_ready(self, timeout: float) -> None:
         handles = [*self.prefill_handles, *self.decode_handles]
@@ -237,7 +241,7 @@ class Cluster:
                 check_same_content(infos[0][0], infos[0][1], name, content)
             for p in prefill:
                 for d in decode:
-                    handshake(*p, *d)
+                    handshake(*p, *d, reshardable=reshardable_fields(self.config.transport))
         except HandshakeError as e:
             raise ClusterStartError(f"refusing to start: {e}") from None
 
@@ -289,7 +293,8 @@ class Cluster:
 
     def shutdown(self) -> None:
         self.kv_store.stop()
-        for h in [*self.prefill_handles, *self.decode_handles]:
+        followers = [f for g in self.worker_groups.values() for f in g.followers]
+        for h in [*self.prefill_handles, *self.decode_handles, *followers]:
             try:
                 ray.kill(h)
             except Exception:  # noqa: BLE001 - already dead is fine

@@ -87,7 +87,12 @@ class Supervisor:
             return_exceptions=True)
         stats: list[WorkerStats] = []
         for w, a in zip(live, answers):
-            if isinstance(a, WorkerStats):
+            if isinstance(a, WorkerStats) and a.rank_failure:
+                # A rank of its group died or hung: the worker refuses work until replaced.
+                log.warning("worker %s lost a rank (%s): replacing it", w.worker_id,
+                            a.rank_failure)
+                self.lifecycle.worker_down(w.worker_id)
+            elif isinstance(a, WorkerStats):
                 stats.append(a)
             elif isinstance(a, WorkerDown):
                 self.lifecycle.worker_down(w.worker_id)

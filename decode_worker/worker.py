@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 
 from pdserve.engine.config import EngineConfig
 from pdserve.engine.engine_loop import EngineLoop, RecentIds
+from pdserve.engine.executor.base import Executor
 from pdserve.engine.kv_cache.block_manager import OutOfBlocksError
 from pdserve.engine.llm_engine import LLMEngine, RequestOutput
 from pdserve.engine.multi_connector import MultiConnector
@@ -51,6 +52,7 @@ class DecodeWorker:
         advertise_host: str | None = None,
         tls: TLSFiles | None = None,
         store: StoreConnector | None = None,
+        executor: Executor | None = None,
     ):
         self.worker_id = worker_id
         self.role = role
@@ -66,10 +68,14 @@ class DecodeWorker:
         # the prefill worker's push is COMPLETE.
         self.connector = PushReceiver(transport, **opts)
         # With the global KV store, requests prefilled here load their stored prefix first.
+        # `executor`: the model over a rank group (tensor-parallel), default this process.
         self.store = store
         engine_connector = self.connector if store is None \
             else MultiConnector([self.connector, store])
-        self.engine = LLMEngine(config, kv_connector=engine_connector)
+        self.engine = LLMEngine(config, kv_connector=engine_connector, executor=executor)
+        if role == "decode" and self.engine.layout_key.tp_size > 1:
+            # Handed-off KV: each follower rank receives its own heads.
+            self.connector.bind_ranks(self.engine.rank_kv_control)
         self.receiver = self.connector.receiver
         self._streams: dict[str, queue.SimpleQueue] = {}
         self._lock = threading.Lock()
@@ -94,6 +100,8 @@ class DecodeWorker:
         reused, then (with the global KV store) the blocks after it that the store holds are
         loaded: the sink starts past both (its `first_block`), so the prefill worker sends
         only the rest."""
+
+        self._check_working()
 
         def do(engine: LLMEngine) -> KVSink:
             try:
@@ -124,7 +132,10 @@ class DecodeWorker:
         chunk first). Raises KVTransferError, freeing the reservation, if the KV did not
         fully arrive."""
         rid = request.request_id
+        deadline = time.monotonic() + self.transfer_timeout
         status = self.receiver.wait(rid, self.transfer_timeout)
+        if status is TransferStatus.COMPLETE and self.connector.has_ranks:
+            status = self._wait_ranks(rid, deadline)
         if status is not TransferStatus.COMPLETE:
             self._drop_reservation(rid)
             raise KVTransferError(f"KV for {rid} did not arrive ({status.name})")
@@ -162,6 +173,7 @@ class DecodeWorker:
         """Prefill and decode a request here (colocated mode); streams output chunks. A
         resumed request recomputes its streamed tokens' KV with the prompt, then continues."""
         rid, params = request.request_id, request.params
+        self._check_working()
         stream = self._open_stream(rid)
 
         def add(engine: LLMEngine) -> None:
@@ -202,12 +214,23 @@ class DecodeWorker:
             stream.put(_END)
         return found
 
+    @property
+    def failure(self) -> str | None:
+        """Why this worker can serve nothing more (its rank group broke), or None."""
+        reason = self.engine.executor.failure
+        return f"{self.worker_id} failed: {reason}" if reason else None
+
+    def _check_working(self) -> None:
+        if self.failure:
+            raise RuntimeError(self.failure)
+
     def stats(self) -> WorkerStats:
         usage = self.engine.usage()
         return WorkerStats(
             worker_id=self.worker_id,
             role=self.role,
-            free_blocks=usage.free_blocks,
+            # A failed worker has no block a new request could get: routing goes elsewhere.
+            free_blocks=0 if self.failure else usage.free_blocks,
             total_blocks=usage.total_blocks,
             running=usage.running,
             waiting=usage.waiting + usage.reserved,
@@ -215,6 +238,9 @@ class DecodeWorker:
             generated_tokens=self.engine.stats["generated_tokens"],
             leases_expired=self.leases_expired,
             **store_stats(self.store),
+            tp=self.engine.layout_key.tp_size,
+            pp=self.engine.layout_key.pp_size,
+            rank_failure=self.engine.executor.failure or "",
         )
 
     def close(self) -> None:
@@ -222,6 +248,7 @@ class DecodeWorker:
         self.connector.close()
         if self.store is not None:
             self.store.close()
+        self.engine.shutdown()  # releases a rank group's followers
 
     # ---- internals ----------------------------------------------------------------------------
 
@@ -250,6 +277,9 @@ class DecodeWorker:
                 chunk = OutputChunk.merge(OutputChunk.from_output(o) for o in outs
                                           if o is not _END)
                 finished = chunk.finished or any(o is _END for o in outs)
+                if chunk.finish_reason == "abort" and self.failure:
+                    # Not a cancel: the step failed under the request. Say why.
+                    raise RuntimeError(self.failure)
                 if not chunk.empty:
                     yield chunk
         finally:
@@ -271,6 +301,18 @@ class DecodeWorker:
         byte lands in them once the receiver forgot it)."""
         self.connector.cancel(rid)
         return self.engine.release(rid)
+
+    def _wait_ranks(self, rid: str, deadline: float) -> TransferStatus:
+        """Until every follower rank's part of `rid` arrived (its prefill ranks push
+        independently), failed, or `deadline`; asked on the loop thread (it uses the rank
+        group), backing off from 5 ms."""
+        delay = 0.005
+        while True:
+            status = self.loop.call(lambda e: self.connector.rank_status(rid))
+            if status is not TransferStatus.PENDING or time.monotonic() > deadline:
+                return status
+            time.sleep(delay)
+            delay = min(delay * 2, 0.1)
 
     def _drop_reservation(self, rid: str) -> None:
         self.loop.call(lambda engine: self._free_reservation(rid))

@@ -128,9 +128,9 @@ class SchedulerConfig:
 @dataclass(frozen=True, slots=True)
 class ParallelConfig:
     """How one model replica is split: `tensor_parallel_size` ranks share every layer
-    (KV heads split between them), `pipeline_parallel_size` stages split the layers (not
-    run yet: only 1 is accepted). The ranks themselves, and their collective timeout, come
-    from the rank group the driver is given (`engine.executor.group.init_rank_group`)."""
+    (KV heads split between them), `pipeline_parallel_size` stages split the layers (each
+    stage a TP group). The ranks themselves, and their collective timeout, come from the
+    rank group the driver is given (`engine.executor.group.init_rank_group`)."""
 
     tensor_parallel_size: int = 1
     pipeline_parallel_size: int = 1
@@ -139,9 +139,9 @@ class ParallelConfig:
         if self.tensor_parallel_size < 1:
             raise ValueError(
                 f"tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
-        if self.pipeline_parallel_size != 1:
-            raise ValueError("pipeline_parallel_size must be 1: pipeline parallelism is not "
-                             f"built yet (got {self.pipeline_parallel_size})")
+        if self.pipeline_parallel_size < 1:
+            raise ValueError(
+                f"pipeline_parallel_size must be >= 1, got {self.pipeline_parallel_size}")
 
     @property
     def world_size(self) -> int:

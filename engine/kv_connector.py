@@ -94,6 +94,14 @@ class KVConnectorScheduler(ABC):
         """`seq` left the engine (see `seq.finish_reason`); True if its blocks may be freed
         now, False to keep them until the worker half reports the request finished."""
 
+    def rank_metadata(self, transfers: StepTransfers) -> list | None:
+        """What the follower ranks' connectors (`KVConnectorRank.start_rank_step`) need to
+        do their share of `transfers` — plain msgpack-able data, it crosses processes in the
+        step's `StepInput.kv` — or None when followers move nothing this step. A connector
+        whose transfers involve KV heads held by other ranks must return their part here
+        (the default None keeps it to a single rank: a rank group refuses its transfers)."""
+        return None
+
 
 class KVConnectorWorker(ABC):
     """The worker half. Called on the engine thread around and inside the forward pass.
@@ -138,6 +146,39 @@ class KVConnectorWorker(ABC):
 
 class KVConnector(KVConnectorScheduler, KVConnectorWorker):
     """Both halves in one object."""
+
+
+class KVConnectorRank(KVConnectorWorker):
+    """The worker half on a follower rank of a rank group (engine/executor): it moves this
+    rank's share of the KV — the KV heads (or layers) its pool holds — and nothing else.
+    No rank gathers another rank's KV.
+
+    Invariants:
+    - Called on the follower's one thread, in the driver's order. Per step that moves KV:
+      `start_rank_step(meta)` (meta: the driver connector's `rank_metadata` of the step)
+      instead of `start_step`, then the forward pass's `wait_for_layer` / `save_layer`, then
+      `end_step`, also when the pass failed.
+    - `control(op)` answers the driver between steps (`Executor.kv_control`): e.g. make a
+      reservation in this rank's pool, forget one, say whether one is complete. The reply is
+      a small JSON-able map (under 1 KiB encoded); {"error": ...} for an op it does not know.
+    - Block ids mean what they mean on the driver, whose block manager alone allocates and
+      frees them: a rank holds reservations only while the driver says so, and its
+      `finished_transfers` stays empty (the driver decides when blocks are free).
+    """
+
+    def start_step(self, transfers: StepTransfers) -> None:
+        raise RuntimeError("a follower rank's connector starts steps from rank metadata")
+
+    @abstractmethod
+    def start_rank_step(self, meta: list) -> None:
+        """Begin this rank's share of the step's transfers."""
+
+    @abstractmethod
+    def control(self, op: dict) -> dict:
+        """Answer one request of the driver made between steps."""
+
+    def finished_transfers(self) -> list[str]:
+        return []
 
 
 class PassiveWorkerHalf(KVConnectorWorker):

@@ -41,7 +41,8 @@ class LLM:
 
     def __init__(self, model: str = "smollm2-135m-instruct", rank_group=None, **kwargs):
         if rank_group is not None:
-            kwargs.setdefault("tensor_parallel_size", rank_group.world_size)
+            kwargs.setdefault("tensor_parallel_size", rank_group.parallel.tp_size)
+            kwargs.setdefault("pipeline_parallel_size", rank_group.parallel.pp_size)
         config = engine_config(model, **kwargs)
         executor = None
         if rank_group is not None:

@@ -214,7 +214,8 @@ class LLMEngine:
         transfers = self.scheduler.build_step(batch)
         self.connector.start_step(transfers)
         try:
-            step = StepInput.from_batch(batch, self.layout.block_size)
+            step = StepInput.from_batch(batch, self.layout.block_size,
+                                        self.connector.rank_metadata(transfers))
             logits = self.executor.execute_model(
                 step, self.connector if transfers else None).logits
         finally:
@@ -325,6 +326,11 @@ class LLMEngine:
     def release_finished_transfers(self) -> None:
         """Free the blocks of finished requests whose transfers the connector says ended."""
         self.scheduler.transfers_finished(self.connector.finished_transfers())
+
+    def rank_kv_control(self, op: dict) -> list[dict]:
+        """Ask every follower rank's KV connector (`KVConnectorRank.control`); their replies
+        in rank order (none with one rank). Engine thread only: it uses the rank group."""
+        return self.executor.kv_control(op)
 
     def usage(self) -> EngineUsage:
         s = self.scheduler

@@ -93,6 +93,10 @@ class ModelRunner:
             logits = self.decode_graphs.run(step)  # None unless a pure-decode batch fits
             if logits is not None:
                 return logits
+        if self.model.parallel.pp_size > 1:
+            if kv_connector is not None:
+                raise NotImplementedError("KV transfers from or to pipeline stages")
+            return self._execute_pipelined(step)
         input_ids, positions, meta, rows = self.prepare(step)
         ctx = forward_context.ForwardContext(meta, self.kv_cache, self.backend)
         if kv_connector is not None:
@@ -103,3 +107,43 @@ class ModelRunner:
         if rows.numel() != hidden.shape[0]:  # else every row samples (a pure decode step)
             hidden = hidden[rows]
         return self.model.compute_logits(hidden).float()
+
+    def _execute_pipelined(self, step: StepInput) -> torch.Tensor | None:
+        """This stage's part of the step, as up to `pp_size` micro-batches of its sequences:
+        each micro-batch's hidden states come from the previous stage (or the embedding)
+        and leave for the next (or the LM head, whose logits go to the driver) without
+        waiting, so stage s runs micro-batch i + 1 while stage s + 1 runs micro-batch i.
+        Returns the whole step's logits on the driver, None on every other rank.
+
+        The overlap is within a step: the next step waits for this one's sampled tokens.
+        """
+        pp, model = self.model.parallel, self.model
+        dtype = next(model.parameters()).dtype
+        parts = step.split(pp.pp_size)
+        in_flight, logits = [], []  # (work, tensor): the tensor must live until the wait
+        for part in parts:
+            input_ids, positions, meta, rows = self.prepare(part)
+            hidden_in = None
+            if not pp.is_first_stage:
+                hidden_in = pp.recv_prev((input_ids.shape[0], model.config.hidden_size), dtype,
+                                         self.device)
+            with forward_context.use(forward_context.ForwardContext(meta, self.kv_cache,
+                                                                    self.backend)):
+                hidden = model(input_ids, positions, hidden_in)
+            if not pp.is_last_stage:
+                in_flight.append((pp.isend_next(hidden), hidden))
+                continue
+            if rows.numel() != hidden.shape[0]:
+                hidden = hidden[rows]
+            out = model.compute_logits(hidden).float()
+            in_flight.append((pp.isend_logits(out), out))
+            logits.append(out)
+        if pp.rank == 0:
+            logits = [pp.recv_logits((sum(p.samples), model.config.vocab_size), self.device)
+                      for p in parts]
+        for work, _ in in_flight:
+            if work is not None:
+                work.wait()
+        if pp.rank != 0:
+            return None
+        return torch.cat(logits) if len(logits) > 1 else logits[0]

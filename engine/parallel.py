@@ -24,8 +24,13 @@ import torch
 class ParallelContext:
     """This rank's place in the tensor- and pipeline-parallel layout of one model replica.
 
-    Pipeline parallelism is described (`pp_rank`, `pp_size`) so that keys and step messages
-    can carry it; no executor runs more than one stage yet.
+    Ranks are numbered stage-major: global rank = `pp_rank * tp_size + tp_rank` (the
+    driver, rank 0, is stage 0's TP rank 0). Stage s hands its hidden states to the same TP
+    rank of stage s + 1 (`isend_next` / `recv_prev`, point-to-point on the world group);
+    the last stage's TP rank 0 sends the logits to the driver (`isend_logits` /
+    `recv_logits`). Every pair of ranks sends and receives micro-batches in the same order.
+    Every rank of a stage holds the full hidden states after its layers
+    (the row-parallel all-reduce), so no gather is needed between stages.
     """
 
     tp_rank: int = 0
@@ -55,6 +60,53 @@ class ParallelContext:
         import torch.distributed as dist
 
         dist.all_reduce(x, group=self.tp_group)
+        return x
+
+    @property
+    def rank(self) -> int:
+        """This rank's global rank in the replica's group (stage-major)."""
+        return self.pp_rank * self.tp_size + self.tp_rank
+
+    @property
+    def is_first_stage(self) -> bool:
+        return self.pp_rank == 0
+
+    @property
+    def is_last_stage(self) -> bool:
+        return self.pp_rank == self.pp_size - 1
+
+    def isend_next(self, x: torch.Tensor):
+        """Hidden states to the same TP rank of the next stage, without waiting: the
+        returned work must be waited on (and `x` kept alive) before the step ends."""
+        import torch.distributed as dist
+
+        return dist.isend(x.contiguous(), self.rank + self.tp_size)
+
+    def recv_prev(self, shape: tuple[int, ...], dtype: torch.dtype,
+                  device: torch.device) -> torch.Tensor:
+        """Hidden states from the same TP rank of the previous stage."""
+        import torch.distributed as dist
+
+        x = torch.empty(shape, dtype=dtype, device=device)
+        dist.recv(x, self.rank - self.tp_size)
+        return x
+
+    def isend_logits(self, logits: torch.Tensor):
+        """The last stage's TP rank 0 hands a micro-batch's logits to the driver (rank 0)
+        without waiting; None where nothing is sent (other TP ranks, no sampling rows)."""
+        import torch.distributed as dist
+
+        if self.tp_rank == 0 and self.rank != 0 and logits.numel():
+            return dist.isend(logits.contiguous(), 0)
+        return None
+
+    def recv_logits(self, shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
+        """On the driver: the logits the last stage computed (fp32)."""
+        import torch.distributed as dist
+
+        x = torch.empty(shape, dtype=torch.float32, device=device)
+        if x.numel():  # a step where nothing samples (a prompt's earlier chunk) sends none
+            dist.recv(x, (self.pp_size - 1) * self.tp_size)
         return x
 
     def all_gather_last_dim(self, x: torch.Tensor) -> torch.Tensor:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import enum
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
@@ -154,19 +155,55 @@ class SendHandle(ABC):
         """Tell the receiver to drop the request (it marks it FAILED); does not block."""
 
 
-class KVSender(ABC):
-    """Prefill side: one per prefill worker, bound to its own pool; opens one handle a request.
+@dataclass(frozen=True, slots=True)
+class HeadRoute:
+    """The KV heads one sending rank sends one receiving rank: its pool's heads
+    `[first, first + count)` become the receiver's `[dst_first, dst_first + count)`."""
 
-    Invariant: `open` checks `sink.compat_key` against its own key before anything is sent
-    and raises `IncompatibleKVError` on a mismatch.
+    address: str
+    first: int
+    count: int
+    dst_first: int
+
+
+class KVSender(ABC):
+    """Prefill side: one per rank of a prefill worker, bound to that rank's pool; opens one
+    handle a request.
+
+    Invariants: `open` checks `sink.compat_key` against its own key before anything is sent
+    and raises `IncompatibleKVError` on a mismatch. A sender of tensor-parallel rank
+    `tp_rank` of `tp_size` holds the model's KV heads `[tp_rank * h, (tp_rank + 1) * h)`
+    (h = its pool's heads) and sends each receiving rank of the sink exactly the heads both
+    hold (`routes`), never another rank's: no rank gathers the others' KV.
     """
 
     transport: ClassVar[str]
 
-    def __init__(self, pool: torch.Tensor, compat_key: str) -> None:
+    def __init__(self, pool: torch.Tensor, compat_key: str, tp_rank: int = 0,
+                 tp_size: int = 1) -> None:
         check_pool(pool)
+        if not 0 <= tp_rank < tp_size:
+            raise ValueError(f"tensor-parallel rank {tp_rank} outside 0..{tp_size - 1}")
         self.pool = pool
         self.compat_key = compat_key
+        self.first_head = tp_rank * pool.shape[4]
+        self.total_heads = tp_size * pool.shape[4]
+
+    def routes(self, sink: KVSink) -> list[HeadRoute]:
+        """Where this rank's heads go: one route per receiving rank that holds any of them.
+        ValueError if the receiving side's ranks cannot split the heads evenly."""
+        addresses = sink.rank_addresses or (sink.address,)
+        if self.total_heads % len(addresses):
+            raise ValueError(f"request {sink.request_id}: {self.total_heads} KV heads do not "
+                             f"split over the decode worker's {len(addresses)} ranks")
+        per = self.total_heads // len(addresses)
+        mine = (self.first_head, self.first_head + self.pool.shape[4])
+        out = []
+        for j, address in enumerate(addresses):
+            lo, hi = max(mine[0], j * per), min(mine[1], (j + 1) * per)
+            if lo < hi:
+                out.append(HeadRoute(address, lo - mine[0], hi - lo, lo - j * per))
+        return out
 
     @abstractmethod
     def open(self, sink: KVSink, src_block_ids: Sequence[int]) -> SendHandle:
@@ -206,6 +243,33 @@ class KVSender(ABC):
         """The source block ids as an index tensor on the pool's device (for transports that
         gather blocks with torch ops; on a GPU this copy waits for the caller's stream)."""
         return torch.tensor(list(src_block_ids), dtype=torch.long, device=self.pool.device)
+
+
+class FanOutHandle(SendHandle):
+    """One request's transfer to several receiving ranks: one handle per route, driven
+    together. `finish` waits for every part and raises the first failure after all ended."""
+
+    def __init__(self, request_id: str, parts: Sequence[SendHandle]) -> None:
+        self.request_id = request_id
+        self.parts = list(parts)
+
+    def send_layer(self, layer: int) -> None:
+        for part in self.parts:
+            part.send_layer(layer)
+
+    def finish(self, timeout: float | None = None) -> None:
+        errors = []
+        for part in self.parts:
+            try:
+                part.finish(timeout)
+            except KVTransferError as e:
+                errors.append(e)
+        if errors:
+            raise errors[0]
+
+    def abort(self) -> None:
+        for part in self.parts:
+            part.abort()
 
 
 class LayerTracker:

@@ -76,6 +76,9 @@ class PushSender(KVConnector):
 
     def __init__(self, transport: str, on_done: Callable[[TransferOutcome], None],
                  transfer_timeout: float = 30.0, fail_next: int = 0, **sender_opts: Any):
+        """`sender_opts` go to the transport's sender; a tensor-parallel prefill worker's
+        driver passes `tp_size` (it is rank 0): its sender then sends only its own heads,
+        and each follower rank's `RankPushSender` sends its own (`rank_metadata`)."""
         self.transport = transport
         self.transfer_timeout = transfer_timeout
         self._on_done = on_done
@@ -124,6 +127,19 @@ class PushSender(KVConnector):
                 save.append(SaveSpec(item.seq.request_id, tuple(item.seq.block_ids[:n]),
                                      item.seq.num_prompt_tokens))
         return StepTransfers(load=tuple(load), save=tuple(save))
+
+    def rank_metadata(self, transfers: StepTransfers) -> list | None:
+        """Every save of the step as [request id, source block ids, sink]: each follower
+        rank opens its own transfer of its heads into the same sink."""
+        if not transfers.save:
+            return None
+        out = []
+        with self._lock:
+            for spec in transfers.save:
+                push = self._pushes.get(spec.request_id)
+                if push is not None:
+                    out.append([spec.request_id, list(spec.block_ids), push.sink.to_dict()])
+        return out
 
     def request_finished(self, seq: Seq) -> bool:
         rid = seq.request_id
@@ -233,7 +249,14 @@ class PushSender(KVConnector):
 
 class PushReceiver(PassiveWorkerHalf, KVConnector):
     """Decode side: owns the transport's receiver; `expect` publishes a reservation's sink,
-    `cancel` forgets it (before its blocks are freed or once they are adopted)."""
+    `cancel` forgets it (before its blocks are freed or once they are adopted).
+
+    On the driver of a tensor-parallel decode worker (`bind_ranks`), every follower rank
+    has its own receiver (`RankPushReceiver`) for the KV heads its pool holds: `expect`
+    and `cancel` reach all of them, the sink lists every rank's address, and a
+    reservation's tokens count as loaded only when every rank's part is COMPLETE. All of
+    `expect`, `cancel`, `num_external_tokens` and `rank_status` then run on the engine
+    thread (they use the rank group)."""
 
     def __init__(self, transport: str, **receiver_opts: Any):
         self.transport = transport
@@ -242,12 +265,39 @@ class PushReceiver(PassiveWorkerHalf, KVConnector):
         self._block_size = 0
         self._sinks: dict[str, KVSink] = {}
         self._lock = threading.Lock()
+        self._ranks: Callable[[dict], list[dict]] | None = None
+        self._rank_addresses: tuple[str, ...] = ()
+
+    def bind_ranks(self, control: Callable[[dict], list[dict]]) -> None:
+        """Reach the follower ranks' receivers through `control` (the engine's
+        `rank_kv_control`); asks each for its address once."""
+        assert self.receiver is not None, "register_kv_cache was not called"
+        replies = control({"op": "address"})
+        bad = [r for r in replies if "address" not in r]
+        if bad:
+            raise RuntimeError(f"follower ranks without a KV receiver: {bad}")
+        self._ranks = control
+        self._rank_addresses = (self.receiver.address, *(r["address"] for r in replies))
+
+    @property
+    def has_ranks(self) -> bool:
+        return self._ranks is not None
 
     def expect(self, request_id: str, block_ids: Sequence[int], num_tokens: int,
                deadline: float, first_block: int = 0) -> KVSink:
-        """Register a reservation's fresh blocks with the receiver; returns the sink."""
+        """Register a reservation's fresh blocks with the receiver(s); returns the sink."""
         assert self.receiver is not None, "register_kv_cache was not called"
         sink = self.receiver.expect(request_id, block_ids, num_tokens, deadline, first_block)
+        if self._ranks is not None:
+            try:
+                self._rank_call({"op": "expect", "request_id": request_id,
+                                 "block_ids": list(block_ids), "num_tokens": num_tokens,
+                                 "deadline": deadline, "first_block": first_block,
+                                 "secret": sink.secret})
+            except BaseException:
+                self.cancel(request_id)
+                raise
+            sink = replace(sink, rank_addresses=self._rank_addresses)
         with self._lock:
             self._sinks[request_id] = sink
         return sink
@@ -257,6 +307,31 @@ class PushReceiver(PassiveWorkerHalf, KVConnector):
         self.receiver.cancel(request_id)
         with self._lock:
             self._sinks.pop(request_id, None)
+        if self._ranks is not None:
+            try:
+                self._rank_call({"op": "cancel", "request_id": request_id})
+            except Exception as e:  # noqa: BLE001 - a broken group serves nothing more;
+                # the caller must still free the driver's blocks
+                log.warning("cancelling %s on the follower ranks failed: %s", request_id, e)
+
+    def rank_status(self, request_id: str) -> TransferStatus:
+        """The follower ranks' parts together: FAILED if any failed or was forgotten,
+        COMPLETE if all are, else PENDING (COMPLETE with no followers)."""
+        if self._ranks is None:
+            return TransferStatus.COMPLETE
+        states = {TransferStatus(r["status"]) for r in
+                  self._rank_call({"op": "status", "request_id": request_id})}
+        if states & {TransferStatus.FAILED, TransferStatus.UNKNOWN}:
+            return TransferStatus.FAILED
+        return TransferStatus.PENDING if TransferStatus.PENDING in states \
+            else TransferStatus.COMPLETE
+
+    def _rank_call(self, op: dict) -> list[dict]:
+        replies = self._ranks(op)
+        errors = [r["error"] for r in replies if "error" in r]
+        if errors:
+            raise KVTransferError(f"follower rank refused {op['op']}: {errors[0]}")
+        return replies
 
     def close(self) -> None:
         if self.receiver is not None:
@@ -270,6 +345,8 @@ class PushReceiver(PassiveWorkerHalf, KVConnector):
         if sink is None or num_local_tokens != sink.first_block * self._block_size:
             return 0
         if self.receiver.status(seq.request_id) is not TransferStatus.COMPLETE:
+            return 0
+        if self.rank_status(seq.request_id) is not TransferStatus.COMPLETE:
             return 0
         return sink.num_tokens - num_local_tokens
 

@@ -24,7 +24,15 @@ from concurrent import futures
 import grpc
 import torch
 
-from pdserve.kv_transfer.base import KVSender, KVSink, KVTransferError, LayerTracker, SendHandle
+from pdserve.kv_transfer.base import (
+    FanOutHandle,
+    HeadRoute,
+    KVSender,
+    KVSink,
+    KVTransferError,
+    LayerTracker,
+    SendHandle,
+)
 from pdserve.kv_transfer.receiver import BlockReceiver, ChunkRejected, transfer_error
 from pdserve.kv_transfer.wire import (
     DEFAULT_CHUNK_BYTES,
@@ -132,11 +140,15 @@ class _Stream:
     """One Push stream's state: the request it carries once its first message proved the
     reservation's secret (`request_id` stays None until then), and whether it closed."""
 
-    __slots__ = ("request_id", "closed")
+    __slots__ = ("request_id", "closed", "heads", "cells")
 
     def __init__(self) -> None:
         self.request_id: str | None = None
         self.closed = False
+        # The stream's share of the receiving pool's heads (a tensor-parallel sender sends
+        # only the heads both ranks hold), and how many blocks x layers of it were written.
+        self.heads: tuple[int, int] | None = None
+        self.cells = 0
 
 
 class _Servicer(pb_grpc.KVTransferServicer):
@@ -211,10 +223,20 @@ class _Servicer(pb_grpc.KVTransferServicer):
             return pb.PushAck(request_id=rid, error="aborted")
         if chunk.done:
             stream.closed = True
-            rx.finish(rid, chunk.num_layers, secret=chunk.secret)
+            part = (stream.heads is not None
+                    and stream.cells == chunk.num_layers * rx.reserved_blocks(rid))
+            rx.finish(rid, chunk.num_layers, part_complete=part, secret=chunk.secret)
             return pb.PushAck(request_id=rid, complete=True,
                               layers_received=rx.layers_received(rid))
-        rx.write(rid, chunk.layer, chunk.first_block, decode_chunk(chunk), secret=chunk.secret)
+        data = decode_chunk(chunk)
+        span = (chunk.first_head, chunk.first_head + data.shape[3])
+        if stream.heads is not None and span != stream.heads:
+            raise ChunkRejected("INVALID_ARGUMENT",
+                                f"request {rid}: one stream carries one range of heads, got "
+                                f"{span} after {stream.heads}")
+        rx.write(rid, chunk.layer, chunk.first_block, data, chunk.first_head,
+                 secret=chunk.secret)
+        stream.heads, stream.cells = span, stream.cells + chunk.num_blocks
         return None
 
 
@@ -224,8 +246,9 @@ class GrpcKVSender(KVSender):
     transport = "grpc"
 
     def __init__(self, pool: torch.Tensor, compat_key: str,
-                 chunk_bytes: int = DEFAULT_CHUNK_BYTES, tls: TLSFiles | None = None) -> None:
-        super().__init__(pool, compat_key)
+                 chunk_bytes: int = DEFAULT_CHUNK_BYTES, tls: TLSFiles | None = None,
+                 tp_rank: int = 0, tp_size: int = 1) -> None:
+        super().__init__(pool, compat_key, tp_rank, tp_size)
         self._tls = tls  # TLS to the receivers (client certificate too under mutual TLS)
         unit = _block_layer_bytes(pool)
         self.blocks_per_chunk = max(1, chunk_bytes // unit)
@@ -236,16 +259,23 @@ class GrpcKVSender(KVSender):
         self._channels: dict[str, grpc.Channel] = {}
         self._lock = threading.Lock()
 
-    def open(self, sink: KVSink, src_block_ids: Sequence[int]) -> GrpcSendHandle:
+    def open(self, sink: KVSink, src_block_ids: Sequence[int]) -> SendHandle:
+        """One `Push` stream per receiving rank that holds any of this rank's heads (one
+        stream, all heads, when both sides hold the same heads)."""
         self.check_sink(sink, src_block_ids)
+        routes = self.routes(sink)
         src = self.source_index(self.blocks_to_send(sink, src_block_ids))
+        parts = [GrpcSendHandle(self._stub(r.address), sink, self.pool, src, self.compat_key,
+                                self.blocks_per_chunk, r) for r in routes]
+        return parts[0] if len(parts) == 1 else FanOutHandle(sink.request_id, parts)
+
+    def _stub(self, address: str) -> pb_grpc.KVTransferStub:
         with self._lock:
-            channel = self._channels.get(sink.address)
+            channel = self._channels.get(address)
             if channel is None:
-                channel = secure_channel(sink.address, self._tls, self._options)
-                self._channels[sink.address] = channel
-        return GrpcSendHandle(pb_grpc.KVTransferStub(channel), sink, self.pool, src,
-                              self.compat_key, self.blocks_per_chunk)
+                channel = secure_channel(address, self._tls, self._options)
+                self._channels[address] = channel
+        return pb_grpc.KVTransferStub(channel)
 
     def close(self) -> None:
         with self._lock:
@@ -258,9 +288,15 @@ class GrpcSendHandle(SendHandle):
     """One request's `Push` stream; gRPC's request thread serializes and sends the queue."""
 
     def __init__(self, stub: pb_grpc.KVTransferStub, sink: KVSink, pool: torch.Tensor,
-                 src: torch.Tensor, compat_key: str, blocks_per_chunk: int) -> None:
+                 src: torch.Tensor, compat_key: str, blocks_per_chunk: int,
+                 route: HeadRoute | None = None) -> None:
         self.request_id = sink.request_id
-        self._sink, self._pool, self._src = sink, pool, src
+        self._sink, self._src = sink, src
+        self._route = route or HeadRoute(sink.address, 0, pool.shape[4], 0)
+        self._address = self._route.address
+        r = self._route
+        # The heads this stream carries (a view; each layer's snapshot copies them).
+        self._pool = pool if r.count == pool.shape[4] else pool[..., r.first:r.first + r.count, :]
         self._compat_key = compat_key
         self._bpc = blocks_per_chunk
         self._tracker = LayerTracker(sink.request_id, pool.shape[0])
@@ -297,12 +333,12 @@ class GrpcSendHandle(SendHandle):
         except grpc.FutureTimeoutError:
             self._future.cancel()
             raise KVTransferError(f"request {self.request_id}: no acknowledgement from "
-                                  f"{self._sink.address} within {timeout} s") from None
+                                  f"{self._address} within {timeout} s") from None
         except grpc.FutureCancelledError:
             raise KVTransferError(f"request {self.request_id}: transfer cancelled") from None
         except grpc.RpcError as e:
             raise transfer_error(e.code().name,
-                                 f"{self._sink.address}: {e.details()}") from None
+                                 f"{self._address}: {e.details()}") from None
         if not ack.complete:
             raise KVTransferError(f"request {self.request_id}: receiver did not complete it "
                                   f"({ack.error or 'no reason given'})")
@@ -328,7 +364,7 @@ class GrpcSendHandle(SendHandle):
             if event is not None:
                 event.synchronize()
             yield encode_chunk(self.request_id, layer, first, snap, compat_key=key,
-                               secret=self._sink.secret)
+                               secret=self._sink.secret, first_head=self._route.dst_first)
             key = ""
 
 

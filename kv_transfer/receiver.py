@@ -52,7 +52,8 @@ class _Reservation:
     secret: bytes  # KVSink.secret, encoded: what every chunk must carry
     state: TransferStatus = TransferStatus.PENDING
     forgotten: bool = False
-    # received[l][i]: block i of the request arrived for layer l (a repeat is not counted twice)
+    # received[l][i * heads + h]: head h of block i arrived for layer l (a repeat is not
+    # counted twice). Per head, because tensor-parallel senders each send their heads.
     received: list[bytearray] = field(default_factory=list)
     layers_done: int = 0
     error: str = ""
@@ -87,9 +88,12 @@ class BlockReceiver(KVReceiver):
     # ---- owner (decode worker) side -------------------------------------------------------
 
     def expect(self, request_id: str, block_ids: Sequence[int], num_tokens: int,
-               deadline: float, first_block: int = 0) -> KVSink:
+               deadline: float, first_block: int = 0, secret: str | None = None) -> KVSink:
+        """Reserve `block_ids` for `request_id`'s KV; the sink carries a fresh secret, or
+        `secret` (a follower rank's part of a reservation its driver rank made admits the
+        driver's secret, since the senders hold only the driver's sink)."""
         # 256 random bits, URL-safe text (it crosses Ray calls as JSON and gRPC as a string).
-        secret = secrets.token_urlsafe(32)
+        secret = secret or secrets.token_urlsafe(32)
         sink = KVSink(self.transport, self.address, request_id, tuple(int(b) for b in block_ids),
                       num_tokens, self.compat_key, float(deadline), int(first_block),
                       secret=secret)
@@ -100,7 +104,8 @@ class BlockReceiver(KVReceiver):
             block_ids=sink.block_ids,
             num_tokens=num_tokens, deadline=sink.deadline, num_layers=num_layers,
             secret=secret.encode(),
-            received=[bytearray(len(sink.block_ids)) for _ in range(num_layers)],
+            received=[bytearray(len(sink.block_ids) * self.pool.shape[4])
+                      for _ in range(num_layers)],
         )
         with self._cond:
             if request_id in self._table:
@@ -166,19 +171,25 @@ class BlockReceiver(KVReceiver):
         if res.state is not TransferStatus.PENDING:
             raise ChunkRejected("ABORTED", f"request {request_id} is {res.state.value}")
 
-    def write(self, request_id: str, layer: int, first_block: int, data: torch.Tensor, *,
-              secret: str) -> None:
-        """Validate one chunk `[2, n, block_size, kv_heads, head_dim]` and write it in place.
+    def write(self, request_id: str, layer: int, first_block: int, data: torch.Tensor,
+              first_head: int = 0, *, secret: str) -> None:
+        """Validate one chunk `[2, n, block_size, h, head_dim]` and write it in place.
 
         `first_block` indexes the reservation's own blocks (0 = the sink's first block,
-        whatever the sink's `first_block` in the request)."""
+        whatever the sink's `first_block` in the request); the chunk holds this pool's heads
+        `[first_head, first_head + h)` (all of them unless a tensor-parallel sender split
+        them)."""
         res = self.admit(request_id, secret)
         n = data.shape[1] if data.dim() == 5 else 0
-        want = (2, n, *self.pool.shape[3:])
-        if data.dim() != 5 or tuple(data.shape) != want or n < 1:
+        h = data.shape[3] if data.dim() == 5 else 0
+        heads = self.pool.shape[4]
+        want = (2, n, self.pool.shape[3], h, self.pool.shape[5])
+        if data.dim() != 5 or tuple(data.shape) != want or n < 1 or h < 1 \
+                or not 0 <= first_head <= heads - h:
             raise ChunkRejected("INVALID_ARGUMENT",
-                                f"request {request_id}: chunk shape {tuple(data.shape)}, "
-                                f"expected (2, n>=1, {', '.join(map(str, want[2:]))})")
+                                f"request {request_id}: chunk shape {tuple(data.shape)} from "
+                                f"head {first_head}, expected (2, n>=1, {self.pool.shape[3]}, "
+                                f"h>=1, {self.pool.shape[5]}) within this pool's {heads} heads")
         if data.dtype != self.pool.dtype:
             raise ChunkRejected("INVALID_ARGUMENT",
                                 f"request {request_id}: chunk dtype {data.dtype}, pool is "
@@ -202,21 +213,32 @@ class BlockReceiver(KVReceiver):
                                               device=self.pool.device)
             dst = res.device_ids[first_block:first_block + n]
             # index_copy_ on the basic-indexed view writes into the pool storage itself.
-            self.pool[layer].index_copy_(1, dst, data.to(self.pool.device))
+            target = self.pool[layer]
+            if h != heads:
+                target = target[..., first_head:first_head + h, :]
+            target.index_copy_(1, dst, data.to(self.pool.device))
             seen = res.received[layer]
             fresh = seen.count(0)
-            seen[first_block:first_block + n] = b"\x01" * n
+            for b in range(first_block, first_block + n):
+                seen[b * heads + first_head:b * heads + first_head + h] = b"\x01" * h
             if fresh and not seen.count(0):
                 res.layers_done += 1
         with self._cond:
             self.chunks_written += 1
 
-    def finish(self, request_id: str, num_layers: int, *, secret: str) -> TransferStatus:
-        """The sender's closing message: COMPLETE if everything arrived, else FAILED."""
+    def finish(self, request_id: str, num_layers: int, part_complete: bool = False, *,
+               secret: str) -> TransferStatus:
+        """A sender's closing message: COMPLETE if everything arrived, else FAILED — unless
+        `part_complete` (the stream sent all of its share of the heads, for every layer,
+        and other tensor-parallel senders have yet to finish theirs): then it stays
+        PENDING and the sender is told its part arrived."""
         res = self.admit(request_id, secret)
         with res.lock:
             if res.forgotten:
                 raise ChunkRejected("NOT_FOUND", f"request {request_id} was cancelled")
+            if res.state is TransferStatus.PENDING and part_complete \
+                    and num_layers == res.num_layers != res.layers_done:
+                return TransferStatus.PENDING
             if res.state is TransferStatus.PENDING:
                 if num_layers == res.num_layers == res.layers_done:
                     if self.pool.is_cuda:  # writes were queued on the stream; make them visible
@@ -257,6 +279,19 @@ class BlockReceiver(KVReceiver):
             if res.state is TransferStatus.PENDING:
                 res.state, res.error = TransferStatus.FAILED, reason
         self._notify()
+
+    def reserved_blocks(self, request_id: str) -> int:
+        """How many blocks the reservation receives (0 if unknown)."""
+        with self._cond:
+            res = self._table.get(request_id)
+            return 0 if res is None else len(res.block_ids)
+
+    @property
+    def num_reservations(self) -> int:
+        """Reservations not cancelled or expired yet (what a test of "nothing leaked"
+        reads on every rank)."""
+        with self._cond:
+            return len(self._table)
 
     def layers_received(self, request_id: str) -> int:
         with self._cond:

@@ -44,14 +44,15 @@ def grpc_options(max_message_bytes: int) -> list[tuple[str, int]]:
 
 
 def encode_chunk(request_id: str, layer: int, first_block: int, data: torch.Tensor,
-                 compat_key: str = "", secret: str = "") -> pb.KVChunk:
-    """One data chunk from a host tensor `[2, n, block_size, kv_heads, head_dim]`;
-    `secret` is the sink's (every message carries it)."""
+                 compat_key: str = "", secret: str = "", first_head: int = 0) -> pb.KVChunk:
+    """One data chunk from a host tensor `[2, n, block_size, kv_heads, head_dim]` holding
+    the receiver's heads from `first_head` on; `secret` is the sink's (every message
+    carries it)."""
     payload = data.contiguous().view(torch.uint8).numpy().tobytes()
     return pb.KVChunk(
         request_id=request_id, compat_key=compat_key, layer=layer, first_block=first_block,
         num_blocks=data.shape[1], dtype=dtype_name(data.dtype), shape=list(data.shape),
-        data=payload, secret=secret,
+        data=payload, secret=secret, first_head=first_head,
     )
 
 

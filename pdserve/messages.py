@@ -66,6 +66,11 @@ class KVSink:
     `expect`: the receiver admits a chunk for this request only with it, so whoever learns
     a request id still cannot write into its blocks. It travels only inside the sink (Ray
     calls) and the transfer; it is left out of `repr` so it never reaches a log line.
+    A decode worker of several tensor-parallel ranks lists every rank's
+    receiver in `rank_addresses`, in rank order (`rank_addresses[0] == address`): rank j
+    holds KV heads `[j * H / n, (j + 1) * H / n)` of the model's H; each sending rank sends
+    every receiving rank the heads both hold. Empty: one receiving rank, at `address`.
+    Every rank's reservation admits the same secret.
     """
 
     transport: str
@@ -77,8 +82,12 @@ class KVSink:
     deadline: float
     first_block: int = 0
     secret: str = field(default="", repr=False)
+    rank_addresses: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
+        _set(self, "rank_addresses", tuple(self.rank_addresses))
+        if self.rank_addresses and self.rank_addresses[0] != self.address:
+            raise ValueError("KVSink.rank_addresses must start with the sink's address")
         if not self.request_id:
             raise ValueError("KVSink.request_id must not be empty")
         if not self.block_ids:
@@ -93,6 +102,7 @@ class KVSink:
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["block_ids"] = list(self.block_ids)
+        d["rank_addresses"] = list(self.rank_addresses)
         return d
 
     @classmethod
@@ -110,6 +120,7 @@ class KVSink:
             deadline=float(d["deadline"]),
             first_block=int(d["first_block"]),
             secret=str(d["secret"]),
+            rank_addresses=tuple(str(a) for a in d["rank_addresses"]),
         )
 
 
@@ -320,7 +331,8 @@ class WorkerStats:
     `waiting` on a decode worker includes reservations not yet committed. The handoff
     counters are a prefill worker's (transfer open -> acknowledgement, and first token
     sampled -> acknowledgement); `leases_expired` a decode worker's. `node` is the Ray node
-    id, filled in by the actor shell.
+    id, filled in by the actor shell. A worker whose `rank_failure` is set serves nothing
+    more and reports `free_blocks` 0.
     """
 
     worker_id: str
@@ -343,6 +355,9 @@ class WorkerStats:
     store_hit_blocks: int = 0
     store_hit_tokens: int = 0
     store_saved_blocks: int = 0
+    tp: int = 1  # the worker's rank group: tensor-parallel ranks x pipeline stages
+    pp: int = 1
+    rank_failure: str = ""  # why the rank group broke (a rank died or hung); "" if healthy
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -351,5 +366,5 @@ class WorkerStats:
     def from_dict(cls, d: dict[str, Any]) -> WorkerStats:
         _check_keys(cls, d)
         kinds = {"worker_id": str, "role": str, "node": str, "handoff_seconds": float,
-                 "handoff_tail_seconds": float}
+                 "handoff_tail_seconds": float, "rank_failure": str}
         return cls(**{k: kinds.get(k, int)(v) for k, v in d.items()})

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 
 from pdserve.engine.config import EngineConfig
 from pdserve.engine.engine_loop import EngineLoop, RecentIds
+from pdserve.engine.executor.base import Executor
 from pdserve.engine.llm_engine import LLMEngine, RequestOutput
 from pdserve.engine.multi_connector import MultiConnector
 from pdserve.engine.sampling_params import SamplingParams
@@ -59,14 +60,20 @@ class PrefillWorker:
         inject_transfer_failures: int = 0,
         tls: TLSFiles | None = None,
         store: StoreConnector | None = None,
+        executor: Executor | None = None,
     ):
         self.worker_id = worker_id
         self.transfer_timeout = transfer_timeout
         # The KV connector pushes each prompt's KV into its sink layer by layer and keeps the
         # request's blocks until the receiver acknowledged them (fault-injection tests: the
         # next N pushes fail after sending).
-        # `tls`: the grpc sender's TLS to the receivers.
+        # `tls`: the grpc sender's TLS to the receivers. A tensor-parallel worker
+        # (`executor`: its rank group) pushes rank by rank: this driver sends its own KV
+        # heads, each follower rank its own.
+        tp = config.parallel.tensor_parallel_size
         opts = {"tls": tls} if tls is not None else {}
+        if tp > 1:
+            opts["tp_size"] = tp
         self.connector = PushSender(transport, self._on_transfer_done, transfer_timeout,
                                     fail_next=inject_transfer_failures, **opts)
         # With the global KV store, prompts load their stored prefix and prefill only the
@@ -74,7 +81,7 @@ class PrefillWorker:
         self.store = store
         engine_connector = self.connector if store is None \
             else MultiConnector([self.connector, store])
-        self.engine = LLMEngine(config, kv_connector=engine_connector)
+        self.engine = LLMEngine(config, kv_connector=engine_connector, executor=executor)
         self.sender = self.connector.sender  # nccl pairing goes through it (cluster/actors.py)
         self._pending: dict[str, _Pending] = {}
         # Aborts that came before any prefill call for their request, and prefill calls.
@@ -105,6 +112,9 @@ class PrefillWorker:
         side).
         """
         rid, params = request.request_id, request.params
+        failure = self.engine.executor.failure
+        if failure:  # the router retries the handoff on another prefill worker
+            raise KVTransferError(f"{self.worker_id} failed: {failure}")
         # Only the first token is made here: the decode worker does the rest and owns stop
         # strings; min_tokens matters only as far as suppressing eos for this first token.
         # A resumed request (migrated off a dead decode worker) is prefilled over its prompt
@@ -168,10 +178,11 @@ class PrefillWorker:
 
     def stats(self) -> WorkerStats:
         usage = self.engine.usage()
+        failure = self.engine.executor.failure
         return WorkerStats(
             worker_id=self.worker_id,
             role="prefill",
-            free_blocks=usage.free_blocks,
+            free_blocks=0 if failure else usage.free_blocks,  # a failed worker offers none
             total_blocks=usage.total_blocks,
             running=usage.running,
             waiting=usage.waiting,
@@ -182,6 +193,9 @@ class PrefillWorker:
             handoff_bytes=self.handoffs["bytes"],
             handoff_tail_seconds=self.handoffs["tail_seconds"],
             **store_stats(self.store),
+            tp=self.engine.layout_key.tp_size,
+            pp=self.engine.layout_key.pp_size,
+            rank_failure=failure or "",
         )
 
     def close(self) -> None:
@@ -189,6 +203,7 @@ class PrefillWorker:
         self.connector.close()
         if self.store is not None:
             self.store.close()
+        self.engine.shutdown()  # releases a rank group's followers
 
     # ---- callbacks: the engine thread (outputs) and the connector's threads (outcomes) -------
 

@@ -109,7 +109,8 @@ def _worker_stats(r: WorkerReport) -> pb.WorkerStats:
         prompt_tokens_processed=s.prompt_tokens, generated_tokens=s.generated_tokens,
         node=s.node, handoffs=s.handoffs, handoff_seconds=s.handoff_seconds,
         handoff_bytes=s.handoff_bytes, handoff_tail_seconds=s.handoff_tail_seconds,
-        leases_expired=s.leases_expired, state="up",
+        leases_expired=s.leases_expired, state="up", tp=s.tp, pp=s.pp,
+        rank_failure=s.rank_failure,
     )
 
 

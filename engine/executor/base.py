@@ -57,6 +57,19 @@ class Executor(ABC):
     def shutdown(self) -> None:  # noqa: B027 - one process has nothing to release
         """Release the ranks this executor started or drives."""
 
+    def kv_control(self, op: dict) -> list[dict]:
+        """Hand `op` to every follower rank's KV connector (`KVConnectorRank.control`) and
+        return their replies in rank order; [] with no followers. Driver thread only,
+        between steps; a lost rank raises `ExecutorError` as a step would."""
+        return []
+
+    @property
+    def failure(self) -> str | None:
+        """Why this executor can run no more steps (a rank died, hung or failed), or None
+        while it works. Once set it stays set: the worker serving through it must fail its
+        requests with this reason and take no new ones."""
+        return None
+
     @property
     def parallel(self) -> ParallelContext:
         """The driver rank's place in the replica's TP/PP layout."""

@@ -118,10 +118,12 @@ class RankGroup:
 
 
 def init_rank_group(rank: int, world_size: int, init_method: str, device: str = "cpu",
-                    timeout_s: float = 60.0) -> RankGroup:
+                    timeout_s: float = 60.0, pp_size: int = 1) -> RankGroup:
     """Join the group (every rank calls this with the same `init_method`, e.g.
     `tcp://127.0.0.1:PORT`). `device` is this rank's own device ("cuda:1" for rank 1 on a
-    multi-GPU host). All ranks form one tensor-parallel group (no pipeline stages yet)."""
+    multi-GPU host). The ranks form `pp_size` pipeline stages of `world_size / pp_size`
+    tensor-parallel ranks each, numbered stage-major (`ParallelContext.rank`); each stage's
+    ranks get their own TP group."""
     import torch.distributed as dist
 
     dev = torch.device(device)
@@ -134,6 +136,16 @@ def init_rank_group(rank: int, world_size: int, init_method: str, device: str = 
     dist.init_process_group(backend, init_method=init_method, rank=rank,
                             world_size=world_size, timeout=timeout)
     control = dist.new_group(backend="gloo", timeout=timeout)
-    parallel = ParallelContext(tp_rank=rank, tp_size=world_size, tp_group=dist.group.WORLD)
+    if world_size % pp_size:
+        raise ValueError(f"{world_size} ranks do not form {pp_size} equal pipeline stages")
+    tp = world_size // pp_size
+    tp_group = dist.group.WORLD
+    if pp_size > 1:
+        # Every rank creates every stage's group, in the same order (a collective call).
+        stages = [dist.new_group(list(range(s * tp, (s + 1) * tp)), timeout=timeout)
+                  for s in range(pp_size)]
+        tp_group = stages[rank // tp]
+    parallel = ParallelContext(tp_rank=rank % tp, tp_size=tp, pp_rank=rank // tp,
+                               pp_size=pp_size, tp_group=tp_group)
     return RankGroup(rank, world_size, dev, parallel,
                      ControlChannel(control, rank, world_size, timeout_s), timeout_s)

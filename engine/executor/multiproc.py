@@ -14,6 +14,7 @@ so a follower with another model, dtype or layout fails the start, not a later s
 
 from __future__ import annotations
 
+import json
 import logging
 from typing import TYPE_CHECKING
 
@@ -24,7 +25,7 @@ from pdserve.engine.executor.rank_worker import RankWorker
 from pdserve.engine.executor.step import StepInput, StepOutput
 
 if TYPE_CHECKING:
-    from pdserve.engine.kv_connector import KVConnectorWorker
+    from pdserve.engine.kv_connector import KVConnectorRank, KVConnectorWorker
 
 log = logging.getLogger("pdserve.engine")
 
@@ -36,14 +37,21 @@ def _check_group(config: EngineConfig, group: RankGroup) -> None:
     if group.world_size != config.parallel.world_size:
         raise ValueError(
             f"rank group of {group.world_size} ranks, but the config asks for "
-            f"tensor_parallel_size={config.parallel.tensor_parallel_size}")
+            f"tensor_parallel_size={config.parallel.tensor_parallel_size} x "
+            f"pipeline_parallel_size={config.parallel.pipeline_parallel_size}")
+    if group.parallel.pp_size != config.parallel.pipeline_parallel_size:
+        raise ValueError(f"rank group of {group.parallel.pp_size} pipeline stages, but the "
+                         f"config asks for {config.parallel.pipeline_parallel_size}")
 
 
 class MultiprocExecutor(Executor):
     """The driver rank (rank 0) of a rank group made by `init_rank_group`.
 
-    KV streaming from a layer hook is refused while `tp_size > 1`: each rank holds only its
-    own KV heads, and a transport that sends every rank's share is not built yet.
+    KV moves rank by rank: the driver's KV connector does the driver's share of a step's
+    transfers and hands the followers theirs in `StepInput.kv` (`rank_metadata`); each
+    follower's `KVConnectorRank` moves the heads its own pool holds. A connector that gives
+    the followers nothing (`rank_metadata` None) is refused for a step that moves KV.
+    Between steps the driver reaches the followers' connectors with `kv_control`.
     """
 
     def __init__(self, config: EngineConfig, group: RankGroup,
@@ -83,22 +91,50 @@ class MultiprocExecutor(Executor):
             raise ExecutorError(self._broken)
         if self._closed:
             raise ExecutorError("the rank group was shut down")
-        if kv_connector is not None and self.parallel.tp_size > 1:
+        if kv_connector is not None and step.kv is None:
             raise NotImplementedError(
-                "KV streaming from a tensor-parallel group: each rank holds only its own KV "
-                "heads, and no transport sends every rank's share yet")
+                "this KV connector moves only the driver rank's KV heads (its rank_metadata "
+                "gave the follower ranks nothing to do): it cannot serve a rank group")
         self._step_id += 1
         try:
             self._channel.send({"op": "step", "id": self._step_id, "step": step.to_plain()})
             logits = self.worker.runner.execute(step, kv_connector)
         except Exception as e:
-            # The ranks may now be in different places of the step: the group cannot go on.
-            self._broken = (
-                f"step {self._step_id} of the rank group failed: a follower rank died, hung "
-                f"past the {self.group.timeout_s:g}s collective timeout, or failed itself; "
-                f"the rank group is unusable, restart it ({type(e).__name__}: {e})")
-            raise ExecutorError(self._broken) from e
+            raise self._fail(f"step {self._step_id}", e) from e
         return StepOutput(logits)
+
+    def kv_control(self, op: dict) -> list[dict]:
+        if self._broken is not None:
+            raise ExecutorError(self._broken)
+        try:
+            self._channel.send({"op": "kv", "kv": op})
+            replies = self._channel.gather_text("")
+        except Exception as e:
+            raise self._fail(f"KV request {op.get('op')!r}", e) from e
+        return [json.loads(r) if r else {"error": "no reply"} for r in replies[1:]]
+
+    def _fail(self, what: str, e: Exception) -> ExecutorError:
+        """Mark the group broken (the ranks may now be in different places of a collective:
+        it cannot go on) and close it; the error to raise."""
+        self._broken = (
+            f"{what} of the rank group failed: a follower rank died, hung past the "
+            f"{self.group.timeout_s:g}s collective timeout, or failed itself; the rank group "
+            f"is unusable, restart it ({type(e).__name__}: {e})")
+        self._disband()
+        return ExecutorError(self._broken)
+
+    @property
+    def failure(self) -> str | None:
+        return self._broken
+
+    def _disband(self) -> None:
+        """Close this rank's sockets of the broken group, so that surviving followers'
+        waits for the next step end with an error now instead of when this process exits."""
+        self._closed = True
+        try:
+            self.group.destroy()
+        except Exception as e:  # noqa: BLE001 - already torn down by the failure
+            log.warning("rank group: closing the broken group failed: %s", e)
 
     def shutdown(self) -> None:
         """Tell the followers to return from `run_follower` (best effort if broken)."""
@@ -117,12 +153,16 @@ class Follower:
     """A follower rank: builds its shard of the driver's model, then executes the steps the
     driver broadcasts until it says stop. It never schedules, samples or frees blocks."""
 
-    def __init__(self, config: EngineConfig, group: RankGroup):
+    def __init__(self, config: EngineConfig, group: RankGroup,
+                 kv_connector: KVConnectorRank | None = None):
+        """`kv_connector`: this rank's worker half of the driver's KV connector, when the
+        driver's steps move KV (a prefill worker's push, a decode worker's receive)."""
         _check_group(config, group)
         if group.is_driver:
             raise ValueError("rank 0 is the driver: build the engine with a MultiprocExecutor")
         self.group = group
         self.worker = RankWorker(config, group.parallel, group.device)
+        self.kv_connector = kv_connector
         self.steps = 0
 
     def run(self) -> int:
@@ -136,6 +176,9 @@ class Follower:
             problem = _init_problem(self.worker, msg)
             if not problem:
                 self.worker.allocate_kv(int(msg["num_blocks"]))
+                if self.kv_connector is not None:
+                    self.kv_connector.register_kv_cache(self.worker.kv_cache,
+                                                        self.worker.content_key.digest)
             channel.gather_text(problem, timeout_s=START_TIMEOUT_S)
             if problem:
                 raise ExecutorError(f"rank {rank} refused the driver's model: {problem}")
@@ -143,10 +186,13 @@ class Follower:
                 msg = channel.recv()
                 if msg["op"] == "stop":
                     return self.steps
+                if msg["op"] == "kv":
+                    channel.gather_text(json.dumps(self._kv_control(msg.get("kv"))))
+                    continue
                 if msg["op"] != "step" or msg.get("id") != self.steps + 1:
                     raise ExecutorError(f"rank {rank} expected step {self.steps + 1}, got "
                                         f"{msg['op']} {msg.get('id')}")
-                self.worker.runner.execute(StepInput.from_plain(msg["step"]))
+                self._execute(StepInput.from_plain(msg["step"]))
                 self.steps += 1
         except ExecutorError:
             raise
@@ -154,10 +200,34 @@ class Follower:
             raise ExecutorError(f"follower rank {rank} lost the driver: {e}") from e
 
 
-def run_follower(config: EngineConfig, group: RankGroup) -> int:
+    def _execute(self, step: StepInput) -> None:
+        conn = self.kv_connector if step.kv is not None else None
+        if step.kv is not None and conn is None:
+            raise ExecutorError(f"rank {self.group.rank} has no KV connector, but the "
+                                "driver's step moves KV")
+        if conn is None:
+            self.worker.runner.execute(step)
+            return
+        conn.start_rank_step(step.kv)
+        try:
+            self.worker.runner.execute(step, conn)
+        finally:
+            conn.end_step()
+
+    def _kv_control(self, op) -> dict:
+        if self.kv_connector is None:
+            return {"error": f"rank {self.group.rank} has no KV connector"}
+        try:
+            return self.kv_connector.control(op if isinstance(op, dict) else {})
+        except Exception as e:  # noqa: BLE001 - the driver gets the reason, the rank lives
+            return {"error": f"{type(e).__name__}: {e}"[:900]}
+
+
+def run_follower(config: EngineConfig, group: RankGroup,
+                 kv_connector: KVConnectorRank | None = None) -> int:
     """Serve as follower rank `group.rank` until the driver stops; returns the number of
     steps executed (see `Follower`)."""
-    return Follower(config, group).run()
+    return Follower(config, group, kv_connector).run()
 
 
 def _init_problem(worker: RankWorker, msg: dict) -> str:

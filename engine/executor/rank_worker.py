@@ -19,7 +19,7 @@ from pdserve.engine.kv_cache.layout import KVLayout, LayoutKey
 from pdserve.engine.loader.registry import open_model
 from pdserve.engine.model_runner import ModelRunner
 from pdserve.engine.models.llama import LlamaForCausalLM
-from pdserve.engine.parallel import ParallelContext
+from pdserve.engine.parallel import ParallelContext, layers_per_stage
 
 log = logging.getLogger("pdserve.engine")
 
@@ -54,7 +54,10 @@ class RankWorker:
         bs = config.cache.block_size
         # Under tensor parallelism the model holds num_kv_heads / tp_size heads per rank;
         # the KV pool must be laid out the same way or writing K/V fails.
-        self.layout = KVLayout.for_model(mc, bs, config.dtype, parallel.tp_size)
+        # A pipeline stage's pool holds only its own layers.
+        stage_layers = layers_per_stage(mc.num_layers, parallel.pp_size)[parallel.pp_rank]
+        self.layout = KVLayout.for_model(replace(mc, num_layers=stage_layers), bs,
+                                         config.dtype, parallel.tp_size)
         self.layout_key = LayoutKey.for_model(mc, bs, config.dtype, parallel.tp_size,
                                               parallel.pp_size)
         self.content_key = ContentKey.for_model(mc, config.dtype,
@@ -75,7 +78,9 @@ class RankWorker:
         backend = get_backend(config.attention_backend, self.device)
         self.runner = ModelRunner(self.model, self.kv_cache, backend, config.cache.block_size,
                                   self.device)
-        if config.enable_cuda_graphs:  # pure-decode steps replay captured graphs on CUDA
+        # Pure-decode steps replay captured graphs on CUDA (one stage only: a graph cannot
+        # hold the point-to-point sends between stages).
+        if config.enable_cuda_graphs and self.parallel.pp_size == 1:
             from pdserve.engine.cuda_graph import DecodeGraphRunner
 
             self.runner.decode_graphs = DecodeGraphRunner.maybe_create(

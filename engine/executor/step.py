@@ -10,7 +10,9 @@ Invariants: all per-sequence lists have one entry per scheduled sequence, in bat
 `sum(query_lens) == len(token_ids)`; `block_tables[i]` covers the first
 `context_lens[i] + query_lens[i]` tokens of sequence i (exactly `ceil(that / block_size)`
 block ids); block ids mean the same blocks on every rank (each rank's pool has the same
-number of blocks and holds its own KV heads / layers of them).
+number of blocks and holds its own KV heads / layers of them). `kv` is what the driver's KV
+connector tells the follower ranks' connectors about this step's transfers
+(`KVConnectorScheduler.rank_metadata`: plain data), None when no follower moves KV.
 """
 
 from __future__ import annotations
@@ -31,9 +33,11 @@ class StepInput:
     context_lens: list[int]  # tokens already in the cache per sequence (= first position)
     block_tables: list[list[int]]  # blocks holding each sequence's context after this step
     samples: list[bool]  # whether the sequence's last new token is sampled this step
+    kv: list | None = None  # the follower ranks' part of this step's KV transfers
 
     @classmethod
-    def from_batch(cls, batch: Sequence[ScheduledSeq], block_size: int) -> StepInput:
+    def from_batch(cls, batch: Sequence[ScheduledSeq], block_size: int,
+                   kv: list | None = None) -> StepInput:
         ids: list[int] = []
         qlens: list[int] = []
         starts: list[int] = []
@@ -47,28 +51,46 @@ class StepInput:
             starts.append(start)
             tables.append(seq.block_ids[: blocks_for(start + n, block_size)])
             samples.append(item.samples)
-        return cls(ids, qlens, starts, tables, samples)
+        return cls(ids, qlens, starts, tables, samples, kv)
 
     @property
     def num_seqs(self) -> int:
         return len(self.query_lens)
 
+    def split(self, n: int) -> list[StepInput]:
+        """The step as `n` micro-batches of consecutive sequences (as even as possible),
+        in batch order; what a pipeline keeps in flight at once. Each part keeps the
+        invariants; `kv` stays with the whole step."""
+        n = max(1, min(n, self.num_seqs))
+        base, extra = divmod(self.num_seqs, n)
+        parts, seq, tok = [], 0, 0
+        for i in range(n):
+            k = base + (i < extra)
+            ntok = sum(self.query_lens[seq:seq + k])
+            parts.append(StepInput(self.token_ids[tok:tok + ntok], self.query_lens[seq:seq + k],
+                                   self.context_lens[seq:seq + k],
+                                   self.block_tables[seq:seq + k], self.samples[seq:seq + k]))
+            seq, tok = seq + k, tok + ntok
+        return parts
+
     def to_plain(self) -> list:
         """Plain lists of ints and bools (msgpack-ready), in field order."""
         return [self.token_ids, self.query_lens, self.context_lens, self.block_tables,
-                self.samples]
+                self.samples, self.kv]
 
     @classmethod
     def from_plain(cls, plain: list) -> StepInput:
         """Rebuild from `to_plain` output, refusing anything that breaks the invariants."""
-        if not isinstance(plain, list) or len(plain) != 5:
-            raise ValueError("a step input is a list of 5 fields")
-        ids, qlens, starts, tables, samples = plain
+        if not isinstance(plain, list) or len(plain) != 6:
+            raise ValueError("a step input is a list of 6 fields")
+        ids, qlens, starts, tables, samples, kv = plain
+        if kv is not None and not isinstance(kv, list):
+            raise ValueError("a step input's kv part is a list or None")
         n = len(qlens)
         if not (len(starts) == len(tables) == len(samples) == n) or sum(qlens) != len(ids):
             raise ValueError(f"inconsistent step input: {n} sequences, {len(ids)} tokens")
         return cls(list(ids), list(qlens), list(starts), [list(t) for t in tables],
-                   [bool(s) for s in samples])
+                   [bool(s) for s in samples], kv)
 
 
 @dataclass(slots=True)

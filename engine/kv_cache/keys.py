@@ -60,9 +60,20 @@ class HandshakeError(ValueError):
     """Two sides cannot exchange KV blocks; the message names the fields that differ."""
 
 
-# Layout fields some transport can bridge (by resharding KV heads or layers). None yet:
-# every layout difference is refused at start-up instead of failing each transfer.
+# Layout fields no transport bridges by default: every difference is refused at start-up
+# instead of failing each transfer.
 RESHARDABLE_FIELDS: frozenset[str] = frozenset()
+
+# What each transport reshards. `grpc`: KV heads — every sending rank sends each receiving
+# rank the heads both hold (`kv_transfer.base.KVSender.routes`), so the two sides' TP
+# sizes may differ (the content key already pins the total head count). Block size, head
+# size, dtype and the pipeline split must still agree.
+_RESHARDS = {"grpc": frozenset({"kv_heads_per_rank", "tp_size"})}
+
+
+def reshardable_fields(transport: str) -> frozenset[str]:
+    """The layout fields `transport` can bridge between a sender and a receiver."""
+    return _RESHARDS.get(transport, RESHARDABLE_FIELDS)
 
 
 def handshake(a_name: str, a_content: ContentKey, a_layout: LayoutKey,
@@ -80,7 +91,7 @@ def handshake(a_name: str, a_content: ContentKey, a_layout: LayoutKey,
         problems.append(f"content differs (blocks would not mean the same thing): {content}")
     layout = _differences(a_layout.to_dict(), b_layout.to_dict(), a_name, b_name, reshardable)
     if layout:
-        problems.append(f"KV layout differs and no transport reshards it yet: {layout}")
+        problems.append(f"KV layout differs in a way the transport cannot reshard: {layout}")
     if problems:
         raise HandshakeError(f"{a_name} cannot send KV to {b_name}: " + "; ".join(problems))
 

@@ -8,6 +8,7 @@ resolves names with the same `resolve_model_path`.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 import os
@@ -94,3 +95,42 @@ def open_tokenizer(name: str):
         with open(cfg_file) as f:
             cfg = json.load(f)
     return TextTokenizer.from_hf_dir(path, hf_eos_token_ids(cfg))
+
+
+# The architecture numbers that decide how a model can be split over ranks.
+SHAPE_FIELDS = ("num_heads", "num_kv_heads", "num_layers", "hidden_size",
+                "intermediate_size", "vocab_size")
+
+
+@functools.lru_cache(maxsize=8)
+def read_model_shape(name: str) -> dict[str, int]:
+    """`SHAPE_FIELDS` of a model, from its metadata only (GGUF header, HF `config.json`, or
+    a `random:` preset): what a config check needs to refuse a TP/PP size before any worker
+    loads a weight."""
+    if name.startswith("random:"):
+        from pdserve.engine.loader import synthetic
+
+        preset, _ = synthetic.parse_name(name)
+        return {k: int(synthetic.PRESETS[preset][k]) for k in SHAPE_FIELDS}
+    path = resolve_model_path(name)
+    if path.endswith(".gguf"):
+        fields = read_fields(open_gguf(path))
+        arch = fields.get("general.architecture", "llama")
+
+        def f(key: str, default=None):
+            return fields.get(f"{arch}.{key}", default)
+
+        heads = int(f("attention.head_count"))
+        return {"num_heads": heads, "num_kv_heads": int(f("attention.head_count_kv", heads)),
+                "num_layers": int(f("block_count")),
+                "hidden_size": int(f("embedding_length")),
+                "intermediate_size": int(f("feed_forward_length")),
+                "vocab_size": int(f("vocab_size",
+                                    len(fields.get("tokenizer.ggml.tokens", []))))}
+    with open(os.path.join(path, "config.json")) as fh:
+        cfg = json.load(fh)
+    heads = int(cfg["num_attention_heads"])
+    return {"num_heads": heads, "num_kv_heads": int(cfg.get("num_key_value_heads", heads)),
+            "num_layers": int(cfg["num_hidden_layers"]), "hidden_size": int(cfg["hidden_size"]),
+            "intermediate_size": int(cfg["intermediate_size"]),
+            "vocab_size": int(cfg["vocab_size"])}

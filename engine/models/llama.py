@@ -23,7 +23,7 @@ from pdserve.engine.layers.linear import (
     dense,
 )
 from pdserve.engine.layers.norm_rope import RMSNorm, RotaryEmbedding
-from pdserve.engine.parallel import SINGLE, ParallelContext
+from pdserve.engine.parallel import SINGLE, ParallelContext, layers_per_stage
 
 
 class LlamaAttention(nn.Module):
@@ -103,36 +103,48 @@ class LlamaDecoderLayer(nn.Module):
 class LlamaForCausalLM(nn.Module):
     """Embedding -> decoder layers -> final norm; `compute_logits` applies the LM head.
 
-    `parallel` says which tensor-parallel shard of every weight this instance holds.
+    `parallel` says which tensor-parallel shard of every weight this instance holds, and
+    which pipeline stage: a stage holds only its layers (`layers_per_stage`; layer j of the
+    stage is the model's layer `first_layer + j`, and its KV pool's layer j), the first
+    stage also the embedding, the last one the final norm and the LM head (a tied head
+    loads the embedding's weight there).
     """
 
     def __init__(self, config: ModelConfig, dtype=torch.float32,
                  parallel: ParallelContext = SINGLE):
         super().__init__()
-        if parallel.pp_size != 1:
-            raise NotImplementedError("pipeline parallelism: the model runs all its layers "
-                                      f"on one stage (got pp_size={parallel.pp_size})")
         self.config = config
         self.parallel = parallel
         self.rope = RotaryEmbedding(config)
-        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, dtype,
-                                                   parallel)
-        self.layers = nn.ModuleList(
-            LlamaDecoderLayer(config, i, self.rope, dtype, parallel)
-            for i in range(config.num_layers)
-        )
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
-        if config.tie_word_embeddings:
-            self.lm_head = self.embed_tokens
-        else:
-            self.lm_head = VocabParallelEmbedding(config.vocab_size, config.hidden_size, dtype,
-                                                  parallel)
+        sizes = layers_per_stage(config.num_layers, parallel.pp_size)
+        self.first_layer = sum(sizes[:parallel.pp_rank])
+        self.num_stage_layers = sizes[parallel.pp_rank]
+        self.is_first = parallel.pp_rank == 0
+        self.is_last = parallel.pp_rank == parallel.pp_size - 1
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        x = self.embed_tokens(input_ids)
+        def vocab() -> VocabParallelEmbedding:
+            return VocabParallelEmbedding(config.vocab_size, config.hidden_size, dtype, parallel)
+
+        self.embed_tokens = vocab() if self.is_first else None
+        self.layers = nn.ModuleList(
+            LlamaDecoderLayer(config, j, self.rope, dtype, parallel)
+            for j in range(self.num_stage_layers)
+        )
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype) \
+            if self.is_last else None
+        self.lm_head = None
+        if self.is_last:
+            tied_here = config.tie_word_embeddings and self.is_first
+            self.lm_head = self.embed_tokens if tied_here else vocab()
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
+                hidden: torch.Tensor | None = None) -> torch.Tensor:
+        """This stage's part: from `input_ids` on the first stage, else from the previous
+        stage's `hidden`; the last stage returns normed hidden states."""
+        x = self.embed_tokens(input_ids) if self.is_first else hidden
         for layer in self.layers:
             x = layer(positions, x)
-        return self.norm(x)
+        return self.norm(x) if self.is_last else x
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.parallel.all_gather_last_dim(dense(hidden, self.lm_head.weight))
@@ -147,10 +159,8 @@ class LlamaForCausalLM(nn.Module):
         }
         seen: set[str] = set()
         for name, full in weights:
-            name = name.removeprefix("model.")
-            if name.startswith("lm_head") and self.config.tie_word_embeddings:
-                continue
-            if "rotary_emb" in name:
+            name = self._stage_name(name.removeprefix("model."))
+            if name is None:
                 continue
             *path, proj, kind = name.split(".")
             module_path, part = path + [proj], None
@@ -170,11 +180,34 @@ class LlamaForCausalLM(nn.Module):
         if missing:
             raise ValueError(f"checkpoint lacks {len(missing)} weights, e.g. {sorted(missing)[:3]}")
 
+    def _stage_name(self, name: str) -> str | None:
+        """Where an HF-named weight goes on this stage (None: not held here)."""
+        if "rotary_emb" in name:
+            return None
+        if name.startswith("lm_head"):
+            return name if self.is_last and not self.config.tie_word_embeddings else None
+        if name.startswith("embed_tokens"):
+            if self.is_first:
+                return name
+            tied_head = self.is_last and self.config.tie_word_embeddings
+            return name.replace("embed_tokens", "lm_head") if tied_head else None
+        if name.startswith("norm."):
+            return name if self.is_last else None
+        if name.startswith("layers."):
+            _, i, rest = name.split(".", 2)
+            j = int(i) - self.first_layer
+            return f"layers.{j}.{rest}" if 0 <= j < self.num_stage_layers else None
+        return name
+
     def _expected_weights(self) -> set[str]:
-        names = {"embed_tokens.weight", "norm.weight"}
-        if not self.config.tie_word_embeddings:
-            names.add("lm_head.weight")
-        for i in range(self.config.num_layers):
+        names = set()
+        if self.is_first:
+            names.add("embed_tokens.weight")
+        if self.is_last:
+            names.add("norm.weight")
+            if not (self.config.tie_word_embeddings and self.is_first):
+                names.add("lm_head.weight")
+        for i in range(self.num_stage_layers):
             p = f"layers.{i}"
             names |= {f"{p}.input_layernorm.weight", f"{p}.post_attention_layernorm.weight",
                       f"{p}.self_attn.o_proj.weight", f"{p}.mlp.down_proj.weight",

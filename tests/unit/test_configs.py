@@ -155,3 +155,11 @@ def test_a_config_dumped_and_parsed_again_is_the_same(path):
     """What the CLI does to apply --port and friends."""
     cfg = load_config(path)
     assert parse_config(cfg.model_dump(mode="json")) == cfg
+
+
+def test_parallel_configs_give_each_pool_its_tensor_parallelism():
+    cpu = load_config(CONFIG_DIR / "cpu-tp.yaml")
+    assert (cpu.prefill.tp, cpu.decode.tp, cpu.transport) == (1, 3, "grpc")
+    assert cpu.engine_config(cpu.decode).parallel.tensor_parallel_size == 3
+    gpu = load_config(CONFIG_DIR / "gpu-tp.yaml")
+    assert (gpu.prefill.tp, gpu.decode.tp) == (3, 1) and gpu.prefill.num_gpus == 1

@@ -39,8 +39,18 @@ def test_step_input_crosses_as_msgpack_and_keeps_what_ranks_need():
     assert StepInput.from_plain(msgpack.unpackb(wire, raw=False)) == step
 
 
+def test_a_step_splits_into_micro_batches_of_whole_sequences():
+    step = StepInput([1, 2, 3, 4, 5, 6], [3, 1, 2], [0, 7, 4], [[0], [1, 2], [3]],
+                     [True, True, False])
+    a, b = step.split(2)
+    assert (a.token_ids, a.query_lens, a.context_lens, a.block_tables, a.samples) == \
+        ([1, 2, 3, 4], [3, 1], [0, 7], [[0], [1, 2]], [True, True])
+    assert (b.token_ids, b.query_lens, b.samples) == ([5, 6], [2], [False])
+    assert [s.num_seqs for s in step.split(5)] == [1, 1, 1]  # never an empty part
+
+
 def test_inconsistent_step_input_is_refused():
-    plain = [[1, 2, 3], [2], [0], [[0]], [True]]
+    plain = [[1, 2, 3], [2], [0], [[0]], [True], None]
     with pytest.raises(ValueError, match="inconsistent"):
         StepInput.from_plain(plain)
     with pytest.raises(ValueError):
@@ -60,8 +70,34 @@ def test_offline_engine_runs_through_the_in_process_executor():
 def test_in_process_executor_refuses_a_tensor_parallel_config():
     with pytest.raises(ValueError, match="rank group"):
         UniprocExecutor(engine_config("random:tiny", tensor_parallel_size=2))
+    with pytest.raises(ValueError, match="rank group"):
+        UniprocExecutor(engine_config("random:tiny", pipeline_parallel_size=2))
     with pytest.raises(ValueError, match="pipeline"):
-        ParallelConfig(pipeline_parallel_size=2)
+        ParallelConfig(pipeline_parallel_size=0)
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_pipeline_stages_hold_their_layers_and_load_only_those(tied):
+    from dataclasses import replace
+
+    from pdserve.engine.models.llama import LlamaForCausalLM
+
+    cfg = replace(synthetic.synthetic_config("random:tiny", torch.device("cpu"), torch.float32),
+                  num_layers=3, tie_word_embeddings=tied)
+    weights = dict(synthetic.random_weights(cfg, 0, torch.device("cpu"), torch.float32))
+    first, last = (LlamaForCausalLM(cfg, parallel=ParallelContext(pp_rank=r, pp_size=2))
+                   for r in (0, 1))
+    for stage in (first, last):
+        stage.load_weights(weights.items())  # refuses a stage missing one of its weights
+    assert (first.first_layer, len(first.layers), last.first_layer, len(last.layers)) == \
+        (0, 2, 2, 1)
+    assert first.embed_tokens is not None and first.lm_head is None and first.norm is None
+    assert last.embed_tokens is None and last.norm is not None
+    # Stage 1's layer 0 is the model's layer 2; a tied head loads the embedding's weight.
+    assert torch.equal(last.layers[0].mlp.down_proj.weight,
+                       weights["model.layers.2.mlp.down_proj.weight"])
+    head = weights["model.embed_tokens.weight" if tied else "lm_head.weight"]
+    assert torch.equal(last.lm_head.weight, head)
 
 
 def test_two_tp_layouts_live_in_one_process():

@@ -48,7 +48,8 @@ def test_ipv6_loopback_counts_as_loopback():
 
 # ---- the KV handshake at start-up --------------------------------------------------------
 
-def _keyed(worker_id: str, role: str, tp: int = 1, revision: str = "gguf:a") -> dict:
+def _keyed(worker_id: str, role: str, tp: int = 1, revision: str = "gguf:a",
+           block_size: int = 16) -> dict:
     import torch
 
     from pdserve.engine.config import ContentKey
@@ -59,13 +60,23 @@ def _keyed(worker_id: str, role: str, tp: int = 1, revision: str = "gguf:a") -> 
     content = ContentKey.for_model(model, "float32", "tok:t")
     return {"worker_id": worker_id, "role": role, "node_ip": "127.0.0.1",
             "content_key": {**content.to_dict(), "revision": revision},
-            "layout_key": LayoutKey.for_model(model, 16, "float32", tp).to_dict()}
+            "layout_key": LayoutKey.for_model(model, block_size, "float32", tp).to_dict()}
 
 
-def test_prefill_tp2_with_decode_tp1_fails_start_up_naming_the_field():
-    c = _cluster([_keyed("prefill-0", "prefill", tp=2), _keyed("decode-0", "decode"),
-                  _keyed("decode-1", "decode", tp=2)])
+def test_tp_differences_are_resharded_by_grpc_and_refused_by_nccl_naming_the_field():
+    ready = [_keyed("prefill-0", "prefill", tp=2), _keyed("decode-0", "decode"),
+             _keyed("decode-1", "decode", tp=2)]
+    _cluster(ready)._check_keys()  # grpc: each P rank sends each D rank the heads both hold
+    gpus = {"num_gpus": 1, "device": "cuda"}
+    c = _cluster(ready, transport="nccl", prefill=gpus, decode=gpus)
     with pytest.raises(ClusterStartError, match="prefill-0 tp_size=2, decode-0 tp_size=1"):
+        c._check_keys()
+
+
+def test_a_block_size_difference_is_refused_even_by_grpc():
+    c = _cluster([_keyed("prefill-0", "prefill", tp=2), _keyed("decode-0", "decode",
+                                                                block_size=8)])
+    with pytest.raises(ClusterStartError, match="prefill-0 block_size=16, decode-0 block_size=8"):
         c._check_keys()
 
 

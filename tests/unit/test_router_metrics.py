@@ -101,14 +101,18 @@ def test_worker_figures_come_from_the_latest_poll(setup):
              "handoffs": 4, "handoff_seconds": 0.2, "handoff_bytes": 1000,
              "handoff_tail_seconds": 0.05, "leases_expired": 0, "node": "",
              "store_lookups": 3, "store_hit_blocks": 2, "store_hit_tokens": 32,
-             "store_saved_blocks": 7}),
+             "store_saved_blocks": 7,
+             "tp": 2, "pp": 1,
+             "rank_failure": ""}),
         WorkerStats.from_dict(
             {"worker_id": "decode-0", "role": "decode", "free_blocks": 10, "total_blocks": 40,
              "running": 3, "waiting": 0, "prompt_tokens": 0, "generated_tokens": 90,
              "handoffs": 0, "handoff_seconds": 0.0, "handoff_bytes": 0,
              "handoff_tail_seconds": 0.0, "leases_expired": 1, "node": "",
              "store_lookups": 0, "store_hit_blocks": 0, "store_hit_tokens": 0,
-             "store_saved_blocks": 0}),
+             "store_saved_blocks": 0,
+             "tp": 1, "pp": 1,
+             "rank_failure": ""}),
     ])
     s = samples(m)
     p = (("role", "prefill"), ("worker", "prefill-0"))

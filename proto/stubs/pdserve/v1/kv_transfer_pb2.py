@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cpdserve/v1/kv_transfer.proto\x12\npdserve.v1\"\xd6\x01\n\x07KVChunk\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x12\n\ncompat_key\x18\x02 \x01(\t\x12\r\n\x05layer\x18\x03 \x01(\r\x12\x13\n\x0b\x66irst_block\x18\x04 \x01(\r\x12\x12\n\nnum_blocks\x18\x05 \x01(\r\x12\r\n\x05\x64type\x18\x06 \x01(\t\x12\r\n\x05shape\x18\x07 \x03(\r\x12\x0c\n\x04\x64\x61ta\x18\x08 \x01(\x0c\x12\x0c\n\x04\x64one\x18\t \x01(\x08\x12\x12\n\nnum_layers\x18\n \x01(\r\x12\r\n\x05\x61\x62ort\x18\x0b \x01(\x08\x12\x0e\n\x06secret\x18\x0c \x01(\t\"W\n\x07PushAck\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x17\n\x0flayers_received\x18\x02 \x01(\r\x12\x10\n\x08\x63omplete\x18\x03 \x01(\x08\x12\r\n\x05\x65rror\x18\x04 \x01(\t2@\n\nKVTransfer\x12\x32\n\x04Push\x12\x13.pdserve.v1.KVChunk\x1a\x13.pdserve.v1.PushAck(\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cpdserve/v1/kv_transfer.proto\x12\npdserve.v1\"\xea\x01\n\x07KVChunk\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x12\n\ncompat_key\x18\x02 \x01(\t\x12\r\n\x05layer\x18\x03 \x01(\r\x12\x13\n\x0b\x66irst_block\x18\x04 \x01(\r\x12\x12\n\nnum_blocks\x18\x05 \x01(\r\x12\r\n\x05\x64type\x18\x06 \x01(\t\x12\r\n\x05shape\x18\x07 \x03(\r\x12\x0c\n\x04\x64\x61ta\x18\x08 \x01(\x0c\x12\x0c\n\x04\x64one\x18\t \x01(\x08\x12\x12\n\nnum_layers\x18\n \x01(\r\x12\r\n\x05\x61\x62ort\x18\x0b \x01(\x08\x12\x0e\n\x06secret\x18\x0c \x01(\t\x12\x12\n\nfirst_head\x18\x10 \x01(\r\"W\n\x07PushAck\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x17\n\x0flayers_received\x18\x02 \x01(\r\x12\x10\n\x08\x63omplete\x18\x03 \x01(\x08\x12\r\n\x05\x65rror\x18\x04 \x01(\t2@\n\nKVTransfer\x12\x32\n\x04Push\x12\x13.pdserve.v1.KVChunk\x1a\x13.pdserve.v1.PushAck(\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -32,9 +32,9 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'pdserve.v1.kv_transfer_pb2'
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_KVCHUNK']._serialized_start=45
-  _globals['_KVCHUNK']._serialized_end=259
-  _globals['_PUSHACK']._serialized_start=261
-  _globals['_PUSHACK']._serialized_end=348
-  _globals['_KVTRANSFER']._serialized_start=350
-  _globals['_KVTRANSFER']._serialized_end=414
+  _globals['_KVCHUNK']._serialized_end=279
+  _globals['_PUSHACK']._serialized_start=281
+  _globals['_PUSHACK']._serialized_end=368
+  _globals['_KVTRANSFER']._serialized_start=370
+  _globals['_KVTRANSFER']._serialized_end=434
 # @@protoc_insertion_point(module_scope)

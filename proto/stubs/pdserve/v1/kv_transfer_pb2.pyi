@@ -7,7 +7,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class KVChunk(_message.Message):
-    __slots__ = ("request_id", "compat_key", "layer", "first_block", "num_blocks", "dtype", "shape", "data", "done", "num_layers", "abort", "secret")
+    __slots__ = ("request_id", "compat_key", "layer", "first_block", "num_blocks", "dtype", "shape", "data", "done", "num_layers", "abort", "secret", "first_head")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     COMPAT_KEY_FIELD_NUMBER: _ClassVar[int]
     LAYER_FIELD_NUMBER: _ClassVar[int]
@@ -20,6 +20,7 @@ class KVChunk(_message.Message):
     NUM_LAYERS_FIELD_NUMBER: _ClassVar[int]
     ABORT_FIELD_NUMBER: _ClassVar[int]
     SECRET_FIELD_NUMBER: _ClassVar[int]
+    FIRST_HEAD_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     compat_key: str
     layer: int
@@ -32,7 +33,8 @@ class KVChunk(_message.Message):
     num_layers: int
     abort: bool
     secret: str
-    def __init__(self, request_id: _Optional[str] = ..., compat_key: _Optional[str] = ..., layer: _Optional[int] = ..., first_block: _Optional[int] = ..., num_blocks: _Optional[int] = ..., dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ..., done: _Optional[bool] = ..., num_layers: _Optional[int] = ..., abort: _Optional[bool] = ..., secret: _Optional[str] = ...) -> None: ...
+    first_head: int
+    def __init__(self, request_id: _Optional[str] = ..., compat_key: _Optional[str] = ..., layer: _Optional[int] = ..., first_block: _Optional[int] = ..., num_blocks: _Optional[int] = ..., dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ..., done: _Optional[bool] = ..., num_layers: _Optional[int] = ..., abort: _Optional[bool] = ..., secret: _Optional[str] = ..., first_head: _Optional[int] = ...) -> None: ...
 
 class PushAck(_message.Message):
     __slots__ = ("request_id", "layers_received", "complete", "error")

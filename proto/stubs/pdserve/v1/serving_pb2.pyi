@@ -157,7 +157,7 @@ class StatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class WorkerStats(_message.Message):
-    __slots__ = ("worker_id", "role", "free_blocks", "total_blocks", "running", "waiting", "prompt_tokens_processed", "generated_tokens", "node", "handoffs", "handoff_seconds", "handoff_bytes", "leases_expired", "handoff_tail_seconds", "state")
+    __slots__ = ("worker_id", "role", "free_blocks", "total_blocks", "running", "waiting", "prompt_tokens_processed", "generated_tokens", "node", "handoffs", "handoff_seconds", "handoff_bytes", "leases_expired", "handoff_tail_seconds", "state", "tp", "pp", "rank_failure")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
     FREE_BLOCKS_FIELD_NUMBER: _ClassVar[int]
@@ -173,6 +173,9 @@ class WorkerStats(_message.Message):
     LEASES_EXPIRED_FIELD_NUMBER: _ClassVar[int]
     HANDOFF_TAIL_SECONDS_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
+    TP_FIELD_NUMBER: _ClassVar[int]
+    PP_FIELD_NUMBER: _ClassVar[int]
+    RANK_FAILURE_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     role: str
     free_blocks: int
@@ -188,7 +191,10 @@ class WorkerStats(_message.Message):
     leases_expired: int
     handoff_tail_seconds: float
     state: str
-    def __init__(self, worker_id: _Optional[str] = ..., role: _Optional[str] = ..., free_blocks: _Optional[int] = ..., total_blocks: _Optional[int] = ..., running: _Optional[int] = ..., waiting: _Optional[int] = ..., prompt_tokens_processed: _Optional[int] = ..., generated_tokens: _Optional[int] = ..., node: _Optional[str] = ..., handoffs: _Optional[int] = ..., handoff_seconds: _Optional[float] = ..., handoff_bytes: _Optional[int] = ..., leases_expired: _Optional[int] = ..., handoff_tail_seconds: _Optional[float] = ..., state: _Optional[str] = ...) -> None: ...
+    tp: int
+    pp: int
+    rank_failure: str
+    def __init__(self, worker_id: _Optional[str] = ..., role: _Optional[str] = ..., free_blocks: _Optional[int] = ..., total_blocks: _Optional[int] = ..., running: _Optional[int] = ..., waiting: _Optional[int] = ..., prompt_tokens_processed: _Optional[int] = ..., generated_tokens: _Optional[int] = ..., node: _Optional[str] = ..., handoffs: _Optional[int] = ..., handoff_seconds: _Optional[float] = ..., handoff_bytes: _Optional[int] = ..., leases_expired: _Optional[int] = ..., handoff_tail_seconds: _Optional[float] = ..., state: _Optional[str] = ..., tp: _Optional[int] = ..., pp: _Optional[int] = ..., rank_failure: _Optional[str] = ...) -> None: ...
 
 class StatsResponse(_message.Message):
     __slots__ = ("workers", "queued_requests", "requests_finished", "requests_aborted", "handoff_retries", "migrations", "workers_replaced")

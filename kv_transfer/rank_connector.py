@@ -1,0 +1,136 @@
+"""The follower ranks' halves of the prefill -> decode push (engine/kv_connector.py,
+`KVConnectorRank`): each rank of a tensor-parallel worker moves the KV heads its own pool
+holds, straight to or from the peer ranks that hold the same heads. No rank gathers.
+
+`RankPushSender` (a prefill worker's follower rank): the driver's `PushSender` puts every
+save of a step into the step's rank metadata; this rank opens its own transfer into the
+same sink (`KVSender.routes`: to each decode rank that holds any of its heads), sends each
+layer as the forward pass writes it, and closes it after the pass. Its outcome stays here
+(logged): the decode side sees a part that never completes and fails the handoff.
+
+`RankPushReceiver` (a decode worker's follower rank): a receiver on its own port for its
+heads; the driver's `PushReceiver` makes and forgets its reservations (`control`), and asks
+whether its part is complete before the request may decode.
+"""
+
+from __future__ import annotations
+
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING, Any
+
+from pdserve.engine.kv_connector import KVConnectorRank
+from pdserve.kv_transfer.base import KVReceiver, KVSender, KVSink, KVTransferError, SendHandle
+from pdserve.kv_transfer.registry import make_receiver, make_sender
+
+if TYPE_CHECKING:
+    import torch
+
+log = logging.getLogger("pdserve.kv")
+
+
+class RankPushSender(KVConnectorRank):
+    """Rank `tp_rank` of a tensor-parallel prefill worker: pushes its own KV heads."""
+
+    def __init__(self, transport: str, tp_rank: int, tp_size: int,
+                 transfer_timeout: float = 30.0):
+        self.transport = transport
+        self.tp_rank, self.tp_size = tp_rank, tp_size
+        self.transfer_timeout = transfer_timeout
+        self.sender: KVSender | None = None
+        self._step: list[SendHandle] = []
+        self._finishers = ThreadPoolExecutor(max_workers=4, thread_name_prefix="kv-rank-finish")
+        self.failures = 0  # transfers of this rank that did not complete (for stats, tests)
+
+    def register_kv_cache(self, kv_cache: torch.Tensor, compat_key: str) -> None:
+        self.sender = make_sender(self.transport, kv_cache, compat_key, tp_rank=self.tp_rank,
+                                  tp_size=self.tp_size)
+
+    def start_rank_step(self, meta: list) -> None:
+        assert self.sender is not None, "register_kv_cache was not called"
+        for request_id, block_ids, sink in meta:
+            try:
+                self._step.append(self.sender.open(KVSink.from_dict(sink), block_ids))
+            except (KVTransferError, ValueError) as e:
+                # The decode side never sees this rank's part complete and fails the handoff.
+                self.failures += 1
+                log.warning("rank %d: KV push of %s refused at open: %s", self.tp_rank,
+                            request_id, e)
+
+    def wait_for_layer(self, layer: int) -> None:
+        pass
+
+    def save_layer(self, layer: int) -> None:
+        for handle in self._step:
+            handle.send_layer(layer)
+
+    def end_step(self) -> None:
+        step, self._step = self._step, []
+        for handle in step:
+            self._finishers.submit(self._finish, handle)
+
+    def control(self, op: dict) -> dict:
+        return {"error": f"a prefill rank answers no {op.get('op')!r}"}
+
+    def _finish(self, handle: SendHandle) -> None:
+        try:
+            handle.finish(self.transfer_timeout)
+        except Exception as e:  # noqa: BLE001 - logged; the decode side fails the handoff
+            self.failures += 1
+            log.warning("rank %d: KV push of %s failed: %s", self.tp_rank, handle.request_id, e)
+
+    def close(self) -> None:
+        self._finishers.shutdown(wait=False, cancel_futures=True)
+        if self.sender is not None:
+            self.sender.close()
+
+
+class RankPushReceiver(KVConnectorRank):
+    """A follower rank of a tensor-parallel decode worker: receives its own KV heads."""
+
+    def __init__(self, transport: str, **receiver_opts: Any):
+        self.transport = transport
+        self._opts = receiver_opts
+        self.receiver: KVReceiver | None = None
+
+    def register_kv_cache(self, kv_cache: torch.Tensor, compat_key: str) -> None:
+        self.receiver = make_receiver(self.transport, kv_cache, compat_key, **self._opts)
+
+    def start_rank_step(self, meta: list) -> None:
+        raise RuntimeError("a decode rank receives outside steps")
+
+    def wait_for_layer(self, layer: int) -> None:
+        pass
+
+    def save_layer(self, layer: int) -> None:
+        pass
+
+    def end_step(self) -> None:
+        pass
+
+    def control(self, op: dict) -> dict:
+        rx = self.receiver
+        if rx is None:
+            return {"error": "the KV pool is not allocated yet"}
+        kind = op.get("op")
+        if kind == "address":
+            return {"address": rx.address}
+        if kind == "expect":
+            rx.expect(str(op["request_id"]), [int(b) for b in op["block_ids"]],
+                      int(op["num_tokens"]), float(op["deadline"]), int(op["first_block"]),
+                      secret=str(op["secret"]))
+            return {}
+        if kind == "cancel":
+            rx.cancel(str(op["request_id"]))
+            return {}
+        if kind == "status":
+            return {"status": rx.status(str(op["request_id"])).value}
+        return {"error": f"unknown KV request {kind!r}"}
+
+    @property
+    def num_reservations(self) -> int:
+        return self.receiver.num_reservations if self.receiver is not None else 0
+
+    def close(self) -> None:
+        if self.receiver is not None:
+            self.receiver.close()

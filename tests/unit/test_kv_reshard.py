@@ -1,0 +1,136 @@
+"""Resharding KV heads over the grpc transport (real loopback gRPC): every prefill rank
+sends each decode rank exactly the heads both hold — no rank gathers — and a decode rank's
+reservation completes only when every head of every block of every layer arrived."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import replace
+
+import pytest
+import torch
+
+from pdserve.kv_transfer import KVTransferError, TransferStatus
+from pdserve.kv_transfer.base import HeadRoute
+from pdserve.kv_transfer.grpc_transport import GrpcKVReceiver, GrpcKVSender
+
+LAYERS, BLOCKS, BS, HEADS, DIM = 2, 8, 4, 6, 4
+KEY = "k" * 16
+SRC, DST = [5, 1, 6], [2, 7, 0]  # the request's blocks on each side
+TOKENS = 3 * BS - 1
+
+
+def _full() -> torch.Tensor:
+    return torch.randn(LAYERS, 2, BLOCKS, BS, HEADS, DIM, generator=torch.Generator()
+                       .manual_seed(0))
+
+
+def _shard(pool: torch.Tensor, rank: int, tp: int) -> torch.Tensor:
+    n = HEADS // tp
+    return pool[..., rank * n:(rank + 1) * n, :].contiguous()
+
+
+def _receivers(tp: int) -> list[GrpcKVReceiver]:
+    return [GrpcKVReceiver(torch.zeros(LAYERS, 2, BLOCKS, BS, HEADS // tp, DIM), KEY)
+            for _ in range(tp)]
+
+
+def _sink(rxs: list[GrpcKVReceiver], rid: str):
+    sinks = [rx.expect(rid, DST, TOKENS, time.time() + 60) for rx in rxs]
+    return replace(sinks[0], rank_addresses=tuple(rx.address for rx in rxs)) \
+        if len(rxs) > 1 else sinks[0]
+
+
+def _push(full: torch.Tensor, tp: int, sink, layers: int = LAYERS) -> None:
+    for rank in range(tp):
+        sender = GrpcKVSender(_shard(full, rank, tp), KEY, tp_rank=rank, tp_size=tp)
+        handle = sender.open(sink, SRC)
+        for layer in range(layers):
+            handle.send_layer(layer)
+        try:
+            handle.finish(timeout=20)
+        finally:
+            sender.close()
+
+
+def _check_landed(full: torch.Tensor, rxs: list[GrpcKVReceiver]) -> None:
+    for j, rx in enumerate(rxs):
+        want = _shard(full, j, len(rxs))[:, :, SRC]
+        assert torch.equal(rx.pool[:, :, DST], want), f"decode rank {j}"
+
+
+@pytest.mark.parametrize("p_tp,d_tp", [(2, 1), (1, 3), (2, 3), (3, 3)])
+def test_heads_go_from_every_prefill_rank_to_the_decode_ranks_holding_them(p_tp, d_tp):
+    full, rxs = _full(), _receivers(d_tp)
+    try:
+        sink = _sink(rxs, "r1")
+        _push(full, p_tp, sink)
+        assert [rx.status("r1") for rx in rxs] == [TransferStatus.COMPLETE] * d_tp
+        _check_landed(full, rxs)
+    finally:
+        for rx in rxs:
+            rx.close()
+
+
+def test_routes_name_only_overlapping_heads():
+    pool = torch.zeros(1, 2, 1, 1, 3, 1)  # rank 1 of TP 2 over 6 heads: heads 3, 4, 5
+    sender = GrpcKVSender(pool, KEY, tp_rank=1, tp_size=2)
+    rxs = _receivers(3)
+    try:
+        sink = _sink(rxs, "r1")
+        assert sender.routes(sink) == [HeadRoute(rxs[1].address, 0, 1, 1),
+                                       HeadRoute(rxs[2].address, 1, 2, 0)]
+    finally:
+        for rx in rxs:
+            rx.close()
+
+
+def test_one_part_is_not_complete_and_a_short_part_fails():
+    full, (rx,) = _full(), _receivers(1)
+    try:
+        sink = _sink([rx], "r1")
+        # Only prefill rank 0 of 2 sends: its part is acknowledged, the request is not done.
+        sender = GrpcKVSender(_shard(full, 0, 2), KEY, tp_rank=0, tp_size=2)
+        h = sender.open(sink, SRC)
+        for layer in range(LAYERS):
+            h.send_layer(layer)
+        h.finish(timeout=20)
+        assert rx.status("r1") is TransferStatus.PENDING
+        # Rank 1 sends one layer of two and closes: that part is short, the request fails.
+        sender1 = GrpcKVSender(_shard(full, 1, 2), KEY, tp_rank=1, tp_size=2)
+        h1 = sender1.open(sink, SRC)
+        h1.send_layer(0)
+        with pytest.raises(KVTransferError):
+            h1.finish(timeout=20)
+        assert rx.wait("r1", 10) is TransferStatus.FAILED  # the abort reaches it async
+        sender.close()
+        sender1.close()
+    finally:
+        rx.close()
+
+
+def test_a_decode_side_that_cannot_split_the_heads_is_refused_at_open():
+    rxs = _receivers(3)
+    try:
+        sink = replace(_sink(rxs, "r1"), rank_addresses=tuple(rx.address for rx in rxs[:1])
+                       + ("127.0.0.1:1", "127.0.0.1:2", "127.0.0.1:3"))
+        sender = GrpcKVSender(_shard(_full(), 0, 2), KEY, tp_rank=0, tp_size=2)
+        with pytest.raises(ValueError, match="6 KV heads do not split over the decode "
+                                             "worker's 4 ranks"):
+            sender.open(sink, SRC)
+    finally:
+        for rx in rxs:
+            rx.close()
+
+
+def test_the_local_transport_refuses_to_reshard():
+    from pdserve.kv_transfer.local_transport import LocalKVReceiver, LocalKVSender
+
+    rx = LocalKVReceiver(torch.zeros(LAYERS, 2, BLOCKS, BS, HEADS, DIM), KEY)
+    try:
+        sink = rx.expect("r1", DST, TOKENS, time.time() + 60)
+        sender = LocalKVSender(_shard(_full(), 0, 2), KEY, tp_rank=0, tp_size=2)
+        with pytest.raises(ValueError, match="does not reshard"):
+            sender.open(sink, SRC)
+    finally:
+        rx.close()
