@@ -361,8 +361,9 @@ class NcclKVReceiver(BlockReceiver):
     # ---- KVReceiver ---------------------------------------------------------------------------
 
     def expect(self, request_id: str, block_ids: Sequence[int], num_tokens: int,
-               deadline: float, first_block: int = 0):
-        sink = super().expect(request_id, block_ids, num_tokens, deadline, first_block)
+               deadline: float, first_block: int = 0, secret: str | None = None):
+        sink = super().expect(request_id, block_ids, num_tokens, deadline, first_block,
+                              secret)
         with self._cond:
             self._ids[request_id] = sink.block_ids
         return sink

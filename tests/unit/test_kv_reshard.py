@@ -36,7 +36,10 @@ def _receivers(tp: int) -> list[GrpcKVReceiver]:
 
 
 def _sink(rxs: list[GrpcKVReceiver], rid: str):
-    sinks = [rx.expect(rid, DST, TOKENS, time.time() + 60) for rx in rxs]
+    # Every rank's part of a reservation admits the driver rank's secret (rank_connector).
+    first = rxs[0].expect(rid, DST, TOKENS, time.time() + 60)
+    sinks = [first] + [rx.expect(rid, DST, TOKENS, time.time() + 60, secret=first.secret)
+                       for rx in rxs[1:]]
     return replace(sinks[0], rank_addresses=tuple(rx.address for rx in rxs)) \
         if len(rxs) > 1 else sinks[0]
 
