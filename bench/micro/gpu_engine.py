@@ -68,6 +68,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="skip timing the fused RoPE + K/V write against two kernels")
     p.add_argument("--sections", type=_names, default=None,
                    help="comma-separated subset to run, in this order: " + ", ".join(SECTIONS))
+    p.add_argument("--executor", choices=("uniproc", "rank-group"), default="uniproc",
+                   help="rank-group: the engine drives a one-rank group through "
+                   "MultiprocExecutor (what a cluster worker with tp/pp runs), to compare its "
+                   "step overhead with the in-process executor")
     p.add_argument("--out", default="gpu_engine.json")
     args = p.parse_args(argv)
     unknown = set(args.sections or ()) - set(SECTIONS)
@@ -87,6 +91,22 @@ def _names(text: str) -> list[str]:
 # ---- engine set-up ---------------------------------------------------------------------------
 
 
+def _executor(args, config):
+    """None (the engine's in-process executor) or the driver of a one-rank group."""
+    if args.executor == "uniproc":
+        return None
+    import socket
+
+    from pdserve.engine.executor.group import init_rank_group
+    from pdserve.engine.executor.multiproc import MultiprocExecutor
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    group = init_rank_group(0, 1, f"tcp://127.0.0.1:{port}", "cuda")
+    return MultiprocExecutor(config, group)
+
+
 def build_engine(args):
     from pdserve.engine.config import CacheConfig, EngineConfig, SchedulerConfig
     from pdserve.engine.llm_engine import LLMEngine
@@ -103,7 +123,7 @@ def build_engine(args):
         enable_cuda_graphs=True, enable_fused_kernels=True,
     )
     t0 = time.perf_counter()
-    engine = LLMEngine(config, kv_connector=RandomKV())
+    engine = LLMEngine(config, kv_connector=RandomKV(), executor=_executor(args, config))
     torch.cuda.synchronize()
     init_s = time.perf_counter() - t0
     engine.kv_cache.normal_()  # random KV: zeros can time faster than real data

@@ -32,7 +32,7 @@ def test_pipeline_stages_equal_hf(tiny_model_factory, tp):
         "ray": {"num_cpus": 2},
     }
     with running_cluster(config) as (bg, client):
-        (group,) = bg.cluster.worker_groups
+        (group,) = bg.cluster.worker_groups.values()
         assert len(group.followers) == 2 * tp - 1
         info = bg.cluster.ready_info[0]
         assert info["parallel"] == {"tp": tp, "pp": 2}
