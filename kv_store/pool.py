@@ -9,12 +9,19 @@ A slot header says what the slot holds: the block hash, the generation the index
 write, and a CRC32 of the bytes. A writer zeroes the generation first and writes the header
 last, so a reader that finds the hash and generation the index promised, and a matching
 CRC, has whole bytes of that block; anything else is a miss (never wrong KV).
+
+On a GPU worker the mapping's slots are page-locked for DMA (`pin_for_cuda`, i.e.
+cudaHostRegister), so copies between the pool and the GPU run at the host link's pinned
+rate and may be asynchronous; the registration is dropped when the mapping goes.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import os
+import threading
+import weakref
 import zlib
 from collections.abc import Sequence
 
@@ -28,6 +35,9 @@ _FILE_HEADER = 128
 _DTYPE_AT = 96
 _SLOT_HEADER = np.dtype([("hash", "S16"), ("gen", "<i8"), ("crc", "<u4"), ("pad", "<u4")])
 _ALIGN = 4096
+_CUDA_HOST_REGISTER_PORTABLE = 1  # pinned for every CUDA context, whatever the device
+
+log = logging.getLogger("pdserve.kv_store")
 
 
 class BlockPool:
@@ -49,6 +59,8 @@ class BlockPool:
         raw = np.ndarray((num_slots, self.block_bytes), np.uint8, self._mm, self._data_offset)
         self._raw = raw
         self.blocks = torch.from_numpy(raw).view(tdtype).view(num_slots, *self.block_shape)
+        self.pinned = False
+        self._unpin: weakref.finalize | None = None
 
     @classmethod
     def create(cls, path: str, num_slots: int, block_shape: Sequence[int], dtype: str
@@ -118,9 +130,58 @@ class BlockPool:
         """Copy `slot` into `out` (a block view of an engine's KV pool)."""
         out.copy_(self.blocks[slot])
 
+    def pin_for_cuda(self) -> bool:
+        """Page-lock the slots for DMA to and from CUDA devices (idempotent); True if they
+        are. A failure (e.g. a mapping the driver cannot lock) leaves the pool pageable:
+        copies stay correct, only slower and synchronous. Unpinned by `close` or when this
+        object goes; the caller keeps it alive until its asynchronous copies completed."""
+        if self.pinned:
+            return True
+        if not torch.cuda.is_available():
+            return False
+        ptr, size = self._raw.ctypes.data, self._raw.nbytes
+        err = _in_own_thread(lambda: int(torch.cuda.cudart().cudaHostRegister(
+            ptr, size, _CUDA_HOST_REGISTER_PORTABLE)))
+        if err != 0:
+            log.warning("KV store pool %s (%.0f MiB) cannot be pinned for CUDA (cudaError %d): "
+                        "loads and saves use pageable copies", self.path, size / 2**20, err)
+            return False
+        self.pinned = True
+        self._unpin = weakref.finalize(self, _cuda_unregister, ptr)
+        self._unpin.atexit = False  # process exit drops the registration anyway
+        return True
+
     def close(self) -> None:
+        if self._unpin is not None:
+            self._unpin()  # before the mapping can go
+            self.pinned = False
         self.blocks = self.headers = self._raw = None
         self._mm = None  # unmapped once the last view is gone
+
+
+def _cuda_unregister(ptr: int) -> None:
+    err = _in_own_thread(lambda: int(torch.cuda.cudart().cudaHostUnregister(ptr)))
+    if err != 0:
+        log.warning("cudaHostUnregister of a KV store pool failed (cudaError %d)", err)
+
+
+def _in_own_thread(call) -> int:
+    """Run a CUDA runtime call on a short-lived thread; its cudaError (-1 if it raised). The
+    runtime keeps a failed call's error as the calling thread's 'last error', which torch's
+    next kernel-launch check on that thread would raise as its own; a thread of its own
+    keeps it there."""
+    out = [-1]
+
+    def run() -> None:
+        try:
+            out[0] = call()
+        except Exception:  # noqa: BLE001 - reported as a failed registration
+            log.exception("CUDA host (un)registration of a KV store pool raised")
+
+    t = threading.Thread(target=run, name="kv-store-cuda-register")
+    t.start()
+    t.join()
+    return out[0]
 
 
 def _align(n: int) -> int:
