@@ -271,9 +271,7 @@ class StoreConnector(KVConnector):
         pool = self._attach(path)
         good = 0
         if pool is not None:
-            while good < len(refs) and pool.check(refs[good].slot, refs[good].gen,
-                                                  refs[good].block_hash):
-                good += 1
+            good = pool.check_prefix([(r.slot, r.gen, r.block_hash) for r in refs])
             self.counters.rejected_blocks += len(refs) - good
         self.index.unpin(self.node, refs[good:])
         return pool, refs[:good]

@@ -24,6 +24,7 @@ import threading
 import weakref
 import zlib
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -38,6 +39,12 @@ _ALIGN = 4096
 _CUDA_HOST_REGISTER_PORTABLE = 1  # pinned for every CUDA context, whatever the device
 
 log = logging.getLogger("pdserve.kv_store")
+
+# zlib.crc32 releases the GIL on large buffers: a prefix's slots are checked in parallel,
+# since checking a long prefix one slot at a time (a few GB/s) can cost more than its load.
+_CRC_THREADS = min(8, os.cpu_count() or 1)
+_crc_pool: ThreadPoolExecutor | None = None
+_crc_pool_lock = threading.Lock()
 
 
 class BlockPool:
@@ -119,12 +126,27 @@ class BlockPool:
 
     def check(self, slot: int, gen: int, block_hash: bytes) -> bool:
         """True if `slot` holds whole bytes of generation `gen` of `block_hash`."""
-        if not 0 <= slot < self.num_slots:
-            return False
-        h = self.headers[slot]
-        if int(h["gen"]) != gen or bytes(h["hash"]).ljust(16, b"\x00") != block_hash:
-            return False
-        return zlib.crc32(self._raw[slot]) == int(h["crc"])
+        return self.check_prefix([(slot, gen, block_hash)]) == 1
+
+    def check_prefix(self, wanted: Sequence[tuple[int, int, bytes]]) -> int:
+        """How many of `wanted` ((slot, gen, block_hash), in order) pass `check` before the
+        first that does not: headers first, then the CRCs of those in parallel."""
+        n = 0
+        for slot, gen, block_hash in wanted:
+            if not 0 <= slot < self.num_slots:
+                break
+            h = self.headers[slot]
+            if int(h["gen"]) != gen or bytes(h["hash"]).ljust(16, b"\x00") != block_hash:
+                break
+            n += 1
+        slots = [w[0] for w in wanted[:n]]
+        expected = [int(self.headers[s]["crc"]) for s in slots]
+        data = [self._raw[s] for s in slots]
+        crcs = _crc_executor().map(zlib.crc32, data) if n > 1 else map(zlib.crc32, data)
+        for i, (got, want) in enumerate(zip(crcs, expected)):
+            if got != want:
+                return i
+        return n
 
     def read_into(self, slot: int, out: torch.Tensor) -> None:
         """Copy `slot` into `out` (a block view of an engine's KV pool)."""
@@ -157,6 +179,14 @@ class BlockPool:
             self.pinned = False
         self.blocks = self.headers = self._raw = None
         self._mm = None  # unmapped once the last view is gone
+
+
+def _crc_executor() -> ThreadPoolExecutor:
+    global _crc_pool
+    with _crc_pool_lock:
+        if _crc_pool is None:
+            _crc_pool = ThreadPoolExecutor(_CRC_THREADS, thread_name_prefix="kv-store-crc")
+        return _crc_pool
 
 
 def _cuda_unregister(ptr: int) -> None:
