@@ -222,10 +222,13 @@ class StoreConnector(KVConnector):
         """Copy the pinned `refs` of `pool` into `block_ids`; unpin them once copied (on
         CUDA: once `_wait_loads` saw the copy complete)."""
         n = len(refs)
+        if n == 0:
+            return
         if self._copier is not None:
             try:
                 pending = self._copier.load(pool, [r.slot for r in refs], block_ids)
             except BaseException:
+                self._copier.load_stream.synchronize()  # copies queued before the failure
                 self.index.unpin(self.node, refs)
                 raise
             self._inflight.append((pending, pool, refs))
