@@ -6,7 +6,9 @@ the request's block hashes (after what the engine's own prefix cache holds) that
 pool has, and checks each slot's bytes against its hash, generation and CRC; the first
 mismatch ends the prefix (a miss, never wrong KV). The worker half copies those slots into
 the request's fresh blocks at the start of the admitting step, before any layer reads
-them, then unpins them.
+them, then unpins them. On a CUDA engine the pool is pinned and each request's load is one
+asynchronous batch on a copy stream (kv_store/cuda_copy.py) that the first layer waits for;
+the slots are unpinned once it completed, at the end of the step.
 
 Put: when a request leaves the engine, its full computed blocks (prompt and output; the
 block hashes the scheduler committed, so they carry the content key) are saved to the pool
@@ -20,9 +22,11 @@ engine serves on, computing everything itself.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 import threading
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -42,6 +46,7 @@ if TYPE_CHECKING:
     import torch
 
     from pdserve.engine.scheduler import ScheduledSeq
+    from pdserve.kv_store.cuda_copy import CudaBlockCopier, PendingLoad
 
 log = logging.getLogger("pdserve.kv_store")
 
@@ -56,6 +61,9 @@ class StoreCounters:
     rejected_blocks: int = 0  # indexed but whose bytes did not check out (a miss)
     saved_blocks: int = 0  # blocks this worker wrote to the pool
     save_skipped: int = 0  # saves dropped: no store, no Redis, or no free slot
+    lookup_s: float = 0.0  # in lookups: hashing, the index round trip, header + CRC checks
+    loaded_bytes: int = 0
+    load_s: float = 0.0  # copying loads into the KV pool (device time on CUDA)
 
 
 @dataclass(slots=True)
@@ -88,7 +96,11 @@ class StoreConnector(KVConnector):
         # Engine thread only: each admitted request's pinned slots, with the pool mapping
         # they were checked in (the saver thread may map a newer pool meanwhile).
         self._pins: dict[str, tuple[BlockPool, list[SlotRef]]] = {}
-        self._step_loads: list[LoadSpec] = []
+        self._copier: CudaBlockCopier | None = None  # a CUDA engine's
+        # Engine thread only: this step's loads in flight on the copy stream, each with the
+        # slots it reads (unpinned once it completed) and the pool they are in.
+        self._inflight: list[tuple[PendingLoad, BlockPool, list[SlotRef]]] = []
+        self._waited = False
         self._saves: dict[str, _Save] = {}
         self._finished: list[str] = []
         self._lock = threading.Lock()
@@ -96,6 +108,12 @@ class StoreConnector(KVConnector):
         self._saver = threading.Thread(target=self._save_loop, name="kv-store-save",
                                        daemon=True)
         self._saver.start()
+
+    @property
+    def pool_pinned(self) -> bool:
+        """Whether the node's pool, as this worker maps it, is page-locked for CUDA."""
+        pool = self._pool
+        return pool is not None and pool.pinned
 
     def close(self) -> None:
         self._queue.put(None)
@@ -109,8 +127,10 @@ class StoreConnector(KVConnector):
         bs = self.block_size
         if num_local_tokens % bs:
             return 0
+        t0 = time.perf_counter()
         hashes = self._prefix_hashes(seq.token_ids)[num_local_tokens // bs:]
         pool, refs = self._pin_checked(hashes)
+        self.counters.lookup_s += time.perf_counter() - t0
         if refs:
             self._pins[seq.request_id] = (pool, refs)
         return len(refs) * bs
@@ -121,15 +141,13 @@ class StoreConnector(KVConnector):
         `block_ids` (fresh blocks of a reservation, in order) right now, on the engine
         thread; returns the hashes of the blocks written (a prefix of them, maybe none).
         Never the last token's block, whose KV the prefill side must send."""
+        t0 = time.perf_counter()
         hashes = self._prefix_hashes(token_ids)[first_block:first_block + len(block_ids)]
         pool, refs = self._pin_checked(hashes)
-        try:
-            for ref, block in zip(refs, block_ids):
-                pool.read_into(ref.slot, self.kv_cache[:, :, block])
-        finally:
-            self.index.unpin(self.node, refs)
-        self.counters.hit_blocks += len(refs)
-        self.counters.hit_tokens += len(refs) * self.block_size
+        self.counters.lookup_s += time.perf_counter() - t0
+        if refs:
+            self._load(pool, refs, block_ids[:len(refs)])
+            self._wait_loads()
         return [r.block_hash for r in refs]
 
     def build_step(self, batch: Sequence[ScheduledSeq], load: Sequence[LoadSpec]
@@ -161,33 +179,37 @@ class StoreConnector(KVConnector):
         self.kv_cache = kv_cache
         self.compat_key = compat_key
         self.block_size = kv_cache.shape[3]
+        if kv_cache.device.type == "cuda":
+            from pdserve.kv_store.cuda_copy import CudaBlockCopier
+
+            self._copier = CudaBlockCopier(kv_cache)
 
     def start_step(self, transfers: StepTransfers) -> None:
-        # The loads are copied now, before the forward pass: the pool is host memory the
-        # copy reads directly, and every layer needs them before its attention.
+        # The loads start now, before the forward pass: every layer needs them before its
+        # attention. On CPU they are copied here; on CUDA they are queued on the copy stream.
         for spec in transfers.load:
             pool, refs = self._pins.pop(spec.request_id, (None, []))
             first = spec.first_token // self.block_size
             n = spec.num_tokens // self.block_size
             if len(refs) < n:
+                self.index.unpin(self.node, refs)
                 raise RuntimeError(f"{spec.request_id}: {n} store blocks admitted, "
                                    f"{len(refs)} pinned")
-            try:
-                for k, ref in enumerate(refs[:n]):
-                    pool.read_into(ref.slot, self.kv_cache[:, :, spec.block_ids[first + k]])
-            finally:
-                self.index.unpin(self.node, refs)
-            self.counters.hit_blocks += n
-            self.counters.hit_tokens += n * self.block_size
+            self.index.unpin(self.node, refs[n:])
+            self._load(pool, refs[:n], spec.block_ids[first:first + n])
+        self._waited = False
 
     def wait_for_layer(self, layer: int) -> None:
-        pass
+        if not self._waited and self._inflight:
+            for pending, _, _ in self._inflight:  # queued on the device: the host goes on
+                self._copier.wait_loaded(pending)
+            self._waited = True
 
     def save_layer(self, layer: int) -> None:
         pass
 
     def end_step(self) -> None:
-        pass
+        self._wait_loads()
 
     def finished_transfers(self) -> list[str]:
         with self._lock:
@@ -195,6 +217,44 @@ class StoreConnector(KVConnector):
         return out
 
     # ---- internals ----------------------------------------------------------------------------
+
+    def _load(self, pool: BlockPool, refs: list[SlotRef], block_ids: Sequence[int]) -> None:
+        """Copy the pinned `refs` of `pool` into `block_ids`; unpin them once copied (on
+        CUDA: once `_wait_loads` saw the copy complete)."""
+        n = len(refs)
+        if n == 0:
+            return
+        if self._copier is not None:
+            try:
+                pending = self._copier.load(pool, [r.slot for r in refs], block_ids)
+            except BaseException:
+                self._copier.load_stream.synchronize()  # copies queued before the failure
+                self.index.unpin(self.node, refs)
+                raise
+            self._inflight.append((pending, pool, refs))
+        else:
+            t0 = time.perf_counter()
+            try:
+                for ref, block in zip(refs, block_ids):
+                    pool.read_into(ref.slot, self.kv_cache[:, :, block])
+            finally:
+                self.index.unpin(self.node, refs)
+            self.counters.load_s += time.perf_counter() - t0
+            self.counters.loaded_bytes += n * pool.block_bytes
+        self.counters.hit_blocks += n
+        self.counters.hit_tokens += n * self.block_size
+
+    def _wait_loads(self) -> None:
+        """Wait for the loads in flight, then unpin their slots (also after a failed step:
+        a load queued before the failure still reads them)."""
+        inflight, self._inflight = self._inflight, []
+        try:
+            for pending, _, _ in inflight:
+                self.counters.load_s += pending.wait() / 1e3
+                self.counters.loaded_bytes += pending.nbytes
+        finally:
+            for _, _, refs in inflight:
+                self.index.unpin(self.node, refs)
 
     def _prefix_hashes(self, token_ids: Sequence[int]) -> list[bytes]:
         """Hashes of the full blocks a load may cover: never the last token's block."""
@@ -214,9 +274,7 @@ class StoreConnector(KVConnector):
         pool = self._attach(path)
         good = 0
         if pool is not None:
-            while good < len(refs) and pool.check(refs[good].slot, refs[good].gen,
-                                                  refs[good].block_hash):
-                good += 1
+            good = pool.check_prefix([(r.slot, r.gen, r.block_hash) for r in refs])
             self.counters.rejected_blocks += len(refs) - good
         self.index.unpin(self.node, refs[good:])
         return pool, refs[:good]
@@ -241,6 +299,10 @@ class StoreConnector(KVConnector):
                 log.warning("KV store pool %s holds %s %s blocks, this worker %s %s", path,
                             pool.block_shape, pool.dtype, want, self.kv_cache.dtype)
                 return None
+            if self._copier is not None:
+                # A replaced pool is unpinned when its last user (a load in flight, the
+                # saver) drops it, after its copies completed.
+                pool.pin_for_cuda()
             self._pool = pool
             return pool
 
@@ -270,14 +332,22 @@ class StoreConnector(KVConnector):
             return
         where = dict(zip(save.hashes, save.block_ids))
         written: list[SlotRef] = []
-        for ref in refs:
-            with save.lock:
-                if save.cancelled:
-                    break
-                pool.write(ref.slot, ref.gen, ref.block_hash,
-                           self.kv_cache[:, :, where[ref.block_hash]])
-            written.append(ref)
+        with self._save_stream():
+            for ref in refs:
+                with save.lock:
+                    if save.cancelled:
+                        break
+                    pool.write(ref.slot, ref.gen, ref.block_hash,
+                               self.kv_cache[:, :, where[ref.block_hash]])
+                written.append(ref)
         self.counters.saved_blocks += self.index.commit(self.node, written)
+
+    def _save_stream(self):
+        """Where the saver thread's device->host copies run: the copier's save stream on
+        CUDA (never the compute stream), nowhere special on CPU."""
+        if self._copier is None:
+            return contextlib.nullcontext()
+        return self._copier.save_stream_context()
 
 
 def store_stats(store: StoreConnector | None) -> dict[str, int]:

@@ -9,14 +9,22 @@ A slot header says what the slot holds: the block hash, the generation the index
 write, and a CRC32 of the bytes. A writer zeroes the generation first and writes the header
 last, so a reader that finds the hash and generation the index promised, and a matching
 CRC, has whole bytes of that block; anything else is a miss (never wrong KV).
+
+On a GPU worker the mapping's slots are page-locked for DMA (`pin_for_cuda`, i.e.
+cudaHostRegister), so copies between the pool and the GPU run at the host link's pinned
+rate and may be asynchronous; the registration is dropped when the mapping goes.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import os
+import threading
+import weakref
 import zlib
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -28,6 +36,15 @@ _FILE_HEADER = 128
 _DTYPE_AT = 96
 _SLOT_HEADER = np.dtype([("hash", "S16"), ("gen", "<i8"), ("crc", "<u4"), ("pad", "<u4")])
 _ALIGN = 4096
+_CUDA_HOST_REGISTER_PORTABLE = 1  # pinned for every CUDA context, whatever the device
+
+log = logging.getLogger("pdserve.kv_store")
+
+# zlib.crc32 releases the GIL on large buffers: a prefix's slots are checked in parallel,
+# since checking a long prefix one slot at a time (a few GB/s) can cost more than its load.
+_CRC_THREADS = min(8, os.cpu_count() or 1)
+_crc_pool: ThreadPoolExecutor | None = None
+_crc_pool_lock = threading.Lock()
 
 
 class BlockPool:
@@ -49,6 +66,8 @@ class BlockPool:
         raw = np.ndarray((num_slots, self.block_bytes), np.uint8, self._mm, self._data_offset)
         self._raw = raw
         self.blocks = torch.from_numpy(raw).view(tdtype).view(num_slots, *self.block_shape)
+        self.pinned = False
+        self._unpin: weakref.finalize | None = None
 
     @classmethod
     def create(cls, path: str, num_slots: int, block_shape: Sequence[int], dtype: str
@@ -107,20 +126,92 @@ class BlockPool:
 
     def check(self, slot: int, gen: int, block_hash: bytes) -> bool:
         """True if `slot` holds whole bytes of generation `gen` of `block_hash`."""
-        if not 0 <= slot < self.num_slots:
-            return False
-        h = self.headers[slot]
-        if int(h["gen"]) != gen or bytes(h["hash"]).ljust(16, b"\x00") != block_hash:
-            return False
-        return zlib.crc32(self._raw[slot]) == int(h["crc"])
+        return self.check_prefix([(slot, gen, block_hash)]) == 1
+
+    def check_prefix(self, wanted: Sequence[tuple[int, int, bytes]]) -> int:
+        """How many of `wanted` ((slot, gen, block_hash), in order) pass `check` before the
+        first that does not: headers first, then the CRCs of those in parallel."""
+        n = 0
+        for slot, gen, block_hash in wanted:
+            if not 0 <= slot < self.num_slots:
+                break
+            h = self.headers[slot]
+            if int(h["gen"]) != gen or bytes(h["hash"]).ljust(16, b"\x00") != block_hash:
+                break
+            n += 1
+        slots = [w[0] for w in wanted[:n]]
+        expected = [int(self.headers[s]["crc"]) for s in slots]
+        data = [self._raw[s] for s in slots]
+        crcs = _crc_executor().map(zlib.crc32, data) if n > 1 else map(zlib.crc32, data)
+        for i, (got, want) in enumerate(zip(crcs, expected)):
+            if got != want:
+                return i
+        return n
 
     def read_into(self, slot: int, out: torch.Tensor) -> None:
         """Copy `slot` into `out` (a block view of an engine's KV pool)."""
         out.copy_(self.blocks[slot])
 
+    def pin_for_cuda(self) -> bool:
+        """Page-lock the slots for DMA to and from CUDA devices (idempotent); True if they
+        are. A failure (e.g. a mapping the driver cannot lock) leaves the pool pageable:
+        copies stay correct, only slower and synchronous. Unpinned by `close` or when this
+        object goes; the caller keeps it alive until its asynchronous copies completed."""
+        if self.pinned:
+            return True
+        if not torch.cuda.is_available():
+            return False
+        ptr, size = self._raw.ctypes.data, self._raw.nbytes
+        err = _in_own_thread(lambda: int(torch.cuda.cudart().cudaHostRegister(
+            ptr, size, _CUDA_HOST_REGISTER_PORTABLE)))
+        if err != 0:
+            log.warning("KV store pool %s (%.0f MiB) cannot be pinned for CUDA (cudaError %d): "
+                        "loads and saves use pageable copies", self.path, size / 2**20, err)
+            return False
+        self.pinned = True
+        self._unpin = weakref.finalize(self, _cuda_unregister, ptr)
+        self._unpin.atexit = False  # process exit drops the registration anyway
+        return True
+
     def close(self) -> None:
+        if self._unpin is not None:
+            self._unpin()  # before the mapping can go
+            self.pinned = False
         self.blocks = self.headers = self._raw = None
         self._mm = None  # unmapped once the last view is gone
+
+
+def _crc_executor() -> ThreadPoolExecutor:
+    global _crc_pool
+    with _crc_pool_lock:
+        if _crc_pool is None:
+            _crc_pool = ThreadPoolExecutor(_CRC_THREADS, thread_name_prefix="kv-store-crc")
+        return _crc_pool
+
+
+def _cuda_unregister(ptr: int) -> None:
+    err = _in_own_thread(lambda: int(torch.cuda.cudart().cudaHostUnregister(ptr)))
+    if err != 0:
+        log.warning("cudaHostUnregister of a KV store pool failed (cudaError %d)", err)
+
+
+def _in_own_thread(call) -> int:
+    """Run a CUDA runtime call on a short-lived thread; its cudaError (-1 if it raised). The
+    runtime keeps a failed call's error as the calling thread's 'last error', which torch's
+    next kernel-launch check on that thread would raise as its own; a thread of its own
+    keeps it there."""
+    out = [-1]
+
+    def run() -> None:
+        try:
+            out[0] = call()
+        except Exception:  # noqa: BLE001 - reported as a failed registration
+            log.exception("CUDA host (un)registration of a KV store pool raised")
+
+    t = threading.Thread(target=run, name="kv-store-cuda-register")
+    t.start()
+    t.join()
+    return out[0]
 
 
 def _align(n: int) -> int:

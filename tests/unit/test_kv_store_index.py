@@ -85,6 +85,21 @@ def test_bytes_that_do_not_match_their_index_entry_are_a_miss(store):
     index.unpin(node, refs)
 
 
+def test_a_prefix_check_stops_at_the_first_slot_whose_header_or_bytes_are_wrong(store):
+    index, node, pool = store.index, store.node, store.pool
+    put(index, node, pool, {h(i): float(i) for i in range(4)})
+    _, refs = index.pin(node, [h(i) for i in range(4)], 10_000)
+    want = [(r.slot, r.gen, r.block_hash) for r in refs]
+    assert pool.check_prefix(want) == 4  # CRCs checked in parallel
+    assert pool.check_prefix(want[:1]) == 1 and pool.check_prefix([]) == 0
+    assert pool.check_prefix([*want[:2], (want[2][0], want[2][1] + 1, h(2)), want[3]]) == 2
+    pool.blocks[refs[1].slot].view(-1)[-1] += 1.0  # the last byte of the second slot
+    assert pool.check_prefix(want) == 1
+    if not torch.cuda.is_available():
+        assert not pool.pin_for_cuda() and not pool.pinned  # a no-op without CUDA
+    index.unpin(node, refs)
+
+
 def test_a_dead_store_process_makes_its_pool_a_miss(redis_server, tmp_path):
     index = StoreIndex(redis_server.url)
     s = NodeStore(index, "node-dead", 2, SHAPE, "float32", shm_dir=str(tmp_path), lease_s=0.4)
