@@ -91,7 +91,13 @@ class RouterSection(_Strict):
     auth_token_env: str | None = Field(
         default=None, description="name of an environment variable holding the bearer token")
     conditional_prefill_tokens: int = Field(
-        default=0, ge=0, description="prompts this short are prefilled on the decode worker")
+        default=0, ge=0, description="prompts whose uncached part is this short are "
+        "prefilled on the decode worker (the cached part counts with policy kv_aware)")
+    policy: Literal["least_loaded", "kv_aware"] | None = Field(
+        default=None, description="routing policy: least_loaded (fewest prefills in "
+        "flight, most free decode blocks) or kv_aware (lowest expected time to first token, "
+        "counting the prefix each worker and its node's KV store hold; needs "
+        "kv_store.enabled); unset: kv_aware when kv_store.enabled, else least_loaded")
 
 
 class TLSSection(_Strict):
@@ -242,6 +248,9 @@ class ClusterConfig(_Strict):
         for name, pool in (("prefill", self.prefill), ("decode", self.decode)):
             if pool.device.startswith("cuda") and pool.num_gpus <= 0:
                 raise ValueError(f"{name}.device is {pool.device!r} but {name}.num_gpus is 0")
+        if self.router.policy == "kv_aware" and not self.kv_store.enabled:
+            raise ValueError("router.policy 'kv_aware' needs kv_store.enabled (its index "
+                             "says where prefixes are cached)")
         if self.tls is not None and self.tls.mutual_kv and self.transport != "grpc":
             raise ValueError("tls.mutual_kv applies to the grpc KV transport; the nccl "
                              "transport's announces are admitted by the reservation secret")
@@ -275,6 +284,11 @@ class ClusterConfig(_Strict):
             if problem:
                 raise ValueError(f"{name}.tp={pool.tp}, {name}.pp={pool.pp} cannot serve "
                                  f"{self.model.name}: {problem}")
+
+    @property
+    def routing_policy(self) -> str:
+        """`router.policy`, its default resolved (kv_aware exactly when the store runs)."""
+        return self.router.policy or ("kv_aware" if self.kv_store.enabled else "least_loaded")
 
     def engine_config(self, pool: PoolSection) -> EngineConfig:
         """The engine settings one worker of `pool` runs with."""

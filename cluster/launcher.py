@@ -53,9 +53,11 @@ from pdserve.proto import pb
 from pdserve.router.frontdoor import BearerAuth, FrontDoor
 from pdserve.router.grpc_server import start_server
 from pdserve.router.http_server import OpenAIServer, start_http_server
+from pdserve.router.kv_aware_policy import CostModel, KVAwarePolicy
 from pdserve.router.lifecycle import RequestLifecycle
 from pdserve.router.metrics import RouterMetrics
 from pdserve.router.policy import RoutingPolicy
+from pdserve.router.prefix_locator import RoutedPrefixLocator
 from pdserve.router.validation import Limits
 from pdserve.tls import TLSConfigError
 
@@ -316,11 +318,25 @@ class Cluster:
         role = "decode" if cfg.mode == "disaggregated" else "colocated"
         decode = [RayDecodeClient(h, f"{role}-{i}") for i, h in enumerate(self.decode_handles)]
         return RequestLifecycle(
-            cfg.mode, prefill, decode, RoutingPolicy(cfg.kv.block_size),
+            cfg.mode, prefill, decode, self.routing_policy(),
             handoff_retries=cfg.router.handoff_retries, lease_seconds=cfg.router.lease_seconds,
             conditional_prefill_tokens=cfg.router.conditional_prefill_tokens,
             admission_timeout=cfg.router.admission_timeout,
         )
+
+    def routing_policy(self) -> RoutingPolicy:
+        """`router.policy`: least-loaded, or KV-aware over the workers' nodes with the
+        store's index and the workers' KV size per token (from their layout key)."""
+        cfg = self.config
+        if cfg.routing_policy != "kv_aware":
+            return RoutingPolicy(cfg.kv.block_size)
+        lk = LayoutKey.from_dict(self.ready_info[0]["layout_key"])
+        per_token = (sum(lk.layers_per_stage) * 2 * lk.kv_heads_per_rank * lk.tp_size
+                     * lk.head_dim * (4 if lk.dtype == "float32" else 2))
+        locator = RoutedPrefixLocator(cfg.kv.block_size, self._worker_cfg.kv_store.redis_url)
+        return KVAwarePolicy(cfg.kv.block_size, locator,
+                             {i["worker_id"]: i["node"] for i in self.ready_info},
+                             self.compat_key, CostModel(kv_bytes_per_token=per_token))
 
     def summary(self, address: str) -> str:
         n_p, n_d = len(self.prefill_handles), len(self.decode_handles)
@@ -429,6 +445,7 @@ async def run_router(cluster: Cluster, stop: asyncio.Event, on_ready=None) -> No
         if http is not None:
             await http.cleanup()
         await server.stop(grace=2.0)
+        await lifecycle.policy.close()
 
 
 def serve(config: ClusterConfig) -> int:

@@ -135,6 +135,12 @@ return 1
 """
 
 
+def pool_key_prefix(namespace: str, node: str) -> str:
+    """The prefix of every Redis key of `node`'s pool (the router's locator reads
+    `<prefix>idx` and `<prefix>lease` too)."""
+    return f"{namespace}:{node}:"
+
+
 @dataclass(frozen=True, slots=True)
 class SlotRef:
     """One block in a pool: which slot, and which write of it (generation)."""
@@ -175,7 +181,7 @@ class StoreIndex:
         self.errors = 0
 
     def prefix(self, node: str) -> str:
-        return f"{self.namespace}:{node}:"
+        return pool_key_prefix(self.namespace, node)
 
     @property
     def available(self) -> bool:

@@ -1,5 +1,5 @@
-"""KV-aware routing: send a prompt to the prefill worker with the lowest expected time to
-first token, counting what each could reuse.
+"""KV-aware routing: send a prompt to the worker with the lowest expected time to first
+token, counting what each could reuse.
 
 For worker w and a prompt of n tokens:
 
@@ -7,39 +7,32 @@ For worker w and a prompt of n tokens:
 
 - `local(w)`: tokens of the prompt's prefix in w's own prefix cache (free to reuse);
 - `store(w)`: tokens after that which the global KV store holds on w's node (copied from
-  the node's pool at the measured load bandwidth);
+  the node's pool at the load bandwidth);
 - `queue(w)`: the uncached prompt tokens already routed to w and not prefilled yet, at the
-  measured prefill rate;
-- `prefill(k)`: k tokens at the measured prefill rate.
+  prefill rate;
+- `prefill(k)`: k tokens at the prefill rate.
 
-Where a prefix lives comes from a `PrefixLocator` (the store index and the workers' cache
-events); rates start at the configured figures and follow measurements (`observe_*`).
-Ties go to the least-loaded rule of `RoutingPolicy`.
+Where a prefix lives comes from a `PrefixLocator` (router/prefix_locator.py), asked once per
+request (`locate`). The prefill rate starts at the configured figure and follows the
+workers' measured throughput (`update_stats`: prompt tokens a busy worker computed between
+two polls); the load bandwidth stays at its configured figure (`observe_load` moves it when
+a caller has a measurement). Ties go to the least-loaded rule of `RoutingPolicy`.
+
+The same pricing picks the decode worker that prefills a request itself (colocated mode,
+conditional disaggregation); the decode worker of a handoff is still the one with the most
+free blocks, since decode is bound by memory, not by the prefix it holds.
 """
 
 from __future__ import annotations
 
-from abc import ABC, abstractmethod
+import time
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from pdserve.messages import WorkerStats, blocks_for
 from pdserve.router.policy import RoutingPolicy
-
-
-class PrefixLocator(ABC):
-    """Where a prompt's prefix is cached. Answers in tokens, whole blocks only.
-
-    Invariant: `store_tokens(node, ids, after)` counts only tokens past the first `after`
-    (what the worker holds itself), so the two never count a token twice."""
-
-    @abstractmethod
-    def local_tokens(self, worker_id: str, token_ids: Sequence[int]) -> int:
-        """Tokens of the prompt's prefix in `worker_id`'s own prefix cache."""
-
-    @abstractmethod
-    def store_tokens(self, node: str, token_ids: Sequence[int], after: int) -> int:
-        """Tokens after the first `after` of the prompt's prefix in `node`'s store pool."""
+from pdserve.router.prefix_locator import PrefixLocator, PrefixMap, prompt_block_hashes
 
 
 @dataclass(slots=True)
@@ -66,48 +59,69 @@ class CostModel:
 class KVAwarePolicy(RoutingPolicy):
     """`RoutingPolicy` whose prefill pick minimises expected TTFT (module docstring).
 
-    Invariant (besides the base class's): `pending_tokens[w]` is the sum of the uncached
-    tokens of the requests routed to `w` whose prefill has not returned, in routing order,
-    so it returns to 0 when `w` is idle.
+    Invariants (besides the base class's): `pending_tokens(w)` is the sum of the uncached
+    tokens of the requests picked for `w` whose prefill has not returned, so it returns to
+    0 when `w` is idle; every pick made with a `PrefixMap` tells the locator the prompt is
+    now held by the worker picked (`PrefixLocator.routed`).
     """
 
     def __init__(self, block_size: int, locator: PrefixLocator, nodes: dict[str, str],
-                 cost: CostModel | None = None, conditional_tokens: int = 0):
+                 compat_key: str = "", cost: CostModel | None = None):
         super().__init__(block_size)
         self.locator = locator
         self.nodes = dict(nodes)  # worker id -> node id
+        self.compat_key = compat_key
         self.cost = cost or CostModel()
-        self.conditional_tokens = conditional_tokens
         self._pending: dict[str, deque[int]] = {}
+        self._last_poll: dict[str, tuple[float, int, bool]] = {}  # t, prompt tokens, busy
 
     def pending_tokens(self, worker_id: str) -> int:
         return sum(self._pending.get(worker_id, ()))
 
-    def plan(self, worker_id: str, token_ids: Sequence[int]) -> tuple[float, int, int]:
+    async def locate(self, token_ids: Sequence[int]) -> PrefixMap:
+        hashes = prompt_block_hashes(token_ids, self.block_size, self.compat_key)
+        workers = [w for w in self.nodes if w not in self.down]
+        nodes = sorted({self.nodes[w] for w in workers})
+        return await self.locator.locate(len(token_ids), hashes, workers, nodes)
+
+    def plan(self, worker_id: str, where: PrefixMap) -> tuple[float, int, int]:
         """(expected TTFT in seconds, tokens reused locally, tokens loaded from the store)."""
-        n = len(token_ids)
-        local = min(self.locator.local_tokens(worker_id, token_ids), n - 1)
-        node = self.nodes.get(worker_id)
-        stored = 0
-        if node is not None:
-            stored = min(self.locator.store_tokens(node, token_ids, local), n - 1 - local)
+        n = where.num_tokens
+        local = min(where.local_tokens(worker_id), max(n - 1, 0))
+        stored = min(where.store_tokens(self.nodes.get(worker_id), local),
+                     max(n - 1 - local, 0))
         uncached = n - local - stored
         ttft = (self.cost.prefill_s(self.pending_tokens(worker_id) + uncached)
                 + self.cost.load_s(stored))
         return ttft, local, stored
 
-    def pick_prefill(self, workers, exclude=frozenset(), token_ids: Sequence[int] | None = None):
-        if token_ids is None:
+    def pick_prefill(self, workers, exclude=frozenset(), where: PrefixMap | None = None):
+        if where is None:
             return super().pick_prefill(workers, exclude)
-        pool = [w for w in workers if w.worker_id not in exclude] or workers
+        pool = self._pool(workers, exclude, "prefill")
         turn = next(self._tie_prefill)
-        plans = {w.worker_id: self.plan(w.worker_id, token_ids) for w in pool}
-        best = min(pool, key=lambda w: (round(plans[w.worker_id][0], 6),
-                                        self.in_flight.get(w.worker_id, 0),
-                                        (pool.index(w) - turn) % len(pool)))
+        return self._take(pool, where, lambda w: (self.in_flight.get(w.worker_id, 0),
+                                                  (pool.index(w) - turn) % len(pool)))
+
+    def pick_local(self, workers, n_prompt, where: PrefixMap | None = None,
+                   exclude=frozenset()):
+        if where is None:
+            return super().pick_local(workers, n_prompt, where, exclude)
+        pool = self._pool(workers, exclude, "decode")
+        need = blocks_for(n_prompt, self.block_size)
+        # A worker without room for the prompt would only queue it: price the others.
+        pool = [w for w in pool if self.free_blocks.get(w.worker_id, need) >= need] or pool
+        turn = next(self._tie_decode)
+        return self._take(pool, where, lambda w: (-self.free_blocks.get(w.worker_id, 0),
+                                                  (pool.index(w) - turn) % len(pool)))
+
+    def _take(self, pool: list, where: PrefixMap, tie):
+        plans = {w.worker_id: self.plan(w.worker_id, where) for w in pool}
+        best = min(pool, key=lambda w: (round(plans[w.worker_id][0], 6), *tie(w)))
         _, local, stored = plans[best.worker_id]
         self._pending.setdefault(best.worker_id, deque()).append(
-            len(token_ids) - local - stored)
+            where.num_tokens - local - stored)
+        self.locator.routed(best.worker_id, where.hashes)
         return best
 
     def on_prefill_done(self, p) -> None:
@@ -116,12 +130,43 @@ class KVAwarePolicy(RoutingPolicy):
         if q:
             q.popleft()
 
-    def prefill_on_decode(self, decode_worker_id: str, token_ids: Sequence[int]) -> bool:
-        """Conditional disaggregation: True when what the decode worker would still have to
-        compute itself (after its own cache and its node's store) is at most
-        `conditional_tokens`, so a handoff would cost more than it saves."""
-        _, local, stored = self.plan(decode_worker_id, token_ids)
-        return len(token_ids) - local - stored <= self.conditional_tokens
+    def prefill_on_decode(self, workers, n_prompt, where: PrefixMap | None,
+                          threshold: int) -> bool:
+        """Conditional disaggregation: True when some decode worker that is up would still
+        have to compute itself (after its own cache and its node's store) at most
+        `threshold` tokens, so a handoff would cost more than it saves."""
+        if threshold <= 0 or where is None:
+            return super().prefill_on_decode(workers, n_prompt, where, threshold)
+        for w in self.up(workers):
+            _, local, stored = self.plan(w.worker_id, where)
+            if n_prompt - local - stored <= threshold:
+                return True
+        return False
+
+    # ---- the cluster's state ---------------------------------------------------------------
+
+    def update_stats(self, stats: list[WorkerStats], now: float | None = None) -> None:
+        super().update_stats(stats)
+        now = time.monotonic() if now is None else now
+        for s in stats:
+            if s.node:
+                self.nodes[s.worker_id] = s.node  # a replacement may run on another node
+            self.locator.set_capacity(s.worker_id, s.total_blocks)
+            busy = s.running + s.waiting > 0
+            last = self._last_poll.get(s.worker_id)
+            self._last_poll[s.worker_id] = (now, s.prompt_tokens, busy)
+            if last is not None and last[2] and busy and s.role == "prefill":
+                # Busy at both polls: what it computed in between is its prefill rate.
+                self.observe_prefill(s.prompt_tokens - last[1], now - last[0])
+
+    def mark_up(self, worker_id: str) -> None:
+        super().mark_up(worker_id)
+        self.locator.forget(worker_id)
+        self._pending.pop(worker_id, None)
+        self._last_poll.pop(worker_id, None)
+
+    async def close(self) -> None:
+        await self.locator.close()
 
     # ---- measurements ---------------------------------------------------------------------
 

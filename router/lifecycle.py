@@ -143,7 +143,9 @@ class RequestLifecycle:
                   ) -> AsyncIterator[OutputChunk]:
         """Yield output chunks of one request; aborts it everywhere if closed early."""
         request = WorkerRequest(request_id, tuple(ids), params)
-        local = self.mode == "colocated" or len(ids) <= self.conditional_prefill_tokens
+        where = await self.policy.locate(ids)  # where the prefix is cached (or None)
+        local = self.mode == "colocated" or self.policy.prefill_on_decode(
+            self.decode, len(ids), where, self.conditional_prefill_tokens)
         self.counters.in_flight += 1
         streamed: list[int] = []  # what the client has: a migration resumes after it
         chars = 0
@@ -152,7 +154,8 @@ class RequestLifecycle:
                 if migration:
                     request = replace(request, resumed_token_ids=tuple(streamed),
                                       resumed_chars=chars)
-                attempt = self._run_local(request) if local else self._run_disaggregated(request)
+                attempt = (self._run_local(request, where) if local
+                           else self._run_disaggregated(request, where))
                 try:
                     # Closed at once when the client goes away: that aborts on the workers.
                     async with aclosing(attempt) as stream:
@@ -181,12 +184,24 @@ class RequestLifecycle:
         finally:
             self.counters.in_flight -= 1
 
-    async def _run_local(self, request: WorkerRequest) -> AsyncIterator[OutputChunk]:
-        d = self.policy.pick_decode(self.decode, len(request.all_token_ids))
-        async for chunk in self._guarded(d.stream_local(request), [d], request.request_id):
-            yield chunk
+    async def _run_local(self, request: WorkerRequest, where=None
+                         ) -> AsyncIterator[OutputChunk]:
+        d = self.policy.pick_local(self.decode, len(request.all_token_ids), where)
+        # Its prefill counts as in flight on `d` until the first chunk (or the end).
+        self.policy.on_prefill_started(d)
+        prefilling = True
+        try:
+            async for chunk in self._guarded(d.stream_local(request), [d], request.request_id):
+                if prefilling:
+                    prefilling = False
+                    self.policy.on_prefill_done(d)
+                yield chunk
+        finally:
+            if prefilling:
+                self.policy.on_prefill_done(d)
 
-    async def _run_disaggregated(self, request: WorkerRequest) -> AsyncIterator[OutputChunk]:
+    async def _run_disaggregated(self, request: WorkerRequest, where=None
+                                 ) -> AsyncIterator[OutputChunk]:
         rid = request.request_id
         # A resumed request hands off its prompt and the tokens already streamed, and needs
         # room for the rest of its output only.
@@ -195,7 +210,7 @@ class RequestLifecycle:
         tried: set[str] = set()
         last_error: Exception | None = None
         for attempt in range(self.handoff_retries + 1):
-            p = self.policy.pick_prefill(self.prefill, exclude=tried)
+            p = self.policy.pick_prefill(self.prefill, exclude=tried, where=where)
             self.policy.on_prefill_started(p)
             try:
                 d, sink = await self._reserve_when_room(rid, len(tokens), max_tokens, tried,

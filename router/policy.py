@@ -11,9 +11,14 @@ The policy owns its counters: the lifecycle reports what it did (`on_prefill_sta
 from __future__ import annotations
 
 import itertools
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from pdserve.messages import WorkerStats, blocks_for
 from pdserve.router.workers import DecodeClient, PrefillClient
+
+if TYPE_CHECKING:
+    from pdserve.router.prefix_locator import PrefixMap
 
 
 class NoWorkerUp(RuntimeError):
@@ -68,7 +73,13 @@ class RoutingPolicy:
 
     # ---- picks -----------------------------------------------------------------------------
 
-    def pick_prefill(self, workers: list[PrefillClient], exclude=frozenset()) -> PrefillClient:
+    async def locate(self, token_ids: Sequence[int]) -> PrefixMap | None:
+        """Where the prompt's prefix is cached, for the picks below (None: this policy does
+        not look; a KV-aware one asks its locator, one round trip)."""
+        return None
+
+    def pick_prefill(self, workers: list[PrefillClient], exclude=frozenset(),
+                     where: PrefixMap | None = None) -> PrefillClient:
         pool = self._pool(workers, exclude, "prefill")
         turn = next(self._tie_prefill)
         return min(pool, key=lambda w: (self.in_flight.get(w.worker_id, 0),
@@ -80,6 +91,20 @@ class RoutingPolicy:
         turn = next(self._tie_decode)
         return max(pool, key=lambda w: (self.free_blocks.get(w.worker_id, 0),
                                         -((pool.index(w) - turn) % len(pool))))
+
+    def pick_local(self, workers: list[DecodeClient], n_prompt: int,
+                   where: PrefixMap | None = None, exclude=frozenset()) -> DecodeClient:
+        """The decode (or colocated) worker that prefills and decodes a request itself."""
+        return self.pick_decode(workers, n_prompt, exclude)
+
+    def prefill_on_decode(self, workers: list[DecodeClient], n_prompt: int,
+                          where: PrefixMap | None, threshold: int) -> bool:
+        """Conditional disaggregation: prefill on a decode worker when what it would have
+        to compute is at most `threshold` tokens (here: the whole prompt)."""
+        return n_prompt <= threshold
+
+    async def close(self) -> None:
+        """Release what the policy holds (a locator's connections)."""
 
     def on_prefill_started(self, p: PrefillClient) -> None:
         """`p` was picked for a request (counted from the pick, so requests routed while
