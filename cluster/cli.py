@@ -85,6 +85,7 @@ def _stats(args) -> int:
     import grpc
 
     from pdserve.cluster.client import PdserveClient
+    from pdserve.cluster.control import format_store_pools
 
     try:
         with PdserveClient(args.target, ca_file=args.ca_file) as client:
@@ -105,7 +106,10 @@ def _stats(args) -> int:
             print(f"  {w.worker_id}: {w.rank_failure}")
     print(f"finished {s.requests_finished}, aborted {s.requests_aborted}, "
           f"handoff retries {s.handoff_retries}, in flight {s.queued_requests}, "
-          f"migrated {s.migrations}, workers replaced {s.workers_replaced}")
+          f"migrated {s.migrations}, workers replaced {s.workers_replaced}, "
+          f"routing {s.routing_policy or '?'}")
+    for line in format_store_pools(s.kv_store):
+        print(line)
     return 0
 
 

@@ -97,6 +97,22 @@ def stop_server(target: str | None, timeout: float = 60.0) -> dict:
     return server
 
 
+def format_store_pools(pools) -> list[str]:
+    """The global KV store's node pools (`KVStorePool` messages) as table lines; none when
+    the store is off."""
+    if not pools:
+        return []
+    lines = [f"{'KV store node':<14}{'tier':<6}{'state':<10}{'used/capacity blocks':>21}"
+             f"{'pinned':>8}{'evicted':>9}{'puts':>8}{'hit blocks':>12}{'hit tokens':>12}"
+             f"{'hit rate':>10}"]
+    for p in pools:
+        lines.append(f"{p.node[:12]:<14}{p.tier:<6}{p.state:<10}"
+                     f"{p.used_blocks:>12}/{p.capacity_blocks:<8}{p.pinned_blocks:>8}"
+                     f"{p.evictions:>9}{p.puts:>8}{p.hit_blocks:>12}{p.hit_tokens:>12}"
+                     f"{p.token_hit_rate:>10.1%}")
+    return lines
+
+
 def format_status(target: str, health, model, stats) -> str:
     """The `pdserve status` report from Health, ModelInfo and StatsResponse messages."""
     kinds = f"{health.prefill_workers} prefill x {health.decode_workers} decode" \
@@ -122,4 +138,5 @@ def format_status(target: str, health, model, stats) -> str:
                  f"{stats.requests_finished}, aborted {stats.requests_aborted}, handoff "
                  f"retries {stats.handoff_retries}, migrated {stats.migrations}; workers "
                  f"replaced {stats.workers_replaced}")
+    lines += format_store_pools(stats.kv_store)
     return "\n".join(lines)

@@ -8,6 +8,7 @@ Order: `start_index` before the workers (they get the index URL in their config)
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 
@@ -16,6 +17,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from pdserve.cluster.config import ClusterConfig
 from pdserve.engine.kv_cache.keys import LayoutKey
+from pdserve.messages import StorePoolStats
 
 log = logging.getLogger("pdserve.cluster")
 
@@ -33,16 +35,19 @@ class KVStoreActor:
         for d in block_shape:
             block_bytes *= d
         slots = max(1, (cfg.pool_mb << 20) // block_bytes)
+        self.block_bytes = block_bytes
         self.store = NodeStore(StoreIndex(cfg.redis_url), node, slots, block_shape, dtype,
                                shm_dir=cfg.shm_dir, lease_s=cfg.store_lease_seconds)
 
     def stats(self) -> dict:
+        """`StorePoolStats` as plain data."""
         s = self.store.stats()
-        return {"node": self.store.node, "path": self.store.path,
-                **({} if s is None else {"capacity_blocks": s.capacity_blocks,
-                                         "used_blocks": s.used_blocks,
-                                         "pinned_blocks": s.pinned_blocks,
-                                         "evictions": s.evictions, "puts": s.puts})}
+        figures = {} if s is None else {
+            "indexed": True, "capacity_blocks": s.capacity_blocks,
+            "used_blocks": s.used_blocks, "pinned_blocks": s.pinned_blocks,
+            "evictions": s.evictions, "puts": s.puts}
+        return StorePoolStats(self.store.node, self.store.path, block_bytes=self.block_bytes,
+                              **figures).to_dict()
 
     def close(self) -> None:
         self.store.close()
@@ -111,8 +116,21 @@ class KVStoreDeployment:
         ).remote(self._blob, node, self._shape, self._dtype)
 
     def stats(self, timeout: float = 10) -> list[dict]:
-        """Each node pool's path, capacity, use, pins, evictions and puts."""
+        """Each node pool's path, capacity, use, pins, evictions and puts (blocking)."""
         return ray.get([a.stats.remote() for a in self.actors.values()], timeout=timeout)
+
+    async def pool_stats(self, timeout: float = 5) -> list[StorePoolStats]:
+        """`stats` for the router's event loop: every node's pool, a store process that is
+        dead or does not answer shown as not indexed (nothing known) instead of failing."""
+        async def one(node: str, actor) -> StorePoolStats:
+            try:
+                return StorePoolStats.from_dict(
+                    await asyncio.wait_for(actor.stats.remote(), timeout))
+            except Exception as e:  # noqa: BLE001 - dead or hung: shown, others still shown
+                log.warning("stats of the KV store on node %s failed: %s", node, e)
+                return StorePoolStats(node, "")
+
+        return list(await asyncio.gather(*(one(n, a) for n, a in self.actors.items())))
 
     def stop(self) -> None:
         """Close the store actors (each removes its pool file) and the private Redis."""

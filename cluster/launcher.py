@@ -371,14 +371,17 @@ async def _heal_nccl_pairs(cluster: Cluster, interval: float = 5.0) -> None:
             log.warning("remaking broken NCCL pairs failed: %s", e)
 
 
-async def _heal_kv_store(cluster: Cluster, interval: float = 5.0) -> None:
-    """Restart store actors that died (their nodes' pools are misses until then)."""
+async def _heal_kv_store(cluster: Cluster, metrics: RouterMetrics,
+                         interval: float = 5.0) -> None:
+    """Restart store actors that died (their nodes' pools are misses until then), and
+    refresh the pools' figures in `/metrics`."""
     while True:
         await asyncio.sleep(interval)
         try:
             await asyncio.to_thread(cluster.kv_store.heal)
         except Exception as e:  # noqa: BLE001 - retried next round; serving goes on
             log.warning("restarting a KV store actor failed: %s", e)
+        metrics.observe_store_pools(await cluster.kv_store.pool_stats())
 
 
 async def run_router(cluster: Cluster, stop: asyncio.Event, on_ready=None) -> None:
@@ -420,8 +423,10 @@ async def run_router(cluster: Cluster, stop: asyncio.Event, on_ready=None) -> No
     poller = asyncio.create_task(Supervisor(cluster, lifecycle, cfg.health, metrics).run())
     healer = (asyncio.create_task(_heal_nccl_pairs(cluster))
               if cfg.transport == "nccl" and cluster.prefill_handles else None)
-    store_healer = (asyncio.create_task(_heal_kv_store(cluster))
-                    if cluster.kv_store.actors else None)
+    store_healer = None
+    if cluster.kv_store.actors:
+        lifecycle.store_pools = cluster.kv_store.pool_stats
+        store_healer = asyncio.create_task(_heal_kv_store(cluster, metrics))
     address = f"{cfg.router.host}:{port}"
     msg = cluster.summary(address)
     log.info("KV content key %s (reported by every worker)", cluster.compat_key)

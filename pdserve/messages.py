@@ -368,3 +368,31 @@ class WorkerStats:
         kinds = {"worker_id": str, "role": str, "node": str, "handoff_seconds": float,
                  "handoff_tail_seconds": float, "rank_failure": str}
         return cls(**{k: kinds.get(k, int)(v) for k, v in d.items()})
+
+
+@dataclass(frozen=True, slots=True)
+class StorePoolStats:
+    """One node's pool of the global KV store, as its store process reads it from the index
+    (Admin.Stats, `/metrics`). `indexed` False: the index (Redis) did not answer and the
+    figures are unknown (zeros). `tier` is where the pool's blocks live ("cpu": host
+    shared memory). Hits are counted by the workers that loaded them (`WorkerStats`)."""
+
+    node: str
+    path: str
+    tier: str = "cpu"
+    indexed: bool = False
+    block_bytes: int = 0
+    capacity_blocks: int = 0
+    used_blocks: int = 0
+    pinned_blocks: int = 0
+    evictions: int = 0
+    puts: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> StorePoolStats:
+        _check_keys(cls, d)
+        kinds = {"node": str, "path": str, "tier": str, "indexed": bool}
+        return cls(**{k: kinds.get(k, int)(v) for k, v in d.items()})

@@ -17,7 +17,7 @@ from contextlib import aclosing
 
 import grpc
 
-from pdserve.messages import OutputChunk
+from pdserve.messages import OutputChunk, StorePoolStats
 from pdserve.proto import pb, pb_grpc
 from pdserve.router.frontdoor import BearerAuth, FrontDoor, Refusal, Rejected
 from pdserve.router.lifecycle import RequestLifecycle, WorkerReport
@@ -89,14 +89,32 @@ class AdminService(pb_grpc.AdminServicer):
     async def Stats(self, request, context):  # noqa: N802
         await self.auth.check(context)
         lc = self.lifecycle
-        reports = await lc.worker_reports()
+        reports, pools = await asyncio.gather(lc.worker_reports(), lc.store_pool_stats())
         c = lc.counters
         return pb.StatsResponse(
             workers=[_worker_stats(r) for r in reports],
             queued_requests=c.in_flight, requests_finished=c.finished,
             requests_aborted=c.aborted, handoff_retries=c.handoff_retries,
             migrations=c.migrations, workers_replaced=c.workers_replaced,
+            kv_store=[_store_pool(p, reports) for p in pools],
+            routing_policy=lc.policy.name,
         )
+
+
+def _store_pool(p: StorePoolStats, reports: list[WorkerReport]) -> pb.KVStorePool:
+    """A node's pool with the store counters of the workers on that node summed."""
+    mine = [r.stats for r in reports if r.stats is not None and r.stats.node == p.node]
+    hit_tokens = sum(s.store_hit_tokens for s in mine)
+    computed = sum(s.prompt_tokens for s in mine)
+    state = "up" if p.indexed else ("unindexed" if p.path else "down")
+    return pb.KVStorePool(
+        node=p.node, tier=p.tier, state=state, block_bytes=p.block_bytes,
+        capacity_blocks=p.capacity_blocks, used_blocks=p.used_blocks,
+        pinned_blocks=p.pinned_blocks, evictions=p.evictions, puts=p.puts,
+        lookups=sum(s.store_lookups for s in mine),
+        hit_blocks=sum(s.store_hit_blocks for s in mine), hit_tokens=hit_tokens,
+        token_hit_rate=hit_tokens / (hit_tokens + computed) if hit_tokens + computed else 0.0,
+    )
 
 
 def _worker_stats(r: WorkerReport) -> pb.WorkerStats:
@@ -110,7 +128,9 @@ def _worker_stats(r: WorkerReport) -> pb.WorkerStats:
         node=s.node, handoffs=s.handoffs, handoff_seconds=s.handoff_seconds,
         handoff_bytes=s.handoff_bytes, handoff_tail_seconds=s.handoff_tail_seconds,
         leases_expired=s.leases_expired, state="up", tp=s.tp, pp=s.pp,
-        rank_failure=s.rank_failure,
+        rank_failure=s.rank_failure, store_lookups=s.store_lookups,
+        store_hit_blocks=s.store_hit_blocks, store_hit_tokens=s.store_hit_tokens,
+        store_saved_blocks=s.store_saved_blocks,
     )
 
 

@@ -65,6 +65,8 @@ class KVAwarePolicy(RoutingPolicy):
     now held by the worker picked (`PrefixLocator.routed`).
     """
 
+    name = "kv_aware"
+
     def __init__(self, block_size: int, locator: PrefixLocator, nodes: dict[str, str],
                  compat_key: str = "", cost: CostModel | None = None):
         super().__init__(block_size)

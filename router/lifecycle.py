@@ -18,12 +18,19 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import aclosing
 from dataclasses import dataclass, replace
 
 from pdserve.engine.sampling_params import SamplingParams
-from pdserve.messages import KVSink, OutputChunk, PrefillResult, WorkerRequest, WorkerStats
+from pdserve.messages import (
+    KVSink,
+    OutputChunk,
+    PrefillResult,
+    StorePoolStats,
+    WorkerRequest,
+    WorkerStats,
+)
 from pdserve.router.policy import RoutingPolicy
 from pdserve.router.workers import DecodeClient, PrefillClient, WorkerBusy, WorkerDown
 
@@ -98,6 +105,12 @@ class RequestLifecycle:
         self.counters = RouterCounters()
         # Called with a worker's id when a call finds it dead (the supervisor replaces it).
         self.on_worker_down: Callable[[str], None] | None = None
+        # The global KV store's node pools, for Admin.Stats (set where the store runs).
+        self.store_pools: Callable[[], Awaitable[list[StorePoolStats]]] | None = None
+
+    async def store_pool_stats(self) -> list[StorePoolStats]:
+        """Every node pool of the global KV store ([] when it is off)."""
+        return [] if self.store_pools is None else await self.store_pools()
 
     def worker_down(self, worker_id: str) -> None:
         """A call found `worker_id` dead: route around it from now on."""

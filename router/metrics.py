@@ -9,7 +9,9 @@ maps with a rename. Two sources, and no per-token RPC:
 - per worker, from the stats the router already polls every 0.5 s
   (`observe_worker_stats`): running / waiting requests, KV blocks free and in use, tokens
   processed, KV handoffs (count, bytes, seconds), expired leases. These are read at scrape
-  time from the latest poll, so they are at most one poll interval old.
+  time from the latest poll, so they are at most one poll interval old;
+- per node pool of the global KV store, refreshed every 5 s (`observe_store_pools`):
+  capacity, blocks indexed and pinned, evictions, puts (labels `node`, `tier`).
 
 Every metric carries the `model_name` label; worker metrics add `worker` and `role`.
 Inter-token latency has exactly one sample per generated token after the first: a chunk
@@ -24,7 +26,7 @@ import time
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, SummaryMetricFamily
 
-from pdserve.messages import WorkerStats
+from pdserve.messages import StorePoolStats, WorkerStats
 from pdserve.router.frontdoor import Admitted, ChunkFields, Refusal
 from pdserve.router.lifecycle import RouterCounters
 
@@ -125,6 +127,10 @@ class RouterMetrics:
         self._polled.snapshot = list(stats)
         self._polled.polled_at = time.monotonic()
 
+    def observe_store_pools(self, pools: list[StorePoolStats]) -> None:
+        """The latest figures of the global KV store's node pools."""
+        self._polled.store_pools = list(pools)
+
     def stats_age(self) -> float | None:
         """Seconds since the last successful worker stats poll; None before the first."""
         at = self._polled.polled_at
@@ -192,6 +198,27 @@ class _PolledCollector:
         self.counters = counters
         self.snapshot: list[WorkerStats] = []
         self.polled_at: float | None = None
+        self.store_pools: list[StorePoolStats] = []
+
+    def _store_families(self):
+        """The global KV store's node pools (refreshed every few seconds by the launcher;
+        a pool whose figures are unknown, its index or store process down, is left out)."""
+        lab = ["model_name", "node", "tier"]
+        gauges = [("capacity_blocks", "KV blocks a node's store pool holds."),
+                  ("used_blocks", "KV blocks indexed in a node's store pool."),
+                  ("pinned_blocks", "Store pool blocks being read now.")]
+        counters = [("evictions", "Store pool blocks evicted to make room."),
+                    ("puts", "Blocks saved into a node's store pool.")]
+        fams = [(GaugeMetricFamily(f"pdserve:kv_store_{k}", doc, labels=lab), k)
+                for k, doc in gauges]
+        fams += [(CounterMetricFamily(f"pdserve:kv_store_{k}", doc, labels=lab), k)
+                 for k, doc in counters]
+        for p in self.store_pools:
+            if p.indexed:
+                for fam, k in fams:
+                    fam.add_metric([self.model_name, p.node, p.tier], getattr(p, k))
+        for fam, _ in fams:
+            yield fam
 
     def describe(self):
         return []  # families depend on the workers; nothing to check at registration
@@ -260,6 +287,7 @@ class _PolledCollector:
                                       "another worker pair.", labels=["model_name"])
         retries.add_metric([self.model_name], self.counters.handoff_retries)
         yield retries
+        yield from self._store_families()
         for name, doc, value in (
                 ("pdserve:request_migrations", "Requests moved off a dead decode worker "
                  "mid-stream.", self.counters.migrations),

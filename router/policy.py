@@ -35,6 +35,8 @@ class RoutingPolicy:
     picked (NoWorkerUp when a whole pool is down).
     """
 
+    name = "least_loaded"
+
     def __init__(self, block_size: int):
         self.block_size = block_size
         self.free_blocks: dict[str, int] = {}

@@ -1,9 +1,11 @@
 """The global KV store in a real cluster (2P1D on local Ray, the launcher's own
-redis-server, one store actor and its shared-memory pool): a prefix prefilled on one
-prefill worker is loaded from the store by the other, which prefills only the new suffix;
-Redis killed while requests run and the store actor killed leave every answer right;
-Redis back brings hits back. Tokens equal HF transformers' greedy output and every
-worker's blocks come back."""
+redis-server, one store actor and its shared-memory pool) with the KV-aware router (the
+default with the store on): a prompt sharing a prefix goes back to the prefill worker that
+holds it; while that worker is busy it goes to the other one, which loads the prefix from
+the store and prefills only the new suffix; Admin.Stats shows the pool's figures. Redis
+killed while requests run and the store actor killed leave every answer right; Redis back
+brings hits back. Tokens equal HF transformers' greedy output and every worker's blocks
+come back."""
 
 from __future__ import annotations
 
@@ -29,7 +31,7 @@ BS = 16
 CONFIG = {
     "model": {"name": MODEL},
     "transport": "grpc",
-    "kv": {"block_size": BS, "memory_mb": 32},
+    "kv": {"block_size": BS, "memory_mb": 48},
     "prefill": {"count": 2, "num_cpus": 0.5},
     "decode": {"count": 1, "num_cpus": 0.5},
     "kv_store": {"enabled": True, "pool_mb": 64, "store_lease_seconds": 1.0},
@@ -38,6 +40,10 @@ CONFIG = {
 STORY = ("Once upon a time, in a quiet village by the sea, there lived an old fisherman and "
          "his three daughters. Every morning before the sun rose over the hills, the old man "
          "pushed his little blue boat into the water, and every evening")
+# A long ending: its prefill keeps a worker busy for seconds on this CPU.
+LONG_TAIL = " he came back with a story, and " + " ".join(
+    f"on day {i} he saw a {c} bird fly over the harbour wall," for i, c in
+    zip(range(1, 30), ["red", "grey", "white", "black", "small", "tall"] * 5))
 N = 6
 
 
@@ -57,28 +63,77 @@ def prefill_tokens(client) -> dict[str, int]:
             if w.startswith("prefill")}
 
 
-def ask(client, text: str) -> list[int]:
-    return client.generate(text, max_tokens=N, min_tokens=N, temperature=0)["token_ids"]
+def store_hits(client) -> dict[str, int]:
+    return {w: s.store_hit_tokens for w, s in worker_stats(client).items()
+            if w.startswith("prefill")}
 
 
-def test_a_prefix_prefilled_on_one_worker_is_loaded_by_the_other(served, tokenizer, hf_model):
+def ask(client, text: str, n: int = N) -> list[int]:
+    return client.generate(text, max_tokens=n, min_tokens=n, temperature=0)["token_ids"]
+
+
+def shared_blocks(a: list[int], b: list[int]) -> int:
+    """Tokens of the whole blocks `a` and `b` share."""
+    return next(i for i in range(min(len(a), len(b))) if a[i] != b[i]) // BS * BS
+
+
+def reuse_across_workers(client, tokenizer, hf_model, prefix: str, first: str,
+                         second: str) -> None:
+    """`prefix + first` is prefilled on worker A; `prefix + LONG_TAIL` goes to A as well
+    (it holds the prefix) and keeps it busy; `prefix + second`, routed meanwhile, goes to
+    the idle worker B, which loads the prefix from the store and computes only the rest."""
+    a, long, b = (tokenizer.encode(prefix + t) for t in (first, LONG_TAIL, second))
+    shared_long, shared = shared_blocks(a, long), shared_blocks(a, b)
+    assert shared >= 2 * BS and len(long) > 400
+    t0 = prefill_tokens(client)
+    assert ask(client, prefix + first) == hf_greedy(hf_model, a, N)
+    t1 = prefill_tokens(client)
+    (on_a,) = [w for w in t0 if t1[w] > t0[w]]
+    assert t1[on_a] - t0[on_a] == len(a)
+    got: list[list[int]] = []
+    busy = threading.Thread(target=lambda: got.append(ask(client, prefix + LONG_TAIL, 2)))
+    busy.start()
+    deadline = time.monotonic() + 60
+    while not (lambda s: s.running + s.waiting)(worker_stats(client)[on_a]):
+        assert time.monotonic() < deadline, f"the long prompt never reached {on_a}"
+        time.sleep(0.01)
+    h0 = store_hits(client)
+    assert ask(client, prefix + second) == hf_greedy(hf_model, b, N)
+    busy.join(120)
+    t2, h1 = prefill_tokens(client), store_hits(client)
+    (on_b,) = [w for w in t0 if w != on_a]
+    assert t2[on_b] - t1[on_b] == len(b) - shared, "B did not load the prefix from the store"
+    assert h1[on_b] - h0[on_b] == shared
+    assert t2[on_a] - t1[on_a] == len(long) - shared_long, "the long prompt left its prefix"
+    assert got == [hf_greedy(hf_model, long, 2)]
+
+
+def test_a_shared_prefix_goes_where_it_is_cached_or_is_loaded_from_the_store(
+        served, tokenizer, hf_model):
     _, client = served
     start = free_blocks(client)
-    first, second = STORY + " he sang to the fish.", STORY + " the daughters cooked supper."
-    a, b = tokenizer.encode(first), tokenizer.encode(second)
-    shared = next(i for i in range(len(a)) if a[i] != b[i]) // BS * BS
-    assert shared >= 2 * BS
+    reuse_across_workers(client, tokenizer, hf_model, STORY, " he sang to the fish.",
+                         " the daughters cooked supper.")
+    # The same prefix again, both workers idle: it goes to one that holds it and computes
+    # only its own ending.
+    c = tokenizer.encode(STORY + " the cat slept.")
     t0 = prefill_tokens(client)
-    assert ask(client, first) == hf_greedy(hf_model, a, N)
+    assert ask(client, STORY + " the cat slept.") == hf_greedy(hf_model, c, N)
     t1 = prefill_tokens(client)
-    assert ask(client, second) == hf_greedy(hf_model, b, N)
-    t2 = prefill_tokens(client)
-    first_on = [w for w in t0 if t1[w] > t0[w]]
-    second_on = [w for w in t0 if t2[w] > t1[w]]
-    assert first_on != second_on, "the router sent both prompts to one prefill worker"
-    assert sum(t1.values()) - sum(t0.values()) == len(a)
-    assert sum(t2.values()) - sum(t1.values()) == len(b) - shared  # the prefix came loaded
+    assert sum(t1.values()) - sum(t0.values()) == len(c) - shared_blocks(
+        c, tokenizer.encode(STORY + " he sang to the fish."))
     assert_blocks_back(client, start)
+
+    stats = client.stats()
+    assert stats.routing_policy == "kv_aware"
+    (pool,) = stats.kv_store
+    assert pool.state == "up" and pool.tier == "cpu" and pool.capacity_blocks > 0
+    assert 0 < pool.used_blocks <= pool.capacity_blocks and pool.puts >= pool.used_blocks
+    assert pool.pinned_blocks == 0  # nothing is being read now
+    workers = stats.workers
+    assert pool.hit_tokens == sum(w.store_hit_tokens for w in workers) > 0
+    assert pool.hit_blocks * BS == pool.hit_tokens and pool.lookups > 0
+    assert 0 < pool.token_hit_rate < 1
 
 
 def test_redis_killed_mid_load_and_store_killed_keep_answers_right(served, tokenizer,
@@ -108,16 +163,8 @@ def test_redis_killed_mid_load_and_store_killed_keep_answers_right(served, token
     fresh = ("In the winter of that year the snow fell for forty days, and in the mountain "
              "villages the people told stories by the fire about the wolves that came down "
              "from the forest at night, and about")
-    a, b = tokenizer.encode(fresh + " the hunter"), tokenizer.encode(fresh + " the moon")
-    shared = next(i for i in range(len(a)) if a[i] != b[i]) // BS * BS
-    assert shared >= 2 * BS
-    t0 = prefill_tokens(client)
-    assert ask(client, fresh + " the hunter") == hf_greedy(hf_model, a, N)
-    t1 = prefill_tokens(client)
-    assert ask(client, fresh + " the moon") == hf_greedy(hf_model, b, N)
-    t2 = prefill_tokens(client)
-    assert [w for w in t0 if t1[w] > t0[w]] != [w for w in t0 if t2[w] > t1[w]]
-    assert sum(t2.values()) - sum(t1.values()) == len(b) - shared  # hits are back
+    reuse_across_workers(client, tokenizer, hf_model, fresh, " the hunter",
+                         " the moon")  # hits are back
 
     # The store process dies: its pool stops being findable within its lease; answers stay
     # right (each prefill worker still has its own prefix cache, the rest is recomputed).

@@ -17,6 +17,7 @@ from pdserve.messages import (
     MessageError,
     OutputChunk,
     PrefillResult,
+    StorePoolStats,
     TokenLogprob,
     WorkerRequest,
     WorkerStats,
@@ -43,6 +44,8 @@ MESSAGES = [
                 handoff_seconds=0.5, handoff_bytes=1 << 20, handoff_tail_seconds=0.125,
                 node="n1"),
     WorkerStats("decode-0", "decode", 60, 64, 0, 0, 0, 0, leases_expired=2),
+    StorePoolStats("n1", "/dev/shm/pool", "cpu", True, 1 << 20, 512, 100, 2, 7, 300),
+    StorePoolStats("n2", ""),
 ]
 
 

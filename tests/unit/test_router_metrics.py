@@ -7,7 +7,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from pdserve.engine.sampling_params import SamplingParams
-from pdserve.messages import WorkerStats
+from pdserve.messages import StorePoolStats, WorkerStats
 from pdserve.router.frontdoor import Admitted, ChunkFields, Refusal
 from pdserve.router.lifecycle import RouterCounters
 from pdserve.router.metrics import RouterMetrics, buckets_1_2_5
@@ -135,6 +135,22 @@ def test_worker_figures_come_from_the_latest_poll(setup):
     assert s[("pdserve:workers_replaced_total", ())] == 1
     assert s[("pdserve:router_requests_in_flight", ())] == 3
     assert 0 <= s[("pdserve:worker_stats_age_seconds", ())] < 5
+
+
+def test_store_pools_are_gauges_per_node_and_unknown_figures_are_left_out(setup):
+    m, _, _ = setup
+    m.observe_store_pools([
+        StorePoolStats("n1", "/dev/shm/p", "cpu", True, 4096, 512, 100, 2, 7, 300),
+        StorePoolStats("n2", "/dev/shm/q"),  # Redis did not answer: nothing known
+    ])
+    s = samples(m)
+    n1 = (("node", "n1"), ("tier", "cpu"))
+    assert s[("pdserve:kv_store_capacity_blocks", n1)] == 512
+    assert s[("pdserve:kv_store_used_blocks", n1)] == 100
+    assert s[("pdserve:kv_store_pinned_blocks", n1)] == 2
+    assert s[("pdserve:kv_store_evictions_total", n1)] == 7
+    assert s[("pdserve:kv_store_puts_total", n1)] == 300
+    assert not any(labels and labels[0] == ("node", "n2") for _, labels in s)
 
 
 def test_token_buckets_follow_vllm():

@@ -157,7 +157,7 @@ class StatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class WorkerStats(_message.Message):
-    __slots__ = ("worker_id", "role", "free_blocks", "total_blocks", "running", "waiting", "prompt_tokens_processed", "generated_tokens", "node", "handoffs", "handoff_seconds", "handoff_bytes", "leases_expired", "handoff_tail_seconds", "state", "tp", "pp", "rank_failure")
+    __slots__ = ("worker_id", "role", "free_blocks", "total_blocks", "running", "waiting", "prompt_tokens_processed", "generated_tokens", "node", "handoffs", "handoff_seconds", "handoff_bytes", "leases_expired", "handoff_tail_seconds", "state", "tp", "pp", "rank_failure", "store_lookups", "store_hit_blocks", "store_hit_tokens", "store_saved_blocks")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
     FREE_BLOCKS_FIELD_NUMBER: _ClassVar[int]
@@ -176,6 +176,10 @@ class WorkerStats(_message.Message):
     TP_FIELD_NUMBER: _ClassVar[int]
     PP_FIELD_NUMBER: _ClassVar[int]
     RANK_FAILURE_FIELD_NUMBER: _ClassVar[int]
+    STORE_LOOKUPS_FIELD_NUMBER: _ClassVar[int]
+    STORE_HIT_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    STORE_HIT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    STORE_SAVED_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     role: str
     free_blocks: int
@@ -194,10 +198,44 @@ class WorkerStats(_message.Message):
     tp: int
     pp: int
     rank_failure: str
-    def __init__(self, worker_id: _Optional[str] = ..., role: _Optional[str] = ..., free_blocks: _Optional[int] = ..., total_blocks: _Optional[int] = ..., running: _Optional[int] = ..., waiting: _Optional[int] = ..., prompt_tokens_processed: _Optional[int] = ..., generated_tokens: _Optional[int] = ..., node: _Optional[str] = ..., handoffs: _Optional[int] = ..., handoff_seconds: _Optional[float] = ..., handoff_bytes: _Optional[int] = ..., leases_expired: _Optional[int] = ..., handoff_tail_seconds: _Optional[float] = ..., state: _Optional[str] = ..., tp: _Optional[int] = ..., pp: _Optional[int] = ..., rank_failure: _Optional[str] = ...) -> None: ...
+    store_lookups: int
+    store_hit_blocks: int
+    store_hit_tokens: int
+    store_saved_blocks: int
+    def __init__(self, worker_id: _Optional[str] = ..., role: _Optional[str] = ..., free_blocks: _Optional[int] = ..., total_blocks: _Optional[int] = ..., running: _Optional[int] = ..., waiting: _Optional[int] = ..., prompt_tokens_processed: _Optional[int] = ..., generated_tokens: _Optional[int] = ..., node: _Optional[str] = ..., handoffs: _Optional[int] = ..., handoff_seconds: _Optional[float] = ..., handoff_bytes: _Optional[int] = ..., leases_expired: _Optional[int] = ..., handoff_tail_seconds: _Optional[float] = ..., state: _Optional[str] = ..., tp: _Optional[int] = ..., pp: _Optional[int] = ..., rank_failure: _Optional[str] = ..., store_lookups: _Optional[int] = ..., store_hit_blocks: _Optional[int] = ..., store_hit_tokens: _Optional[int] = ..., store_saved_blocks: _Optional[int] = ...) -> None: ...
+
+class KVStorePool(_message.Message):
+    __slots__ = ("node", "tier", "state", "block_bytes", "capacity_blocks", "used_blocks", "pinned_blocks", "evictions", "puts", "lookups", "hit_blocks", "hit_tokens", "token_hit_rate")
+    NODE_FIELD_NUMBER: _ClassVar[int]
+    TIER_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_BYTES_FIELD_NUMBER: _ClassVar[int]
+    CAPACITY_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    USED_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    PINNED_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    EVICTIONS_FIELD_NUMBER: _ClassVar[int]
+    PUTS_FIELD_NUMBER: _ClassVar[int]
+    LOOKUPS_FIELD_NUMBER: _ClassVar[int]
+    HIT_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    HIT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_HIT_RATE_FIELD_NUMBER: _ClassVar[int]
+    node: str
+    tier: str
+    state: str
+    block_bytes: int
+    capacity_blocks: int
+    used_blocks: int
+    pinned_blocks: int
+    evictions: int
+    puts: int
+    lookups: int
+    hit_blocks: int
+    hit_tokens: int
+    token_hit_rate: float
+    def __init__(self, node: _Optional[str] = ..., tier: _Optional[str] = ..., state: _Optional[str] = ..., block_bytes: _Optional[int] = ..., capacity_blocks: _Optional[int] = ..., used_blocks: _Optional[int] = ..., pinned_blocks: _Optional[int] = ..., evictions: _Optional[int] = ..., puts: _Optional[int] = ..., lookups: _Optional[int] = ..., hit_blocks: _Optional[int] = ..., hit_tokens: _Optional[int] = ..., token_hit_rate: _Optional[float] = ...) -> None: ...
 
 class StatsResponse(_message.Message):
-    __slots__ = ("workers", "queued_requests", "requests_finished", "requests_aborted", "handoff_retries", "migrations", "workers_replaced")
+    __slots__ = ("workers", "queued_requests", "requests_finished", "requests_aborted", "handoff_retries", "migrations", "workers_replaced", "kv_store", "routing_policy")
     WORKERS_FIELD_NUMBER: _ClassVar[int]
     QUEUED_REQUESTS_FIELD_NUMBER: _ClassVar[int]
     REQUESTS_FINISHED_FIELD_NUMBER: _ClassVar[int]
@@ -205,6 +243,8 @@ class StatsResponse(_message.Message):
     HANDOFF_RETRIES_FIELD_NUMBER: _ClassVar[int]
     MIGRATIONS_FIELD_NUMBER: _ClassVar[int]
     WORKERS_REPLACED_FIELD_NUMBER: _ClassVar[int]
+    KV_STORE_FIELD_NUMBER: _ClassVar[int]
+    ROUTING_POLICY_FIELD_NUMBER: _ClassVar[int]
     workers: _containers.RepeatedCompositeFieldContainer[WorkerStats]
     queued_requests: int
     requests_finished: int
@@ -212,4 +252,6 @@ class StatsResponse(_message.Message):
     handoff_retries: int
     migrations: int
     workers_replaced: int
-    def __init__(self, workers: _Optional[_Iterable[_Union[WorkerStats, _Mapping]]] = ..., queued_requests: _Optional[int] = ..., requests_finished: _Optional[int] = ..., requests_aborted: _Optional[int] = ..., handoff_retries: _Optional[int] = ..., migrations: _Optional[int] = ..., workers_replaced: _Optional[int] = ...) -> None: ...
+    kv_store: _containers.RepeatedCompositeFieldContainer[KVStorePool]
+    routing_policy: str
+    def __init__(self, workers: _Optional[_Iterable[_Union[WorkerStats, _Mapping]]] = ..., queued_requests: _Optional[int] = ..., requests_finished: _Optional[int] = ..., requests_aborted: _Optional[int] = ..., handoff_retries: _Optional[int] = ..., migrations: _Optional[int] = ..., workers_replaced: _Optional[int] = ..., kv_store: _Optional[_Iterable[_Union[KVStorePool, _Mapping]]] = ..., routing_policy: _Optional[str] = ...) -> None: ...
