@@ -61,8 +61,8 @@ class KVAwarePolicy(RoutingPolicy):
 
     Invariants (besides the base class's): `pending_tokens(w)` is the sum of the uncached
     tokens of the requests picked for `w` whose prefill has not returned, so it returns to
-    0 when `w` is idle; every pick made with a `PrefixMap` tells the locator the prompt is
-    now held by the worker picked (`PrefixLocator.routed`).
+    0 when `w` is idle; every pick and reservation made with a `PrefixMap` tells the
+    locator the prompt is now held by that worker (`PrefixLocator.routed`).
     """
 
     name = "kv_aware"
@@ -125,6 +125,11 @@ class KVAwarePolicy(RoutingPolicy):
             where.num_tokens - local - stored)
         self.locator.routed(best.worker_id, where.hashes)
         return best
+
+    def on_reserved(self, d, n_prompt, where: PrefixMap | None = None) -> None:
+        super().on_reserved(d, n_prompt, where)
+        if where is not None:  # the decode worker caches the handed-off prompt too
+            self.locator.routed(d.worker_id, where.hashes)
 
     def on_prefill_done(self, p) -> None:
         super().on_prefill_done(p)

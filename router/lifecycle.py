@@ -227,7 +227,7 @@ class RequestLifecycle:
             self.policy.on_prefill_started(p)
             try:
                 d, sink = await self._reserve_when_room(rid, len(tokens), max_tokens, tried,
-                                                        tokens)
+                                                        tokens, where)
                 first = await self._prefill(request, p, d, sink)
             except _HandoffError as e:
                 last_error = e.__cause__ or e
@@ -249,7 +249,7 @@ class RequestLifecycle:
                             f"{last_error}")
 
     async def _reserve_when_room(self, rid: str, n_prompt: int, max_tokens: int,
-                                 tried: set[str], prompt: list[int]
+                                 tried: set[str], prompt: list[int], where=None
                                  ) -> tuple[DecodeClient, KVSink]:
         """Reserve the prompt's blocks on a decode worker, waiting while every one is full.
 
@@ -277,7 +277,7 @@ class RequestLifecycle:
                 except Exception as e:
                     raise HandoffFailed(f"reserving KV blocks on {d.worker_id} failed: {e}") \
                         from e
-                self.policy.on_reserved(d, n_prompt)
+                self.policy.on_reserved(d, n_prompt, where)
                 return d, sink
             if asyncio.get_running_loop().time() + delay > deadline:
                 raise DecodeFull(f"no decode worker had {n_prompt} tokens of free KV blocks "

@@ -120,6 +120,9 @@ class RoutingPolicy:
             raise RuntimeError(f"on_prefill_done for {p.worker_id} without a matching start")
         self.in_flight[p.worker_id] = left
 
-    def on_reserved(self, d: DecodeClient, n_prompt: int) -> None:
+    def on_reserved(self, d: DecodeClient, n_prompt: int,
+                    where: PrefixMap | None = None) -> None:
+        """`n_prompt` tokens' blocks were reserved on `d` (it caches them once the
+        prompt's KV arrived)."""
         need = blocks_for(n_prompt, self.block_size)
         self.free_blocks[d.worker_id] = self.free_blocks.get(d.worker_id, 0) - need

@@ -63,3 +63,17 @@ def test_stale_files_are_dropped_and_ambiguity_is_refused(run_dir):
     finally:
         a.remove()
         b.remove()
+
+
+def test_store_pools_are_a_table_and_nothing_when_the_store_is_off():
+    from pdserve.cluster.control import format_store_pools
+    from pdserve.proto import pb
+
+    assert format_store_pools([]) == []
+    head, row = format_store_pools([pb.KVStorePool(
+        node="abcdef0123456789", tier="cpu", state="up", capacity_blocks=512, used_blocks=40,
+        pinned_blocks=1, evictions=3, puts=43, hit_blocks=12, hit_tokens=192,
+        token_hit_rate=0.25)])
+    assert "hit rate" in head
+    assert row.split() == ["abcdef012345", "cpu", "up", "40/512", "1", "3", "43", "12", "192",
+                           "25.0%"]

@@ -278,3 +278,35 @@ def test_the_supervisor_takes_dead_and_hung_workers_out_and_brings_them_back():
     assert sorted(cluster.replaced) == ["d1", "d2"] and not lc.policy.down
     assert d1.handle == "handle of the new d1" and lc.counters.workers_replaced == 2
     assert lc.health().decode_up == 3
+
+
+def test_kv_aware_routing_through_the_lifecycle():
+    """A prompt goes back to the prefill worker holding its prefix; a prompt whose rest past
+    what the decode worker cached (it received the prefix in a handoff) is short is
+    prefilled on the decode worker itself; every counter returns to zero."""
+    from pdserve.router.kv_aware_policy import KVAwarePolicy
+    from pdserve.router.prefix_locator import RoutedPrefixLocator
+
+    ps, ds = [SynthPrefill("p0"), SynthPrefill("p1")], [SynthDecode("d0")]
+    policy = KVAwarePolicy(2, RoutedPrefixLocator(2, None),
+                           {"p0": "n", "p1": "n", "d0": "n"}, "key")
+    lc = RequestLifecycle("disaggregated", ps, ds, policy, conditional_prefill_tokens=3)
+    params = SamplingParams(temperature=0, max_tokens=2, seed=1)
+    prefix = list(range(1, 21))  # 9 usable blocks of 2: 18 tokens may be cached
+
+    async def go(rid: str, ids: list[int]) -> list[int]:
+        out = []
+        async for chunk in lc.run(rid, ids, params):
+            out += chunk.token_ids
+        return out
+
+    prompts = {"a": prefix + [50, 51, 52, 53, 54], "b": prefix + [60, 61, 62, 63, 64],
+               "c": prefix + [70]}
+    got = {rid: asyncio.run(go(rid, ids)) for rid, ids in prompts.items()}
+    assert got == {rid: reference(ids, 2) for rid, ids in prompts.items()}
+    on = {r.request_id: p.worker_id for p in ps for r in p.requests}
+    assert on["a"] == on["b"]  # back to the worker holding the prefix: 7 tokens to compute
+    assert "c" not in on  # 21 tokens, 18 cached on d0: 3 left, prefilled there
+    assert [r.request_id for r in ds[0].requests] == ["a", "b", "c"]
+    assert all(policy.pending_tokens(w) == 0 for w in ("p0", "p1", "d0"))
+    assert set(policy.in_flight.values()) == {0}
