@@ -113,6 +113,8 @@ def test_unknown_keys_are_rejected_by_name(raw, field):
      ["ray.node_ip_address", "ray.address unset", "ray start --node-ip-address"]),
     ({"ray": {"node_ip_address": "0.0.0.0"}}, ["ray.node_ip_address", "wildcard"]),
     ({"ray": {"node_ip_address": "my-host"}}, ["ray.node_ip_address", "IP address"]),
+    ({"router": {"policy": "kv_aware"}}, ["router.policy", "kv_store.enabled"]),
+    ({"router": {"policy": "random"}}, ["router.policy"]),
 ])
 def test_bad_values_and_combinations_name_the_field(raw, words):
     msg = _error(raw)
@@ -163,3 +165,10 @@ def test_parallel_configs_give_each_pool_its_tensor_parallelism():
     assert cpu.engine_config(cpu.decode).parallel.tensor_parallel_size == 3
     gpu = load_config(CONFIG_DIR / "gpu-tp.yaml")
     assert (gpu.prefill.tp, gpu.decode.tp) == (3, 1) and gpu.prefill.num_gpus == 1
+
+
+def test_the_routing_policy_is_kv_aware_exactly_when_the_store_runs_unless_named():
+    assert parse_config({}).routing_policy == "least_loaded"
+    assert parse_config({"kv_store": {"enabled": True}}).routing_policy == "kv_aware"
+    assert parse_config({"kv_store": {"enabled": True}, "router": {
+        "policy": "least_loaded"}}).routing_policy == "least_loaded"
