@@ -267,15 +267,15 @@ class ClusterConfig(_Strict):
         if not split:
             return
         for name, pool in split:
-            if pool.pp > 1 and self.mode == "disaggregated":
-                raise ValueError(f"{name}.pp={pool.pp} in mode 'disaggregated': sending KV "
-                                 "from or to pipeline stages is not built yet (pp > 1 runs "
-                                 "in mode 'colocated')")
+            if name == "decode" and pool.pp > 1 and self.mode == "disaggregated":
+                raise ValueError(f"decode.pp={pool.pp} in mode 'disaggregated': receiving KV "
+                                 "into pipeline stages is not built yet (prefill.pp > 1 "
+                                 "works; decode pp > 1 runs in mode 'colocated')")
             if self.mode == "disaggregated" and self.transport != "grpc":
                 raise ValueError(
-                    f"{name}.tp={pool.tp} in mode 'disaggregated' needs transport 'grpc' "
-                    f"(each rank sends its own KV heads to the peer ranks holding them; "
-                    f"'{self.transport}' sends whole pools only)")
+                    f"{name}.tp={pool.tp}, {name}.pp={pool.pp} in mode 'disaggregated' needs "
+                    f"transport 'grpc' (each rank sends the KV heads and layers it holds to "
+                    f"the peer ranks holding them; '{self.transport}' sends whole pools only)")
         from pdserve.engine.loader.model_files import read_model_shape
 
         shape = read_model_shape(self.model.name)

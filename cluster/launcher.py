@@ -46,7 +46,6 @@ from pdserve.engine.kv_cache.keys import (
     LayoutKey,
     check_same_content,
     handshake,
-    reshardable_fields,
 )
 from pdserve.engine.loader.model_files import open_tokenizer
 from pdserve.proto import pb
@@ -243,7 +242,7 @@ class Cluster:
                 check_same_content(infos[0][0], infos[0][1], name, content)
             for p in prefill:
                 for d in decode:
-                    handshake(*p, *d, reshardable=reshardable_fields(self.config.transport))
+                    handshake(*p, *d, transport=self.config.transport)
         except HandshakeError as e:
             raise ClusterStartError(f"refusing to start: {e}") from None
 

@@ -130,14 +130,23 @@ class FollowerActor:
 
 
 def _rank_connector(cfg: ClusterConfig, pool: str, rank: int):
-    """This rank's half of its worker's KV connector: a prefill rank pushes its own heads,
-    a decode rank (disaggregated) receives them; a colocated rank moves no KV."""
+    """This rank's half of its worker's KV connector: a prefill rank pushes its own heads
+    of its stage's layers, a decode rank (disaggregated) receives them; a colocated rank
+    moves no KV."""
     from pdserve.kv_transfer.rank_connector import RankPushReceiver, RankPushSender
 
     if cfg.mode != "disaggregated":
         return None
     if pool == "prefill":
-        return RankPushSender(cfg.transport, rank, cfg.prefill.tp)
+        tp, pp = cfg.prefill.tp, cfg.prefill.pp
+        first_layer = 0
+        if rank >= tp:  # ranks are stage-major (engine.parallel.ParallelContext)
+            from pdserve.engine.loader.model_files import read_model_shape
+            from pdserve.engine.parallel import layers_per_stage
+
+            sizes = layers_per_stage(read_model_shape(cfg.model.name)["num_layers"], pp)
+            first_layer = sum(sizes[:rank // tp])
+        return RankPushSender(cfg.transport, rank % tp, tp, first_layer=first_layer)
     from pdserve.cluster.actors import transfer_endpoint
 
     host, advertise = transfer_endpoint(cfg.decode.transfer_host)

@@ -94,9 +94,7 @@ class ModelRunner:
             if logits is not None:
                 return logits
         if self.model.parallel.pp_size > 1:
-            if kv_connector is not None:
-                raise NotImplementedError("KV transfers from or to pipeline stages")
-            return self._execute_pipelined(step)
+            return self._execute_pipelined(step, kv_connector)
         input_ids, positions, meta, rows = self.prepare(step)
         ctx = forward_context.ForwardContext(meta, self.kv_cache, self.backend)
         if kv_connector is not None:
@@ -108,7 +106,8 @@ class ModelRunner:
             hidden = hidden[rows]
         return self.model.compute_logits(hidden).float()
 
-    def _execute_pipelined(self, step: StepInput) -> torch.Tensor | None:
+    def _execute_pipelined(self, step: StepInput,
+                           kv_connector: KVConnectorWorker | None = None) -> torch.Tensor | None:
         """This stage's part of the step, as up to `pp_size` micro-batches of its sequences:
         each micro-batch's hidden states come from the previous stage (or the embedding)
         and leave for the next (or the LM head, whose logits go to the driver) without
@@ -116,19 +115,26 @@ class ModelRunner:
         Returns the whole step's logits on the driver, None on every other rank.
 
         The overlap is within a step: the next step waits for this one's sampled tokens.
+        With `kv_connector`, layers (the stage's pool indices) wait for loads in every
+        micro-batch, and are saved during the last one only: a layer is written for every
+        sequence of the step only once the last micro-batch wrote it.
         """
         pp, model = self.model.parallel, self.model
         dtype = next(model.parameters()).dtype
         parts = step.split(pp.pp_size)
         in_flight, logits = [], []  # (work, tensor): the tensor must live until the wait
-        for part in parts:
+        for i, part in enumerate(parts):
             input_ids, positions, meta, rows = self.prepare(part)
             hidden_in = None
             if not pp.is_first_stage:
                 hidden_in = pp.recv_prev((input_ids.shape[0], model.config.hidden_size), dtype,
                                          self.device)
-            with forward_context.use(forward_context.ForwardContext(meta, self.kv_cache,
-                                                                    self.backend)):
+            ctx = forward_context.ForwardContext(meta, self.kv_cache, self.backend)
+            if kv_connector is not None:
+                ctx.wait_for_layer = kv_connector.wait_for_layer
+                if i == len(parts) - 1:
+                    ctx.on_layer_written = kv_connector.save_layer
+            with forward_context.use(ctx):
                 hidden = model(input_ids, positions, hidden_in)
             if not pp.is_last_stage:
                 in_flight.append((pp.isend_next(hidden), hidden))

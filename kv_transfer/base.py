@@ -175,19 +175,30 @@ class KVSender(ABC):
     `tp_rank` of `tp_size` holds the model's KV heads `[tp_rank * h, (tp_rank + 1) * h)`
     (h = its pool's heads) and sends each receiving rank of the sink exactly the heads both
     hold (`routes`), never another rank's: no rank gathers the others' KV.
+
+    A sender of a pipeline stage holds the model's layers `[first_layer, first_layer + L)`
+    (L = its pool's layers; pool layer j is model layer `first_layer + j`). `send_layer`
+    takes the pool's layer index; on the wire a layer is the receiving pool's index, which
+    is the model's (receivers hold every layer: one stage). Its handles close with the
+    range they sent, so the receiver completes the request only once every stage's range
+    arrived (`BlockReceiver.finish`). A transport that cannot do this refuses
+    `first_layer != 0` at `open`.
     """
 
     transport: ClassVar[str]
 
     def __init__(self, pool: torch.Tensor, compat_key: str, tp_rank: int = 0,
-                 tp_size: int = 1) -> None:
+                 tp_size: int = 1, first_layer: int = 0) -> None:
         check_pool(pool)
         if not 0 <= tp_rank < tp_size:
             raise ValueError(f"tensor-parallel rank {tp_rank} outside 0..{tp_size - 1}")
+        if first_layer < 0:
+            raise ValueError(f"first layer {first_layer} is negative")
         self.pool = pool
         self.compat_key = compat_key
         self.first_head = tp_rank * pool.shape[4]
         self.total_heads = tp_size * pool.shape[4]
+        self.first_layer = first_layer
 
     def routes(self, sink: KVSink) -> list[HeadRoute]:
         """Where this rank's heads go: one route per receiving rank that holds any of them.

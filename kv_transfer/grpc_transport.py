@@ -140,7 +140,7 @@ class _Stream:
     """One Push stream's state: the request it carries once its first message proved the
     reservation's secret (`request_id` stays None until then), and whether it closed."""
 
-    __slots__ = ("request_id", "closed", "heads", "cells")
+    __slots__ = ("request_id", "closed", "heads", "layers", "cells")
 
     def __init__(self) -> None:
         self.request_id: str | None = None
@@ -148,6 +148,8 @@ class _Stream:
         # The stream's share of the receiving pool's heads (a tensor-parallel sender sends
         # only the heads both ranks hold), and how many blocks x layers of it were written.
         self.heads: tuple[int, int] | None = None
+        # The layers it wrote (a pipeline stage's sender writes only its stage's).
+        self.layers: set[int] = set()
         self.cells = 0
 
 
@@ -223,9 +225,12 @@ class _Servicer(pb_grpc.KVTransferServicer):
             return pb.PushAck(request_id=rid, error="aborted")
         if chunk.done:
             stream.closed = True
-            part = (stream.heads is not None
+            # The closing chunk's `layer` is the first of the layers the stream sent.
+            sent = range(chunk.layer, chunk.layer + chunk.num_layers)
+            part = (stream.heads is not None and stream.layers == set(sent)
                     and stream.cells == chunk.num_layers * rx.reserved_blocks(rid))
-            rx.finish(rid, chunk.num_layers, part_complete=part, secret=chunk.secret)
+            rx.finish(rid, chunk.num_layers, part_complete=part, secret=chunk.secret,
+                      first_layer=chunk.layer)
             return pb.PushAck(request_id=rid, complete=True,
                               layers_received=rx.layers_received(rid))
         data = decode_chunk(chunk)
@@ -237,6 +242,7 @@ class _Servicer(pb_grpc.KVTransferServicer):
         rx.write(rid, chunk.layer, chunk.first_block, data, chunk.first_head,
                  secret=chunk.secret)
         stream.heads, stream.cells = span, stream.cells + chunk.num_blocks
+        stream.layers.add(chunk.layer)
         return None
 
 
@@ -247,8 +253,8 @@ class GrpcKVSender(KVSender):
 
     def __init__(self, pool: torch.Tensor, compat_key: str,
                  chunk_bytes: int = DEFAULT_CHUNK_BYTES, tls: TLSFiles | None = None,
-                 tp_rank: int = 0, tp_size: int = 1) -> None:
-        super().__init__(pool, compat_key, tp_rank, tp_size)
+                 tp_rank: int = 0, tp_size: int = 1, first_layer: int = 0) -> None:
+        super().__init__(pool, compat_key, tp_rank, tp_size, first_layer)
         self._tls = tls  # TLS to the receivers (client certificate too under mutual TLS)
         unit = _block_layer_bytes(pool)
         self.blocks_per_chunk = max(1, chunk_bytes // unit)
@@ -266,7 +272,7 @@ class GrpcKVSender(KVSender):
         routes = self.routes(sink)
         src = self.source_index(self.blocks_to_send(sink, src_block_ids))
         parts = [GrpcSendHandle(self._stub(r.address), sink, self.pool, src, self.compat_key,
-                                self.blocks_per_chunk, r) for r in routes]
+                                self.blocks_per_chunk, r, self.first_layer) for r in routes]
         return parts[0] if len(parts) == 1 else FanOutHandle(sink.request_id, parts)
 
     def _stub(self, address: str) -> pb_grpc.KVTransferStub:
@@ -289,8 +295,9 @@ class GrpcSendHandle(SendHandle):
 
     def __init__(self, stub: pb_grpc.KVTransferStub, sink: KVSink, pool: torch.Tensor,
                  src: torch.Tensor, compat_key: str, blocks_per_chunk: int,
-                 route: HeadRoute | None = None) -> None:
+                 route: HeadRoute | None = None, first_layer: int = 0) -> None:
         self.request_id = sink.request_id
+        self._first_layer = first_layer  # the receiver's index of this pool's layer 0
         self._sink, self._src = sink, src
         self._route = route or HeadRoute(sink.address, 0, pool.shape[4], 0)
         self._address = self._route.address
@@ -358,12 +365,13 @@ class GrpcSendHandle(SendHandle):
             if item is _DONE or item is _ABORT:
                 yield closing_chunk(self.request_id, len(self._tracker.sent),
                                     abort=item is _ABORT, compat_key=key,
-                                    secret=self._sink.secret)
+                                    secret=self._sink.secret, first_layer=self._first_layer)
                 return
             layer, first, snap, event = item
             if event is not None:
                 event.synchronize()
-            yield encode_chunk(self.request_id, layer, first, snap, compat_key=key,
+            yield encode_chunk(self.request_id, self._first_layer + layer, first, snap,
+                               compat_key=key,
                                secret=self._sink.secret, first_head=self._route.dst_first)
             key = ""
 

@@ -50,9 +50,10 @@ class LocalKVSender(KVSender):
 
     def open(self, sink: KVSink, src_block_ids: Sequence[int]) -> LocalSendHandle:
         self.check_sink(sink, src_block_ids)
-        if self.total_heads != self.pool.shape[4] or sink.rank_addresses:
+        if self.total_heads != self.pool.shape[4] or sink.rank_addresses or self.first_layer:
             raise ValueError("the local transport moves whole pools: it does not reshard KV "
-                             "heads between different tensor-parallel layouts (use grpc)")
+                             "heads or layers between different tensor- or pipeline-parallel "
+                             "layouts (use grpc)")
         src = self.source_index(self.blocks_to_send(sink, src_block_ids))
         return LocalSendHandle(sink, self.pool, src, self.compat_key)
 

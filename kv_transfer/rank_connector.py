@@ -1,12 +1,16 @@
 """The follower ranks' halves of the prefill -> decode push (engine/kv_connector.py,
-`KVConnectorRank`): each rank of a tensor-parallel worker moves the KV heads its own pool
-holds, straight to or from the peer ranks that hold the same heads. No rank gathers.
+`KVConnectorRank`): each rank of a tensor- or pipeline-parallel worker moves the KV heads
+and layers its own pool holds, straight to or from the peer ranks that hold the same heads.
+No rank gathers.
 
 `RankPushSender` (a prefill worker's follower rank): the driver's `PushSender` puts every
 save of a step into the step's rank metadata; this rank opens its own transfer into the
 same sink (`KVSender.routes`: to each decode rank that holds any of its heads), sends each
-layer as the forward pass writes it, and closes it after the pass. Its outcome stays here
-(logged): the decode side sees a part that never completes and fails the handoff.
+layer as the forward pass writes it, and closes it after the pass. A rank of pipeline stage
+s sends only its stage's layers (`first_layer` on): every stage's ranks push in the same
+step, and the decode side completes the request once every stage's layers arrived. Its
+outcome stays here (logged): the decode side sees a part that never completes and fails
+the handoff.
 
 `RankPushReceiver` (a decode worker's follower rank): a receiver on its own port for its
 heads; the driver's `PushReceiver` makes and forgets its reservations (`control`), and asks
@@ -30,12 +34,14 @@ log = logging.getLogger("pdserve.kv")
 
 
 class RankPushSender(KVConnectorRank):
-    """Rank `tp_rank` of a tensor-parallel prefill worker: pushes its own KV heads."""
+    """Tensor-parallel rank `tp_rank` of a prefill worker's pipeline stage whose first
+    layer is `first_layer`: pushes its own KV heads of its stage's layers."""
 
     def __init__(self, transport: str, tp_rank: int, tp_size: int,
-                 transfer_timeout: float = 30.0):
+                 transfer_timeout: float = 30.0, first_layer: int = 0):
         self.transport = transport
         self.tp_rank, self.tp_size = tp_rank, tp_size
+        self.first_layer = first_layer
         self.transfer_timeout = transfer_timeout
         self.sender: KVSender | None = None
         self._step: list[SendHandle] = []
@@ -43,8 +49,9 @@ class RankPushSender(KVConnectorRank):
         self.failures = 0  # transfers of this rank that did not complete (for stats, tests)
 
     def register_kv_cache(self, kv_cache: torch.Tensor, compat_key: str) -> None:
+        opts = {"first_layer": self.first_layer} if self.first_layer else {}
         self.sender = make_sender(self.transport, kv_cache, compat_key, tp_rank=self.tp_rank,
-                                  tp_size=self.tp_size)
+                                  tp_size=self.tp_size, **opts)
 
     def start_rank_step(self, meta: list) -> None:
         assert self.sender is not None, "register_kv_cache was not called"

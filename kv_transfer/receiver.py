@@ -227,27 +227,33 @@ class BlockReceiver(KVReceiver):
             self.chunks_written += 1
 
     def finish(self, request_id: str, num_layers: int, part_complete: bool = False, *,
-               secret: str) -> TransferStatus:
-        """A sender's closing message: COMPLETE if everything arrived, else FAILED — unless
-        `part_complete` (the stream sent all of its share of the heads, for every layer,
-        and other tensor-parallel senders have yet to finish theirs): then it stays
-        PENDING and the sender is told its part arrived."""
+               secret: str, first_layer: int = 0) -> TransferStatus:
+        """A sender's closing message: it sent layers `[first_layer, first_layer +
+        num_layers)` of this pool (all of them unless the sender is one pipeline stage).
+
+        COMPLETE once every (layer, block, head) of the reservation arrived — whichever
+        stream closes last. Otherwise it stays PENDING, and the sender is told its part
+        arrived, only if `part_complete` (the stream wrote every block of its heads for
+        exactly that layer range: the other tensor-parallel ranks or pipeline stages have
+        yet to finish theirs) and the range lies within the pool; else FAILED."""
         res = self.admit(request_id, secret)
+        in_pool = num_layers >= 1 and 0 <= first_layer <= res.num_layers - num_layers
         with res.lock:
             if res.forgotten:
                 raise ChunkRejected("NOT_FOUND", f"request {request_id} was cancelled")
-            if res.state is TransferStatus.PENDING and part_complete \
-                    and num_layers == res.num_layers != res.layers_done:
-                return TransferStatus.PENDING
-            if res.state is TransferStatus.PENDING:
-                if num_layers == res.num_layers == res.layers_done:
+            if res.state is TransferStatus.PENDING and in_pool:
+                if res.layers_done == res.num_layers:
                     if self.pool.is_cuda:  # writes were queued on the stream; make them visible
                         torch.cuda.current_stream(self.pool.device).synchronize()
                     res.state = TransferStatus.COMPLETE
-                else:
-                    res.state = TransferStatus.FAILED
-                    res.error = (f"done after {res.layers_done} complete layers, sender said "
-                                 f"{num_layers}, pool has {res.num_layers}")
+                elif part_complete:
+                    return TransferStatus.PENDING
+            if res.state is TransferStatus.PENDING:
+                res.state = TransferStatus.FAILED
+                res.error = (f"done after {res.layers_done} complete layers, sender said "
+                             f"layers {first_layer}..{first_layer + num_layers - 1}"
+                             f"{'' if part_complete else ' (its part incomplete)'}, pool has "
+                             f"{res.num_layers}")
             state, layers = res.state, res.layers_done
         self._notify()
         if state is not TransferStatus.COMPLETE:

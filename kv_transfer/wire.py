@@ -57,10 +57,12 @@ def encode_chunk(request_id: str, layer: int, first_block: int, data: torch.Tens
 
 
 def closing_chunk(request_id: str, num_layers: int, abort: bool = False,
-                  compat_key: str = "", secret: str = "") -> pb.KVChunk:
-    """The last message of a stream: `done` with the layer count, or `abort`."""
+                  compat_key: str = "", secret: str = "", first_layer: int = 0) -> pb.KVChunk:
+    """The last message of a stream: `done` with the layers sent — `[first_layer,
+    first_layer + num_layers)` of the receiving pool, in `layer` and `num_layers` — or
+    `abort`."""
     return pb.KVChunk(request_id=request_id, compat_key=compat_key, done=not abort,
-                      abort=abort, num_layers=num_layers, secret=secret)
+                      abort=abort, layer=first_layer, num_layers=num_layers, secret=secret)
 
 
 def decode_chunk(chunk: pb.KVChunk) -> torch.Tensor:

@@ -66,25 +66,48 @@ RESHARDABLE_FIELDS: frozenset[str] = frozenset()
 
 # What each transport reshards. `grpc`: KV heads — every sending rank sends each receiving
 # rank the heads both hold (`kv_transfer.base.KVSender.routes`), so the two sides' TP
-# sizes may differ (the content key already pins the total head count). Block size, head
-# size, dtype and the pipeline split must still agree.
-_RESHARDS = {"grpc": frozenset({"kv_heads_per_rank", "tp_size"})}
+# sizes may differ (the content key already pins the total head count) — and the sending
+# side's pipeline split: each stage's ranks send their own layers and the receiver
+# completes a request once every stage's layers arrived. Block size, head size and dtype
+# must agree, and the receiving side must be one stage (`_RECEIVES_STAGES`).
+_HEADS = frozenset({"kv_heads_per_rank", "tp_size"})
+_STAGES = frozenset({"layers_per_stage", "pp_size"})
+_RESHARDS = {"grpc": _HEADS | _STAGES}
+# Transports whose receivers can be pipeline stages (none yet: a sender routes by heads to
+# receivers that hold every layer).
+_RECEIVES_STAGES: frozenset[str] = frozenset()
 
 
 def reshardable_fields(transport: str) -> frozenset[str]:
-    """The layout fields `transport` can bridge between a sender and a receiver."""
+    """The layout fields `transport` can bridge between a sender and a receiver (given
+    that `receiver_problem` has nothing to say about the receiver)."""
     return _RESHARDS.get(transport, RESHARDABLE_FIELDS)
+
+
+def receiver_problem(transport: str, name: str, layout: LayoutKey) -> str:
+    """Why `transport` cannot deliver KV into a receiving side held as `layout`, naming the
+    field ("" if it can): pipeline stages receive only where the transport routes layers
+    to them."""
+    if layout.pp_size > 1 and transport not in _RECEIVES_STAGES:
+        return (f"{name} pp_size={layout.pp_size}: the {transport!r} transport delivers KV "
+                "only into receivers of one pipeline stage")
+    return ""
 
 
 def handshake(a_name: str, a_content: ContentKey, a_layout: LayoutKey,
               b_name: str, b_content: ContentKey, b_layout: LayoutKey,
-              reshardable: frozenset[str] = RESHARDABLE_FIELDS) -> None:
+              reshardable: frozenset[str] = RESHARDABLE_FIELDS,
+              transport: str | None = None) -> None:
     """Check that side `a` (say a prefill worker) may send KV to side `b` (a decode worker).
 
     Refuses, with a `HandshakeError` naming each differing field and both values
     ("prefill-0 tp_size=2, decode-0 tp_size=1"), a content mismatch of any kind and a
-    layout difference in a field outside `reshardable`.
+    layout difference in a field outside `reshardable`. With `transport` named, its
+    reshardable fields are used and a receiving side it cannot deliver into is refused
+    too (`receiver_problem`), whether or not the layouts differ.
     """
+    if transport is not None:
+        reshardable = reshardable_fields(transport)
     problems = []
     content = _differences(a_content.to_dict(), b_content.to_dict(), a_name, b_name)
     if content:
@@ -92,6 +115,9 @@ def handshake(a_name: str, a_content: ContentKey, a_layout: LayoutKey,
     layout = _differences(a_layout.to_dict(), b_layout.to_dict(), a_name, b_name, reshardable)
     if layout:
         problems.append(f"KV layout differs in a way the transport cannot reshard: {layout}")
+    receiver = receiver_problem(transport, b_name, b_layout) if transport else ""
+    if receiver:
+        problems.append(receiver)
     if problems:
         raise HandshakeError(f"{a_name} cannot send KV to {b_name}: " + "; ".join(problems))
 

@@ -78,6 +78,24 @@ def test_a_resharding_transport_would_pass_the_split_but_never_the_content():
         handshake("p", CONTENT, layout(tp=2), "d", other, layout(tp=1), reshardable=split)
 
 
+def test_grpc_reshards_heads_and_the_sending_pipeline_split_and_refuses_the_rest():
+    # random:tiny: 2 layers, 2 KV heads. P PP2 -> D TP1 / TP2, P TP2 PP1 -> D TP1: accepted.
+    for p, d in ((layout(pp=2), layout()), (layout(pp=2), layout(tp=2)),
+                 (layout(tp=2), layout())):
+        handshake("prefill-0", CONTENT, p, "decode-0", CONTENT, d, transport="grpc")
+    # A receiving side of pipeline stages: refused naming the field, even with equal layouts.
+    with pytest.raises(HandshakeError, match="decode-0 pp_size=2: the 'grpc' transport"):
+        handshake("prefill-0", CONTENT, layout(pp=2), "decode-0", CONTENT, layout(pp=2),
+                  transport="grpc")
+    with pytest.raises(HandshakeError, match="prefill-0 block_size=16, decode-0 block_size=8"):
+        handshake("prefill-0", CONTENT, layout(pp=2), "decode-0", CONTENT,
+                  layout(block_size=8), transport="grpc")
+    # A transport that reshards nothing refuses the pipeline split by name.
+    with pytest.raises(HandshakeError, match="prefill-0 pp_size=2, decode-0 pp_size=1"):
+        handshake("prefill-0", CONTENT, layout(pp=2), "decode-0", CONTENT, layout(),
+                  transport="nccl")
+
+
 class _ShardOnly(Executor):
     """Rank 0 of a TP=2 layout, built without a group: enough to read its keys (a unit test
     runs no step on it)."""

@@ -137,3 +137,79 @@ def test_the_local_transport_refuses_to_reshard():
             sender.open(sink, SRC)
     finally:
         rx.close()
+
+
+# ---- pipeline stages: each stage's ranks send their own layers ------------------------------
+
+STAGE_LAYERS = (2, 1)  # 3 layers over 2 stages, unevenly (the first takes the remainder)
+
+
+def _stage_pool(full: torch.Tensor, stage: int, rank: int, tp: int) -> torch.Tensor:
+    first = sum(STAGE_LAYERS[:stage])
+    return _shard(full[first:first + STAGE_LAYERS[stage]], rank, tp).contiguous()
+
+
+def _push_stage(full: torch.Tensor, stage: int, tp: int, sink) -> None:
+    first = sum(STAGE_LAYERS[:stage])
+    for rank in range(tp):
+        sender = GrpcKVSender(_stage_pool(full, stage, rank, tp), KEY, tp_rank=rank,
+                              tp_size=tp, first_layer=first)
+        try:
+            handle = sender.open(sink, SRC)
+            for layer in range(STAGE_LAYERS[stage]):  # the stage pool's own layer indices
+                handle.send_layer(layer)
+            handle.finish(timeout=20)
+        finally:
+            sender.close()
+
+
+def _stage_receivers(tp: int) -> list[GrpcKVReceiver]:
+    layers = sum(STAGE_LAYERS)
+    return [GrpcKVReceiver(torch.zeros(layers, 2, BLOCKS, BS, HEADS // tp, DIM), KEY)
+            for _ in range(tp)]
+
+
+@pytest.mark.parametrize("p_tp,d_tp", [(1, 1), (1, 2), (2, 1), (3, 2)])
+def test_every_stage_sends_its_layers_and_the_request_completes_with_the_last(p_tp, d_tp):
+    full = torch.randn(sum(STAGE_LAYERS), 2, BLOCKS, BS, HEADS, DIM,
+                       generator=torch.Generator().manual_seed(1))
+    rxs = _stage_receivers(d_tp)
+    try:
+        sink = _sink(rxs, "r1")
+        _push_stage(full, 1, p_tp, sink)  # the later stage may well finish first
+        assert [rx.status("r1") for rx in rxs] == [TransferStatus.PENDING] * d_tp
+        assert [rx.layers_received("r1") for rx in rxs] == [1] * d_tp
+        _push_stage(full, 0, p_tp, sink)
+        assert [rx.status("r1") for rx in rxs] == [TransferStatus.COMPLETE] * d_tp
+        _check_landed(full, rxs)
+    finally:
+        for rx in rxs:
+            rx.close()
+
+
+def test_a_stage_that_sends_short_of_its_range_fails_the_request():
+    full = torch.randn(sum(STAGE_LAYERS), 2, BLOCKS, BS, HEADS, DIM)
+    (rx,) = _stage_receivers(1)
+    try:
+        sink = _sink([rx], "r1")
+        _push_stage(full, 1, 1, sink)
+        sender = GrpcKVSender(_stage_pool(full, 0, 0, 1), KEY)
+        handle = sender.open(sink, SRC)
+        handle.send_layer(0)  # of its two
+        with pytest.raises(KVTransferError, match="finish before layers"):
+            handle.finish(timeout=20)
+        assert rx.wait("r1", 10) is TransferStatus.FAILED
+        sender.close()
+    finally:
+        rx.close()
+
+
+def test_a_closing_range_outside_the_pool_fails_the_request():
+    (rx,) = _stage_receivers(1)
+    try:
+        sink = _sink([rx], "r1")
+        with pytest.raises(KVTransferError, match="sender said layers 2..3"):
+            rx.finish("r1", 2, part_complete=True, secret=sink.secret, first_layer=2)
+        assert rx.status("r1") is TransferStatus.FAILED
+    finally:
+        rx.close()

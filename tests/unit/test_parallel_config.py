@@ -39,14 +39,18 @@ def test_pipeline_stages_are_checked_against_the_layers():
         parse_config(_colocated("random:tiny", pp=3))
     with pytest.raises(ConfigError, match="decode.pp=2 in mode 'disaggregated'"):
         parse_config({"model": {"name": "random:tiny"}, "decode": {"pp": 2}})
+    # Prefill stages push their own layers (grpc): accepted.
+    cfg = parse_config({"model": {"name": "random:tiny"}, "prefill": {"pp": 2},
+                        "decode": {"tp": 2}})
+    assert cfg.engine_config(cfg.prefill).parallel.pipeline_parallel_size == 2
 
 
 def test_parallel_disaggregated_workers_need_a_transport_that_reshards():
     cfg = parse_config({"model": {"name": "random:tiny"}, "prefill": {"tp": 2}})
     assert cfg.engine_config(cfg.prefill).parallel.tensor_parallel_size == 2
     gpus = {"num_gpus": 1, "device": "cuda"}
-    with pytest.raises(ConfigError, match="prefill.tp=2 in mode 'disaggregated' needs "
-                                          "transport 'grpc'"):
+    with pytest.raises(ConfigError, match="prefill.tp=2, prefill.pp=1 in mode "
+                                          "'disaggregated' needs transport 'grpc'"):
         parse_config({"model": {"name": "random:tiny"}, "transport": "nccl",
                       "prefill": {"tp": 2, **gpus}, "decode": gpus})
 
