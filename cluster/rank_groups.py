@@ -124,6 +124,7 @@ class FollowerActor:
         return {"worker_id": self.worker_id, "rank": self.rank, "pid": os.getpid(),
                 "steps": self.follower.steps, "kv_blocks": w.num_blocks,
                 "kv_heads": w.layout.num_kv_heads if w.kv_cache is not None else 0,
+                "kv_layers": w.layout.num_layers if w.kv_cache is not None else 0,
                 # Reservations this rank's receiver still holds (decode ranks): what the
                 # driver has not cancelled — 0 once every handoff committed or aborted.
                 "kv_reservations": getattr(self.kv, "num_reservations", 0)}
