@@ -114,7 +114,10 @@ class KVConnectorWorker(ABC):
 
     Invariants: `save_layer` never blocks on the network (it snapshots or orders the copy
     before later writes of the pool, as `kv_transfer.SendHandle.send_layer` does); after
-    `wait_for_layer(l)` returns, every load of this step has written layer `l`.
+    `wait_for_layer(l)` returns, every load of this step has written layer `l`. Layer
+    indices are the pool's: on a pipeline stage, `l` is the stage's own layer (model
+    layer `first_layer + l`), and a step split into micro-batches calls `save_layer(l)`
+    once, when the last micro-batch wrote layer `l` (every sequence of the step has it).
     """
 
     @abstractmethod

@@ -77,8 +77,13 @@ class KVReceiver(ABC):
       `pool[layer, :, block_ids]` (no staging copy of the whole request).
     - After `cancel(request_id)` returns, no byte is written for that request again: later
       chunks are rejected, so its blocks may be freed and reused at once.
-    - COMPLETE means every layer's K and V for every reserved block was written and the
-      sender's closing "done" named the full layer count. Only then may decode read them.
+    - COMPLETE means every layer's K and V for every head of every reserved block was
+      written (arrival is tracked per (layer, block, head)) and a sender's closing "done"
+      came. Only then may decode read them. A closing "done" names the layer range its
+      stream sent; a stream that delivered all of its heads for that range while other
+      senders' heads or layers (other TP ranks, other pipeline stages) are still missing is
+      acknowledged and leaves the request PENDING; a "done" whose own part is short, or
+      whose range lies outside the pool, makes it FAILED.
     - The owner must `cancel` every request it stops caring about (abort, FAILED, and after
       commit), or `expire` them, or the table grows.
     """
@@ -127,9 +132,12 @@ class KVReceiver(ABC):
 class SendHandle(ABC):
     """Prefill side: one request's transfer in flight.
 
-    Protocol: call `send_layer(l)` once for every layer, right after the forward pass wrote
-    layer `l`'s KV for the request's *last* prompt chunk (earlier chunked-prefill passes must
-    not send: the blocks are not final yet); then exactly one of `finish` or `abort`.
+    Protocol: call `send_layer(l)` once for every layer of the sender's pool (`l` is the
+    pool's index: a pipeline stage's pool holds only its stage's layers), right after the
+    forward pass wrote layer `l`'s KV for the request's *last* prompt chunk (earlier
+    chunked-prefill passes must not send: the blocks are not final yet); then exactly one
+    of `finish` or `abort`. `finish` succeeds once the receiver acknowledged this handle's
+    part (its heads of its layers), which need not complete the request.
 
     Invariants: `send_layer` never blocks on the network and never raises for transport
     failures (those surface in `finish`); it copies the layer's blocks out of the pool before
