@@ -14,6 +14,8 @@ A cancel mid-prefill and mid-decode gives every block back on every rank.
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import pytest
 import ray
 from cluster_checks import assert_blocks_back, free_blocks, running_cluster
@@ -77,6 +79,14 @@ def test_prefill_pp2_to_decode_tp2_equals_hf(p_pp2_d_tp2):
     prompts = [[3 + i for i in range(13)], list(range(40, 77))]  # 2 and 5 blocks
     _check_pair(bg, client, hf, [2, 2], d_tp=2, prompts=prompts)
     assert [h["kv_heads"] for h in _health(bg, "decode-0")] == [1]
+    # Prompts prefilled in one step go through the stages as micro-batches: each stage
+    # saves a layer once the last micro-batch wrote it, for every prompt of the step.
+    prompts = [[3 + i, 60 + 2 * i, 9, 100 - i, 7, 8, 9, 10, 11 + i] for i in range(4)]
+    before = _handoffs(client)
+    with ThreadPoolExecutor(4) as pool:
+        outs = list(pool.map(lambda p: _greedy(client, p), prompts))
+    assert outs == [hf_greedy(hf, p, NEW_TOKENS) for p in prompts]
+    assert _handoffs(client) == before + 4
 
 
 def test_cancel_mid_prefill_and_mid_decode_gives_blocks_back_on_every_rank(p_pp2_d_tp2):
