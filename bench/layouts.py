@@ -6,9 +6,9 @@ For each layout (a prefill/decode split of tensor- and pipeline-parallel ranks) 
 real cluster (local Ray, gloo, gRPC), and reports: start-up (launch to serving), TTFT and
 TPOT of one greedy request (streamed, first chunk / mean gap after it), and the prompt's KV
 bytes each rank sends (prefill ranks) and receives (decode ranks) in a handoff — each rank
-moves only its own heads (`--concurrency N`: N requests at once, mean TTFT and TPOT).
-Prints a markdown table. On a 2-core CPU this shows what the
-layouts cost in start-up and communication, not a speed-up: every rank shares the cores.
+moves only its own heads of its own stage's layers (`--concurrency N`: N requests at once,
+mean TTFT and TPOT). Prints a markdown table. On a 2-core CPU this shows what the layouts
+cost in start-up and communication, not a speed-up: every rank shares the cores.
 """
 
 from __future__ import annotations
@@ -28,6 +28,8 @@ LAYOUTS = {
     "P TP1 -> D TP1": ("disaggregated", (1, 1), (1, 1)),
     "P TP1 -> D TP3": ("disaggregated", (1, 1), (3, 1)),
     "P TP3 -> D TP1": ("disaggregated", (3, 1), (1, 1)),
+    "P PP2 -> D TP1": ("disaggregated", (1, 2), (1, 1)),
+    "P PP2 -> D TP3": ("disaggregated", (1, 2), (3, 1)),
     "colocated TP1": ("colocated", (1, 1), (1, 1)),
     "colocated TP3": ("colocated", (1, 1), (3, 1)),
     "colocated PP2": ("colocated", (1, 1), (1, 2)),
@@ -79,7 +81,8 @@ def run_layout(name: str, prompt_len: int, new_tokens: int, block_size: int,
     kv = _kv_bytes(prompt_len, block_size) if mode == "disaggregated" else 0
     return {"layout": name, "ranks": p[0] * p[1] * (mode == "disaggregated") + d[0] * d[1],
             "startup_s": startup, "ttft_ms": ttft * 1e3, "tpot_ms": tpot * 1e3,
-            "kv_per_p_rank": kv // p[0] if kv else 0, "kv_per_d_rank": kv // d[0] if kv else 0}
+            "kv_per_p_rank": kv // (p[0] * p[1]) if kv else 0,
+            "kv_per_d_rank": kv // (d[0] * d[1]) if kv else 0}
 
 
 def main(argv: list[str] | None = None) -> int:
