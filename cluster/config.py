@@ -267,10 +267,6 @@ class ClusterConfig(_Strict):
         if not split:
             return
         for name, pool in split:
-            if name == "decode" and pool.pp > 1 and self.mode == "disaggregated":
-                raise ValueError(f"decode.pp={pool.pp} in mode 'disaggregated': receiving KV "
-                                 "into pipeline stages is not built yet (prefill.pp > 1 "
-                                 "works; decode pp > 1 runs in mode 'colocated')")
             if self.mode == "disaggregated" and self.transport != "grpc":
                 raise ValueError(
                     f"{name}.tp={pool.tp}, {name}.pp={pool.pp} in mode 'disaggregated' needs "

@@ -138,20 +138,27 @@ def _rank_connector(cfg: ClusterConfig, pool: str, rank: int):
 
     if cfg.mode != "disaggregated":
         return None
+    section: PoolSection = getattr(cfg, pool)
+    first_layer = _first_layer(cfg, section, rank)
     if pool == "prefill":
-        tp, pp = cfg.prefill.tp, cfg.prefill.pp
-        first_layer = 0
-        if rank >= tp:  # ranks are stage-major (engine.parallel.ParallelContext)
-            from pdserve.engine.loader.model_files import read_model_shape
-            from pdserve.engine.parallel import layers_per_stage
-
-            sizes = layers_per_stage(read_model_shape(cfg.model.name)["num_layers"], pp)
-            first_layer = sum(sizes[:rank // tp])
-        return RankPushSender(cfg.transport, rank % tp, tp, first_layer=first_layer)
+        return RankPushSender(cfg.transport, rank % section.tp, section.tp,
+                              first_layer=first_layer)
     from pdserve.cluster.actors import transfer_endpoint
 
-    host, advertise = transfer_endpoint(cfg.decode.transfer_host)
-    return RankPushReceiver(cfg.transport, host=host, advertise_host=advertise)
+    host, advertise = transfer_endpoint(section.transfer_host)
+    return RankPushReceiver(cfg.transport, first_layer, host=host, advertise_host=advertise)
+
+
+def _first_layer(cfg: ClusterConfig, section: PoolSection, rank: int) -> int:
+    """The model layer rank `rank`'s stage starts at (ranks are stage-major:
+    engine.parallel.ParallelContext)."""
+    if rank < section.tp:
+        return 0
+    from pdserve.engine.loader.model_files import read_model_shape
+    from pdserve.engine.parallel import layers_per_stage
+
+    sizes = layers_per_stage(read_model_shape(cfg.model.name)["num_layers"], section.pp)
+    return sum(sizes[:rank // section.tp])
 
 
 def start_worker(actor_cls, pool: PoolSection, config_blob: dict, pool_name: str,

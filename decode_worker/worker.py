@@ -73,8 +73,9 @@ class DecodeWorker:
         engine_connector = self.connector if store is None \
             else MultiConnector([self.connector, store])
         self.engine = LLMEngine(config, kv_connector=engine_connector, executor=executor)
-        if role == "decode" and self.engine.layout_key.tp_size > 1:
-            # Handed-off KV: each follower rank receives its own heads.
+        layout = self.engine.layout_key
+        if role == "decode" and layout.tp_size * layout.pp_size > 1:
+            # Handed-off KV: each follower rank receives its own heads of its stage's layers.
             self.connector.bind_ranks(self.engine.rank_kv_control)
         self.receiver = self.connector.receiver
         self._streams: dict[str, queue.SimpleQueue] = {}

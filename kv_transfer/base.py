@@ -166,12 +166,18 @@ class SendHandle(ABC):
 @dataclass(frozen=True, slots=True)
 class HeadRoute:
     """The KV heads one sending rank sends one receiving rank: its pool's heads
-    `[first, first + count)` become the receiver's `[dst_first, dst_first + count)`."""
+    `[first, first + count)` become the receiver's `[dst_first, dst_first + count)`.
+
+    `layers`: the model layers `[lo, hi)` the route carries (None: all of the sender's);
+    `dst_layer`: the model layer the receiving pool's layer 0 holds (a receiving pipeline
+    stage's first layer; 0 when the receiver holds every layer)."""
 
     address: str
     first: int
     count: int
     dst_first: int
+    layers: tuple[int, int] | None = None
+    dst_layer: int = 0
 
 
 class KVSender(ABC):
@@ -209,19 +215,37 @@ class KVSender(ABC):
         self.first_layer = first_layer
 
     def routes(self, sink: KVSink) -> list[HeadRoute]:
-        """Where this rank's heads go: one route per receiving rank that holds any of them.
-        ValueError if the receiving side's ranks cannot split the heads evenly."""
+        """Where this rank's heads and layers go: one route per receiving rank that holds
+        any of both (`KVSink.rank_addresses`, `rank_layers`). ValueError if the receiving
+        side's ranks do not form equal stages or cannot split the heads evenly."""
         addresses = sink.rank_addresses or (sink.address,)
-        if self.total_heads % len(addresses):
+        firsts = sink.rank_layers or (0,) * len(addresses)
+        stages = sorted(set(firsts))
+        d_tp = len(addresses) // len(stages)
+        if len(addresses) % len(stages) or any(
+                f != stages[j // d_tp] for j, f in enumerate(firsts)):
+            raise ValueError(f"request {sink.request_id}: the decode worker's ranks start "
+                             f"at layers {list(firsts)}: not equal stages in rank order")
+        if self.total_heads % d_tp:
             raise ValueError(f"request {sink.request_id}: {self.total_heads} KV heads do not "
-                             f"split over the decode worker's {len(addresses)} ranks")
-        per = self.total_heads // len(addresses)
+                             f"split over the decode worker's {d_tp} ranks")
+        per = self.total_heads // d_tp
         mine = (self.first_head, self.first_head + self.pool.shape[4])
+        my_layers = (self.first_layer, self.first_layer + self.pool.shape[0])
         out = []
         for j, address in enumerate(addresses):
-            lo, hi = max(mine[0], j * per), min(mine[1], (j + 1) * per)
-            if lo < hi:
-                out.append(HeadRoute(address, lo - mine[0], hi - lo, lo - j * per))
+            stage, t = divmod(j, d_tp)
+            lo, hi = max(mine[0], t * per), min(mine[1], (t + 1) * per)
+            if lo >= hi:
+                continue
+            if len(stages) == 1:  # the receiver holds every layer
+                out.append(HeadRoute(address, lo - mine[0], hi - lo, lo - t * per))
+                continue
+            end = stages[stage + 1] if stage + 1 < len(stages) else my_layers[1]
+            l_lo, l_hi = max(my_layers[0], stages[stage]), min(my_layers[1], end)
+            if l_lo < l_hi:
+                out.append(HeadRoute(address, lo - mine[0], hi - lo, lo - t * per,
+                                     (l_lo, l_hi), stages[stage]))
         return out
 
     @abstractmethod

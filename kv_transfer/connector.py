@@ -251,8 +251,9 @@ class PushReceiver(PassiveWorkerHalf, KVConnector):
     """Decode side: owns the transport's receiver; `expect` publishes a reservation's sink,
     `cancel` forgets it (before its blocks are freed or once they are adopted).
 
-    On the driver of a tensor-parallel decode worker (`bind_ranks`), every follower rank
-    has its own receiver (`RankPushReceiver`) for the KV heads its pool holds: `expect`
+    On the driver of a tensor- or pipeline-parallel decode worker (`bind_ranks`), every
+    follower rank has its own receiver (`RankPushReceiver`) for the KV heads and layers its
+    pool holds (the sink says where each rank's layers start: `KVSink.rank_layers`): `expect`
     and `cancel` reach all of them, the sink lists every rank's address, and a
     reservation's tokens count as loaded only when every rank's part is COMPLETE. All of
     `expect`, `cancel`, `num_external_tokens` and `rank_status` then run on the engine
@@ -267,6 +268,7 @@ class PushReceiver(PassiveWorkerHalf, KVConnector):
         self._lock = threading.Lock()
         self._ranks: Callable[[dict], list[dict]] | None = None
         self._rank_addresses: tuple[str, ...] = ()
+        self._rank_layers: tuple[int, ...] = ()
 
     def bind_ranks(self, control: Callable[[dict], list[dict]]) -> None:
         """Reach the follower ranks' receivers through `control` (the engine's
@@ -278,6 +280,10 @@ class PushReceiver(PassiveWorkerHalf, KVConnector):
             raise RuntimeError(f"follower ranks without a KV receiver: {bad}")
         self._ranks = control
         self._rank_addresses = (self.receiver.address, *(r["address"] for r in replies))
+        # A decode worker of pipeline stages: where each rank's layers start (the driver,
+        # rank 0, holds stage 0's). Empty when every rank holds every layer.
+        firsts = (0, *(int(r.get("first_layer", 0)) for r in replies))
+        self._rank_layers = firsts if any(firsts) else ()
 
     @property
     def has_ranks(self) -> bool:
@@ -297,7 +303,8 @@ class PushReceiver(PassiveWorkerHalf, KVConnector):
             except BaseException:
                 self.cancel(request_id)
                 raise
-            sink = replace(sink, rank_addresses=self._rank_addresses)
+            sink = replace(sink, rank_addresses=self._rank_addresses,
+                           rank_layers=self._rank_layers)
         with self._lock:
             self._sinks[request_id] = sink
         return sink

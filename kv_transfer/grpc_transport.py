@@ -297,11 +297,14 @@ class GrpcSendHandle(SendHandle):
                  src: torch.Tensor, compat_key: str, blocks_per_chunk: int,
                  route: HeadRoute | None = None, first_layer: int = 0) -> None:
         self.request_id = sink.request_id
-        self._first_layer = first_layer  # the receiver's index of this pool's layer 0
+        self._first_layer = first_layer  # the model layer this pool's layer 0 holds
         self._sink, self._src = sink, src
         self._route = route or HeadRoute(sink.address, 0, pool.shape[4], 0)
         self._address = self._route.address
         r = self._route
+        # The model layers this stream carries, and the model layer of the receiving pool's
+        # layer 0: pool layer j goes out as the receiver's layer first_layer + j - dst_layer.
+        self._layers = r.layers or (first_layer, first_layer + pool.shape[0])
         # The heads this stream carries (a view; each layer's snapshot copies them).
         self._pool = pool if r.count == pool.shape[4] else pool[..., r.first:r.first + r.count, :]
         self._compat_key = compat_key
@@ -314,6 +317,8 @@ class GrpcSendHandle(SendHandle):
 
     def send_layer(self, layer: int) -> None:
         self._tracker.claim(layer)
+        if not self._layers[0] <= self._first_layer + layer < self._layers[1]:
+            return  # another receiving stage's layer
         n = self._src.numel()
         for first in range(0, n, self._bpc):
             # index_select copies, so the pool may be overwritten once this returns (CPU) or
@@ -363,14 +368,16 @@ class GrpcSendHandle(SendHandle):
             except queue.Empty:
                 return  # the lease is over: end the stream; the receiver marks it FAILED
             if item is _DONE or item is _ABORT:
-                yield closing_chunk(self.request_id, len(self._tracker.sent),
-                                    abort=item is _ABORT, compat_key=key,
-                                    secret=self._sink.secret, first_layer=self._first_layer)
+                lo, hi = self._layers
+                yield closing_chunk(self.request_id, hi - lo, abort=item is _ABORT,
+                                    compat_key=key, secret=self._sink.secret,
+                                    first_layer=lo - self._route.dst_layer)
                 return
             layer, first, snap, event = item
             if event is not None:
                 event.synchronize()
-            yield encode_chunk(self.request_id, self._first_layer + layer, first, snap,
+            yield encode_chunk(self.request_id,
+                               self._first_layer + layer - self._route.dst_layer, first, snap,
                                compat_key=key,
                                secret=self._sink.secret, first_head=self._route.dst_first)
             key = ""

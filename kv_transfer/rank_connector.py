@@ -93,10 +93,12 @@ class RankPushSender(KVConnectorRank):
 
 
 class RankPushReceiver(KVConnectorRank):
-    """A follower rank of a tensor-parallel decode worker: receives its own KV heads."""
+    """A follower rank of a tensor- or pipeline-parallel decode worker: receives its own KV
+    heads of its stage's layers (its pool's layer 0 is the model's `first_layer`)."""
 
-    def __init__(self, transport: str, **receiver_opts: Any):
+    def __init__(self, transport: str, first_layer: int = 0, **receiver_opts: Any):
         self.transport = transport
+        self.first_layer = first_layer
         self._opts = receiver_opts
         self.receiver: KVReceiver | None = None
 
@@ -121,7 +123,7 @@ class RankPushReceiver(KVConnectorRank):
             return {"error": "the KV pool is not allocated yet"}
         kind = op.get("op")
         if kind == "address":
-            return {"address": rx.address}
+            return {"address": rx.address, "first_layer": self.first_layer}
         if kind == "expect":
             rx.expect(str(op["request_id"]), [int(b) for b in op["block_ids"]],
                       int(op["num_tokens"]), float(op["deadline"]), int(op["first_block"]),

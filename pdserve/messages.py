@@ -70,7 +70,11 @@ class KVSink:
     receiver in `rank_addresses`, in rank order (`rank_addresses[0] == address`): rank j
     holds KV heads `[j * H / n, (j + 1) * H / n)` of the model's H; each sending rank sends
     every receiving rank the heads both hold. Empty: one receiving rank, at `address`.
-    Every rank's reservation admits the same secret.
+    Every rank's reservation admits the same secret. A decode worker of several pipeline
+    stages also lists, in `rank_layers`, the model layer each rank's pool starts at
+    (ranks stage-major, `rank_layers[0] == 0`; a rank holds its layers up to the next
+    stage's first): the heads split over one stage's ranks, and each sending rank sends a
+    receiving rank only the layers both hold. Empty: every rank holds every layer.
     """
 
     transport: str
@@ -83,9 +87,16 @@ class KVSink:
     first_block: int = 0
     secret: str = field(default="", repr=False)
     rank_addresses: tuple[str, ...] = ()
+    rank_layers: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         _set(self, "rank_addresses", tuple(self.rank_addresses))
+        _set(self, "rank_layers", tuple(self.rank_layers))
+        if self.rank_layers and (len(self.rank_layers) != len(self.rank_addresses)
+                                 or self.rank_layers[0] != 0
+                                 or list(self.rank_layers) != sorted(self.rank_layers)):
+            raise ValueError("KVSink.rank_layers must give every rank's first layer, in "
+                             f"stage-major rank order from 0; got {self.rank_layers}")
         if self.rank_addresses and self.rank_addresses[0] != self.address:
             raise ValueError("KVSink.rank_addresses must start with the sink's address")
         if not self.request_id:
@@ -103,6 +114,7 @@ class KVSink:
         d = asdict(self)
         d["block_ids"] = list(self.block_ids)
         d["rank_addresses"] = list(self.rank_addresses)
+        d["rank_layers"] = list(self.rank_layers)
         return d
 
     @classmethod
@@ -121,6 +133,7 @@ class KVSink:
             first_block=int(d["first_block"]),
             secret=str(d["secret"]),
             rank_addresses=tuple(str(a) for a in d["rank_addresses"]),
+            rank_layers=tuple(int(n) for n in d["rank_layers"]),
         )
 
 

@@ -66,16 +66,15 @@ RESHARDABLE_FIELDS: frozenset[str] = frozenset()
 
 # What each transport reshards. `grpc`: KV heads — every sending rank sends each receiving
 # rank the heads both hold (`kv_transfer.base.KVSender.routes`), so the two sides' TP
-# sizes may differ (the content key already pins the total head count) — and the sending
-# side's pipeline split: each stage's ranks send their own layers and the receiver
-# completes a request once every stage's layers arrived. Block size, head size and dtype
-# must agree, and the receiving side must be one stage (`_RECEIVES_STAGES`).
+# sizes may differ (the content key already pins the total head count) — and the pipeline
+# splits: each sending stage's ranks send their own layers, each receiving rank gets only
+# the layers its stage holds (`KVSink.rank_layers`), and a receiver completes a request
+# once every one of its layers arrived. Block size, head size and dtype must agree.
 _HEADS = frozenset({"kv_heads_per_rank", "tp_size"})
 _STAGES = frozenset({"layers_per_stage", "pp_size"})
 _RESHARDS = {"grpc": _HEADS | _STAGES}
-# Transports whose receivers can be pipeline stages (none yet: a sender routes by heads to
-# receivers that hold every layer).
-_RECEIVES_STAGES: frozenset[str] = frozenset()
+# Transports whose receivers can be pipeline stages (a sender routes by layers too).
+_RECEIVES_STAGES: frozenset[str] = frozenset({"grpc"})
 
 
 def reshardable_fields(transport: str) -> frozenset[str]:

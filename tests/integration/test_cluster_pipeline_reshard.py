@@ -8,6 +8,8 @@ HF transformers' greedy ones.
   stages sends each decode rank its head of its layers (four streams a request);
 - prefill PP=2 over 3 layers (2 + 1, uneven) -> decode TP=1. (The same pair with the real
   SmolLM2-135M, 15 + 15 layers, also gives HF's tokens, but costs seven times as long.)
+- prefill TP=2 -> decode PP=2 over 3 layers: each prefill rank sends each decode stage its
+  head of that stage's layers only (`KVSink.rank_layers`).
 
 A cancel mid-prefill and mid-decode gives every block back on every rank.
 """
@@ -26,13 +28,15 @@ pytestmark = pytest.mark.timeout(600)
 NEW_TOKENS = 5
 
 
-def _config(model: str, d_tp: int) -> dict:
+def _config(model: str, d_tp: int, p_tp: int = 1, p_pp: int = 2, d_pp: int = 1) -> dict:
     return {
         "model": {"name": model, "max_model_len": 512},
         "mode": "disaggregated",
         "kv": {"block_size": 8, "memory_mb": 4},
-        "prefill": {"count": 1, "pp": 2, "num_cpus": 0.25, "collective_timeout_s": 20},
-        "decode": {"count": 1, "tp": d_tp, "num_cpus": 0.25, "collective_timeout_s": 20},
+        "prefill": {"count": 1, "tp": p_tp, "pp": p_pp, "num_cpus": 0.25,
+                    "collective_timeout_s": 20},
+        "decode": {"count": 1, "tp": d_tp, "pp": d_pp, "num_cpus": 0.25,
+                   "collective_timeout_s": 20},
         "ray": {"num_cpus": 2},
     }
 
@@ -108,3 +112,23 @@ def test_prefill_pp2_uneven_stages_to_decode_tp1_equals_hf(tiny_model_factory):
     with running_cluster(_config(path, d_tp=1)) as (bg, client):
         _check_pair(bg, client, hf, [2, 1], d_tp=1,
                     prompts=[[5, 17, 33], list(range(40, 77))])  # 1 and 5 blocks
+
+
+def test_prefill_tp2_to_decode_pp2_equals_hf_and_cancels_clean(tiny_model_factory):
+    path, hf = tiny_model_factory("llama", seed=63, num_hidden_layers=3)
+    with running_cluster(_config(path, d_tp=1, p_tp=2, p_pp=1, d_pp=2)) as (bg, client):
+        info = {i["worker_id"]: i for i in bg.cluster.ready_info}
+        assert info["decode-0"]["layout_key"]["layers_per_stage"] == [2, 1]
+        (stage1,) = _health(bg, "decode-0")
+        assert stage1["kv_layers"] == 1
+        start = free_blocks(client)
+        before = _handoffs(client)
+        for prompt in ([5, 17, 33], list(range(40, 77))):
+            assert _greedy(client, prompt) == hf_greedy(hf, prompt, NEW_TOKENS)
+        assert _handoffs(client) == before + 2
+        stream = client.stream(list(range(3, 200)), max_tokens=100, min_tokens=100,
+                               temperature=0)
+        next(stream)
+        stream.close()  # mid-decode
+        assert_blocks_back(client, start)
+        assert [h["kv_reservations"] for h in _health(bg, "decode-0")] == [0]

@@ -79,14 +79,17 @@ def test_a_resharding_transport_would_pass_the_split_but_never_the_content():
 
 
 def test_grpc_reshards_heads_and_the_sending_pipeline_split_and_refuses_the_rest():
-    # random:tiny: 2 layers, 2 KV heads. P PP2 -> D TP1 / TP2, P TP2 PP1 -> D TP1: accepted.
+    # random:tiny: 2 layers, 2 KV heads. P PP2 -> D TP1 / TP2, P TP2 -> D TP1: accepted.
     for p, d in ((layout(pp=2), layout()), (layout(pp=2), layout(tp=2)),
                  (layout(tp=2), layout())):
         handshake("prefill-0", CONTENT, p, "decode-0", CONTENT, d, transport="grpc")
-    # A receiving side of pipeline stages: refused naming the field, even with equal layouts.
-    with pytest.raises(HandshakeError, match="decode-0 pp_size=2: the 'grpc' transport"):
+    # Receiving pipeline stages: grpc routes layers too; a transport that does not is
+    # refused naming the field, even with equal layouts.
+    handshake("prefill-0", CONTENT, layout(tp=2), "decode-0", CONTENT, layout(pp=2),
+              transport="grpc")
+    with pytest.raises(HandshakeError, match="decode-0 pp_size=2: the 'nccl' transport"):
         handshake("prefill-0", CONTENT, layout(pp=2), "decode-0", CONTENT, layout(pp=2),
-                  transport="grpc")
+                  transport="nccl")
     with pytest.raises(HandshakeError, match="prefill-0 block_size=16, decode-0 block_size=8"):
         handshake("prefill-0", CONTENT, layout(pp=2), "decode-0", CONTENT,
                   layout(block_size=8), transport="grpc")

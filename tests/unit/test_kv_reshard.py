@@ -213,3 +213,53 @@ def test_a_closing_range_outside_the_pool_fails_the_request():
         assert rx.status("r1") is TransferStatus.FAILED
     finally:
         rx.close()
+
+
+# ---- receiving pipeline stages: each sending rank sends each receiving rank the layers
+# (and heads) both hold -------------------------------------------------------------------
+
+D_STAGES = (1, 2)  # the decode worker's split of the same 3 layers, unlike the prefill's
+
+
+def _stage_sink(full: torch.Tensor, d_tp: int, rid: str):
+    """Receivers of a decode worker of len(D_STAGES) stages x d_tp ranks (stage-major)."""
+    rxs, firsts = [], []
+    for stage, n in enumerate(D_STAGES):
+        for _ in range(d_tp):
+            rxs.append(GrpcKVReceiver(torch.zeros(n, 2, BLOCKS, BS, HEADS // d_tp, DIM), KEY))
+            firsts.append(sum(D_STAGES[:stage]))
+    sink = replace(_sink(rxs, rid), rank_layers=tuple(firsts))
+    return rxs, sink
+
+
+@pytest.mark.parametrize("p_tp,d_tp", [(1, 1), (2, 1), (1, 2), (3, 2)])
+def test_prefill_stages_send_each_decode_stage_only_the_layers_it_holds(p_tp, d_tp):
+    full = torch.randn(sum(STAGE_LAYERS), 2, BLOCKS, BS, HEADS, DIM,
+                       generator=torch.Generator().manual_seed(2))
+    rxs, sink = _stage_sink(full, d_tp, "r1")
+    try:
+        _push_stage(full, 0, p_tp, sink)  # layers 0, 1: decode stage 0's and half of 1's
+        states = [rx.status("r1") for rx in rxs]
+        assert states == [TransferStatus.COMPLETE] * d_tp + [TransferStatus.PENDING] * d_tp
+        _push_stage(full, 1, p_tp, sink)
+        assert [rx.status("r1") for rx in rxs] == [TransferStatus.COMPLETE] * (2 * d_tp)
+        for j, rx in enumerate(rxs):
+            stage, t = divmod(j, d_tp)
+            first = sum(D_STAGES[:stage])
+            want = _shard(full[first:first + D_STAGES[stage]], t, d_tp)[:, :, SRC]
+            assert torch.equal(rx.pool[:, :, DST], want), f"decode rank {j}"
+    finally:
+        for rx in rxs:
+            rx.close()
+
+
+def test_a_sink_whose_ranks_are_not_equal_stages_is_refused_at_open():
+    rxs = _receivers(3)
+    try:
+        sink = replace(_sink(rxs, "r1"), rank_layers=(0, 2, 2))
+        sender = GrpcKVSender(_full(), KEY)
+        with pytest.raises(ValueError, match="not equal stages"):
+            sender.open(sink, SRC)
+    finally:
+        for rx in rxs:
+            rx.close()

@@ -37,12 +37,17 @@ def test_pipeline_stages_are_checked_against_the_layers():
     assert cfg.engine_config(cfg.decode).parallel.world_size == 4
     with pytest.raises(ConfigError, match="its 2 layers cannot fill 3 pipeline stages"):
         parse_config(_colocated("random:tiny", pp=3))
-    with pytest.raises(ConfigError, match="decode.pp=2 in mode 'disaggregated'"):
-        parse_config({"model": {"name": "random:tiny"}, "decode": {"pp": 2}})
-    # Prefill stages push their own layers (grpc): accepted.
+    # Each prefill stage pushes its own layers, each decode stage receives its own (grpc).
     cfg = parse_config({"model": {"name": "random:tiny"}, "prefill": {"pp": 2},
                         "decode": {"tp": 2}})
     assert cfg.engine_config(cfg.prefill).parallel.pipeline_parallel_size == 2
+    cfg = parse_config({"model": {"name": "random:tiny"}, "decode": {"pp": 2}})
+    assert cfg.engine_config(cfg.decode).parallel.pipeline_parallel_size == 2
+    gpus = {"num_gpus": 1, "device": "cuda"}
+    with pytest.raises(ConfigError, match="decode.tp=1, decode.pp=2 in mode "
+                                          "'disaggregated' needs transport 'grpc'"):
+        parse_config({"model": {"name": "random:tiny"}, "transport": "nccl",
+                      "prefill": gpus, "decode": {"pp": 2, **gpus}})
 
 
 def test_parallel_disaggregated_workers_need_a_transport_that_reshards():
