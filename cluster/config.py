@@ -305,10 +305,16 @@ class ClusterConfig(_Strict):
 
 def parallelism_problem(shape: dict[str, int], tp: int, pp: int) -> str:
     """Why a model of `shape` (`read_model_shape`) cannot be split into `tp` tensor-parallel
-    ranks and `pp` stages ("" if it can): every rank must hold whole query and KV heads,
-    an equal slice of the MLP and of the vocabulary; every stage at least one layer."""
+    ranks and `pp` stages ("" if it can): every rank must hold whole query heads, an
+    equal slice of the MLP and of the vocabulary, and whole KV heads — an equal share, or,
+    when `tp` exceeds their count and is a multiple of it, one head replicated on
+    `tp // num_kv_heads` ranks (as vLLM does); every stage at least one layer."""
     reasons = []
-    for field, what in (("num_heads", "query heads"), ("num_kv_heads", "KV heads"),
+    kv = shape["num_kv_heads"]
+    if kv % tp and tp % kv:
+        reasons.append(f"its {kv} KV heads neither split into {tp} equal shares nor "
+                       f"replicate evenly over {tp} ranks ({tp} is not a multiple of {kv})")
+    for field, what in (("num_heads", "query heads"),
                         ("intermediate_size", "MLP features"),
                         ("vocab_size", "vocabulary entries")):
         if shape[field] % tp:

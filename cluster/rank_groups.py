@@ -141,8 +141,11 @@ def _rank_connector(cfg: ClusterConfig, pool: str, rank: int):
     section: PoolSection = getattr(cfg, pool)
     first_layer = _first_layer(cfg, section, rank)
     if pool == "prefill":
+        from pdserve.engine.loader.model_files import read_model_shape
+
         return RankPushSender(cfg.transport, rank % section.tp, section.tp,
-                              first_layer=first_layer)
+                              first_layer=first_layer,
+                              num_kv_heads=read_model_shape(cfg.model.name)["num_kv_heads"])
     from pdserve.cluster.actors import transfer_endpoint
 
     host, advertise = transfer_endpoint(section.transfer_host)

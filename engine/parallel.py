@@ -53,6 +53,19 @@ class ParallelContext:
         n = full.shape[dim] // self.tp_size
         return full.narrow(dim, self.tp_rank * n, n)
 
+    def shard_of(self, full: torch.Tensor, dim: int, shards: int) -> torch.Tensor:
+        """This rank's slice of `full` along `dim` when it is cut into `shards` equal
+        slices (`shards` divides `tp_size`, or `tp_size` divides it): with fewer slices than
+        ranks each slice is replicated on `tp_size // shards` consecutive ranks (KV heads
+        when TP exceeds their count, as vLLM does)."""
+        if shards >= self.tp_size:
+            return self.shard(full, dim)
+        if self.tp_size % shards or full.shape[dim] % shards:
+            raise ValueError(f"dim {dim} of size {full.shape[dim]} cannot be cut into "
+                             f"{shards} slices replicated over {self.tp_size} ranks")
+        n = full.shape[dim] // shards
+        return full.narrow(dim, self.tp_rank * shards // self.tp_size * n, n)
+
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         """Sum `x` over the TP group, in place (row-parallel partial sums)."""
         if self.tp_size == 1:
@@ -122,6 +135,24 @@ class ParallelContext:
 
 # The context of a model that is not split: rank 0 of 1, no communication.
 SINGLE = ParallelContext()
+
+
+def kv_heads_of_rank(num_kv_heads: int, tp_size: int, tp_rank: int) -> tuple[int, int]:
+    """The model's KV heads `(first, count)` that tensor-parallel rank `tp_rank` holds.
+
+    Split evenly when `tp_size` divides the head count; when TP exceeds it (`tp_size` a
+    multiple of it) each head is replicated on `tp_size // num_kv_heads` consecutive ranks
+    and rank r holds head `r * num_kv_heads // tp_size`, as vLLM does. ValueError otherwise.
+    """
+    if not 0 <= tp_rank < tp_size:
+        raise ValueError(f"tensor-parallel rank {tp_rank} outside 0..{tp_size - 1}")
+    if num_kv_heads % tp_size == 0:
+        per = num_kv_heads // tp_size
+        return tp_rank * per, per
+    if tp_size % num_kv_heads == 0:
+        return tp_rank * num_kv_heads // tp_size, 1
+    raise ValueError(f"{num_kv_heads} KV heads can be neither split over nor replicated on "
+                     f"tensor-parallel size {tp_size}")
 
 
 def layers_per_stage(num_layers: int, pp_size: int) -> tuple[int, ...]:

@@ -187,8 +187,13 @@ class KVSender(ABC):
     Invariants: `open` checks `sink.compat_key` against its own key before anything is sent
     and raises `IncompatibleKVError` on a mismatch. A sender of tensor-parallel rank
     `tp_rank` of `tp_size` holds the model's KV heads `[tp_rank * h, (tp_rank + 1) * h)`
-    (h = its pool's heads) and sends each receiving rank of the sink exactly the heads both
-    hold (`routes`), never another rank's: no rank gathers the others' KV.
+    (h = its pool's heads; `num_kv_heads` the model's count, by default `tp_size * h`) and
+    sends each receiving rank of the sink exactly the heads both hold (`routes`), never
+    another rank's: no rank gathers the others' KV. When TP exceeds the model's KV-head
+    count, each head is replicated on `tp_size // num_kv_heads` ranks
+    (`engine.parallel.kv_heads_of_rank`), on either side: a receiving rank gets each of its
+    heads from exactly one replica, so a sending rank may have no route at all (its handle
+    then has nothing to send and finishes at once).
 
     A sender of a pipeline stage holds the model's layers `[first_layer, first_layer + L)`
     (L = its pool's layers; pool layer j is model layer `first_layer + j`). `send_layer`
@@ -202,7 +207,10 @@ class KVSender(ABC):
     transport: ClassVar[str]
 
     def __init__(self, pool: torch.Tensor, compat_key: str, tp_rank: int = 0,
-                 tp_size: int = 1, first_layer: int = 0) -> None:
+                 tp_size: int = 1, first_layer: int = 0,
+                 num_kv_heads: int | None = None) -> None:
+        from pdserve.engine.parallel import kv_heads_of_rank
+
         check_pool(pool)
         if not 0 <= tp_rank < tp_size:
             raise ValueError(f"tensor-parallel rank {tp_rank} outside 0..{tp_size - 1}")
@@ -210,8 +218,16 @@ class KVSender(ABC):
             raise ValueError(f"first layer {first_layer} is negative")
         self.pool = pool
         self.compat_key = compat_key
-        self.first_head = tp_rank * pool.shape[4]
-        self.total_heads = tp_size * pool.shape[4]
+        self.tp_size = tp_size
+        self.total_heads = num_kv_heads or tp_size * pool.shape[4]
+        self.first_head, count = kv_heads_of_rank(self.total_heads, tp_size, tp_rank)
+        if count != pool.shape[4]:
+            raise ValueError(f"rank {tp_rank} of TP {tp_size} over {self.total_heads} KV heads "
+                             f"holds {count} of them, its pool {pool.shape[4]}")
+        # Ranks holding the same replicated head (TP beyond the head count): `replica` of
+        # `replicas`; only one replica sends a head to any one receiving rank.
+        self.replicas = max(1, tp_size // self.total_heads)
+        self.replica = tp_rank % self.replicas
         self.first_layer = first_layer
 
     def routes(self, sink: KVSink) -> list[HeadRoute]:
@@ -226,25 +242,29 @@ class KVSender(ABC):
                 f != stages[j // d_tp] for j, f in enumerate(firsts)):
             raise ValueError(f"request {sink.request_id}: the decode worker's ranks start "
                              f"at layers {list(firsts)}: not equal stages in rank order")
-        if self.total_heads % d_tp:
+        from pdserve.engine.parallel import kv_heads_of_rank
+
+        if self.total_heads % d_tp and d_tp % self.total_heads:
             raise ValueError(f"request {sink.request_id}: {self.total_heads} KV heads do not "
                              f"split over the decode worker's {d_tp} ranks")
-        per = self.total_heads // d_tp
         mine = (self.first_head, self.first_head + self.pool.shape[4])
         my_layers = (self.first_layer, self.first_layer + self.pool.shape[0])
         out = []
         for j, address in enumerate(addresses):
             stage, t = divmod(j, d_tp)
-            lo, hi = max(mine[0], t * per), min(mine[1], (t + 1) * per)
-            if lo >= hi:
+            first, count = kv_heads_of_rank(self.total_heads, d_tp, t)
+            lo, hi = max(mine[0], first), min(mine[1], first + count)
+            # A replicated head reaches each receiving rank from one of its replicas,
+            # spread over them by receiving rank.
+            if lo >= hi or t % self.replicas != self.replica:
                 continue
             if len(stages) == 1:  # the receiver holds every layer
-                out.append(HeadRoute(address, lo - mine[0], hi - lo, lo - t * per))
+                out.append(HeadRoute(address, lo - mine[0], hi - lo, lo - first))
                 continue
             end = stages[stage + 1] if stage + 1 < len(stages) else my_layers[1]
             l_lo, l_hi = max(my_layers[0], stages[stage]), min(my_layers[1], end)
             if l_lo < l_hi:
-                out.append(HeadRoute(address, lo - mine[0], hi - lo, lo - t * per,
+                out.append(HeadRoute(address, lo - mine[0], hi - lo, lo - first,
                                      (l_lo, l_hi), stages[stage]))
         return out
 

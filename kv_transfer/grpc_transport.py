@@ -253,8 +253,9 @@ class GrpcKVSender(KVSender):
 
     def __init__(self, pool: torch.Tensor, compat_key: str,
                  chunk_bytes: int = DEFAULT_CHUNK_BYTES, tls: TLSFiles | None = None,
-                 tp_rank: int = 0, tp_size: int = 1, first_layer: int = 0) -> None:
-        super().__init__(pool, compat_key, tp_rank, tp_size, first_layer)
+                 tp_rank: int = 0, tp_size: int = 1, first_layer: int = 0,
+                 num_kv_heads: int | None = None) -> None:
+        super().__init__(pool, compat_key, tp_rank, tp_size, first_layer, num_kv_heads)
         self._tls = tls  # TLS to the receivers (client certificate too under mutual TLS)
         unit = _block_layer_bytes(pool)
         self.blocks_per_chunk = max(1, chunk_bytes // unit)

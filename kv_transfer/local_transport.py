@@ -50,7 +50,7 @@ class LocalKVSender(KVSender):
 
     def open(self, sink: KVSink, src_block_ids: Sequence[int]) -> LocalSendHandle:
         self.check_sink(sink, src_block_ids)
-        if self.total_heads != self.pool.shape[4] or sink.rank_addresses or self.first_layer:
+        if self.tp_size > 1 or sink.rank_addresses or self.first_layer:
             raise ValueError("the local transport moves whole pools: it does not reshard KV "
                              "heads or layers between different tensor- or pipeline-parallel "
                              "layouts (use grpc)")

@@ -38,9 +38,11 @@ class RankPushSender(KVConnectorRank):
     layer is `first_layer`: pushes its own KV heads of its stage's layers."""
 
     def __init__(self, transport: str, tp_rank: int, tp_size: int,
-                 transfer_timeout: float = 30.0, first_layer: int = 0):
+                 transfer_timeout: float = 30.0, first_layer: int = 0,
+                 num_kv_heads: int | None = None):
         self.transport = transport
         self.tp_rank, self.tp_size = tp_rank, tp_size
+        self.num_kv_heads = num_kv_heads  # the model's (None: tp_size * the pool's heads)
         self.first_layer = first_layer
         self.transfer_timeout = transfer_timeout
         self.sender: KVSender | None = None
@@ -50,6 +52,8 @@ class RankPushSender(KVConnectorRank):
 
     def register_kv_cache(self, kv_cache: torch.Tensor, compat_key: str) -> None:
         opts = {"first_layer": self.first_layer} if self.first_layer else {}
+        if self.num_kv_heads is not None:
+            opts["num_kv_heads"] = self.num_kv_heads
         self.sender = make_sender(self.transport, kv_cache, compat_key, tp_rank=self.tp_rank,
                                   tp_size=self.tp_size, **opts)
 

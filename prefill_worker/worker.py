@@ -73,7 +73,11 @@ class PrefillWorker:
         tp = config.parallel.tensor_parallel_size
         opts = {"tls": tls} if tls is not None else {}
         if tp > 1:
+            from pdserve.engine.loader.model_files import read_model_shape
+
+            # The model's KV-head count says whether heads are split or replicated.
             opts["tp_size"] = tp
+            opts["num_kv_heads"] = read_model_shape(config.model)["num_kv_heads"]
         self.connector = PushSender(transport, self._on_transfer_done, transfer_timeout,
                                     fail_next=inject_transfer_failures, **opts)
         # With the global KV store, prompts load their stored prefix and prefill only the

@@ -17,7 +17,8 @@ from pdserve.engine.config import ContentKey, ModelConfig
 class LayoutKey:
     """How one side (a worker: all its ranks and stages) holds its KV blocks.
 
-    `kv_heads_per_rank` is what each TP rank's pool holds; `layers_per_stage` how many
+    `kv_heads_per_rank` is what each TP rank's pool holds (1 when TP exceeds the model's
+    KV-head count and each head is replicated on several ranks); `layers_per_stage` how many
     layers each pipeline stage's pool holds, in stage order. Two sides with equal content
     keys but different layout keys hold the same numbers cut differently: only a transport
     that reshards may connect them.
@@ -34,13 +35,10 @@ class LayoutKey:
     @classmethod
     def for_model(cls, model: ModelConfig, block_size: int, dtype: str, tp_size: int = 1,
                   pp_size: int = 1) -> LayoutKey:
-        from pdserve.engine.parallel import layers_per_stage
+        from pdserve.engine.parallel import kv_heads_of_rank, layers_per_stage
 
-        if model.num_kv_heads % tp_size:
-            raise ValueError(
-                f"{model.num_kv_heads} KV heads cannot be split over tensor-parallel size {tp_size}"
-            )
-        return cls(block_size, model.num_kv_heads // tp_size, model.head_dim,
+        heads = kv_heads_of_rank(model.num_kv_heads, tp_size, 0)[1]  # ValueError if neither
+        return cls(block_size, heads, model.head_dim,
                    layers_per_stage(model.num_layers, pp_size), tp_size, pp_size, dtype)
 
     def to_dict(self) -> dict:

@@ -43,11 +43,10 @@ class KVLayout:
 
     @classmethod
     def for_model(cls, model: ModelConfig, block_size: int, dtype: str, tp_size: int = 1):
-        if model.num_kv_heads % tp_size:
-            raise ValueError(
-                f"{model.num_kv_heads} KV heads cannot be split over tensor-parallel size {tp_size}"
-            )
-        return cls(model.num_layers, model.num_kv_heads // tp_size, model.head_dim,
+        from pdserve.engine.parallel import kv_heads_of_rank
+
+        heads = kv_heads_of_rank(model.num_kv_heads, tp_size, 0)[1]  # ValueError if neither
+        return cls(model.num_layers, heads, model.head_dim,
                    block_size, dtype)
 
     @property

@@ -159,20 +159,27 @@ def forget_packed(weight: torch.Tensor) -> None:
 
 
 class MergedColumnLinear(nn.Module):
-    """Fused column-parallel projection with named parts of full sizes `part_sizes`."""
+    """Fused column-parallel projection with named parts of full sizes `part_sizes`.
+
+    `slices[name]` (default: the TP size) cuts a part into fewer slices than ranks, each
+    replicated on `tp_size // slices` ranks (`ParallelContext.shard_of`): k and v when TP
+    exceeds the KV-head count."""
 
     def __init__(self, in_features: int, part_sizes: dict[str, int], bias: bool, dtype,
-                 parallel: ParallelContext = SINGLE):
+                 parallel: ParallelContext = SINGLE, slices: dict[str, int] | None = None):
         super().__init__()
         self.parallel = parallel
         size = parallel.tp_size
         self.offsets: dict[str, tuple[int, int]] = {}
+        self.slices = {name: min(size, (slices or {}).get(name, size)) for name in part_sizes}
         start = 0
         for name, full in part_sizes.items():
-            if full % size:
-                raise ValueError(f"{name} size {full} not divisible by TP size {size}")
-            self.offsets[name] = (start, full // size)
-            start += full // size
+            n = self.slices[name]
+            if full % n or (n < size and size % n):
+                raise ValueError(f"{name} size {full} cannot be cut into {n} slices over "
+                                 f"TP size {size}")
+            self.offsets[name] = (start, full // n)
+            start += full // n
         self.weight = nn.Parameter(torch.empty(start, in_features, dtype=dtype),
                                    requires_grad=False)
         self.bias = (
@@ -182,7 +189,7 @@ class MergedColumnLinear(nn.Module):
     def load(self, full: torch.Tensor, part: str, is_bias: bool = False) -> None:
         start, n = self.offsets[part]
         target = self.bias if is_bias else self.weight
-        target.data[start : start + n].copy_(self.parallel.shard(full, 0))
+        target.data[start : start + n].copy_(self.parallel.shard_of(full, 0, self.slices[part]))
         forget_packed(target)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

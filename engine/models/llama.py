@@ -23,7 +23,7 @@ from pdserve.engine.layers.linear import (
     dense,
 )
 from pdserve.engine.layers.norm_rope import RMSNorm, RotaryEmbedding
-from pdserve.engine.parallel import SINGLE, ParallelContext, layers_per_stage
+from pdserve.engine.parallel import SINGLE, ParallelContext, kv_heads_of_rank, layers_per_stage
 
 
 class LlamaAttention(nn.Module):
@@ -32,7 +32,9 @@ class LlamaAttention(nn.Module):
         super().__init__()
         self.layer_idx = layer_idx
         self.num_heads = config.num_heads // parallel.tp_size
-        self.num_kv_heads = config.num_kv_heads // parallel.tp_size
+        # Replicated on several ranks when TP exceeds the KV-head count (one head a rank).
+        self.num_kv_heads = kv_heads_of_rank(config.num_kv_heads, parallel.tp_size,
+                                             parallel.tp_rank)[1]
         self.head_dim = config.head_dim
         self.scale = config.head_dim**-0.5
         self.rope = rope
@@ -43,6 +45,7 @@ class LlamaAttention(nn.Module):
             bias=config.attention_bias,
             dtype=dtype,
             parallel=parallel,
+            slices={"k": config.num_kv_heads, "v": config.num_kv_heads},
         )
         self.o_proj = RowParallelLinear(config.num_heads * d, config.hidden_size, dtype, parallel)
 

@@ -97,14 +97,15 @@ def hf_greedy(model, ids: list[int], n: int) -> list[int]:
 def check_group(world: int, models: list[tuple[str, object]], ranks: list[list[dict]],
                 kv_heads: int) -> None:
     """The driver's results equal a single process's and HF's; every rank cached only its
-    own share of the KV heads; followers executed every step the driver scheduled."""
+    own share of the KV heads (one head when TP exceeds their count: replicated);
+    followers executed every step the driver scheduled."""
     for i, (path, hf) in enumerate(models):
         single = generate(LLM(path, **ENGINE_ARGS))
         assert single["kv_heads"] == kv_heads
         driver = ranks[0][i]
         for rank, results in enumerate(ranks):
             got = results[i]
-            assert got["kv_heads"] == kv_heads // world, \
+            assert got["kv_heads"] == max(1, kv_heads // world), \
                 f"rank {rank} should cache only its own KV heads"
         assert driver["tokens"] == single["tokens"], f"model {i}"
         for a, b in zip(driver["logprobs"], single["logprobs"]):
@@ -135,3 +136,12 @@ def test_tp3_matches_single_process(tiny_model_factory, tmp_path, monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     ranks = run_ranks(3, [model[0]], tmp_path)
     check_group(3, [model], ranks, kv_heads=3)
+
+
+def test_tp2_replicates_a_single_kv_head(tiny_model_factory, tmp_path, monkeypatch):
+    # 4 query heads, 1 KV head: TP exceeds the KV-head count, so both ranks hold (and
+    # write) that one head while each computes 2 of the query heads (as vLLM does).
+    model = tiny_model_factory("llama", seed=24, num_key_value_heads=1)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    ranks = run_ranks(2, [model[0]], tmp_path)
+    check_group(2, [model], ranks, kv_heads=1)

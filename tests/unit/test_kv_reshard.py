@@ -10,6 +10,7 @@ from dataclasses import replace
 import pytest
 import torch
 
+from pdserve.engine.parallel import kv_heads_of_rank
 from pdserve.kv_transfer import KVTransferError, TransferStatus
 from pdserve.kv_transfer.base import HeadRoute
 from pdserve.kv_transfer.grpc_transport import GrpcKVReceiver, GrpcKVSender
@@ -263,3 +264,50 @@ def test_a_sink_whose_ranks_are_not_equal_stages_is_refused_at_open():
     finally:
         for rx in rxs:
             rx.close()
+
+
+# Replicated KV heads: TP beyond the model's KV-head count puts head `r * kv // tp` on
+# rank r (engine.parallel.kv_heads_of_rank), on either side of the transfer.
+def _held(full: torch.Tensor, kv: int, rank: int, tp: int) -> torch.Tensor:
+    first, count = kv_heads_of_rank(kv, tp, rank)
+    return full[..., first:first + count, :].contiguous()
+
+
+@pytest.mark.parametrize("kv,p_tp,d_tp", [(1, 2, 1), (1, 1, 2), (1, 2, 2), (2, 4, 1),
+                                          (2, 1, 4)])
+def test_replicated_heads_reach_each_decode_rank_from_exactly_one_replica(kv, p_tp, d_tp):
+    full = _full()[..., :kv, :].contiguous()  # a model of `kv` KV heads
+    rxs = [GrpcKVReceiver(torch.zeros(LAYERS, 2, BLOCKS, BS, max(1, kv // d_tp), DIM), KEY)
+           for _ in range(d_tp)]
+    try:
+        sink = _sink(rxs, "r1")
+        senders = [GrpcKVSender(_held(full, kv, r, p_tp), KEY, tp_rank=r, tp_size=p_tp,
+                                num_kv_heads=kv) for r in range(p_tp)]
+        routes = [s.routes(sink) for s in senders]
+        # Each (decode rank, head) pair is covered by exactly one sending rank's route.
+        for j, rx in enumerate(rxs):
+            first, count = kv_heads_of_rank(kv, d_tp, j)
+            covered = sorted(h for rs in routes for r in rs if r.address == rx.address
+                             for h in range(r.dst_first, r.dst_first + r.count))
+            assert covered == list(range(count)), f"decode rank {j} (heads from {first})"
+        for sender in senders:
+            handle = sender.open(sink, SRC)  # a replica with no route has nothing to send
+            for layer in range(LAYERS):
+                handle.send_layer(layer)
+            handle.finish(timeout=20)
+            sender.close()
+        assert [rx.status("r1") for rx in rxs] == [TransferStatus.COMPLETE] * d_tp
+        for j, rx in enumerate(rxs):
+            assert torch.equal(rx.pool[:, :, DST], _held(full, kv, j, d_tp)[:, :, SRC])
+        # Nothing beyond the routes was sent: one chunk per route and layer (the request's
+        # 3 blocks fit in one), so no replica sent a head a second time.
+        assert [rx.chunks_written for rx in rxs] == [
+            LAYERS * sum(r.address == rx.address for rs in routes for r in rs) for rx in rxs]
+    finally:
+        for rx in rxs:
+            rx.close()
+
+
+def test_a_replicated_sender_must_hold_one_head():
+    with pytest.raises(ValueError, match="holds 1 of them, its pool 2"):
+        GrpcKVSender(torch.zeros(1, 2, 1, 1, 2, 1), KEY, tp_rank=0, tp_size=2, num_kv_heads=1)

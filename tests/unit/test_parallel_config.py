@@ -26,10 +26,16 @@ def test_tp2_of_smollm2_is_refused_naming_the_heads():
     assert "3 KV heads" in msg
 
 
-def test_tp_beyond_the_kv_heads_is_refused():
-    # random:tiny has 4 query heads and 2 KV heads.
-    with pytest.raises(ConfigError, match="2 KV heads do not split into 4"):
-        parse_config(_colocated("random:tiny", tp=4))
+def test_tp_beyond_the_kv_heads_replicates_them_when_it_is_a_multiple():
+    # random:tiny has 4 query heads and 2 KV heads: at TP 4 each head is on 2 ranks.
+    cfg = parse_config(_colocated("random:tiny", tp=4))
+    assert cfg.engine_config(cfg.decode).parallel.tensor_parallel_size == 4
+    cfg = parse_config({"model": {"name": "random:tiny"}, "prefill": {"tp": 4}})
+    assert cfg.engine_config(cfg.prefill).parallel.tensor_parallel_size == 4
+    # 3 ranks neither split 2 KV heads nor replicate them evenly.
+    with pytest.raises(ConfigError, match="2 KV heads neither split into 3 equal shares "
+                                          "nor replicate evenly over 3 ranks"):
+        parse_config(_colocated("random:tiny", tp=3))
 
 
 def test_pipeline_stages_are_checked_against_the_layers():
