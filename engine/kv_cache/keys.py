@@ -63,7 +63,8 @@ class HandshakeError(ValueError):
 RESHARDABLE_FIELDS: frozenset[str] = frozenset()
 
 # What each transport reshards. `grpc`: KV heads — every sending rank sends each receiving
-# rank the heads both hold (`kv_transfer.base.KVSender.routes`), so the two sides' TP
+# rank the heads both hold (`kv_transfer.base.KVSender.routes`; a head replicated on
+# several ranks, TP beyond the KV-head count, from one of them), so the two sides' TP
 # sizes may differ (the content key already pins the total head count) — and the pipeline
 # splits: each sending stage's ranks send their own layers, each receiving rank gets only
 # the layers its stage holds (`KVSink.rank_layers`), and a receiver completes a request

@@ -2,7 +2,8 @@
 gRPC, models): every prefill rank pushes the KV heads it holds straight to the decode
 rank(s) holding them — no rank gathers — and the tokens equal HF transformers' greedy ones.
 
-- a tiny HF Llama (4 query heads, 2 KV heads): prefill TP=2 -> decode TP=1;
+- a tiny HF Llama (4 query heads, 2 KV heads): prefill TP=2 -> decode TP=1; and one of
+  1 KV head, replicated on both prefill ranks, prefill TP=2 -> decode TP=1;
 - the real SmolLM2-135M (9 query heads, 3 KV heads): prefill TP=1 -> decode TP=3, and
   short prompts prefilled on the TP=3 decode worker itself (conditional disaggregation),
   i.e. a colocated TP=3 worker.
@@ -78,6 +79,21 @@ def test_prefill_tp2_to_decode_tp1_equals_hf(tiny_p2_d1):
     from pdserve.engine import LLM
 
     _seeded_equal_offline(client, LLM(path, block_size=8, num_blocks=64), list(range(3, 30)))
+
+
+def test_prefill_tp2_over_one_replicated_kv_head_to_decode_tp1_equals_hf(
+        tiny_model_factory):
+    # 1 KV head at TP 2: both prefill ranks hold it (rank_groups hands the follower the
+    # model's head count); only rank 0 pushes it, rank 1's sender has no route.
+    path, hf = tiny_model_factory("llama", seed=43, num_key_value_heads=1)
+    with running_cluster(_config(path, p_tp=2, d_tp=1)) as (bg, client):
+        start = free_blocks(client)
+        for prompt in ([3 + i for i in range(13)], list(range(40, 77))):  # 2 and 5 blocks
+            assert _greedy(client, prompt) == hf_greedy(hf, prompt, NEW_TOKENS)
+        assert _handoffs(client) == 2, "the prompts must have gone P -> D"
+        (follower,) = bg.cluster.worker_groups["prefill-0"].followers
+        assert ray.get(follower.health.remote(), timeout=30)["kv_heads"] == 1
+        assert_blocks_back(client, start)
 
 
 def test_cancel_mid_prefill_and_mid_decode_gives_blocks_back_on_every_rank(tiny_p2_d1):

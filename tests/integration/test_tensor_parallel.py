@@ -6,7 +6,8 @@ Each rank is a spawned process that joins the group (`engine.executor.group
 .init_rank_group`, gloo over loopback TCP). Rank 0 is the driver: it builds the engine like
 any user would (`LLM(path, rank_group=group)`), schedules, and broadcasts every step's
 inputs; the other ranks only execute (`engine.executor.multiproc.Follower`): no scheduler.
-The layers shard themselves, KV heads are split, and logits are gathered on the driver.
+The layers shard themselves, KV heads are split (or replicated when TP exceeds their
+count), and logits are gathered on the driver.
 """
 
 from __future__ import annotations
