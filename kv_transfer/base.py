@@ -20,6 +20,8 @@ from typing import ClassVar
 
 import torch
 
+from pdserve.engine.parallel import kv_heads_of_rank
+
 # KVSink lives with the other router <-> worker messages; re-exported for the transports.
 from pdserve.messages import KVSink, blocks_for
 
@@ -209,8 +211,6 @@ class KVSender(ABC):
     def __init__(self, pool: torch.Tensor, compat_key: str, tp_rank: int = 0,
                  tp_size: int = 1, first_layer: int = 0,
                  num_kv_heads: int | None = None) -> None:
-        from pdserve.engine.parallel import kv_heads_of_rank
-
         check_pool(pool)
         if not 0 <= tp_rank < tp_size:
             raise ValueError(f"tensor-parallel rank {tp_rank} outside 0..{tp_size - 1}")
@@ -242,8 +242,6 @@ class KVSender(ABC):
                 f != stages[j // d_tp] for j, f in enumerate(firsts)):
             raise ValueError(f"request {sink.request_id}: the decode worker's ranks start "
                              f"at layers {list(firsts)}: not equal stages in rank order")
-        from pdserve.engine.parallel import kv_heads_of_rank
-
         if self.total_heads % d_tp and d_tp % self.total_heads:
             raise ValueError(f"request {sink.request_id}: {self.total_heads} KV heads do not "
                              f"split over the decode worker's {d_tp} ranks")
