@@ -294,12 +294,7 @@ class Cluster:
 
     def shutdown(self) -> None:
         self.kv_store.stop()
-        followers = [f for g in self.worker_groups.values() for f in g.followers]
-        for h in [*self.prefill_handles, *self.decode_handles, *followers]:
-            try:
-                ray.kill(h)
-            except Exception:  # noqa: BLE001 - already dead is fine
-                pass
+        _kill_all([a for g in self.worker_groups.values() for a in g.actors])
         for pg in self.placement_groups:
             try:
                 remove_placement_group(pg)
