@@ -6,16 +6,11 @@ started behind."""
 from __future__ import annotations
 
 import json
-import os
 import re
-import subprocess
-import sys
-import threading
-import time
 import urllib.request
 
 import pytest
-from process_checks import assert_all_gone, started_by
+from process_checks import assert_all_gone, start_serve, started_by
 
 from pdserve.cluster.cli import main as pdserve_main
 
@@ -33,23 +28,9 @@ def test_serve_status_stop(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("PDSERVE_RUN_DIR", str(tmp_path / "run"))
     config = tmp_path / "cluster.yaml"
     config.write_text(CONFIG)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "pdserve.cluster", "serve", str(config), "--port", "0",
-         "--http-port", "0"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"}, start_new_session=True)
+    served = start_serve(config)
+    proc, grpc_address, http_url = served.proc, served.grpc_address, served.http_url
     try:
-        grpc_address = http_url = None
-        deadline = time.monotonic() + 600
-        for line in proc.stdout:
-            if m := re.search(r"serving on (\S+:\d+)", line):
-                grpc_address = m.group(1)
-            if m := re.search(r"OpenAI-compatible HTTP API on (http://\S+:\d+)/v1", line):
-                http_url = m.group(1)
-                break
-            assert time.monotonic() < deadline, "the server did not start"
-        assert grpc_address and http_url, "the server exited before serving"
-        # Keep reading its output, or a full pipe would block the server's logging.
-        threading.Thread(target=proc.stdout.read, daemon=True).start()
         with urllib.request.urlopen(http_url + "/health", timeout=30) as resp:
             assert json.load(resp)["status"] == "ok"
 
