@@ -31,14 +31,20 @@ DRIVER_RANK = 0
 # How long a follower waits for the driver's next message: as long as the driver lives.
 FOLLOWER_IDLE_TIMEOUT = datetime.timedelta(days=365)
 _STATUS_BYTES = 1024  # one rank's status line in `gather_text`
+# Every message goes out as one broadcast of a frame this size (an 8-byte length, then the
+# body's first bytes): a decode step's input fits, so it costs one collective, not a
+# length and then a body (each broadcast is a full loopback round trip under gloo).
+_FRAME_BYTES = 16384
+_LEN_BYTES = 8
 
 
 class ControlChannel:
     """Driver -> followers messages over a gloo group: msgpack maps in uint8 tensors.
 
     Invariants: only the driver (group rank 0) sends; every follower receives every message
-    in order (each is two broadcasts: an int64 length, then the bytes). Every wait has a
-    timeout; a failed or timed-out broadcast raises `RuntimeError` from torch.
+    in order. A message is one broadcast of a `_FRAME_BYTES` frame (little-endian length,
+    then the body's head) plus, only for a longer body, one broadcast of the rest. Every wait
+    has a timeout; a failed or timed-out broadcast raises `RuntimeError` from torch.
     """
 
     def __init__(self, group: Any, rank: int, world_size: int, timeout_s: float):
@@ -52,17 +58,28 @@ class ControlChannel:
             raise RuntimeError("only the driver rank sends on the control channel")
         timeout = self._timeout(timeout_s)
         body = msgpack.packb(msg, use_bin_type=True)
-        self._broadcast(torch.tensor([len(body)], dtype=torch.int64), timeout)
-        self._broadcast(torch.frombuffer(bytearray(body), dtype=torch.uint8), timeout)
+        head = _FRAME_BYTES - _LEN_BYTES
+        frame = bytearray(_FRAME_BYTES)
+        frame[:_LEN_BYTES] = len(body).to_bytes(_LEN_BYTES, "little")
+        frame[_LEN_BYTES:_LEN_BYTES + min(len(body), head)] = body[:head]
+        self._broadcast(torch.frombuffer(frame, dtype=torch.uint8), timeout)
+        if len(body) > head:
+            self._broadcast(torch.frombuffer(bytearray(body[head:]), dtype=torch.uint8), timeout)
 
     def recv(self, timeout_s: float | None = None) -> dict:
         """The driver's next message (followers); waits `FOLLOWER_IDLE_TIMEOUT` by default."""
         timeout = FOLLOWER_IDLE_TIMEOUT if timeout_s is None else self._timeout(timeout_s)
-        size = torch.zeros(1, dtype=torch.int64)
-        self._broadcast(size, timeout)
-        body = torch.empty(int(size.item()), dtype=torch.uint8)
-        self._broadcast(body, timeout)
-        msg = msgpack.unpackb(body.numpy().tobytes(), raw=False, strict_map_key=True)
+        frame = torch.empty(_FRAME_BYTES, dtype=torch.uint8)
+        self._broadcast(frame, timeout)
+        raw = frame.numpy().tobytes()
+        size = int.from_bytes(raw[:_LEN_BYTES], "little")
+        head = _FRAME_BYTES - _LEN_BYTES
+        body = raw[_LEN_BYTES:_LEN_BYTES + min(size, head)]
+        if size > head:
+            rest = torch.empty(size - head, dtype=torch.uint8)
+            self._broadcast(rest, timeout)
+            body += rest.numpy().tobytes()
+        msg = msgpack.unpackb(body, raw=False, strict_map_key=True)
         if not isinstance(msg, dict) or not isinstance(msg.get("op"), str):
             raise ValueError("control message is not a map with an 'op'")
         return msg
