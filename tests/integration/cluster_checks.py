@@ -7,6 +7,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+import pytest
 from testkit import hf_greedy  # noqa: F401 (re-exported for the cluster tests)
 
 from pdserve.cluster.background import BackgroundCluster
@@ -22,6 +23,27 @@ def running_cluster(config: dict) -> Iterator[tuple[BackgroundCluster, PdserveCl
                                              **config.get("router", {})}})
     with BackgroundCluster(cfg) as bg, PdserveClient(bg.address, timeout=120) as client:
         yield bg, client
+
+
+def cluster_fixtures(config: dict):
+    """The module-scoped fixtures most cluster test files start from: `served` (the
+    running cluster and its client), `client`, and `start_blocks` (every worker's free KV
+    blocks before any test ran). Use: `served, client, start_blocks = cluster_fixtures(CFG)`."""
+
+    @pytest.fixture(scope="module")
+    def served():
+        with running_cluster(config) as pair:
+            yield pair
+
+    @pytest.fixture(scope="module")
+    def client(served) -> PdserveClient:
+        return served[1]
+
+    @pytest.fixture(scope="module")
+    def start_blocks(client) -> dict[str, int]:
+        return free_blocks(client)
+
+    return served, client, start_blocks
 
 
 def worker_stats(client: PdserveClient) -> dict[str, pb.WorkerStats]:

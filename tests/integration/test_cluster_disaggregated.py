@@ -10,10 +10,10 @@ import grpc
 import pytest
 from cluster_checks import (
     assert_blocks_back,
+    cluster_fixtures,
     collect,
     free_blocks,
     hf_greedy,
-    running_cluster,
     worker_stats,
 )
 
@@ -50,15 +50,7 @@ GREEDY_N = 12
 PROMPTS = {"short": "The capital of France is", "tiny": "Hi", "long": LONG_TEXT, "chat": CHAT}
 
 
-@pytest.fixture(scope="module")
-def served():
-    with running_cluster(CONFIG) as (bg, client):
-        yield bg, client
-
-
-@pytest.fixture(scope="module")
-def client(served) -> PdserveClient:
-    return served[1]
+served, client, _ = cluster_fixtures(CONFIG)
 
 
 @pytest.fixture(scope="module")

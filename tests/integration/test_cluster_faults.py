@@ -11,9 +11,8 @@ import pytest
 import ray
 from cluster_checks import (
     assert_blocks_back,
-    free_blocks,
+    cluster_fixtures,
     hf_greedy,
-    running_cluster,
     worker_stats,
 )
 
@@ -38,20 +37,7 @@ PROMPT = "The capital of France is a city where"
 N = 8
 
 
-@pytest.fixture(scope="module")
-def served():
-    with running_cluster(CONFIG) as (bg, client):
-        yield bg, client
-
-
-@pytest.fixture(scope="module")
-def client(served):
-    return served[1]
-
-
-@pytest.fixture(scope="module")
-def start_blocks(client) -> dict[str, int]:
-    return free_blocks(client)
+served, client, start_blocks = cluster_fixtures(CONFIG)
 
 
 @pytest.fixture(scope="module")

@@ -19,10 +19,9 @@ import pytest
 import ray
 from cluster_checks import (
     assert_blocks_back,
+    cluster_fixtures,
     collect,
-    free_blocks,
     hf_greedy,
-    running_cluster,
     worker_stats,
 )
 
@@ -50,20 +49,7 @@ SHORT = ["The capital of France is a city where", "Once upon a time, a small rob
 RECOVERY_S = 120.0  # a replacement loads the model: generous on a loaded 2-core machine
 
 
-@pytest.fixture(scope="module")
-def served():
-    with running_cluster(CONFIG) as (bg, client):
-        yield bg, client
-
-
-@pytest.fixture(scope="module")
-def client(served):
-    return served[1]
-
-
-@pytest.fixture(scope="module")
-def start_blocks(client) -> dict[str, int]:
-    return free_blocks(client)
+served, client, start_blocks = cluster_fixtures(CONFIG)
 
 
 @pytest.fixture(scope="module")
