@@ -7,11 +7,16 @@ from the parsers it calls) with a one-line message; ``cli.main`` prints it and e
 from __future__ import annotations
 
 import argparse
+import math
 import os
+import random
 from pathlib import Path
 
 from pdserve.bench.arrival import Arrival
+from pdserve.bench.chat import chat_workload
+from pdserve.bench.long_doc import long_doc_workload
 from pdserve.bench.sharegpt import file_workload
+from pdserve.bench.text_tokens import DEFAULT_TOKENIZER, NO_TOKENIZER, ChatTokens, load_tokenizer
 from pdserve.bench.workloads import (
     Workload,
     cycle_to,
@@ -22,6 +27,8 @@ from pdserve.bench.workloads import (
 
 SAMPLE_DATASET = Path(__file__).parent / "data" / "sharegpt_sample.json"
 DEFAULT_NUM_REQUESTS = 100
+DEFAULT_OUTPUT_LEN = "16:64"
+DEFAULT_NUM_USERS = 8
 
 
 class UsageError(Exception):
@@ -58,31 +65,53 @@ def build_parser() -> argparse.ArgumentParser:
                    "(an https:// --base-url uses TLS anyway, with the system's roots "
                    "unless this is given)")
     w = p.add_argument_group("workload")
-    w.add_argument("--workload", default="random", choices=("random", "shared-prefix", "file"))
+    w.add_argument("--workload", default="random",
+                   choices=("random", "shared-prefix", "file", "chat", "long-doc"))
     w.add_argument(
         "--num-requests",
         type=int,
         default=None,
-        help="measured requests (default: 100; shared-prefix: its full pattern)",
+        help="measured requests (default: 100; shared-prefix, chat, long-doc: the full "
+        "pattern, which chat and long-doc size to this number when --num-users / "
+        "--num-docs is not given)",
     )
     w.add_argument("--input-len", default="128:512", help="random: prompt tokens, N or LO:HI")
     w.add_argument(
-        "--output-len", default="16:64", help="random, shared-prefix: output tokens, N or LO:HI"
+        "--output-len", default=None, help="output tokens, N or LO:HI (default 16:64; chat: "
+        "each dataset reply's length, clamped into LO:HI when given)"
     )
     w.add_argument("--vocab", default="1000:30000", help="token ids drawn from LO:HI (HI excl.)")
     w.add_argument("--num-prefixes", type=int, default=4, help="shared-prefix: system prompts")
     w.add_argument("--questions-per-prefix", type=int, default=8)
     w.add_argument("--prefix-len", default="1024", help="shared-prefix: system prompt tokens")
-    w.add_argument("--question-len", default="16:64", help="shared-prefix: question tokens")
+    w.add_argument("--question-len", default="16:64",
+                   help="shared-prefix, long-doc: question tokens")
     w.add_argument("--num-chats", type=int, default=2, help="shared-prefix: multi-turn chats")
-    w.add_argument("--turns", type=int, default=4, help="shared-prefix: turns per chat")
-    w.add_argument("--dataset", default=str(SAMPLE_DATASET), help="file: ShareGPT JSON")
-    w.add_argument("--tokenizer", default=None, help="file: tokenizer.json to count tokens")
+    w.add_argument("--turns", type=int, default=4, help="shared-prefix, chat: turns per chat")
+    w.add_argument("--num-users", type=int, default=None,
+                   help=f"chat: conversations (default {DEFAULT_NUM_USERS})")
+    w.add_argument("--system-len", type=int, default=1024,
+                   help="chat: tokens of each shared system prompt (0: none)")
+    w.add_argument("--num-system-prompts", type=int, default=2,
+                   help="chat: distinct system prompts, shared round robin by the users")
+    w.add_argument("--num-docs", type=int, default=None, help="long-doc: documents (default 4)")
+    w.add_argument("--doc-len", default="1536", help="long-doc: document tokens, N or LO:HI")
+    w.add_argument("--questions-per-doc", type=int, default=4, help="long-doc")
+    w.add_argument("--dataset", default=str(SAMPLE_DATASET),
+                   help="file, chat, long-doc: ShareGPT JSON")
+    w.add_argument(
+        "--tokenizer", default=None,
+        help="a tokenizer.json, or a model (embedded name, .gguf, HF directory) whose "
+        "tokenizer and chat template to use. file: counts tokens (default: words x 1.3); "
+        f"chat, long-doc: makes the token ids sent (default {DEFAULT_TOKENIZER}; "
+        f"'{NO_TOKENIZER}': random ids from --vocab, lengths estimated)",
+    )
     w.add_argument(
         "--max-len",
         type=int,
         default=2048,
-        help="file: skip entries longer than this (prompt + output)",
+        help="prompt + output limit. file: longer entries are skipped; chat: a chat ends "
+        "before its first longer turn; long-doc: a longer prompt is an error",
     )
     w.add_argument(
         "--no-force-output-len",
@@ -207,11 +236,20 @@ def check_numbers(args: argparse.Namespace) -> None:
         "--request-timeout": args.request_timeout,
         "--connect-timeout": args.connect_timeout,
         "--max-len": args.max_len,
+        "--num-users": args.num_users,
+        "--num-system-prompts": args.num_system_prompts,
+        "--num-docs": args.num_docs,
+        "--questions-per-doc": args.questions_per_doc,
     }
     for flag, value in positive.items():
         if value is not None and not value > 0:
             raise UsageError(f"{flag} must be > 0, got {value:g}")
-    for flag, value in {"--warmup": args.warmup, "--num-chats": args.num_chats}.items():
+    non_negative = {
+        "--warmup": args.warmup,
+        "--num-chats": args.num_chats,
+        "--system-len": args.system_len,
+    }
+    for flag, value in non_negative.items():
         if value < 0:
             raise UsageError(f"{flag} must be >= 0, got {value}")
     for config in args.compare or ():
@@ -221,8 +259,10 @@ def check_numbers(args: argparse.Namespace) -> None:
 
 def build_workload(args: argparse.Namespace, seed: int, count: int | None) -> Workload:
     """The workload the arguments describe, with ``count`` requests (None: the default)."""
-    output_len = parse_range(args.output_len, "--output-len")
+    output_len = parse_range(args.output_len or DEFAULT_OUTPUT_LEN, "--output-len")
     vocab = parse_range(args.vocab, "--vocab")
+    if args.workload in ("chat", "long-doc"):
+        return text_workload(args, seed, count, vocab)
     if args.workload == "random":
         n = count or DEFAULT_NUM_REQUESTS
         return random_workload(
@@ -245,6 +285,51 @@ def build_workload(args: argparse.Namespace, seed: int, count: int | None) -> Wo
             workload.note += f"; pattern of {len(workload.requests)} {how} to {count} requests"
             workload.requests = cycle_to(workload.requests, count)
         return workload
+    tokenizer = None if args.tokenizer == NO_TOKENIZER else args.tokenizer
     return file_workload(
-        args.dataset, count or DEFAULT_NUM_REQUESTS, seed, args.tokenizer, args.max_len
+        args.dataset, count or DEFAULT_NUM_REQUESTS, seed, tokenizer, args.max_len
     )
+
+
+def text_workload(
+    args: argparse.Namespace, seed: int, count: int | None, vocab: tuple[int, int]
+) -> Workload:
+    """``chat`` or ``long-doc``: a pattern of units (users, documents) x steps (turns,
+    questions), sized to ``count`` when the number of units is not given, then cut to it."""
+    spec = args.tokenizer or DEFAULT_TOKENIZER
+    tokens = ChatTokens(
+        None if spec == NO_TOKENIZER else load_tokenizer(spec), random.Random(seed), vocab
+    )
+    if args.workload == "chat":
+        given, steps, default = args.num_users, args.turns, DEFAULT_NUM_USERS
+        # Every system prompt needs a user, also in a warm-up of a request or two.
+        least = args.num_system_prompts
+    else:
+        given, steps, default, least = args.num_docs, args.questions_per_doc, 4, 1
+    units = given or (max(math.ceil(count / steps), least) if count else default)
+    if args.workload == "chat":
+        output_len = parse_range(args.output_len, "--output-len") if args.output_len else None
+        workload = chat_workload(
+            args.dataset, units, args.turns, args.system_len, args.num_system_prompts, seed,
+            tokens, output_len, args.max_len,
+        )
+    else:
+        workload = long_doc_workload(
+            args.dataset, units, args.questions_per_doc,
+            parse_range(args.doc_len, "--doc-len"),
+            parse_range(args.question_len, "--question-len"),
+            parse_range(args.output_len or DEFAULT_OUTPUT_LEN, "--output-len"),
+            seed, tokens, args.max_len,
+        )
+    if count and count > len(workload.requests):
+        flag = "--num-users" if args.workload == "chat" else "--num-docs"
+        raise UsageError(
+            f"{args.workload} makes {len(workload.requests)} requests, fewer than "
+            f"--num-requests {count}; raise {flag} or leave it out"
+        )
+    if count and count < len(workload.requests):
+        workload.note += f"; the first {count} of {len(workload.requests)} requests"
+        workload.requests = workload.requests[:count]
+    how = "the model's tokenizer " + spec if tokens.exact else "random ids, lengths estimated"
+    workload.note += f"; token ids by {how}"
+    return workload

@@ -32,20 +32,24 @@ def word_estimate(text: str) -> int:
 
 
 def tokenizer_counter(path: str) -> Callable[[str], int]:
-    """A token counter backed by a local ``tokenizer.json`` (never downloaded)."""
-    from tokenizers import Tokenizer  # imported here: only needed with --tokenizer
+    """A token counter backed by a local ``tokenizer.json`` or a model's own tokenizer (an
+    embedded model name, a ``.gguf`` file, an HF directory); never downloaded."""
+    from pdserve.bench.text_tokens import load_tokenizer  # imports this module
 
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"tokenizer file not found: {path}")
-    tokenizer = Tokenizer.from_file(path)
-    return lambda text: max(1, len(tokenizer.encode(text, add_special_tokens=False).ids))
+    tokenizer = load_tokenizer(path)
+    return lambda text: max(1, len(tokenizer.encode(text)))
 
 
-def first_exchange(entry: object) -> tuple[str, str] | None:
-    """The first (human, gpt) pair of adjacent turns in an entry, or None if there is none."""
+def exchanges(entry: object) -> list[tuple[str, str]]:
+    """Every (human, gpt) pair of adjacent turns in an entry, in order; [] if there is none.
+
+    A turn of another kind (system, tool) or an empty value ends the pair it would be part
+    of; the entry's later pairs still count.
+    """
     if not isinstance(entry, dict) or not isinstance(entry.get("conversations"), list):
-        return None
+        return []
     turns = entry["conversations"]
+    pairs = []
     for ask, answer in zip(turns, turns[1:], strict=False):
         if not (isinstance(ask, dict) and isinstance(answer, dict)):
             continue
@@ -57,8 +61,28 @@ def first_exchange(entry: object) -> tuple[str, str] | None:
                 and prompt.strip()
                 and reply.strip()
             ):
-                return prompt, reply
-    return None
+                pairs.append((prompt, reply))
+    return pairs
+
+
+def first_exchange(entry: object) -> tuple[str, str] | None:
+    """The first (human, gpt) pair of adjacent turns in an entry, or None if there is none."""
+    pairs = exchanges(entry)
+    return pairs[0] if pairs else None
+
+
+def load_entries(path: str) -> list:
+    """The entries of a ShareGPT-format JSON file (a list), with a clear error otherwise."""
+    file = Path(path)
+    if not file.is_file():
+        raise FileNotFoundError(f"dataset file not found: {path}")
+    try:
+        data = json.loads(file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"dataset {path} is not valid JSON: {exc}") from None
+    if not isinstance(data, list):
+        raise ValueError(f"dataset {path} must be a JSON list of ShareGPT entries")
+    return data
 
 
 def file_workload(
@@ -74,15 +98,7 @@ def file_workload(
     ``max_len``, are skipped. ``num_requests`` None takes every usable entry; more than
     there are repeats them from the start.
     """
-    file = Path(path)
-    if not file.is_file():
-        raise FileNotFoundError(f"dataset file not found: {path}")
-    try:
-        data = json.loads(file.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ValueError(f"dataset {path} is not valid JSON: {exc}") from None
-    if not isinstance(data, list):
-        raise ValueError(f"dataset {path} must be a JSON list of ShareGPT entries")
+    data = load_entries(path)
     count = tokenizer_counter(tokenizer) if tokenizer else word_estimate
     requests, skipped = [], 0
     for index, entry in enumerate(data):

@@ -4,15 +4,18 @@ Both build prompts as token-id lists (sent as ``prompt_token_ids``), so every pr
 exactly the length the workload states; the ids are drawn uniformly from ``vocab`` (by
 default 1000..29999, clear of the special tokens most vocabularies keep at low ids and
 inside every supported model's vocabulary). Token-id prompts skip the chat template, which
-is what a length-controlled benchmark wants. The ``file`` workload lives in ``sharegpt``.
+is what a length-controlled benchmark wants. The ``file`` workload lives in ``sharegpt``,
+``chat`` in ``chat``, ``long-doc`` in ``long_doc``.
 """
 
 from __future__ import annotations
 
 import random
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 DEFAULT_VOCAB = (1000, 30000)
+CACHE_BLOCK = 16  # the block size of every shipped config: a cache reuses whole blocks
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,9 +50,45 @@ class Workload:
                     f"  {label}: total {sum(values)}, mean {sum(values) / len(values):.1f}, "
                     f"min {min(values)}, max {max(values)}"
                 )
+        prompts = [r.prompt_token_ids for r in self.requests]
+        if prompts and all(p is not None for p in prompts):
+            repeated, in_blocks = repeated_prefix_tokens(prompts, CACHE_BLOCK)
+            total = max(1, sum(ins))
+            lines.append(
+                f"  prompt tokens repeating an earlier prompt's prefix (the most a prefix "
+                f"cache or KV store can skip): {repeated} ({100 * repeated / total:.1f}%), "
+                f"in whole {CACHE_BLOCK}-token blocks {in_blocks} "
+                f"({100 * in_blocks / total:.1f}%)"
+            )
         if self.note:
             lines.append(f"  {self.note}")
         return "\n".join(lines)
+
+
+def repeated_prefix_tokens(
+    prompts: Iterable[Sequence[int]], block_size: int
+) -> tuple[int, int]:
+    """Summed over prompts in order: the length of the longest prefix each shares with any
+    earlier prompt, and that length rounded down to whole ``block_size`` blocks.
+
+    Prefixes are kept as chained hashes (one set entry per distinct prefix), so the cost is
+    linear in the tokens; a false match needs a 64-bit collision.
+    """
+    seen: set[int] = set()
+    exact = whole = 0
+    for ids in prompts:
+        h, match, matching, chain = 0, 0, True, []
+        for i, token in enumerate(ids):
+            h = hash((h, token))
+            if matching and h in seen:
+                match = i + 1
+            else:
+                matching = False
+            chain.append(h)
+        seen.update(chain)
+        exact += match
+        whole += match // block_size * block_size
+    return exact, whole
 
 
 def parse_range(text: str, name: str) -> tuple[int, int]:
