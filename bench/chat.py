@@ -139,7 +139,8 @@ def chat_workload(
     if not requests:
         raise ValueError(f"no chat turn fits --max-len {max_len}; raise it or lower "
                          f"--system-len")
-    shared = (f"{len(systems)} shared system prompts of {system_len} tokens" if systems
+    plural = "s" if len(systems) > 1 else ""
+    shared = (f"{len(systems)} shared system prompt{plural} of {system_len} tokens" if systems
               else "no system prompt")
     note = f"{num_users} users x up to {turns} turns from {dataset}; {shared}"
     if dropped:

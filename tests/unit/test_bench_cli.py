@@ -40,6 +40,24 @@ from pdserve.bench.report import load_report, recompute_summaries
           "3"], "cannot reach an OpenAI-compatible server"),
         (["--backend", "openai", "--base-url", "http://x", "--compare", __file__],
          "--compare starts pdserve clusters"),
+        (["--workload", "chat", "--num-system-prompts", "0"], "--num-system-prompts must be > 0"),
+        (["--workload", "chat", "--tokenizer", "none", "--num-users", "2",
+          "--num-system-prompts", "3"], "--num-system-prompts must be between 1 and"),
+        (["--workload", "chat", "--system-len", "-1"], "--system-len must be >= 0"),
+        (["--workload", "chat", "--num-users", "0"], "--num-users must be > 0"),
+        (["--workload", "chat", "--tokenizer", "none", "--num-users", "2", "--turns", "2",
+          "--num-requests", "5"], "chat makes 4 requests, fewer than --num-requests 5"),
+        (["--workload", "chat", "--tokenizer", "/nonexistent/t.json"], "tokenizer file not found"),
+        (["--workload", "chat", "--tokenizer", "no-such-model"], "unknown model 'no-such-model'"),
+        (["--workload", "chat", "--dataset", "/nonexistent/x.json", "--tokenizer", "none"],
+         "dataset file not found"),
+        (["--workload", "long-doc", "--num-docs", "0"], "--num-docs must be > 0"),
+        (["--workload", "long-doc", "--questions-per-doc", "0"],
+         "--questions-per-doc must be > 0"),
+        (["--workload", "long-doc", "--tokenizer", "none", "--doc-len", "0"],
+         "--doc-len must satisfy"),
+        (["--workload", "long-doc", "--tokenizer", "none", "--doc-len", "4000"],
+         "exceeds --max-len 2048"),
     ],
 )
 def test_bad_input_is_one_error_line_and_exit_2(args, message, capsys):
@@ -182,3 +200,45 @@ def test_each_rate_of_a_sweep_sends_its_own_prompts(capsys):
     again = make_plan(["--rates", "1,2,4", "--num-requests", "5", "--input-len", "16:32",
                        "--seed", "11"])
     assert [[tuple(r.prompt_token_ids) for r in run] for run in again.sweep_requests] == prompts
+
+
+def test_chat_and_long_doc_plans(capsys):
+    """The CLI builds the text workloads: sizes from --num-requests, a warm-up and each
+    further rate of a sweep with prompts of their own, the repeated share printed."""
+    from pdserve.bench.cli import make_plan
+
+    common = ["--tokenizer", "none", "--rates", "1,2", "--warmup", "2", "--seed", "3"]
+    plan = make_plan(["--workload", "chat", "--num-requests", "10", "--turns", "3",
+                      "--system-len", "128", *common])
+    assert [r.tag for r in plan.requests][:5] == [
+        "user0/turn0", "user1/turn0", "user2/turn0", "user3/turn0", "user0/turn1"]
+    assert len(plan.requests) == 10 and len(plan.warmup) == 2
+    measured = {r.prompt_token_ids[:16] for r in plan.requests}
+    assert not measured & {r.prompt_token_ids[:16] for r in plan.warmup}
+    assert not measured & {r.prompt_token_ids[:16] for r in plan.sweep_requests[1]}
+    plan = make_plan(["--workload", "long-doc", "--num-docs", "2", "--questions-per-doc", "3",
+                      "--doc-len", "256", "--output-len", "8", *common])
+    assert [r.tag for r in plan.requests] == [f"doc{d}/q{q}" for q in range(3) for d in range(2)]
+    assert {r.output_len for r in plan.requests} == {8}
+    out = capsys.readouterr().out
+    assert "workload chat: 10 requests" in out and "workload long-doc: 6 requests" in out
+    assert out.count("prompt tokens repeating an earlier prompt's prefix") == 2
+
+
+def test_chat_run_against_a_server(tmp_path, capsys):
+    """End to end against the paced stand-in server with SmolLM2's real tokenizer (the
+    default): every request completes with the output length the dataset's reply set."""
+    out = tmp_path / "out"
+    with FakeServerThread(Pace(ttft=0.005, itl=0.001)) as target:
+        code = main(["--target", target, "--workload", "chat", "--num-users", "2", "--turns",
+                     "2", "--num-system-prompts", "1", "--system-len", "64", "--output-len",
+                     "1:3", "--concurrency", "2", "--warmup", "0", "--out-dir", str(out),
+                     "--no-progress", "--no-plots"])
+    assert code == 0, capsys.readouterr().err
+    records = load_report(out / "bench.json")["runs"][0]["records"]
+    assert len(records) == 4 and all(r.ok for r in records)
+    # The server counted exactly the ids the workload said it sent, and the turns grew.
+    assert all(r.prompt_tokens == r.input_len > 64 for r in records)
+    turns = {r.tag: r for r in records}
+    assert turns["user0/turn1"].input_len > turns["user0/turn0"].input_len
+    assert all(1 <= r.completion_tokens <= 3 for r in records)
