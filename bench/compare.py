@@ -179,7 +179,7 @@ def _figure(summary: dict[str, Any], key: str, sub: str | None) -> float | None:
 
 def format_compare(names: Sequence[str], summaries: Sequence[dict[str, Any]], title: str) -> str:
     """Figures side by side; after every config but the first, its ratio to the first."""
-    width = max(12, *(len(n) + 2 for n in names))
+    width = max(12, *(len(n) + 4 for n in names))  # room for "x NAME" and a gap
     head = f"{'figure':<18}{names[0]:>{width}}"
     head += "".join(f"{n:>{width}}{'x ' + names[0]:>{width}}" for n in names[1:])
     lines = [f"=== {title} ===", head]
