@@ -96,7 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="chat: distinct system prompts, shared round robin by the users")
     w.add_argument("--num-docs", type=int, default=None, help="long-doc: documents (default 4)")
     w.add_argument("--doc-len", default="1536", help="long-doc: document tokens, N or LO:HI")
-    w.add_argument("--questions-per-doc", type=int, default=4, help="long-doc")
+    w.add_argument("--questions-per-doc", type=int, default=4,
+                   help="long-doc: questions per document")
     w.add_argument("--dataset", default=str(SAMPLE_DATASET),
                    help="file, chat, long-doc: ShareGPT JSON")
     w.add_argument(
