@@ -60,6 +60,12 @@ class PoolSection(_Strict):
     tp: int = Field(default=1, ge=1, description="tensor-parallel ranks per worker (one Ray "
                     "actor each, packed on one node)")
     pp: int = Field(default=1, ge=1, description="pipeline stages per worker")
+    pp_placement: Literal["pack", "spread", "strict_spread"] = Field(
+        default="pack", description="where a worker's pipeline stages go: pack (every rank "
+        "on one node), spread (each stage's ranks on one node, the stages on different nodes "
+        "where Ray can place them so, else sharing one), strict_spread (each stage on a node "
+        "of its own, or the worker does not start). Ranks on one node meet over loopback; "
+        "stages on several nodes rendezvous at rank 0's node IP (cluster/rank_groups.py)")
     collective_timeout_s: float = Field(
         default=30.0, gt=0, description="how long a rank waits for the others in one "
         "collective before its worker fails (a dead or hung rank)")
@@ -68,6 +74,13 @@ class PoolSection(_Strict):
         description="interface a decode worker's KV receiver binds: an address, 'node-ip' "
         "(the worker's node's Ray IP: what multi-node clusters need), or 0.0.0.0 / :: (every "
         "interface, the node's IP advertised)")
+
+    @model_validator(mode="after")
+    def _placement_needs_stages(self):
+        if self.pp_placement != "pack" and self.pp == 1:
+            raise ValueError(f"pp_placement '{self.pp_placement}' places pipeline stages, but "
+                             "pp is 1: a worker of one stage is packed on one node")
+        return self
 
 
 class RouterSection(_Strict):

@@ -9,6 +9,12 @@ Whoever places the ranks (a test spawning processes, later a Ray actor group) ca
 - a gloo control group on the CPU for `ControlChannel`: the driver broadcasts each message
   as a msgpack map in a uint8 tensor (never pickle, never `broadcast_object_list`).
 
+Where it listens: rank 0 serves the rendezvous store on exactly the host of `init_method`
+(torch's own store would listen on every interface), and every rank's gloo sockets bind
+`bind_host` (default: loopback when `init_method` is loopback, else torch's choice, the
+address the machine's hostname resolves to). Loopback keeps a one-node group off the
+network; a group whose stages span nodes binds each node's own address.
+
 Timeouts: every collective of a step waits at most `timeout_s` for the other ranks, so a
 dead or hung rank fails the step instead of hanging the group. The one wait that has no
 such bound is a follower's wait for the driver's next message (a driver may be idle for
@@ -19,8 +25,12 @@ NCCL, torch's watchdog enforces the model group's timeout by tearing the process
 from __future__ import annotations
 
 import datetime
+import ipaddress
+import os
+import socket
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit
 
 import msgpack
 import torch
@@ -135,12 +145,14 @@ class RankGroup:
 
 
 def init_rank_group(rank: int, world_size: int, init_method: str, device: str = "cpu",
-                    timeout_s: float = 60.0, pp_size: int = 1) -> RankGroup:
-    """Join the group (every rank calls this with the same `init_method`, e.g.
-    `tcp://127.0.0.1:PORT`). `device` is this rank's own device ("cuda:1" for rank 1 on a
-    multi-GPU host). The ranks form `pp_size` pipeline stages of `world_size / pp_size`
-    tensor-parallel ranks each, numbered stage-major (`ParallelContext.rank`); each stage's
-    ranks get their own TP group."""
+                    timeout_s: float = 60.0, pp_size: int = 1,
+                    bind_host: str | None = None) -> RankGroup:
+    """Join the group (every rank calls this with the same `init_method`,
+    `tcp://HOST:PORT`: rank 0 listens there). `device` is this rank's own device ("cuda:1"
+    for rank 1 on a multi-GPU host). `bind_host` is the address this rank's gloo sockets
+    listen on (see the module docstring). The ranks form `pp_size` pipeline stages of
+    `world_size / pp_size` tensor-parallel ranks each, numbered stage-major
+    (`ParallelContext.rank`); each stage's ranks get their own TP group."""
     import torch.distributed as dist
 
     dev = torch.device(device)
@@ -150,8 +162,16 @@ def init_rank_group(rank: int, world_size: int, init_method: str, device: str = 
         if dev.index is None:
             dev = torch.device("cuda", torch.cuda.current_device())
         torch.cuda.set_device(dev)
-    dist.init_process_group(backend, init_method=init_method, rank=rank,
-                            world_size=world_size, timeout=timeout)
+    host, port = _tcp_address(init_method)
+    if bind_host is None and _is_loopback(host):
+        bind_host = host
+    if bind_host is not None:
+        # Read by every gloo group this process makes from now on (the model's, the
+        # control channel, the stages'); this process is one rank and nothing else.
+        os.environ["GLOO_SOCKET_IFNAME"] = interface_of(bind_host)
+    store = _rendezvous_store(rank, world_size, host, port, timeout)
+    dist.init_process_group(backend, store=store, rank=rank, world_size=world_size,
+                            timeout=timeout)
     control = dist.new_group(backend="gloo", timeout=timeout)
     if world_size % pp_size:
         raise ValueError(f"{world_size} ranks do not form {pp_size} equal pipeline stages")
@@ -166,3 +186,53 @@ def init_rank_group(rank: int, world_size: int, init_method: str, device: str = 
                                pp_size=pp_size, tp_group=tp_group)
     return RankGroup(rank, world_size, dev, parallel,
                      ControlChannel(control, rank, world_size, timeout_s), timeout_s)
+
+
+def _tcp_address(init_method: str) -> tuple[str, int]:
+    parts = urlsplit(init_method)
+    if parts.scheme != "tcp" or not parts.hostname or not parts.port:
+        raise ValueError(f"a rank group's init_method is tcp://HOST:PORT, got {init_method!r}")
+    return parts.hostname, parts.port
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _rendezvous_store(rank: int, world_size: int, host: str, port: int,
+                      timeout: datetime.timedelta):
+    """The group's TCP store; rank 0 serves it on `host` only, from a socket it bound
+    itself (the store's own listener binds every interface)."""
+    import torch.distributed as dist
+
+    if rank != 0:
+        return dist.TCPStore(host, port, world_size, False, timeout)
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(world_size * 4)
+    except OSError:
+        sock.close()
+        raise
+    # The store owns the descriptor from here on (and closes it with itself).
+    return dist.TCPStore(host, port, world_size, True, timeout, wait_for_workers=False,
+                         master_listen_fd=sock.detach())
+
+
+def interface_of(address: str) -> str:
+    """The name of this machine's network interface that holds `address` (what gloo binds
+    by: `GLOO_SOCKET_IFNAME`). ValueError if none does."""
+    import psutil
+
+    want = "127.0.0.1" if address == "localhost" else address
+    for name, addrs in psutil.net_if_addrs().items():
+        if any(a.address.split("%", 1)[0] == want for a in addrs):
+            return name
+    raise ValueError(f"no network interface of this machine has the address {address!r}")
