@@ -5,6 +5,9 @@ a prefill node and a decode node. The pools are pinned by the YAML (custom resou
 test, node labels in the other), the KV cache crosses "nodes" over the `grpc` transport to a
 receiver bound with `transfer_host: node-ip`, and the output must equal HF transformers'.
 
+A worker's pipeline stages are spread over the two nodes (`pp_placement: spread`) in a
+third test: each stage's actor on its own node, and the greedy tokens still HF's.
+
 Everything stays on loopback and private to this test: Ray's temp dir (and with it the
 `ray_current_cluster` file that `ray.init(address="auto")` reads) is a fresh directory, the
 nodes use 127.0.0.1, and the cluster runs with token auth on, under a token of its own.
@@ -22,6 +25,8 @@ import pytest
 import torch
 
 ray = pytest.importorskip("ray")
+
+from testkit import hf_greedy  # noqa: E402
 
 from pdserve.cluster.background import BackgroundCluster  # noqa: E402
 from pdserve.cluster.client import PdserveClient  # noqa: E402
@@ -148,3 +153,35 @@ def test_pools_pinned_by_node_labels(two_nodes, reference):
     config = _config(cluster.address, {"node_labels": {"pdserve/pool": "d"}},
                      {"node_labels": {"pdserve/pool": "p"}})
     _serve_and_check(config, {"p": nodes["d"], "d": nodes["p"]}, reference)
+
+
+def test_pipeline_stages_spread_over_two_nodes_equal_hf(two_nodes, tiny_model_factory):
+    """`pp_placement: spread`: one bundle a stage, spread, so stage 0 (the driver) and
+    stage 1 (its follower) run on different nodes; the group meets at rank 0's node IP
+    (127.0.0.1 here, as every simulated node's) and binds each node's IP; hidden states
+    cross between the nodes and the tokens equal HF's."""
+    cluster, nodes = two_nodes
+    path, hf = tiny_model_factory("llama", seed=61, num_hidden_layers=4)
+    config = {
+        "model": {"name": path, "max_model_len": 128},
+        "mode": "colocated",
+        "kv": {"block_size": 8, "memory_mb": 4},
+        "decode": {"count": 1, "pp": 2, "pp_placement": "spread", "num_cpus": 0.25,
+                   "max_num_batched_tokens": 16, "collective_timeout_s": 20},
+        "router": {"port": 0, "http_port": 0},
+        "ray": {"address": cluster.address},
+    }
+    with BackgroundCluster(parse_config(config), ready_timeout=240) as bg, \
+            PdserveClient(bg.address, timeout=120) as client:
+        group = bg.cluster.worker_groups["colocated-0"]
+        (follower,) = group.followers
+        stage_nodes = [bg.cluster.ready_info[0]["node"],
+                       ray.get(follower.health.remote(), timeout=30)["node"]]
+        assert stage_nodes == list(group.rank_nodes)
+        assert sorted(stage_nodes) == sorted(nodes.values()), "the stages share a node"
+        assert group.rendezvous.startswith("tcp://127.0.0.1:")
+        for prompt in ([5, 17, 33], list(range(40, 70))):  # one step; chunked (budget 16)
+            out = client.generate(prompt, max_tokens=6, min_tokens=6, temperature=0)
+            assert out["token_ids"] == hf_greedy(hf, prompt, 6)
+        (w,) = client.stats().workers
+        assert w.pp == 2 and w.free_blocks == w.total_blocks and not w.rank_failure
