@@ -231,6 +231,10 @@ class KVStoreSection(_Strict):
 class DebugSection(_Strict):
     inject_transfer_failures: int = Field(default=0, ge=0,
                                           description="fail the first N KV handoffs (tests)")
+    misroute_rank_pushes: int = Field(
+        default=0, ge=0, description="each prefill follower rank sends its part of its first "
+        "N KV pushes to a loopback port nobody listens on (tests: a part that fails without "
+        "the decode side hearing of it)")
 
 
 class ClusterConfig(_Strict):

@@ -205,7 +205,8 @@ def _rank_connector(cfg: ClusterConfig, pool: str, rank: int):
 
         return RankPushSender(cfg.transport, rank % section.tp, section.tp,
                               first_layer=first_layer,
-                              num_kv_heads=read_model_shape(cfg.model.name)["num_kv_heads"])
+                              num_kv_heads=read_model_shape(cfg.model.name)["num_kv_heads"],
+                              misroute_next=cfg.debug.misroute_rank_pushes)
     from pdserve.cluster.actors import transfer_endpoint
 
     host, advertise = transfer_endpoint(section.transfer_host)

@@ -7,6 +7,13 @@ pass wrote it (while layer l+1 computes), and closes the transfer after the pass
 for the receiver's acknowledgement on its own threads. A finished request's blocks may be
 freed once that acknowledgement came or the transfer failed; an abort frees them at once.
 
+On the driver of a tensor- or pipeline-parallel prefill worker (`bind_ranks`), each
+follower rank pushes its own heads and layers into the same sink (`rank_metadata`); the
+push is done only when the driver's part and every follower's part are (collected between
+steps on the engine thread), and fails as soon as any part fails — so the owner aborts
+the decode side's reservation at once instead of that side waiting for its lease to run
+out on a part that will never come.
+
 `PushReceiver` (decode worker): a reservation's tokens past its cached prefix count as
 loaded from elsewhere once the receiver says COMPLETE. Nothing runs with the forward pass:
 the prefill side writes the blocks itself.
@@ -65,8 +72,18 @@ class _Push:
     handle: SendHandle | None = None
     opened_at: float = 0.0
     closing: bool = False  # finish or abort was called on the handle (by exactly one party)
-    done: bool = False  # acknowledged or failed
+    done: bool = False  # acknowledged or failed, every rank's part (reported once)
     held: bool = False  # the engine keeps the request's blocks until `done`
+    driver_done: bool = False  # this rank's own part acknowledged
+    error: KVTransferError | None = None  # the first part that failed
+    tag: int = 0  # the follower ranks' name for this push (0: they have no part)
+    ranks_waiting: int = 0  # follower ranks whose part has not ended yet
+
+
+# How often the engine thread asks the follower ranks about their parts while this rank's
+# part is still under way (once it is done, at once and then every _RANK_POLL_FAST_S).
+_RANK_POLL_S = 0.05
+_RANK_POLL_FAST_S = 0.002
 
 
 class PushSender(KVConnector):
@@ -90,8 +107,28 @@ class PushSender(KVConnector):
         self._step: list[tuple[str, _Push]] = []
         self._lock = threading.Lock()
         self._finishers = ThreadPoolExecutor(max_workers=8, thread_name_prefix="kv-finish")
+        # A rank group's followers (`bind_ranks`): how to reach them, how many, the pushes
+        # they have a part in (by tag), and how to get the engine thread to ask them.
+        self._ranks: Callable[[dict], list[dict]] | None = None
+        self._num_ranks = 0
+        self._tagged: dict[int, tuple[str, _Push]] = {}
+        self._next_tag = 1
+        self._wake: Callable[[], None] = lambda: None
+        self._last_poll = 0.0
+        self._poll_timer: threading.Timer | None = None
 
     # ---- owner (prefill worker) ---------------------------------------------------------------
+
+    def bind_ranks(self, control: Callable[[dict], list[dict]],
+                   wake: Callable[[], None]) -> None:
+        """Count the follower ranks' parts of every push (`RankPushSender`): `control` is
+        the engine's `rank_kv_control` (engine thread only, as every call that uses it
+        here), `wake` makes the engine thread run `finished_transfers` soon."""
+        replies = control({"op": "outcomes"})
+        bad = [r for r in replies if "outcomes" not in r]
+        if bad:
+            raise RuntimeError(f"follower ranks without a KV push sender: {bad}")
+        self._ranks, self._num_ranks, self._wake = control, len(replies), wake
 
     def send(self, request_id: str, sink: KVSink) -> None:
         """Push `request_id`'s prompt KV into `sink` when the engine completes its prompt."""
@@ -106,6 +143,10 @@ class PushSender(KVConnector):
             self._pushes.pop(request_id, None)
 
     def close(self) -> None:
+        with self._lock:
+            timer, self._poll_timer = self._poll_timer, None
+        if timer is not None:
+            timer.cancel()
         self._finishers.shutdown(wait=False, cancel_futures=True)
         if self.sender is not None:
             self.sender.close()
@@ -129,16 +170,24 @@ class PushSender(KVConnector):
         return StepTransfers(load=tuple(load), save=tuple(save))
 
     def rank_metadata(self, transfers: StepTransfers) -> list | None:
-        """Every save of the step as [request id, source block ids, sink]: each follower
-        rank opens its own transfer of its heads into the same sink."""
+        """Every save of the step as [request id, source block ids, sink, tag]: each
+        follower rank opens its own transfer of its heads into the same sink, and reports
+        how it ended under the tag (unique to this push: a request retried here later gets
+        another)."""
         if not transfers.save:
             return None
         out = []
         with self._lock:
             for spec in transfers.save:
                 push = self._pushes.get(spec.request_id)
-                if push is not None:
-                    out.append([spec.request_id, list(spec.block_ids), push.sink.to_dict()])
+                if push is None:
+                    continue
+                if self._ranks is not None and not push.tag and not push.done:
+                    push.tag, self._next_tag = self._next_tag, self._next_tag + 1
+                    push.ranks_waiting = self._num_ranks
+                    self._tagged[push.tag] = (spec.request_id, push)
+                out.append([spec.request_id, list(spec.block_ids), push.sink.to_dict(),
+                            push.tag])
         return out
 
     def request_finished(self, seq: Seq) -> bool:
@@ -153,6 +202,7 @@ class PushSender(KVConnector):
                 push.held = True
                 return False
             del self._pushes[rid]
+            self._tagged.pop(push.tag, None)
             if push.handle is not None and not push.closing:
                 push.closing, abort = True, push.handle
         if abort is not None:
@@ -212,6 +262,8 @@ class PushSender(KVConnector):
             self._finishers.submit(self._finish, rid, push)
 
     def finished_transfers(self) -> list[str]:
+        if self._ranks is not None:
+            self._collect_rank_outcomes()
         with self._lock:
             out, self._finished = self._finished, []
         return out
@@ -219,7 +271,8 @@ class PushSender(KVConnector):
     # ---- internals ----------------------------------------------------------------------------
 
     def _finish(self, rid: str, push: _Push) -> None:
-        """On a finisher thread: wait for the acknowledgement, then let the blocks go."""
+        """On a finisher thread: wait for the acknowledgement of this rank's part; the push
+        ends when the follower ranks' parts have too (`_settle`)."""
         error: KVTransferError | None = None
         try:
             with self._lock:
@@ -233,11 +286,78 @@ class PushSender(KVConnector):
         except Exception as e:  # noqa: BLE001 - reported to the owner as a failed transfer
             error = KVTransferError(f"{rid}: {e}")
         with self._lock:
+            push.driver_done = True
+            push.error = push.error or error
+        if not self._settle(rid, push):
+            self._wake()  # only the follower ranks' parts are left: ask them soon
+
+    def _settle(self, rid: str, push: _Push) -> bool:
+        """End the push if every part ended or one failed: report it once, and let the
+        engine free the request's blocks if it holds them. True if it has ended."""
+        with self._lock:
+            if push.done:
+                self._tagged.pop(push.tag, None)
+                return True
+            if push.error is None and (not push.driver_done or push.ranks_waiting > 0):
+                return False
             push.done = True
+            self._tagged.pop(push.tag, None)
             if push.held and self._pushes.get(rid) is push:
                 del self._pushes[rid]
                 self._finished.append(rid)
-        self._report(rid, push, error)
+        self._report(rid, push, push.error)
+        return True
+
+    def _collect_rank_outcomes(self) -> None:
+        """On the engine thread: ask the follower ranks which of their parts ended (not
+        more often than needed), and settle the pushes that are now complete or failed."""
+        now = time.monotonic()
+        with self._lock:
+            waiting = list(self._tagged.values())
+            urgent = any(p.driver_done or p.error for _, p in waiting)
+        if not waiting:
+            return
+        if now - self._last_poll < (_RANK_POLL_FAST_S if urgent else _RANK_POLL_S):
+            self._poll_later(_RANK_POLL_FAST_S if urgent else _RANK_POLL_S)
+            return
+        self._last_poll = now
+        try:
+            replies = self._ranks({"op": "outcomes"})
+        except Exception as e:  # noqa: BLE001 - the rank group is broken: no part completes
+            for rid, push in waiting:
+                with self._lock:
+                    push.error = push.error or KVTransferError(
+                        f"{rid}: the prefill worker's follower ranks are unreachable: {e}")
+                self._settle(rid, push)
+            return
+        more = False
+        for rank, reply in enumerate(replies, start=1):
+            more = more or bool(reply.get("more"))
+            for tag, error in (reply.get("outcomes") or {}).items():
+                with self._lock:
+                    rid, push = self._tagged.get(int(tag), (None, None))
+                    if push is None:
+                        continue  # aborted, or already failed by another part
+                    push.ranks_waiting -= 1
+                    if error and push.error is None:
+                        push.error = KVTransferError(
+                            f"{rid}: the KV push of prefill rank {rank} failed: {error}")
+                self._settle(rid, push)
+        with self._lock:
+            left = bool(self._tagged)
+        if more:
+            self._wake()
+        elif left:
+            self._poll_later(_RANK_POLL_FAST_S if urgent else _RANK_POLL_S)
+
+    def _poll_later(self, delay: float) -> None:
+        """Wake the engine thread after `delay` (once: a pending wake-up covers this)."""
+        with self._lock:
+            if self._poll_timer is not None and self._poll_timer.is_alive():
+                return
+            self._poll_timer = threading.Timer(delay, self._wake)
+            self._poll_timer.daemon = True
+            self._poll_timer.start()
 
     def _report(self, rid: str, push: _Push, error: KVTransferError | None) -> None:
         seconds = time.perf_counter() - push.opened_at if push.opened_at else 0.0

@@ -8,9 +8,11 @@ save of a step into the step's rank metadata; this rank opens its own transfer i
 same sink (`KVSender.routes`: to each decode rank that holds any of its heads), sends each
 layer as the forward pass writes it, and closes it after the pass. A rank of pipeline stage
 s sends only its stage's layers (`first_layer` on): every stage's ranks push in the same
-step, and the decode side completes the request once every stage's layers arrived. Its
-outcome stays here (logged): the decode side sees a part that never completes and fails
-the handoff.
+step, and the decode side completes the request once every stage's layers arrived. Each
+part's outcome (acknowledged, refused, failed) is kept until the driver collects it
+(`control({"op": "outcomes"})`): a push is done only when every rank's part is, and one
+failed part fails it at once — a part that never reaches its decode rank is otherwise
+invisible to the decode side until the reservation's lease runs out.
 
 `RankPushReceiver` (a decode worker's follower rank): a receiver on its own port for its
 heads; the driver's `PushReceiver` makes and forgets its reservations (`control`), and asks
@@ -19,8 +21,12 @@ whether its part is complete before the request may decode.
 
 from __future__ import annotations
 
+import json
 import logging
+import socket
+import threading
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from pdserve.engine.kv_connector import KVConnectorRank
@@ -32,6 +38,11 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("pdserve.kv")
 
+# A control reply must stay under 1 KiB encoded (KVConnectorRank.control): outcomes beyond
+# this many bytes wait for the next collection, and error texts are cut.
+_REPLY_BYTES = 900
+_ERROR_CHARS = 200
+
 
 class RankPushSender(KVConnectorRank):
     """Tensor-parallel rank `tp_rank` of a prefill worker's pipeline stage whose first
@@ -39,15 +50,21 @@ class RankPushSender(KVConnectorRank):
 
     def __init__(self, transport: str, tp_rank: int, tp_size: int,
                  transfer_timeout: float = 30.0, first_layer: int = 0,
-                 num_kv_heads: int | None = None):
+                 num_kv_heads: int | None = None, misroute_next: int = 0):
+        """`misroute_next` (fault tests): the next N pushes of this rank go to a loopback
+        port nobody listens on — a part that fails without the decode side ever hearing
+        of it."""
         self.transport = transport
         self.tp_rank, self.tp_size = tp_rank, tp_size
         self.num_kv_heads = num_kv_heads  # the model's (None: tp_size * the pool's heads)
         self.first_layer = first_layer
         self.transfer_timeout = transfer_timeout
         self.sender: KVSender | None = None
-        self._step: list[SendHandle] = []
+        self._step: list[tuple[int, SendHandle]] = []
         self._finishers = ThreadPoolExecutor(max_workers=4, thread_name_prefix="kv-rank-finish")
+        self._misroute_next = misroute_next
+        self._lock = threading.Lock()
+        self._outcomes: dict[int, str] = {}  # push tag -> "" (acknowledged) or the error
         self.failures = 0  # transfers of this rank that did not complete (for stats, tests)
 
     def register_kv_cache(self, kv_cache: torch.Tensor, compat_key: str) -> None:
@@ -59,12 +76,11 @@ class RankPushSender(KVConnectorRank):
 
     def start_rank_step(self, meta: list) -> None:
         assert self.sender is not None, "register_kv_cache was not called"
-        for request_id, block_ids, sink in meta:
+        for request_id, block_ids, sink, tag in meta:
             try:
-                self._step.append(self.sender.open(KVSink.from_dict(sink), block_ids))
+                self._step.append((int(tag), self.sender.open(self._route(sink), block_ids)))
             except (KVTransferError, ValueError) as e:
-                # The decode side never sees this rank's part complete and fails the handoff.
-                self.failures += 1
+                self._record(int(tag), f"refused at open: {e}")
                 log.warning("rank %d: KV push of %s refused at open: %s", self.tp_rank,
                             request_id, e)
 
@@ -72,23 +88,55 @@ class RankPushSender(KVConnectorRank):
         pass
 
     def save_layer(self, layer: int) -> None:
-        for handle in self._step:
+        for _, handle in self._step:
             handle.send_layer(layer)
 
     def end_step(self) -> None:
         step, self._step = self._step, []
-        for handle in step:
-            self._finishers.submit(self._finish, handle)
+        for tag, handle in step:
+            self._finishers.submit(self._finish, tag, handle)
 
     def control(self, op: dict) -> dict:
-        return {"error": f"a prefill rank answers no {op.get('op')!r}"}
+        """{"op": "outcomes"}: the parts that ended since the last call, as {"outcomes":
+        {tag: "" or error}}, with "more": true when some did not fit this reply."""
+        if op.get("op") != "outcomes":
+            return {"error": f"a prefill rank answers no {op.get('op')!r}"}
+        out: dict[str, str] = {}
+        with self._lock:
+            for tag in list(self._outcomes):
+                entry = json.dumps({str(tag): self._outcomes[tag]})
+                if len(json.dumps(out)) + len(entry) > _REPLY_BYTES:
+                    return {"outcomes": out, "more": True}
+                out[str(tag)] = self._outcomes.pop(tag)
+        return {"outcomes": out}
 
-    def _finish(self, handle: SendHandle) -> None:
+    def _route(self, sink: dict) -> KVSink:
+        parsed = KVSink.from_dict(sink)
+        with self._lock:
+            misroute, self._misroute_next = self._misroute_next > 0, max(0, self._misroute_next - 1)
+        if not misroute:
+            return parsed
+        with socket.socket() as s:  # bound, then closed: nothing listens there
+            s.bind(("127.0.0.1", 0))
+            closed = f"127.0.0.1:{s.getsockname()[1]}"
+        n = len(parsed.rank_addresses)
+        return replace(parsed, address=closed, rank_addresses=(closed,) * n)
+
+    def _finish(self, tag: int, handle: SendHandle) -> None:
         try:
             handle.finish(self.transfer_timeout)
-        except Exception as e:  # noqa: BLE001 - logged; the decode side fails the handoff
-            self.failures += 1
+        except Exception as e:  # noqa: BLE001 - reported to the driver
+            self._record(tag, str(e))
             log.warning("rank %d: KV push of %s failed: %s", self.tp_rank, handle.request_id, e)
+            return
+        self._record(tag, "")
+
+    def _record(self, tag: int, error: str) -> None:
+        with self._lock:
+            # ASCII, so the JSON reply is as long as counted (no escapes past 2 a char).
+            self._outcomes[tag] = error.encode("ascii", "replace").decode()[:_ERROR_CHARS]
+            if error:
+                self.failures += 1
 
     def close(self) -> None:
         self._finishers.shutdown(wait=False, cancel_futures=True)

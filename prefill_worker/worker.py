@@ -94,6 +94,9 @@ class PrefillWorker:
         self.handoffs = {"count": 0, "seconds": 0.0, "tail_seconds": 0.0, "bytes": 0}
         self._lock = threading.Lock()
         self.loop = EngineLoop(self.engine, self._on_outputs)
+        if config.parallel.world_size > 1:
+            # Each follower rank pushes its own part; a push ends when every part has.
+            self.connector.bind_ranks(self.engine.rank_kv_control, self.loop.wake)
         if store is not None:
             store.on_saved = self.loop.wake  # saved blocks may be freed
         self.loop.start()
