@@ -290,3 +290,98 @@ def test_push_opens_once_per_request_and_only_in_its_prompts_last_step(push):
     assert not tx.build_step([item], []).save  # already opened
     wait_for(lambda: outcomes)
     assert [o.error for o in outcomes] == [None]
+
+
+class FollowerReplies:
+    """The follower ranks' answers to the driver's `{"op": "outcomes"}`, scripted: what a
+    rank group's `kv_control` returns (one reply a follower rank)."""
+
+    def __init__(self, n: int = 1):
+        self.pending: list[dict] = [{} for _ in range(n)]
+        self.broken: str | None = None
+
+    def __call__(self, op: dict) -> list[dict]:
+        assert op == {"op": "outcomes"}
+        if self.broken:
+            raise RuntimeError(self.broken)
+        out, self.pending = self.pending, [{} for _ in self.pending]
+        return [{"outcomes": o} for o in out]
+
+
+def start_ranked_push(tx: PushSender, rx: PushReceiver, rid: str) -> tuple[ScheduledSeq, int]:
+    """A push whose step also goes to the follower ranks; returns (item, its tag)."""
+    tx.send(rid, rx.expect(rid, [9, 10, 11], 10, time.time() + 30))
+    item = prefilled(rid, [3, 4, 5])
+    transfers = tx.build_step([item], [])
+    tx.start_step(transfers)
+    (meta,) = tx.rank_metadata(transfers)
+    for layer in range(2):
+        tx.save_layer(layer)
+    tx.end_step()
+    item.seq.finish_reason = FinishReason.LENGTH
+    return item, meta[3]
+
+
+def test_a_ranked_push_ends_when_every_follower_part_has(push):
+    tx, rx, outcomes, _, _ = push
+    ranks = FollowerReplies(2)
+    tx.bind_ranks(ranks, wake=lambda: None)
+    item, tag = start_ranked_push(tx, rx, "r")
+    assert tx.request_finished(item.seq) is False  # held until every part ended
+    assert rx.receiver.wait("r", 5) is TransferStatus.COMPLETE  # the driver's own part
+    ranks.pending[0] = {str(tag): ""}
+    time.sleep(0.1)
+    assert tx.finished_transfers() == [] and outcomes == []  # rank 2 has not answered
+    ranks.pending[1] = {str(tag): ""}
+    wait_for(lambda: tx.finished_transfers() == ["r"] or None)
+    assert [o.error for o in outcomes] == [None]
+
+
+def test_a_failed_follower_part_fails_the_push_at_once_naming_the_rank(push):
+    tx, rx, outcomes, _, _ = push
+    ranks = FollowerReplies(2)
+    tx.bind_ranks(ranks, wake=lambda: None)
+    item, tag = start_ranked_push(tx, rx, "r")
+    assert tx.request_finished(item.seq) is False
+    ranks.pending[1] = {str(tag): "UNAVAILABLE: connection refused"}
+    wait_for(lambda: tx.finished_transfers() == ["r"] or None)
+    (outcome,) = outcomes
+    assert "prefill rank 2 failed: UNAVAILABLE" in str(outcome.error)
+    ranks.pending[0] = {str(tag): ""}  # a late part of an ended push changes nothing
+    time.sleep(0.06)
+    assert tx.finished_transfers() == [] and len(outcomes) == 1
+
+
+def test_a_broken_rank_group_fails_the_pushes_waiting_on_it(push):
+    tx, rx, outcomes, _, _ = push
+    ranks = FollowerReplies(1)
+    tx.bind_ranks(ranks, wake=lambda: None)
+    item, _ = start_ranked_push(tx, rx, "r")
+    assert tx.request_finished(item.seq) is False
+    ranks.broken = "rank group failed"
+    wait_for(lambda: tx.finished_transfers() == ["r"] or None)
+    assert "follower ranks are unreachable: rank group failed" in str(outcomes[0].error)
+
+
+def test_a_follower_rank_reports_its_parts_in_replies_under_1kib():
+    import json
+
+    from pdserve.kv_transfer.rank_connector import RankPushSender
+
+    rank = RankPushSender("grpc", 1, 2)
+    try:
+        for tag in range(1, 31):
+            rank._record(tag, "" if tag % 3 else "refused: " + "é" * 500)
+        got: dict[str, str] = {}
+        while True:
+            reply = rank.control({"op": "outcomes"})
+            assert len(json.dumps(reply).encode()) < 1024  # the control channel's limit
+            got.update(reply["outcomes"])
+            if not reply.get("more"):
+                break
+        assert sorted(map(int, got)) == list(range(1, 31))
+        assert all(bool(got[str(t)]) == (t % 3 == 0) for t in range(1, 31))
+        assert rank.control({"op": "outcomes"}) == {"outcomes": {}}
+        assert "error" in rank.control({"op": "status"})
+    finally:
+        rank.close()
