@@ -46,6 +46,7 @@ def test_failed_follower_push_fails_the_request_fast_and_frees_every_rank(tiny_m
             client.generate(prompt, max_tokens=NEW_TOKENS, temperature=0)
         elapsed = time.monotonic() - t0
         assert elapsed < LEASE_S / 2, f"the failure took {elapsed:.1f}s to reach the client"
+        print(f"failed follower push reached the client in {elapsed:.2f}s")
         details = err.value.details()
         assert "KV push of prefill rank 1 failed" in details and "Traceback" not in details
         assert_blocks_back(client, start)
