@@ -27,7 +27,7 @@ from pdserve.engine.sampler import SampleResult
 from pdserve.engine.sequence import Resume
 from pdserve.kv_store.connector import StoreConnector, store_stats
 from pdserve.kv_transfer import KVTransferError, TransferStatus
-from pdserve.kv_transfer.connector import PushReceiver
+from pdserve.kv_transfer.push_receiver import PushReceiver
 from pdserve.messages import KVSink, OutputChunk, PrefillResult, WorkerRequest, WorkerStats
 
 if TYPE_CHECKING:  # pdserve.tls imports grpc, which the local transport never needs

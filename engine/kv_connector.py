@@ -8,9 +8,9 @@ the forward pass: start loading, wait for layer l, save layer l, and which trans
 finished. One object implements both (`KVConnector`): this engine's scheduler and model
 runner share a process.
 
-Implementations live with the transports (kv_transfer/connector.py: the prefill -> decode
-push, sending side and receiving side); the global KV store is another. The engine imports
-no transport: it only calls these methods.
+Implementations live with the transports (the prefill -> decode push: its sending side in
+kv_transfer/connector.py, its receiving side in kv_transfer/push_receiver.py); the global
+KV store is another. The engine imports no transport: it only calls these methods.
 """
 
 from __future__ import annotations

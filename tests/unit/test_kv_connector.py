@@ -17,7 +17,8 @@ from pdserve.engine.sampling_params import SamplingParams
 from pdserve.engine.scheduler import ScheduledSeq, Scheduler
 from pdserve.engine.sequence import FinishReason, Sequence
 from pdserve.kv_transfer import IncompatibleKVError, KVTransferError, TransferStatus
-from pdserve.kv_transfer.connector import PushReceiver, PushSender, TransferOutcome
+from pdserve.kv_transfer.connector import PushSender, TransferOutcome
+from pdserve.kv_transfer.push_receiver import PushReceiver
 
 BS = 4
 KEY = "test-key"
