@@ -19,6 +19,7 @@ from pdserve.kv_store.connector import StoreConnector, StoreReadError
 from pdserve.kv_store.index import StoreIndex
 from pdserve.kv_store.node_store import NodeStore
 from pdserve.kv_store.pool import BlockPool
+from tests.unit.test_kv_store_index import finish_and_save, seq
 
 SHAPE = (2, 2, 4, 1, 8)  # [layers, K|V, block_size, kv_heads, head_dim]: tiny blocks
 
@@ -160,14 +161,10 @@ def connector(store, **kw) -> tuple[StoreConnector, torch.Tensor]:
 def save(conn: StoreConnector, tokens: list[int], rid: str) -> None:
     """Save `tokens`' full blocks from the connector's KV blocks 0.. (the test_kv_store_index
     helper, for 4-token blocks)."""
-    from test_kv_store_index import finish_and_save, seq
-
     finish_and_save(conn, seq(rid, tokens), len(tokens) // SHAPE[2], "key")
 
 
 def test_a_pin_that_ran_out_mid_load_fails_the_step_and_unpins(store):
-    from test_kv_store_index import seq
-
     a, kv_a = connector(store)
     kv_a.normal_()
     save(a, list(range(13)), "x")  # 3 blocks of 4
@@ -209,8 +206,6 @@ def test_load_now_ends_before_a_block_rewritten_during_the_copy(store, monkeypat
 
 
 def test_verify_crc_saves_crcs_and_refuses_bytes_changed_in_place(store):
-    from test_kv_store_index import seq
-
     with pytest.raises(ValueError, match="verify"):
         StoreConnector(store.index, store.node, verify="md5")
     a, kv_a = connector(store, verify="crc")
