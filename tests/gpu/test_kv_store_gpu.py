@@ -26,6 +26,7 @@ from pdserve.kv_store.cuda_copy import CudaBlockCopier  # noqa: E402
 from pdserve.kv_store.index import StoreIndex  # noqa: E402
 from pdserve.kv_store.node_store import NodeStore  # noqa: E402
 from pdserve.kv_store.pool import BlockPool  # noqa: E402
+from tests.unit.test_kv_store_index import SHAPE as TINY  # noqa: E402
 from tests.unit.test_kv_store_index import finish_and_save, seq  # noqa: E402
 
 SHAPE = (4, 2, 16, 2, 64)  # [L, 2, block_size, kv_heads, head_dim] of one block
@@ -68,8 +69,9 @@ def test_pinned_pool_batched_load_and_save_are_byte_exact(tmp_path):
         os.unlink(path)
 
 
-def cuda_connector(redis_server, node: str, **kw) -> tuple[StoreConnector, torch.Tensor]:
-    kv = torch.zeros(SHAPE[0], 2, 8, *SHAPE[2:], dtype=torch.bfloat16, device="cuda")
+def cuda_connector(redis_server, node: str, shape=SHAPE, **kw
+                   ) -> tuple[StoreConnector, torch.Tensor]:
+    kv = torch.zeros(shape[0], 2, 8, *shape[2:], dtype=torch.bfloat16, device="cuda")
     conn = StoreConnector(StoreIndex(redis_server.url), node, **kw)
     conn.register_kv_cache(kv, "key")
     return conn, kv
@@ -95,13 +97,14 @@ def test_a_cuda_worker_pins_its_nodes_pool_at_start_up(redis_server, tmp_path, c
 
 
 def test_a_cuda_load_whose_slots_were_rewritten_fails_its_step(redis_server, tmp_path):
+    shape = TINY  # finish_and_save's block size
     index = StoreIndex(redis_server.url)
-    store = NodeStore(index, "node-torn", 4, SHAPE, "bfloat16", shm_dir=shm_dir(tmp_path))
-    a, kv_a = cuda_connector(redis_server, "node-torn")
-    b, kv_b = cuda_connector(redis_server, "node-torn", pin_lease_s=0.2)
+    store = NodeStore(index, "node-torn", 4, shape, "bfloat16", shm_dir=shm_dir(tmp_path))
+    a, kv_a = cuda_connector(redis_server, "node-torn", shape)
+    b, kv_b = cuda_connector(redis_server, "node-torn", shape, pin_lease_s=0.2)
     try:
         kv_a.normal_()
-        bs = SHAPE[2]
+        bs = shape[2]
         finish_and_save(a, seq("x", list(range(3 * bs + 1))), 3, "key")
         assert b.attach_pool()
         assert b.num_external_tokens(seq("y", list(range(3 * bs + 1))), 0) == 3 * bs
