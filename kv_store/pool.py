@@ -18,10 +18,10 @@ sequence):
   between leaves generation 0 or the old header invalidated: its slot never validates;
 - a reader holds a pin on the slot in the index (no new write is handed the slot while it
   is pinned), reads the header before the copy (`check_prefix`: hash and generation as the
-  index promised) and again after the copy completed (`recheck_prefix`). The bytes it
-  copied are whole bytes of that write if and only if both reads find the promised
-  generation: any write that overlapped the copy stored generation 0 first and another
-  generation last. The second read only fails when a pin did not hold (its lease ran out
+  index promised) and again after the copy completed (`recheck_prefix`). When both reads
+  find the promised generation the bytes it copied are whole bytes of that write: any
+  write that overlapped the copy stored generation 0 before its first byte and another
+  generation after its last. The second read only fails when a pin did not hold (its lease ran out
   mid-read, or the index was lost): the reader then treats that block and every block
   after it as a miss.
 - the header check trusts the bytes as written; `verify: crc` also recomputes each slot's
