@@ -64,7 +64,8 @@ def _store(cfg: ClusterConfig):
     from pdserve.kv_store.index import StoreIndex
 
     return StoreConnector(StoreIndex(cfg.kv_store.redis_url), _node(),
-                          pin_lease_s=cfg.kv_store.pin_lease_seconds)
+                          pin_lease_s=cfg.kv_store.pin_lease_seconds,
+                          verify=cfg.kv_store.verify)
 
 
 def _executor(engine_config, rank_group: dict | None):

@@ -226,6 +226,11 @@ class KVStoreSection(_Strict):
                                      "outlives a worker that died while loading")
     store_lease_seconds: float = Field(default=2.0, gt=0, description="how long a node's pool "
                                        "stays findable after its store process died")
+    verify: Literal["header", "crc"] = Field(
+        default="header", description="what a load checks of each stored block before "
+        "using it: 'header' (hash and generation, read again after the copy; the slots are "
+        "pinned meanwhile) or 'crc' (also a CRC32 of every byte, computed on save and on "
+        "the lookup's critical path: catches bytes changed in place, at memory speed)")
 
 
 class DebugSection(_Strict):

@@ -83,8 +83,14 @@ class MultiConnector(KVConnector):
 
     def end_step(self) -> None:
         self._parts = []
-        for c in self.connectors:
-            c.end_step()
+        error = None
+        for c in self.connectors:  # every one closes its step, even after another failed
+            try:
+                c.end_step()
+            except Exception as e:  # noqa: BLE001 - re-raised below
+                error = error or e
+        if error is not None:
+            raise error
 
     def finished_transfers(self) -> list[str]:
         done = []

@@ -3,12 +3,19 @@ whose store process runs (kv_store/node_store.py).
 
 Get: when the scheduler admits a request, `num_external_tokens` pins the longest prefix of
 the request's block hashes (after what the engine's own prefix cache holds) that the node's
-pool has, and checks each slot's bytes against its hash, generation and CRC; the first
-mismatch ends the prefix (a miss, never wrong KV). The worker half copies those slots into
-the request's fresh blocks at the start of the admitting step, before any layer reads
-them, then unpins them. On a CUDA engine the pool is pinned and each request's load is one
-asynchronous batch on a copy stream (kv_store/cuda_copy.py) that the first layer waits for;
-the slots are unpinned once it completed, at the end of the step.
+pool has, and checks each slot's header against the hash and generation the index gave
+(with `verify="crc"` also its bytes against their CRC); the first mismatch ends the prefix
+(a miss, never wrong KV). The worker half copies those slots into the request's fresh
+blocks at the start of the admitting step, before any layer reads them, then reads their
+headers again (kv_store/pool.py: a seqlock over the pin) and unpins them. On a CUDA engine
+the pool is pinned at start-up (kv_store/pool_attach.py) and each request's load is one
+asynchronous batch on a copy stream (kv_store/cuda_copy.py) that the first layer waits
+for; its headers are read again once it completed, at the end of the step.
+
+A header that changed during the copy means a pin did not hold (its lease ran out): the
+step's outputs are not used — `StoreReadError` is raised from `wait_for_layer` (CPU: the
+copy was checked before the forward pass) or `end_step` (CUDA), which fails the step (the
+engine loop aborts its batch) — except in `load_now`, whose result just ends before it.
 
 Put: when a request leaves the engine, its full computed blocks (prompt and output; the
 block hashes the scheduler committed, so they carry the content key) are saved to the pool
@@ -40,7 +47,8 @@ from pdserve.engine.kv_connector import (
 from pdserve.engine.sequence import FinishReason
 from pdserve.engine.sequence import Sequence as Seq
 from pdserve.kv_store.index import SlotRef, StoreIndex
-from pdserve.kv_store.pool import BlockPool
+from pdserve.kv_store.pool import VERIFY_MODES, BlockPool
+from pdserve.kv_store.pool_attach import PoolAttachment
 
 if TYPE_CHECKING:
     import torch
@@ -58,12 +66,28 @@ class StoreCounters:
     lookups: int = 0  # admissions that asked the store
     hit_blocks: int = 0  # blocks loaded from the store
     hit_tokens: int = 0
-    rejected_blocks: int = 0  # indexed but whose bytes did not check out (a miss)
+    rejected_blocks: int = 0  # indexed but whose header (or CRC) did not check out (a miss)
+    torn_blocks: int = 0  # whose header changed during the copy (a pin that did not hold)
     saved_blocks: int = 0  # blocks this worker wrote to the pool
     save_skipped: int = 0  # saves dropped: no store, no Redis, or no free slot
-    lookup_s: float = 0.0  # in lookups: hashing, the index round trip, header + CRC checks
+    lookup_s: float = 0.0  # in lookups: hashing, the index round trip, the slot checks
+    verify_s: float = 0.0  # of lookup_s: the slot checks (headers; CRCs with verify "crc")
     loaded_bytes: int = 0
     load_s: float = 0.0  # copying loads into the KV pool (device time on CUDA)
+
+
+class StoreReadError(RuntimeError):
+    """A stored block's header changed while it was copied: the step must not use it."""
+
+
+@dataclass(slots=True)
+class _Load:
+    """One request's load: the slots it reads (pinned) in `pool`, and on CUDA the batch in
+    flight on the copy stream."""
+
+    pool: BlockPool
+    refs: list[SlotRef]
+    pending: PendingLoad | None = None
 
 
 @dataclass(slots=True)
@@ -78,28 +102,33 @@ class _Save:
 class StoreConnector(KVConnector):
     """Loads prefixes from and saves finished requests' blocks to this node's pool.
 
-    `on_saved` is called (from the saver thread) when a kept request's blocks may be freed:
-    the owner wakes its engine loop then (it may be set after construction)."""
+    `verify`: what a load checks before it reads a slot ("header": hash and generation;
+    "crc": also the CRC of its bytes, which saves then compute). `on_saved` is called (from
+    the saver thread) when a kept request's blocks may be freed: the owner wakes its engine
+    loop then (it may be set after construction)."""
 
     def __init__(self, index: StoreIndex, node: str, on_saved: Callable[[], None] = lambda: None,
-                 pin_lease_s: float = 30.0):
+                 pin_lease_s: float = 30.0, verify: str = "header"):
+        if verify not in VERIFY_MODES:
+            raise ValueError(f"verify must be one of {VERIFY_MODES}, got {verify!r}")
         self.index = index
         self.node = node
         self.pin_lease_ms = int(pin_lease_s * 1000)
+        self.verify = verify
         self.on_saved = on_saved
         self.counters = StoreCounters()
         self.kv_cache: torch.Tensor | None = None
         self.compat_key = ""
         self.block_size = 0
-        self._pool: BlockPool | None = None
-        self._pool_lock = threading.Lock()
+        self._pools: PoolAttachment | None = None  # made by register_kv_cache
         # Engine thread only: each admitted request's pinned slots, with the pool mapping
         # they were checked in (the saver thread may map a newer pool meanwhile).
         self._pins: dict[str, tuple[BlockPool, list[SlotRef]]] = {}
         self._copier: CudaBlockCopier | None = None  # a CUDA engine's
-        # Engine thread only: this step's loads in flight on the copy stream, each with the
-        # slots it reads (unpinned once it completed) and the pool they are in.
-        self._inflight: list[tuple[PendingLoad, BlockPool, list[SlotRef]]] = []
+        # Engine thread only: this step's loads, copied (CPU) or in flight on the copy
+        # stream (CUDA), their slots pinned until `_finish_loads` rechecked them.
+        self._loads: list[_Load] = []
+        self._torn: str | None = None  # a recheck that failed, raised by the worker half
         self._waited = False
         self._saves: dict[str, _Save] = {}
         self._finished: list[str] = []
@@ -112,12 +141,18 @@ class StoreConnector(KVConnector):
     @property
     def pool_pinned(self) -> bool:
         """Whether the node's pool, as this worker maps it, is page-locked for CUDA."""
-        pool = self._pool
-        return pool is not None and pool.pinned
+        return self._pools is not None and self._pools.pinned
+
+    def attach_pool(self) -> bool:
+        """Map (on CUDA: and pin) the node's registered pool now, on the calling thread;
+        False if there is none. A CUDA worker does this by itself from start-up on."""
+        return self._pools is not None and self._pools.attach_registered() is not None
 
     def close(self) -> None:
         self._queue.put(None)
         self._saver.join(5)
+        if self._pools is not None:
+            self._pools.close()
         self.index.close()
 
     # ---- scheduler half -----------------------------------------------------------------------
@@ -145,10 +180,13 @@ class StoreConnector(KVConnector):
         hashes = self._prefix_hashes(token_ids)[first_block:first_block + len(block_ids)]
         pool, refs = self._pin_checked(hashes)
         self.counters.lookup_s += time.perf_counter() - t0
-        if refs:
+        if not refs:
+            return []
+        try:
             self._load(pool, refs, block_ids[:len(refs)])
-            self._wait_loads()
-        return [r.block_hash for r in refs]
+        finally:
+            good = self._finish_loads(fail_step=False)  # between steps: only this load
+        return [r.block_hash for r in refs[:good[0]]]
 
     def build_step(self, batch: Sequence[ScheduledSeq], load: Sequence[LoadSpec]
                    ) -> StepTransfers:
@@ -179,37 +217,51 @@ class StoreConnector(KVConnector):
         self.kv_cache = kv_cache
         self.compat_key = compat_key
         self.block_size = kv_cache.shape[3]
-        if kv_cache.device.type == "cuda":
+        cuda = kv_cache.device.type == "cuda"
+        self._pools = PoolAttachment(self.index, self.node, tuple(kv_cache[:, :, 0].shape),
+                                     kv_cache.dtype, pin=cuda)
+        if cuda:
             from pdserve.kv_store.cuda_copy import CudaBlockCopier
 
             self._copier = CudaBlockCopier(kv_cache)
+            self._pools.watch()  # pins the node's pool as soon as its store registers it
 
     def start_step(self, transfers: StepTransfers) -> None:
         # The loads start now, before the forward pass: every layer needs them before its
-        # attention. On CPU they are copied here; on CUDA they are queued on the copy stream.
-        for spec in transfers.load:
-            pool, refs = self._pins.pop(spec.request_id, (None, []))
-            first = spec.first_token // self.block_size
-            n = spec.num_tokens // self.block_size
-            if len(refs) < n:
-                self.index.unpin(self.node, refs)
-                raise RuntimeError(f"{spec.request_id}: {n} store blocks admitted, "
-                                   f"{len(refs)} pinned")
-            self.index.unpin(self.node, refs[n:])
-            self._load(pool, refs[:n], spec.block_ids[first:first + n])
+        # attention. On CPU they are copied and rechecked here; on CUDA they are queued on
+        # the copy stream and rechecked in `end_step`.
         self._waited = False
+        try:
+            for spec in transfers.load:
+                pool, refs = self._pins.pop(spec.request_id, (None, []))
+                first = spec.first_token // self.block_size
+                n = spec.num_tokens // self.block_size
+                if len(refs) < n:
+                    self.index.unpin(self.node, refs)
+                    raise RuntimeError(f"{spec.request_id}: {n} store blocks admitted, "
+                                       f"{len(refs)} pinned")
+                self.index.unpin(self.node, refs[n:])
+                self._load(pool, refs[:n], spec.block_ids[first:first + n])
+        except BaseException:
+            self._finish_loads()  # what was queued completes before the blocks can go
+            self._torn = None  # the step fails anyway
+            raise
+        if self._copier is None:
+            self._finish_loads()  # a torn copy raises in wait_for_layer, inside the step
 
     def wait_for_layer(self, layer: int) -> None:
-        if not self._waited and self._inflight:
-            for pending, _, _ in self._inflight:  # queued on the device: the host goes on
-                self._copier.wait_loaded(pending)
+        self._raise_torn()
+        if not self._waited and self._loads and self._copier is not None:
+            for load in self._loads:  # queued on the device: the host goes on
+                self._copier.wait_loaded(load.pending)
             self._waited = True
 
     def save_layer(self, layer: int) -> None:
         pass
 
     def end_step(self) -> None:
-        self._wait_loads()
+        self._finish_loads()
+        self._raise_torn()
 
     def finished_transfers(self) -> list[str]:
         with self._lock:
@@ -219,8 +271,8 @@ class StoreConnector(KVConnector):
     # ---- internals ----------------------------------------------------------------------------
 
     def _load(self, pool: BlockPool, refs: list[SlotRef], block_ids: Sequence[int]) -> None:
-        """Copy the pinned `refs` of `pool` into `block_ids`; unpin them once copied (on
-        CUDA: once `_wait_loads` saw the copy complete)."""
+        """Copy the pinned `refs` of `pool` into `block_ids` (on CUDA: start to); they stay
+        pinned until `_finish_loads`."""
         n = len(refs)
         if n == 0:
             return
@@ -231,30 +283,48 @@ class StoreConnector(KVConnector):
                 self._copier.load_stream.synchronize()  # copies queued before the failure
                 self.index.unpin(self.node, refs)
                 raise
-            self._inflight.append((pending, pool, refs))
+            self._loads.append(_Load(pool, refs, pending))
         else:
+            self._loads.append(_Load(pool, refs))  # unpinned by _finish_loads, also on error
             t0 = time.perf_counter()
-            try:
-                for ref, block in zip(refs, block_ids):
-                    pool.read_into(ref.slot, self.kv_cache[:, :, block])
-            finally:
-                self.index.unpin(self.node, refs)
+            for ref, block in zip(refs, block_ids):
+                pool.read_into(ref.slot, self.kv_cache[:, :, block])
             self.counters.load_s += time.perf_counter() - t0
             self.counters.loaded_bytes += n * pool.block_bytes
         self.counters.hit_blocks += n
         self.counters.hit_tokens += n * self.block_size
 
-    def _wait_loads(self) -> None:
-        """Wait for the loads in flight, then unpin their slots (also after a failed step:
-        a load queued before the failure still reads them)."""
-        inflight, self._inflight = self._inflight, []
+    def _finish_loads(self, fail_step: bool = True) -> list[int]:
+        """Wait for this step's loads (also after a failed step: a load queued before the
+        failure still reads its slots), read their headers again and unpin them. Returns how
+        many leading blocks of each are whole; with `fail_step`, a load with fewer makes
+        the worker half raise `StoreReadError` in the step."""
+        loads, self._loads = self._loads, []
+        good = []
         try:
-            for pending, _, _ in inflight:
-                self.counters.load_s += pending.wait() / 1e3
-                self.counters.loaded_bytes += pending.nbytes
+            for load in loads:
+                if load.pending is not None:
+                    self.counters.load_s += load.pending.wait() / 1e3
+                    self.counters.loaded_bytes += load.pending.nbytes
+                n = load.pool.recheck_prefix([(r.slot, r.gen, r.block_hash) for r in load.refs])
+                good.append(n)
+                if n < len(load.refs):
+                    self.counters.torn_blocks += len(load.refs) - n
+                    msg = (f"{len(load.refs) - n} of {len(load.refs)} KV store blocks were "
+                           "rewritten while they were loaded (a read pin did not hold)")
+                    log.error("%s: %s", msg, "the step's output is dropped" if fail_step
+                              else "they are a miss")
+                    if fail_step:
+                        self._torn = msg
         finally:
-            for _, _, refs in inflight:
-                self.index.unpin(self.node, refs)
+            for load in loads:
+                self.index.unpin(self.node, load.refs)
+        return good
+
+    def _raise_torn(self) -> None:
+        if self._torn is not None:
+            msg, self._torn = self._torn, None
+            raise StoreReadError(msg)
 
     def _prefix_hashes(self, token_ids: Sequence[int]) -> list[bytes]:
         """Hashes of the full blocks a load may cover: never the last token's block."""
@@ -262,19 +332,22 @@ class StoreConnector(KVConnector):
         return hash_blocks(list(token_ids[:usable]), self.block_size, self.compat_key)
 
     def _pin_checked(self, hashes: Sequence[bytes]) -> tuple[BlockPool | None, list[SlotRef]]:
-        """Pin the longest stored prefix of `hashes` whose bytes check out (the rest, if
-        any, is unpinned again): one round trip, then header and CRC checks."""
-        if not hashes or not self.index.available:
+        """Pin the longest stored prefix of `hashes` whose slots check out (the rest, if
+        any, is unpinned again): one round trip, then the checks `verify` names."""
+        if not hashes or not self.index.available or self._pools is None:
             return None, []
         self.counters.lookups += 1
         found = self.index.pin(self.node, hashes, self.pin_lease_ms)
         if found is None:
             return None, []
         path, refs = found
-        pool = self._attach(path)
+        pool = self._pools.current(path)
         good = 0
         if pool is not None:
-            good = pool.check_prefix([(r.slot, r.gen, r.block_hash) for r in refs])
+            t0 = time.perf_counter()
+            good = pool.check_prefix([(r.slot, r.gen, r.block_hash) for r in refs],
+                                     crc=self.verify == "crc")
+            self.counters.verify_s += time.perf_counter() - t0
             self.counters.rejected_blocks += len(refs) - good
         self.index.unpin(self.node, refs[good:])
         return pool, refs[:good]
@@ -283,28 +356,6 @@ class StoreConnector(KVConnector):
         _, refs = self._pins.pop(rid, (None, None))
         if refs:
             self.index.unpin(self.node, refs)
-
-    def _attach(self, path: str) -> BlockPool | None:
-        """The node's pool at `path` (re-mapped when the store process was replaced)."""
-        with self._pool_lock:
-            if self._pool is not None and self._pool.path == path:
-                return self._pool
-            try:
-                pool = BlockPool.attach(path)
-            except (OSError, ValueError) as e:
-                log.warning("KV store pool %s cannot be mapped: %s", path, e)
-                return None
-            want = tuple(self.kv_cache[:, :, 0].shape)
-            if pool.block_shape != want or pool.blocks.dtype != self.kv_cache.dtype:
-                log.warning("KV store pool %s holds %s %s blocks, this worker %s %s", path,
-                            pool.block_shape, pool.dtype, want, self.kv_cache.dtype)
-                return None
-            if self._copier is not None:
-                # A replaced pool is unpinned when its last user (a load in flight, the
-                # saver) drops it, after its copies completed.
-                pool.pin_for_cuda()
-            self._pool = pool
-            return pool
 
     def _save_loop(self) -> None:
         while True:
@@ -327,9 +378,9 @@ class StoreConnector(KVConnector):
             self.counters.save_skipped += len(save.hashes)
             return
         path, refs = got
-        pool = self._attach(path)
+        pool = self._pools.get(path)  # this thread may wait for a mapping to be pinned
         if pool is None:
-            return
+            return  # the slots' write leases run out and free them
         where = dict(zip(save.hashes, save.block_ids))
         written: list[SlotRef] = []
         with self._save_stream():
@@ -338,7 +389,8 @@ class StoreConnector(KVConnector):
                     if save.cancelled:
                         break
                     pool.write(ref.slot, ref.gen, ref.block_hash,
-                               self.kv_cache[:, :, where[ref.block_hash]])
+                               self.kv_cache[:, :, where[ref.block_hash]],
+                               crc=self.verify == "crc")
                 written.append(ref)
         self.counters.saved_blocks += self.index.commit(self.node, written)
 
@@ -350,10 +402,12 @@ class StoreConnector(KVConnector):
         return self._copier.save_stream_context()
 
 
-def store_stats(store: StoreConnector | None) -> dict[str, int]:
-    """A worker's `WorkerStats` store_* fields (zeros without a store)."""
+def store_stats(store: StoreConnector | None) -> dict[str, int | float]:
+    """A worker's `WorkerStats` store_* fields (zeros without a store). The load seconds
+    count the slot checks with the copies: what a load of that many bytes costs the TTFT."""
     if store is None:
         return {}
     c = store.counters
     return {"store_lookups": c.lookups, "store_hit_blocks": c.hit_blocks,
-            "store_hit_tokens": c.hit_tokens, "store_saved_blocks": c.saved_blocks}
+            "store_hit_tokens": c.hit_tokens, "store_saved_blocks": c.saved_blocks,
+            "store_loaded_bytes": c.loaded_bytes, "store_load_seconds": c.load_s + c.verify_s}

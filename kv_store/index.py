@@ -279,6 +279,17 @@ class StoreIndex:
         return path, [SlotRef(hashes[i // 2], int(rest[i]), int(rest[i + 1]))
                       for i in range(0, len(rest), 2)]
 
+    def pool_path(self, node: str) -> str | None:
+        """The file of `node`'s pool while its store process holds the lease; else None."""
+        p = self.prefix(node)
+
+        def read():
+            pipe = self._redis.pipeline(transaction=False)
+            alive, path = pipe.exists(p + "lease").hget(p + "meta", "path").execute()
+            return path.decode() if alive and path else None
+
+        return self._run(read)
+
     def unpin(self, node: str, refs: Sequence[SlotRef]) -> None:
         if refs:
             self._run(lambda: self._scripts["unpin"](

@@ -6,9 +6,32 @@ per slot, then the slots, each one KV block in the engine's layout over all laye
 (`kv[:, :, block]` of engine/kv_cache/layout.py: `[L, 2, block_size, kv_heads, head_dim]`).
 
 A slot header says what the slot holds: the block hash, the generation the index gave the
-write, and a CRC32 of the bytes. A writer zeroes the generation first and writes the header
-last, so a reader that finds the hash and generation the index promised, and a matching
-CRC, has whole bytes of that block; anything else is a miss (never wrong KV).
+write, and optionally a CRC32 of the bytes (flag `_HAS_CRC`). Generations are unique per
+write (kv_store/index.py: one counter per pool, restarted above any earlier one) and never
+0, so a slot is identified by (slot, generation) without ABA.
+
+The invariant that makes a header check sound (a seqlock, with the generation as its
+sequence):
+
+- a writer stores generation 0 before it touches the slot's bytes, then the bytes, then
+  hash and CRC, and the new generation last (`write`). A writer that dies anywhere in
+  between leaves generation 0 or the old header invalidated: its slot never validates;
+- a reader holds a pin on the slot in the index (no new write is handed the slot while it
+  is pinned), reads the header before the copy (`check_prefix`: hash and generation as the
+  index promised) and again after the copy completed (`recheck_prefix`). When both reads
+  find the promised generation the bytes it copied are whole bytes of that write: any
+  write that overlapped the copy stored generation 0 before its first byte and another
+  generation after its last. The second read only fails when a pin did not hold (its lease ran out
+  mid-read, or the index was lost): the reader then treats that block and every block
+  after it as a miss.
+- the header check trusts the bytes as written; `verify: crc` also recomputes each slot's
+  CRC before the read (at memory speed over every byte of the prefix, so it is off by
+  default) to catch bytes changed in place by anything that bypasses the protocol.
+
+The ordering relies on stores becoming visible to other processes in program order and
+loads not passing loads (x86-64's TSO; numpy stores a field with one aligned store). A
+weakly ordered host (Arm) would need fences between the steps, which this module does not
+issue.
 
 On a GPU worker the mapping's slots are page-locked for DMA (`pin_for_cuda`, i.e.
 cudaHostRegister), so copies between the pool and the GPU run at the host link's pinned
@@ -34,7 +57,9 @@ from pdserve.engine.config import torch_dtype
 _MAGIC = b"PDKVPOOL"
 _FILE_HEADER = 128
 _DTYPE_AT = 96
-_SLOT_HEADER = np.dtype([("hash", "S16"), ("gen", "<i8"), ("crc", "<u4"), ("pad", "<u4")])
+_SLOT_HEADER = np.dtype([("hash", "S16"), ("gen", "<i8"), ("crc", "<u4"), ("flags", "<u4")])
+_HAS_CRC = 1  # flags: the header's CRC covers the slot's bytes
+VERIFY_MODES = ("header", "crc")  # what a reader checks before a read (module docstring)
 _ALIGN = 4096
 _CUDA_HOST_REGISTER_PORTABLE = 1  # pinned for every CUDA context, whatever the device
 
@@ -63,6 +88,7 @@ class BlockPool:
         size = self._data_offset + num_slots * self.block_bytes
         self._mm = np.memmap(path, dtype=np.uint8, mode="r+", shape=(size,))
         self.headers = np.ndarray((num_slots,), _SLOT_HEADER, self._mm, _FILE_HEADER)
+        self._gens = self.headers["gen"]  # a view: one aligned 8-byte store per write
         raw = np.ndarray((num_slots, self.block_bytes), np.uint8, self._mm, self._data_offset)
         self._raw = raw
         self.blocks = torch.from_numpy(raw).view(tdtype).view(num_slots, *self.block_shape)
@@ -115,38 +141,66 @@ class BlockPool:
         dtype = header[_DTYPE_AT:_FILE_HEADER].rstrip(b"\x00").decode()
         return cls(path, int(num_slots), shape, dtype)
 
-    def write(self, slot: int, gen: int, block_hash: bytes, block: torch.Tensor) -> None:
+    def write(self, slot: int, gen: int, block_hash: bytes, block: torch.Tensor,
+              crc: bool = False) -> None:
         """Copy one block (`[L, 2, block_size, kv_heads, head_dim]`, any device) into `slot`
-        as generation `gen` of `block_hash`. The caller owns the slot (the index allocated
-        it to this write)."""
-        h = self.headers[slot]
-        h["gen"] = 0  # readers miss from here until the new header is complete
-        self.blocks[slot].copy_(block)
-        self.headers[slot] = (block_hash, gen, zlib.crc32(self._raw[slot]), 0)
+        as generation `gen` of `block_hash`, with a CRC32 of its bytes if `crc`. The caller
+        owns the slot (the index allocated it to this write). Order: module docstring."""
+        if gen <= 0 or len(block_hash) != 16:
+            raise ValueError(f"a slot write needs a positive generation and a 16-byte hash, "
+                             f"got {gen} and {len(block_hash)} bytes")
+        self._gens[slot] = 0  # readers miss from here until the new header is complete
+        self.blocks[slot].copy_(block)  # synchronous, also from a CUDA tensor
+        self._publish(slot, gen, block_hash, zlib.crc32(self._raw[slot]) if crc else None)
 
-    def check(self, slot: int, gen: int, block_hash: bytes) -> bool:
-        """True if `slot` holds whole bytes of generation `gen` of `block_hash`."""
-        return self.check_prefix([(slot, gen, block_hash)]) == 1
+    def _publish(self, slot: int, gen: int, block_hash: bytes, crc: int | None) -> None:
+        h = self.headers
+        h["hash"][slot] = block_hash
+        h["crc"][slot] = crc or 0
+        h["flags"][slot] = 0 if crc is None else _HAS_CRC
+        self._gens[slot] = gen  # last: the header is whole
 
-    def check_prefix(self, wanted: Sequence[tuple[int, int, bytes]]) -> int:
-        """How many of `wanted` ((slot, gen, block_hash), in order) pass `check` before the
-        first that does not: headers first, then the CRCs of those in parallel."""
-        n = 0
-        for slot, gen, block_hash in wanted:
-            if not 0 <= slot < self.num_slots:
-                break
-            h = self.headers[slot]
-            if int(h["gen"]) != gen or bytes(h["hash"]).ljust(16, b"\x00") != block_hash:
-                break
-            n += 1
+    def check(self, slot: int, gen: int, block_hash: bytes, crc: bool = False) -> bool:
+        """True if `slot`'s header says generation `gen` of `block_hash` (and, with `crc`,
+        its bytes match the header's CRC)."""
+        return self.check_prefix([(slot, gen, block_hash)], crc) == 1
+
+    def check_prefix(self, wanted: Sequence[tuple[int, int, bytes]], crc: bool = False) -> int:
+        """Before reading `wanted` ((slot, gen, block_hash), in order): how many leading ones
+        hold what the index promised. Headers only, unless `crc`: then also the CRCs of
+        those slots, in parallel threads (a slot written without a CRC fails)."""
+        n = self._headers_match(wanted)
+        if not crc or n == 0:
+            return n
         slots = [w[0] for w in wanted[:n]]
-        expected = [int(self.headers[s]["crc"]) for s in slots]
+        flags = self.headers["flags"][slots]
+        expected = self.headers["crc"][slots]
         data = [self._raw[s] for s in slots]
         crcs = _crc_executor().map(zlib.crc32, data) if n > 1 else map(zlib.crc32, data)
-        for i, (got, want) in enumerate(zip(crcs, expected)):
-            if got != want:
+        for i, got in enumerate(crcs):
+            if not flags[i] & _HAS_CRC or got != int(expected[i]):
                 return i
         return n
+
+    def recheck_prefix(self, wanted: Sequence[tuple[int, int, bytes]]) -> int:
+        """After the copy of `wanted`'s slots completed: how many leading ones still carry
+        the header they were checked with (the seqlock's second read); the blocks from the
+        first that does not on may be torn and are a miss."""
+        return self._headers_match(wanted)
+
+    def _headers_match(self, wanted: Sequence[tuple[int, int, bytes]]) -> int:
+        if not wanted:
+            return 0
+        slots = np.fromiter((w[0] for w in wanted), np.int64, len(wanted))
+        inside = (slots >= 0) & (slots < self.num_slots)
+        n = len(wanted) if inside.all() else int(np.argmin(inside))
+        if n == 0:
+            return 0
+        gens = self._gens[slots[:n]]  # generation first: a later write zeroes it first
+        hashes = self.headers["hash"][slots[:n]]
+        ok = (gens == np.fromiter((w[1] for w in wanted[:n]), np.int64, n)) \
+            & (hashes == np.array([w[2] for w in wanted[:n]], "S16"))
+        return n if ok.all() else int(np.argmin(ok))
 
     def read_into(self, slot: int, out: torch.Tensor) -> None:
         """Copy `slot` into `out` (a block view of an engine's KV pool)."""
@@ -177,7 +231,7 @@ class BlockPool:
         if self._unpin is not None:
             self._unpin()  # before the mapping can go
             self.pinned = False
-        self.blocks = self.headers = self._raw = None
+        self.blocks = self.headers = self._gens = self._raw = None
         self._mm = None  # unmapped once the last view is gone
 
 

@@ -363,11 +363,15 @@ class WorkerStats:
     leases_expired: int = 0
     node: str = ""
     # The global KV store (kv_store/), this worker's side: admissions that asked it, blocks
-    # and tokens loaded from it (prefill not computed here), blocks this worker saved to it.
+    # and tokens loaded from it (prefill not computed here), blocks this worker saved to it,
+    # and the bytes loaded with the seconds their checks and copies took (the router's
+    # measured load bandwidth).
     store_lookups: int = 0
     store_hit_blocks: int = 0
     store_hit_tokens: int = 0
     store_saved_blocks: int = 0
+    store_loaded_bytes: int = 0
+    store_load_seconds: float = 0.0
     tp: int = 1  # the worker's rank group: tensor-parallel ranks x pipeline stages
     pp: int = 1
     rank_failure: str = ""  # why the rank group broke (a rank died or hung); "" if healthy
@@ -379,7 +383,8 @@ class WorkerStats:
     def from_dict(cls, d: dict[str, Any]) -> WorkerStats:
         _check_keys(cls, d)
         kinds = {"worker_id": str, "role": str, "node": str, "handoff_seconds": float,
-                 "handoff_tail_seconds": float, "rank_failure": str}
+                 "handoff_tail_seconds": float, "rank_failure": str,
+                 "store_load_seconds": float}
         return cls(**{k: kinds.get(k, int)(v) for k, v in d.items()})
 
 

@@ -130,7 +130,8 @@ def _worker_stats(r: WorkerReport) -> pb.WorkerStats:
         leases_expired=s.leases_expired, state="up", tp=s.tp, pp=s.pp,
         rank_failure=s.rank_failure, store_lookups=s.store_lookups,
         store_hit_blocks=s.store_hit_blocks, store_hit_tokens=s.store_hit_tokens,
-        store_saved_blocks=s.store_saved_blocks,
+        store_saved_blocks=s.store_saved_blocks, store_loaded_bytes=s.store_loaded_bytes,
+        store_load_seconds=s.store_load_seconds,
     )
 
 

@@ -13,10 +13,11 @@ For worker w and a prompt of n tokens:
 - `prefill(k)`: k tokens at the prefill rate.
 
 Where a prefix lives comes from a `PrefixLocator` (router/prefix_locator.py), asked once per
-request (`locate`). The prefill rate starts at the configured figure and follows the
-workers' measured throughput (`update_stats`: prompt tokens a busy worker computed between
-two polls); the load bandwidth stays at its configured figure (`observe_load` moves it when
-a caller has a measurement). Ties go to the least-loaded rule of `RoutingPolicy`.
+request (`locate`). Both rates start at configured figures and follow what the workers
+measure (`update_stats`): the prefill rate from the prompt tokens a busy worker computed
+between two polls, the load bandwidth from the bytes the workers loaded from the store
+between two polls over the seconds those loads took (their slot checks and copies). Ties
+go to the least-loaded rule of `RoutingPolicy`.
 
 The same pricing picks the decode worker that prefills a request itself (colocated mode,
 conditional disaggregation); the decode worker of a handoff is still the one with the most
@@ -76,6 +77,7 @@ class KVAwarePolicy(RoutingPolicy):
         self.cost = cost or CostModel()
         self._pending: dict[str, deque[int]] = {}
         self._last_poll: dict[str, tuple[float, int, bool]] = {}  # t, prompt tokens, busy
+        self._last_loads: dict[str, tuple[int, float]] = {}  # store bytes loaded, seconds
 
     def pending_tokens(self, worker_id: str) -> int:
         return sum(self._pending.get(worker_id, ()))
@@ -165,12 +167,18 @@ class KVAwarePolicy(RoutingPolicy):
             if last is not None and last[2] and busy and s.role == "prefill":
                 # Busy at both polls: what it computed in between is its prefill rate.
                 self.observe_prefill(s.prompt_tokens - last[1], now - last[0])
+            loads = (s.store_loaded_bytes, s.store_load_seconds)
+            before = self._last_loads.get(s.worker_id)
+            self._last_loads[s.worker_id] = loads
+            if before is not None:  # the loads since the last poll, timed by the worker
+                self.observe_load(loads[0] - before[0], loads[1] - before[1])
 
     def mark_up(self, worker_id: str) -> None:
         super().mark_up(worker_id)
         self.locator.forget(worker_id)
         self._pending.pop(worker_id, None)
         self._last_poll.pop(worker_id, None)
+        self._last_loads.pop(worker_id, None)
 
     async def close(self) -> None:
         await self.locator.close()

@@ -11,12 +11,15 @@ Each round takes a fresh random prompt of `--prompt-len` + `--suffix-len` tokens
 1. *recomputed*: the whole prompt is prefilled (the store is asked and misses); TTFT is
    `add_request` to the first sampled token. When it ends, its blocks are saved to the
    pool (waited for, off the clock);
-2. *loaded*: the same prompt again: its first `--prompt-len` tokens come from the pool and
-   only the suffix is prefilled. The connector's counters split the TTFT's store part into
-   the lookup (block hashes, one index round trip, header + CRC checks of every slot) and
-   the load (the copies into the KV pool: device time on CUDA).
-Both runs sample greedily, so their first tokens are compared. `--warmup` rounds of the same
-shape go first (kernel compilation, pool mapping and pinning) and are not reported.
+2. *loaded*: the same prompt again, once per `--verify` mode (`header`: each slot's hash
+   and generation are checked before and after the copy; `crc`: also the CRC32 of every
+   slot's bytes, before it): its first `--prompt-len` tokens come from the pool and only
+   the suffix is prefilled. The connector's counters split the TTFT's store part into the
+   lookup (block hashes, one index round trip, the slot checks — reported on their own as
+   well) and the load (the copies into the KV pool: device time on CUDA).
+Every run samples greedily, so the first tokens are compared. The pool is mapped (pinned on
+CUDA) before the first round, as a worker does at start-up; its time is reported. `--warmup`
+rounds of the same shape go first (kernel compilation) and are not reported.
 
 Then the host->device copy rate of a buffer as large as one load, pinned and pageable
 (torch copies timed with CUDA events), against which the load's bandwidth is put.
@@ -55,6 +58,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--suffix-len", type=int, default=16,
                    help="tokens after the prefix, always prefilled (1..block size)")
     p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--verify", default="both", choices=("header", "crc", "both"),
+                   help="the slot checks of the loaded runs (both: one loaded run each)")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--pool-slots", type=int, default=None,
@@ -153,27 +158,40 @@ def drain(engine, timeout: float = 60.0) -> None:
         time.sleep(0.005)
 
 
-def one_round(engine, conn, prompt: list[int], tag: str, device: str) -> dict:
+def verify_modes(verify: str) -> tuple[str, ...]:
+    return ("header", "crc") if verify == "both" else (verify,)
+
+
+def one_round(engine, conn, prompt: list[int], tag: str, device: str,
+              modes: tuple[str, ...]) -> dict:
     c = conn.counters
+    # Saves carry CRCs when a crc run follows (a slot written without one is a crc miss).
+    conn.verify = "crc" if "crc" in modes else "header"
     before = (engine.stats["prompt_tokens"], c.saved_blocks, c.save_skipped)
     recompute_ms, tok_recompute = first_token(engine, f"{tag}-recompute", prompt, device)
     computed_recompute = engine.stats["prompt_tokens"] - before[0]
     drain(engine)
-    saved, skipped = c.saved_blocks - before[1], c.save_skipped - before[2]
-    b = (engine.stats["prompt_tokens"], c.hit_tokens, c.lookup_s, c.load_s, c.loaded_bytes)
-    loaded_ms, tok_loaded = first_token(engine, f"{tag}-loaded", prompt, device)
-    row = {
-        "recompute_ms": recompute_ms, "loaded_ms": loaded_ms,
-        "prefill_tokens_recompute": computed_recompute,
-        "prefill_tokens_loaded": engine.stats["prompt_tokens"] - b[0],
-        "loaded_tokens": c.hit_tokens - b[1],
-        "lookup_ms": (c.lookup_s - b[2]) * 1e3, "load_ms": (c.load_s - b[3]) * 1e3,
-        "loaded_bytes": c.loaded_bytes - b[4], "saved_blocks": saved,
-        "save_skipped": skipped, "first_token_recompute": tok_recompute,
-        "first_token_loaded": tok_loaded, "first_token_equal": tok_recompute == tok_loaded,
-    }
-    row["load_GBps"] = row["loaded_bytes"] / row["load_ms"] / 1e6 if row["load_ms"] else None
-    drain(engine)
+    row = {"recompute_ms": recompute_ms, "prefill_tokens_recompute": computed_recompute,
+           "saved_blocks": c.saved_blocks - before[1],
+           "save_skipped": c.save_skipped - before[2],
+           "first_token_recompute": tok_recompute, "loaded": {}}
+    for mode in modes:
+        conn.verify = mode
+        b = (engine.stats["prompt_tokens"], c.hit_tokens, c.lookup_s, c.verify_s, c.load_s,
+             c.loaded_bytes)
+        loaded_ms, tok_loaded = first_token(engine, f"{tag}-loaded-{mode}", prompt, device)
+        run = {
+            "loaded_ms": loaded_ms,
+            "prefill_tokens_loaded": engine.stats["prompt_tokens"] - b[0],
+            "loaded_tokens": c.hit_tokens - b[1],
+            "lookup_ms": (c.lookup_s - b[2]) * 1e3, "verify_ms": (c.verify_s - b[3]) * 1e3,
+            "load_ms": (c.load_s - b[4]) * 1e3, "loaded_bytes": c.loaded_bytes - b[5],
+            "first_token_loaded": tok_loaded, "first_token_equal": tok_recompute == tok_loaded,
+        }
+        run["load_GBps"] = run["loaded_bytes"] / run["load_ms"] / 1e6 \
+            if run["load_ms"] else None
+        row["loaded"][mode] = run
+        drain(engine)
     return row
 
 
@@ -208,15 +226,20 @@ def h2d_rates(nbytes: int, iters: int = 10) -> dict:
 
 
 def summarize(rows: list[dict]) -> dict:
-    def med(key):
-        vals = [r[key] for r in rows if r.get(key) is not None]
+    def med(vals):
+        vals = [v for v in vals if v is not None]
         return statistics.median(vals) if vals else None
 
-    s = {k: med(k) for k in ("recompute_ms", "loaded_ms", "lookup_ms", "load_ms", "load_GBps",
-                             "loaded_bytes", "loaded_tokens", "prefill_tokens_recompute",
-                             "prefill_tokens_loaded")}
-    s["speedup"] = s["recompute_ms"] / s["loaded_ms"] if s["loaded_ms"] else None
-    s["first_tokens_equal"] = sum(r["first_token_equal"] for r in rows)
+    s = {k: med(r[k] for r in rows) for k in ("recompute_ms", "prefill_tokens_recompute")}
+    s["loaded"] = {}
+    for mode in rows[0]["loaded"]:
+        runs = [r["loaded"][mode] for r in rows]
+        m = {k: med(run[k] for run in runs)
+             for k in ("loaded_ms", "lookup_ms", "verify_ms", "load_ms", "load_GBps",
+                       "loaded_bytes", "loaded_tokens", "prefill_tokens_loaded")}
+        m["speedup"] = s["recompute_ms"] / m["loaded_ms"] if m["loaded_ms"] else None
+        m["first_tokens_equal"] = sum(run["first_token_equal"] for run in runs)
+        s["loaded"][mode] = m
     s["rounds"] = len(rows)
     return s
 
@@ -228,22 +251,29 @@ def report(res: dict) -> str:
              f"{args['model']} {args['dtype']}, prompt {args['prompt_len']} + "
              f"{args['suffix_len']} tokens, block {args['block_size']} "
              f"({res['block_bytes'] / 2**20:.2f} MiB a block over all layers), pool "
-             f"{'pinned' if res['pool_pinned'] else 'pageable'}; median of {s['rounds']} "
-             "rounds.", "",
-             "| path | TTFT ms | prefill tokens computed | store lookup ms | load ms "
-             "| loaded MiB | load GB/s |", "|---|---|---|---|---|---|---|"]
+             f"{'pinned' if res['pool_pinned'] else 'pageable'} "
+             f"({res['pool_mb']:.0f} MiB mapped in {res['pool_attach_s']:.2f}s before the "
+             f"first round); median of {s['rounds']} rounds.", "",
+             "| path | TTFT ms | prefill tokens computed | store lookup ms | of it slot checks ms "
+             "| load ms | loaded MiB | load GB/s |", "|---|---|---|---|---|---|---|---|"]
 
     def cell(v, fmt):
         return "–" if v is None else format(v, fmt)
 
     lines.append(f"| recomputed | {cell(s['recompute_ms'], '.1f')} | "
-                 f"{cell(s['prefill_tokens_recompute'], '.0f')} | – | – | – | – |")
-    lines.append(f"| prefix loaded | {cell(s['loaded_ms'], '.1f')} | "
-                 f"{cell(s['prefill_tokens_loaded'], '.0f')} | {cell(s['lookup_ms'], '.2f')} | "
-                 f"{cell(s['load_ms'], '.2f')} | {cell(s['loaded_bytes'] / 2**20, '.0f')} | "
-                 f"{cell(s['load_GBps'], '.1f')} |")
-    lines += ["", f"TTFT {cell(s['speedup'], '.2f')}x lower with the prefix loaded; greedy "
-              f"first token equal in {s['first_tokens_equal']}/{s['rounds']} rounds."]
+                 f"{cell(s['prefill_tokens_recompute'], '.0f')} | – | – | – | – | – |")
+    for mode, m in s["loaded"].items():
+        mib = None if m["loaded_bytes"] is None else m["loaded_bytes"] / 2**20
+        lines.append(f"| prefix loaded, {mode} check | {cell(m['loaded_ms'], '.1f')} | "
+                     f"{cell(m['prefill_tokens_loaded'], '.0f')} | "
+                     f"{cell(m['lookup_ms'], '.2f')} | {cell(m['verify_ms'], '.2f')} | "
+                     f"{cell(m['load_ms'], '.2f')} | {cell(mib, '.0f')} | "
+                     f"{cell(m['load_GBps'], '.1f')} |")
+    lines.append("")
+    for mode, m in s["loaded"].items():
+        lines.append(f"{mode} check: TTFT {cell(m['speedup'], '.2f')}x lower with the prefix "
+                     f"loaded; greedy first token equal in {m['first_tokens_equal']}/"
+                     f"{s['rounds']} rounds.")
     h = res.get("h2d")
     if h:
         lines += ["", f"Host->device copy of {h['bytes'] / 2**20:.0f} MiB: pinned "
@@ -283,21 +313,28 @@ def main(argv=None) -> dict:
         closers.append(index.close)
         store = NodeStore(index, NODE, slots, block_shape, args.dtype, shm_dir=args.shm_dir)
         closers.insert(0, store.close)
+        t0 = time.perf_counter()
+        if not conn.attach_pool():  # on CUDA its watcher may be pinning it already
+            raise RuntimeError(f"the store pool at {store.path} could not be mapped")
+        attach_s = time.perf_counter() - t0
 
         vocab = engine.model_config.vocab_size
         gen = torch.Generator().manual_seed(args.seed)
         rows = []
+        modes = verify_modes(args.verify)
         for r in range(args.warmup + args.repeats):
             prompt = torch.randint(0, vocab, (tokens,), generator=gen).tolist()
             warm = r < args.warmup
             row = one_round(engine, conn, prompt, f"{'warmup' if warm else 'round'}-{r}",
-                            args.device)
+                            args.device, modes)
             print(("warm-up " if warm else "") + json.dumps(row), flush=True)
-            if row["loaded_tokens"] != args.prompt_len:
-                raise RuntimeError(
-                    f"the store gave {row['loaded_tokens']} of {args.prompt_len} prefix tokens "
-                    f"(saved {row['saved_blocks']} blocks, skipped {row['save_skipped']}): "
-                    "is the pool large enough (--pool-slots) and Redis up?")
+            for mode, run in row["loaded"].items():
+                if run["loaded_tokens"] != args.prompt_len:
+                    raise RuntimeError(
+                        f"the store gave {run['loaded_tokens']} of {args.prompt_len} prefix "
+                        f"tokens with the {mode} check (saved {row['saved_blocks']} blocks, "
+                        f"skipped {row['save_skipped']}): is the pool large enough "
+                        "(--pool-slots) and Redis up?")
             if not warm:
                 rows.append({"round": r - args.warmup, **row})
         res = {"device": (torch.cuda.get_device_name() if args.device == "cuda"
@@ -305,10 +342,11 @@ def main(argv=None) -> dict:
                "date": datetime.date.today().isoformat(), "torch": torch.__version__,
                "args": vars(args), "engine_init_s": init_s, "block_bytes": block_bytes,
                "pool_slots": slots, "pool_pinned": conn.pool_pinned,
+               "pool_mb": slots * block_bytes / 2**20, "pool_attach_s": attach_s,
                "rounds": rows, "summary": summarize(rows)}
         if args.device == "cuda":
             res["h2d"] = h = h2d_rates(args.prompt_len // args.block_size * block_bytes)
-            load = res["summary"]["load_GBps"]
+            load = res["summary"]["loaded"][modes[0]]["load_GBps"]
             res["load_share_of_pinned"] = load / h["pinned_GBps"] if load else None
             res["load_vs_pageable"] = load / h["pageable_GBps"] if load else None
         res["markdown"] = report(res)

@@ -1,11 +1,15 @@
 """The global KV store's CUDA path: the pool pinned for DMA, a batched load (scattered
 slots into scattered blocks, over several staging chunks) and a save off the compute
-stream, byte for byte; and the store micro-benchmark end to end on the GPU in fp32, where
-the greedy first token must not change when the prefix is loaded instead of recomputed."""
+stream, byte for byte; a CUDA worker pinning its node's pool at start-up, before any
+request; an asynchronous load whose slots were rewritten under it failing its step; and
+the store micro-benchmark end to end on the GPU in fp32, where the greedy first token must
+not change when the prefix is loaded instead of recomputed (with either slot check)."""
 
 from __future__ import annotations
 
+import logging
 import os
+import time
 
 import pytest
 import torch
@@ -16,8 +20,14 @@ pytestmark = [
 ]
 
 from pdserve.bench.micro import gpu_kv_store  # noqa: E402
+from pdserve.engine.kv_connector import LoadSpec, StepTransfers  # noqa: E402
+from pdserve.kv_store.connector import StoreConnector, StoreReadError  # noqa: E402
 from pdserve.kv_store.cuda_copy import CudaBlockCopier  # noqa: E402
+from pdserve.kv_store.index import StoreIndex  # noqa: E402
+from pdserve.kv_store.node_store import NodeStore  # noqa: E402
 from pdserve.kv_store.pool import BlockPool  # noqa: E402
+from tests.unit.test_kv_store_index import SHAPE as TINY  # noqa: E402
+from tests.unit.test_kv_store_index import finish_and_save, seq  # noqa: E402
 
 SHAPE = (4, 2, 16, 2, 64)  # [L, 2, block_size, kv_heads, head_dim] of one block
 
@@ -59,6 +69,60 @@ def test_pinned_pool_batched_load_and_save_are_byte_exact(tmp_path):
         os.unlink(path)
 
 
+def cuda_connector(redis_server, node: str, shape=SHAPE, **kw
+                   ) -> tuple[StoreConnector, torch.Tensor]:
+    kv = torch.zeros(shape[0], 2, 8, *shape[2:], dtype=torch.bfloat16, device="cuda")
+    conn = StoreConnector(StoreIndex(redis_server.url), node, **kw)
+    conn.register_kv_cache(kv, "key")
+    return conn, kv
+
+
+def test_a_cuda_worker_pins_its_nodes_pool_at_start_up(redis_server, tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="pdserve.kv_store")
+    conn, _ = cuda_connector(redis_server, "node-pin")  # a worker starts before its store
+    index = StoreIndex(redis_server.url)
+    store = NodeStore(index, "node-pin", 64, SHAPE, "bfloat16", shm_dir=shm_dir(tmp_path))
+    try:
+        deadline = time.monotonic() + 20
+        while not conn.pool_pinned:
+            assert time.monotonic() < deadline, "the pool was not pinned without a request"
+            time.sleep(0.05)
+        assert conn.counters.lookups == 0
+        assert any(store.path in r.getMessage() and "pinned for CUDA" in r.getMessage()
+                   for r in caplog.records), caplog.text
+    finally:
+        conn.close()
+        store.close()
+        index.close()
+
+
+def test_a_cuda_load_whose_slots_were_rewritten_fails_its_step(redis_server, tmp_path):
+    shape = TINY  # finish_and_save's block size
+    index = StoreIndex(redis_server.url)
+    store = NodeStore(index, "node-torn", 4, shape, "bfloat16", shm_dir=shm_dir(tmp_path))
+    a, kv_a = cuda_connector(redis_server, "node-torn", shape)
+    b, kv_b = cuda_connector(redis_server, "node-torn", shape, pin_lease_s=0.2)
+    try:
+        kv_a.normal_()
+        bs = shape[2]
+        finish_and_save(a, seq("x", list(range(3 * bs + 1))), 3, "key")
+        assert b.attach_pool()
+        assert b.num_external_tokens(seq("y", list(range(3 * bs + 1))), 0) == 3 * bs
+        time.sleep(0.4)  # the pins' lease runs out: a writer may take the slots
+        finish_and_save(a, seq("z", list(range(100, 100 + 4 * bs + 1))), 4, "key")
+        b.start_step(StepTransfers(load=(LoadSpec("y", (4, 5, 6, 7), 0, 3 * bs),)))
+        b.wait_for_layer(0)  # queued on the device: nothing known yet
+        with pytest.raises(StoreReadError):
+            b.end_step()
+        assert b.counters.torn_blocks >= 1
+        assert index.pool_stats("node-torn").pinned_blocks == 0
+    finally:
+        for c in (a, b):
+            c.close()
+        store.close()
+        index.close()
+
+
 def test_store_bench_on_cuda_fp32_loads_the_prefix_and_keeps_the_first_token(
         redis_server, tmp_path):
     res = gpu_kv_store.main([
@@ -66,9 +130,10 @@ def test_store_bench_on_cuda_fp32_loads_the_prefix_and_keeps_the_first_token(
         "--prompt-len", "256", "--repeats", "2", "--warmup", "1",
         "--redis-url", redis_server.url, "--shm-dir", shm_dir(tmp_path),
         "--out", str(tmp_path / "kv_store.json")])
-    assert res["pool_pinned"]
+    assert res["pool_pinned"]  # by the connector's watcher, or attach_pool, before round 1
     for r in res["rounds"]:
-        assert r["loaded_tokens"] == 256 and r["prefill_tokens_loaded"] == 16
-        assert r["first_token_equal"], r
-        assert r["load_GBps"] > 0
+        for run in r["loaded"].values():
+            assert run["loaded_tokens"] == 256 and run["prefill_tokens_loaded"] == 16
+            assert run["first_token_equal"], r
+            assert run["load_GBps"] > 0
     assert res["h2d"]["pinned_GBps"] > 0 and res["load_share_of_pinned"] > 0

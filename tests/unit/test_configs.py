@@ -115,6 +115,7 @@ def test_unknown_keys_are_rejected_by_name(raw, field):
     ({"ray": {"node_ip_address": "my-host"}}, ["ray.node_ip_address", "IP address"]),
     ({"router": {"policy": "kv_aware"}}, ["router.policy", "kv_store.enabled"]),
     ({"router": {"policy": "random"}}, ["router.policy"]),
+    ({"kv_store": {"verify": "md5"}}, ["kv_store.verify", "header", "crc"]),
 ])
 def test_bad_values_and_combinations_name_the_field(raw, words):
     msg = _error(raw)

@@ -192,6 +192,30 @@ def test_polled_stats_move_the_prefill_rate_and_the_workers_nodes():
     assert p.cost.prefill_tokens_per_s == idle  # an idle worker says nothing of its rate
 
 
+def test_polled_store_loads_move_the_load_bandwidth_and_the_choice():
+    p = policy()  # configured: 1 GB/s
+    w = where(store={"n1": 960})  # 960 tokens (48 MB) in p1's node's pool
+    assert p.pick_prefill(workers("p0", "p1"), where=w).worker_id == "p1"
+    p._pending.clear()  # that prefill is done
+    p.update_stats([stats("p1", store_loaded_bytes=0, store_load_seconds=0.0)], now=0.0)
+    for i in range(1, 60):  # the worker's loads run at 10 MB/s (checks and copies)
+        p.update_stats([stats("p1", store_loaded_bytes=20_000_000 * i,
+                              store_load_seconds=2.0 * i)], now=float(i))
+    assert p.cost.load_bytes_per_s == pytest.approx(1e7, rel=0.01)
+    # 48 MB now take 4.8 s to load: recomputing all 1000 tokens (1 s) is cheaper.
+    assert p.pick_prefill(workers("p0", "p1"), where=w).worker_id == "p0"
+    p._pending.clear()
+    slow = p.cost.load_bytes_per_s
+    p.update_stats([stats("p1", store_loaded_bytes=0, store_load_seconds=0.0)], now=41)
+    p.update_stats([stats("p1", store_loaded_bytes=0, store_load_seconds=0.0)], now=42)
+    assert p.cost.load_bytes_per_s == slow  # a restarted worker's counters: no sample
+    for i in range(1, 60):  # faster loads again: back to the store
+        p.update_stats([stats("p1", store_loaded_bytes=10**10 * i,
+                              store_load_seconds=1.0 * i)], now=42.0 + i)
+    assert p.cost.load_bytes_per_s == pytest.approx(1e10, rel=0.01)
+    assert p.pick_prefill(workers("p0", "p1"), where=w).worker_id == "p1"
+
+
 def test_rates_must_be_positive():
     with pytest.raises(ValueError, match="positive"):
         CostModel(prefill_tokens_per_s=0)

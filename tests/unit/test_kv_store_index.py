@@ -38,13 +38,14 @@ def block(v: float) -> torch.Tensor:
     return torch.full(SHAPE, v)
 
 
-def put(index: StoreIndex, node: str, pool: BlockPool, items: dict[bytes, float]) -> int:
+def put(index: StoreIndex, node: str, pool: BlockPool, items: dict[bytes, float],
+        crc: bool = False) -> int:
     got = index.alloc(node, list(items))
     if got is None:
         return 0
     _, refs = got
     for r in refs:
-        pool.write(r.slot, r.gen, r.block_hash, block(items[r.block_hash]))
+        pool.write(r.slot, r.gen, r.block_hash, block(items[r.block_hash]), crc=crc)
     return index.commit(node, refs)
 
 
@@ -75,11 +76,12 @@ def test_put_pin_check_and_lru_eviction_spares_pinned_blocks(store):
 
 def test_bytes_that_do_not_match_their_index_entry_are_a_miss(store):
     index, node, pool = store.index, store.node, store.pool
-    put(index, node, pool, {h(1): 1.0, h(2): 2.0})
+    put(index, node, pool, {h(1): 1.0, h(2): 2.0}, crc=True)
     _, refs = index.pin(node, [h(1), h(2)], 10_000)
-    pool.blocks[refs[1].slot].view(-1)[0] += 1.0  # corrupt one value
-    assert pool.check(refs[0].slot, refs[0].gen, h(1))
-    assert not pool.check(refs[1].slot, refs[1].gen, h(2))
+    pool.blocks[refs[1].slot].view(-1)[0] += 1.0  # corrupt one value in place
+    assert pool.check(refs[0].slot, refs[0].gen, h(1), crc=True)
+    assert not pool.check(refs[1].slot, refs[1].gen, h(2), crc=True)
+    assert pool.check(refs[1].slot, refs[1].gen, h(2))  # the header check trusts the bytes
     assert not pool.check(refs[0].slot, refs[0].gen + 1, h(1))  # another write's generation
     assert not pool.check(refs[0].slot, refs[0].gen, h(2))
     index.unpin(node, refs)
@@ -87,14 +89,16 @@ def test_bytes_that_do_not_match_their_index_entry_are_a_miss(store):
 
 def test_a_prefix_check_stops_at_the_first_slot_whose_header_or_bytes_are_wrong(store):
     index, node, pool = store.index, store.node, store.pool
-    put(index, node, pool, {h(i): float(i) for i in range(4)})
+    put(index, node, pool, {h(i): float(i) for i in range(4)}, crc=True)
     _, refs = index.pin(node, [h(i) for i in range(4)], 10_000)
     want = [(r.slot, r.gen, r.block_hash) for r in refs]
-    assert pool.check_prefix(want) == 4  # CRCs checked in parallel
+    assert pool.check_prefix(want, crc=True) == 4  # CRCs checked in parallel
     assert pool.check_prefix(want[:1]) == 1 and pool.check_prefix([]) == 0
     assert pool.check_prefix([*want[:2], (want[2][0], want[2][1] + 1, h(2)), want[3]]) == 2
+    assert pool.check_prefix([*want[:1], (99, 1, h(1))]) == 1  # a slot out of range
     pool.blocks[refs[1].slot].view(-1)[-1] += 1.0  # the last byte of the second slot
-    assert pool.check_prefix(want) == 1
+    assert pool.check_prefix(want, crc=True) == 1
+    assert pool.check_prefix(want) == 4
     if not torch.cuda.is_available():
         assert not pool.pin_for_cuda() and not pool.pinned  # a no-op without CUDA
     index.unpin(node, refs)

@@ -3,6 +3,8 @@ blocks are kept until every connector that asked to keep them is done; aborts fr
 
 from __future__ import annotations
 
+import pytest
+
 from pdserve.engine.kv_connector import LoadSpec, NoKVConnector, StepTransfers
 from pdserve.engine.multi_connector import MultiConnector
 from pdserve.engine.sampling_params import SamplingParams
@@ -62,3 +64,21 @@ def test_blocks_are_kept_until_every_keeper_is_done_and_an_abort_frees_at_once()
     push.done.append("a")
     store.done.append("a")
     assert multi.finished_transfers() == []  # already freed by the abort
+
+
+def test_every_connector_ends_its_step_when_one_fails_and_the_error_is_raised():
+    class Failing(Recorder):
+        def end_step(self):
+            raise RuntimeError("torn load")
+
+    ended = []
+
+    class Ending(Recorder):
+        def end_step(self):
+            ended.append(self)
+
+    first, failing, last = Ending(), Failing(), Ending()
+    multi = MultiConnector([first, failing, last])
+    with pytest.raises(RuntimeError, match="torn load"):
+        multi.end_step()
+    assert ended == [first, last]

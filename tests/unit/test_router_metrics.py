@@ -101,7 +101,7 @@ def test_worker_figures_come_from_the_latest_poll(setup):
              "handoffs": 4, "handoff_seconds": 0.2, "handoff_bytes": 1000,
              "handoff_tail_seconds": 0.05, "leases_expired": 0, "node": "",
              "store_lookups": 3, "store_hit_blocks": 2, "store_hit_tokens": 32,
-             "store_saved_blocks": 7,
+             "store_saved_blocks": 7, "store_loaded_bytes": 1 << 20, "store_load_seconds": 0.01,
              "tp": 2, "pp": 1,
              "rank_failure": ""}),
         WorkerStats.from_dict(
@@ -110,7 +110,7 @@ def test_worker_figures_come_from_the_latest_poll(setup):
              "handoffs": 0, "handoff_seconds": 0.0, "handoff_bytes": 0,
              "handoff_tail_seconds": 0.0, "leases_expired": 1, "node": "",
              "store_lookups": 0, "store_hit_blocks": 0, "store_hit_tokens": 0,
-             "store_saved_blocks": 0,
+             "store_saved_blocks": 0, "store_loaded_bytes": 0, "store_load_seconds": 0.0,
              "tp": 1, "pp": 1,
              "rank_failure": ""}),
     ])
