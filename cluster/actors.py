@@ -68,6 +68,21 @@ def _store(cfg: ClusterConfig):
                           verify=cfg.kv_store.verify)
 
 
+def _publish_cache(cfg: ClusterConfig, worker):
+    """Publish `worker`'s own prefix cache to the store's index (kv_store/cache_events.py),
+    when the store runs and `kv_store.cache_events` is on; returns the publisher or None.
+    Subscribed before the worker takes any request, so no event is missed."""
+    if not (cfg.kv_store.enabled and cfg.kv_store.cache_events):
+        return None
+    from pdserve.kv_store.cache_events import CachePublisher
+    from pdserve.kv_store.index import StoreIndex
+
+    publisher = CachePublisher(StoreIndex(cfg.kv_store.redis_url), worker.worker_id,
+                               ttl_s=cfg.kv_store.cache_events_ttl_seconds)
+    worker.engine.subscribe_cache_events(publisher.on_event)
+    return publisher
+
+
 def _executor(engine_config, rank_group: dict | None):
     """The driver side of a rank group (`cluster/rank_groups.py`), or None: one process."""
     if rank_group is None:
@@ -83,6 +98,7 @@ class _WorkerShell:
     """What every worker actor answers the same way; `self.worker` is the plain class."""
 
     worker: object
+    publisher: object = None  # a CachePublisher, with the store's cache events on
 
     def _identity(self, role: str) -> dict:
         lk = self.worker.engine.layout_key
@@ -99,6 +115,8 @@ class _WorkerShell:
         return replace(self.worker.stats(), node=_node()).to_dict()
 
     def shutdown(self) -> None:
+        if self.publisher is not None:
+            self.publisher.close()
         self.worker.close()
 
 
@@ -117,6 +135,7 @@ class PrefillActor(_WorkerShell):
             store=_store(cfg),
             executor=_executor(engine_config, rank_group),
         )
+        self.publisher = _publish_cache(cfg, self.worker)
 
     def ready(self) -> dict:
         return self._identity("prefill")
@@ -154,6 +173,7 @@ class DecodeActor(_WorkerShell):
             store=_store(cfg),
             executor=_executor(engine_config, rank_group),
         )
+        self.publisher = _publish_cache(cfg, self.worker)
 
     def ready(self) -> dict:
         engine = self.worker.engine

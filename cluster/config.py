@@ -231,6 +231,11 @@ class KVStoreSection(_Strict):
         "using it: 'header' (hash and generation, read again after the copy; the slots are "
         "pinned meanwhile) or 'crc' (also a CRC32 of every byte, computed on save and on "
         "the lookup's critical path: catches bytes changed in place, at memory speed)")
+    cache_events: bool = Field(default=True, description="workers publish their own prefix "
+                               "caches to the index and the KV-aware router reads them "
+                               "exactly; false: it estimates them from what it routed")
+    cache_events_ttl_seconds: float = Field(default=10.0, gt=1.0, description="how long a "
+                                            "worker's published cache outlives its process")
 
 
 class DebugSection(_Strict):

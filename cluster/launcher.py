@@ -56,7 +56,7 @@ from pdserve.router.kv_aware_policy import CostModel, KVAwarePolicy
 from pdserve.router.lifecycle import RequestLifecycle
 from pdserve.router.metrics import RouterMetrics
 from pdserve.router.policy import RoutingPolicy
-from pdserve.router.prefix_locator import RoutedPrefixLocator
+from pdserve.router.prefix_locator import PublishedPrefixLocator, RoutedPrefixLocator
 from pdserve.router.validation import Limits
 from pdserve.tls import TLSConfigError
 
@@ -320,14 +320,18 @@ class Cluster:
 
     def routing_policy(self) -> RoutingPolicy:
         """`router.policy`: least-loaded, or KV-aware over the workers' nodes with the
-        store's index and the workers' KV size per token (from their layout key)."""
+        store's index and the workers' KV size per token (from their layout key); own
+        caches read from what the workers publish when they do (`kv_store.cache_events`)."""
         cfg = self.config
         if cfg.routing_policy != "kv_aware":
             return RoutingPolicy(cfg.kv.block_size)
         lk = LayoutKey.from_dict(self.ready_info[0]["layout_key"])
         per_token = (sum(lk.layers_per_stage) * 2 * lk.kv_heads_per_rank * lk.tp_size
                      * lk.head_dim * (4 if lk.dtype == "float32" else 2))
-        locator = RoutedPrefixLocator(cfg.kv.block_size, self._worker_cfg.kv_store.redis_url)
+        store = self._worker_cfg.kv_store
+        locator = (PublishedPrefixLocator(cfg.kv.block_size, store.redis_url)
+                   if store.enabled and store.cache_events
+                   else RoutedPrefixLocator(cfg.kv.block_size, store.redis_url))
         return KVAwarePolicy(cfg.kv.block_size, locator,
                              {i["worker_id"]: i["node"] for i in self.ready_info},
                              self.compat_key, CostModel(kv_bytes_per_token=per_token))

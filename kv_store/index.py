@@ -18,6 +18,13 @@ Every script first checks the node's store lease (the store process refreshes it
 that died makes its node's pool a miss within one lease. Redis unreachable makes the whole
 index a miss (`StoreIndex.available`) until a retry finds it again; a restarted Redis is
 empty, the store process re-registers its pool, and puts refill it.
+
+Beside the pools, each worker's own prefix cache (`worker_cache_key`): a hash whose
+`epoch` field names the worker process that owns it and whose other fields are the block
+hashes that process holds (`publish_cache`, written by kv_store/cache_events.py, read by
+the router's locator). Only the owning epoch may change it, a new process takes it over
+(its earlier claims gone in the same script), and it expires unless refreshed, so a dead
+or replaced worker's claims vanish.
 """
 
 from __future__ import annotations
@@ -135,6 +142,38 @@ return 1
 """
 
 
+# KEYS[1]: a worker's cache hash. ARGV: epoch, ttl_ms, mode, n_added, added..., removed...
+# mode 'start': take the key over (a new process); 'resync': rewrite it if it is gone or
+# ours; 'delta': change it only if ours; 'drop': delete it if ours.
+_PUBLISH = """
+local k, epoch, mode = KEYS[1], ARGV[1], ARGV[3]
+local cur = redis.call('HGET', k, 'epoch')
+if mode ~= 'start' then
+  if cur and cur ~= epoch then return 'taken' end
+  if not cur and mode == 'delta' then return 'missing' end
+end
+if mode == 'drop' then redis.call('DEL', k); return 'ok' end
+if mode ~= 'delta' then
+  redis.call('DEL', k)
+  redis.call('HSET', k, 'epoch', epoch)
+end
+local n = tonumber(ARGV[4])
+for i = 5, 4 + n do redis.call('HSET', k, ARGV[i], '1') end
+for i = 5 + n, #ARGV do redis.call('HDEL', k, ARGV[i]) end
+redis.call('PEXPIRE', k, ARGV[2])
+return 'ok'
+"""
+
+CACHE_EPOCH_FIELD = "epoch"  # never a block hash's field: those are 16 bytes
+
+
+def worker_cache_key(namespace: str, worker_id: str) -> str:
+    """The Redis hash of what `worker_id`'s own prefix cache holds (kv_store/cache_events.py
+    writes it, the router's locator reads it). Never under a pool's prefix: a node id is no
+    `cache` path segment."""
+    return f"{namespace}:cache:{worker_id}"
+
+
 def pool_key_prefix(namespace: str, node: str) -> str:
     """The prefix of every Redis key of `node`'s pool (the router's locator reads
     `<prefix>idx` and `<prefix>lease` too)."""
@@ -175,7 +214,7 @@ class StoreIndex:
                                            socket_connect_timeout=timeout_s)
         self._scripts = {name: self._redis.register_script(src) for name, src in (
             ("init", _INIT), ("alloc", _ALLOC), ("commit", _COMMIT), ("pin", _PIN),
-            ("unpin", _UNPIN))}
+            ("unpin", _UNPIN), ("publish", _PUBLISH))}
         self._down_until = 0.0
         self._lock = threading.Lock()
         self.errors = 0
@@ -294,6 +333,21 @@ class StoreIndex:
         if refs:
             self._run(lambda: self._scripts["unpin"](
                 args=[self.prefix(node), *(r.slot for r in refs)]))
+
+    # ---- workers' own prefix caches ---------------------------------------------------------
+
+    def publish_cache(self, worker_id: str, epoch: str, mode: str, added: Sequence[bytes],
+                      removed: Sequence[bytes], ttl_ms: int) -> str:
+        """Change `worker_id`'s published cache as process `epoch` (`_PUBLISH`'s modes) and
+        refresh its expiry, in one script. Returns 'ok'; 'missing' (a delta found no key:
+        it expired or Redis restarted, so the caller resyncs); 'taken' (another process
+        owns it now); 'down' (no Redis)."""
+        if mode not in ("start", "resync", "delta", "drop"):
+            raise ValueError(f"unknown publish mode {mode!r}")
+        out = self._run(lambda: self._scripts["publish"](
+            keys=[worker_cache_key(self.namespace, worker_id)],
+            args=[epoch, ttl_ms, mode, len(added), *added, *removed]))
+        return "down" if out is None else out.decode()
 
     # ---- internals ----------------------------------------------------------------------------
 

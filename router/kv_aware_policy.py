@@ -20,8 +20,12 @@ between two polls over the seconds those loads took (their slot checks and copie
 go to the least-loaded rule of `RoutingPolicy`.
 
 The same pricing picks the decode worker that prefills a request itself (colocated mode,
-conditional disaggregation); the decode worker of a handoff is still the one with the most
-free blocks, since decode is bound by memory, not by the prefix it holds.
+conditional disaggregation). The decode worker of a handoff is bound by memory, not by the
+prefix it holds, so it is the one with the most free blocks, less (as NVIDIA Dynamo's KV
+router weighs overlap against load) `decode_prefix_weight` times the blocks it would have
+to receive: a prefix in its own cache is neither sent by the prefill worker nor written
+into fresh blocks, so among decode workers with similar room the one holding the longest
+prefix wins.
 """
 
 from __future__ import annotations
@@ -67,6 +71,8 @@ class KVAwarePolicy(RoutingPolicy):
     """
 
     name = "kv_aware"
+    # Free blocks a decode worker may lack, per block of the prompt it holds, and still win.
+    decode_prefix_weight = 1.0
 
     def __init__(self, block_size: int, locator: PrefixLocator, nodes: dict[str, str],
                  compat_key: str = "", cost: CostModel | None = None):
@@ -118,6 +124,25 @@ class KVAwarePolicy(RoutingPolicy):
         turn = next(self._tie_decode)
         return self._take(pool, where, lambda w: (-self.free_blocks.get(w.worker_id, 0),
                                                   (pool.index(w) - turn) % len(pool)))
+
+    def pick_decode(self, workers, n_prompt, exclude=frozenset(),
+                    where: PrefixMap | None = None):
+        if where is None:
+            return super().pick_decode(workers, n_prompt, exclude)
+        pool = self._pool(workers, exclude, "decode")
+        need = blocks_for(n_prompt, self.block_size)
+        bs = self.block_size
+
+        def to_receive(w) -> int:  # what the prefill worker sends into fresh blocks
+            return need - min(where.local_tokens(w.worker_id), max(n_prompt - 1, 0)) // bs
+
+        room = [w for w in pool if self.free_blocks.get(w.worker_id, need) >= to_receive(w)]
+        pool = room or pool
+        turn = next(self._tie_decode)
+        return min(pool, key=lambda w: (
+            round(self.decode_prefix_weight * to_receive(w)
+                  - self.free_blocks.get(w.worker_id, 0), 6),
+            (pool.index(w) - turn) % len(pool)))
 
     def _take(self, pool: list, where: PrefixMap, tie):
         plans = {w.worker_id: self.plan(w.worker_id, where) for w in pool}

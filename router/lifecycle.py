@@ -262,7 +262,8 @@ class RequestLifecycle:
         while True:
             busy: set[str] = set()
             while len(busy) < len(self.policy.up(self.decode)):
-                d = self.policy.pick_decode(self.decode, n_prompt, exclude=tried | busy)
+                d = self.policy.pick_decode(self.decode, n_prompt, exclude=tried | busy,
+                                            where=where)
                 if d.worker_id in busy:
                     break
                 try:

@@ -88,7 +88,9 @@ class RoutingPolicy:
                                         (pool.index(w) - turn) % len(pool)))
 
     def pick_decode(self, workers: list[DecodeClient], n_prompt: int,
-                    exclude=frozenset()) -> DecodeClient:
+                    exclude=frozenset(), where: PrefixMap | None = None) -> DecodeClient:
+        """The decode worker of a handoff (`where`: the prompt's cached prefixes, for a
+        policy that weighs them)."""
         pool = self._pool(workers, exclude, "decode")
         turn = next(self._tie_decode)
         return max(pool, key=lambda w: (self.free_blocks.get(w.worker_id, 0),

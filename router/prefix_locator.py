@@ -6,21 +6,28 @@ whose logits must be computed) and asks a `PrefixLocator` once per request which
 blocks each candidate worker holds in its own prefix cache and which its node's store
 pool holds. The answer is a `PrefixMap`, a snapshot the policy prices synchronously.
 
-`RoutedPrefixLocator` is the implementation the launcher builds:
+Two implementations; the launcher builds `PublishedPrefixLocator` when the store's index
+runs and the workers publish their caches (`kv_store.cache_events`, the default), else
+`RoutedPrefixLocator`:
 
-- **Own caches: approximated from routing**, the way SGLang's router keeps an approximate
-  radix tree per worker, instead of the workers publishing their prefix-cache events.
-  Every prompt routed to a worker is recorded as held there (a worker caches the full
-  blocks of every prompt it prefilled or reserved), in a per-worker LRU bounded by the
-  worker's KV pool size (its polled `total_blocks`). It is honest about what it is: it
-  does not see evictions forced by output tokens or by another router, nor a restart it
-  was not told about (`forget` on replacement). A wrong guess costs only routing quality,
-  never correctness: the worker matches its real cache on admission and computes the rest.
-  Published events would need a write path from every worker and a resync after Redis
-  restarts; the routing table needs neither and answers without a round trip.
-- **Store pools: exact, from the index.** One pipelined Redis call per request
-  (`EXISTS lease` + `HMGET idx h1..hn` per node), never a round trip per block. Redis
-  unreachable: the store counts as empty for `retry_s` (every answer at once, no waiting).
+- `RoutedPrefixLocator` **approximates own caches from routing**, the way SGLang's router
+  keeps an approximate radix tree per worker: every prompt routed to a worker is recorded
+  as held there (a worker caches the full blocks of every prompt it prefilled or
+  reserved), in a per-worker LRU bounded by the worker's KV pool size (its polled
+  `total_blocks`). It does not see evictions forced by output tokens or by another
+  router, nor a restart it was not told about (`forget` on replacement). A wrong guess
+  costs only routing quality, never correctness: the worker matches its real cache on
+  admission and computes the rest.
+- `PublishedPrefixLocator` **reads own caches exactly**, from what each worker publishes to
+  the index as its cache changes (kv_store/cache_events.py, the way NVIDIA Dynamo's
+  workers publish KV events): evictions included, a replaced process's claims dropped by
+  its successor. It keeps the routed estimate too and answers from it for a worker that
+  has not published (yet), and for every worker while Redis is unreachable.
+
+Both read **store pools exactly, from the index**, in one pipelined Redis call per request
+(`EXISTS lease` + `HMGET idx h1..hn` per node, and for the published caches `HMGET` per
+worker), never a round trip per block. Redis unreachable: the store counts as empty for
+`retry_s` (every answer at once, no waiting).
 """
 
 from __future__ import annotations
@@ -33,7 +40,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from pdserve.engine.kv_cache.block_hash import BlockHash, hash_blocks
-from pdserve.kv_store.index import pool_key_prefix
+from pdserve.kv_store.index import CACHE_EPOCH_FIELD, pool_key_prefix, worker_cache_key
 
 log = logging.getLogger("pdserve.router")
 
@@ -85,8 +92,10 @@ class PrefixLocator(ABC):
     """Answers where a prompt's prefix is cached.
 
     Invariants: `locate` costs at most one round trip to any index, whatever the prompt's
-    length; it never raises for an index that is down (the answer is then "not held");
-    `routed` and `forget` are quick, in-process, and never block."""
+    length; it never raises for an index that is down (the answer is then "not held", or
+    an in-process estimate); an answer for a worker never counts blocks its previous
+    process held once `forget` was called for it (or its successor published); `routed`
+    and `forget` are quick, in-process, and never block."""
 
     def __init__(self, block_size: int):
         self.block_size = block_size
@@ -138,10 +147,19 @@ class RoutedPrefixLocator(PrefixLocator):
                                                   socket_connect_timeout=timeout_s)
 
     async def locate(self, num_tokens, hashes, workers, nodes) -> PrefixMap:
-        local = {w: tuple(h in held for h in hashes)
-                 for w in workers if (held := self._held.get(w))}
-        store = await self._store_bits(hashes, nodes) if hashes else {}
+        published, store = await self._read_index(hashes, workers, nodes) if hashes \
+            else ({}, {})
+        local = {}
+        for w in workers:
+            if w in published:
+                local[w] = published[w]
+            elif held := self._held.get(w):
+                local[w] = tuple(h in held for h in hashes)
         return PrefixMap(num_tokens, self.block_size, tuple(hashes), local, store)
+
+    def _published_workers(self, workers: Sequence[str]) -> Sequence[str]:
+        """The workers whose published caches `locate` reads (none: all estimated)."""
+        return ()
 
     def routed(self, worker_id: str, hashes: Sequence[BlockHash]) -> None:
         held = self._held.setdefault(worker_id, OrderedDict())
@@ -163,10 +181,15 @@ class RoutedPrefixLocator(PrefixLocator):
         if self._redis is not None:
             await self._redis.aclose()
 
-    async def _store_bits(self, hashes: Sequence[BlockHash], nodes: Sequence[str]
-                          ) -> dict[str, tuple[bool, ...]]:
-        if self._redis is None or not nodes or time.monotonic() < self._down_until:
-            return {}
+    async def _read_index(self, hashes: Sequence[BlockHash], workers: Sequence[str],
+                          nodes: Sequence[str]
+                          ) -> tuple[dict[str, tuple[bool, ...]], dict[str, tuple[bool, ...]]]:
+        """({worker: bits} of the published caches, {node: bits} of the live pools), from
+        one pipelined call; ({}, {}) while Redis is unreachable."""
+        readers = self._published_workers(workers)
+        if self._redis is None or not (nodes or readers) \
+                or time.monotonic() < self._down_until:
+            return {}, {}
         import redis
 
         pipe = self._redis.pipeline(transaction=False)
@@ -174,17 +197,59 @@ class RoutedPrefixLocator(PrefixLocator):
             p = pool_key_prefix(self.namespace, node)
             pipe.exists(p + "lease")
             pipe.hmget(p + "idx", list(hashes))
+        for w in readers:
+            pipe.hmget(worker_cache_key(self.namespace, w), [CACHE_EPOCH_FIELD, *hashes])
         try:
             answers = await pipe.execute()
         except (redis.RedisError, OSError, TimeoutError) as e:
             self.errors += 1
             self._down_until = time.monotonic() + self.retry_s
             log.warning("KV store index unreachable for routing (%s): store counted empty "
-                        "for %.1fs", e, self.retry_s)
-            return {}
-        out = {}
+                        "and own caches estimated for %.1fs", e, self.retry_s)
+            return {}, {}
+        store = {}
         for i, node in enumerate(nodes):
             alive, slots = answers[2 * i], answers[2 * i + 1]
             if alive:  # a pool whose store process died is a miss (kv_store/index.py)
-                out[node] = tuple(s is not None for s in slots)
-        return out
+                store[node] = tuple(s is not None for s in slots)
+        published = {}
+        for w, fields in zip(readers, answers[2 * len(nodes):]):
+            if self._current_epoch(w, fields[0]):
+                published[w] = tuple(f is not None for f in fields[1:])
+        return published, store
+
+    def _current_epoch(self, worker_id: str, epoch: bytes | None) -> bool:
+        """Whether a published cache with this epoch is the worker's current process's."""
+        return False
+
+
+class PublishedPrefixLocator(RoutedPrefixLocator):
+    """Own caches from what the workers publish to the index, store pools from the index
+    (module docstring); the routed estimate for a worker without a published cache, and
+    for every worker while Redis is down. Needs `redis_url`.
+
+    `forget` retires the epoch last read for the worker: should its successor not have
+    taken the key over yet, the old process's claims are still not believed."""
+
+    def __init__(self, block_size: int, redis_url: str, **kwargs):
+        if not redis_url:
+            raise ValueError("PublishedPrefixLocator reads the store's index: give its URL")
+        super().__init__(block_size, redis_url, **kwargs)
+        self._epoch: dict[str, bytes] = {}  # the last epoch each worker published under
+        self._retired: dict[str, bytes] = {}  # the epoch of a process `forget` replaced
+
+    def _published_workers(self, workers: Sequence[str]) -> Sequence[str]:
+        return workers
+
+    def _current_epoch(self, worker_id: str, epoch: bytes | None) -> bool:
+        # No epoch: it has not published (yet), or its claims expired. The retired epoch:
+        # the successor has not taken the key over yet (it could not reach Redis).
+        if epoch is None or self._retired.get(worker_id) == epoch:
+            return False
+        self._epoch[worker_id] = epoch
+        return True
+
+    def forget(self, worker_id: str) -> None:
+        super().forget(worker_id)
+        if (old := self._epoch.pop(worker_id, None)) is not None:
+            self._retired[worker_id] = old

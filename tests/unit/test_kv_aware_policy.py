@@ -173,6 +173,38 @@ def test_a_local_run_goes_where_the_prefix_is_unless_that_worker_has_no_room():
     assert p.pick_local(cs, 1000).worker_id == "c0"
 
 
+def test_the_decode_worker_holding_the_prefix_wins_unless_it_is_much_fuller():
+    p = policy(nodes={"d0": "n0", "d1": "n0"})
+    ds = workers("d0", "d1")
+    w = where({"d1": 960})  # d1 holds 60 of the prompt's 63 blocks: it receives 3
+    p.update_stats([stats("d0", "decode", free_blocks=100),
+                    stats("d1", "decode", free_blocks=90)])
+    assert p.pick_decode(ds, 1000, where=w).worker_id == "d1"
+    assert p.pick_decode(ds, 1000).worker_id == "d0"  # without a map: the most free blocks
+    # 60 blocks of prefix weigh as 60 free blocks: d0 with 61 more room wins again.
+    p.update_stats([stats("d0", "decode", free_blocks=151),
+                    stats("d1", "decode", free_blocks=90)])
+    assert p.pick_decode(ds, 1000, where=w).worker_id == "d0"
+    # Room for what it must receive is required; with none anywhere, the least full is used.
+    p.update_stats([stats("d0", "decode", free_blocks=100),
+                    stats("d1", "decode", free_blocks=2)])
+    assert p.pick_decode(ds, 1000, where=w).worker_id == "d0"
+    p.update_stats([stats("d0", "decode", free_blocks=1), stats("d1", "decode", free_blocks=2)])
+    assert p.pick_decode(ds, 1000, where=w).worker_id == "d1"
+
+
+def test_decode_picks_keep_the_base_rules_down_excluded_and_ties():
+    p = policy(nodes={"d0": "n0", "d1": "n0"})
+    ds = workers("d0", "d1")
+    p.update_stats([stats("d0", "decode"), stats("d1", "decode")])
+    w = where({"d0": 960, "d1": 960})
+    assert sorted(p.pick_decode(ds, 1000, where=w).worker_id for _ in range(4)) == [
+        "d0", "d0", "d1", "d1"]  # equal: round robin
+    assert p.pick_decode(ds, 1000, exclude={"d1"}, where=where({"d1": 960})).worker_id == "d0"
+    p.mark_down("d0")
+    assert p.pick_decode(ds, 1000, where=where({"d0": 960})).worker_id == "d1"
+
+
 def test_without_a_map_it_is_the_least_loaded_policy():
     p = policy()
     p.in_flight.update(p0=0, p1=2)
