@@ -32,6 +32,11 @@ class BackgroundCluster:
         """Base URL of the OpenAI HTTP API (e.g. http://127.0.0.1:8000), None when off."""
         return self.cluster.http_url
 
+    def on_router(self, coro, timeout: float = 30.0):
+        """Run `coro` on the router's event loop (where its policy and locator live) and
+        return its result: how tests ask the running router where a prompt is cached."""
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)
+
     def __enter__(self) -> BackgroundCluster:
         self.start()
         return self

@@ -88,6 +88,7 @@ class Cluster:
         self.worker_groups: dict[str, WorkerGroup] = {}
         self.ready_info: list[dict] = []
         self.http_url: str | None = None  # the OpenAI HTTP API's base URL, once serving
+        self.router: RequestLifecycle | None = None  # what `run_router` serves with
         self.kv_store = KVStoreDeployment(config)
         self._worker_cfg = config  # with the KV store's index URL once it runs
 
@@ -398,7 +399,7 @@ async def run_router(cluster: Cluster, stop: asyncio.Event, on_ready=None) -> No
     if cfg.router.auth_token_env and not token:
         raise ClusterStartError(f"router.auth_token_env names ${cfg.router.auth_token_env}, "
                                 "which is not set")
-    lifecycle = cluster.lifecycle()
+    lifecycle = cluster.router = cluster.lifecycle()
     model_info = pb.ModelInfo(name=cfg.model.name, max_model_len=limits.max_model_len,
                               block_size=cfg.kv.block_size, dtype=cfg.model.dtype)
     metrics = RouterMetrics(cfg.model.name, limits.max_model_len, lifecycle.counters)

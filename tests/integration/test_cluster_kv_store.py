@@ -4,8 +4,9 @@ default with the store on): a prompt sharing a prefix goes back to the prefill w
 holds it; while that worker is busy it goes to the other one, which loads the prefix from
 the store and prefills only the new suffix; Admin.Stats shows the pool's figures. Redis
 killed while requests run and the store actor killed leave every answer right; Redis back
-brings hits back. Tokens equal HF transformers' greedy output and every worker's blocks
-come back."""
+brings hits back. The router knows each worker's own prefix cache exactly from what the
+workers publish to the index (evictions included). Tokens equal HF transformers' greedy
+output and every worker's blocks come back."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import time
 
 import pytest
 import ray
+import redis
 from cluster_checks import (
     assert_blocks_back,
     free_blocks,
@@ -23,6 +25,7 @@ from cluster_checks import (
 )
 
 from pdserve.engine.loader.registry import open_model
+from pdserve.kv_store.index import worker_cache_key
 
 pytestmark = pytest.mark.slow
 
@@ -207,3 +210,59 @@ def _pools(bg) -> list[dict]:
         return bg.cluster.kv_store.stats(timeout=5)
     except ray.exceptions.RayActorError:
         return [{}]  # dead, not replaced yet
+
+
+def test_the_router_reads_each_workers_cache_exactly_from_its_published_events(
+        served, tokenizer, hf_model):
+    """A prompt served by prefill worker A: the router's locator reports A's (and the
+    decode worker's) copy of its prefix block for block, read from what they published; a
+    prompt with that prefix goes to A, which computes only its own ending; once A's pool
+    evicted the blocks, A no longer claims them."""
+    bg, client = served
+    start = free_blocks(client)
+    policy = bg.cluster.router.policy
+    url = bg.cluster._worker_cfg.kv_store.redis_url
+    prefix = ("Far to the north, where the rivers freeze in autumn, a young shepherd kept "
+              "a flock of two hundred sheep and one stubborn goat named Pepper, and every")
+    a = tokenizer.encode(prefix + " night she counted them twice.")
+    held = (len(a) - 1) // BS * BS
+    t0 = prefill_tokens(client)
+    assert ask(client, prefix + " night she counted them twice.") == hf_greedy(hf_model, a, N)
+    t1 = prefill_tokens(client)
+    (on_a,) = [w for w in t0 if t1[w] > t0[w]]
+    (on_b,) = [w for w in t0 if w != on_a]
+
+    def where(ids):
+        return bg.on_router(policy.locate(ids))
+
+    deadline = time.monotonic() + 10
+    while where(a).local_tokens(on_a) < held:  # published within one interval
+        assert time.monotonic() < deadline, f"{on_a} never published the prompt's blocks"
+        time.sleep(0.05)
+    got = where(a)
+    assert got.local_tokens(on_a) == got.local_tokens("decode-0") == held
+    assert got.local_tokens(on_b) == 0
+    with redis.Redis.from_url(url) as r:  # that is what the workers wrote, hash by hash
+        published = r.hmget(worker_cache_key("pdkv", on_a), list(got.hashes))
+        assert all(published)
+
+    c = tokenizer.encode(prefix + " morning the goat ran off.")
+    shared = shared_blocks(a, c)
+    assert ask(client, prefix + " morning the goat ran off.") == hf_greedy(hf_model, c, N)
+    t2 = prefill_tokens(client)
+    assert (t2[on_a] - t1[on_a], t2[on_b] - t1[on_b]) == (len(c) - shared, 0)
+
+    # Long unrelated prompts until A's pool has reused every block of the prefix: its
+    # claim goes with them (the router's own routing history could not tell).
+    for i in range(8):
+        if where(a).local_tokens(on_a) == 0:
+            break
+        filler = f"Ledger {i}: " + " ".join(f"row {i}{j} holds {j * 7 + i} sacks;"
+                                           for j in range(50))
+        client.generate(filler, max_tokens=1, temperature=0)
+        time.sleep(0.2)  # one publish interval and then some
+    got = where(a)
+    assert got.local_tokens(on_a) == 0, f"{on_a} still claims the prefix after 8 prompts"
+    with redis.Redis.from_url(url) as r:
+        assert not any(r.hmget(worker_cache_key("pdkv", on_a), list(got.hashes)))
+    assert_blocks_back(client, start)
