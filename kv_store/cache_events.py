@@ -6,8 +6,8 @@ The engine's prefix cache emits `stored` / `evicted` events on the engine thread
 (engine/kv_cache/prefix_cache.py); `CachePublisher.on_event` only appends them to a
 queue, so the step pays one append per event. A background thread drains the queue every
 `interval_s`, folds the events into its mirror of the cache, and writes the net change
-since its last write in one script call (`StoreIndex.publish_cache`: one round trip,
-whatever the number of blocks), never from the engine thread.
+since its last write in one script call (`StoreIndex.publish_cache`: one round trip per
+`CHUNK` blocks), never from the engine thread.
 
 Keys and lifetimes (kv_store/index.py, `worker_cache_key`): one Redis hash per worker id,
 owned by an *epoch* (a random id per publisher, so per process). A new process takes the
@@ -32,6 +32,8 @@ from pdserve.engine.kv_cache.prefix_cache import CacheEvent, CacheEventKind
 from pdserve.kv_store.index import StoreIndex
 
 log = logging.getLogger("pdserve.kv_store")
+
+CHUNK = 4096  # hashes per script call
 
 
 class CachePublisher:
@@ -97,8 +99,7 @@ class CachePublisher:
                 removed = [h for h in self._dirty if h not in self._held]
             else:
                 added, removed = list(self._held), []
-            state = self.index.publish_cache(self.worker_id, self.epoch, self._mode, added,
-                                             removed, self.ttl_ms)
+            state = self._write(added, removed)
             if state == "ok":
                 self.writes += 1
                 self._dirty.clear()
@@ -113,6 +114,23 @@ class CachePublisher:
                 if self._mode == "delta":
                     self._mode = "resync"
             return state
+
+    def _write(self, added: list[BlockHash], removed: list[BlockHash]) -> str:
+        """One script call per `CHUNK` hashes (a large pool's resync would otherwise be one
+        call long enough to time out): the first in the current mode, the rest deltas."""
+        ops = [(h, True) for h in added] + [(h, False) for h in removed]
+        mode = self._mode
+        for i in range(0, max(len(ops), 1), CHUNK):
+            part = ops[i:i + CHUNK]
+            state = self.index.publish_cache(
+                self.worker_id, self.epoch, mode, [h for h, add in part if add],
+                [h for h, add in part if not add], self.ttl_ms)
+            if state != "ok":
+                return state
+            if self._mode == "start":
+                self._mode = "resync"  # the key is ours: a retry must not take it again
+            mode = "delta"
+        return "ok"
 
     def close(self) -> None:
         """Stop publishing and withdraw this process's claims (if it still owns them)."""

@@ -236,3 +236,19 @@ def _stored(hashes):
     from pdserve.engine.kv_cache.prefix_cache import CacheEvent, CacheEventKind
 
     return CacheEvent(CacheEventKind.STORED, tuple(hashes))
+
+
+def test_a_large_cache_is_written_in_chunks(url, router, monkeypatch):
+    import pdserve.kv_store.cache_events as ce
+
+    monkeypatch.setattr(ce, "CHUNK", 3)
+    w = Worker(url, "w0", num_blocks=32)
+    try:
+        w.prefill(HASHES)  # 10 blocks: 4 calls
+        assert w.publisher.flush() == "ok"
+        assert router.locate().local_tokens("w0") == FULL
+        w.blocks.reset_prefix_cache()
+        assert w.publisher.flush() == "ok"
+        assert router.locate().local_tokens("w0") == 0
+    finally:
+        w.close()
