@@ -1,4 +1,4 @@
-"""The global KV store in a real cluster (2P1D on local Ray, the launcher's own
+"""The global KV store in a real cluster (2P2D on local Ray, the launcher's own
 redis-server, one store actor and its shared-memory pool) with the KV-aware router (the
 default with the store on): a prompt sharing a prefix goes back to the prefill worker that
 holds it; while that worker is busy it goes to the other one, which loads the prefix from
@@ -36,7 +36,7 @@ CONFIG = {
     "transport": "grpc",
     "kv": {"block_size": BS, "memory_mb": 48},
     "prefill": {"count": 2, "num_cpus": 0.5},
-    "decode": {"count": 1, "num_cpus": 0.5},
+    "decode": {"count": 2, "num_cpus": 0.5},
     "kv_store": {"enabled": True, "pool_mb": 64, "store_lease_seconds": 1.0},
     "ray": {"num_cpus": 4},
 }
@@ -64,6 +64,11 @@ def tokenizer():
 def prefill_tokens(client) -> dict[str, int]:
     return {w: s.prompt_tokens_processed for w, s in worker_stats(client).items()
             if w.startswith("prefill")}
+
+
+def generated(client) -> dict[str, int]:
+    return {w: s.generated_tokens for w, s in worker_stats(client).items()
+            if w.startswith("decode")}
 
 
 def store_hits(client) -> dict[str, int]:
@@ -214,10 +219,10 @@ def _pools(bg) -> list[dict]:
 
 def test_the_router_reads_each_workers_cache_exactly_from_its_published_events(
         served, tokenizer, hf_model):
-    """A prompt served by prefill worker A: the router's locator reports A's (and the
-    decode worker's) copy of its prefix block for block, read from what they published; a
-    prompt with that prefix goes to A, which computes only its own ending; once A's pool
-    evicted the blocks, A no longer claims them."""
+    """A prompt served by prefill worker A and decode worker D: the router's locator
+    reports A's and D's copies of its prefix block for block, read from what they
+    published; a prompt with that prefix goes to A, which computes only its own ending,
+    and to D; once A's pool evicted the blocks, A no longer claims them."""
     bg, client = served
     start = free_blocks(client)
     policy = bg.cluster.router.policy
@@ -226,11 +231,13 @@ def test_the_router_reads_each_workers_cache_exactly_from_its_published_events(
               "a flock of two hundred sheep and one stubborn goat named Pepper, and every")
     a = tokenizer.encode(prefix + " night she counted them twice.")
     held = (len(a) - 1) // BS * BS
-    t0 = prefill_tokens(client)
+    t0, g0 = prefill_tokens(client), generated(client)
     assert ask(client, prefix + " night she counted them twice.") == hf_greedy(hf_model, a, N)
-    t1 = prefill_tokens(client)
+    t1, g1 = prefill_tokens(client), generated(client)
     (on_a,) = [w for w in t0 if t1[w] > t0[w]]
     (on_b,) = [w for w in t0 if w != on_a]
+    (on_d,) = [w for w in g0 if g1[w] > g0[w]]
+    (on_e,) = [w for w in g0 if w != on_d]
 
     def where(ids):
         return bg.on_router(policy.locate(ids))
@@ -239,21 +246,26 @@ def test_the_router_reads_each_workers_cache_exactly_from_its_published_events(
     while where(a).local_tokens(on_a) < held:  # published within one interval
         assert time.monotonic() < deadline, f"{on_a} never published the prompt's blocks"
         time.sleep(0.05)
+    while where(a).local_tokens(on_d) < held:
+        assert time.monotonic() < deadline, f"{on_d} never published the prompt's blocks"
+        time.sleep(0.05)
     got = where(a)
-    assert got.local_tokens(on_a) == got.local_tokens("decode-0") == held
-    assert got.local_tokens(on_b) == 0
+    assert got.local_tokens(on_a) == got.local_tokens(on_d) == held
+    assert got.local_tokens(on_b) == got.local_tokens(on_e) == 0
     with redis.Redis.from_url(url) as r:  # that is what the workers wrote, hash by hash
         published = r.hmget(worker_cache_key("pdkv", on_a), list(got.hashes))
         assert all(published)
 
     c = tokenizer.encode(prefix + " morning the goat ran off.")
     shared = shared_blocks(a, c)
+    assert_blocks_back(client, start)  # both decode workers equally free (the router polls)
     assert ask(client, prefix + " morning the goat ran off.") == hf_greedy(hf_model, c, N)
-    t2 = prefill_tokens(client)
+    t2, g2 = prefill_tokens(client), generated(client)
     assert (t2[on_a] - t1[on_a], t2[on_b] - t1[on_b]) == (len(c) - shared, 0)
+    assert g2[on_d] > g1[on_d] and g2[on_e] == g1[on_e]  # D holds the prefix too
 
     # Long unrelated prompts until A's pool has reused every block of the prefix: its
-    # claim goes with them (the router's own routing history could not tell).
+    # claim goes with them.
     for i in range(8):
         if where(a).local_tokens(on_a) == 0:
             break
