@@ -229,7 +229,9 @@ class PublishedPrefixLocator(RoutedPrefixLocator):
     for every worker while Redis is down. Needs `redis_url`.
 
     `forget` retires the epoch last read for the worker: should its successor not have
-    taken the key over yet, the old process's claims are still not believed."""
+    taken the key over yet (it could not reach Redis when it started), the old process's
+    claims are not believed. Claims of an epoch this locator never read would be, until
+    they expire (`kv_store.cache_events_ttl_seconds`)."""
 
     def __init__(self, block_size: int, redis_url: str, **kwargs):
         if not redis_url:
