@@ -75,6 +75,7 @@ def _hf_stepper(threads: int):
 
     torch.set_num_threads(threads)
     transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
     path = resolve_model_path(MODEL)
     model = transformers.AutoModelForCausalLM.from_pretrained(
         os.path.dirname(path), gguf_file=os.path.basename(path), dtype=torch.float32).eval()
@@ -151,9 +152,12 @@ class Side:
 
 
 def _busy_loop(core: int) -> None:
+    """Keep `core` busy until stopped, or until the benchmark that started it is gone."""
     os.sched_setaffinity(0, {core})
-    while True:
-        pass
+    parent = os.getppid()
+    while os.getppid() == parent:
+        for _ in range(1_000_000):
+            pass
 
 
 def prompts_for(batch: int, length: int, salt: int) -> list[list[int]]:
