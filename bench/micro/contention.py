@@ -33,7 +33,7 @@ import time
 from pathlib import Path
 
 MODEL = "smollm2-135m-instruct"
-SIDES = ("ours", "ours-spin", "hf", "hf-passive")
+SIDES = ("ours", "ours-spin", "ours-shortspin", "hf", "hf-passive")
 
 
 # ---- child: one model, answering measurement requests on stdin ----------------------------
@@ -110,7 +110,7 @@ def child_main(side: str, threads: int) -> int:
 # ---- parent --------------------------------------------------------------------------------
 
 
-def side_env(side: str, threads: int) -> dict[str, str]:
+def side_env(side: str, threads: int, spin_count: int = 20000) -> dict[str, str]:
     """The environment a side's process starts with."""
     from pdserve.engine.cpu_threads import worker_env
 
@@ -120,14 +120,16 @@ def side_env(side: str, threads: int) -> dict[str, str]:
         env.update(worker_env(threads))
     else:  # what a plain process inherits: OpenMP defaults, `threads` threads
         env["OMP_NUM_THREADS"] = str(threads)
+    if side == "ours-shortspin":
+        env["GOMP_SPINCOUNT"] = str(spin_count)
     return env
 
 
 class Side:
-    def __init__(self, name: str, threads: int):
+    def __init__(self, name: str, threads: int, spin_count: int):
         self.name = name
         root = Path(__file__).resolve().parents[2]
-        env = side_env(name, threads)
+        env = side_env(name, threads, spin_count)
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), env.get("PYTHONPATH")]))
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "pdserve.bench.micro.contention", "--child", name,
@@ -167,7 +169,7 @@ def prompts_for(batch: int, length: int, salt: int) -> list[list[int]]:
 
 
 def run(args: argparse.Namespace) -> dict:
-    sides = [Side(name, args.threads) for name in args.sides]
+    sides = [Side(name, args.threads, args.spin_count) for name in args.sides]
     cells: dict[str, list[float]] = {}
     try:
         for s in sides:  # warm-up: first-call allocations, oneDNN primitive caches
@@ -224,7 +226,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=24, help="timed decode steps per cell")
     p.add_argument("--batches", type=lambda s: [int(x) for x in s.split(",")], default=[1, 16])
     p.add_argument("--prompt-len", type=int, default=64)
-    p.add_argument("--sides", type=lambda s: s.split(","), default=list(SIDES))
+    p.add_argument("--sides", type=lambda s: s.split(","),
+                   default=["ours", "ours-spin", "hf", "hf-passive"])
+    p.add_argument("--spin-count", type=int, default=20000,
+                   help="GOMP_SPINCOUNT of the ours-shortspin side")
     p.add_argument("--busy-core", type=int, default=(os.cpu_count() or 1) - 1)
     p.add_argument("--json", type=Path)
     p.add_argument("--child", choices=SIDES, help=argparse.SUPPRESS)
