@@ -23,9 +23,11 @@ MAX_CONCURRENCY = 512
 
 
 def _setup(threads: int) -> None:
-    import torch
+    """First act of a worker process, before it imports torch (OpenMP reads its wait
+    policy at load: engine/cpu_threads.py)."""
+    from pdserve.engine.cpu_threads import configure_process
 
-    torch.set_num_threads(threads)
+    configure_process(threads)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
 
 
@@ -101,12 +103,16 @@ class _WorkerShell:
     publisher: object = None  # a CachePublisher, with the store's cache events on
 
     def _identity(self, role: str) -> dict:
+        import torch
+
         lk = self.worker.engine.layout_key
         return {"worker_id": self.worker.worker_id, "role": role,
                 "parallel": {"tp": lk.tp_size, "pp": lk.pp_size},
                 "content_key": self.worker.engine.content_key.to_dict(),
                 "layout_key": self.worker.engine.layout_key.to_dict(), "node": _node(),
-                "node_ip": ray.util.get_node_ip_address(), "pid": os.getpid()}
+                "node_ip": ray.util.get_node_ip_address(), "pid": os.getpid(),
+                "threads": torch.get_num_threads(),
+                "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY")}
 
     def abort(self, request_id: str) -> bool:
         return self.worker.abort(request_id)
@@ -126,7 +132,7 @@ class PrefillActor(_WorkerShell):
         from pdserve.prefill_worker.worker import PrefillWorker
 
         cfg = ClusterConfig.model_validate(config)
-        _setup(cfg.prefill.threads)
+        _setup(cfg.prefill.rank_threads())
         engine_config = cfg.engine_config(cfg.prefill)
         self.worker = PrefillWorker(
             engine_config, transport=cfg.transport, worker_id=worker_id,
@@ -163,7 +169,7 @@ class DecodeActor(_WorkerShell):
         from pdserve.decode_worker.worker import DecodeWorker
 
         cfg = ClusterConfig.model_validate(config)
-        _setup(cfg.decode.threads)
+        _setup(cfg.decode.rank_threads())
         host, advertise = transfer_endpoint(cfg.decode.transfer_host)
         engine_config = cfg.engine_config(cfg.decode)
         self.worker = DecodeWorker(

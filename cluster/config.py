@@ -49,7 +49,11 @@ class PoolSection(_Strict):
     count: int = Field(default=1, ge=0)
     num_cpus: float = Field(default=0.5, gt=0, description="Ray logical CPUs per worker")
     num_gpus: float = Field(default=0, ge=0)
-    threads: int = Field(default=1, ge=1, description="torch threads per worker")
+    threads: int | Literal["auto"] = Field(
+        default="auto", description="compute threads (torch/OpenMP) per rank, or 'auto': "
+        "split the machine's cores between the ranks of a locally started cluster, the "
+        "decode side first (cluster/thread_budget.py); in a joined cluster, the rank's "
+        "whole Ray CPUs (num_cpus, at least 1)")
     device: str = "cpu"
     resources: dict[str, float] = Field(default_factory=dict,
                                         description="custom Ray resources to pin the pool")
@@ -81,6 +85,17 @@ class PoolSection(_Strict):
             raise ValueError(f"pp_placement '{self.pp_placement}' places pipeline stages, but "
                              "pp is 1: a worker of one stage is packed on one node")
         return self
+
+    @model_validator(mode="after")
+    def _threads_positive(self):
+        if self.threads != "auto" and self.threads < 1:
+            raise ValueError(f"threads must be >= 1 or 'auto', got {self.threads}")
+        return self
+
+    def rank_threads(self) -> int:
+        """The threads one rank runs with: `threads`, or for 'auto' left unresolved (a
+        joined cluster, or a worker built outside the launcher) its whole Ray CPUs."""
+        return self.threads if self.threads != "auto" else max(1, int(self.num_cpus))
 
 
 class RouterSection(_Strict):
@@ -324,7 +339,7 @@ class ClusterConfig(_Strict):
             scheduler=SchedulerConfig(max_num_seqs=pool.max_num_seqs,
                                       max_num_batched_tokens=pool.max_num_batched_tokens,
                                       max_model_len=self.model.max_model_len),
-            num_threads=pool.threads,
+            num_threads=pool.rank_threads(),
             parallel=ParallelConfig(tensor_parallel_size=pool.tp,
                                     pipeline_parallel_size=pool.pp),
         )

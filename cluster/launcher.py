@@ -40,6 +40,7 @@ from pdserve.cluster.rank_groups import WorkerGroup, start_worker
 from pdserve.cluster.ray_clients import RayDecodeClient, RayPrefillClient
 from pdserve.cluster.reaper import start_reaper
 from pdserve.cluster.supervisor import Supervisor
+from pdserve.cluster.thread_budget import with_thread_budget
 from pdserve.engine.config import ContentKey
 from pdserve.engine.kv_cache.keys import (
     HandshakeError,
@@ -79,6 +80,13 @@ class Cluster:
     """The running actors of one config, plus the router state that fronts them."""
 
     def __init__(self, config: ClusterConfig):
+        # `threads: auto` becomes a number per pool here, so every rank (driver or
+        # follower) reads the same one from the config it is given.
+        local = not (config.ray.address or os.environ.get("RAY_ADDRESS"))
+        config = with_thread_budget(config, local)
+        log.info("compute threads per rank: prefill %d, decode %d (%s)",
+                 config.prefill.threads, config.decode.threads,
+                 "split of this machine's cores" if local else "the ranks' Ray CPUs")
         self.config = config
         self.connected_ray = False  # this Cluster called ray.init, so shutdown disconnects
         self.prefill_handles: list = []

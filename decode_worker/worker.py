@@ -241,6 +241,8 @@ class DecodeWorker:
             **store_stats(self.store),
             tp=self.engine.layout_key.tp_size,
             pp=self.engine.layout_key.pp_size,
+            preemptions=usage.preemptions,
+            preempted_tokens=usage.preempted_tokens,
             rank_failure=self.engine.executor.failure or "",
         )
 

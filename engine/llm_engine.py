@@ -87,6 +87,8 @@ class EngineUsage:
     waiting: int
     reserved: int  # reservations not adopted yet
     held: int  # finished requests whose blocks a transfer still reads
+    preemptions: int = 0  # running requests evicted for blocks (since start)
+    preempted_tokens: int = 0  # computed tokens those evictions dropped (to recompute)
 
 
 class LLMEngine:
@@ -338,6 +340,7 @@ class LLMEngine:
             free_blocks=self.blocks.num_free_blocks, total_blocks=self.blocks.num_blocks,
             block_size=self.blocks.block_size, running=len(s.running), waiting=len(s.waiting),
             reserved=len(self._reservations), held=len(s.held),
+            preemptions=s.num_preemptions, preempted_tokens=s.num_preempted_tokens,
         )
 
     def subscribe_cache_events(self, listener: CacheListener) -> Callable[[], None]:

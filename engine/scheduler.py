@@ -66,6 +66,9 @@ class Scheduler:
         self.running: list[Sequence] = []
         self.held: dict[str, Sequence] = {}
         self.num_preemptions = 0
+        # Computed tokens whose KV a preemption dropped: recomputed when the sequence runs
+        # again, except what the prefix cache still holds by then.
+        self.num_preempted_tokens = 0
         self._loads: list[LoadSpec] = []  # admitted this step with tokens from elsewhere
 
     # ---- admission -------------------------------------------------------------------------
@@ -263,6 +266,7 @@ class Scheduler:
 
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
+        self.num_preempted_tokens += seq.num_computed_tokens
         self._reset_to_waiting(seq)
         self.waiting.appendleft(seq)
         self.num_preemptions += 1

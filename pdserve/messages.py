@@ -375,6 +375,10 @@ class WorkerStats:
     tp: int = 1  # the worker's rank group: tensor-parallel ranks x pipeline stages
     pp: int = 1
     rank_failure: str = ""  # why the rank group broke (a rank died or hung); "" if healthy
+    # Running requests this worker evicted to free KV blocks, and the computed tokens they
+    # lost (recomputed later): a KV pool too small for its load shows here.
+    preemptions: int = 0
+    preempted_tokens: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -202,6 +202,8 @@ class PrefillWorker:
             **store_stats(self.store),
             tp=self.engine.layout_key.tp_size,
             pp=self.engine.layout_key.pp_size,
+            preemptions=usage.preemptions,
+            preempted_tokens=usage.preempted_tokens,
             rank_failure=failure or "",
         )
 

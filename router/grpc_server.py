@@ -132,6 +132,7 @@ def _worker_stats(r: WorkerReport) -> pb.WorkerStats:
         store_hit_blocks=s.store_hit_blocks, store_hit_tokens=s.store_hit_tokens,
         store_saved_blocks=s.store_saved_blocks, store_loaded_bytes=s.store_loaded_bytes,
         store_load_seconds=s.store_load_seconds,
+        preemptions=s.preemptions, preempted_tokens=s.preempted_tokens,
     )
 
 

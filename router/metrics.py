@@ -255,6 +255,12 @@ class _PolledCollector:
             "leases_expired": CounterMetricFamily("pdserve:kv_leases_expired", "Decode "
                                                   "reservations freed by lease expiry.",
                                                   labels=lab),
+            "preemptions": CounterMetricFamily(
+                "pdserve:worker_preemptions", "Running requests a worker evicted to free KV "
+                "blocks (their KV is recomputed).", labels=lab),
+            "preempted_tokens": CounterMetricFamily(
+                "pdserve:worker_preempted_tokens", "Computed tokens whose KV those evictions "
+                "dropped.", labels=lab),
             "store_hit_tokens": CounterMetricFamily(
                 "pdserve:kv_store_hit_tokens", "Prompt tokens a worker loaded from the global "
                 "KV store instead of computing them.", labels=lab),
@@ -273,6 +279,8 @@ class _PolledCollector:
             fams["prompt_tokens"].add_metric(values, s.prompt_tokens)
             fams["generated_tokens"].add_metric(values, s.generated_tokens)
             fams["store_hit_tokens"].add_metric(values, s.store_hit_tokens)
+            fams["preemptions"].add_metric(values, s.preemptions)
+            fams["preempted_tokens"].add_metric(values, s.preempted_tokens)
             fams["store_saved_blocks"].add_metric(values, s.store_saved_blocks)
             if s.role == "prefill":
                 fams["handoffs"].add_metric(values, s.handoffs)

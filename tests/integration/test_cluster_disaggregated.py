@@ -18,6 +18,8 @@ from cluster_checks import (
 )
 
 from pdserve.cluster.client import PdserveClient
+from pdserve.cluster.config import parse_config
+from pdserve.cluster.thread_budget import local_thread_budget, machine_cores
 from pdserve.engine import SamplingParams
 from pdserve.engine.loader.registry import open_model
 from pdserve.proto import pb
@@ -86,6 +88,17 @@ def test_health_and_models(client):
         True, 1, 1, "disaggregated")
     (model,) = client.generation.ListModels(pb.ListModelsRequest(), timeout=30).models
     assert (model.name, model.max_model_len, model.block_size) == (MODEL, MAX_MODEL_LEN, 16)
+
+
+def test_workers_run_with_the_thread_budget(served):
+    """`threads: auto` became a split of this machine's cores (decode first), and each
+    worker process runs that many torch threads with passive OpenMP waiting."""
+    bg, _ = served
+    budget = local_thread_budget(parse_config(CONFIG), machine_cores())
+    infos = {i["role"]: i for i in bg.cluster.ready_info}
+    for role in ("prefill", "decode"):
+        assert infos[role]["threads"] == budget[role]
+        assert infos[role]["omp_wait_policy"] == "PASSIVE"
 
 
 @pytest.fixture(scope="module")

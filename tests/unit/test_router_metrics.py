@@ -102,6 +102,7 @@ def test_worker_figures_come_from_the_latest_poll(setup):
              "handoff_tail_seconds": 0.05, "leases_expired": 0, "node": "",
              "store_lookups": 3, "store_hit_blocks": 2, "store_hit_tokens": 32,
              "store_saved_blocks": 7, "store_loaded_bytes": 1 << 20, "store_load_seconds": 0.01,
+             "preemptions": 0, "preempted_tokens": 0,
              "tp": 2, "pp": 1,
              "rank_failure": ""}),
         WorkerStats.from_dict(
@@ -111,6 +112,7 @@ def test_worker_figures_come_from_the_latest_poll(setup):
              "handoff_tail_seconds": 0.0, "leases_expired": 1, "node": "",
              "store_lookups": 0, "store_hit_blocks": 0, "store_hit_tokens": 0,
              "store_saved_blocks": 0, "store_loaded_bytes": 0, "store_load_seconds": 0.0,
+             "preemptions": 2, "preempted_tokens": 300,
              "tp": 1, "pp": 1,
              "rank_failure": ""}),
     ])
@@ -127,6 +129,8 @@ def test_worker_figures_come_from_the_latest_poll(setup):
     assert s[("pdserve:kv_handoff_seconds_count", p)] == 4
     assert s[("pdserve:kv_handoff_seconds_sum", p)] == pytest.approx(0.2)
     assert s[("pdserve:kv_leases_expired_total", d)] == 1
+    assert s[("pdserve:worker_preemptions_total", d)] == 2
+    assert s[("pdserve:worker_preempted_tokens_total", d)] == 300
     assert s[("pdserve:worker_generation_tokens_total", d)] == 90
     assert s[("pdserve:kv_store_hit_tokens_total", p)] == 32
     assert s[("pdserve:kv_store_saved_blocks_total", p)] == 7

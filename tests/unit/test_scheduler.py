@@ -162,6 +162,7 @@ def test_newest_running_request_is_preempted_when_blocks_run_out():
     batch, _ = step(s)  # both need a fourth block: the newest running request gives way
     assert shape(batch) == [("old", 1)]
     assert s.num_preemptions == 1
+    assert s.num_preempted_tokens == 12  # its prompt and 4 decoded tokens: to recompute
     assert list(s.waiting) == [new] and new.status is SequenceStatus.WAITING
     assert new.block_ids == [] and new.num_computed_tokens == 0  # its blocks were freed
     assert len(old.block_ids) == 4

