@@ -156,13 +156,15 @@ class FollowerActor:
     `run` then executes the driver's steps until the driver stops or the group breaks."""
 
     def __init__(self, config: dict, pool: str, worker_id: str, rank: int, spec: dict):
-        import torch
-
-        from pdserve.engine.executor.multiproc import Follower
+        from pdserve.engine.cpu_threads import configure_process
 
         cfg = ClusterConfig.model_validate(config)
         section: PoolSection = getattr(cfg, pool)
-        torch.set_num_threads(section.threads)
+        # Same thread budget and passive OpenMP waiting as the driver rank (actors._setup);
+        # before the executor's import brings torch in.
+        configure_process(section.rank_threads())
+        from pdserve.engine.executor.multiproc import Follower
+
         self.worker_id, self.rank = worker_id, rank
         self.kv = _rank_connector(cfg, pool, rank)
         self.group = RankGroupSpec.from_dict(spec).join(rank, section.device)
