@@ -278,3 +278,45 @@ def test_the_router_reads_each_workers_cache_exactly_from_its_published_events(
     with redis.Redis.from_url(url) as r:
         assert not any(r.hmget(worker_cache_key("pdkv", on_a), list(got.hashes)))
     assert_blocks_back(client, start)
+
+
+def test_a_prefix_outlives_the_worker_that_computed_it(served, tokenizer, hf_model):
+    """A prompt prefilled on worker A, then A killed: the supervisor replaces it, and the
+    same prefix is loaded from the store wherever it lands next (A's own cache died with A,
+    and no other worker ever computed it): only the new ending is prefilled, the tokens are
+    HF's, and every worker's blocks are back."""
+    bg, client = served
+    start = free_blocks(client)
+    prefix = ("High in the mountains above the old mining town, a young engineer kept a "
+              "notebook of every bridge she had ever crossed, and on the first page she "
+              "had written the names of the rivers beneath them, one by one, until")
+    a, b = (tokenizer.encode(prefix + t) for t in (" the ink ran out.", " the rain came."))
+    shared = shared_blocks(a, b)
+    assert shared >= 2 * BS
+    puts0 = client.stats().kv_store[0].puts
+    t0 = prefill_tokens(client)
+    assert ask(client, prefix + " the ink ran out.") == hf_greedy(hf_model, a, N)
+    t1 = prefill_tokens(client)
+    (on_a,) = [w for w in t0 if t1[w] > t0[w]]
+    deadline = time.monotonic() + 30  # saved off the request's path, on A's save thread
+    while client.stats().kv_store[0].puts - puts0 < shared // BS:
+        assert time.monotonic() < deadline, "A never saved the prompt's blocks to the store"
+        time.sleep(0.05)
+
+    ray.kill(bg.cluster.prefill_handles[int(on_a.rsplit("-", 1)[1])], no_restart=True)
+    deadline = time.monotonic() + 120  # the replacement loads the model on a busy machine
+    while True:
+        h = client.health()
+        states = {w.worker_id: w.state for w in client.stats().workers}
+        if h.serving and h.prefill_workers == 2 and not h.workers_down and \
+                prefill_tokens(client)[on_a] == 0 and states[on_a] == "up":
+            break  # A is a new process (its counters start again) and is up
+        assert time.monotonic() < deadline, f"{on_a} was not replaced: {states}"
+        time.sleep(0.2)
+
+    t2, h2 = prefill_tokens(client), store_hits(client)
+    assert ask(client, prefix + " the rain came.") == hf_greedy(hf_model, b, N)
+    t3, h3 = prefill_tokens(client), store_hits(client)
+    assert sum(t3.values()) - sum(t2.values()) == len(b) - shared, "the prefix was recomputed"
+    assert sum(h3.values()) - sum(h2.values()) == shared
+    assert_blocks_back(client, start)
