@@ -57,9 +57,10 @@ def transfer_endpoint(transfer_host: str) -> tuple[str, str | None]:
     return transfer_host, None
 
 
-def _store(cfg: ClusterConfig):
+def _store(cfg: ClusterConfig, secret: str):
     """This worker's KV store connector, when the cluster runs the store (the launcher put
-    the index URL into the config: kv_store.redis_url)."""
+    the index URL into the config: kv_store.redis_url, and passed the store's `secret`,
+    with which it pulls from other nodes' pools)."""
     if not cfg.kv_store.enabled:
         return None
     from pdserve.kv_store.connector import StoreConnector
@@ -67,7 +68,9 @@ def _store(cfg: ClusterConfig):
 
     return StoreConnector(StoreIndex(cfg.kv_store.redis_url), _node(),
                           pin_lease_s=cfg.kv_store.pin_lease_seconds,
-                          verify=cfg.kv_store.verify)
+                          verify=cfg.kv_store.verify, peer_secret=secret,
+                          peer_tls=cfg.tls.sender_files() if cfg.tls else None,
+                          pull_timeout_s=cfg.kv_store.pull_timeout_seconds)
 
 
 def _publish_cache(cfg: ClusterConfig, worker):
@@ -117,6 +120,14 @@ class _WorkerShell:
     def abort(self, request_id: str) -> bool:
         return self.worker.abort(request_id)
 
+    def _pull(self, request: WorkerRequest) -> None:
+        """Before the engine sees `request`: copy a prefix only other nodes' store pools hold
+        into this node's pool (bounded by kv_store.pull_timeout_seconds; a failure is a
+        miss), on this request's actor thread, so the engine's local load serves it."""
+        store = self.worker.store
+        if store is not None:
+            store.pull_from_peers(request.all_token_ids)
+
     def stats(self) -> dict:
         return replace(self.worker.stats(), node=_node()).to_dict()
 
@@ -128,7 +139,8 @@ class _WorkerShell:
 
 @ray.remote(max_concurrency=MAX_CONCURRENCY)
 class PrefillActor(_WorkerShell):
-    def __init__(self, config: dict, worker_id: str, rank_group: dict | None = None):
+    def __init__(self, config: dict, worker_id: str, store_secret: str = "",
+                 rank_group: dict | None = None):
         from pdserve.prefill_worker.worker import PrefillWorker
 
         cfg = ClusterConfig.model_validate(config)
@@ -138,7 +150,7 @@ class PrefillActor(_WorkerShell):
             engine_config, transport=cfg.transport, worker_id=worker_id,
             inject_transfer_failures=cfg.debug.inject_transfer_failures,
             tls=cfg.tls.sender_files() if cfg.tls and cfg.transport == "grpc" else None,
-            store=_store(cfg),
+            store=_store(cfg, store_secret),
             executor=_executor(engine_config, rank_group),
         )
         self.publisher = _publish_cache(cfg, self.worker)
@@ -147,8 +159,9 @@ class PrefillActor(_WorkerShell):
         return self._identity("prefill")
 
     def prefill(self, request: dict, sink: dict) -> dict:
-        return self.worker.prefill(WorkerRequest.from_dict(request),
-                                   KVSink.from_dict(sink)).to_dict()
+        req = WorkerRequest.from_dict(request)
+        self._pull(req)
+        return self.worker.prefill(req, KVSink.from_dict(sink)).to_dict()
 
     # ---- nccl KV transport: pairing through Ray (cluster/nccl_setup.py) ----------------------
 
@@ -164,7 +177,7 @@ class PrefillActor(_WorkerShell):
 
 @ray.remote(max_concurrency=MAX_CONCURRENCY)
 class DecodeActor(_WorkerShell):
-    def __init__(self, config: dict, worker_id: str, role: str,
+    def __init__(self, config: dict, worker_id: str, role: str, store_secret: str = "",
                  rank_group: dict | None = None):
         from pdserve.decode_worker.worker import DecodeWorker
 
@@ -176,7 +189,7 @@ class DecodeActor(_WorkerShell):
             engine_config, transport=cfg.transport, worker_id=worker_id,
             role=role, host=host, advertise_host=advertise,
             tls=cfg.tls.receiver_files() if cfg.tls and cfg.transport == "grpc" else None,
-            store=_store(cfg),
+            store=_store(cfg, store_secret),
             executor=_executor(engine_config, rank_group),
         )
         self.publisher = _publish_cache(cfg, self.worker)
@@ -202,7 +215,9 @@ class DecodeActor(_WorkerShell):
             WorkerRequest.from_dict(request), PrefillResult.from_dict(first)))
 
     def generate(self, request: dict):
-        yield from _as_dicts(self.worker.generate(WorkerRequest.from_dict(request)))
+        req = WorkerRequest.from_dict(request)
+        self._pull(req)
+        yield from _as_dicts(self.worker.generate(req))
 
     # ---- nccl KV transport: pairing through Ray (cluster/nccl_setup.py) ----------------------
 

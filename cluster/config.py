@@ -246,6 +246,10 @@ class KVStoreSection(_Strict):
         "using it: 'header' (hash and generation, read again after the copy; the slots are "
         "pinned meanwhile) or 'crc' (also a CRC32 of every byte, computed on save and on "
         "the lookup's critical path: catches bytes changed in place, at memory speed)")
+    pull_timeout_seconds: float = Field(
+        default=5.0, gt=0, description="how long a worker may spend pulling a prefix that "
+        "only another node's pool holds into its own node's pool (over gRPC, before the "
+        "request reaches its engine); past it the request goes on with what arrived")
     cache_events: bool = Field(default=True, description="workers publish their own prefix "
                                "caches to the index and the KV-aware router reads them "
                                "exactly; false: it estimates them from what it routed")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import secrets
 
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
@@ -26,18 +27,32 @@ log = logging.getLogger("pdserve.cluster")
 class KVStoreActor:
     """The store process of one node (a thin shell around `kv_store.NodeStore`)."""
 
-    def __init__(self, config: dict, node: str, block_shape: list[int], dtype: str):
+    def __init__(self, config: dict, node: str, block_shape: list[int], dtype: str,
+                 peer_secret: str = ""):
+        from pdserve.cluster.actors import transfer_endpoint
         from pdserve.kv_store.index import StoreIndex
         from pdserve.kv_store.node_store import NodeStore
 
-        cfg = ClusterConfig.model_validate(config).kv_store
+        full = ClusterConfig.model_validate(config)
+        cfg = full.kv_store
+        # Reads from other nodes bind where the decode workers' KV receivers do
+        # (decode.transfer_host: loopback unless configured), with the same TLS.
+        host, advertise = transfer_endpoint(full.decode.transfer_host)
         block_bytes = 4 if dtype == "float32" else 2
         for d in block_shape:
             block_bytes *= d
         slots = max(1, (cfg.pool_mb << 20) // block_bytes)
         self.block_bytes = block_bytes
         self.store = NodeStore(StoreIndex(cfg.redis_url), node, slots, block_shape, dtype,
-                               shm_dir=cfg.shm_dir, lease_s=cfg.store_lease_seconds)
+                               shm_dir=cfg.shm_dir, lease_s=cfg.store_lease_seconds,
+                               peer_secret=peer_secret, peer_host=host,
+                               peer_advertise=advertise,
+                               tls=full.tls.receiver_files() if full.tls else None,
+                               verify=cfg.verify, pin_lease_s=cfg.pin_lease_seconds)
+
+    def peer_address(self) -> str | None:
+        """Where this store serves reads of its pool to other nodes."""
+        return self.store.peer_address
 
     def stats(self) -> dict:
         """`StorePoolStats` as plain data."""
@@ -54,10 +69,13 @@ class KVStoreActor:
 
 
 class KVStoreDeployment:
-    """The store's parts one cluster started (and so stops)."""
+    """The store's parts one cluster started (and so stops). `secret` admits reads of one
+    node's pool by workers on others (kv_store/peer_service.py): generated here, at start,
+    and handed to the store actors and the workers as Ray actor arguments, never a file."""
 
     def __init__(self, config: ClusterConfig):
         self.config = config
+        self.secret = secrets.token_urlsafe(32) if config.kv_store.enabled else ""
         self.redis = None  # a RedisServer this process started
         self.actors: dict[str, object] = {}  # node id -> KVStoreActor
         self.paths: list[str] = []  # the pool files they made
@@ -113,7 +131,7 @@ class KVStoreDeployment:
     def _start_actor(self, node: str) -> None:
         self.actors[node] = KVStoreActor.options(
             scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False),
-        ).remote(self._blob, node, self._shape, self._dtype)
+        ).remote(self._blob, node, self._shape, self._dtype, self.secret)
 
     def stats(self, timeout: float = 10) -> list[dict]:
         """Each node pool's path, capacity, use, pins, evictions and puts (blocking)."""

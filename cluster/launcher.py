@@ -161,10 +161,12 @@ class Cluster:
         cfg = self.config
         blob = self._worker_cfg.model_dump(mode="json")
         if worker_id.startswith("prefill-"):
-            actor_cls, pool, pool_name, args = PrefillActor, cfg.prefill, "prefill", ()
+            actor_cls, pool, pool_name, args = (PrefillActor, cfg.prefill, "prefill",
+                                                (self.kv_store.secret,))
         else:
             role = "decode" if cfg.mode == "disaggregated" else "colocated"
-            actor_cls, pool, pool_name, args = DecodeActor, cfg.decode, "decode", (role,)
+            actor_cls, pool, pool_name, args = (DecodeActor, cfg.decode, "decode",
+                                                (role, self.kv_store.secret))
         old = self.worker_groups.get(worker_id)
         group = start_worker(actor_cls, pool, blob, pool_name, worker_id, *args,
                              place_timeout=timeout,

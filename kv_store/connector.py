@@ -23,6 +23,11 @@ on a background thread. `request_finished` keeps the blocks until that thread co
 an abort stops the copy between two blocks. Blocks a worker later evicts from its own pool
 were saved this way when their request ended, so eviction needs no second copy.
 
+Pull: with the cluster's store secret (`peer_secret`), `pull_from_peers` copies a prefix
+that another node's pool holds and this node's lacks into this node's pool over gRPC
+(kv_store/peer_service.py), on the caller's thread — the worker actor's, before it hands
+the request to the engine — so that the local load above then serves it.
+
 No Redis, or no store process on the node: lookups are misses and saves are skipped; the
 engine serves on, computing everything itself.
 """
@@ -55,6 +60,8 @@ if TYPE_CHECKING:
 
     from pdserve.engine.scheduler import ScheduledSeq
     from pdserve.kv_store.cuda_copy import CudaBlockCopier, PendingLoad
+    from pdserve.kv_store.peer_service import PeerPuller
+    from pdserve.tls import TLSFiles
 
 log = logging.getLogger("pdserve.kv_store")
 
@@ -108,7 +115,8 @@ class StoreConnector(KVConnector):
     loop then (it may be set after construction)."""
 
     def __init__(self, index: StoreIndex, node: str, on_saved: Callable[[], None] = lambda: None,
-                 pin_lease_s: float = 30.0, verify: str = "header"):
+                 pin_lease_s: float = 30.0, verify: str = "header", peer_secret: str = "",
+                 peer_tls: TLSFiles | None = None, pull_timeout_s: float = 5.0):
         if verify not in VERIFY_MODES:
             raise ValueError(f"verify must be one of {VERIFY_MODES}, got {verify!r}")
         self.index = index
@@ -121,6 +129,8 @@ class StoreConnector(KVConnector):
         self.compat_key = ""
         self.block_size = 0
         self._pools: PoolAttachment | None = None  # made by register_kv_cache
+        self._peer = (peer_secret, peer_tls, pull_timeout_s)
+        self.puller: PeerPuller | None = None  # with a peer secret, made by register_kv_cache
         # Engine thread only: each admitted request's pinned slots, with the pool mapping
         # they were checked in (the saver thread may map a newer pool meanwhile).
         self._pins: dict[str, tuple[BlockPool, list[SlotRef]]] = {}
@@ -148,9 +158,19 @@ class StoreConnector(KVConnector):
         False if there is none. A CUDA worker does this by itself from start-up on."""
         return self._pools is not None and self._pools.attach_registered() is not None
 
+    def pull_from_peers(self, token_ids: Sequence[int]) -> int:
+        """Copy the prompt's prefix that another node's pool holds beyond this node's into
+        this node's pool (blocks written; 0 without peers, on a miss or on any failure).
+        Blocking for up to the pull timeout: call it off the engine thread."""
+        if self.puller is None:
+            return 0
+        return self.puller.pull(self._prefix_hashes(token_ids))
+
     def close(self) -> None:
         self._queue.put(None)
         self._saver.join(5)
+        if self.puller is not None:
+            self.puller.close()
         if self._pools is not None:
             self._pools.close()
         self.index.close()
@@ -220,6 +240,12 @@ class StoreConnector(KVConnector):
         cuda = kv_cache.device.type == "cuda"
         self._pools = PoolAttachment(self.index, self.node, tuple(kv_cache[:, :, 0].shape),
                                      kv_cache.dtype, pin=cuda)
+        secret, tls, timeout_s = self._peer
+        if secret:
+            from pdserve.kv_store.peer_service import PeerPuller
+
+            self.puller = PeerPuller(self.index, self.node, self._pools, secret, tls=tls,
+                                     timeout_s=timeout_s, crc=self.verify == "crc")
         if cuda:
             from pdserve.kv_store.cuda_copy import CudaBlockCopier
 
@@ -408,6 +434,11 @@ def store_stats(store: StoreConnector | None) -> dict[str, int | float]:
     if store is None:
         return {}
     c = store.counters
-    return {"store_lookups": c.lookups, "store_hit_blocks": c.hit_blocks,
-            "store_hit_tokens": c.hit_tokens, "store_saved_blocks": c.saved_blocks,
-            "store_loaded_bytes": c.loaded_bytes, "store_load_seconds": c.load_s + c.verify_s}
+    out = {"store_lookups": c.lookups, "store_hit_blocks": c.hit_blocks,
+           "store_hit_tokens": c.hit_tokens, "store_saved_blocks": c.saved_blocks,
+           "store_loaded_bytes": c.loaded_bytes, "store_load_seconds": c.load_s + c.verify_s}
+    if store.puller is not None:
+        p = store.puller.counters
+        out.update(store_pulled_blocks=p.blocks, store_pulled_bytes=p.bytes,
+                   store_pull_seconds=p.seconds)
+    return out

@@ -132,6 +132,40 @@ end
 return out
 """
 
+# ARGV: namespace, own node, hash...  -> {node, address, n, ...}: for every other node whose
+# pool is registered with a read address and whose store holds its lease, how many leading
+# hashes its pool indexes (nodes holding none left out).
+_LOCATE = """
+local ns, own = ARGV[1], ARGV[2]
+local out = {}
+local peers = redis.call('HGETALL', ns .. ':peers')
+for j = 1, #peers, 2 do
+  local node, addr = peers[j], peers[j + 1]
+  local p = ns .. ':' .. node .. ':'
+  if node ~= own and redis.call('EXISTS', p .. 'lease') == 1 then
+    local n = 0
+    for i = 3, #ARGV do
+      if redis.call('HEXISTS', p .. 'idx', ARGV[i]) == 0 then break end
+      n = n + 1
+    end
+    if n > 0 then out[#out + 1] = node; out[#out + 1] = addr; out[#out + 1] = n end
+  end
+end
+return out
+"""
+
+# ARGV: prefix, hash...  -> how many leading hashes the pool indexes (0 without a store)
+_HELD = """
+local p = ARGV[1]
+if redis.call('EXISTS', p .. 'lease') == 0 then return 0 end
+local n = 0
+for i = 2, #ARGV do
+  if redis.call('HEXISTS', p .. 'idx', ARGV[i]) == 0 then break end
+  n = n + 1
+end
+return n
+"""
+
 _UNPIN = """
 local p = ARGV[1]
 for i = 2, #ARGV do
@@ -214,13 +248,19 @@ class StoreIndex:
                                            socket_connect_timeout=timeout_s)
         self._scripts = {name: self._redis.register_script(src) for name, src in (
             ("init", _INIT), ("alloc", _ALLOC), ("commit", _COMMIT), ("pin", _PIN),
-            ("unpin", _UNPIN), ("publish", _PUBLISH))}
+            ("unpin", _UNPIN), ("publish", _PUBLISH), ("locate", _LOCATE),
+            ("held", _HELD))}
         self._down_until = 0.0
         self._lock = threading.Lock()
         self.errors = 0
 
     def prefix(self, node: str) -> str:
         return pool_key_prefix(self.namespace, node)
+
+    @property
+    def _peers_key(self) -> str:
+        """node -> the address its store serves reads of its pool at (kv_store/peer_service)."""
+        return f"{self.namespace}:peers"
 
     @property
     def available(self) -> bool:
@@ -232,11 +272,19 @@ class StoreIndex:
 
     # ---- the store process ----------------------------------------------------------------
 
-    def register_pool(self, node: str, path: str, num_slots: int, lease_ms: int) -> bool:
-        """(Re)start `node`'s pool: forget everything indexed for it, all slots free."""
+    def register_pool(self, node: str, path: str, num_slots: int, lease_ms: int,
+                      peer_address: str | None = None) -> bool:
+        """(Re)start `node`'s pool: forget everything indexed for it, all slots free. With
+        `peer_address`, workers on other nodes read the pool there (`locate_peers`)."""
         gen0 = time.time_ns() // 1000  # above any generation a previous Redis handed out
-        return self._run(lambda: self._scripts["init"](
-            args=[self.prefix(node), path, num_slots, gen0, lease_ms])) is not None
+
+        def init():
+            self._scripts["init"](args=[self.prefix(node), path, num_slots, gen0, lease_ms])
+            if peer_address:
+                self._redis.hset(self._peers_key, node, peer_address)
+            return True
+
+        return self._run(init) is not None
 
     def heartbeat(self, node: str, path: str, lease_ms: int) -> str:
         """Refresh the store lease. Returns 'ok', 'unregistered' (Redis lost the pool: it
@@ -262,6 +310,7 @@ class StoreIndex:
                 keys = list(self._redis.scan_iter(match=p + "*", count=1000))
                 if keys:
                     self._redis.delete(*keys)
+                self._redis.hdel(self._peers_key, node)
             return True
 
         self._run(drop)
@@ -328,6 +377,27 @@ class StoreIndex:
             return path.decode() if alive and path else None
 
         return self._run(read)
+
+    def held_prefix(self, node: str, hashes: Sequence[bytes]) -> int:
+        """How many leading `hashes` `node`'s pool indexes now (no pin: a hint); 0 without a
+        store or Redis."""
+        if not hashes:
+            return 0
+        return int(self._run(lambda: self._scripts["held"](
+            args=[self.prefix(node), *hashes])) or 0)
+
+    def locate_peers(self, own_node: str, hashes: Sequence[bytes]
+                     ) -> list[tuple[str, str, int]]:
+        """(node, read address, leading hashes held) of every other node's live pool that
+        holds some of `hashes`' prefix, longest first; [] without Redis. A hint: the holder
+        pins and checks when it serves the read."""
+        if not hashes:
+            return []
+        out = self._run(lambda: self._scripts["locate"](
+            args=[self.namespace, own_node, *hashes])) or []
+        found = [(out[i].decode(), out[i + 1].decode(), int(out[i + 2]))
+                 for i in range(0, len(out), 3)]
+        return sorted(found, key=lambda f: -f[2])
 
     def unpin(self, node: str, refs: Sequence[SlotRef]) -> None:
         if refs:

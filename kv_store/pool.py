@@ -206,6 +206,11 @@ class BlockPool:
         """Copy `slot` into `out` (a block view of an engine's KV pool)."""
         out.copy_(self.blocks[slot])
 
+    def read_bytes(self, slot: int) -> bytes:
+        """A copy of `slot`'s raw bytes (a peer's read: kv_store/peer_service.py); the
+        caller holds the slot's pin and rechecks its header after this returned."""
+        return self._raw[slot].tobytes()
+
     def pin_for_cuda(self) -> bool:
         """Page-lock the slots for DMA to and from CUDA devices (idempotent); True if they
         are. A failure (e.g. a mapping the driver cannot lock) leaves the pool pageable:

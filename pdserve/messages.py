@@ -379,6 +379,11 @@ class WorkerStats:
     # lost (recomputed later): a KV pool too small for its load shows here.
     preemptions: int = 0
     preempted_tokens: int = 0
+    # Blocks this worker pulled from other nodes' pools into its own node's pool over gRPC
+    # (kv_store/peer_service.py), their bytes, and the seconds those pulls took.
+    store_pulled_blocks: int = 0
+    store_pulled_bytes: int = 0
+    store_pull_seconds: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -388,7 +393,7 @@ class WorkerStats:
         _check_keys(cls, d)
         kinds = {"worker_id": str, "role": str, "node": str, "handoff_seconds": float,
                  "handoff_tail_seconds": float, "rank_failure": str,
-                 "store_load_seconds": float}
+                 "store_load_seconds": float, "store_pull_seconds": float}
         return cls(**{k: kinds.get(k, int)(v) for k, v in d.items()})
 
 

@@ -1,0 +1,177 @@
+"""Cross-node pulls of the KV store (kv_store/peer_service.py) with real gRPC on loopback and
+a real redis-server: two "nodes" are two store processes' pools in one Redis. A good read
+copies the prefix into the other node's pool; a wrong secret is refused and changes
+nothing; a slot rewritten before or during the read ends the pulled prefix there."""
+
+from __future__ import annotations
+
+import grpc
+import pytest
+import torch
+
+from pdserve.kv_store.index import StoreIndex
+from pdserve.kv_store.node_store import NodeStore
+from pdserve.kv_store.peer_service import PeerPuller
+from pdserve.kv_store.pool_attach import PoolAttachment
+from pdserve.proto.stubs.pdserve.v1 import kv_store_pb2 as pb
+from pdserve.proto.stubs.pdserve.v1 import kv_store_pb2_grpc as pb_grpc
+
+SHAPE = (2, 2, 4, 1, 8)  # [layers, K|V, block_size, kv_heads, head_dim]: tiny blocks
+SECRET = "s3cret-for-this-test"
+
+
+def h(i: int) -> bytes:
+    return i.to_bytes(16, "little")
+
+
+def block(v: float) -> torch.Tensor:
+    return torch.arange(torch.Size(SHAPE).numel(), dtype=torch.float32).view(SHAPE) + v
+
+
+@pytest.fixture
+def nodes(redis_server, tmp_path, request):
+    """(holder store "a" serving reads, reader store "b", a puller on b)."""
+    tag = request.node.name[-20:]
+    index = StoreIndex(redis_server.url, namespace=f"peer-{tag}")
+    a = NodeStore(index, "a", num_slots=4, block_shape=SHAPE, dtype="float32",
+                  shm_dir=str(tmp_path), peer_secret=SECRET)
+    b = NodeStore(index, "b", num_slots=4, block_shape=SHAPE, dtype="float32",
+                  shm_dir=str(tmp_path), peer_secret=SECRET)
+    pools = PoolAttachment(index, "b", SHAPE, torch.float32, pin=False)
+    puller = PeerPuller(index, "b", pools, SECRET, timeout_s=5.0)
+    yield a, b, puller
+    puller.close()
+    pools.close()
+    b.close()
+    a.close()
+    index.close()
+
+
+def put(store: NodeStore, items: dict[bytes, float]) -> None:
+    _, refs = store.index.alloc(store.node, list(items))
+    for r in refs:
+        store.pool.write(r.slot, r.gen, r.block_hash, block(items[r.block_hash]))
+    assert store.index.commit(store.node, refs) == len(items)
+
+
+def held(store: NodeStore, hashes: list[bytes]) -> dict[bytes, torch.Tensor]:
+    """The blocks `store`'s pool holds of `hashes`' prefix, read under a pin."""
+    found = store.index.pin(store.node, hashes, 10_000)
+    out = {}
+    if found is not None:
+        _, refs = found
+        for r in refs:
+            assert store.pool.check(r.slot, r.gen, r.block_hash)
+            t = torch.empty(SHAPE)
+            store.pool.read_into(r.slot, t)
+            out[r.block_hash] = t
+        store.index.unpin(store.node, refs)
+    return out
+
+
+def no_pins(store: NodeStore) -> bool:
+    return store.index.pool_stats(store.node).pinned_blocks == 0
+
+
+def test_the_service_registers_its_address_with_the_pool(nodes):
+    a, b, _ = nodes
+    assert a.peer_address.startswith("127.0.0.1:")  # loopback unless configured
+    put(a, {h(0): 0.0})
+    assert a.index.locate_peers("b", [h(0), h(1)]) == [("a", a.peer_address, 1)]
+    assert a.index.locate_peers("a", [h(0)]) == []  # never its own node
+
+
+def test_a_prefix_only_another_node_holds_is_pulled_into_this_nodes_pool(nodes):
+    a, b, puller = nodes
+    put(a, {h(0): 0.0, h(1): 1.0, h(2): 2.0})
+    want = [h(0), h(1), h(2), h(3)]
+    assert held(b, want) == {}
+    assert puller.pull(want) == 3
+    got = held(b, want)
+    assert list(got) == [h(0), h(1), h(2)]
+    for i, t in enumerate(got.values()):
+        assert torch.equal(t, block(float(i)))
+    c = puller.counters
+    assert (c.pulls, c.blocks, c.failures) == (1, 3, 0)
+    assert c.bytes == 3 * a.pool.block_bytes and c.seconds > 0
+    assert a.service.counters.blocks_sent == 3
+    assert no_pins(a) and no_pins(b)
+    assert puller.pull(want) == 0  # b holds as much as anyone now: nothing to pull
+    assert puller.counters.pulls == 1
+
+
+def test_a_wrong_secret_is_refused_and_changes_nothing(nodes):
+    a, b, puller = nodes
+    put(a, {h(0): 0.0, h(1): 1.0})
+    with grpc.insecure_channel(a.peer_address) as channel:
+        stream = pb_grpc.KVStorePeerStub(channel).ReadBlocks(pb.ReadBlocksRequest(
+            secret="not-it", hashes=[h(0), h(1)], block_shape=list(SHAPE),
+            dtype="float32"), timeout=5)
+        with pytest.raises(grpc.RpcError) as e:
+            list(stream)
+    assert e.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert a.service.counters.refused == 1 and a.service.counters.reads == 0
+
+    wrong = PeerPuller(puller.index, "b", puller.pools, "not-it", timeout_s=5.0)
+    try:
+        assert wrong.pull([h(0), h(1)]) == 0
+        assert wrong.counters.failures == 1 and wrong.counters.blocks == 0
+    finally:
+        wrong.close()
+    assert held(b, [h(0), h(1)]) == {}
+    assert a.index.pool_stats("b").used_blocks == 0
+    assert no_pins(a) and a.service.counters.blocks_sent == 0
+
+
+def test_a_pool_of_another_block_shape_is_refused(nodes):
+    a, _, _ = nodes
+    put(a, {h(0): 0.0})
+    with grpc.insecure_channel(a.peer_address) as channel:
+        stream = pb_grpc.KVStorePeerStub(channel).ReadBlocks(pb.ReadBlocksRequest(
+            secret=SECRET, hashes=[h(0)], block_shape=[2, 2, 8, 1, 8], dtype="float32"),
+            timeout=5)
+        with pytest.raises(grpc.RpcError) as e:
+            list(stream)
+    assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert no_pins(a)
+
+
+def test_a_slot_rewritten_before_the_read_ends_the_pulled_prefix(nodes):
+    a, b, puller = nodes
+    put(a, {h(0): 0.0, h(1): 1.0, h(2): 2.0})
+    _, refs = a.index.pin("a", [h(0), h(1)], 10_000)
+    a.index.unpin("a", refs)
+    # Reallocated behind the index's back: the header no longer says what the index does.
+    a.pool.write(refs[1].slot, refs[1].gen + 1000, h(1), block(9.0))
+    assert puller.pull([h(0), h(1), h(2)]) == 1
+    assert list(held(b, [h(0), h(1), h(2)])) == [h(0)]
+    assert a.service.counters.rejected_blocks == 2 and no_pins(a)
+
+
+def test_a_slot_rewritten_during_the_copy_is_not_sent(nodes, monkeypatch):
+    a, b, puller = nodes
+    put(a, {h(0): 0.0, h(1): 1.0, h(2): 2.0})
+    _, refs = a.index.pin("a", [h(0), h(1)], 10_000)
+    a.index.unpin("a", refs)
+    torn_slot = refs[1].slot
+    real = a.pool.read_bytes
+
+    def racing_read(slot: int) -> bytes:
+        data = real(slot)
+        if slot == torn_slot:  # a writer whose pin check did not hold reused the slot
+            a.pool.write(slot, refs[1].gen + 1000, h(7), block(7.0))
+        return data
+
+    monkeypatch.setattr(a.pool, "read_bytes", racing_read)
+    assert puller.pull([h(0), h(1), h(2)]) == 1
+    got = held(b, [h(0), h(1), h(2)])
+    assert list(got) == [h(0)] and torch.equal(got[h(0)], block(0.0))
+    assert a.service.counters.torn_blocks == 1 and no_pins(a)
+
+
+def test_a_dead_peer_is_a_miss(nodes):
+    a, b, puller = nodes
+    put(a, {h(0): 0.0})
+    a.service.close()  # the index still names it (its lease has not run out)
+    assert puller.pull([h(0)]) == 0
+    assert puller.counters.failures == 1 and held(b, [h(0)]) == {}
