@@ -8,6 +8,11 @@ receiver bound with `transfer_host: node-ip`, and the output must equal HF trans
 A worker's pipeline stages are spread over the two nodes (`pp_placement: spread`) in a
 third test: each stage's actor on its own node, and the greedy tokens still HF's.
 
+With the global KV store on, each node runs its own store process and pool: a prefix
+prefilled on the head node's worker is pulled over gRPC into the second node's pool by that
+node's worker (kv_store/peer_service.py), which then prefills only the new suffix; a read
+with a wrong secret is refused.
+
 Everything stays on loopback and private to this test: Ray's temp dir (and with it the
 `ray_current_cluster` file that `ray.init(address="auto")` reads) is a fresh directory, the
 nodes use 127.0.0.1, and the cluster runs with token auth on, under a token of its own.
@@ -32,6 +37,8 @@ from pdserve.cluster.background import BackgroundCluster  # noqa: E402
 from pdserve.cluster.client import PdserveClient  # noqa: E402
 from pdserve.cluster.config import parse_config  # noqa: E402
 from pdserve.engine.loader.registry import open_model  # noqa: E402
+from pdserve.engine.sampling_params import SamplingParams  # noqa: E402
+from pdserve.messages import OutputChunk, WorkerRequest  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -71,10 +78,11 @@ def two_nodes():
         mp.setattr(ray_constants, "ENABLE_RAY_CLUSTER", False)
         reset_auth_token_state()  # this process may have cached another mode or token
         common = {"num_cpus": 2, "node_ip_address": "127.0.0.1"}
+        # `one_each`: a pool whose workers each need all of it gets one worker a node.
         cluster = Cluster(initialize_head=True, head_node_args={
-            **common, "resources": {"node_p": 1}, "labels": {"pdserve/pool": "p"},
-            "include_dashboard": False})
-        second = cluster.add_node(**common, resources={"node_d": 1},
+            **common, "resources": {"node_p": 1, "one_each": 1},
+            "labels": {"pdserve/pool": "p"}, "include_dashboard": False})
+        second = cluster.add_node(**common, resources={"node_d": 1, "one_each": 1},
                                   labels={"pdserve/pool": "d"})
         yield cluster, {"p": cluster.head_node.node_id, "d": second.node_id}
     finally:
@@ -185,3 +193,109 @@ def test_pipeline_stages_spread_over_two_nodes_equal_hf(two_nodes, tiny_model_fa
             assert out["token_ids"] == hf_greedy(hf, prompt, 6)
         (w,) = client.stats().workers
         assert w.pp == 2 and w.free_blocks == w.total_blocks and not w.rank_failure
+
+
+STORY = ("Once upon a time, in a quiet village by the sea, there lived an old fisherman and "
+         "his three daughters. Every morning before the sun rose over the hills, the old man "
+         "pushed his little blue boat into the water, and every evening")
+
+
+def _on(handle, ids: list[int], n: int, rid: str) -> list[int]:
+    """Greedy tokens of `ids` from one colocated worker actor, called directly: the test
+    decides which node's worker serves the request, not the router."""
+    params = SamplingParams(max_tokens=n, min_tokens=n, temperature=0.0, seed=1)
+    request = WorkerRequest(rid, tuple(ids), params).to_dict()
+    refs = handle.generate.options(num_returns="streaming").remote(request)
+    return [t for ref in refs for t in OutputChunk.from_dict(ray.get(ref, timeout=120)
+                                                             ).token_ids]
+
+
+def _stats(client) -> dict:
+    return {w.worker_id: w for w in client.stats().workers}
+
+
+def test_a_prefix_in_another_nodes_store_pool_is_pulled_over_grpc(two_nodes, hf_model):
+    """colocated-0 and colocated-1, one a node. A prompt prefilled on A leaves its blocks in
+    A's node pool; the same prefix on B (called directly) is pulled into B's node pool over
+    gRPC and loaded from there: B computes only the new suffix and the tokens are HF's. A
+    read of A's pool with a wrong secret is refused and pins or copies nothing."""
+    import grpc
+    import redis
+
+    from pdserve.kv_store.index import StoreIndex
+    from pdserve.proto.stubs.pdserve.v1 import kv_store_pb2 as kpb
+    from pdserve.proto.stubs.pdserve.v1 import kv_store_pb2_grpc as kpb_grpc
+
+    cluster, nodes = two_nodes
+    n, bs = 4, 16
+    config = {
+        "mode": "colocated",
+        "kv": {"block_size": bs, "memory_mb": 24},
+        "decode": {"count": 2, "num_cpus": 0.5, "transfer_host": "node-ip",
+                   "resources": {"one_each": 1}},
+        "kv_store": {"enabled": True, "pool_mb": 32},
+        "router": {"port": 0, "http_port": 0},
+        "ray": {"address": cluster.address},
+    }
+    tokenizer = open_model("smollm2-135m-instruct").tokenizer
+    a_ids = tokenizer.encode(STORY + " he sang to the fish.")
+    b_ids = tokenizer.encode(STORY + " the daughters cooked supper.")
+    shared = next(i for i, (x, y) in enumerate(zip(a_ids, b_ids)) if x != y) // bs * bs
+    assert shared >= 2 * bs
+    with BackgroundCluster(parse_config(config), ready_timeout=240) as bg, \
+            PdserveClient(bg.address, timeout=120) as client:
+        handles = dict(zip((i["worker_id"] for i in bg.cluster.ready_info),
+                           bg.cluster.decode_handles))
+        on = {i["node"]: i["worker_id"] for i in bg.cluster.ready_info}
+        assert sorted(on) == sorted(nodes.values()), "the workers share a node"
+        a, b = on[nodes["p"]], on[nodes["d"]]
+        start = _stats(client)
+        assert all(w.free_blocks == w.total_blocks for w in start.values())
+
+        assert _on(handles[a], a_ids, n, "on-a") == hf_greedy(hf_model, a_ids, n)
+        url = bg.cluster._worker_cfg.kv_store.redis_url
+        key = bg.cluster.compat_key
+        a_hashes, b_hashes = (_block_hashes(x, bs, key) for x in (a_ids, b_ids))
+        index = StoreIndex(url)
+        try:
+            deadline = time.monotonic() + 30
+            while index.held_prefix(nodes["p"], a_hashes) < shared // bs:
+                assert time.monotonic() < deadline, "A's blocks never reached its node's pool"
+                time.sleep(0.05)
+            assert index.held_prefix(nodes["d"], a_hashes) == 0
+
+            # A stranger without the secret: refused before anything is pinned or read.
+            peers = redis.Redis.from_url(url).hgetall(f"{index.namespace}:peers")
+            addr_p = peers[nodes["p"].encode()].decode()
+            assert addr_p.startswith("127.0.0.1:")  # transfer_host node-ip: the node's IP
+            with grpc.insecure_channel(addr_p) as channel:
+                with pytest.raises(grpc.RpcError) as e:
+                    list(kpb_grpc.KVStorePeerStub(channel).ReadBlocks(kpb.ReadBlocksRequest(
+                        secret="guess", hashes=a_hashes), timeout=10))
+            assert e.value.code() == grpc.StatusCode.PERMISSION_DENIED
+            assert index.pool_stats(nodes["p"]).pinned_blocks == 0
+            assert index.held_prefix(nodes["d"], a_hashes) == 0
+
+            assert _on(handles[b], b_ids, n, "on-b") == hf_greedy(hf_model, b_ids, n)
+            assert index.held_prefix(nodes["d"], b_hashes) >= shared // bs
+        finally:
+            index.close()
+        after = _stats(client)
+        wb = after[b]
+        assert wb.store_pulled_blocks == shared // bs, "B did not pull the prefix"
+        assert wb.store_pulled_bytes > 0 and wb.store_pull_seconds > 0
+        assert wb.store_hit_tokens == shared, "B did not load the pulled prefix"
+        assert wb.prompt_tokens_processed == len(b_ids) - shared
+        assert after[a].store_pulled_blocks == 0
+        assert after[a].prompt_tokens_processed == len(a_ids)
+        for w in after.values():
+            assert w.free_blocks == w.total_blocks, f"{w.worker_id} leaked KV blocks"
+        assert all(p.pinned_blocks == 0 for p in client.stats().kv_store)
+
+
+def _block_hashes(ids: list[int], bs: int, key: str) -> list[bytes]:
+    """The block hashes a worker under content key `key` computes for `ids`' loadable
+    blocks (never the last token's)."""
+    from pdserve.engine.kv_cache.block_hash import hash_blocks
+
+    return hash_blocks(list(ids[:(len(ids) - 1) // bs * bs]), bs, key)
