@@ -8,6 +8,7 @@ from __future__ import annotations
 import grpc
 import pytest
 import torch
+from tls_certs import make_pki
 
 from pdserve.kv_store.index import StoreIndex
 from pdserve.kv_store.node_store import NodeStore
@@ -15,6 +16,7 @@ from pdserve.kv_store.peer_service import PeerPuller
 from pdserve.kv_store.pool_attach import PoolAttachment
 from pdserve.proto.stubs.pdserve.v1 import kv_store_pb2 as pb
 from pdserve.proto.stubs.pdserve.v1 import kv_store_pb2_grpc as pb_grpc
+from pdserve.tls import TLSFiles
 
 SHAPE = (2, 2, 4, 1, 8)  # [layers, K|V, block_size, kv_heads, head_dim]: tiny blocks
 SECRET = "s3cret-for-this-test"
@@ -175,3 +177,34 @@ def test_a_dead_peer_is_a_miss(nodes):
     a.service.close()  # the index still names it (its lease has not run out)
     assert puller.pull([h(0)]) == 0
     assert puller.counters.failures == 1 and held(b, [h(0)]) == {}
+
+
+def test_pulls_over_mutual_tls_admit_only_the_clusters_certificates(redis_server, tmp_path):
+    """With `tls:` the service listens with TLS (mutual here): a puller that verifies it and
+    presents a certificate of the cluster's CA pulls; one without a certificate gets
+    nothing (a miss), as does a plaintext one."""
+    pki = make_pki(tmp_path)
+    index = StoreIndex(redis_server.url, namespace="peer-tls")
+    server_tls = TLSFiles(pki.server_cert, pki.server_key, pki.ca, require_client_cert=True)
+    a = NodeStore(index, "a", num_slots=4, block_shape=SHAPE, dtype="float32",
+                  shm_dir=str(tmp_path), peer_secret=SECRET, tls=server_tls)
+    b = NodeStore(index, "b", num_slots=4, block_shape=SHAPE, dtype="float32",
+                  shm_dir=str(tmp_path))
+    pools = PoolAttachment(index, "b", SHAPE, torch.float32, pin=False)
+    pullers = {who: PeerPuller(index, "b", pools, SECRET, tls=tls, timeout_s=5.0) for who, tls in (
+        ("plaintext", None), ("no client certificate", TLSFiles(ca_file=pki.ca)),
+        ("cluster", TLSFiles(pki.client_cert, pki.client_key, pki.ca)))}
+    try:
+        put(a, {h(0): 0.0, h(1): 1.0})
+        assert pullers["plaintext"].pull([h(0), h(1)]) == 0
+        assert pullers["no client certificate"].pull([h(0), h(1)]) == 0
+        assert held(b, [h(0), h(1)]) == {}
+        assert pullers["cluster"].pull([h(0), h(1)]) == 2
+        assert list(held(b, [h(0), h(1)])) == [h(0), h(1)] and no_pins(a)
+    finally:
+        for p in pullers.values():
+            p.close()
+        pools.close()
+        b.close()
+        a.close()
+        index.close()
