@@ -132,38 +132,33 @@ end
 return out
 """
 
-# ARGV: namespace, own node, hash...  -> {node, address, n, ...}: for every other node whose
-# pool is registered with a read address and whose store holds its lease, how many leading
-# hashes its pool indexes (nodes holding none left out).
+# ARGV: namespace, own node, hash...  -> {own_n, node, address, n, ...}: how many leading
+# hashes the own node's pool indexes, then, for every other node whose pool is registered
+# with a read address and whose store holds its lease, how many leading hashes its pool
+# indexes (nodes holding no more than the own node left out).
 _LOCATE = """
 local ns, own = ARGV[1], ARGV[2]
-local out = {}
+local function held(node)
+  local p = ns .. ':' .. node .. ':'
+  if redis.call('EXISTS', p .. 'lease') == 0 then return 0 end
+  local n = 0
+  for i = 3, #ARGV do
+    if redis.call('HEXISTS', p .. 'idx', ARGV[i]) == 0 then break end
+    n = n + 1
+  end
+  return n
+end
+local mine = held(own)
+local out = {mine}
 local peers = redis.call('HGETALL', ns .. ':peers')
 for j = 1, #peers, 2 do
-  local node, addr = peers[j], peers[j + 1]
-  local p = ns .. ':' .. node .. ':'
-  if node ~= own and redis.call('EXISTS', p .. 'lease') == 1 then
-    local n = 0
-    for i = 3, #ARGV do
-      if redis.call('HEXISTS', p .. 'idx', ARGV[i]) == 0 then break end
-      n = n + 1
-    end
-    if n > 0 then out[#out + 1] = node; out[#out + 1] = addr; out[#out + 1] = n end
+  local node = peers[j]
+  if node ~= own then
+    local n = held(node)
+    if n > mine then out[#out + 1] = node; out[#out + 1] = peers[j + 1]; out[#out + 1] = n end
   end
 end
 return out
-"""
-
-# ARGV: prefix, hash...  -> how many leading hashes the pool indexes (0 without a store)
-_HELD = """
-local p = ARGV[1]
-if redis.call('EXISTS', p .. 'lease') == 0 then return 0 end
-local n = 0
-for i = 2, #ARGV do
-  if redis.call('HEXISTS', p .. 'idx', ARGV[i]) == 0 then break end
-  n = n + 1
-end
-return n
 """
 
 _UNPIN = """
@@ -248,8 +243,7 @@ class StoreIndex:
                                            socket_connect_timeout=timeout_s)
         self._scripts = {name: self._redis.register_script(src) for name, src in (
             ("init", _INIT), ("alloc", _ALLOC), ("commit", _COMMIT), ("pin", _PIN),
-            ("unpin", _UNPIN), ("publish", _PUBLISH), ("locate", _LOCATE),
-            ("held", _HELD))}
+            ("unpin", _UNPIN), ("publish", _PUBLISH), ("locate", _LOCATE))}
         self._down_until = 0.0
         self._lock = threading.Lock()
         self.errors = 0
@@ -275,7 +269,7 @@ class StoreIndex:
     def register_pool(self, node: str, path: str, num_slots: int, lease_ms: int,
                       peer_address: str | None = None) -> bool:
         """(Re)start `node`'s pool: forget everything indexed for it, all slots free. With
-        `peer_address`, workers on other nodes read the pool there (`locate_peers`)."""
+        `peer_address`, workers on other nodes read the pool there (`locate`)."""
         gen0 = time.time_ns() // 1000  # above any generation a previous Redis handed out
 
         def init():
@@ -378,26 +372,21 @@ class StoreIndex:
 
         return self._run(read)
 
-    def held_prefix(self, node: str, hashes: Sequence[bytes]) -> int:
-        """How many leading `hashes` `node`'s pool indexes now (no pin: a hint); 0 without a
-        store or Redis."""
+    def locate(self, own_node: str, hashes: Sequence[bytes]
+               ) -> tuple[int, list[tuple[str, str, int]]]:
+        """How many leading `hashes` `own_node`'s pool indexes, and (node, read address,
+        leading hashes held) of every other node's live pool that holds more, longest
+        first; (0, []) without Redis. One round trip, no pins: a hint (the holder pins and
+        checks when it serves the read)."""
         if not hashes:
-            return 0
-        return int(self._run(lambda: self._scripts["held"](
-            args=[self.prefix(node), *hashes])) or 0)
-
-    def locate_peers(self, own_node: str, hashes: Sequence[bytes]
-                     ) -> list[tuple[str, str, int]]:
-        """(node, read address, leading hashes held) of every other node's live pool that
-        holds some of `hashes`' prefix, longest first; [] without Redis. A hint: the holder
-        pins and checks when it serves the read."""
-        if not hashes:
-            return []
+            return 0, []
         out = self._run(lambda: self._scripts["locate"](
-            args=[self.namespace, own_node, *hashes])) or []
+            args=[self.namespace, own_node, *hashes]))
+        if not out:
+            return 0, []
         found = [(out[i].decode(), out[i + 1].decode(), int(out[i + 2]))
-                 for i in range(0, len(out), 3)]
-        return sorted(found, key=lambda f: -f[2])
+                 for i in range(1, len(out), 3)]
+        return int(out[0]), sorted(found, key=lambda f: -f[2])
 
     def unpin(self, node: str, refs: Sequence[SlotRef]) -> None:
         if refs:

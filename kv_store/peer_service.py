@@ -217,24 +217,23 @@ class PeerPuller:
         logs, counts and returns what it committed (usually 0)."""
         if not hashes or not self.index.available:
             return 0
-        held = self.index.held_prefix(self.node, hashes)
-        want = list(hashes[held:])
-        peers = self.index.locate_peers(self.node, want) if want else []
+        t0 = time.perf_counter()
+        held, peers = self.index.locate(self.node, hashes)
         if not peers:
             return 0
         peer, address, n = peers[0]
-        t0 = time.perf_counter()
         written = 0
         try:
-            blocks = self._read(address, want[:n])
+            blocks = self._read(address, list(hashes[held:n]))
             written = self._write(blocks)
         except grpc.RpcError as e:
             self._count(failures=1)
-            log.warning("pulling %d KV blocks from node %s (%s) failed: %s %s", n, peer,
+            log.warning("pulling %d KV blocks from node %s (%s) failed: %s %s", n - held, peer,
                         address, e.code(), e.details())
         except Exception:  # noqa: BLE001 - a failed pull is a miss; the request goes on
             self._count(failures=1)
-            log.exception("pulling %d KV blocks from node %s (%s) failed", n, peer, address)
+            log.exception("pulling %d KV blocks from node %s (%s) failed", n - held, peer,
+                          address)
         self._count(pulls=1, blocks=written, bytes=written * self._block_bytes,
                     seconds=time.perf_counter() - t0)
         return written

@@ -259,10 +259,10 @@ def test_a_prefix_in_another_nodes_store_pool_is_pulled_over_grpc(two_nodes, hf_
         index = StoreIndex(url)
         try:
             deadline = time.monotonic() + 30
-            while index.held_prefix(nodes["p"], a_hashes) < shared // bs:
+            while index.locate(nodes["p"], a_hashes)[0] < shared // bs:
                 assert time.monotonic() < deadline, "A's blocks never reached its node's pool"
                 time.sleep(0.05)
-            assert index.held_prefix(nodes["d"], a_hashes) == 0
+            assert index.locate(nodes["d"], a_hashes)[0] == 0
 
             # A stranger without the secret: refused before anything is pinned or read.
             peers = redis.Redis.from_url(url).hgetall(f"{index.namespace}:peers")
@@ -274,10 +274,10 @@ def test_a_prefix_in_another_nodes_store_pool_is_pulled_over_grpc(two_nodes, hf_
                         secret="guess", hashes=a_hashes), timeout=10))
             assert e.value.code() == grpc.StatusCode.PERMISSION_DENIED
             assert index.pool_stats(nodes["p"]).pinned_blocks == 0
-            assert index.held_prefix(nodes["d"], a_hashes) == 0
+            assert index.locate(nodes["d"], a_hashes)[0] == 0
 
             assert _on(handles[b], b_ids, n, "on-b") == hf_greedy(hf_model, b_ids, n)
-            assert index.held_prefix(nodes["d"], b_hashes) >= shared // bs
+            assert index.locate(nodes["d"], b_hashes)[0] >= shared // bs
         finally:
             index.close()
         after = _stats(client)

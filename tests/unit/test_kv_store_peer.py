@@ -79,8 +79,8 @@ def test_the_service_registers_its_address_with_the_pool(nodes):
     a, b, _ = nodes
     assert a.peer_address.startswith("127.0.0.1:")  # loopback unless configured
     put(a, {h(0): 0.0})
-    assert a.index.locate_peers("b", [h(0), h(1)]) == [("a", a.peer_address, 1)]
-    assert a.index.locate_peers("a", [h(0)]) == []  # never its own node
+    assert a.index.locate("b", [h(0), h(1)]) == (0, [("a", a.peer_address, 1)])
+    assert a.index.locate("a", [h(0)]) == (1, [])  # never its own node as a peer
 
 
 def test_a_prefix_only_another_node_holds_is_pulled_into_this_nodes_pool(nodes):
