@@ -102,7 +102,8 @@ def test_worker_figures_come_from_the_latest_poll(setup):
              "handoff_tail_seconds": 0.05, "leases_expired": 0, "node": "",
              "store_lookups": 3, "store_hit_blocks": 2, "store_hit_tokens": 32,
              "store_saved_blocks": 7, "store_loaded_bytes": 1 << 20, "store_load_seconds": 0.01,
-             "preemptions": 0, "preempted_tokens": 0,
+             "preemptions": 0, "preempted_tokens": 0, "store_pulled_blocks": 0,
+             "store_pulled_bytes": 0, "store_pull_seconds": 0.0,
              "tp": 2, "pp": 1,
              "rank_failure": ""}),
         WorkerStats.from_dict(
@@ -112,7 +113,8 @@ def test_worker_figures_come_from_the_latest_poll(setup):
              "handoff_tail_seconds": 0.0, "leases_expired": 1, "node": "",
              "store_lookups": 0, "store_hit_blocks": 0, "store_hit_tokens": 0,
              "store_saved_blocks": 0, "store_loaded_bytes": 0, "store_load_seconds": 0.0,
-             "preemptions": 2, "preempted_tokens": 300,
+             "preemptions": 2, "preempted_tokens": 300, "store_pulled_blocks": 0,
+             "store_pulled_bytes": 0, "store_pull_seconds": 0.0,
              "tp": 1, "pp": 1,
              "rank_failure": ""}),
     ])
