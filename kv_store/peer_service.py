@@ -37,7 +37,6 @@ from dataclasses import dataclass
 import grpc
 import torch
 
-from pdserve.engine.config import torch_dtype
 from pdserve.kv_store.index import StoreIndex
 from pdserve.kv_store.pool import BlockPool
 from pdserve.kv_store.pool_attach import PoolAttachment
@@ -269,11 +268,9 @@ class PeerPuller:
         if pool is None or not refs:
             return 0  # the slots' write leases run out and free them
         data = dict(blocks)
-        tdtype = torch_dtype(self._dtype)
         for ref in refs:  # a hash already indexed (someone else wrote it) has no ref
-            block = torch.frombuffer(bytearray(data[ref.block_hash]), dtype=tdtype)
-            pool.write(ref.slot, ref.gen, ref.block_hash, block.view(self._block_shape),
-                       crc=self.crc)
+            pool.write_bytes(ref.slot, ref.gen, ref.block_hash, data[ref.block_hash],
+                             crc=self.crc)
         return self.index.commit(self.node, refs)
 
     def _channel(self, address: str) -> grpc.Channel:

@@ -153,6 +153,18 @@ class BlockPool:
         self.blocks[slot].copy_(block)  # synchronous, also from a CUDA tensor
         self._publish(slot, gen, block_hash, zlib.crc32(self._raw[slot]) if crc else None)
 
+    def write_bytes(self, slot: int, gen: int, block_hash: bytes, data: bytes,
+                    crc: bool = False) -> None:
+        """`write` from a block's raw bytes (a pull from another node's pool: one memcpy,
+        no tensor); `data` must be exactly `block_bytes` long."""
+        if gen <= 0 or len(block_hash) != 16 or len(data) != self.block_bytes:
+            raise ValueError(f"a slot write needs a positive generation, a 16-byte hash and "
+                             f"{self.block_bytes} bytes, got {gen}, {len(block_hash)} and "
+                             f"{len(data)}")
+        self._gens[slot] = 0  # readers miss from here until the new header is complete
+        self._raw[slot] = np.frombuffer(data, np.uint8)
+        self._publish(slot, gen, block_hash, zlib.crc32(self._raw[slot]) if crc else None)
+
     def _publish(self, slot: int, gen: int, block_hash: bytes, crc: int | None) -> None:
         h = self.headers
         h["hash"][slot] = block_hash

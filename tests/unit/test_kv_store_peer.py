@@ -208,3 +208,15 @@ def test_pulls_over_mutual_tls_admit_only_the_clusters_certificates(redis_server
         b.close()
         a.close()
         index.close()
+
+
+def test_a_pulled_block_is_written_from_its_exact_bytes_only(nodes):
+    _, b, _ = nodes
+    _, (ref,) = b.index.alloc("b", [h(5)])
+    with pytest.raises(ValueError, match="bytes"):
+        b.pool.write_bytes(ref.slot, ref.gen, h(5), b"\0" * (b.pool.block_bytes - 1))
+    data = block(5.0).numpy().tobytes()
+    b.pool.write_bytes(ref.slot, ref.gen, h(5), data, crc=True)
+    assert b.index.commit("b", [ref]) == 1
+    assert b.pool.check(ref.slot, ref.gen, h(5), crc=True)
+    assert torch.equal(held(b, [h(5)])[h(5)], block(5.0))
