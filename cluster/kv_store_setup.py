@@ -50,10 +50,6 @@ class KVStoreActor:
                                tls=full.tls.receiver_files() if full.tls else None,
                                verify=cfg.verify, pin_lease_s=cfg.pin_lease_seconds)
 
-    def peer_address(self) -> str | None:
-        """Where this store serves reads of its pool to other nodes."""
-        return self.store.peer_address
-
     def stats(self) -> dict:
         """`StorePoolStats` as plain data."""
         s = self.store.stats()
