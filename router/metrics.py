@@ -267,6 +267,20 @@ class _PolledCollector:
             "store_saved_blocks": CounterMetricFamily(
                 "pdserve:kv_store_saved_blocks", "KV blocks a worker saved to the global KV "
                 "store.", labels=lab),
+            "store_loaded_bytes": CounterMetricFamily(
+                "pdserve:kv_store_loaded_bytes", "KV bytes a worker loaded from its node's "
+                "store pool.", labels=lab),
+            "store_load_seconds": CounterMetricFamily(
+                "pdserve:kv_store_load_seconds", "Time a worker spent on those loads, copies "
+                "and slot checks (bytes / seconds: its load bandwidth).", labels=lab),
+            "store_pulled_blocks": CounterMetricFamily(
+                "pdserve:kv_store_pulled_blocks", "KV blocks a worker pulled from another "
+                "node's store pool into its own node's.", labels=lab),
+            "store_pulled_bytes": CounterMetricFamily(
+                "pdserve:kv_store_pulled_bytes", "KV bytes of those pulls.", labels=lab),
+            "store_pull_seconds": CounterMetricFamily(
+                "pdserve:kv_store_pull_seconds", "Time a worker spent pulling from other "
+                "nodes' pools.", labels=lab),
         }
         for s in self.snapshot:
             values = [self.model_name, s.worker_id, s.role]
@@ -282,6 +296,9 @@ class _PolledCollector:
             fams["preemptions"].add_metric(values, s.preemptions)
             fams["preempted_tokens"].add_metric(values, s.preempted_tokens)
             fams["store_saved_blocks"].add_metric(values, s.store_saved_blocks)
+            for k in ("store_loaded_bytes", "store_load_seconds", "store_pulled_blocks",
+                      "store_pulled_bytes", "store_pull_seconds"):
+                fams[k].add_metric(values, getattr(s, k))
             if s.role == "prefill":
                 fams["handoffs"].add_metric(values, s.handoffs)
                 fams["handoff_bytes"].add_metric(values, s.handoff_bytes)
