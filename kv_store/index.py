@@ -388,6 +388,12 @@ class StoreIndex:
                  for i in range(1, len(out), 3)]
         return int(out[0]), sorted(found, key=lambda f: -f[2])
 
+    def has_peers(self, own_node: str) -> bool:
+        """Whether any node other than `own_node` serves reads of its pool (False without
+        Redis). One cheap command: pullers ask it now and then, not per request."""
+        nodes = self._run(lambda: self._redis.hkeys(self._peers_key))
+        return any(n.decode() != own_node for n in nodes or ())
+
     def unpin(self, node: str, refs: Sequence[SlotRef]) -> None:
         if refs:
             self._run(lambda: self._scripts["unpin"](

@@ -48,6 +48,7 @@ log = logging.getLogger("pdserve.kv_store")
 
 MAX_READ_BLOCKS = 16384  # hashes one read may ask for (a 256k-token prefix at 16 a block)
 _SLACK = 64 << 10  # a message's header beside its block
+PEER_RECHECK_S = 1.0  # how often a puller asks whether any other node serves its pool
 
 
 def _message_options(block_bytes: int) -> list[tuple[str, int]]:
@@ -188,7 +189,8 @@ class PeerPuller:
     that finds a peer takes up to `timeout_s` for its read."""
 
     def __init__(self, index: StoreIndex, node: str, pools: PoolAttachment, secret: str,
-                 tls: TLSFiles | None = None, timeout_s: float = 5.0, crc: bool = False):
+                 tls: TLSFiles | None = None, timeout_s: float = 5.0, crc: bool = False,
+                 peer_recheck_s: float = PEER_RECHECK_S):
         self.index = index
         self.crc = crc  # write each block's CRC (the node's loads verify "crc")
         self.node = node
@@ -203,6 +205,12 @@ class PeerPuller:
             (), dtype=pools.dtype).element_size()
         self._channels: dict[str, grpc.Channel] = {}
         self._lock = threading.Lock()
+        # On a single-node cluster there is never a peer: asking Redis once a second, not
+        # once per request, keeps the pull off every request's path (a new node's pool is
+        # pulled from at most `peer_recheck_s` after it registers).
+        self.peer_recheck_s = peer_recheck_s
+        self._peers_seen_at = -peer_recheck_s
+        self._peers = False
 
     def close(self) -> None:
         with self._lock:
@@ -214,7 +222,7 @@ class PeerPuller:
         """Make this node's pool hold as much of `hashes`' prefix as another node's does;
         returns the blocks written. Never raises for a peer's or the network's failure: it
         logs, counts and returns what it committed (usually 0)."""
-        if not hashes or not self.index.available:
+        if not hashes or not self.index.available or not self._any_peer():
             return 0
         t0 = time.perf_counter()
         held, peers = self.index.locate(self.node, hashes)
@@ -236,6 +244,13 @@ class PeerPuller:
         self._count(pulls=1, blocks=written, bytes=written * self._block_bytes,
                     seconds=time.perf_counter() - t0)
         return written
+
+    def _any_peer(self) -> bool:
+        now = time.monotonic()
+        if now - self._peers_seen_at >= self.peer_recheck_s:
+            self._peers_seen_at = now
+            self._peers = self.index.has_peers(self.node)
+        return self._peers
 
     def _read(self, address: str, want: list[bytes]) -> list[tuple[bytes, bytes]]:
         """The leading blocks of `want` the peer sent whole and in order."""

@@ -220,3 +220,51 @@ def test_a_pulled_block_is_written_from_its_exact_bytes_only(nodes):
     assert b.index.commit("b", [ref]) == 1
     assert b.pool.check(ref.slot, ref.gen, h(5), crc=True)
     assert torch.equal(held(b, [h(5)])[h(5)], block(5.0))
+
+
+def test_a_node_without_peers_asks_redis_now_and_then_not_per_request(redis_server, tmp_path):
+    """On a single-node cluster a pull never finds a peer: it must not cost every request a
+    Redis round trip. Once another node's pool registers, pulls find it within the
+    recheck interval."""
+    import time
+
+    import redis
+
+    index = StoreIndex(redis_server.url, namespace="peer-alone")
+    b = NodeStore(index, "b", num_slots=4, block_shape=SHAPE, dtype="float32",
+                  shm_dir=str(tmp_path), peer_secret=SECRET)
+    pools = PoolAttachment(index, "b", SHAPE, torch.float32, pin=False)
+    puller = PeerPuller(index, "b", pools, SECRET, timeout_s=5.0, peer_recheck_s=0.5)
+    r = redis.Redis.from_url(redis_server.url)
+
+    def calls() -> tuple[int, int]:
+        stats = r.info("commandstats")
+        scripts = sum(stats.get(f"cmdstat_{c}", {}).get("calls", 0) for c in ("eval", "evalsha"))
+        return scripts, stats.get("cmdstat_hkeys", {}).get("calls", 0)
+
+    a = None
+    try:
+        before = calls()
+        for _ in range(50):
+            assert puller.pull([h(1), h(2)]) == 0
+        after = calls()
+        assert after[0] == before[0], "a pull without peers ran the index's locate script"
+        assert after[1] - before[1] == 1, "a pull without peers asked for peers every time"
+
+        a = NodeStore(index, "a", num_slots=4, block_shape=SHAPE, dtype="float32",
+                      shm_dir=str(tmp_path), peer_secret=SECRET)
+        put(a, {h(1): 1.0, h(2): 2.0})
+        deadline = time.monotonic() + 5
+        while puller.pull([h(1), h(2)]) == 0:
+            assert time.monotonic() < deadline, "the new peer was never pulled from"
+            time.sleep(0.1)
+        got = held(b, [h(1), h(2)])
+        assert torch.equal(got[h(1)], block(1.0)) and torch.equal(got[h(2)], block(2.0))
+    finally:
+        r.close()
+        puller.close()
+        pools.close()
+        b.close()
+        if a is not None:
+            a.close()
+        index.close()
