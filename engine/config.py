@@ -160,9 +160,9 @@ class EngineConfig:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     attention_backend: str = "auto"
     num_threads: int | None = None
-    # CUDA only (no-ops elsewhere): replay decode steps from captured graphs
-    # (`engine.cuda_graph`), and run norms, RoPE and SiLU-mul as fused Triton kernels
-    # (`engine.models.fused_llama`).
+    # Replay decode steps from captured graphs (`engine.cuda_graph`; CUDA only), and run
+    # norms, RoPE and SiLU-mul as fused kernels (`engine.models.fused_llama`: Triton on
+    # CUDA, our C++ ops for float32 on an AVX2 CPU).
     enable_cuda_graphs: bool = True
     enable_fused_kernels: bool = True
 

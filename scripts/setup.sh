@@ -17,8 +17,8 @@ if ! command -v redis-server >/dev/null 2>&1; then
             "the KV store tests will fail: install it (e.g. sudo apt-get install redis-server)" >&2
     fi
 fi
-# The CPU decode GEMV (engine/layers/cpu_gemv.py) is compiled against torch with g++; without
-# one, decode matmuls fall back to oneDNN (slower, still correct).
+# The CPU decode kernels (engine/layers/cpu_kernels.py) are compiled against torch with g++; without
+# one, torch's ops and oneDNN run instead (slower, still correct).
 if ! command -v g++ >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
     echo "installing g++ (apt)..."
     DEBIAN_FRONTEND=noninteractive apt-get update -q >/dev/null
@@ -29,12 +29,12 @@ if [ ! -x .venv/bin/python ]; then
     "$PY" -m venv .venv
 fi
 . .venv/bin/activate
-# Builds the CPU GEMV once per source and torch (a no-op when its library exists), so no
+# Builds the CPU kernels once per source and torch (a no-op when its library exists), so no
 # worker pays the ~20 s compile at start-up.
 build_kernels() {
     python -c "import logging; logging.basicConfig(level=logging.INFO, format='%(message)s')
-from pdserve.engine.layers import cpu_gemv
-print('CPU GEMV kernel:', 'ready' if cpu_gemv.load() else 'not available (oneDNN is used)')"
+from pdserve.engine.layers import cpu_kernels
+print('CPU kernels:', 'ready' if cpu_kernels.load() else 'not available (torch ops are used)')"
 }
 stamp=.venv/.pdserve-setup
 want="$(sha256sum pyproject.toml scripts/setup.sh | sha256sum | cut -c1-16)"

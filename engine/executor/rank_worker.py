@@ -46,10 +46,10 @@ class RankWorker:
             model = LlamaForCausalLM(replace(mc, max_position_embeddings=self.max_model_len),
                                      dtype, parallel)
         model.load_weights(source.weights)
-        if config.enable_fused_kernels and self.device.type == "cuda":
+        if config.enable_fused_kernels and _fused_kernels_run(self.device, dtype):
             from pdserve.engine.models.fused_llama import set_fused_kernels
 
-            set_fused_kernels(model, True)
+            set_fused_kernels(model, True, "triton" if self.device.type == "cuda" else "cpu")
         self.model = model.eval()
         bs = config.cache.block_size
         # Under tensor parallelism the model holds num_kv_heads / tp_size heads per rank;
@@ -86,3 +86,14 @@ class RankWorker:
             self.runner.decode_graphs = DecodeGraphRunner.maybe_create(
                 self.runner, self.max_model_len, config.scheduler.max_num_seqs
             )
+
+
+def _fused_kernels_run(device: torch.device, dtype: torch.dtype) -> bool:
+    """Triton's on CUDA; ours on CPU for float32 where the host builds them."""
+    if device.type == "cuda":
+        return True
+    if device.type != "cpu" or dtype != torch.float32:
+        return False
+    from pdserve.engine.layers import cpu_kernels
+
+    return cpu_kernels.load()

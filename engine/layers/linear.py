@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pdserve.engine.layers import cpu_gemv
+from pdserve.engine.layers import cpu_kernels
 from pdserve.engine.parallel import SINGLE, ParallelContext
 
 _ONEDNN_DTYPES = (torch.float32, torch.bfloat16)
@@ -102,7 +102,7 @@ def dense(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = Non
     """`x @ weight.T + bias`, the one matmul of every projection and of the LM head.
 
     On CPU a float32 product of at most 8 rows (a decode step) runs our GEMV
-    (`engine.layers.cpu_gemv`) where the host can build it. Other CPU products run oneDNN's
+    (`engine.layers.cpu_kernels`) where the host can build it. Other CPU products run oneDNN's
     matmul (`mkldnn._linear_pointwise`, the op torch's own compiler emits for CPU linears)
     instead of `F.linear`'s MKL sgemm. Decode multiplies a few rows by large weights, and
     MKL spreads such skinny products badly over threads: on a 2-core CI machine, one step's
@@ -114,8 +114,8 @@ def dense(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = Non
     """
     global _onednn_enabled
     if x.device.type == "cpu" and x.dtype in _ONEDNN_DTYPES and x.dtype == weight.dtype:
-        if cpu_gemv.usable(x, weight, bias):  # decode rows: streams the weight at full rate
-            return cpu_gemv.gemv(x, weight, bias)
+        if cpu_kernels.usable(x, weight, bias):  # decode rows: streams the weight at full rate
+            return cpu_kernels.gemv(x, weight, bias)
         if _onednn_enabled is None:
             _onednn_enabled = _onednn_available()
         # The op has no autograd formula; the engine runs under inference_mode.

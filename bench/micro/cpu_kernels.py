@@ -1,16 +1,17 @@
-"""Our CPU GEMV against oneDNN, one process, interleaved: the products of one decode step
-and whole decode steps of the engine.
+"""Our CPU kernels (`engine.layers.cpu_kernels`) against torch's ops, one process,
+interleaved: the matmuls of one decode step, and whole decode steps of the engine.
 
 - *products*: every weight a decode step multiplies (the model's projections and its LM
-  head, as loaded), each once per pass, with 1, 2, 4 and 8 rows: ms a pass and the rate
-  the weights stream at;
-- *steps*: our engine decoding `batch` sequences, median ms of a decode step with the kernel
-  on and off (`engine.layers.cpu_gemv.set_enabled`).
+  head, as loaded), each once per pass, with 1, 2, 4 and 8 rows, through oneDNN and through
+  our GEMV: ms a pass and the rate the weights stream at;
+- *steps*: our engine decoding `batch` sequences, median ms of a decode step with torch's
+  ops (oneDNN matmuls, reference layers), with our GEMV only, and with the GEMV and the
+  fused glue (`engine.models.fused_llama` on CPU).
 
-Rounds alternate the two sides cell by cell, so drift from other processes falls on both.
+Rounds alternate the sides cell by cell, so drift from other processes falls on all.
 The process gets a worker's thread settings first (`engine.cpu_threads`: passive waiting).
 
-Run: `python -m pdserve.bench.micro.cpu_gemv [--threads 2] [--rounds 3] [--json out.json]`.
+Run: `python -m pdserve.bench.micro.cpu_kernels [--threads 2] [--rounds 3] [--json F]`.
 """
 
 from __future__ import annotations
@@ -46,11 +47,12 @@ def main(argv: list[str] | None = None) -> int:
 
     from pdserve.engine import SamplingParams
     from pdserve.engine.config import CacheConfig, EngineConfig, SchedulerConfig
-    from pdserve.engine.layers import cpu_gemv, linear
+    from pdserve.engine.layers import cpu_kernels, linear
     from pdserve.engine.llm_engine import LLMEngine
+    from pdserve.engine.models.fused_llama import set_fused_kernels
 
-    if not cpu_gemv.load():
-        print("the CPU GEMV cannot run on this host", file=sys.stderr)
+    if not cpu_kernels.load():
+        print("our CPU kernels cannot run on this host", file=sys.stderr)
         return 1
     load_before = os.getloadavg()
     engine = LLMEngine(EngineConfig(
@@ -66,8 +68,9 @@ def main(argv: list[str] | None = None) -> int:
     rows_list = [int(r) for r in args.rows.split(",")]
     batches = [int(b) for b in args.batches.split(",")]
     sides = {"onednn": False, "ours": True}
+    step_sides = {"torch": (False, False), "gemv": (True, False), "gemv+fused": (True, True)}
     products: dict[str, dict[int, list[float]]] = {s: {r: [] for r in rows_list} for s in sides}
-    steps: dict[str, dict[int, list[float]]] = {s: {b: [] for b in batches} for s in sides}
+    steps: dict[str, dict[int, list[float]]] = {s: {b: [] for b in batches} for s in step_sides}
     counter = iter(range(1 << 30))
 
     def product_pass(rows: int) -> float:
@@ -99,14 +102,17 @@ def main(argv: list[str] | None = None) -> int:
         order = list(sides) if rnd % 2 == 0 else list(reversed(sides))
         for rows in rows_list:
             for side in order:
-                cpu_gemv.set_enabled(sides[side])
+                cpu_kernels.set_enabled(sides[side])
                 products[side][rows].append(product_pass(rows))
+        step_order = list(step_sides) if rnd % 2 == 0 else list(reversed(step_sides))
         for batch in batches:
-            for side in order:
-                cpu_gemv.set_enabled(sides[side])
+            for side in step_order:
+                gemv_on, fused_on = step_sides[side]
+                cpu_kernels.set_enabled(gemv_on)
+                set_fused_kernels(model, fused_on, "cpu")
                 steps[side][batch].append(statistics.median(decode_steps(batch)))
         print(f"round {rnd + 1}/{args.rounds} done", file=sys.stderr)
-    cpu_gemv.set_enabled(True)
+    cpu_kernels.set_enabled(True)
     res = {
         "threads": args.threads, "weights_mb": nbytes / 1e6,
         "load_before": load_before, "load_after": os.getloadavg(),
@@ -132,9 +138,11 @@ def render(res: dict) -> str:
         a, b = p["onednn"][rows], p["ours"][rows]
         lines.append(f"| products, {rows} rows | {a:.1f} | {b:.1f} | {mb / a:.1f} | "
                      f"{mb / b:.1f} | {a / b:.2f}x |")
-    for batch in s["ours"]:
-        a, b = s["onednn"][batch], s["ours"][batch]
-        lines.append(f"| decode step, batch {batch} | {a:.1f} | {b:.1f} | | | {a / b:.2f}x |")
+    lines += ["", "| decode step | torch ms | GEMV ms | GEMV + fused ms | speed-up |",
+              "| --- | ---: | ---: | ---: | ---: |"]
+    for batch in s["torch"]:
+        a, b, c = s["torch"][batch], s["gemv"][batch], s["gemv+fused"][batch]
+        lines.append(f"| batch {batch} | {a:.1f} | {b:.1f} | {c:.1f} | {a / c:.2f}x |")
     return "\n".join(lines)
 
 

@@ -1,25 +1,30 @@
-"""Our fp32 GEMV for CPU decode steps (`csrc/cpu_gemv.cpp`), built on first use.
+"""Our CPU kernels for decode steps (`csrc/*.cpp`), built on first use: a float32 GEMV, and
+the fused glue between the matmuls (RMSNorm, add + RMSNorm, RoPE, SiLU-mul).
 
-Why: a decode step multiplies 1..8 rows by every weight, so on CPU it is bound by how fast
-the weights stream from DRAM. torch's CPU matmuls (MKL's sgemv, oneDNN's packed matmul)
-read them at about half the rate the cores can: on the 2-core AMD EPYC CI host (AVX2),
-SmolLM2-135M's 121 weights of one step (537 MB) take 47 ms with MKL and 50 ms with oneDNN
-at 1 row and 2 threads, where a plain reduction over the same bytes runs at twice the
-rate; MKL does not spread a skinny product over the threads, and neither scales with a
-second core (docs/benchmarks.md, "CPU GEMV"). This kernel tiles output rows over torch's
-own OpenMP threads and streams each weight once.
+Why the GEMV: a decode step multiplies 1..8 rows by every weight, so on CPU it is bound by
+how fast the weights stream from DRAM. torch's CPU matmuls (MKL's sgemv, oneDNN's packed
+matmul) do not keep both cores streaming: on the 2-core AMD EPYC CI host (AVX2) they read
+SmolLM2-135M's 121 weights of one step (538 MB) at ~12 GB/s at 1 row and 2 threads, a plain
+reduction over the same bytes at ~24 GB/s (docs/benchmarks.md, "CPU decode kernels"). This
+kernel tiles output rows over torch's own OpenMP threads and streams each weight once.
+`dense()` calls `gemv` for float32 products of at most `MAX_ROWS` rows.
 
-When: `dense()` calls `gemv` for float32 products of at most `MAX_ROWS` rows on an x86
-host with AVX2 and FMA, once `load()` succeeded; anything else, or `PDSERVE_CPU_GEMV=0`,
-keeps oneDNN. Results differ from MKL's and oneDNN's in the order of the sums only
-(~1e-6 relative), as theirs already differ from each other.
+Why the glue: in plain torch an RMSNorm is ~6 ops and a RoPE ~8, each a dispatch and a
+pass over a few KB; at batch 1 the ~30 small ops of each of 30 layers cost ~10-20 ms of a
+~50 ms step. One op each (`engine.models.fused_llama`'s CPU path) cuts that to ~10 a layer.
+
+Results differ from torch's in the order of sums only (~1e-6 relative); elementwise
+arithmetic follows the torch reference op by op (no FMA contraction).
+
+Both run on an x86 host with AVX2 and FMA once `load()` succeeded; anything else, or
+`PDSERVE_CPU_KERNELS=0`, keeps torch's ops (oneDNN for the matmuls).
 
 Build: one `g++` call against the installed torch's headers and libraries, into
-`$PDSERVE_CACHE_DIR` (default `~/.cache/pdserve`) under a name keyed by the source, the
+`$PDSERVE_CACHE_DIR` (default `~/.cache/pdserve`) under a name keyed by the sources, the
 flags and the torch version, so a changed source or torch builds anew and never loads a
 stale library. ~20 s once per machine (`scripts/setup.sh` does it at setup); concurrent
-processes wait on a file lock, which the kernel releases if the builder dies. A host with
-no compiler logs one warning and keeps oneDNN.
+processes wait on a file lock, which the OS releases if the builder dies. A host with no
+compiler logs one warning and keeps torch's ops.
 """
 
 from __future__ import annotations
@@ -41,8 +46,9 @@ import torch
 log = logging.getLogger("pdserve.engine")
 
 MAX_ROWS = 8  # more rows than this read the weight again per 8 (oneDNN is faster there)
-_SOURCE = Path(__file__).with_name("csrc") / "cpu_gemv.cpp"
-_FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp", "-std=c++17", "-shared", "-fPIC"]
+_SOURCES = [Path(__file__).with_name("csrc") / f for f in ("cpu_gemv.cpp", "cpu_fused.cpp")]
+_FLAGS = ["-O3", "-mavx2", "-mfma", "-ffp-contract=off", "-fopenmp", "-std=c++17", "-shared",
+          "-fPIC"]
 _state: bool | None = None  # None: not tried in this process
 _lock = threading.Lock()
 
@@ -77,7 +83,7 @@ def host_supported() -> bool:
 
 
 def load() -> bool:
-    """Build if needed and load the kernel; False (once logged) where it cannot run."""
+    """Build if needed and load the kernels; False (once logged) where they cannot run."""
     global _state
     if _state is None:
         with _lock:
@@ -87,8 +93,8 @@ def load() -> bool:
 
 
 def set_enabled(enabled: bool) -> bool:
-    """Turn the kernel on (loading it) or off in this process, for A/B runs; returns
-    whether it now runs."""
+    """Turn the kernels on (loading them) or off in this process, for A/B runs; returns
+    whether they now run. Models already switched to the fused CPU path keep it."""
     global _state
     with _lock:
         _state = None if enabled else False
@@ -98,17 +104,18 @@ def set_enabled(enabled: bool) -> bool:
 def library_path() -> Path:
     """Where this source, these flags and this torch build their library."""
     key = hashlib.sha256()
-    key.update(_SOURCE.read_bytes())
+    for source in _SOURCES:
+        key.update(source.read_bytes())
     key.update(" ".join(_FLAGS).encode())
     key.update(torch.__version__.encode())
     key.update(str(torch._C._GLIBCXX_USE_CXX11_ABI).encode())
     root = Path(os.environ.get("PDSERVE_CACHE_DIR") or Path.home() / ".cache" / "pdserve")
-    return root / "kernels" / f"cpu_gemv-{key.hexdigest()[:16]}.so"
+    return root / "kernels" / f"cpu_kernels-{key.hexdigest()[:16]}.so"
 
 
 def _try_load() -> bool:
-    if os.environ.get("PDSERVE_CPU_GEMV", "1") == "0":
-        log.info("CPU GEMV kernel off (PDSERVE_CPU_GEMV=0): decode matmuls use oneDNN")
+    if os.environ.get("PDSERVE_CPU_KERNELS", "1") == "0":
+        log.info("CPU kernels off (PDSERVE_CPU_KERNELS=0): torch's ops and oneDNN run")
         return False
     if not host_supported():
         return False
@@ -119,7 +126,7 @@ def _try_load() -> bool:
         torch.ops.load_library(str(so))
         return True
     except (OSError, RuntimeError, subprocess.SubprocessError) as e:
-        log.warning("CPU GEMV kernel unavailable, decode matmuls use oneDNN: %s", e)
+        log.warning("CPU kernels unavailable, torch's ops and oneDNN run: %s", e)
         return False
 
 
@@ -138,10 +145,10 @@ def _build(so: Path) -> None:
         cmd = [cxx, *_FLAGS,
                f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
                *(f"-I{d}" for d in cpp_extension.include_paths()),
-               str(_SOURCE),
+               *(str(source) for source in _SOURCES),
                *(f"-L{d}" for d in lib_dirs), *(f"-Wl,-rpath,{d}" for d in lib_dirs),
                "-lc10", "-ltorch_cpu"]
-        log.info("building the CPU GEMV kernel once (~20 s) into %s", so.parent)
+        log.info("building the CPU kernels once (~20 s) into %s", so.parent)
         start = time.monotonic()
         with tempfile.TemporaryDirectory(dir=so.parent) as tmp:
             out = Path(tmp) / so.name
@@ -150,4 +157,26 @@ def _build(so: Path) -> None:
             if done.returncode != 0:
                 raise RuntimeError(f"{cxx} failed: {done.stderr.strip()[-2000:]}")
             os.replace(out, so)  # whole or absent: a reader never sees a partial file
-        log.info("built the CPU GEMV kernel in %.1f s", time.monotonic() - start)
+        log.info("built the CPU kernels in %.1f s", time.monotonic() - start)
+
+
+# The fused glue (`csrc/cpu_fused.cpp`); float32 CPU tensors, `load()` returned True.
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    return torch.ops.pdserve.rms_norm(x, weight, eps)
+
+
+def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                 eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """`s = x + residual` and `rms_norm(s)`; returns (s, normed)."""
+    return torch.ops.pdserve.add_rms_norm(x, residual, weight, eps)
+
+
+def rope_(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
+          sin: torch.Tensor) -> None:
+    torch.ops.pdserve.rope_(positions, q, k, cos, sin)
+
+
+def silu_mul(x: torch.Tensor) -> torch.Tensor:
+    return torch.ops.pdserve.silu_mul(x)
