@@ -5,8 +5,9 @@ interleaved: the matmuls of one decode step, and whole decode steps of the engin
   head, as loaded), each once per pass, with 1, 2, 4 and 8 rows, through oneDNN and through
   our GEMV: ms a pass and the rate the weights stream at;
 - *steps*: our engine decoding `batch` sequences, median ms of a decode step with torch's
-  ops (oneDNN matmuls, reference layers), with our GEMV only, and with the GEMV and the
-  fused glue (`engine.models.fused_llama` on CPU).
+  ops (oneDNN matmuls, reference layers, gather + SDPA attention), with our GEMV and paged
+  decode attention under the reference layers, and with those and the fused glue
+  (`engine.models.fused_llama` on CPU: the default).
 
 Rounds alternate the sides cell by cell, so drift from other processes falls on all.
 The process gets a worker's thread settings first (`engine.cpu_threads`: passive waiting).
@@ -68,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     rows_list = [int(r) for r in args.rows.split(",")]
     batches = [int(b) for b in args.batches.split(",")]
     sides = {"onednn": False, "ours": True}
-    step_sides = {"torch": (False, False), "gemv": (True, False), "gemv+fused": (True, True)}
+    step_sides = {"torch": (False, False), "kernels": (True, False), "all": (True, True)}
     products: dict[str, dict[int, list[float]]] = {s: {r: [] for r in rows_list} for s in sides}
     steps: dict[str, dict[int, list[float]]] = {s: {b: [] for b in batches} for s in step_sides}
     counter = iter(range(1 << 30))
@@ -138,10 +139,10 @@ def render(res: dict) -> str:
         a, b = p["onednn"][rows], p["ours"][rows]
         lines.append(f"| products, {rows} rows | {a:.1f} | {b:.1f} | {mb / a:.1f} | "
                      f"{mb / b:.1f} | {a / b:.2f}x |")
-    lines += ["", "| decode step | torch ms | GEMV ms | GEMV + fused ms | speed-up |",
-              "| --- | ---: | ---: | ---: | ---: |"]
+    lines += ["", "| decode step | torch ops ms | GEMV + attention ms | + fused glue ms | "
+              "speed-up |", "| --- | ---: | ---: | ---: | ---: |"]
     for batch in s["torch"]:
-        a, b, c = s["torch"][batch], s["gemv"][batch], s["gemv+fused"][batch]
+        a, b, c = s["torch"][batch], s["kernels"][batch], s["all"][batch]
         lines.append(f"| batch {batch} | {a:.1f} | {b:.1f} | {c:.1f} | {a / c:.2f}x |")
     return "\n".join(lines)
 

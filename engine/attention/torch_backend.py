@@ -1,8 +1,9 @@
 """Reference paged attention in plain torch: correct everywhere, fast enough on CPU.
 
 Prefill chunks are attended one sequence at a time (their causal masks differ); all decode
-tokens of a step are gathered into one padded batch and attended in a single call, which
-is what keeps CPU decode cheap at batch 16-64.
+tokens of a step are attended together: by our CPU kernel, which reads K/V in place from
+the blocks (`engine.layers.cpu_kernels.paged_decode_attention`), or, where it cannot run,
+gathered into one padded batch for a single SDPA call.
 
 What depends only on the batch's shape (which rows decode, block ids, masks) is planned
 once per step (`_StepPlan`, through `forward_context.step_cached`) and reused by every
@@ -21,6 +22,7 @@ import torch.nn.functional as F
 from pdserve.engine import forward_context
 from pdserve.engine.attention.backend import AttentionBackend, register_backend
 from pdserve.engine.attention.metadata import AttentionMetadata
+from pdserve.engine.layers import cpu_kernels
 from pdserve.messages import blocks_for
 
 
@@ -62,6 +64,8 @@ class _DecodePlan:
     block_ids: torch.Tensor  # [num_seqs * blocks_per_seq] int64, -1 padding clamped to 0
     max_len: int
     mask: torch.Tensor | None  # [num_seqs, 1, 1, max_len] bool; None when lengths are equal
+    tables: torch.Tensor  # [num_seqs, blocks of the longest] int32, the decode rows' tables
+    lens: torch.Tensor  # [num_seqs] int32
 
 
 @dataclass(slots=True)
@@ -116,6 +120,8 @@ def _plan_decode(
         block_ids=tables.long().clamp_min(0).flatten(),
         max_len=max_len,
         mask=mask,
+        tables=tables.to(torch.int32).contiguous(),
+        lens=torch.tensor(lens, dtype=torch.int32, device=device),
     )
 
 
@@ -140,6 +146,14 @@ def _prefill_matmul(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: _Pr
     probs = torch.softmax(scores, dim=-1).view(kv_heads, group * length, seq_len)
     out = torch.bmm(probs, v.float()).view(heads, length, d)
     return out.transpose(0, 1).to(q.dtype)
+
+
+def _paged_kernel_runs(q: torch.Tensor, k_cache: torch.Tensor) -> bool:
+    """Our CPU decode kernel (`engine.layers.cpu_kernels`) reads the blocks in place where
+    it can: float32 on an AVX2 host with the kernels built, head_dim a multiple of 8."""
+    return (q.device.type == "cpu" and q.dtype == torch.float32
+            and k_cache.dtype == torch.float32 and q.shape[-1] % 8 == 0
+            and q.stride(-1) == 1 and k_cache.is_contiguous() and cpu_kernels.load())
 
 
 def _kept_slots(slot_mapping: torch.Tensor) -> torch.Tensor | None:
@@ -195,6 +209,9 @@ class TorchAttentionBackend(AttentionBackend):
 
     @staticmethod
     def _decode_batch(q, k_cache, v_cache, plan: _DecodePlan, scale):
+        if _paged_kernel_runs(q, k_cache):
+            return cpu_kernels.paged_decode_attention(q, k_cache, v_cache, plan.tables,
+                                                      plan.lens, scale)
         b, h, d = q.shape
         kv_heads = k_cache.shape[2]
         # [B * n_blocks, bs, kvh, d] -> [B, kvh, max_len, d]

@@ -46,7 +46,8 @@ import torch
 log = logging.getLogger("pdserve.engine")
 
 MAX_ROWS = 8  # more rows than this read the weight again per 8 (oneDNN is faster there)
-_SOURCES = [Path(__file__).with_name("csrc") / f for f in ("cpu_gemv.cpp", "cpu_fused.cpp")]
+_SOURCES = [Path(__file__).with_name("csrc") / f for f in ("cpu_gemv.cpp", "cpu_fused.cpp",
+                                                               "cpu_attention.cpp")]
 _FLAGS = ["-O3", "-mavx2", "-mfma", "-ffp-contract=off", "-fopenmp", "-std=c++17", "-shared",
           "-fPIC"]
 _state: bool | None = None  # None: not tried in this process
@@ -180,3 +181,13 @@ def rope_(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos: torch.
 
 def silu_mul(x: torch.Tensor) -> torch.Tensor:
     return torch.ops.pdserve.silu_mul(x)
+
+
+def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                           block_tables: torch.Tensor, seq_lens: torch.Tensor,
+                           scale: float) -> torch.Tensor:
+    """One query token per sequence `q` `[B, H, D]` over its cached tokens
+    `[0, seq_lens[b])`, read in place from the `[blocks, block_size, kvh, D]` caches through
+    int32 `block_tables` `[B, W]`; returns `[B, H, D]`. `D % 8 == 0`, float32."""
+    return torch.ops.pdserve.paged_decode_attention(q, k_cache, v_cache, block_tables,
+                                                    seq_lens, scale)
