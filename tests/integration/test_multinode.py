@@ -244,8 +244,9 @@ def test_a_prefix_in_another_nodes_store_pool_is_pulled_over_grpc(two_nodes, hf_
     assert shared >= 2 * bs
     with BackgroundCluster(parse_config(config), ready_timeout=240) as bg, \
             PdserveClient(bg.address, timeout=120) as client:
-        handles = dict(zip((i["worker_id"] for i in bg.cluster.ready_info),
-                           bg.cluster.decode_handles))
+        # By worker id: ready_info lists the workers in the order they became ready, which
+        # under load need not be the order they started in (decode_handles' order).
+        handles = {wid: g.driver for wid, g in bg.cluster.worker_groups.items()}
         on = {i["node"]: i["worker_id"] for i in bg.cluster.ready_info}
         assert sorted(on) == sorted(nodes.values()), "the workers share a node"
         a, b = on[nodes["p"]], on[nodes["d"]]

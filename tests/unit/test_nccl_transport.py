@@ -776,6 +776,10 @@ def test_layers_that_come_back_to_back_are_launched_together(pair, monkeypatch):
     clock = [100.0]
     monkeypatch.setattr(nccl_transport.time, "perf_counter", lambda: clock[0])
     handle = p.tx.open(expect(p.rx, "r", [3, 4]), [5, 6])
+    # The announcer thread pumps the pair when the reply comes, and a pump once the hold is
+    # over launches what is held: had the reply come after the clock moved below, layer 1
+    # would go alone and layer 2 be held. Let it come first, so only these calls pump.
+    assert until(lambda: handle.accepted)
     comm = p.tx._pairs["decode-0"].comm
     before = len(comm.groups)
     assert LAYERS == 4
