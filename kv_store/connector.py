@@ -223,7 +223,10 @@ class StoreConnector(KVConnector):
                     save.cancelled = True
             return True
         n = min(len(seq.block_hashes), len(seq.block_ids))
-        if n == 0 or not self.index.available:
+        if n == 0:
+            return True
+        if not self.index.available:
+            self.counters.save_skipped += n
             return True
         save = _Save(rid, list(seq.block_ids[:n]), list(seq.block_hashes[:n]))
         with self._lock:
@@ -405,8 +408,9 @@ class StoreConnector(KVConnector):
             return
         path, refs = got
         pool = self._pools.get(path)  # this thread may wait for a mapping to be pinned
-        if pool is None:
-            return  # the slots' write leases run out and free them
+        if pool is None:  # the slots' write leases run out and free them
+            self.counters.save_skipped += len(save.hashes)
+            return
         where = dict(zip(save.hashes, save.block_ids))
         written: list[SlotRef] = []
         with self._save_stream():
