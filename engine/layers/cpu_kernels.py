@@ -1,5 +1,6 @@
-"""Our CPU kernels for decode steps (`csrc/*.cpp`), built on first use: a float32 GEMV, and
-the fused glue between the matmuls (RMSNorm, add + RMSNorm, RoPE, SiLU-mul).
+"""Our CPU kernels for decode steps (`csrc/*.cpp`), built on first use: a float32 GEMV,
+decode attention over the paged cache, and the fused glue between the matmuls (RMSNorm,
+add + RMSNorm, RoPE, SiLU-mul).
 
 Why the GEMV: a decode step multiplies 1..8 rows by every weight, so on CPU it is bound by
 how fast the weights stream from DRAM. torch's CPU matmuls (MKL's sgemv, oneDNN's packed
@@ -9,6 +10,10 @@ reduction over the same bytes at ~24 GB/s (docs/benchmarks.md, "CPU decode kerne
 kernel tiles output rows over torch's own OpenMP threads and streams each weight once.
 `dense()` calls `gemv` for float32 products of at most `MAX_ROWS` rows.
 
+Why the attention: the torch backend gathers every decoding sequence's blocks into a
+padded copy of K and of V each layer before SDPA; the kernel reads them in place through
+the block table (`engine.attention.torch_backend` calls it).
+
 Why the glue: in plain torch an RMSNorm is ~6 ops and a RoPE ~8, each a dispatch and a
 pass over a few KB; at batch 1 the ~30 small ops of each of 30 layers cost ~10-20 ms of a
 ~50 ms step. One op each (`engine.models.fused_llama`'s CPU path) cuts that to ~10 a layer.
@@ -16,7 +21,7 @@ pass over a few KB; at batch 1 the ~30 small ops of each of 30 layers cost ~10-2
 Results differ from torch's in the order of sums only (~1e-6 relative); elementwise
 arithmetic follows the torch reference op by op (no FMA contraction).
 
-Both run on an x86 host with AVX2 and FMA once `load()` succeeded; anything else, or
+They run on an x86 host with AVX2 and FMA once `load()` succeeded; anything else, or
 `PDSERVE_CPU_KERNELS=0`, keeps torch's ops (oneDNN for the matmuls).
 
 Build: one `g++` call against the installed torch's headers and libraries, into
@@ -119,6 +124,7 @@ def _try_load() -> bool:
         log.info("CPU kernels off (PDSERVE_CPU_KERNELS=0): torch's ops and oneDNN run")
         return False
     if not host_supported():
+        log.info("CPU kernels need x86-64 with AVX2: torch's ops and oneDNN run")
         return False
     try:
         so = library_path()

@@ -1,7 +1,8 @@
 """The fast path of the Llama model: the same modules and weights, fused kernels — Triton
 on CUDA (`engine.layers.fused`), our C++ ops on CPU (`engine.layers.cpu_kernels`).
 
-`engine.models.llama` stays the one definition of the model (and what the CPU runs).
+`engine.models.llama` stays the one definition of the model (and what runs where no fused
+kernels do).
 `set_fused_kernels(model, True)` switches the decoder layers, their attention modules, the
 final norm and the rotary embedding of one built model to the subclasses below, which only
 override `forward` (or, for attention, its RoPE + cache-write step):
