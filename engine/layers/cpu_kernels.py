@@ -53,6 +53,7 @@ log = logging.getLogger("pdserve.engine")
 MAX_ROWS = 8  # more rows than this read the weight again per 8 (oneDNN is faster there)
 _SOURCES = [Path(__file__).with_name("csrc") / f for f in ("cpu_gemv.cpp", "cpu_fused.cpp",
                                                                "cpu_attention.cpp")]
+_HEADERS = [Path(__file__).with_name("csrc") / "avx2.h"]  # part of the build's key
 _FLAGS = ["-O3", "-mavx2", "-mfma", "-ffp-contract=off", "-fopenmp", "-std=c++17", "-shared",
           "-fPIC"]
 _state: bool | None = None  # None: not tried in this process
@@ -110,7 +111,7 @@ def set_enabled(enabled: bool) -> bool:
 def library_path() -> Path:
     """Where this source, these flags and this torch build their library."""
     key = hashlib.sha256()
-    for source in _SOURCES:
+    for source in (*_SOURCES, *_HEADERS):
         key.update(source.read_bytes())
     key.update(" ".join(_FLAGS).encode())
     key.update(torch.__version__.encode())

@@ -17,6 +17,8 @@
 #include <cmath>
 #include <vector>
 
+#include "avx2.h"
+
 namespace {
 
 inline float dot(const float* a, const float* b, int64_t d) {  // d % 8 == 0
@@ -27,11 +29,7 @@ inline float dot(const float* a, const float* b, int64_t d) {  // d % 8 == 0
     acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), _mm256_loadu_ps(b + i + 8), acc1);
   }
   if (i < d) acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc0);
-  __m256 v = _mm256_add_ps(acc0, acc1);
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
+  return pdserve_cpu::hsum(_mm256_add_ps(acc0, acc1));
 }
 
 inline void axpy(float a, const float* x, float* y, int64_t d) {  // y += a * x, d % 8 == 0

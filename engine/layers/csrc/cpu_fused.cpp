@@ -1,5 +1,5 @@
 // The per-token glue between a CPU decode step's matmuls, one op each instead of 5-8 torch
-// ops (engine/layers/cpu_fused.py says why): RMSNorm (optionally after the residual add),
+// ops (engine/layers/cpu_kernels.py says why): RMSNorm (optionally after the residual add),
 // RoPE of q and k in place, SiLU(gate) * up. float32 only; rows are split over torch's
 // threads. Arithmetic follows the torch reference (engine/layers/norm_rope.py, F.silu) op by
 // op in float32; built with -ffp-contract=off so no product is fused into an FMA that the
@@ -7,7 +7,6 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/empty_like.h>
 #include <torch/library.h>
 
 #include <immintrin.h>

@@ -1,6 +1,6 @@
 // fp32 GEMV for decode steps on x86 CPUs with AVX2 + FMA: out[r, n] = x[r, :] . w[n, :] (+ b[n])
-// for 1..8 rows of x, w in the engine's [out, in] row-major layout. See engine/layers/cpu_gemv.py
-// for why it exists and when it runs.
+// for 1..8 rows of x, w in the engine's [out, in] row-major layout. See
+// engine/layers/cpu_kernels.py for why it exists and when it runs.
 //
 // A decode step reads every weight once and does a few FMAs per weight, so it is bound by
 // how fast the cores stream the weights from DRAM. Each thread owns a contiguous range of
@@ -17,17 +17,14 @@
 
 #include <algorithm>
 
+#include "avx2.h"
+
 namespace {
 
 constexpr int64_t kMaxRows = 8;
 constexpr int64_t kRowsPerTask = 64;  // output rows a parallel task walks
 
-inline float hsum(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
+using pdserve_cpu::hsum;
 
 template <int R, int NB>
 void tile_rows(const float* x, const float* w, const float* bias, float* out, int64_t K,
