@@ -25,11 +25,12 @@ def test_builds_and_loads_on_this_host():
     assert cpu_kernels.library_path().exists()
 
 
-@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 8, 11, 16])
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 8, 11, 16, 19])
 @pytest.mark.parametrize("k", [576, 1536, 13, 8, 1])
 def test_equals_f_linear(rows, k):
-    """Every row count (tiles of 1/2/4 weight rows, 8-row passes), ragged K tails, output
-    counts that are no multiple of a tile or of a parallel task (1000 = 15 * 64 + 40)."""
+    """Every row count (tiles of 1/2/4 weight rows; past 8 rows, groups of 8 taking turns on
+    a block of weight rows), ragged K tails, output counts that are no multiple of a tile, a
+    block or a parallel task (1000 = 10 * 96 + 40, 40 = 3 * 12 + 4)."""
     torch.manual_seed(rows * 100 + k)
     x, w, b = torch.randn(rows, k), torch.randn(1000, k), torch.randn(1000)
     torch.testing.assert_close(cpu_kernels.gemv(x, w, b), F.linear(x, w, b), rtol=1e-5,
@@ -196,6 +197,21 @@ def test_paged_decode_attention_equals_sdpa_over_gathered_kv(lens, heads, kv_hea
     got = cpu_kernels.paged_decode_attention(q, kc, vc, tables,
                                              torch.tensor(lens, dtype=torch.int32), 0.125)
     torch.testing.assert_close(got, _reference(q, kc, vc, tables, lens, 0.125),
+                               rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("d", [8, 24, 80, 128, 136])
+def test_paged_decode_attention_takes_every_head_dim_in_chunks_of_64(d):
+    """The kernel keeps up to 64 head dims in registers: a head of 128 or 136 takes several
+    passes (the last one partial), one of 8 or 24 a partial pass; lengths cover the eight-token
+    groups and the tail."""
+    cpu_kernels.load()
+    lens = [7, 8, 9, 23, 64]
+    q, kc, vc, tables = _paged_case(lens, d=d, seed=d)
+    scale = d ** -0.5
+    got = cpu_kernels.paged_decode_attention(q, kc, vc, tables,
+                                             torch.tensor(lens, dtype=torch.int32), scale)
+    torch.testing.assert_close(got, _reference(q, kc, vc, tables, lens, scale),
                                rtol=1e-5, atol=1e-5)
 
 
