@@ -23,6 +23,7 @@ import torch
 from pdserve.engine.sampling_params import SamplingParams
 
 _MASK64 = 2**64 - 1
+CANDIDATES = 1024  # top tokens ranked exactly before top-k/top-p needs the whole vocabulary
 
 
 def _splitmix64(x: int) -> int:
@@ -170,27 +171,9 @@ class Sampler:
 
         top_k = [p.top_k if 0 < p.top_k < vocab else vocab for p in params]
         top_p = [p.top_p for p in params]
-        need_k = any(k < vocab for k in top_k)
-        need_p = any(p < 1.0 for p in top_p)
-        if need_k or need_p:
-            # Rank on the unscaled logits (division can round distinct logits together),
-            # with a stable sort so equal logits rank the lower id first, as argmax does:
-            # top_k=1 is then exactly greedy.
-            sorted_x, sorted_idx = x.sort(dim=-1, descending=True, stable=True)
-            sorted_vals = (sorted_x - row_max) / temps
-            ranks = torch.arange(vocab, device=device).unsqueeze(0)
-            drop = ranks >= torch.tensor(top_k, device=device).unsqueeze(1)
-            if need_p:
-                probs = sorted_vals.masked_fill(drop, float("-inf")).softmax(dim=-1)
-                # Keep a token while the mass ranked above it is still short of top_p: the
-                # smallest prefix reaching top_p, and the top token always. Rows with
-                # top_p == 1 skip this, since rounding can push the running sum to 1 early.
-                mass_before = probs.cumsum(dim=-1) - probs
-                p_t = torch.tensor(top_p, device=device).unsqueeze(1)
-                drop |= (mass_before >= p_t) & (p_t < 1.0)
-            scaled = scaled.masked_fill(
-                torch.zeros_like(drop).scatter(1, sorted_idx, drop), float("-inf")
-            )
+        if any(k < vocab for k in top_k) or any(p < 1.0 for p in top_p):
+            drop = self._outside_top_k_top_p(x, row_max, temps, top_k, top_p)
+            scaled = scaled.masked_fill(drop, float("-inf"))
 
         min_p = [p.min_p for p in params]
         if any(m > 0.0 for m in min_p):
@@ -208,6 +191,74 @@ class Sampler:
         # and the clamp guards against an exact 0 draw.
         noise.clamp_min_(torch.finfo(torch.float32).tiny)
         return (scaled - noise.log()).argmax(dim=-1)
+
+    @staticmethod
+    def _outside_top_k_top_p(x: torch.Tensor, row_max: torch.Tensor, temps: torch.Tensor,
+                             top_k: list[int], top_p: list[float]) -> torch.Tensor:
+        """[n, V] bool: the tokens top-k and top-p drop (none in a row that asks for neither).
+
+        Tokens rank on the unscaled logits (division can round distinct logits together),
+        equal logits the lower id first, as argmax does: top_k=1 is then exactly greedy.
+        top-p keeps a token while the mass ranked above it is still short of top_p: the
+        smallest prefix reaching top_p, and the top token always (rows with top_p == 1 skip
+        it, since rounding can push the running sum to 1 early). Ranking the whole
+        vocabulary is one sort of V logits a row (~5 ms for SmolLM2's 49k on a CPU core);
+        the top `CANDIDATES` (or the largest top_k) ranked exactly decide every row whose
+        kept set ends inside them — almost every row of a trained model — and the full sort
+        runs only when one does not, or when equal logits straddle the cut.
+        """
+        n, vocab = x.shape
+        device = x.device
+        k_t = torch.tensor(top_k, device=device).unsqueeze(1)
+        p_t = torch.tensor(top_p, device=device).unsqueeze(1)
+        width = min(vocab, max([CANDIDATES, *(k for k in top_k if k < vocab)]))
+        if width < vocab:
+            vals, idx = x.topk(width, dim=-1)
+            cut = vals[:, -1:]
+            if torch.equal((x >= cut).sum(dim=-1), torch.full((n,), width, device=device)):
+                # Lower ids first among equal logits, as a stable sort of the whole row.
+                by_id = idx.argsort(dim=-1)
+                vals, idx = vals.gather(1, by_id), idx.gather(1, by_id)
+                vals, order = vals.sort(dim=-1, descending=True, stable=True)
+                idx = idx.gather(1, order)
+                # The normaliser is over every token top-k keeps, inside the candidates or not.
+                scaled_all = (x - row_max) / temps
+                keep_all = (k_t >= vocab).expand(n, vocab).clone()
+                keep_all.scatter_(1, idx, torch.arange(width, device=device).unsqueeze(0) < k_t)
+                lse = scaled_all.masked_fill(~keep_all, float("-inf")).logsumexp(dim=-1,
+                                                                                keepdim=True)
+                drop, mass = Sampler._rank_drop(vals, row_max, temps, k_t, p_t, lse)
+                free = (k_t >= vocab) & (p_t >= 1.0)  # rows that drop nothing
+                # Every token past the candidates is dropped: by top-k, or by top-p because
+                # the candidates' mass already reaches top_p.
+                decided = (k_t <= width) | free
+                if mass is not None:
+                    decided |= (p_t < 1.0) & (mass >= p_t)
+                if bool(decided.all()):
+                    full = torch.ones_like(x, dtype=torch.bool).scatter(1, idx, drop)
+                    return full & ~free
+        sorted_x, sorted_idx = x.sort(dim=-1, descending=True, stable=True)
+        drop, _ = Sampler._rank_drop(sorted_x, row_max, temps, k_t, p_t, None)
+        return torch.zeros_like(drop).scatter(1, sorted_idx, drop)
+
+    @staticmethod
+    def _rank_drop(sorted_x: torch.Tensor, row_max: torch.Tensor, temps: torch.Tensor,
+                   k_t: torch.Tensor, p_t: torch.Tensor,
+                   lse: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Drop mask over ranked logits `sorted_x` [n, W], and the probability mass of the
+        W ranks that top-k keeps ([n, 1]; None without top-p). `lse`: the log of the mass
+        top-k keeps when W is not the whole vocabulary (None: the softmax over `sorted_x`)."""
+        sorted_vals = (sorted_x - row_max) / temps
+        ranks = torch.arange(sorted_x.shape[1], device=sorted_x.device).unsqueeze(0)
+        drop = ranks >= k_t
+        mass = None
+        if bool((p_t < 1.0).any()):
+            masked = sorted_vals.masked_fill(drop, float("-inf"))
+            probs = masked.softmax(dim=-1) if lse is None else (masked - lse).exp()
+            running = probs.cumsum(dim=-1)
+            mass = running[:, -1:]
+            drop |= (running - probs >= p_t) & (p_t < 1.0)
+        return drop, mass
 
     def _generator(self, device: torch.device) -> torch.Generator:
         gen = self._generators.get(device)

@@ -9,6 +9,7 @@ import random
 import pytest
 import torch
 
+from pdserve.engine import sampler as sampler_module
 from pdserve.engine.sampler import Sampler, SampleRequest
 from pdserve.engine.sampling_params import SamplingParams
 
@@ -317,3 +318,47 @@ def test_random_seed_values_in_full_range_work() -> None:
     rows = [req(seed=rng.randrange(2**64)) for _ in range(4)] + [req(seed=2**64 - 1)]
     out = Sampler()(random_logits(5), rows)
     assert all(0 <= r.token_id < V for r in out)
+
+
+def _full_sort_tokens(logits: torch.Tensor, rows: list[SampleRequest],
+                      monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    with monkeypatch.context() as m:
+        m.setattr(sampler_module, "CANDIDATES", logits.shape[1])  # rank the whole row
+        return [r.token_id for r in Sampler()(logits, rows)]
+
+
+@pytest.mark.parametrize("spread", [0.5, 3.0, 12.0])
+def test_ranking_the_top_candidates_equals_sorting_the_whole_vocabulary(
+        spread: float, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Top-k / top-p decided from the top CANDIDATES tokens give the tokens the full sort
+    gives, row by row, for peaked and flat rows (a flat row's nucleus runs past the
+    candidates and falls back), rows without either limit, and mixed batches."""
+    vocab = 6000
+    gen = torch.Generator().manual_seed(int(spread * 10))
+    logits = torch.randn(12, vocab, generator=gen) * spread
+    configs = [dict(top_p=0.9), dict(top_p=0.5, top_k=50), dict(top_k=7), dict(top_p=0.99),
+               dict(), dict(top_k=2000), dict(top_p=0.3, temperature=0.3)]
+    for trial in range(6):
+        rows = [SampleRequest(SamplingParams(**{"temperature": 1.0, **configs[(i + trial) % 7]}),
+                              seed=100 * trial + i, position=5, num_generated=0,
+                              eos_token_ids=())
+                for i in range(12)]
+        got = [r.token_id for r in Sampler()(logits, rows)]
+        assert got == _full_sort_tokens(logits, rows, monkeypatch)
+
+
+def test_equal_logits_across_the_candidate_cut_fall_back_to_the_full_sort(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Equal logits straddling the cut: topk may keep any of them, the stable full sort
+    keeps the lowest ids; top_k at the cut must keep exactly those."""
+    monkeypatch.setattr(sampler_module, "CANDIDATES", 4)
+    logits = torch.full((2, 400), -5.0)
+    logits[:, [300, 310, 320, 2]] = torch.tensor([9.0, 9.0, 9.0, 8.0])
+    tied = list(range(40, 240, 5))  # 40 equal logits for ranks 4..43
+    logits[:, tied] = 1.0
+    top_k = [6, 400]
+    x = logits.clone()
+    row_max = x.amax(dim=-1, keepdim=True)
+    drop = Sampler._outside_top_k_top_p(x, row_max, torch.ones(2, 1), top_k, [1.0, 1.0])
+    assert set(torch.nonzero(~drop[0]).flatten().tolist()) == {2, 300, 310, 320, 40, 45}
+    assert not drop[1].any()  # no limit: nothing dropped
