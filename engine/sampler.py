@@ -202,8 +202,8 @@ class Sampler:
         top-p keeps a token while the mass ranked above it is still short of top_p: the
         smallest prefix reaching top_p, and the top token always (rows with top_p == 1 skip
         it, since rounding can push the running sum to 1 early). Ranking the whole
-        vocabulary is one sort of V logits a row (~5 ms for SmolLM2's 49k on a CPU core);
-        the top `CANDIDATES` (or the largest top_k) ranked exactly decide every row whose
+        vocabulary is one sort of V logits a row (~5 ms for SmolLM2's 49k on a CPU core); on
+        CPU the top `CANDIDATES` (or the largest top_k) ranked exactly decide every row whose
         kept set ends inside them — almost every row of a trained model — and the full sort
         runs only when one does not, or when equal logits straddle the cut.
         """
@@ -212,7 +212,7 @@ class Sampler:
         k_t = torch.tensor(top_k, device=device).unsqueeze(1)
         p_t = torch.tensor(top_p, device=device).unsqueeze(1)
         width = min(vocab, max([CANDIDATES, *(k for k in top_k if k < vocab)]))
-        if width < vocab:
+        if width < vocab and device.type == "cpu":  # on a GPU the sort is cheap, a sync not
             vals, idx = x.topk(width, dim=-1)
             cut = vals[:, -1:]
             if torch.equal((x >= cut).sum(dim=-1), torch.full((n,), width, device=device)):
