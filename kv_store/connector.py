@@ -440,6 +440,7 @@ def store_stats(store: StoreConnector | None) -> dict[str, int | float]:
     c = store.counters
     out = {"store_lookups": c.lookups, "store_hit_blocks": c.hit_blocks,
            "store_hit_tokens": c.hit_tokens, "store_saved_blocks": c.saved_blocks,
+           "store_save_skipped": c.save_skipped,
            "store_loaded_bytes": c.loaded_bytes, "store_load_seconds": c.load_s + c.verify_s}
     if store.puller is not None:
         p = store.puller.counters

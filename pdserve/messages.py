@@ -384,6 +384,9 @@ class WorkerStats:
     store_pulled_blocks: int = 0
     store_pulled_bytes: int = 0
     store_pull_seconds: float = 0.0
+    # Blocks this worker meant to save to the store but dropped: Redis away, its node's pool
+    # not mapped, or no free slot (serving goes on; later requests recompute those blocks).
+    store_save_skipped: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

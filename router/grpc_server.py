@@ -134,7 +134,7 @@ def _worker_stats(r: WorkerReport) -> pb.WorkerStats:
         store_load_seconds=s.store_load_seconds,
         preemptions=s.preemptions, preempted_tokens=s.preempted_tokens,
         store_pulled_blocks=s.store_pulled_blocks, store_pulled_bytes=s.store_pulled_bytes,
-        store_pull_seconds=s.store_pull_seconds,
+        store_pull_seconds=s.store_pull_seconds, store_save_skipped=s.store_save_skipped,
     )
 
 

@@ -281,6 +281,9 @@ class _PolledCollector:
             "store_pull_seconds": CounterMetricFamily(
                 "pdserve:kv_store_pull_seconds", "Time a worker spent pulling from other "
                 "nodes' pools.", labels=lab),
+            "store_save_skipped": CounterMetricFamily(
+                "pdserve:kv_store_save_skipped", "KV blocks a worker meant to save to the "
+                "store but dropped (Redis away, pool not mapped, no free slot).", labels=lab),
         }
         for s in self.snapshot:
             values = [self.model_name, s.worker_id, s.role]
@@ -297,7 +300,7 @@ class _PolledCollector:
             fams["preempted_tokens"].add_metric(values, s.preempted_tokens)
             fams["store_saved_blocks"].add_metric(values, s.store_saved_blocks)
             for k in ("store_loaded_bytes", "store_load_seconds", "store_pulled_blocks",
-                      "store_pulled_bytes", "store_pull_seconds"):
+                      "store_pulled_bytes", "store_pull_seconds", "store_save_skipped"):
                 fams[k].add_metric(values, getattr(s, k))
             if s.role == "prefill":
                 fams["handoffs"].add_metric(values, s.handoffs)

@@ -165,6 +165,13 @@ def test_redis_killed_mid_load_and_store_killed_keep_answers_right(served, token
         t.join(120)
     assert [got.get(i) for i in range(len(texts))] == want
     assert_blocks_back(client, start)
+    # With Redis away a prefill's blocks cannot be published: the saves are dropped and
+    # counted (Admin.Stats, /metrics), the answer is still right.
+    skipped = sum(w.store_save_skipped for w in client.stats().workers)
+    alone = ("A lighthouse keeper on a rocky island kept a journal of every ship that "
+             "passed, the weather of each morning and the birds that rested on the rail")
+    assert ask(client, alone) == hf_greedy(hf_model, tokenizer.encode(alone), N)
+    assert sum(w.store_save_skipped for w in client.stats().workers) > skipped
 
     redis.start()  # same port and password, empty: the store re-registers, puts refill it
     time.sleep(2.0)

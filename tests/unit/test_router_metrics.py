@@ -103,7 +103,7 @@ def test_worker_figures_come_from_the_latest_poll(setup):
              "store_lookups": 3, "store_hit_blocks": 2, "store_hit_tokens": 32,
              "store_saved_blocks": 7, "store_loaded_bytes": 1 << 20, "store_load_seconds": 0.01,
              "preemptions": 0, "preempted_tokens": 0, "store_pulled_blocks": 0,
-             "store_pulled_bytes": 0, "store_pull_seconds": 0.0,
+             "store_pulled_bytes": 0, "store_pull_seconds": 0.0, "store_save_skipped": 5,
              "tp": 2, "pp": 1,
              "rank_failure": ""}),
         WorkerStats.from_dict(
@@ -114,7 +114,7 @@ def test_worker_figures_come_from_the_latest_poll(setup):
              "store_lookups": 0, "store_hit_blocks": 0, "store_hit_tokens": 0,
              "store_saved_blocks": 0, "store_loaded_bytes": 0, "store_load_seconds": 0.0,
              "preemptions": 2, "preempted_tokens": 300, "store_pulled_blocks": 3,
-             "store_pulled_bytes": 3 << 20, "store_pull_seconds": 0.25,
+             "store_pulled_bytes": 3 << 20, "store_pull_seconds": 0.25, "store_save_skipped": 0,
              "tp": 1, "pp": 1,
              "rank_failure": ""}),
     ])
@@ -136,6 +136,8 @@ def test_worker_figures_come_from_the_latest_poll(setup):
     assert s[("pdserve:worker_generation_tokens_total", d)] == 90
     assert s[("pdserve:kv_store_hit_tokens_total", p)] == 32
     assert s[("pdserve:kv_store_saved_blocks_total", p)] == 7
+    assert s[("pdserve:kv_store_save_skipped_total", p)] == 5
+    assert s[("pdserve:kv_store_save_skipped_total", d)] == 0
     assert s[("pdserve:kv_store_loaded_bytes_total", p)] == 1 << 20
     assert s[("pdserve:kv_store_load_seconds_total", p)] == pytest.approx(0.01)
     assert s[("pdserve:kv_store_pulled_blocks_total", d)] == 3
