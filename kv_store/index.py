@@ -294,7 +294,10 @@ class StoreIndex:
             self._redis.set(p + "lease", "1", px=lease_ms)
             return "ok"
 
-        return self._run(beat) or "down"
+        # Not held back by a recent error's off window: the beat runs on the store's own
+        # thread every quarter lease, and one Redis timeout (0.5 s) plus a skipped window
+        # (1 s) would otherwise let a 2 s lease lapse and make a live pool a miss.
+        return self._run(beat, gated=False) or "down"
 
     def unregister_pool(self, node: str, path: str) -> None:
         p = self.prefix(node)
@@ -416,8 +419,8 @@ class StoreIndex:
 
     # ---- internals ----------------------------------------------------------------------------
 
-    def _run(self, fn: Callable[[], T]) -> T | None:
-        if not self.available:
+    def _run(self, fn: Callable[[], T], gated: bool = True) -> T | None:
+        if gated and not self.available:
             return None
         try:
             return fn()

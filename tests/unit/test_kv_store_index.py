@@ -104,6 +104,21 @@ def test_a_prefix_check_stops_at_the_first_slot_whose_header_or_bytes_are_wrong(
     index.unpin(node, refs)
 
 
+def test_the_lease_is_refreshed_through_an_error_window(redis_server, tmp_path):
+    """A Redis error turns the index off for retry_s, but the store's beat still refreshes
+    the lease: a live pool must not lapse because some other call timed out once."""
+    index = StoreIndex(redis_server.url, retry_s=30.0)
+    s = NodeStore(index, "node-beat", 2, SHAPE, "float32", shm_dir=str(tmp_path), lease_s=0.4)
+    put(index, "node-beat", s.pool, {h(1): 1.0})
+    index._down_until = time.monotonic() + 30.0  # as after a timeout: every gated call off
+    assert not index.available and index.pin("node-beat", [h(1)], 1000) is None
+    time.sleep(1.0)  # 2.5 leases: only the beat kept it
+    index._down_until = 0.0
+    assert len(index.pin("node-beat", [h(1)], 1000)[1]) == 1
+    s.close()
+    index.close()
+
+
 def test_a_dead_store_process_makes_its_pool_a_miss(redis_server, tmp_path):
     index = StoreIndex(redis_server.url)
     s = NodeStore(index, "node-dead", 2, SHAPE, "float32", shm_dir=str(tmp_path), lease_s=0.4)
