@@ -7,7 +7,8 @@ KV pool, used one after the other — and alternates them round by round, so dri
 other processes on the machine falls on both alike. Each run adds `--concurrency`
 requests of `--prompt-len` distinct tokens, steps until every prompt is prefilled, then
 times the decode of `--new-tokens` tokens each (EOS ignored). Printed: decode tokens/s
-and ms per generated-token round per run, the medians, and the load average before and
+and ms per generated-token round per run, how long the driver spent running its own stage
+and waiting for the last stage's logits, the medians, and the load average before and
 after (`os.getloadavg`).
 
 Run: `python -m pdserve.bench.micro.pp_overlap [--model smollm2-135m-instruct]
@@ -47,19 +48,48 @@ def _decode_run(engine, tag: str, args) -> dict:
         steps += 1
     gen0, steps0, t0 = engine.stats["generated_tokens"], engine.stats["steps"], \
         time.perf_counter()
+    timer = engine.executor.timer
+    timer.clear()
     while engine.has_unfinished():
         engine.step()
     dt = time.perf_counter() - t0
     tokens = engine.stats["generated_tokens"] - gen0
     return {"tok_s": tokens / dt, "ms_per_round": 1000 * dt * args.concurrency / tokens,
-            "steps": engine.stats["steps"] - steps0, "tokens": tokens}
+            "steps": engine.stats["steps"] - steps0, "tokens": tokens,
+            "stage0_s": timer.get("submit", 0.0), "wait_s": timer.get("collect", 0.0),
+            "wall_s": dt}
+
+
+def _timed_executor(config, group):
+    """The driver's executor, timing the driver's own stage (`submit`: broadcast, stage 0's
+    layers, sends) apart from its waits for the last stage's logits (`collect`)."""
+    from pdserve.engine.executor.multiproc import MultiprocExecutor
+
+    class Timed(MultiprocExecutor):
+        timer: dict[str, float] = {}
+
+        def submit(self, step, kv_connector=None):
+            t = time.perf_counter()
+            try:
+                return super().submit(step, kv_connector)
+            finally:
+                self.timer["submit"] = self.timer.get("submit", 0.0) + time.perf_counter() - t
+
+        def collect(self, handle):
+            t = time.perf_counter()
+            try:
+                return super().collect(handle)
+            finally:
+                self.timer["collect"] = self.timer.get("collect", 0.0) + time.perf_counter() - t
+
+    return Timed(config, group)
 
 
 def _rank_main(rank: int, port: int, args, out: str) -> None:
     import torch
 
     from pdserve.engine.executor.group import init_rank_group
-    from pdserve.engine.executor.multiproc import Follower, MultiprocExecutor
+    from pdserve.engine.executor.multiproc import Follower
     from pdserve.engine.llm import engine_config
     from pdserve.engine.llm_engine import LLMEngine
 
@@ -72,7 +102,7 @@ def _rank_main(rank: int, port: int, args, out: str) -> None:
         if not group.is_driver:
             Follower(config, group).run()
             return
-        executor = MultiprocExecutor(config, group)
+        executor = _timed_executor(config, group)
         off = replace(config, parallel=replace(config.parallel, pipeline_overlap=False))
         engines = {"overlap": LLMEngine(config, executor=executor),
                    "no-overlap": LLMEngine(off, executor=executor)}
@@ -84,8 +114,9 @@ def _rank_main(rank: int, port: int, args, out: str) -> None:
                 row = {"round": r, "mode": mode, **_decode_run(engines[mode], f"{mode}{r}", args)}
                 rows.append(row)
                 print(f"round {r} {mode:>10}: {row['tok_s']:7.1f} tok/s, "
-                      f"{row['ms_per_round']:6.1f} ms/token-round, {row['steps']} steps",
-                      flush=True)
+                      f"{row['ms_per_round']:6.1f} ms/token-round, {row['steps']} steps; "
+                      f"driver: stage 0 {row['stage0_s']:.2f} s, waiting for logits "
+                      f"{row['wait_s']:.2f} s of {row['wall_s']:.2f} s", flush=True)
         with open(out, "w") as f:
             json.dump(rows, f)
         executor.shutdown()
@@ -119,9 +150,13 @@ def main(argv: list[str] | None = None) -> None:
     for mode in ("overlap", "no-overlap"):
         mine = [r["tok_s"] for r in rows if r["mode"] == mode]
         ms = [r["ms_per_round"] for r in rows if r["mode"] == mode]
+        share = [r["wait_s"] / r["wall_s"] for r in rows if r["mode"] == mode]
+        stage0 = [r["stage0_s"] / r["wall_s"] for r in rows if r["mode"] == mode]
         print(f"  {mode:>10}: median {statistics.median(mine):7.1f} tok/s "
               f"({', '.join(f'{x:.1f}' for x in mine)}), "
-              f"{statistics.median(ms):.1f} ms/token-round")
+              f"{statistics.median(ms):.1f} ms/token-round; driver in stage 0 "
+              f"{statistics.median(stage0):.0%}, waiting for logits "
+              f"{statistics.median(share):.0%} of the time")
     if not args.json:
         os.unlink(out)
 
