@@ -7,7 +7,9 @@ blocks for KV that will come from elsewhere, `adopt` a request whose prompt KV i
 `release` them, `abort`, and the read-only `usage()` view. KV moves in and out through a
 KV connector (engine/kv_connector.py), never through the engine's parts. The model itself
 runs behind an `Executor` (`engine.executor`): in this process by default, or over a
-tensor-parallel rank group whose driver this engine is.
+tensor-parallel rank group whose driver this engine is. Over pipeline stages the engine
+keeps up to one step a stage in flight, each over other sequences (`_step_pipelined`), so
+a `step()` may return what a step submitted by an earlier call produced.
 """
 
 from __future__ import annotations

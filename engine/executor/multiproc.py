@@ -5,7 +5,9 @@ The driver's engine owns the scheduler, block manager and sampler. For each step
 own shard; every follower (`run_follower`) receives the same step and runs its shard, and
 the layers' collectives join the shards (row-parallel all-reduce, vocabulary all-gather).
 Followers run no scheduler: they only hold their KV pool, whose block ids the driver's
-block manager assigns.
+block manager assigns. Over pipeline stages the driver may submit the next step before
+collecting this one's logits (`submit` / `collect`); followers need nothing for it, since
+they run the steps in the order broadcast.
 
 Start-up: followers build their model while the driver builds its own; the driver then
 sends `init` (pool size and the keys it expects) and every rank reports whether it agrees,
