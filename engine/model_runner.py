@@ -118,14 +118,14 @@ class ModelRunner:
                         kv_connector: KVConnectorWorker | None = None) -> PipelinedStep:
         """Run this stage's part of the step, as up to `step.micro_batches` (default
         `pp_size`) micro-batches of its sequences, without waiting for the other stages:
-        each micro-batch's hidden states
-        come from the previous stage (or the embedding) and leave for the next (or the LM
-        head, whose logits go to the driver) without waiting, so stage s runs micro-batch
-        i + 1 while stage s + 1 runs micro-batch i. On the driver (stage 0) the logits'
-        receives are posted here and waited for in `finish_pipelined`, so the driver may
-        start its part of the next step (over other sequences) while later stages still run
-        this one: every rank runs the steps in the same order, and every pair of ranks
-        sends and receives in that order, so two steps in flight cannot cross.
+        each micro-batch's hidden states come from the previous stage (or the embedding)
+        and leave for the next (or the LM head, whose logits go to the driver) without
+        waiting, so stage s runs micro-batch i + 1 while stage s + 1 runs micro-batch i.
+        On the driver (stage 0) the logits' receives are posted here and waited for in
+        `finish_pipelined`, so the driver may start its part of the next step (over other
+        sequences) while later stages still run this one: every rank runs the steps in the
+        same order, and every pair of ranks sends and receives in that order, so two steps
+        in flight cannot cross.
 
         With `kv_connector`, layers (the stage's pool indices) wait for loads in every
         micro-batch, and are saved during the last one only: a layer is written for every
