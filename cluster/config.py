@@ -64,6 +64,10 @@ class PoolSection(_Strict):
     tp: int = Field(default=1, ge=1, description="tensor-parallel ranks per worker (one Ray "
                     "actor each, packed on one node)")
     pp: int = Field(default=1, ge=1, description="pipeline stages per worker")
+    pp_overlap: bool = Field(
+        default=True, description="with pp > 1: keep up to one step a stage in flight, each "
+        "over other requests, so the stages work at once across steps (off: each step "
+        "waits for the one before)")
     pp_placement: Literal["pack", "spread", "strict_spread"] = Field(
         default="pack", description="where a worker's pipeline stages go: pack (every rank "
         "on one node), spread (each stage's ranks on one node, the stages on different nodes "
@@ -345,7 +349,8 @@ class ClusterConfig(_Strict):
                                       max_model_len=self.model.max_model_len),
             num_threads=pool.rank_threads(),
             parallel=ParallelConfig(tensor_parallel_size=pool.tp,
-                                    pipeline_parallel_size=pool.pp),
+                                    pipeline_parallel_size=pool.pp,
+                                    pipeline_overlap=pool.pp_overlap),
         )
 
 

@@ -130,10 +130,15 @@ class ParallelConfig:
     """How one model replica is split: `tensor_parallel_size` ranks share every layer
     (KV heads split between them), `pipeline_parallel_size` stages split the layers (each
     stage a TP group). The ranks themselves, and their collective timeout, come from the
-    rank group the driver is given (`engine.executor.group.init_rank_group`)."""
+    rank group the driver is given (`engine.executor.group.init_rank_group`).
+
+    `pipeline_overlap` (with more than one stage): the engine keeps up to one step a stage
+    in flight, each over other sequences, so the stages work at once across steps; off,
+    each step waits for the one before it (the stages overlap only within a step)."""
 
     tensor_parallel_size: int = 1
     pipeline_parallel_size: int = 1
+    pipeline_overlap: bool = True
 
     def __post_init__(self) -> None:
         if self.tensor_parallel_size < 1:

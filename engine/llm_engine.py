@@ -7,7 +7,9 @@ blocks for KV that will come from elsewhere, `adopt` a request whose prompt KV i
 `release` them, `abort`, and the read-only `usage()` view. KV moves in and out through a
 KV connector (engine/kv_connector.py), never through the engine's parts. The model itself
 runs behind an `Executor` (`engine.executor`): in this process by default, or over a
-tensor-parallel rank group whose driver this engine is.
+tensor-parallel rank group whose driver this engine is. Over pipeline stages the engine
+keeps up to one step a stage in flight, each over other sequences (`_step_pipelined`), so
+a `step()` may return what a step submitted by an earlier call produced.
 """
 
 from __future__ import annotations
@@ -15,12 +17,13 @@ from __future__ import annotations
 import logging
 import secrets
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from pdserve.engine.config import EngineConfig
 from pdserve.engine.detokenizer import Detokenizer
-from pdserve.engine.executor.base import Executor
+from pdserve.engine.executor.base import Executor, StepHandle
 from pdserve.engine.executor.step import StepInput
 from pdserve.engine.executor.uniproc import UniprocExecutor
 from pdserve.engine.kv_cache.block_hash import BlockHash
@@ -29,7 +32,7 @@ from pdserve.engine.kv_cache.prefix_cache import CacheListener
 from pdserve.engine.kv_connector import KVConnector, NoKVConnector
 from pdserve.engine.sampler import Sampler, SampleRequest, SampleResult
 from pdserve.engine.sampling_params import SamplingParams
-from pdserve.engine.scheduler import Scheduler
+from pdserve.engine.scheduler import ScheduledSeq, Scheduler
 from pdserve.engine.sequence import FinishReason, Resume, TokenLogprob
 from pdserve.engine.sequence import Sequence as Seq
 
@@ -91,6 +94,14 @@ class EngineUsage:
     preempted_tokens: int = 0  # computed tokens those evictions dropped (to recompute)
 
 
+@dataclass(slots=True)
+class _Flight:
+    """A step submitted to the executor and not collected yet."""
+
+    batch: list[ScheduledSeq]
+    handle: StepHandle
+
+
 class LLMEngine:
     """One model replica: the scheduler and sampler here, the model behind `executor`."""
 
@@ -128,7 +139,15 @@ class LLMEngine:
         self.detokenizer = Detokenizer(self.tokenizer)
         self._seqs: dict[str, Seq] = {}
         self._reservations: dict[str, tuple[Reservation, list[BlockHash]]] = {}
-        self.stats = {"prompt_tokens": 0, "generated_tokens": 0, "steps": 0}
+        self.stats = {"prompt_tokens": 0, "generated_tokens": 0, "steps": 0,
+                      "overlapped_steps": 0}  # submitted while another was in flight
+        # Over pipeline stages up to one step a stage is in flight, each over other
+        # sequences (`_step_pipelined`); one process or a TP group runs one at a time.
+        self._depth = self.executor.max_in_flight if config.parallel.pipeline_overlap else 1
+        self._in_flight: deque[_Flight] = deque()
+        # Aborted while a step over them was in flight: finished when it lands, since its
+        # ranks may still write their blocks until then.
+        self._aborted_in_flight: set[Seq] = set()
         log.info(
             "engine ready in %.1fs: %s (%s, %d layers) on %s, %s attention, TP %d, KV cache "
             "%d blocks x %d tokens (%.1f MiB per rank)", time.perf_counter() - t0,
@@ -138,7 +157,9 @@ class LLMEngine:
         )
 
     def shutdown(self) -> None:
-        """Release the executor's ranks (a no-op for the in-process executor)."""
+        """Release the executor's ranks (a no-op for the in-process executor), after the
+        steps still in flight ended (their output is dropped)."""
+        self._forget_in_flight()
         self.executor.shutdown()
 
     # ---- requests ------------------------------------------------------------------------
@@ -189,6 +210,11 @@ class LLMEngine:
         """Stop a request wherever it is (waiting, running, reserved, or finished with its
         blocks held for a transfer); its blocks are freed. False if unknown."""
         seq = self._seqs.pop(request_id, None)
+        if seq is not None and seq.in_flight:
+            # A pipeline stage may still write its blocks: they are freed when it lands.
+            self._aborted_in_flight.add(seq)
+            self.detokenizer.forget(request_id)
+            return True
         held = self.scheduler.abort(request_id) is not None
         released = self.release(request_id)
         if seq is not None:
@@ -196,7 +222,7 @@ class LLMEngine:
         return seq is not None or held or released
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_work
+        return self.scheduler.has_work or bool(self._in_flight)
 
     # ---- stepping ------------------------------------------------------------------------
 
@@ -206,33 +232,110 @@ class LLMEngine:
         The KV connector's worker half runs with the forward pass: this step's loads and
         saves start before it, each layer waits for its loads and saves itself once
         written (layer l leaves while layer l+1 computes), and the saves are closed after.
+        Over pipeline stages (with `pipeline_overlap`) a step may return the output of a
+        step submitted by an earlier call: see `_step_pipelined`.
         """
         self.release_finished_transfers()
-        batch = self.scheduler.schedule()
-        if not batch:
-            return []
+        try:
+            if self._depth > 1:
+                return self._step_pipelined()
+            batch = self.scheduler.schedule()
+            if not batch:
+                return []
+            self._launch(batch, self.scheduler.build_step(batch))
+            return self._land()
+        except BaseException:
+            self._forget_in_flight()
+            raise
+
+    def _step_pipelined(self) -> list[RequestOutput]:
+        """Submit a step over sequences not in flight if fewer than `_depth` steps are in
+        flight; collect the oldest once `_depth` are (or nothing new could start), so
+        stage 0 runs step t + 1 while the later stages still run step t. A decode batch
+        takes at most ceil(running / depth) running sequences, so they split into `depth`
+        groups whose steps alternate. A step that moves KV (connector loads or saves) runs
+        alone: the steps in flight land first, and it lands before the call returns."""
+        outputs: list[RequestOutput] = []
+        launched = False
+        if len(self._in_flight) < self._depth:
+            cap = -(-len(self.scheduler.running) // self._depth)
+            batch = self.scheduler.schedule(max_running=cap)
+            if batch:
+                transfers = self.scheduler.build_step(batch)
+                while transfers and self._in_flight:
+                    outputs += self._land()
+                if self._in_flight:
+                    self.stats["overlapped_steps"] += 1
+                self._launch(batch, transfers)
+                launched = not transfers
+        if self._in_flight and (len(self._in_flight) >= self._depth or not launched):
+            outputs += self._land()
+        return outputs
+
+    def _launch(self, batch: list[ScheduledSeq], transfers) -> None:
+        """Submit a scheduled batch; its sequences are in flight until it lands. Behind
+        another step in flight the step is one micro-batch (the steps in flight fill the
+        stages, and each micro-batch reads the stage's weights again); alone, a pipeline
+        splits it into one a stage."""
         self.stats["steps"] += 1
-        sampling = [item for item in batch if item.samples]  # before postprocess moves counts
-        transfers = self.scheduler.build_step(batch)
         self.connector.start_step(transfers)
         try:
             step = StepInput.from_batch(batch, self.layout.block_size,
-                                        self.connector.rank_metadata(transfers))
-            logits = self.executor.execute_model(
-                step, self.connector if transfers else None).logits
+                                        self.connector.rank_metadata(transfers),
+                                        micro_batches=1 if self._in_flight else 0)
+            # This rank's forward pass is over when `submit` returns (over pipeline stages,
+            # the later stages' ranks close their own part of the transfers).
+            handle = self.executor.submit(step, self.connector if transfers else None)
         finally:
             self.connector.end_step()
+        for item in batch:
+            item.seq.in_flight = True
+        self._in_flight.append(_Flight(batch, handle))
+
+    def _land(self) -> list[RequestOutput]:
+        """Collect the oldest step in flight: advance its sequences, sample their tokens."""
+        logits = self.executor.collect(self._in_flight[0].handle).logits
+        batch = self._in_flight.popleft().batch
+        for item in batch:
+            item.seq.in_flight = False
+        sampling = [item for item in batch if item.samples]  # before postprocess moves counts
         self.stats["prompt_tokens"] += sum(
             max(0, min(i.seq.num_computed_tokens + i.num_new_tokens, i.seq.num_prompt_tokens)
                 - i.seq.num_computed_tokens)
             for i in batch
         )
         self.scheduler.postprocess(batch)
+        if self._aborted_in_flight:
+            keep = [k for k, item in enumerate(sampling)
+                    if item.seq not in self._aborted_in_flight]
+            for item in batch:
+                if item.seq in self._aborted_in_flight:
+                    self._aborted_in_flight.discard(item.seq)
+                    self.scheduler.finish(item.seq, FinishReason.ABORT)
+            if len(keep) < len(sampling):
+                logits, sampling = logits[keep], [sampling[k] for k in keep]
         results = self.sampler(logits, [self.sample_request(item.seq) for item in sampling])
         outputs = []
         for item, res in zip(sampling, results):
             outputs.append(self._accept_token(item.seq, res))
         return outputs
+
+    def _forget_in_flight(self) -> None:
+        """Drop the steps in flight (a step failed, or shutdown): wait for each where the
+        executor still works (its ranks may write the pool and its buffers until then), end
+        their sequences' flight, and do the aborts deferred until they landed, so that
+        every block they held comes back."""
+        while self._in_flight:
+            flight = self._in_flight.popleft()
+            try:
+                self.executor.collect(flight.handle)
+            except Exception as e:  # noqa: BLE001 - the executor reports its own failure
+                log.warning("a step in flight did not land: %s", e)
+            for item in flight.batch:
+                item.seq.in_flight = False
+        aborted, self._aborted_in_flight = self._aborted_in_flight, set()
+        for seq in aborted:
+            self.scheduler.finish(seq, FinishReason.ABORT)
 
     def sample_request(self, seq: Seq) -> SampleRequest:
         return SampleRequest(
@@ -350,7 +453,8 @@ class LLMEngine:
 
     def _check_new_id(self, request_id: str) -> None:
         if request_id in self._seqs or request_id in self._reservations \
-                or request_id in self.scheduler.held:
+                or request_id in self.scheduler.held \
+                or any(s.request_id == request_id for s in self._aborted_in_flight):
             raise ValueError(f"request id {request_id!r} is already in use")
 
     def _resume(self, seq: Seq, resume: Resume) -> None:

@@ -8,8 +8,9 @@ step goes through the LM head.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from itertools import accumulate
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -108,21 +109,32 @@ class ModelRunner:
 
     def _execute_pipelined(self, step: StepInput,
                            kv_connector: KVConnectorWorker | None = None) -> torch.Tensor | None:
-        """This stage's part of the step, as up to `pp_size` micro-batches of its sequences:
+        """This stage's part of the step (`start_pipelined`), waited for (`finish_pipelined`):
+        the whole step's logits on the driver, None on every other rank."""
+        return self.finish_pipelined(self.start_pipelined(step, kv_connector))
+
+    @torch.inference_mode()
+    def start_pipelined(self, step: StepInput,
+                        kv_connector: KVConnectorWorker | None = None) -> PipelinedStep:
+        """Run this stage's part of the step, as up to `step.micro_batches` (default
+        `pp_size`) micro-batches of its sequences, without waiting for the other stages:
         each micro-batch's hidden states come from the previous stage (or the embedding)
         and leave for the next (or the LM head, whose logits go to the driver) without
         waiting, so stage s runs micro-batch i + 1 while stage s + 1 runs micro-batch i.
-        Returns the whole step's logits on the driver, None on every other rank.
+        On the driver (stage 0) the logits' receives are posted here and waited for in
+        `finish_pipelined`, so the driver may start its part of the next step (over other
+        sequences) while later stages still run this one: every rank runs the steps in the
+        same order, and every pair of ranks sends and receives in that order, so two steps
+        in flight cannot cross.
 
-        The overlap is within a step: the next step waits for this one's sampled tokens.
         With `kv_connector`, layers (the stage's pool indices) wait for loads in every
         micro-batch, and are saved during the last one only: a layer is written for every
         sequence of the step only once the last micro-batch wrote it.
         """
         pp, model = self.model.parallel, self.model
         dtype = next(model.parameters()).dtype
-        parts = step.split(pp.pp_size)
-        in_flight, logits = [], []  # (work, tensor): the tensor must live until the wait
+        parts = step.split(step.micro_batches or pp.pp_size)
+        pending = PipelinedStep()
         for i, part in enumerate(parts):
             input_ids, positions, meta, rows = self.prepare(part)
             hidden_in = None
@@ -137,19 +149,37 @@ class ModelRunner:
             with forward_context.use(ctx):
                 hidden = model(input_ids, positions, hidden_in)
             if not pp.is_last_stage:
-                in_flight.append((pp.isend_next(hidden), hidden))
+                pending.sends.append((pp.isend_next(hidden), hidden))
                 continue
             if rows.numel() != hidden.shape[0]:
                 hidden = hidden[rows]
             out = model.compute_logits(hidden).float()
-            in_flight.append((pp.isend_logits(out), out))
-            logits.append(out)
+            pending.sends.append((pp.isend_logits(out), out))
         if pp.rank == 0:
-            logits = [pp.recv_logits((sum(p.samples), model.config.vocab_size), self.device)
-                      for p in parts]
-        for work, _ in in_flight:
+            pending.logits = [pp.irecv_logits((sum(p.samples), model.config.vocab_size),
+                                              self.device) for p in parts]
+        return pending
+
+    def finish_pipelined(self, pending: PipelinedStep) -> torch.Tensor | None:
+        """Wait for a step `start_pipelined` began: its logits on the driver (in batch
+        order), None on every other rank."""
+        for work, _ in pending.logits:
             if work is not None:
                 work.wait()
-        if pp.rank != 0:
+        for work, _ in pending.sends:
+            if work is not None:
+                work.wait()
+        if not pending.logits:  # not the driver
             return None
+        logits = [t for _, t in pending.logits]
         return torch.cat(logits) if len(logits) > 1 else logits[0]
+
+
+@dataclass(slots=True)
+class PipelinedStep:
+    """A pipeline stage's part of a step, started and not yet waited for: the sends still
+    in flight (each tensor must live until its work completes) and, on the driver, the
+    posted receives of each micro-batch's logits."""
+
+    sends: list[tuple[Any, torch.Tensor]] = field(default_factory=list)
+    logits: list[tuple[Any, torch.Tensor]] = field(default_factory=list)

@@ -28,7 +28,7 @@ class ParallelContext:
     driver, rank 0, is stage 0's TP rank 0). Stage s hands its hidden states to the same TP
     rank of stage s + 1 (`isend_next` / `recv_prev`, point-to-point on the world group);
     the last stage's TP rank 0 sends the logits to the driver (`isend_logits` /
-    `recv_logits`). Every pair of ranks sends and receives micro-batches in the same order.
+    `irecv_logits`). Every pair of ranks sends and receives micro-batches in the same order.
     Every rank of a stage holds the full hidden states after its layers
     (the row-parallel all-reduce), so no gather is needed between stages.
     """
@@ -113,14 +113,16 @@ class ParallelContext:
             return dist.isend(logits.contiguous(), 0)
         return None
 
-    def recv_logits(self, shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
-        """On the driver: the logits the last stage computed (fp32)."""
+    def irecv_logits(self, shape: tuple[int, ...], device: torch.device):
+        """On the driver: post the receive of the logits the last stage computes (fp32);
+        returns (work, tensor): the tensor holds them once the work (None where nothing is
+        sent) is waited for."""
         import torch.distributed as dist
 
         x = torch.empty(shape, dtype=torch.float32, device=device)
-        if x.numel():  # a step where nothing samples (a prompt's earlier chunk) sends none
-            dist.recv(x, (self.pp_size - 1) * self.tp_size)
-        return x
+        if not x.numel():  # a step where nothing samples (a prompt's earlier chunk) sends none
+            return None, x
+        return dist.irecv(x, (self.pp_size - 1) * self.tp_size), x
 
     def all_gather_last_dim(self, x: torch.Tensor) -> torch.Tensor:
         """Concatenate each rank's shard along the last dim (vocab-parallel logits)."""

@@ -45,7 +45,9 @@ class Scheduler:
     Invariants: a sequence is in exactly one of `waiting`, `running`, `held` (finished, its
     blocks kept while the connector still transfers them) or none (finished, blocks freed);
     a running sequence holds blocks for at least its computed tokens; after `abort` its
-    blocks are back in the block manager.
+    blocks are back in the block manager. A sequence in flight (the engine marks it while
+    a step over it is submitted and not collected) is running and keeps its blocks: it is
+    neither scheduled nor preempted, and the engine defers its abort until the step lands.
     """
 
     def __init__(
@@ -135,19 +137,27 @@ class Scheduler:
 
     # ---- one step ------------------------------------------------------------------------
 
-    def schedule(self) -> list[ScheduledSeq]:
+    def schedule(self, max_running: int | None = None) -> list[ScheduledSeq]:
+        """The next step: running sequences first (at most `max_running` of them when
+        given), then admissions. A running sequence in flight (`seq.in_flight`: a step of
+        it still runs in a pipeline) is skipped and never preempted; a step over the
+        others may run beside it."""
         budget = self.config.max_num_batched_tokens
+        limit = len(self.running) if max_running is None else max_running
         out: list[ScheduledSeq] = []
         i = 0
-        while i < len(self.running) and budget > 0:
+        while i < len(self.running) and budget > 0 and len(out) < limit:
             seq = self.running[i]
+            if seq.in_flight:
+                i += 1
+                continue
             n = min(seq.num_tokens - seq.num_computed_tokens, budget)
             if not self._reserve(seq, n):
-                victim = self.running[-1]
+                # The newest sequence not in flight: seq itself or one after it (then seq
+                # is retried with the freed blocks; else self.running[i] is the next one).
+                victim = next(s for s in reversed(self.running) if not s.in_flight)
                 self._preempt(victim)
-                if victim is seq:
-                    continue  # seq is now waiting; self.running[i] is the next one
-                continue  # retry seq with the freed blocks
+                continue
             out.append(ScheduledSeq(seq, n))
             budget -= n
             i += 1

@@ -59,6 +59,9 @@ class Sequence:
     block_hashes: list[BlockHash] = field(default_factory=list)
     logprobs: list[TokenLogprob] = field(default_factory=list)
     status: SequenceStatus = SequenceStatus.WAITING
+    # A step over this sequence is submitted and not collected yet (a pipeline holds
+    # several steps at once): the scheduler neither schedules nor preempts it meanwhile.
+    in_flight: bool = False
     finish_reason: FinishReason | None = None
     arrival_time: float = field(default_factory=time.monotonic)
     first_token_time: float | None = None

@@ -9,7 +9,8 @@ pipeline parallelism live behind this seam: the engine never sees ranks.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 from pdserve.engine.executor.rank_worker import RankWorker
 from pdserve.engine.executor.step import StepInput, StepOutput
@@ -22,6 +23,17 @@ if TYPE_CHECKING:
 class ExecutorError(RuntimeError):
     """A rank of the group failed, died or did not answer in time; the executor is
     unusable afterwards (its ranks may be out of step) and must be rebuilt."""
+
+
+@dataclass(slots=True)
+class StepHandle:
+    """A step `Executor.submit` started and `Executor.collect` has not returned yet:
+    `output` when it already ran to its end, else the executor's own record of what to
+    wait for (`pending`)."""
+
+    step_id: int = 0
+    output: StepOutput | None = None
+    pending: Any = None
 
 
 class Executor(ABC):
@@ -42,6 +54,13 @@ class Executor(ABC):
       be called more than once.
     - `worker` is the driver's own rank: its model shard, KV pool and runner, which the
       engine and the KV transports of this process use directly.
+    - `submit` + `collect` is `execute_model` in two halves, so that a pipeline can hold
+      up to `max_in_flight` steps at once (stage 0 runs step t + 1 while stage 1 runs step
+      t). Steps are collected in the order submitted, at most `max_in_flight` of them are
+      outstanding, and the caller makes the steps in flight at once touch disjoint
+      sequences (the new tokens of one never read or write the blocks of another's). Each
+      rank runs them in the order submitted. With `max_in_flight` 1 (the default) `submit`
+      runs the whole step.
     """
 
     worker: RankWorker
@@ -53,6 +72,21 @@ class Executor(ABC):
         """Run one step. With `kv_connector` (the worker half of a KV connector: a step that
         loads or saves KV), the driver waits for layer l's loads before its attention and
         saves its K/V right after writing them (layer-wise KV streaming hangs off it)."""
+
+    @property
+    def max_in_flight(self) -> int:
+        """How many submitted steps may be outstanding at once."""
+        return 1
+
+    def submit(self, step: StepInput, kv_connector: KVConnectorWorker | None = None
+               ) -> StepHandle:
+        """Start one step (see `execute_model`); `collect` returns its output."""
+        return StepHandle(output=self.execute_model(step, kv_connector))
+
+    def collect(self, handle: StepHandle) -> StepOutput:
+        """The output of the oldest step submitted and not collected (`handle`), once it
+        is there; its logits are valid until the next `collect` or `execute_model`."""
+        return handle.output
 
     def shutdown(self) -> None:  # noqa: B027 - one process has nothing to release
         """Release the ranks this executor started or drives."""

@@ -64,6 +64,12 @@ class ControlChannel:
         self.timeout = datetime.timedelta(seconds=timeout_s)
 
     def send(self, msg: dict, timeout_s: float | None = None) -> None:
+        self.post(msg, timeout_s).wait()
+
+    def post(self, msg: dict, timeout_s: float | None = None) -> PostedMessage:
+        """Start sending `msg` without waiting for the followers to take it (a follower
+        takes the next message only when it is done with the last one); `wait()` on the
+        result before relying on its delivery. Messages arrive in the order posted."""
         if self.rank != DRIVER_RANK:
             raise RuntimeError("only the driver rank sends on the control channel")
         timeout = self._timeout(timeout_s)
@@ -72,9 +78,13 @@ class ControlChannel:
         frame = bytearray(_FRAME_BYTES)
         frame[:_LEN_BYTES] = len(body).to_bytes(_LEN_BYTES, "little")
         frame[_LEN_BYTES:_LEN_BYTES + min(len(body), head)] = body[:head]
-        self._broadcast(torch.frombuffer(frame, dtype=torch.uint8), timeout)
+        posted = PostedMessage()
+        parts = [torch.frombuffer(frame, dtype=torch.uint8)]
         if len(body) > head:
-            self._broadcast(torch.frombuffer(bytearray(body[head:]), dtype=torch.uint8), timeout)
+            parts.append(torch.frombuffer(bytearray(body[head:]), dtype=torch.uint8))
+        for t in parts:
+            posted.add(self._start_broadcast(t, timeout), t)
+        return posted
 
     def recv(self, timeout_s: float | None = None) -> dict:
         """The driver's next message (followers); waits `FOLLOWER_IDLE_TIMEOUT` by default."""
@@ -115,11 +125,32 @@ class ControlChannel:
         return self.timeout if timeout_s is None else datetime.timedelta(seconds=timeout_s)
 
     def _broadcast(self, t: torch.Tensor, timeout: datetime.timedelta) -> None:
+        self._start_broadcast(t, timeout).wait()
+
+    def _start_broadcast(self, t: torch.Tensor, timeout: datetime.timedelta):
         import torch.distributed as dist
 
         opts = dist.BroadcastOptions()
         opts.rootRank, opts.rootTensor, opts.timeout = DRIVER_RANK, 0, timeout
-        self.group.broadcast([t], opts).wait()
+        return self.group.broadcast([t], opts)
+
+
+class PostedMessage:
+    """A control message on its way: the broadcasts carrying it (gloo runs a group's
+    collectives in the order they were started), each holding its tensor until waited."""
+
+    def __init__(self) -> None:
+        self._works: list[tuple[Any, torch.Tensor]] = []
+
+    def add(self, work, tensor: torch.Tensor) -> None:
+        self._works.append((work, tensor))
+
+    def wait(self) -> None:
+        """Block until every follower took the message; raises RuntimeError from torch if
+        a broadcast failed or timed out."""
+        for work, _ in self._works:
+            work.wait()
+        self._works.clear()
 
 
 @dataclass

@@ -5,7 +5,9 @@ The driver's engine owns the scheduler, block manager and sampler. For each step
 own shard; every follower (`run_follower`) receives the same step and runs its shard, and
 the layers' collectives join the shards (row-parallel all-reduce, vocabulary all-gather).
 Followers run no scheduler: they only hold their KV pool, whose block ids the driver's
-block manager assigns.
+block manager assigns. Over pipeline stages the driver may submit the next step before
+collecting this one's logits (`submit` / `collect`); followers need nothing for it, since
+they run the steps in the order broadcast.
 
 Start-up: followers build their model while the driver builds its own; the driver then
 sends `init` (pool size and the keys it expects) and every rank reports whether it agrees,
@@ -19,7 +21,7 @@ import logging
 from typing import TYPE_CHECKING
 
 from pdserve.engine.config import EngineConfig
-from pdserve.engine.executor.base import Executor, ExecutorError
+from pdserve.engine.executor.base import Executor, ExecutorError, StepHandle
 from pdserve.engine.executor.group import RankGroup
 from pdserve.engine.executor.rank_worker import RankWorker
 from pdserve.engine.executor.step import StepInput, StepOutput
@@ -84,9 +86,22 @@ class MultiprocExecutor(Executor):
         log.info("rank group of %d ready (driver rank 0, %d KV blocks per rank)",
                  group.world_size, self.worker.num_blocks)
 
+    @property
+    def max_in_flight(self) -> int:
+        """A pipeline holds a step a stage; a TP-only group runs one step at a time."""
+        return self.group.parallel.pp_size
+
     def execute_model(
         self, step: StepInput, kv_connector: KVConnectorWorker | None = None
     ) -> StepOutput:
+        return self.collect(self.submit(step, kv_connector))
+
+    def submit(self, step: StepInput, kv_connector: KVConnectorWorker | None = None
+               ) -> StepHandle:
+        """Broadcast the step and run the driver's part of it. Over pipeline stages the
+        driver's part ends once its stage sent its hidden states on: the followers run the
+        steps in the order broadcast, so the next step may be submitted before this one's
+        logits are back."""
         if self._broken is not None:
             raise ExecutorError(self._broken)
         if self._closed:
@@ -96,12 +111,32 @@ class MultiprocExecutor(Executor):
                 "this KV connector moves only the driver rank's KV heads (its rank_metadata "
                 "gave the follower ranks nothing to do): it cannot serve a rank group")
         self._step_id += 1
+        runner = self.worker.runner
+        msg = {"op": "step", "id": self._step_id, "step": step.to_plain()}
         try:
-            self._channel.send({"op": "step", "id": self._step_id, "step": step.to_plain()})
-            logits = self.worker.runner.execute(step, kv_connector)
+            if self.group.parallel.pp_size > 1:
+                # Not waited for here: stage 1 takes this step only once it is done with
+                # the one before, which is what the driver's stage runs beside.
+                posted = self._channel.post(msg)
+                return StepHandle(self._step_id,
+                                  pending=(posted, runner.start_pipelined(step, kv_connector)))
+            self._channel.send(msg)
+            return StepHandle(self._step_id,
+                              output=StepOutput(runner.execute(step, kv_connector)))
         except Exception as e:
             raise self._fail(f"step {self._step_id}", e) from e
-        return StepOutput(logits)
+
+    def collect(self, handle: StepHandle) -> StepOutput:
+        if handle.output is not None:
+            return handle.output
+        if self._broken is not None:
+            raise ExecutorError(self._broken)
+        posted, started = handle.pending
+        try:
+            posted.wait()
+            return StepOutput(self.worker.runner.finish_pipelined(started))
+        except Exception as e:
+            raise self._fail(f"step {handle.step_id}", e) from e
 
     def kv_control(self, op: dict) -> list[dict]:
         if self._broken is not None:

@@ -13,6 +13,8 @@ block ids); block ids mean the same blocks on every rank (each rank's pool has t
 number of blocks and holds its own KV heads / layers of them). `kv` is what the driver's KV
 connector tells the follower ranks' connectors about this step's transfers
 (`KVConnectorScheduler.rank_metadata`: plain data), None when no follower moves KV.
+`micro_batches` is how many micro-batches a pipeline runs the step as (0: one a stage);
+every rank must split a step alike, so it crosses with the step.
 """
 
 from __future__ import annotations
@@ -34,10 +36,11 @@ class StepInput:
     block_tables: list[list[int]]  # blocks holding each sequence's context after this step
     samples: list[bool]  # whether the sequence's last new token is sampled this step
     kv: list | None = None  # the follower ranks' part of this step's KV transfers
+    micro_batches: int = 0  # how many a pipeline splits the step into; 0: pp_size
 
     @classmethod
     def from_batch(cls, batch: Sequence[ScheduledSeq], block_size: int,
-                   kv: list | None = None) -> StepInput:
+                   kv: list | None = None, micro_batches: int = 0) -> StepInput:
         ids: list[int] = []
         qlens: list[int] = []
         starts: list[int] = []
@@ -51,7 +54,7 @@ class StepInput:
             starts.append(start)
             tables.append(seq.block_ids[: blocks_for(start + n, block_size)])
             samples.append(item.samples)
-        return cls(ids, qlens, starts, tables, samples, kv)
+        return cls(ids, qlens, starts, tables, samples, kv, micro_batches)
 
     @property
     def num_seqs(self) -> int:
@@ -76,21 +79,23 @@ class StepInput:
     def to_plain(self) -> list:
         """Plain lists of ints and bools (msgpack-ready), in field order."""
         return [self.token_ids, self.query_lens, self.context_lens, self.block_tables,
-                self.samples, self.kv]
+                self.samples, self.kv, self.micro_batches]
 
     @classmethod
     def from_plain(cls, plain: list) -> StepInput:
         """Rebuild from `to_plain` output, refusing anything that breaks the invariants."""
-        if not isinstance(plain, list) or len(plain) != 6:
-            raise ValueError("a step input is a list of 6 fields")
-        ids, qlens, starts, tables, samples, kv = plain
+        if not isinstance(plain, list) or len(plain) != 7:
+            raise ValueError("a step input is a list of 7 fields")
+        ids, qlens, starts, tables, samples, kv, micro_batches = plain
         if kv is not None and not isinstance(kv, list):
             raise ValueError("a step input's kv part is a list or None")
+        if not isinstance(micro_batches, int) or micro_batches < 0:
+            raise ValueError(f"a step input's micro-batch count is {micro_batches!r}")
         n = len(qlens)
         if not (len(starts) == len(tables) == len(samples) == n) or sum(qlens) != len(ids):
             raise ValueError(f"inconsistent step input: {n} sequences, {len(ids)} tokens")
         return cls(list(ids), list(qlens), list(starts), [list(t) for t in tables],
-                   [bool(s) for s in samples], kv)
+                   [bool(s) for s in samples], kv, micro_batches)
 
 
 @dataclass(slots=True)

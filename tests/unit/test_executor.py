@@ -50,7 +50,7 @@ def test_a_step_splits_into_micro_batches_of_whole_sequences():
 
 
 def test_inconsistent_step_input_is_refused():
-    plain = [[1, 2, 3], [2], [0], [[0]], [True], None]
+    plain = [[1, 2, 3], [2], [0], [[0]], [True], None, 0]
     with pytest.raises(ValueError, match="inconsistent"):
         StepInput.from_plain(plain)
     with pytest.raises(ValueError):

@@ -408,3 +408,44 @@ def test_stop_token_id_ends_request():
     assert s.append_token(seq, 9, EOS)
     assert seq.finish_reason is FinishReason.STOP and not s.has_work
     assert s.blocks.num_free_blocks == s.blocks.num_blocks
+
+
+# --- steps in flight (pipeline overlap) -----------------------------------------------------
+
+
+def test_capped_steps_alternate_over_sequences_not_in_flight():
+    s = make_scheduler()
+    seqs = [make_seq(4, max_tokens=8, rid=f"d{i}") for i in range(3)]
+    for seq in seqs:
+        s.add(seq)
+    step(s)  # all three prefilled
+    first = s.schedule(max_running=2)
+    assert shape(first) == [("d0", 1), ("d1", 1)]
+    for item in first:
+        item.seq.in_flight = True  # its step is submitted, not collected
+    second = s.schedule(max_running=2)
+    assert shape(second) == [("d2", 1)]  # never a sequence whose step is still running
+    for item in second:
+        item.seq.in_flight = True
+    assert s.schedule(max_running=2) == []
+
+
+def test_a_sequence_in_flight_is_never_preempted():
+    # As above: 6 blocks; both requests need a fourth block at once.
+    s = make_scheduler(num_blocks=6, budget=64)
+    old = make_seq(8, max_tokens=8, rid="old")
+    new = make_seq(8, max_tokens=8, rid="new")
+    s.add(old)
+    s.add(new)
+    for _ in range(5):
+        step(s)
+    assert s.blocks.num_free_blocks == 0
+    new.in_flight = True  # the newest, but a stage may still write its blocks
+    new_blocks = list(new.block_ids)
+    assert s.schedule() == []  # old gave way instead: it is the newest not in flight
+    assert list(s.waiting) == [old] and old.block_ids == []
+    assert new.block_ids == new_blocks and new.status is SequenceStatus.RUNNING
+    new.in_flight = False
+    run_to_completion(s)
+    assert [seq.output_token_ids for seq in (old, new)] == [[FAKE_TOKEN] * 8] * 2
+    assert s.blocks.num_free_blocks == s.blocks.num_blocks
