@@ -50,6 +50,8 @@ class RankWorker:
             from pdserve.engine.models.fused_llama import set_fused_kernels
 
             set_fused_kernels(model, True, "triton" if self.device.type == "cuda" else "cpu")
+        if _fused_kernels_run(self.device, dtype) and self.device.type == "cpu":
+            _attach_weight_codes(model)
         self.model = model.eval()
         bs = config.cache.block_size
         # Under tensor parallelism the model holds num_kv_heads / tp_size heads per rank;
@@ -86,6 +88,21 @@ class RankWorker:
             self.runner.decode_graphs = DecodeGraphRunner.maybe_create(
                 self.runner, self.max_model_len, config.scheduler.max_num_seqs
             )
+
+
+def _attach_weight_codes(model: torch.nn.Module) -> None:
+    """Let CPU decode products read the weights that are exact 4- or 8-bit block codes (a
+    GGUF's Q4_1 / Q8_0 tensors, loaded as float32) as those codes (engine.layers
+    .weight_codes); `PDSERVE_WEIGHT_CODES=0` keeps every product on float32."""
+    from pdserve.engine.layers import cpu_kernels, linear, weight_codes
+
+    if not cpu_kernels.codes_enabled():
+        return
+    kinds = (linear.MergedColumnLinear, linear.RowParallelLinear)
+    weights = [m.weight for m in model.modules() if isinstance(m, kinds)]
+    if getattr(model, "lm_head", None) is not None:
+        weights.append(model.lm_head.weight)
+    weight_codes.attach(model, weights)
 
 
 def _fused_kernels_run(device: torch.device, dtype: torch.dtype) -> bool:

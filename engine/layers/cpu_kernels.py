@@ -8,7 +8,9 @@ matmul) do not keep both cores streaming: on the 2-core AMD EPYC CI host (AVX2) 
 SmolLM2-135M's 121 weights of one step (538 MB) at ~12 GB/s at 1 row and 2 threads, a plain
 reduction over the same bytes at ~24 GB/s (docs/benchmarks.md, "CPU decode kernels"). This
 kernel tiles output rows over torch's own OpenMP threads and streams each weight once.
-`dense()` calls `gemv` for float32 products of at most `MAX_ROWS` rows.
+`dense()` calls `gemv` for float32 products of at most `MAX_ROWS` rows, and `gemv_codes`
+for products of at most `CODES_MAX_ROWS` rows by a weight that is exactly a GGUF's 4- or
+8-bit block codes (`engine.layers.weight_codes`: 4-6x fewer bytes a step, the same weights).
 
 Why the attention: the torch backend gathers every decoding sequence's blocks into a
 padded copy of K and of V each layer before SDPA; the kernel reads them in place through
@@ -48,15 +50,21 @@ from pathlib import Path
 
 import torch
 
+from pdserve.engine.layers.weight_codes import WeightCodes
+
 log = logging.getLogger("pdserve.engine")
 
 MAX_ROWS = 8  # past 8 rows loads and FMAs bound the product, and oneDNN is as fast
-_SOURCES = [Path(__file__).with_name("csrc") / f for f in ("cpu_gemv.cpp", "cpu_fused.cpp",
-                                                               "cpu_attention.cpp")]
+# Over block codes a product reads 4-6x fewer bytes; oneDNN over float32 catches up past
+# ~16-24 rows (docs/benchmarks.md, "Block codes").
+CODES_MAX_ROWS = 16
+_SOURCES = [Path(__file__).with_name("csrc") / f for f in (
+    "cpu_gemv.cpp", "cpu_gemv_codes.cpp", "cpu_fused.cpp", "cpu_attention.cpp")]
 _HEADERS = [Path(__file__).with_name("csrc") / "avx2.h"]  # part of the build's key
 _FLAGS = ["-O3", "-mavx2", "-mfma", "-ffp-contract=off", "-fopenmp", "-std=c++17", "-shared",
           "-fPIC"]
 _state: bool | None = None  # None: not tried in this process
+_codes_on = True
 _lock = threading.Lock()
 
 
@@ -68,13 +76,34 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     return out.view(*x.shape[:-1], weight.shape[0])
 
 
-def usable(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
-    """Whether `gemv` takes this product (checks shapes and dtypes, then loads once)."""
+def gemv_codes(x: torch.Tensor, codes: WeightCodes, bias: torch.Tensor | None = None):
+    """`gemv` over a weight's block codes (`engine.layers.weight_codes`): the same products,
+    summed in another order, streaming a quarter or less of the bytes."""
+    rows = x.reshape(-1, x.shape[-1])
+    out = torch.ops.pdserve.cpu_gemv_codes(rows.contiguous(), codes.scales, codes.offsets,
+                                           codes.codes, bias)
+    return out.view(*x.shape[:-1], codes.scales.shape[0])
+
+
+def set_codes_enabled(enabled: bool) -> None:
+    """Let decode products read weights' block codes where found (the default), or not."""
+    global _codes_on
+    _codes_on = enabled
+
+
+def codes_enabled() -> bool:
+    return _codes_on and os.environ.get("PDSERVE_WEIGHT_CODES", "1") != "0"
+
+
+def usable(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+           max_rows: int = MAX_ROWS) -> bool:
+    """Whether `gemv` takes this product of at most `max_rows` rows (checks shapes and
+    dtypes, then loads once); `gemv_codes` with `CODES_MAX_ROWS`."""
     if x.dtype != torch.float32 or weight.dtype != torch.float32 or x.dim() == 0:
         return False
     if weight.dim() != 2 or not weight.is_contiguous() or x.shape[-1] != weight.shape[1]:
         return False
-    if not 1 <= x.numel() // max(1, x.shape[-1]) <= MAX_ROWS or x.shape[-1] == 0:
+    if not 1 <= x.numel() // max(1, x.shape[-1]) <= max_rows or x.shape[-1] == 0:
         return False
     if bias is not None and (bias.dtype != torch.float32 or not bias.is_contiguous()):
         return False

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pdserve.engine.layers import cpu_kernels
+from pdserve.engine.layers import cpu_kernels, weight_codes
 from pdserve.engine.parallel import SINGLE, ParallelContext
 
 _ONEDNN_DTYPES = (torch.float32, torch.bfloat16)
@@ -102,7 +102,9 @@ def dense(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = Non
     """`x @ weight.T + bias`, the one matmul of every projection and of the LM head.
 
     On CPU a float32 product of at most 8 rows (a decode step) runs our GEMV
-    (`engine.layers.cpu_kernels`) where the host can build it. Other CPU products run oneDNN's
+    (`engine.layers.cpu_kernels`) where the host can build it; of at most 16 rows, by a
+    weight that is exactly block codes (`engine.layers.weight_codes`), our GEMV over the
+    codes. Other CPU products run oneDNN's
     matmul (`mkldnn._linear_pointwise`, the op torch's own compiler emits for CPU linears)
     instead of `F.linear`'s MKL sgemm. Decode multiplies a few rows by large weights, and
     MKL spreads such skinny products badly over threads: on a 2-core CI machine, one step's
@@ -114,6 +116,10 @@ def dense(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = Non
     """
     global _onednn_enabled
     if x.device.type == "cpu" and x.dtype in _ONEDNN_DTYPES and x.dtype == weight.dtype:
+        codes = weight_codes.codes_of(weight) if cpu_kernels.codes_enabled() else None
+        if codes is not None and cpu_kernels.usable(x, weight, bias,
+                                                    cpu_kernels.CODES_MAX_ROWS):
+            return cpu_kernels.gemv_codes(x, codes, bias)  # the same weight, 4 or 8 bits
         if cpu_kernels.usable(x, weight, bias):  # decode rows: streams the weight at full rate
             return cpu_kernels.gemv(x, weight, bias)
         if _onednn_enabled is None:
@@ -158,9 +164,11 @@ def _packed_weight(weight: torch.Tensor) -> torch.Tensor:
 
 
 def forget_packed(weight: torch.Tensor) -> None:
-    """Drop the packed copy of `weight` (call after changing its values in place)."""
+    """Drop the packed copy and the block codes of `weight` (call after changing its values
+    in place)."""
     if hasattr(weight, _PACKED_ATTR):
         delattr(weight, _PACKED_ATTR)
+    weight_codes.forget(weight)
 
 
 class MergedColumnLinear(nn.Module):

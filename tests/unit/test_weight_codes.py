@@ -1,0 +1,132 @@
+"""`engine.layers.weight_codes` and the GEMV over them (`csrc/cpu_gemv_codes.cpp`): GGUF
+Q4_1 / Q8_0 blocks found in float32 weights only where they rebuild every weight exactly,
+products equal to F.linear over the float32 weight, `dense()` routing decode rows to them."""
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pdserve.engine.layers import cpu_kernels, linear, weight_codes
+
+pytestmark = pytest.mark.skipif(not cpu_kernels.host_supported(), reason="needs x86 with AVX2")
+
+
+def gguf_blocks(n: int, k: int, kind: str, seed: int = 0) -> np.ndarray:
+    """Raw GGUF blocks (bytes) of an [n, k] tensor: Q4_1 = f16 d, f16 m, 16 bytes of
+    nibbles; Q8_0 = f16 d, 32 int8. As llama.cpp's quantizers write them: a Q4_1 block's
+    minimum has code 0 and its maximum 15, a Q8_0 block's largest magnitude +-127."""
+    rng = np.random.default_rng(seed)
+    blocks = n * k // 32
+    d = (rng.random(blocks) * 0.02 + 1e-4).astype(np.float16)
+    if kind == "q4":
+        m = (-rng.random(blocks) * 0.1).astype(np.float16)
+        qs = rng.integers(0, 256, (blocks, 16), dtype=np.uint8)
+        qs[:, 0] = (qs[:, 0] & 0xF0) | 0x0
+        qs[:, 1] = (qs[:, 1] & 0xF0) | 0xF
+        return np.concatenate([d.view(np.uint8).reshape(-1, 2), m.view(np.uint8).reshape(-1, 2),
+                               qs], axis=1)
+    qs = rng.integers(-126, 127, (blocks, 32), dtype=np.int8)
+    qs[:, 3] = np.where(rng.random(blocks) < 0.5, -127, 127)
+    return np.concatenate([d.view(np.uint8).reshape(-1, 2), qs.view(np.uint8)], axis=1)
+
+
+def dequantized(n: int, k: int, kind: str, seed: int = 0) -> torch.Tensor:
+    """The float32 tensor the GGUF loader makes of those blocks (gguf-py's dequantizer)."""
+    import gguf
+
+    qtype = gguf.GGMLQuantizationType.Q4_1 if kind == "q4" else gguf.GGMLQuantizationType.Q8_0
+    w = gguf.quants.dequantize(gguf_blocks(n, k, kind, seed), qtype)
+    return torch.from_numpy(np.ascontiguousarray(w.astype(np.float32).reshape(n, k)))
+
+
+@pytest.mark.parametrize("kind", ["q4", "q8"])
+def test_codes_are_found_where_the_loader_made_the_weight_from_them(kind):
+    w = dequantized(100, 96, kind)
+    w[7, 32:64] = 0.25 if kind == "q4" else 0.0  # a constant block (as Q4_1 / Q8_0 code it)
+    codes = weight_codes.find_codes(w)
+    assert codes is not None and codes.kind == kind
+    assert torch.equal(codes.dequantize(), w)  # bit for bit
+    assert codes.nbytes < w.numel() * 4 / (5 if kind == "q4" else 3)
+
+
+def test_weights_that_are_not_exact_codes_keep_float32():
+    w = dequantized(64, 64, "q4")
+    w[3, 5] = torch.nextafter(w[3, 5], torch.tensor(1.0))  # one weight one ulp off
+    assert weight_codes.find_codes(w) is None
+    assert weight_codes.find_codes(torch.randn(64, 64)) is None
+    assert weight_codes.find_codes(dequantized(8, 64, "q8")[:, :48].contiguous()) is None
+    assert weight_codes.find_codes(dequantized(8, 64, "q8").double()) is None
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 8, 9, 16, 17, 32])
+@pytest.mark.parametrize("kind", ["q4", "q8"])
+def test_the_codes_gemv_equals_f_linear_over_the_float32_weight(rows, kind):
+    """Every tile shape (1..8 rows, groups of 8 past that), output counts that are no
+    multiple of a tile, a block or a parallel task, with and without bias."""
+    assert cpu_kernels.load()
+    w = dequantized(1000, 576, kind, seed=rows)
+    codes = weight_codes.find_codes(w)
+    x, b = torch.randn(rows, 576), torch.randn(1000)
+    tol = dict(rtol=1e-5, atol=1e-5 * 576 ** 0.5)
+    torch.testing.assert_close(cpu_kernels.gemv_codes(x, codes, b), F.linear(x, w, b), **tol)
+    torch.testing.assert_close(cpu_kernels.gemv_codes(x, codes), F.linear(x, w), **tol)
+
+
+def test_the_op_refuses_what_it_cannot_take():
+    assert cpu_kernels.load()
+    codes = weight_codes.find_codes(dequantized(16, 64, "q4"))
+    op = torch.ops.pdserve.cpu_gemv_codes
+    with pytest.raises(RuntimeError, match="rows"):
+        op(torch.randn(33, 64), codes.scales, codes.offsets, codes.codes, None)
+    with pytest.raises(RuntimeError, match="scales"):
+        op(torch.randn(2, 96), codes.scales, codes.offsets, codes.codes, None)
+    with pytest.raises(RuntimeError, match="offsets"):
+        op(torch.randn(2, 64), codes.scales, codes.offsets[:0], codes.codes, None)
+
+
+def test_dense_reads_the_codes_for_decode_rows_only():
+    assert cpu_kernels.load()
+    w = dequantized(48, 64, "q8")
+    weight_codes.attach(torch.nn.Module(), [w])
+    codes = weight_codes.codes_of(w)
+    assert codes is not None
+    with torch.inference_mode():
+        for rows, ours in [(1, True), (cpu_kernels.CODES_MAX_ROWS, True),
+                           (cpu_kernels.CODES_MAX_ROWS + 1, False)]:
+            x = torch.randn(rows, 64)
+            got = linear.dense(x, w)
+            assert torch.equal(got, cpu_kernels.gemv_codes(x, codes)) is ours
+            torch.testing.assert_close(got, F.linear(x, w), rtol=1e-5, atol=1e-4)
+        cpu_kernels.set_codes_enabled(False)
+        try:
+            x = torch.randn(2, 64)
+            assert torch.equal(linear.dense(x, w), cpu_kernels.gemv(x, w))
+        finally:
+            cpu_kernels.set_codes_enabled(True)
+    linear.forget_packed(w)  # values changed in place: the codes go with the packed copy
+    assert weight_codes.codes_of(w) is None
+
+
+def test_the_bundled_gguf_decodes_from_its_codes_as_from_float32():
+    """SmolLM2-135M's GGUF is Q4_1 with a Q8_0 embedding (the tied LM head): every one of
+    its 121 decode weights is read as codes, and greedy tokens equal the float32 path's."""
+    from pdserve.engine.llm import LLM
+    from pdserve.engine.sampling_params import SamplingParams
+
+    llm = LLM("smollm2-135m-instruct", num_blocks=64, enable_prefix_caching=False)
+    model = llm.engine.executor.worker.runner.model
+    kinds = (linear.MergedColumnLinear, linear.RowParallelLinear)
+    weights = [m.weight for m in model.modules() if isinstance(m, kinds)]
+    weights.append(model.lm_head.weight)
+    found = [weight_codes.codes_of(w) for w in weights]
+    assert len(weights) == 121 and all(c is not None for c in found)
+    assert {c.kind for c in found} == {"q4", "q8"}
+    params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+    prompts = ["The capital of France is", [5, 6, 7, 8] * 12, "def fib(n):"]
+    with_codes = [o.token_ids for o in llm.generate(prompts, params)]
+    cpu_kernels.set_codes_enabled(False)
+    try:
+        assert [o.token_ids for o in llm.generate(prompts, params)] == with_codes
+    finally:
+        cpu_kernels.set_codes_enabled(True)
