@@ -64,8 +64,13 @@ def start_local_ray(node_ip_address: str, num_cpus: float, namespace: str) -> No
     host) whose node address is `node_ip_address`: loopback keeps every Ray listener on
     loopback; any other address lets other hosts reach (and join) it, and then Ray listens
     on every interface (see the module docstring)."""
+    # Ray starts its worker processes at niceness 15 (`worker_niceness`), beneath the raylet
+    # and drivers; our workers are the engines that do the serving, and on a host shared
+    # with anything else (another server, a build) niceness 15 lets that take the cores
+    # first. They run at the host's normal priority.
     kwargs = dict(address="local", num_cpus=num_cpus, namespace=namespace,
-                  include_dashboard=False, _node_ip_address=node_ip_address)
+                  include_dashboard=False, _node_ip_address=node_ip_address,
+                  _system_config={"worker_niceness": 0})
     if not is_loopback(node_ip_address):
         ray.init(**kwargs)
         return

@@ -4,6 +4,7 @@ usage, cancellation at every stage, bad input and overload."""
 
 from __future__ import annotations
 
+import os
 import time
 
 import grpc
@@ -92,13 +93,15 @@ def test_health_and_models(client):
 
 def test_workers_run_with_the_thread_budget(served):
     """`threads: auto` became a split of this machine's cores (decode first), and each
-    worker process runs that many torch threads with passive OpenMP waiting."""
+    worker process runs that many torch threads with passive OpenMP waiting, at normal
+    priority (Ray's default for worker processes is niceness 15)."""
     bg, _ = served
     budget = local_thread_budget(parse_config(CONFIG), machine_cores())
     infos = {i["role"]: i for i in bg.cluster.ready_info}
     for role in ("prefill", "decode"):
         assert infos[role]["threads"] == budget[role]
         assert infos[role]["omp_wait_policy"] == "PASSIVE"
+        assert os.getpriority(os.PRIO_PROCESS, infos[role]["pid"]) == 0
 
 
 @pytest.fixture(scope="module")
