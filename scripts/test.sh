@@ -5,4 +5,5 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 . .venv/bin/activate
 export TRITON_INTERPRET=1
-python -m pytest -q -m "not gpu" "$@"
+# --durations: the slowest tests in every log, to keep the suite under its 30 minutes.
+python -m pytest -q -m "not gpu" --durations=25 "$@"

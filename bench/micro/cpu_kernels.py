@@ -7,7 +7,11 @@ interleaved: the matmuls of one decode step, and whole decode steps of the engin
 - *steps*: our engine decoding `batch` sequences, median ms of a decode step with torch's
   ops (oneDNN matmuls, reference layers, gather + SDPA attention), with our GEMV and paged
   decode attention under the reference layers, and with those and the fused glue
-  (`engine.models.fused_llama` on CPU: the default).
+  (`engine.models.fused_llama` on CPU: the default);
+- *prefill steps*: the engine step that computes a new prompt of `prefill` tokens while
+  `beside` other sequences decode (the step a request's first token waits for), with every
+  product of more than 16 rows through oneDNN over float32 and through our GEMM over the
+  block codes.
 
 Rounds alternate the sides cell by cell, so drift from other processes falls on all.
 The process gets a worker's thread settings first (`engine.cpu_threads`: passive waiting).
@@ -37,6 +41,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--rows", default="1,2,4,8", help="rows of the product passes")
     p.add_argument("--batches", default="1,4,8", help="batch sizes of the decode steps")
     p.add_argument("--steps", type=int, default=12, help="decode steps timed per cell")
+    p.add_argument("--prefills", default="64,512", help="prompt tokens of the prefill steps")
+    p.add_argument("--beside", default="0,12", help="decoding sequences beside the prompt")
     p.add_argument("--json", type=Path)
     return p.parse_args(argv)
 
@@ -75,6 +81,12 @@ def main(argv: list[str] | None = None) -> int:
                   "all": (True, True, False), "codes": (True, True, True)}
     products: dict[str, dict[int, list[float]]] = {s: {r: [] for r in rows_list} for s in sides}
     steps: dict[str, dict[int, list[float]]] = {s: {b: [] for b in batches} for s in step_sides}
+    prefill_cells = [(int(p), int(b)) for p in args.prefills.split(",") if p
+                     for b in args.beside.split(",") if b]
+    # products of more than 16 rows: (block codes read by our GEMM)
+    prefill_sides = {"onednn": False, "codes": True}
+    prefills: dict[str, dict[tuple[int, int], list[float]]] = {
+        s: {c: [] for c in prefill_cells} for s in prefill_sides}
     counter = iter(range(1 << 30))
 
     def product_pass(rows: int) -> float:
@@ -102,6 +114,27 @@ def main(argv: list[str] | None = None) -> int:
             times.append(time.perf_counter() - t)
         return times
 
+    def prefill_step(prompt_len: int, beside: int) -> float:
+        ids = [f"r{next(counter)}" for _ in range(beside)]
+        for i, rid in enumerate(ids):
+            prompt = [(11 + 17 * i + 5 * j) % 4000 + 10 for j in range(32)]
+            engine.add_request(rid, prompt, SamplingParams(temperature=0, max_tokens=64,
+                                                           ignore_eos=True))
+        while engine.scheduler.waiting or any(
+                s.num_computed_tokens < s.num_tokens - 1 for s in engine.scheduler.running):
+            engine.step()
+        rid = f"r{next(counter)}"
+        ids.append(rid)
+        start = next(counter)
+        engine.add_request(rid, [(start * 7 + 3 * j) % 4000 + 10 for j in range(prompt_len)],
+                           SamplingParams(temperature=0, max_tokens=1))
+        t = time.perf_counter()
+        engine.step()
+        took = time.perf_counter() - t
+        for rid in ids:
+            engine.abort(rid)
+        return took
+
     for rnd in range(args.rounds):
         order = list(sides) if rnd % 2 == 0 else list(reversed(sides))
         for rows in rows_list:
@@ -117,6 +150,14 @@ def main(argv: list[str] | None = None) -> int:
                 cpu_kernels.set_codes_enabled(codes_on)
                 set_fused_kernels(model, fused_on, "cpu")
                 steps[side][batch].append(statistics.median(decode_steps(batch)))
+        cpu_kernels.set_enabled(True)
+        set_fused_kernels(model, True, "cpu")
+        for cell in prefill_cells:
+            for side in (prefill_sides if rnd % 2 == 0 else reversed(prefill_sides)):
+                cpu_kernels.set_codes_enabled(True)
+                cpu_kernels.set_gemm_codes_enabled(prefill_sides[side])
+                prefills[side][cell].append(prefill_step(*cell))
+        cpu_kernels.set_gemm_codes_enabled(True)
         print(f"round {rnd + 1}/{args.rounds} done", file=sys.stderr)
     cpu_kernels.set_enabled(True)
     cpu_kernels.set_codes_enabled(True)
@@ -127,6 +168,8 @@ def main(argv: list[str] | None = None) -> int:
                         for s, d in products.items()},
         "step_ms": {s: {b: 1e3 * statistics.median(v) for b, v in d.items()}
                     for s, d in steps.items()},
+        "prefill_step_ms": {s: {f"{p}+{b}": 1e3 * statistics.median(v)
+                                for (p, b), v in d.items()} for s, d in prefills.items()},
     }
     print(render(res))
     if args.json:
@@ -153,6 +196,15 @@ def render(res: dict) -> str:
         a, b, c, d = (s[k][batch] for k in ("torch", "kernels", "all", "codes"))
         lines.append(f"| batch {batch} | {a:.1f} | {b:.1f} | {c:.1f} | {d:.1f} | {a / c:.2f}x | "
                      f"{a / d:.2f}x |")
+    pre = res.get("prefill_step_ms", {})
+    if pre.get("onednn"):
+        lines += ["", "| prefill step (prompt + decoding beside) | oneDNN float32 ms | "
+                  "codes GEMM ms | speed-up |", "| --- | ---: | ---: | ---: |"]
+        for cell, a in pre["onednn"].items():
+            b = pre["codes"][cell]
+            prompt, beside = cell.split("+")
+            lines.append(f"| {prompt} tokens + {beside} decoding | {a:.1f} | {b:.1f} | "
+                         f"{a / b:.2f}x |")
     return "\n".join(lines)
 
 

@@ -91,9 +91,9 @@ class RankWorker:
 
 
 def _attach_weight_codes(model: torch.nn.Module) -> None:
-    """Let CPU decode products read the weights that are exact 4- or 8-bit block codes (a
-    GGUF's Q4_1 / Q8_0 tensors, loaded as float32) as those codes (engine.layers
-    .weight_codes); `PDSERVE_WEIGHT_CODES=0` keeps every product on float32."""
+    """Let CPU products read the weights that are exact 4- or 8-bit block codes (a GGUF's
+    Q4_1 / Q8_0 tensors, loaded as float32) as those codes (engine.layers.weight_codes),
+    prefill rows included; `PDSERVE_WEIGHT_CODES=0` keeps every product on float32."""
     from pdserve.engine.layers import cpu_kernels, linear, weight_codes
 
     if not cpu_kernels.codes_enabled():

@@ -10,7 +10,9 @@ reduction over the same bytes at ~24 GB/s (docs/benchmarks.md, "CPU decode kerne
 kernel tiles output rows over torch's own OpenMP threads and streams each weight once.
 `dense()` calls `gemv` for float32 products of at most `MAX_ROWS` rows, and `gemv_codes`
 for products of at most `CODES_MAX_ROWS` rows by a weight that is exactly a GGUF's 4- or
-8-bit block codes (`engine.layers.weight_codes`: 4-6x fewer bytes a step, the same weights).
+8-bit block codes (`engine.layers.weight_codes`: 4-6x fewer bytes a step, the same weights);
+`gemm_codes` for more rows by such a weight (a prefill, or a step that mixes one in), where
+FMAs bound the product and the codes are rebuilt once per call into a cached block.
 
 Why the attention: the torch backend gathers every decoding sequence's blocks into a
 padded copy of K and of V each layer before SDPA; the kernel reads them in place through
@@ -50,7 +52,7 @@ from pathlib import Path
 
 import torch
 
-from pdserve.engine.layers.weight_codes import WeightCodes
+from pdserve.engine.layers.weight_codes import WeightCodes, cache_root
 
 log = logging.getLogger("pdserve.engine")
 
@@ -59,12 +61,14 @@ MAX_ROWS = 8  # past 8 rows loads and FMAs bound the product, and oneDNN is as f
 # ~16-24 rows (docs/benchmarks.md, "Block codes").
 CODES_MAX_ROWS = 16
 _SOURCES = [Path(__file__).with_name("csrc") / f for f in (
-    "cpu_gemv.cpp", "cpu_gemv_codes.cpp", "cpu_fused.cpp", "cpu_attention.cpp")]
-_HEADERS = [Path(__file__).with_name("csrc") / "avx2.h"]  # part of the build's key
+    "cpu_gemv.cpp", "cpu_gemv_codes.cpp", "cpu_gemm_codes.cpp", "cpu_fused.cpp",
+    "cpu_attention.cpp")]
+_HEADERS = [Path(__file__).with_name("csrc") / h for h in ("avx2.h", "codes.h")]  # in the key
 _FLAGS = ["-O3", "-mavx2", "-mfma", "-ffp-contract=off", "-fopenmp", "-std=c++17", "-shared",
           "-fPIC"]
 _state: bool | None = None  # None: not tried in this process
 _codes_on = True
+_gemm_codes_on = True
 _lock = threading.Lock()
 
 
@@ -85,10 +89,30 @@ def gemv_codes(x: torch.Tensor, codes: WeightCodes, bias: torch.Tensor | None = 
     return out.view(*x.shape[:-1], codes.scales.shape[0])
 
 
+def gemm_codes(x: torch.Tensor, codes: WeightCodes, bias: torch.Tensor | None = None):
+    """`x @ weight.T + bias` for any number of rows over a weight's block codes; each output
+    summed in the same order whatever the number of rows."""
+    rows = x.reshape(-1, x.shape[-1])
+    out = torch.ops.pdserve.cpu_gemm_codes(rows.contiguous(), codes.scales, codes.offsets,
+                                           codes.codes, bias)
+    return out.view(*x.shape[:-1], codes.scales.shape[0])
+
+
 def set_codes_enabled(enabled: bool) -> None:
     """Let decode products read weights' block codes where found (the default), or not."""
     global _codes_on
     _codes_on = enabled
+
+
+def set_gemm_codes_enabled(enabled: bool) -> None:
+    """Let products past `CODES_MAX_ROWS` rows read the codes too (the default), or send
+    them to oneDNN over float32 (for A/B runs)."""
+    global _gemm_codes_on
+    _gemm_codes_on = enabled
+
+
+def gemm_codes_enabled() -> bool:
+    return _gemm_codes_on
 
 
 def codes_enabled() -> bool:
@@ -96,14 +120,16 @@ def codes_enabled() -> bool:
 
 
 def usable(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-           max_rows: int = MAX_ROWS) -> bool:
+           max_rows: int | None = MAX_ROWS) -> bool:
     """Whether `gemv` takes this product of at most `max_rows` rows (checks shapes and
-    dtypes, then loads once); `gemv_codes` with `CODES_MAX_ROWS`."""
+    dtypes, then loads once); `gemv_codes` with `CODES_MAX_ROWS`, `gemm_codes` with no
+    limit (None)."""
     if x.dtype != torch.float32 or weight.dtype != torch.float32 or x.dim() == 0:
         return False
     if weight.dim() != 2 or not weight.is_contiguous() or x.shape[-1] != weight.shape[1]:
         return False
-    if not 1 <= x.numel() // max(1, x.shape[-1]) <= max_rows or x.shape[-1] == 0:
+    rows = x.numel() // max(1, x.shape[-1])
+    if rows < 1 or (max_rows is not None and rows > max_rows) or x.shape[-1] == 0:
         return False
     if bias is not None and (bias.dtype != torch.float32 or not bias.is_contiguous()):
         return False
@@ -145,8 +171,7 @@ def library_path() -> Path:
     key.update(" ".join(_FLAGS).encode())
     key.update(torch.__version__.encode())
     key.update(str(torch._C._GLIBCXX_USE_CXX11_ABI).encode())
-    root = Path(os.environ.get("PDSERVE_CACHE_DIR") or Path.home() / ".cache" / "pdserve")
-    return root / "kernels" / f"cpu_kernels-{key.hexdigest()[:16]}.so"
+    return cache_root() / "kernels" / f"cpu_kernels-{key.hexdigest()[:16]}.so"
 
 
 def _try_load() -> bool:

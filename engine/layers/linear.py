@@ -102,9 +102,9 @@ def dense(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = Non
     """`x @ weight.T + bias`, the one matmul of every projection and of the LM head.
 
     On CPU a float32 product of at most 8 rows (a decode step) runs our GEMV
-    (`engine.layers.cpu_kernels`) where the host can build it; of at most 16 rows, by a
-    weight that is exactly block codes (`engine.layers.weight_codes`), our GEMV over the
-    codes. Other CPU products run oneDNN's
+    (`engine.layers.cpu_kernels`) where the host can build it; a product by a weight that is
+    exactly block codes (`engine.layers.weight_codes`) our GEMV over the codes up to 16
+    rows, our GEMM over them past that. Other CPU products run oneDNN's
     matmul (`mkldnn._linear_pointwise`, the op torch's own compiler emits for CPU linears)
     instead of `F.linear`'s MKL sgemm. Decode multiplies a few rows by large weights, and
     MKL spreads such skinny products badly over threads: on a 2-core CI machine, one step's
@@ -117,9 +117,12 @@ def dense(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = Non
     global _onednn_enabled
     if x.device.type == "cpu" and x.dtype in _ONEDNN_DTYPES and x.dtype == weight.dtype:
         codes = weight_codes.codes_of(weight) if cpu_kernels.codes_enabled() else None
-        if codes is not None and cpu_kernels.usable(x, weight, bias,
-                                                    cpu_kernels.CODES_MAX_ROWS):
-            return cpu_kernels.gemv_codes(x, codes, bias)  # the same weight, 4 or 8 bits
+        if codes is not None and cpu_kernels.usable(x, weight, bias, None):
+            # The same weight, read as its 4- or 8-bit codes.
+            if x.numel() // x.shape[-1] <= cpu_kernels.CODES_MAX_ROWS:
+                return cpu_kernels.gemv_codes(x, codes, bias)
+            if cpu_kernels.gemm_codes_enabled():
+                return cpu_kernels.gemm_codes(x, codes, bias)
         if cpu_kernels.usable(x, weight, bias):  # decode rows: streams the weight at full rate
             return cpu_kernels.gemv(x, weight, bias)
         if _onednn_enabled is None:

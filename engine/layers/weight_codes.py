@@ -5,20 +5,29 @@ tensor: `w = d * q + m` per block of 32 weights along a row, with float16 `d` an
 values are then still exactly such codes, and a CPU decode step, which streams every weight
 once, can read 0.625 (Q4_1) or 1.125 (Q8_0) bytes a weight instead of 4. `find_codes` looks
 for them in a float32 weight and keeps them only if they rebuild every weight bit for bit:
-the model's function does not change, only how its weights are stored for the GEMV
-(`csrc/cpu_gemv_codes.cpp`). The float32 weight stays for everything else (prefill rows go
-to oneDNN).
+the model's function does not change, only how its weights are stored for the products
+(`csrc/cpu_gemv_codes.cpp` for decode rows, `csrc/cpu_gemm_codes.cpp` past 16 rows). The
+float32 weight stays for everything else (CUDA, TP slices, `PDSERVE_WEIGHT_CODES=0`); oneDNN's
+packed copy of it is then never made (SmolLM2-135M after a prefill: 1.50 -> 1.09 GB resident).
 
 The search, per block of 32: Q4_1's offset is the block's minimum (its code 0) and its scale
 one of the float16 values next to (max - min) / 15; Q8_0's scale one next to max|w| / 127.
 Each candidate scale is tried by rounding every weight to a code and rebuilding it in the
-loader's float32 arithmetic ((d * q) + m, two roundings). ~1 s for SmolLM2-135M.
+loader's float32 arithmetic ((d * q) + m, two roundings). ~3 s for SmolLM2-135M on one
+core, so what a search found is kept on disk (`$PDSERVE_CACHE_DIR/codes`, safetensors),
+named by a fingerprint of the weights; a later start rebuilds each weight from the kept
+codes and uses them only if every value matches (~0.4 s), else searches again.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
+import os
+import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -27,6 +36,13 @@ log = logging.getLogger("pdserve.engine")
 BLOCK = 32
 _ATTR = "_pdserve_codes"  # on the weight tensor: its WeightCodes, or False if it has none
 _ROWS_PER_CHUNK = 2048  # rows searched at once (bounds the search's temporaries)
+_CACHE_FORMAT = 1  # part of a kept file's name: a new layout never reads an old file
+_SAMPLES = 4096  # values of each weight in its fingerprint
+
+
+def cache_root() -> Path:
+    """Where pdserve keeps what it builds once per machine (kernels, weight codes)."""
+    return Path(os.environ.get("PDSERVE_CACHE_DIR") or Path.home() / ".cache" / "pdserve")
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,14 +79,25 @@ def codes_of(weight: torch.Tensor) -> WeightCodes | None:
 
 
 def attach(model: torch.nn.Module, weights: list[torch.Tensor]) -> int:
-    """Search each weight once and keep the codes found on it; returns the bytes a decode
-    step then streams for those weights instead of their float32 bytes."""
-    saved, kinds = 0, {"q4": 0, "q8": 0}
-    for w in weights:
-        if getattr(w, _ATTR, None) is not None:
-            continue
-        found = find_codes(w.detach())
+    """Find each weight's codes once (kept from an earlier start where they still rebuild
+    it exactly, else searched) and keep them on it; returns the bytes a decode step then
+    streams for those weights instead of their float32 bytes."""
+    todo = [w for w in weights if getattr(w, _ATTR, None) is None]
+    path = cache_root() / "codes" / f"{_fingerprint(todo)}-v{_CACHE_FORMAT}.safetensors"
+    kept = _read_kept(path, len(todo))
+    searched = False
+    for i, w in enumerate(todo):
+        if kept is None or (kept[i] is not None
+                            and not torch.equal(kept[i].dequantize(), w.detach())):
+            found, searched = find_codes(w.detach()), True
+        else:  # a weight kept as having no codes is trusted: at worst it stays float32
+            found = kept[i]
         setattr(w, _ATTR, found or False)
+    if searched and todo:
+        _keep(path, [getattr(w, _ATTR) or None for w in todo])
+    saved, kinds = 0, {"q4": 0, "q8": 0}
+    for w in todo:
+        found = getattr(w, _ATTR) or None
         if found is not None:
             kinds[found.kind] += 1
             saved += w.numel() * w.element_size() - found.nbytes
@@ -79,6 +106,58 @@ def attach(model: torch.nn.Module, weights: list[torch.Tensor]) -> int:
                  "(exactly the loaded weights): %.0f MB less a step", kinds["q4"],
                  kinds["q8"], saved / 1e6)
     return saved
+
+
+def _fingerprint(weights: list[torch.Tensor]) -> str:
+    """Names a set of weights by their shapes and a strided sample of their values: a
+    different model or shard gets another name; a collision costs only a search (the kept
+    codes are checked against every value before use)."""
+    h = hashlib.sha256()
+    for w in weights:
+        flat = w.detach().reshape(-1)
+        h.update(repr((tuple(w.shape), str(w.dtype))).encode())
+        step = max(1, flat.numel() // _SAMPLES)
+        h.update(flat[::step].contiguous().numpy().tobytes())
+    return h.hexdigest()[:32]
+
+
+def _read_kept(path: Path, count: int) -> list[WeightCodes | None] | None:
+    """The codes kept at `path` for `count` weights (None a weight had none), or None."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            kinds = json.loads((f.metadata() or {}).get("kinds", "null"))
+            if not isinstance(kinds, list) or len(kinds) != count:
+                return None
+            return [WeightCodes(kind, *(f.get_tensor(f"{i}.{part}")
+                                        for part in ("scales", "offsets", "codes")))
+                    if kind in ("q4", "q8") else None for i, kind in enumerate(kinds)]
+    except (OSError, SafetensorError, ValueError, KeyError) as e:
+        if path.exists():
+            log.warning("weight codes kept at %s unreadable (%s): searching again", path, e)
+        return None
+
+
+def _keep(path: Path, found: list[WeightCodes | None]) -> None:
+    """Write the codes found, whole or not at all (a reader never sees a partial file)."""
+    from safetensors.torch import save_file
+
+    tensors = {}
+    for i, c in enumerate(found):
+        if c is not None:
+            tensors.update({f"{i}.scales": c.scales, f"{i}.offsets": c.offsets,
+                            f"{i}.codes": c.codes})
+    kinds = json.dumps([c.kind if c is not None else None for c in found])
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
+            part = Path(tmp) / path.name
+            save_file({k: v.contiguous() for k, v in tensors.items()}, str(part),
+                      metadata={"kinds": kinds})
+            os.replace(part, path)
+    except OSError as e:  # a read-only home: every start searches, nothing else changes
+        log.warning("could not keep the weight codes at %s: %s", path, e)
 
 
 def forget(weight: torch.Tensor) -> None:

@@ -1,6 +1,7 @@
-"""`engine.layers.weight_codes` and the GEMV over them (`csrc/cpu_gemv_codes.cpp`): GGUF
-Q4_1 / Q8_0 blocks found in float32 weights only where they rebuild every weight exactly,
-products equal to F.linear over the float32 weight, `dense()` routing decode rows to them."""
+"""`engine.layers.weight_codes` and the products over them (`csrc/cpu_gemv_codes.cpp`,
+`csrc/cpu_gemm_codes.cpp`): GGUF Q4_1 / Q8_0 blocks found in float32 weights only where they
+rebuild every weight exactly, products equal to F.linear over the float32 weight, `dense()`
+routing every product by such a weight to them."""
 
 import numpy as np
 import pytest
@@ -10,6 +11,7 @@ import torch.nn.functional as F
 from pdserve.engine.layers import cpu_kernels, linear, weight_codes
 
 pytestmark = pytest.mark.skipif(not cpu_kernels.host_supported(), reason="needs x86 with AVX2")
+_THREADS = torch.get_num_threads()
 
 
 def gguf_blocks(n: int, k: int, kind: str, seed: int = 0) -> np.ndarray:
@@ -73,6 +75,37 @@ def test_the_codes_gemv_equals_f_linear_over_the_float32_weight(rows, kind):
     torch.testing.assert_close(cpu_kernels.gemv_codes(x, codes), F.linear(x, w), **tol)
 
 
+@pytest.mark.parametrize("rows", [1, 3, 17, 18, 19, 20, 64, 77])
+@pytest.mark.parametrize("kind", ["q4", "q8"])
+def test_the_codes_gemm_equals_f_linear_over_the_float32_weight(rows, kind):
+    """Row counts that are and are not a multiple of the 4-row tile; 1000 outputs: no
+    multiple of the 3-row tile nor of a task's 24-row block; with and without bias."""
+    assert cpu_kernels.load()
+    w = dequantized(1000, 160, kind, seed=rows)
+    codes = weight_codes.find_codes(w)
+    x, b = torch.randn(rows, 160), torch.randn(1000)
+    tol = dict(rtol=1e-5, atol=1e-5 * 160 ** 0.5)
+    torch.testing.assert_close(cpu_kernels.gemm_codes(x, codes, b), F.linear(x, w, b), **tol)
+    torch.testing.assert_close(cpu_kernels.gemm_codes(x, codes), F.linear(x, w), **tol)
+
+
+def test_a_gemm_row_does_not_depend_on_the_rows_beside_it():
+    """Each output is summed in one order whatever the batch: a prompt gives the same
+    hidden states alone as mixed into a step with other sequences' rows."""
+    assert cpu_kernels.load()
+    codes = weight_codes.find_codes(dequantized(300, 576, "q4"))
+    x = torch.randn(45, 576)
+    full = cpu_kernels.gemm_codes(x, codes)
+    for lo, hi in [(0, 17), (3, 40), (44, 45)]:
+        assert torch.equal(cpu_kernels.gemm_codes(x[lo:hi], codes), full[lo:hi])
+    with torch.inference_mode():
+        torch.set_num_threads(1)  # the threads split outputs, never a sum
+        try:
+            assert torch.equal(cpu_kernels.gemm_codes(x, codes), full)
+        finally:
+            torch.set_num_threads(_THREADS)
+
+
 def test_the_op_refuses_what_it_cannot_take():
     assert cpu_kernels.load()
     codes = weight_codes.find_codes(dequantized(16, 64, "q4"))
@@ -83,20 +116,29 @@ def test_the_op_refuses_what_it_cannot_take():
         op(torch.randn(2, 96), codes.scales, codes.offsets, codes.codes, None)
     with pytest.raises(RuntimeError, match="offsets"):
         op(torch.randn(2, 64), codes.scales, codes.offsets[:0], codes.codes, None)
+    gemm = torch.ops.pdserve.cpu_gemm_codes
+    with pytest.raises(RuntimeError, match="scales"):
+        gemm(torch.randn(40, 96), codes.scales, codes.offsets, codes.codes, None)
+    with pytest.raises(RuntimeError, match="offsets"):
+        gemm(torch.randn(40, 64), codes.scales, codes.offsets[:0], codes.codes, None)
+    with pytest.raises(RuntimeError, match="bias"):
+        gemm(torch.randn(40, 64), codes.scales, codes.offsets, codes.codes, torch.randn(3))
 
 
-def test_dense_reads_the_codes_for_decode_rows_only():
+def test_dense_reads_the_codes_gemv_for_decode_rows_and_the_gemm_past_them():
     assert cpu_kernels.load()
     w = dequantized(48, 64, "q8")
     weight_codes.attach(torch.nn.Module(), [w])
     codes = weight_codes.codes_of(w)
     assert codes is not None
     with torch.inference_mode():
-        for rows, ours in [(1, True), (cpu_kernels.CODES_MAX_ROWS, True),
-                           (cpu_kernels.CODES_MAX_ROWS + 1, False)]:
+        for rows, kernel in [(1, cpu_kernels.gemv_codes),
+                             (cpu_kernels.CODES_MAX_ROWS, cpu_kernels.gemv_codes),
+                             (cpu_kernels.CODES_MAX_ROWS + 1, cpu_kernels.gemm_codes),
+                             (300, cpu_kernels.gemm_codes)]:
             x = torch.randn(rows, 64)
             got = linear.dense(x, w)
-            assert torch.equal(got, cpu_kernels.gemv_codes(x, codes)) is ours
+            assert torch.equal(got, kernel(x, codes))
             torch.testing.assert_close(got, F.linear(x, w), rtol=1e-5, atol=1e-4)
         cpu_kernels.set_codes_enabled(False)
         try:
@@ -110,7 +152,8 @@ def test_dense_reads_the_codes_for_decode_rows_only():
 
 def test_the_bundled_gguf_decodes_from_its_codes_as_from_float32():
     """SmolLM2-135M's GGUF is Q4_1 with a Q8_0 embedding (the tied LM head): every one of
-    its 121 decode weights is read as codes, and greedy tokens equal the float32 path's."""
+    its 121 weights is read as codes, prefill and decode, and greedy tokens equal the
+    float32 path's."""
     from pdserve.engine.llm import LLM
     from pdserve.engine.sampling_params import SamplingParams
 
@@ -125,8 +168,59 @@ def test_the_bundled_gguf_decodes_from_its_codes_as_from_float32():
     params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
     prompts = ["The capital of France is", [5, 6, 7, 8] * 12, "def fib(n):"]
     with_codes = [o.token_ids for o in llm.generate(prompts, params)]
+    # Prefill rows read the codes too: oneDNN's packed float32 copy is never made.
+    assert not any(hasattr(w, linear._PACKED_ATTR) for w in weights)
     cpu_kernels.set_codes_enabled(False)
     try:
         assert [o.token_ids for o in llm.generate(prompts, params)] == with_codes
     finally:
         cpu_kernels.set_codes_enabled(True)
+
+
+def _fresh(weights):
+    return [w.clone() for w in weights]  # the same values, no codes attached yet
+
+
+def test_codes_found_once_are_kept_and_a_later_start_reads_them(tmp_path, monkeypatch):
+    monkeypatch.setenv("PDSERVE_CACHE_DIR", str(tmp_path))
+    weights = [dequantized(64, 96, "q4"), dequantized(32, 64, "q8"), torch.randn(16, 64)]
+    first = _fresh(weights)
+    weight_codes.attach(torch.nn.Module(), first)
+    kept = list((tmp_path / "codes").glob("*.safetensors"))
+    assert len(kept) == 1
+
+    def no_search(w):
+        raise AssertionError("searched although the codes were kept")
+
+    monkeypatch.setattr(weight_codes, "find_codes", no_search)
+    again = _fresh(weights)
+    weight_codes.attach(torch.nn.Module(), again)
+    for a, b in zip(first, again):
+        ca, cb = weight_codes.codes_of(a), weight_codes.codes_of(b)
+        assert (ca is None) == (cb is None)
+        if ca is not None:
+            assert ca.kind == cb.kind and torch.equal(cb.dequantize(), b)
+    assert weight_codes.codes_of(again[2]) is None
+
+
+def test_kept_codes_that_no_longer_rebuild_the_weight_are_searched_again(tmp_path,
+                                                                         monkeypatch):
+    """The file's name samples the values; one changed value it did not sample is caught
+    by the check of every value against the kept codes."""
+    monkeypatch.setenv("PDSERVE_CACHE_DIR", str(tmp_path))
+    w = dequantized(128, 96, "q4")  # 12288 values: every third is sampled
+    weight_codes.attach(torch.nn.Module(), [w.clone()])
+    changed = w.clone()
+    changed[0, 1] = torch.nextafter(changed[0, 1], torch.tensor(9.0))  # not sampled
+    assert weight_codes._fingerprint([changed]) == weight_codes._fingerprint([w])
+    weight_codes.attach(torch.nn.Module(), [changed])
+    assert weight_codes.codes_of(changed) is None  # searched: no longer exact codes
+    (path,) = (tmp_path / "codes").glob("*.safetensors")
+    path.write_bytes(b"not a safetensors file")
+    again = w.clone()
+    weight_codes.attach(torch.nn.Module(), [again])  # unreadable: searched, rewritten
+    assert torch.equal(weight_codes.codes_of(again).dequantize(), w)
+    monkeypatch.setattr(weight_codes, "find_codes", lambda w: None)
+    last = w.clone()
+    weight_codes.attach(torch.nn.Module(), [last])
+    assert weight_codes.codes_of(last) is not None  # read from the rewritten file

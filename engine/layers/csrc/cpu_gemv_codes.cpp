@@ -22,33 +22,19 @@
 #include <cstdint>
 
 #include "avx2.h"
+#include "codes.h"
 
 namespace {
 
-constexpr int64_t kBlock = 32;        // weights a scale (and offset) covers
 constexpr int64_t kGroup = 8;         // input rows a tile takes at most
 constexpr int64_t kMaxRows = 32;
 constexpr int64_t kRowsPerTask = 96;  // output rows a parallel task walks
 constexpr int64_t kBlockRows = 12;    // weight rows the groups of input rows take turns on
 
-enum class Code { q4, q8 };
-
-// Weights 8 * s .. 8 * s + 7 of a block of codes `c` as floats: q, not yet scaled.
-template <Code C>
-inline __m256 codes8(const uint8_t* c, int s) {
-  if constexpr (C == Code::q4) {
-    const __m128i bytes = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(c + (s & 1) * 8));
-    __m256i q = _mm256_cvtepu8_epi32(bytes);
-    if (s >= 2) q = _mm256_srli_epi32(q, 4);
-    return _mm256_cvtepi32_ps(_mm256_and_si256(q, _mm256_set1_epi32(0xF)));
-  } else {
-    const __m128i bytes = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(c + s * 8));
-    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(bytes));
-  }
-}
-
-template <Code C>
-constexpr int64_t code_bytes() { return C == Code::q4 ? kBlock / 2 : kBlock; }
+using pdserve_cpu::Code;
+using pdserve_cpu::code_bytes;
+using pdserve_cpu::codes8;
+constexpr int64_t kBlock = pdserve_cpu::kCodeBlock;
 
 template <Code C, int R, int NB>
 void tile_rows(const float* x, const float* d, const float* m, const uint8_t* codes,
