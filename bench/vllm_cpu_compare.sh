@@ -114,7 +114,7 @@ if [ "${INTERLEAVE:-0}" = 1 ]; then
         trap 'for p in "${PIDS[@]}"; do kill -INT "$p" 2>/dev/null || true; done' EXIT
     done
     sleep 20
-    { echo "all up and idle: $(uptime)"; top -bn2 -d5 | awk '/^top -/{n++} n==2' | head -15; } \
+    { echo "all up and idle: $(uptime)"; top -bn2 -d5 | awk '/^top -/{n++} n==2 && shown++ < 15'; } \
         | tee "$OUT/idle.txt"
     flip=0
     for workload in $WORKLOADS; do

@@ -12,7 +12,8 @@ kernel tiles output rows over torch's own OpenMP threads and streams each weight
 for products of at most `CODES_MAX_ROWS` rows by a weight that is exactly a GGUF's 4- or
 8-bit block codes (`engine.layers.weight_codes`: 4-6x fewer bytes a step, the same weights);
 `gemm_codes` for more rows by such a weight (a prefill, or a step that mixes one in), where
-FMAs bound the product and the codes are rebuilt once per call into a cached block.
+FMAs bound the product and the codes are rebuilt once per call into a cached block: as fast
+as oneDNN there, without oneDNN's packed float32 copy of every weight.
 
 Why the attention: the torch backend gathers every decoding sequence's blocks into a
 padded copy of K and of V each layer before SDPA; the kernel reads them in place through

@@ -7,8 +7,10 @@
 // register tiles of kR input rows x kNB weight rows (12 accumulators, 3 weight slices, 1
 // input slice: 16 AVX registers, 7 loads per 12 FMAs), summing along K as the GEMV does,
 // in chunks of K short enough that a tile's input rows stay in L1 while its weight rows come
-// from the L2 buffer. On SmolLM2-135M's shapes, one thread: 1.1-1.3x oneDNN's float32
-// matmul from 17 to 128 rows, level at 512 (docs/benchmarks.md, "Prefill over block codes"). The weights
+// from the L2 buffer. On SmolLM2-135M's shapes, one thread, quiet host: level with oneDNN's
+// float32 matmul (0.94-1.01x at 17-512 rows; docs/benchmarks.md, "prefill over the block
+// codes"). What it brings: no packed float32 copy of the weight, rows that do not depend on
+// their batch. The weights
 // are the loader's float32 values bit for bit, so the product differs from oneDNN's only in
 // the order of its sums; and each output's sum runs in the same order whatever the number
 // of rows, so a sequence's result does not depend on what it was batched with.
@@ -32,8 +34,8 @@ using pdserve_cpu::Code;
 using pdserve_cpu::code_bytes;
 using pdserve_cpu::kCodeBlock;
 
-// Tuned on the 2-core Zen 3 CI host with SmolLM2-135M's shapes at 17-512 rows (24 and 96
-// weight rows, chunks of 512 and none were slower).
+// Tuned on the 2-core Zen 3 CI host with SmolLM2-135M's shapes at 17-512 rows (24 and 72-96
+// weight rows, chunks of 512 and none were slower on some shape).
 constexpr int64_t kWRows = 48;        // weight rows a task decodes at once (<= 288 KB)
 constexpr int64_t kMaxChunk = 768;    // K past this is summed in chunks
 constexpr int kR = 4;           // input rows of a register tile
