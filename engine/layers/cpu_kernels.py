@@ -64,7 +64,8 @@ CODES_MAX_ROWS = 16
 _SOURCES = [Path(__file__).with_name("csrc") / f for f in (
     "cpu_gemv.cpp", "cpu_gemv_codes.cpp", "cpu_gemm_codes.cpp", "cpu_fused.cpp",
     "cpu_attention.cpp")]
-_HEADERS = [Path(__file__).with_name("csrc") / h for h in ("avx2.h", "codes.h")]  # in the key
+_HEADERS = [Path(__file__).with_name("csrc") / h  # part of the build's key
+            for h in ("avx2.h", "codes.h", "codes_operands.h")]
 _FLAGS = ["-O3", "-mavx2", "-mfma", "-ffp-contract=off", "-fopenmp", "-std=c++17", "-shared",
           "-fPIC"]
 _state: bool | None = None  # None: not tried in this process

@@ -27,6 +27,7 @@
 
 #include "avx2.h"
 #include "codes.h"
+#include "codes_operands.h"
 
 namespace {
 
@@ -133,31 +134,11 @@ void run(int64_t M, const float* x, const float* d, const float* m, const uint8_
 at::Tensor cpu_gemm_codes(const at::Tensor& x, const at::Tensor& scales,
                           const at::Tensor& offsets, const at::Tensor& codes,
                           const c10::optional<at::Tensor>& b) {
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(),
-              "cpu_gemm_codes: contiguous float32 x [M, K]");
-  const int64_t M = x.size(0), K = x.size(1);
-  TORCH_CHECK(K % kCodeBlock == 0, "cpu_gemm_codes: K ", K, " is not a multiple of ",
-              kCodeBlock);
-  TORCH_CHECK(scales.dim() == 2 && scales.size(1) == K / kCodeBlock && scales.is_contiguous() &&
-                  scales.scalar_type() == at::kFloat,
-              "cpu_gemm_codes: float32 scales [N, K / 32]");
-  const int64_t N = scales.size(0);
-  const bool q4 = codes.scalar_type() == at::kByte;
-  TORCH_CHECK(codes.dim() == 2 && codes.size(0) == N && codes.is_contiguous() &&
-                  (q4 ? codes.size(1) == K / 2
-                      : codes.scalar_type() == at::kChar && codes.size(1) == K),
-              "cpu_gemm_codes: codes uint8 [N, K / 2] (q4) or int8 [N, K] (q8)");
-  if (q4)
-    TORCH_CHECK(offsets.sizes() == scales.sizes() && offsets.is_contiguous() &&
-                    offsets.scalar_type() == at::kFloat,
-                "cpu_gemm_codes: q4 codes need float32 offsets shaped like the scales");
-  const float* bias = nullptr;
-  if (b.has_value()) {
-    TORCH_CHECK(b->dim() == 1 && b->size(0) == N && b->scalar_type() == at::kFloat &&
-                    b->is_contiguous(),
-                "cpu_gemm_codes: bias must be a contiguous float32 vector of N");
-    bias = b->data_ptr<float>();
-  }
+  const auto ops =
+      pdserve_cpu::check_codes_operands("cpu_gemm_codes", x, scales, offsets, codes, b);
+  const int64_t M = ops.M, K = ops.K, N = ops.N;
+  const bool q4 = ops.q4;
+  const float* bias = ops.bias;
   at::Tensor out = at::empty({M, N}, x.options());
   if (M == 0) return out;
   const uint8_t* cp = static_cast<const uint8_t*>(codes.data_ptr());

@@ -23,6 +23,7 @@
 
 #include "avx2.h"
 #include "codes.h"
+#include "codes_operands.h"
 
 namespace {
 
@@ -113,31 +114,12 @@ void run(int64_t R, const float* x, const float* d, const float* m, const uint8_
 at::Tensor cpu_gemv_codes(const at::Tensor& x, const at::Tensor& scales,
                           const at::Tensor& offsets, const at::Tensor& codes,
                           const c10::optional<at::Tensor>& b) {
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(),
-              "cpu_gemv_codes: contiguous float32 x [R, K]");
-  const int64_t R = x.size(0), K = x.size(1);
+  const auto ops =
+      pdserve_cpu::check_codes_operands("cpu_gemv_codes", x, scales, offsets, codes, b);
+  const int64_t R = ops.M, K = ops.K, N = ops.N;
+  const bool q4 = ops.q4;
+  const float* bias = ops.bias;
   TORCH_CHECK(R >= 1 && R <= kMaxRows, "cpu_gemv_codes: 1..", kMaxRows, " rows, got ", R);
-  TORCH_CHECK(K % kBlock == 0, "cpu_gemv_codes: K ", K, " is not a multiple of ", kBlock);
-  TORCH_CHECK(scales.dim() == 2 && scales.size(1) == K / kBlock && scales.is_contiguous() &&
-                  scales.scalar_type() == at::kFloat,
-              "cpu_gemv_codes: float32 scales [N, K / 32]");
-  const int64_t N = scales.size(0);
-  const bool q4 = codes.scalar_type() == at::kByte;
-  TORCH_CHECK(codes.dim() == 2 && codes.size(0) == N && codes.is_contiguous() &&
-                  (q4 ? codes.size(1) == K / 2
-                      : codes.scalar_type() == at::kChar && codes.size(1) == K),
-              "cpu_gemv_codes: codes uint8 [N, K / 2] (q4) or int8 [N, K] (q8)");
-  if (q4)
-    TORCH_CHECK(offsets.sizes() == scales.sizes() && offsets.is_contiguous() &&
-                    offsets.scalar_type() == at::kFloat,
-                "cpu_gemv_codes: q4 codes need float32 offsets shaped like the scales");
-  const float* bias = nullptr;
-  if (b.has_value()) {
-    TORCH_CHECK(b->dim() == 1 && b->size(0) == N && b->scalar_type() == at::kFloat &&
-                    b->is_contiguous(),
-                "cpu_gemv_codes: bias must be a contiguous float32 vector of N");
-    bias = b->data_ptr<float>();
-  }
   at::Tensor out = at::empty({R, N}, x.options());
   const uint8_t* cp = static_cast<const uint8_t*>(codes.data_ptr());
   if (q4)
