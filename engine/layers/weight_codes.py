@@ -7,8 +7,8 @@ once, can read 0.625 (Q4_1) or 1.125 (Q8_0) bytes a weight instead of 4. `find_c
 for them in a float32 weight and keeps them only if they rebuild every weight bit for bit:
 the model's function does not change, only how its weights are stored for the products
 (`csrc/cpu_gemv_codes.cpp` for decode rows, `csrc/cpu_gemm_codes.cpp` past 16 rows). The
-float32 weight stays for everything else (CUDA, TP slices, `PDSERVE_WEIGHT_CODES=0`); oneDNN's
-packed copy of it is then never made (SmolLM2-135M after a prefill: 1.50 -> 1.09 GB resident).
+float32 weight stays for everything else (CUDA, `PDSERVE_WEIGHT_CODES=0`); oneDNN's packed
+copy of it is then never made (SmolLM2-135M after a prefill: 1.50 -> 1.09 GB resident).
 
 The search, per block of 32: Q4_1's offset is the block's minimum (its code 0) and its scale
 one of the float16 values next to (max - min) / 15; Q8_0's scale one next to max|w| / 127.
@@ -16,7 +16,7 @@ Each candidate scale is tried by rounding every weight to a code and rebuilding 
 loader's float32 arithmetic ((d * q) + m, two roundings). ~3 s for SmolLM2-135M on one
 core, so what a search found is kept on disk (`$PDSERVE_CACHE_DIR/codes`, safetensors),
 named by a fingerprint of the weights; a later start rebuilds each weight from the kept
-codes and uses them only if every value matches (~0.4 s), else searches again.
+codes and uses them only if every value matches (under a second), else searches again.
 """
 
 from __future__ import annotations
@@ -87,8 +87,7 @@ def attach(model: torch.nn.Module, weights: list[torch.Tensor]) -> int:
     kept = _read_kept(path, len(todo))
     searched = False
     for i, w in enumerate(todo):
-        if kept is None or (kept[i] is not None
-                            and not torch.equal(kept[i].dequantize(), w.detach())):
+        if kept is None or (kept[i] is not None and not _rebuilds(kept[i], w.detach())):
             found, searched = find_codes(w.detach()), True
         else:  # a weight kept as having no codes is trusted: at worst it stays float32
             found = kept[i]
@@ -106,6 +105,14 @@ def attach(model: torch.nn.Module, weights: list[torch.Tensor]) -> int:
                  "(exactly the loaded weights): %.0f MB less a step", kinds["q4"],
                  kinds["q8"], saved / 1e6)
     return saved
+
+
+def _rebuilds(codes: WeightCodes, w: torch.Tensor) -> bool:
+    """Whether kept `codes` give back every value of `w` (False for codes of another shape)."""
+    try:
+        return torch.equal(codes.dequantize(), w)
+    except (RuntimeError, ValueError):  # shapes that do not fit together
+        return False
 
 
 def _fingerprint(weights: list[torch.Tensor]) -> str:

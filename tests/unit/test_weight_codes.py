@@ -220,6 +220,12 @@ def test_kept_codes_that_no_longer_rebuild_the_weight_are_searched_again(tmp_pat
     again = w.clone()
     weight_codes.attach(torch.nn.Module(), [again])  # unreadable: searched, rewritten
     assert torch.equal(weight_codes.codes_of(again).dequantize(), w)
+    good = weight_codes.find_codes(w)  # a file whose parts do not fit together
+    weight_codes._keep(path, [weight_codes.WeightCodes("q4", good.scales[:64],
+                                                       good.offsets[:64], good.codes)])
+    again = w.clone()
+    weight_codes.attach(torch.nn.Module(), [again])  # not used, searched, rewritten
+    assert torch.equal(weight_codes.codes_of(again).dequantize(), w)
     monkeypatch.setattr(weight_codes, "find_codes", lambda w: None)
     last = w.clone()
     weight_codes.attach(torch.nn.Module(), [last])
