@@ -8,12 +8,11 @@
 // input slice: 16 AVX registers, 7 loads per 12 FMAs), summing along K as the GEMV does,
 // in chunks of K short enough that a tile's input rows stay in L1 while its weight rows come
 // from the L2 buffer. On SmolLM2-135M's shapes, one thread, quiet host: level with oneDNN's
-// float32 matmul (0.94-1.01x at 17-512 rows; docs/benchmarks.md, "prefill over the block
-// codes"). What it brings: no packed float32 copy of the weight, rows that do not depend on
-// their batch. The weights
-// are the loader's float32 values bit for bit, so the product differs from oneDNN's only in
-// the order of its sums; and each output's sum runs in the same order whatever the number
-// of rows, so a sequence's result does not depend on what it was batched with.
+// float32 matmul (0.94-1.01x at 17-512 rows; docs/benchmarks.md, "Round 3: prefill over the
+// block codes"). What it brings is no packed float32 copy of the weight, and rows that do not
+// depend on their batch: the weights are the loader's float32 values bit for bit, so the
+// product differs from oneDNN's only in the order of its sums, and each output's sum runs in
+// the same order whatever the number of rows or threads.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
