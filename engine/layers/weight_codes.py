@@ -83,6 +83,8 @@ def attach(model: torch.nn.Module, weights: list[torch.Tensor]) -> int:
     it exactly, else searched) and keep them on it; returns the bytes a decode step then
     streams for those weights instead of their float32 bytes."""
     todo = [w for w in weights if getattr(w, _ATTR, None) is None]
+    if not todo:
+        return 0
     path = cache_root() / "codes" / f"{_fingerprint(todo)}-v{_CACHE_FORMAT}.safetensors"
     kept = _read_kept(path, len(todo))
     searched = False
@@ -92,7 +94,7 @@ def attach(model: torch.nn.Module, weights: list[torch.Tensor]) -> int:
         else:  # a weight kept as having no codes is trusted: at worst it stays float32
             found = kept[i]
         setattr(w, _ATTR, found or False)
-    if searched and todo:
+    if searched:
         _keep(path, [getattr(w, _ATTR) or None for w in todo])
     saved, kinds = 0, {"q4": 0, "q8": 0}
     for w in todo:
