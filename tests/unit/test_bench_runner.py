@@ -87,10 +87,15 @@ def test_poisson_pacing_and_time_limit():
     assert result.stopped_by_time_limit and result.planned == 200
     assert 3 <= len(result.records) < 30  # ~10 expected at 20/s for 0.5 s
     assert time.perf_counter() - started < 3.0
+    # Each send is scheduled at start + offset. A busy CI host can stall the event loop for
+    # a tenth of a second and make any one send late, so compare the lateness against the
+    # least-late send: most sends must be on time (a runner that sent at once, or slept the
+    # gaps and drifted, would be late by the growing offsets instead).
     offsets = arrival.send_offsets(200, seed=0)
-    first = result.records[0].send_time
-    for record, offset in zip(result.records, offsets, strict=False):
-        assert record.send_time - first == pytest.approx(offset, abs=0.05)
+    shifts = [r.send_time - o for r, o in zip(result.records, offsets, strict=False)]
+    lateness = sorted(shift - min(shifts) for shift in shifts)
+    assert lateness[len(lateness) // 2] < 0.03
+    assert lateness[-1] < 0.5
 
 
 def test_benchmark_runs_warmup_and_every_rate():
