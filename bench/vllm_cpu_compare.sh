@@ -32,7 +32,7 @@ RATES_PROMPT=${RATES_PROMPT:-0.25,0.5,2}   # prompt-heavy: light, medium, satura
 RATES_DECODE=${RATES_DECODE:-0.25,1,4}     # decode-heavy
 PROMPT_HEAVY=(--input-len "${PROMPT_IN:-768:1024}" --output-len "${PROMPT_OUT:-16}")
 DECODE_HEAVY=(--input-len "${DECODE_IN:-64}" --output-len "${DECODE_OUT:-256}")
-SERVERS=${SERVERS:-vllm colocated 1p1d}    # also: colocated-1w (one decode worker, both cores)
+SERVERS=${SERVERS:-vllm colocated 1p1d}    # also: colocated-1w, 1p1d-2t (see the configs below)
 WORKLOADS=${WORKLOADS:-prompt-heavy decode-heavy}
 VLLM_PORT=${VLLM_PORT:-8100}
 PD_HTTP_PORT=${PD_HTTP_PORT:-8101}
@@ -44,15 +44,21 @@ echo "uptime: $(uptime)" | tee "$OUT/uptime.txt"
 
 # pdserve configs: the bundled ones, prefix caching off (threads: auto, see cluster/thread_budget.py);
 # colocated-1w: configs/colocated.yaml with one decode worker, which then gets both cores.
-for name in colocated local colocated-1w; do
+# 1p1d-2t: configs/local.yaml with every worker given all the cores (threads: <cores>), so
+# each side can use the whole machine while the other is idle (oversubscribed when both run).
+for name in colocated 1p1d colocated-1w 1p1d-2t; do
     $PY - "$name" "$OUT/pdserve-$name.yaml" <<'PYEOF'
-import sys, yaml
+import os, sys, yaml
 name, dst = sys.argv[1], sys.argv[2]
-cfg = yaml.safe_load(open(f"configs/{name.removesuffix('-1w')}.yaml"))
+base = "local" if name.startswith("1p1d") else "colocated"
+cfg = yaml.safe_load(open(f"configs/{base}.yaml"))
 cfg.setdefault("kv", {})["enable_prefix_caching"] = False
 cfg["router"]["max_queue"] = 1024
 if name.endswith("-1w"):
     cfg["decode"]["count"] = 1
+if name.endswith("-2t"):
+    for pool in ("prefill", "decode"):
+        cfg[pool]["threads"] = len(os.sched_getaffinity(0))
 yaml.safe_dump(cfg, open(dst, "w"))
 PYEOF
 done
@@ -75,9 +81,8 @@ start_server() {  # NAME LOG [INDEX] -> sets SERVER_PID and BASE_URL
                 --host 127.0.0.1 --port "$VLLM_PORT" --dtype float32 \
                 --no-enable-prefix-caching --max-model-len 2048 >"$2" 2>&1 &
             BASE_URL=http://127.0.0.1:$VLLM_PORT ;;
-        colocated|colocated-1w|1p1d)
+        colocated|colocated-1w|1p1d|1p1d-2t)
             local cfg=$OUT/pdserve-$1.yaml
-            [ "$1" = 1p1d ] && cfg=$OUT/pdserve-local.yaml
             $PY -m pdserve.cluster serve "$cfg" --port $((PD_GRPC_PORT + idx)) \
                 --http-port $((PD_HTTP_PORT + idx)) >"$2" 2>&1 &
             BASE_URL=http://127.0.0.1:$((PD_HTTP_PORT + idx)) ;;
