@@ -8,12 +8,13 @@ matmul) do not keep both cores streaming: on the 2-core AMD EPYC CI host (AVX2) 
 SmolLM2-135M's 121 weights of one step (538 MB) at ~12 GB/s at 1 row and 2 threads, a plain
 reduction over the same bytes at ~24 GB/s (docs/benchmarks.md, "CPU decode kernels"). This
 kernel tiles output rows over torch's own OpenMP threads and streams each weight once.
-`dense()` calls `gemv` for float32 products of at most `MAX_ROWS` rows, and `gemv_codes`
-for products of at most `CODES_MAX_ROWS` rows by a weight that is exactly a GGUF's 4- or
-8-bit block codes (`engine.layers.weight_codes`: 4-6x fewer bytes a step, the same weights);
-`gemm_codes` for more rows by such a weight (a prefill, or a step that mixes one in), where
-FMAs bound the product and the codes are rebuilt once per call into a cached block: as fast
-as oneDNN there, without oneDNN's packed float32 copy of every weight.
+`dense()` calls, as `routing()` says for this host, `gemv` for float32 products of a few
+rows, `gemv_codes` for products of a few rows by a weight that is exactly a GGUF's 4- or
+8-bit block codes (`engine.layers.weight_codes`: 4-6x fewer bytes a step, the same weights),
+and `gemm_codes` for more rows by such a weight (a prefill, or a step that mixes one in),
+where FMAs bound the product and the codes are rebuilt once per call into a cached block:
+on an AVX2 host as fast as oneDNN there, without oneDNN's packed float32 copy of every
+weight. On an AVX-512 host oneDNN takes all but the GEMV over codes (`Routing`).
 
 Why the attention: the torch backend gathers every decoding sequence's blocks into a
 padded copy of K and of V each layer before SDPA; the kernel reads them in place through
@@ -49,6 +50,7 @@ import subprocess
 import tempfile
 import threading
 import time
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -57,10 +59,29 @@ from pdserve.engine.layers.weight_codes import WeightCodes, cache_root
 
 log = logging.getLogger("pdserve.engine")
 
-MAX_ROWS = 8  # past 8 rows loads and FMAs bound the product, and oneDNN is as fast
-# Over block codes a product reads 4-6x fewer bytes; oneDNN over float32 catches up past
-# ~16-24 rows (docs/benchmarks.md, "Block codes").
-CODES_MAX_ROWS = 16
+MAX_ROWS = 8  # what `gemv` is built for: past 8 rows loads and FMAs bound the product
+CODES_MAX_ROWS = 16  # what `gemv_codes` is built for; `gemm_codes` takes any number
+
+
+@dataclass(frozen=True)
+class Routing:
+    """Which CPU products `linear.dense` gives our kernels; oneDNN takes the rest.
+
+    Our kernels are AVX2 (8 floats a vector). Where torch's own kernels use AVX-512
+    (`torch.backends.cpu.get_cpu_capability()`), oneDNN's float32 matmuls do twice the work
+    an instruction, and on a host with full-width AVX-512 units (the 2-core AMD EPYC of
+    2026-12-04) they beat our float32 GEMV at every row count and our GEMM over codes at
+    every prefill; our GEMV over codes still reads 4-6x fewer bytes and leads up to ~8 rows
+    (docs/benchmarks.md, "CPU kernels on an AVX-512 host").
+    """
+
+    gemv_rows: int  # float32 products of 1..gemv_rows rows: our GEMV (0: never)
+    codes_rows: int  # products by block codes of 1..codes_rows rows: our GEMV over codes
+    gemm_codes: bool  # products by block codes of more rows: our GEMM over codes
+
+
+AVX2_ROUTING = Routing(gemv_rows=MAX_ROWS, codes_rows=CODES_MAX_ROWS, gemm_codes=True)
+AVX512_ROUTING = Routing(gemv_rows=0, codes_rows=8, gemm_codes=False)
 _SOURCES = [Path(__file__).with_name("csrc") / f for f in (
     "cpu_gemv.cpp", "cpu_gemv_codes.cpp", "cpu_gemm_codes.cpp", "cpu_fused.cpp",
     "cpu_attention.cpp")]
@@ -70,7 +91,7 @@ _FLAGS = ["-O3", "-mavx2", "-mfma", "-ffp-contract=off", "-fopenmp", "-std=c++17
           "-fPIC"]
 _state: bool | None = None  # None: not tried in this process
 _codes_on = True
-_gemm_codes_on = True
+_routing: Routing | None = None  # None: chosen by the host at first use
 _lock = threading.Lock()
 
 
@@ -106,15 +127,33 @@ def set_codes_enabled(enabled: bool) -> None:
     _codes_on = enabled
 
 
+def routing() -> Routing:
+    """This process's routing: the host's (`host_routing`) unless `set_routing` chose."""
+    global _routing
+    if _routing is None:
+        _routing = host_routing()
+    return _routing
+
+
+def host_routing() -> Routing:
+    """AVX-512 hosts leave most products to oneDNN (see `Routing`); AVX2 hosts do not."""
+    wide = torch.backends.cpu.get_cpu_capability() == "AVX512"
+    return AVX512_ROUTING if wide else AVX2_ROUTING
+
+
+def set_routing(chosen: Routing | None) -> None:
+    """Route products by `chosen` in this process (A/B runs, tests); None: the host's."""
+    global _routing
+    if chosen is not None and not (0 <= chosen.gemv_rows <= MAX_ROWS
+                                   and 0 <= chosen.codes_rows <= CODES_MAX_ROWS):
+        raise ValueError(f"rows past what the kernels take: {chosen}")
+    _routing = chosen
+
+
 def set_gemm_codes_enabled(enabled: bool) -> None:
-    """Let products past `CODES_MAX_ROWS` rows read the codes too (the default), or send
-    them to oneDNN over float32 (for A/B runs)."""
-    global _gemm_codes_on
-    _gemm_codes_on = enabled
-
-
-def gemm_codes_enabled() -> bool:
-    return _gemm_codes_on
+    """Let products past the codes GEMV's rows read the codes too, or send them to oneDNN
+    over float32 (for A/B runs); the rest of the routing is kept."""
+    set_routing(replace(routing(), gemm_codes=enabled))
 
 
 def codes_enabled() -> bool:

@@ -101,10 +101,11 @@ def _onednn_available() -> bool:
 def dense(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None):
     """`x @ weight.T + bias`, the one matmul of every projection and of the LM head.
 
-    On CPU a float32 product of at most 8 rows (a decode step) runs our GEMV
+    On CPU a float32 product of a few rows (a decode step) runs our GEMV
     (`engine.layers.cpu_kernels`) where the host can build it; a product by a weight that is
-    exactly block codes (`engine.layers.weight_codes`) our GEMV over the codes up to 16
-    rows, our GEMM over them past that. Other CPU products run oneDNN's
+    exactly block codes (`engine.layers.weight_codes`) our GEMV over the codes for a few
+    rows, our GEMM over them past that; `cpu_kernels.routing()` says which, by host. Other
+    CPU products run oneDNN's
     matmul (`mkldnn._linear_pointwise`, the op torch's own compiler emits for CPU linears)
     instead of `F.linear`'s MKL sgemm. Decode multiplies a few rows by large weights, and
     MKL spreads such skinny products badly over threads: on a 2-core CI machine, one step's
@@ -116,15 +117,16 @@ def dense(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = Non
     """
     global _onednn_enabled
     if x.device.type == "cpu" and x.dtype in _ONEDNN_DTYPES and x.dtype == weight.dtype:
+        route = cpu_kernels.routing()
         codes = weight_codes.codes_of(weight) if cpu_kernels.codes_enabled() else None
         if codes is not None and cpu_kernels.usable(x, weight, bias, None):
             # The same weight, read as its 4- or 8-bit codes.
-            if x.numel() // x.shape[-1] <= cpu_kernels.CODES_MAX_ROWS:
+            if x.numel() // x.shape[-1] <= route.codes_rows:
                 return cpu_kernels.gemv_codes(x, codes, bias)
-            if cpu_kernels.gemm_codes_enabled():
+            if route.gemm_codes:
                 return cpu_kernels.gemm_codes(x, codes, bias)
-        if cpu_kernels.usable(x, weight, bias):  # decode rows: streams the weight at full rate
-            return cpu_kernels.gemv(x, weight, bias)
+        if route.gemv_rows and cpu_kernels.usable(x, weight, bias, route.gemv_rows):
+            return cpu_kernels.gemv(x, weight, bias)  # decode rows: the weight at full rate
         if _onednn_enabled is None:
             _onednn_enabled = _onednn_available()
         # The op has no autograd formula; the engine runs under inference_mode.

@@ -47,13 +47,17 @@ def test_leading_dims_and_a_non_contiguous_input():
 
 def test_dense_takes_decode_rows_and_leaves_the_rest_to_onednn():
     w = torch.randn(48, 24)
-    with torch.inference_mode():
-        most = cpu_kernels.MAX_ROWS
-        for rows, ours in [(1, True), (most, True), (most + 1, False)]:
-            x = torch.randn(rows, 24)
-            assert cpu_kernels.usable(x, w, None) is ours
-            if ours:  # the same kernel, the same sums: bit for bit
-                assert torch.equal(linear.dense(x, w), cpu_kernels.gemv(x, w))
+    cpu_kernels.set_routing(cpu_kernels.AVX2_ROUTING)
+    try:
+        with torch.inference_mode():
+            most = cpu_kernels.MAX_ROWS
+            for rows, ours in [(1, True), (most, True), (most + 1, False)]:
+                x = torch.randn(rows, 24)
+                assert cpu_kernels.usable(x, w, None) is ours
+                if ours:  # the same kernel, the same sums: bit for bit
+                    assert torch.equal(linear.dense(x, w), cpu_kernels.gemv(x, w))
+    finally:
+        cpu_kernels.set_routing(None)
         assert not cpu_kernels.usable(torch.randn(2, 24, dtype=torch.bfloat16),
                                    w.bfloat16(), None)
         assert not cpu_kernels.usable(torch.randn(2, 24), w.t().contiguous().t(), None)
@@ -258,3 +262,29 @@ def test_the_torch_backend_decodes_the_same_with_and_without_the_kernel():
     for qlens, ctx in [([1, 1, 1], [40, 3, 17]), ([1, 7, 1], [30, 0, 70])]:
         torch.testing.assert_close(run(qlens, ctx, True), run(qlens, ctx, False),
                                    rtol=1e-5, atol=1e-5)
+
+
+def test_the_routing_follows_the_host_and_an_avx512_host_leaves_float32_to_onednn(monkeypatch):
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+    assert cpu_kernels.host_routing() == cpu_kernels.AVX2_ROUTING
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
+    assert cpu_kernels.host_routing() == cpu_kernels.AVX512_ROUTING
+    w = torch.randn(48, 24)
+    cpu_kernels.set_routing(cpu_kernels.AVX512_ROUTING)
+    try:
+        with torch.inference_mode():
+            x = torch.randn(1, 24)
+            got = linear.dense(x, w)
+            # oneDNN's product, not our GEMV's: the two sum in other orders.
+            torch.testing.assert_close(got, F.linear(x, w), rtol=1e-5, atol=1e-5)
+            calls = []
+            monkeypatch.setattr(cpu_kernels, "gemv", lambda *a: calls.append(a))
+            linear.dense(x, w)
+            assert calls == []
+            cpu_kernels.set_routing(cpu_kernels.AVX2_ROUTING)
+            linear.dense(x, w)
+            assert len(calls) == 1
+    finally:
+        cpu_kernels.set_routing(None)
+    with pytest.raises(ValueError, match="rows past"):
+        cpu_kernels.set_routing(cpu_kernels.Routing(gemv_rows=9, codes_rows=8, gemm_codes=True))

@@ -131,21 +131,34 @@ def test_dense_reads_the_codes_gemv_for_decode_rows_and_the_gemm_past_them():
     weight_codes.attach(torch.nn.Module(), [w])
     codes = weight_codes.codes_of(w)
     assert codes is not None
-    with torch.inference_mode():
-        for rows, kernel in [(1, cpu_kernels.gemv_codes),
-                             (cpu_kernels.CODES_MAX_ROWS, cpu_kernels.gemv_codes),
-                             (cpu_kernels.CODES_MAX_ROWS + 1, cpu_kernels.gemm_codes),
-                             (300, cpu_kernels.gemm_codes)]:
+    cpu_kernels.set_routing(cpu_kernels.AVX2_ROUTING)
+    try:
+        with torch.inference_mode():
+            for rows, kernel in [(1, cpu_kernels.gemv_codes),
+                                 (cpu_kernels.CODES_MAX_ROWS, cpu_kernels.gemv_codes),
+                                 (cpu_kernels.CODES_MAX_ROWS + 1, cpu_kernels.gemm_codes),
+                                 (300, cpu_kernels.gemm_codes)]:
+                x = torch.randn(rows, 64)
+                got = linear.dense(x, w)
+                assert torch.equal(got, kernel(x, codes))
+                torch.testing.assert_close(got, F.linear(x, w), rtol=1e-5, atol=1e-4)
+            cpu_kernels.set_codes_enabled(False)
+            try:
+                x = torch.randn(2, 64)
+                assert torch.equal(linear.dense(x, w), cpu_kernels.gemv(x, w))
+            finally:
+                cpu_kernels.set_codes_enabled(True)
+            # An AVX-512 host's routing: the codes GEMV for its rows, oneDNN past them.
+            cpu_kernels.set_routing(cpu_kernels.AVX512_ROUTING)
+            rows = cpu_kernels.AVX512_ROUTING.codes_rows
             x = torch.randn(rows, 64)
+            assert torch.equal(linear.dense(x, w), cpu_kernels.gemv_codes(x, codes))
+            x = torch.randn(rows + 1, 64)
             got = linear.dense(x, w)
-            assert torch.equal(got, kernel(x, codes))
+            assert not torch.equal(got, cpu_kernels.gemm_codes(x, codes))
             torch.testing.assert_close(got, F.linear(x, w), rtol=1e-5, atol=1e-4)
-        cpu_kernels.set_codes_enabled(False)
-        try:
-            x = torch.randn(2, 64)
-            assert torch.equal(linear.dense(x, w), cpu_kernels.gemv(x, w))
-        finally:
-            cpu_kernels.set_codes_enabled(True)
+    finally:
+        cpu_kernels.set_routing(None)
     linear.forget_packed(w)  # values changed in place: the codes go with the packed copy
     assert weight_codes.codes_of(w) is None
 
@@ -168,8 +181,10 @@ def test_the_bundled_gguf_decodes_from_its_codes_as_from_float32():
     params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
     prompts = ["The capital of France is", [5, 6, 7, 8] * 12, "def fib(n):"]
     with_codes = [o.token_ids for o in llm.generate(prompts, params)]
-    # Prefill rows read the codes too: oneDNN's packed float32 copy is never made.
-    assert not any(hasattr(w, linear._PACKED_ATTR) for w in weights)
+    # Where the host's routing gives prefill rows to the codes GEMM, oneDNN's packed float32
+    # copy is never made; where it gives them to oneDNN (AVX-512), it is.
+    packed = any(hasattr(w, linear._PACKED_ATTR) for w in weights)
+    assert packed is not cpu_kernels.routing().gemm_codes
     cpu_kernels.set_codes_enabled(False)
     try:
         assert [o.token_ids for o in llm.generate(prompts, params)] == with_codes
