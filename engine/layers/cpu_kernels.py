@@ -14,7 +14,8 @@ rows, `gemv_codes` for products of a few rows by a weight that is exactly a GGUF
 and `gemm_codes` for more rows by such a weight (a prefill, or a step that mixes one in),
 where FMAs bound the product and the codes are rebuilt once per call into a cached block:
 on an AVX2 host as fast as oneDNN there, without oneDNN's packed float32 copy of every
-weight. On an AVX-512 host oneDNN takes all but the GEMV over codes (`Routing`).
+weight. On an AVX-512 host oneDNN takes all but the GEMV over codes (`Routing`), and the
+products over codes run with 16-float vectors (`avx512_codes`).
 
 Why the attention: the torch backend gathers every decoding sequence's blocks into a
 padded copy of K and of V each layer before SDPA; the kernel reads them in place through
@@ -67,12 +68,14 @@ CODES_MAX_ROWS = 16  # what `gemv_codes` is built for; `gemm_codes` takes any nu
 class Routing:
     """Which CPU products `linear.dense` gives our kernels; oneDNN takes the rest.
 
-    Our kernels are AVX2 (8 floats a vector). Where torch's own kernels use AVX-512
-    (`torch.backends.cpu.get_cpu_capability()`), oneDNN's float32 matmuls do twice the work
-    an instruction, and on a host with full-width AVX-512 units (the 2-core AMD EPYC of
-    2026-12-04) they beat our float32 GEMV at every row count and our GEMM over codes at
-    every prefill; our GEMV over codes still reads 4-6x fewer bytes and leads up to ~8 rows
-    (docs/benchmarks.md, "CPU kernels on an AVX-512 host").
+    Our float32 GEMV is AVX2 (8 floats a vector); the products over codes have AVX-512
+    twins (`csrc/codes_avx512.cpp`) that run where the host has it. Where torch's own kernels
+    use AVX-512 (`torch.backends.cpu.get_cpu_capability()`), oneDNN's float32 matmuls do
+    twice the work an instruction, and on a host with full-width AVX-512 units (the 2-core
+    AMD EPYC of 2026-12-04) they beat our float32 GEMV at every row count and our GEMM over
+    codes at every prefill size (0.7-0.9x); our GEMV over codes reads 4-6x fewer bytes and
+    leads up to 12 rows (2.4x at 1 row, one thread; docs/benchmarks.md, "CPU kernels on an
+    AVX-512 host").
     """
 
     gemv_rows: int  # float32 products of 1..gemv_rows rows: our GEMV (0: never)
@@ -81,12 +84,12 @@ class Routing:
 
 
 AVX2_ROUTING = Routing(gemv_rows=MAX_ROWS, codes_rows=CODES_MAX_ROWS, gemm_codes=True)
-AVX512_ROUTING = Routing(gemv_rows=0, codes_rows=8, gemm_codes=False)
+AVX512_ROUTING = Routing(gemv_rows=0, codes_rows=12, gemm_codes=False)
 _SOURCES = [Path(__file__).with_name("csrc") / f for f in (
     "cpu_gemv.cpp", "cpu_gemv_codes.cpp", "cpu_gemm_codes.cpp", "cpu_fused.cpp",
-    "cpu_attention.cpp")]
+    "cpu_attention.cpp", "codes_avx512.cpp")]
 _HEADERS = [Path(__file__).with_name("csrc") / h  # part of the build's key
-            for h in ("avx2.h", "codes.h", "codes_operands.h")]
+            for h in ("avx2.h", "codes.h", "codes_avx512.h", "codes_operands.h")]
 _FLAGS = ["-O3", "-mavx2", "-mfma", "-ffp-contract=off", "-fopenmp", "-std=c++17", "-shared",
           "-fPIC"]
 _state: bool | None = None  # None: not tried in this process
@@ -119,6 +122,13 @@ def gemm_codes(x: torch.Tensor, codes: WeightCodes, bias: torch.Tensor | None = 
     out = torch.ops.pdserve.cpu_gemm_codes(rows.contiguous(), codes.scales, codes.offsets,
                                            codes.codes, bias)
     return out.view(*x.shape[:-1], codes.scales.shape[0])
+
+
+def avx512_codes(on: bool | None = None) -> bool:
+    """Whether the products over codes run their AVX-512 twins (where the host has it:
+    the default); `on` turns them on or off first (A/B runs, tests). `load()` must have
+    returned True."""
+    return bool(torch.ops.pdserve.cpu_codes_avx512(-1 if on is None else int(on)))
 
 
 def set_codes_enabled(enabled: bool) -> None:

@@ -245,3 +245,31 @@ def test_kept_codes_that_no_longer_rebuild_the_weight_are_searched_again(tmp_pat
     last = w.clone()
     weight_codes.attach(torch.nn.Module(), [last])
     assert weight_codes.codes_of(last) is not None  # read from the rewritten file
+
+
+@pytest.mark.skipif(not (cpu_kernels.load() and cpu_kernels.avx512_codes()),
+                    reason="the host has no AVX-512")
+@pytest.mark.parametrize("kind", ["q4", "q8"])
+def test_the_avx512_products_equal_the_avx2_ones_and_keep_rows_batch_invariant(kind):
+    w = dequantized(100, 256, kind)  # 100 rows: every tile width and its remainder
+    weight_codes.attach(torch.nn.Module(), [w])
+    codes = weight_codes.codes_of(w)
+    b = torch.randn(100)
+    try:
+        for rows, product in [(1, cpu_kernels.gemv_codes), (3, cpu_kernels.gemv_codes),
+                              (13, cpu_kernels.gemv_codes), (16, cpu_kernels.gemv_codes),
+                              (17, cpu_kernels.gemm_codes), (70, cpu_kernels.gemm_codes)]:
+            x = torch.randn(rows, 256)
+            assert cpu_kernels.avx512_codes(True)
+            wide = product(x, codes, b)
+            assert not cpu_kernels.avx512_codes(False)
+            narrow = product(x, codes, b)
+            # The same weights, summed in another order: close, and not the same bits.
+            torch.testing.assert_close(wide, narrow, rtol=1e-5, atol=1e-4)
+            torch.testing.assert_close(wide, F.linear(x, w, b), rtol=1e-5, atol=1e-4)
+            assert cpu_kernels.avx512_codes(True)
+            for lo, hi in [(0, 1), (rows // 2, rows)]:
+                assert torch.equal(product(x[lo:hi], codes, b), wide[lo:hi])
+        assert not torch.equal(wide, narrow)
+    finally:
+        cpu_kernels.avx512_codes(True)

@@ -26,6 +26,7 @@
 
 #include "avx2.h"
 #include "codes.h"
+#include "codes_avx512.h"
 #include "codes_operands.h"
 
 namespace {
@@ -118,12 +119,21 @@ template <Code C>
 void run(int64_t M, const float* x, const float* d, const float* m, const uint8_t* codes,
          const float* bias, float* out, int64_t N, int64_t K) {
   const int64_t tasks = (N + kWRows - 1) / kWRows;
+  const bool wide = pdserve_cpu::avx512_on();
   at::parallel_for(0, tasks, 1, [&](int64_t t0, int64_t t1) {
     std::vector<float> buf(kWRows * K);
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t n0 = t * kWRows, rows = std::min(kWRows, N - n0);
-      decode_rows<C>(d, m, codes, K, n0, rows, buf.data());
-      block_product(x, M, buf.data(), K, rows, out + n0, N, bias ? bias + n0 : nullptr);
+      const float* b = bias ? bias + n0 : nullptr;
+      if (wide) {
+        pdserve_cpu::gemm_decode_rows_avx512(C == Code::q4, d, m, codes, K, n0, rows,
+                                             buf.data());
+        pdserve_cpu::gemm_block_product_avx512(x, M, buf.data(), K, rows, out + n0, N, b,
+                                               kMaxChunk);
+      } else {
+        decode_rows<C>(d, m, codes, K, n0, rows, buf.data());
+        block_product(x, M, buf.data(), K, rows, out + n0, N, b);
+      }
     }
   });
 }

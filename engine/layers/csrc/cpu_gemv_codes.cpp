@@ -23,6 +23,7 @@
 
 #include "avx2.h"
 #include "codes.h"
+#include "codes_avx512.h"
 #include "codes_operands.h"
 
 namespace {
@@ -100,12 +101,18 @@ template <Code C>
 void run(int64_t R, const float* x, const float* d, const float* m, const uint8_t* codes,
          const float* bias, float* out, int64_t N, int64_t K) {
   const int64_t tasks = (N + kRowsPerTask - 1) / kRowsPerTask;
+  const bool wide = pdserve_cpu::avx512_on();
   at::parallel_for(0, tasks, 1, [&](int64_t t0, int64_t t1) {
     const int64_t end = std::min(N, t1 * kRowsPerTask);
     for (int64_t n = t0 * kRowsPerTask; n < end; n += kBlockRows)
-      for (int64_t r0 = 0; r0 < R; r0 += kGroup)
-        group<C>(std::min(kGroup, R - r0), x + r0 * K, d, m, codes, bias, out + r0 * N, K, N,
-                 n, std::min(end, n + kBlockRows));
+      for (int64_t r0 = 0; r0 < R; r0 += kGroup) {
+        const int64_t rows = std::min(kGroup, R - r0), n1 = std::min(end, n + kBlockRows);
+        if (wide)
+          pdserve_cpu::gemv_codes_group_avx512(C == Code::q4, rows, x + r0 * K, d, m, codes,
+                                               bias, out + r0 * N, K, N, n, n1);
+        else
+          group<C>(rows, x + r0 * K, d, m, codes, bias, out + r0 * N, K, N, n, n1);
+      }
   });
 }
 
@@ -131,11 +138,18 @@ at::Tensor cpu_gemv_codes(const at::Tensor& x, const at::Tensor& scales,
   return out;
 }
 
+// The products over codes on AVX-512 (codes_avx512.cpp): mode 1 on where the host has it,
+// 0 off, -1 leaves it; returns whether it runs.
+bool cpu_codes_avx512(int64_t mode) {
+  return mode < 0 ? pdserve_cpu::avx512_on() : pdserve_cpu::set_avx512(mode > 0);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(pdserve, m) {
   m.def("cpu_gemv_codes(Tensor x, Tensor scales, Tensor offsets, Tensor codes, Tensor? b) "
         "-> Tensor");
+  m.def("cpu_codes_avx512(int mode) -> bool", &cpu_codes_avx512);
 }
 
 TORCH_LIBRARY_IMPL(pdserve, CPU, m) { m.impl("cpu_gemv_codes", &cpu_gemv_codes); }
