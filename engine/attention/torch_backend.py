@@ -40,12 +40,13 @@ def gather_kv(cache: torch.Tensor, block_ids: torch.Tensor, length: int) -> torc
 
 
 # Prefill chunks whose score matrix (heads x query_len x seq_len) has at most this many
-# entries are attended with two batched matmuls and a softmax (`_prefill_matmul`); larger
-# ones go through SDPA, which never materialises the scores. On the 2-core CI machine
-# (SmolLM2, 9 heads over 3 kv heads) the matmul form took a 255-token causal chunk from
-# 3.0 to 2.0 ms a layer and a 64-token one from 312 to 141 us: CPU SDPA with GQA or a mask
-# takes its math path, which re-checks the boolean mask in every call.
-_MATMUL_PREFILL_MAX_SCORES = 1 << 24  # 64 MiB of fp32 scores
+# entries are attended with two batched matmuls and a softmax (`_prefill_matmul`: fewer
+# calls, level or ahead for chunks of up to ~100 tokens); larger ones go through SDPA with
+# each kv head repeated for its query heads, in 4-D, so that CPU SDPA takes its flash kernel
+# (blocked, never materialising the scores, skipping the blocks above the diagonal when
+# causal). With `enable_gqa`, or 3-D inputs, it takes its math path instead, 2-3x slower
+# than the matmul form (docs/benchmarks.md, "Prefill attention on CPU").
+_MATMUL_PREFILL_MAX_SCORES = 1 << 20
 
 
 @dataclass(slots=True)
@@ -199,13 +200,15 @@ class TorchAttentionBackend(AttentionBackend):
         v = gather_kv(v_cache, plan.block_ids, plan.seq_len).transpose(0, 1)
         if q.shape[1] * plan.query_len * plan.seq_len <= _MATMUL_PREFILL_MAX_SCORES:
             return _prefill_matmul(q, k, v, plan, scale)
-        # enable_gqa lets each group of query heads read its kv head without materialising
-        # repeated K/V (bit-identical to repeat_interleave).
+        group = q.shape[1] // k.shape[0]
+        if group > 1:  # a real copy (K/V of one chunk: small), so SDPA's flash kernel runs
+            k, v = k.repeat_interleave(group, 0), v.repeat_interleave(group, 0)
+        # 4-D: CPU SDPA takes its flash kernel only for [batch, heads, len, d] inputs.
         o = F.scaled_dot_product_attention(
-            q.transpose(0, 1), k, v, attn_mask=plan.mask, is_causal=plan.mask is None,
-            scale=scale, enable_gqa=True,
+            q.transpose(0, 1).unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0),
+            attn_mask=plan.mask, is_causal=plan.mask is None, scale=scale,
         )
-        return o.transpose(0, 1)
+        return o[0].transpose(0, 1)
 
     @staticmethod
     def _decode_batch(q, k_cache, v_cache, plan: _DecodePlan, scale):
