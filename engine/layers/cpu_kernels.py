@@ -74,7 +74,7 @@ class Routing:
     twice the work an instruction, and on a host with full-width AVX-512 units (the 2-core
     AMD EPYC of 2026-12-04) they beat our float32 GEMV at every row count and our GEMM over
     codes at every prefill size (0.7-0.9x); our GEMV over codes reads 4-6x fewer bytes and
-    leads up to 12 rows (2.4x at 1 row, one thread; docs/benchmarks.md, "CPU kernels on an
+    leads up to 12 rows (~2x at 1 row, one thread; docs/benchmarks.md, "CPU kernels on an
     AVX-512 host").
     """
 
