@@ -56,11 +56,11 @@ def test_dense_takes_decode_rows_and_leaves_the_rest_to_onednn():
                 assert cpu_kernels.usable(x, w, None) is ours
                 if ours:  # the same kernel, the same sums: bit for bit
                     assert torch.equal(linear.dense(x, w), cpu_kernels.gemv(x, w))
+            assert not cpu_kernels.usable(torch.randn(2, 24, dtype=torch.bfloat16),
+                                       w.bfloat16(), None)
+            assert not cpu_kernels.usable(torch.randn(2, 24), w.t().contiguous().t(), None)
     finally:
         cpu_kernels.set_routing(None)
-        assert not cpu_kernels.usable(torch.randn(2, 24, dtype=torch.bfloat16),
-                                   w.bfloat16(), None)
-        assert not cpu_kernels.usable(torch.randn(2, 24), w.t().contiguous().t(), None)
 
 
 def test_bad_arguments_are_refused_by_the_op():

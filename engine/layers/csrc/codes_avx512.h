@@ -1,8 +1,9 @@
 // AVX-512 twins of the products over block codes (codes.h), in codes_avx512.cpp: the only
 // file of the library built for AVX-512, called by cpu_gemv_codes.cpp and cpu_gemm_codes.cpp
-// when the host has it (`avx512_on`). Plain pointers here: no torch header, no std template
-// is instantiated in that file, so nothing it defines can stand in for a function that an
-// AVX2-only host runs (the linker keeps one copy of each inline function).
+// when the host has it (`avx512_on`). Plain pointers here: that file includes no torch header
+// and instantiates no std template inside its AVX-512 region, so nothing built for AVX-512
+// can stand in for a function an AVX2-only host runs (the linker keeps one copy of each
+// inline function).
 #pragma once
 
 #include <cstdint>
