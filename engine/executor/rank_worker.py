@@ -9,6 +9,7 @@ is the driver's decision: followers allocate what the driver tells them.
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import replace
 
 import torch
@@ -52,6 +53,8 @@ class RankWorker:
             set_fused_kernels(model, True, "triton" if self.device.type == "cuda" else "cpu")
         if _fused_kernels_run(self.device, dtype) and self.device.type == "cpu":
             _attach_weight_codes(model)
+        if self.device.type == "cpu":
+            _pack_for_prefill(model)
         self.model = model.eval()
         bs = config.cache.block_size
         # Under tensor parallelism the model holds num_kv_heads / tp_size heads per rank;
@@ -103,6 +106,20 @@ def _attach_weight_codes(model: torch.nn.Module) -> None:
     if getattr(model, "lm_head", None) is not None:
         weights.append(model.lm_head.weight)
     weight_codes.attach(model, weights)
+
+
+def _pack_for_prefill(model: torch.nn.Module) -> None:
+    """oneDNN's packed copies of the projections, made at load rather than by the first
+    prompt (`linear.pack_for_prefill`). The LM head is left to be packed on first use: only
+    decode batches past our GEMV's rows give it to oneDNN, and its copy is the largest."""
+    from pdserve.engine.layers import linear
+
+    kinds = (linear.MergedColumnLinear, linear.RowParallelLinear)
+    start = time.perf_counter()
+    n = linear.pack_for_prefill([m.weight for m in model.modules() if isinstance(m, kinds)])
+    if n:
+        log.info("packed %d weights for oneDNN's prompt products in %.1f s", n,
+                 time.perf_counter() - start)
 
 
 def _fused_kernels_run(device: torch.device, dtype: torch.dtype) -> bool:

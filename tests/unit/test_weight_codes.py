@@ -163,6 +163,36 @@ def test_dense_reads_the_codes_gemv_for_decode_rows_and_the_gemm_past_them():
     assert weight_codes.codes_of(w) is None
 
 
+@pytest.mark.skipif(not linear._onednn_available(), reason="torch built without oneDNN")
+def test_load_packs_exactly_the_weights_onednn_will_take_prompts_of():
+    """`pack_for_prefill` makes oneDNN's copy of a weight whose prompt products oneDNN runs
+    (every weight under the AVX-512 routing; on AVX2 only those without codes, since our
+    GEMM over codes takes the rest) and no other, and prompt products then read that copy."""
+    assert cpu_kernels.load()
+    coded, plain = dequantized(48, 64, "q8"), torch.randn(40, 64)
+    weight_codes.attach(torch.nn.Module(), [coded, plain])
+    assert weight_codes.codes_of(coded) is not None and weight_codes.codes_of(plain) is None
+    try:
+        for routing, packs_coded in [(cpu_kernels.AVX2_ROUTING, False),
+                                     (cpu_kernels.AVX512_ROUTING, True)]:
+            for w in (coded, plain):
+                if hasattr(w, linear._PACKED_ATTR):
+                    delattr(w, linear._PACKED_ATTR)
+            cpu_kernels.set_routing(routing)
+            assert linear.pack_for_prefill([coded, plain]) == 1 + packs_coded
+            assert hasattr(coded, linear._PACKED_ATTR) == packs_coded
+            made = getattr(plain, linear._PACKED_ATTR)
+            x = torch.randn(100, 64)
+            with torch.inference_mode():
+                torch.testing.assert_close(linear.dense(x, plain), F.linear(x, plain),
+                                           rtol=1e-5, atol=1e-4)
+            assert getattr(plain, linear._PACKED_ATTR) is made  # used, not made again
+    finally:
+        cpu_kernels.set_routing(None)
+        linear.forget_packed(coded)
+        linear.forget_packed(plain)
+
+
 def test_the_bundled_gguf_decodes_from_its_codes_as_from_float32():
     """SmolLM2-135M's GGUF is Q4_1 with a Q8_0 embedding (the tied LM head): every one of
     its 121 weights is read as codes, prefill and decode, and greedy tokens equal the
