@@ -171,9 +171,10 @@ def _packed_weight(weight: torch.Tensor) -> torch.Tensor:
 def pack_for_prefill(weights: list[torch.Tensor]) -> int:
     """Make now, at load, oneDNN's packed copy of each CPU weight whose prompt-sized products
     `dense` will give oneDNN (all of them on AVX-512 hosts; on AVX2 hosts only those that
-    are not block codes), so that the first prompt does not pay for it: reordering takes
-    ~12 ms a weight, 1.5 s over SmolLM2-135M's 120, which was the first request's TTFT.
-    Returns how many it packed."""
+    are not block codes). Made on first use instead, the copies of a whole model stall that
+    step: a fresh worker's first prompt, or a decode worker's first batch past our GEMV's
+    rows, with every request in it (docs/benchmarks.md, "Where a light-load first token
+    goes"). Returns how many it packed."""
     global _onednn_enabled
     if _onednn_enabled is None:
         _onednn_enabled = _onednn_available()
