@@ -93,16 +93,23 @@ class RankWorker:
             )
 
 
+def _projection_weights(model: torch.nn.Module) -> list[torch.Tensor]:
+    """The weights of every layer's projections (q|k|v, o, gate|up, down); not the LM head."""
+    from pdserve.engine.layers import linear
+
+    kinds = (linear.MergedColumnLinear, linear.RowParallelLinear)
+    return [m.weight for m in model.modules() if isinstance(m, kinds)]
+
+
 def _attach_weight_codes(model: torch.nn.Module) -> None:
     """Let CPU products read the weights that are exact 4- or 8-bit block codes (a GGUF's
     Q4_1 / Q8_0 tensors, loaded as float32) as those codes (engine.layers.weight_codes),
     prefill rows included; `PDSERVE_WEIGHT_CODES=0` keeps every product on float32."""
-    from pdserve.engine.layers import cpu_kernels, linear, weight_codes
+    from pdserve.engine.layers import cpu_kernels, weight_codes
 
     if not cpu_kernels.codes_enabled():
         return
-    kinds = (linear.MergedColumnLinear, linear.RowParallelLinear)
-    weights = [m.weight for m in model.modules() if isinstance(m, kinds)]
+    weights = _projection_weights(model)
     if getattr(model, "lm_head", None) is not None:
         weights.append(model.lm_head.weight)
     weight_codes.attach(model, weights)
@@ -114,9 +121,8 @@ def _pack_for_prefill(model: torch.nn.Module) -> None:
     decode batches past our GEMV's rows give it to oneDNN, and its copy is the largest."""
     from pdserve.engine.layers import linear
 
-    kinds = (linear.MergedColumnLinear, linear.RowParallelLinear)
     start = time.perf_counter()
-    n = linear.pack_for_prefill([m.weight for m in model.modules() if isinstance(m, kinds)])
+    n = linear.pack_for_prefill(_projection_weights(model))
     if n:
         log.info("packed %d weights for oneDNN's prompt products in %.1f s", n,
                  time.perf_counter() - start)

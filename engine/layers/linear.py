@@ -115,7 +115,6 @@ def dense(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = Non
     a row computed alone and the same row inside a batch. On CUDA it runs cuBLAS
     (`F.linear`), or the Triton GEMV when `set_triton_gemv` turned it on.
     """
-    global _onednn_enabled
     if x.device.type == "cpu" and x.dtype in _ONEDNN_DTYPES and x.dtype == weight.dtype:
         route = cpu_kernels.routing()
         codes = weight_codes.codes_of(weight) if cpu_kernels.codes_enabled() else None
@@ -127,10 +126,8 @@ def dense(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = Non
                 return cpu_kernels.gemm_codes(x, codes, bias)
         if route.gemv_rows and cpu_kernels.usable(x, weight, bias, route.gemv_rows):
             return cpu_kernels.gemv(x, weight, bias)  # decode rows: the weight at full rate
-        if _onednn_enabled is None:
-            _onednn_enabled = _onednn_available()
         # The op has no autograd formula; the engine runs under inference_mode.
-        if (_onednn_enabled and not (x.requires_grad or weight.requires_grad)
+        if (_onednn_on() and not (x.requires_grad or weight.requires_grad)
                 and _onednn_runs(x.dtype)):
             return torch.ops.mkldnn._linear_pointwise(x, _packed_weight(weight), bias,
                                                       "none", [None], "")
@@ -139,6 +136,14 @@ def dense(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = Non
 
         return gemv(x, weight, bias)
     return F.linear(x, weight, bias)
+
+
+def _onednn_on() -> bool:
+    """Whether CPU products may run oneDNN: probed once, unless `set_onednn_linear` chose."""
+    global _onednn_enabled
+    if _onednn_enabled is None:
+        _onednn_enabled = _onednn_available()
+    return _onednn_enabled
 
 
 def _onednn_runs(dtype: torch.dtype) -> bool:
@@ -175,10 +180,7 @@ def pack_for_prefill(weights: list[torch.Tensor]) -> int:
     step: a fresh worker's first prompt, or a decode worker's first batch past our GEMV's
     rows, with every request in it (docs/benchmarks.md, "Where a light-load first token
     goes"). Returns how many it packed."""
-    global _onednn_enabled
-    if _onednn_enabled is None:
-        _onednn_enabled = _onednn_available()
-    if not _onednn_enabled:
+    if not _onednn_on():
         return 0
     gemm_codes = cpu_kernels.codes_enabled() and cpu_kernels.routing().gemm_codes
     packed = 0
