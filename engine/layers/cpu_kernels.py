@@ -1,5 +1,5 @@
-"""Our CPU kernels for decode steps (`csrc/*.cpp`), built on first use: a float32 GEMV,
-decode attention over the paged cache, and the fused glue between the matmuls (RMSNorm,
+"""Our CPU kernels (`csrc/*.cpp`), built on first use: a float32 GEMV, decode and prefill
+attention over the paged cache, and the fused glue between the matmuls (RMSNorm,
 add + RMSNorm, RoPE, SiLU-mul).
 
 Why the GEMV: a decode step multiplies 1..8 rows by every weight, so on CPU it is bound by
@@ -17,9 +17,13 @@ on an AVX2 host as fast as oneDNN there, without oneDNN's packed float32 copy of
 weight. On an AVX-512 host oneDNN takes all but the GEMV over codes (`Routing`), and the
 products over codes run with 16-float vectors (`avx512_codes`).
 
-Why the attention: the torch backend gathers every decoding sequence's blocks into a
+Why the decode attention: the torch backend gathers every decoding sequence's blocks into a
 padded copy of K and of V each layer before SDPA; the kernel reads them in place through
 the block table (`engine.attention.torch_backend` calls it).
+
+Why the prefill attention (AVX-512 hosts): torch's CPU SDPA flash kernel runs ~50-70
+GFLOPS on 64-wide heads there; ours, blocked like flash attention with the query heads of a
+kv head stacked, ~180 (docs/benchmarks.md, "Our prefill attention on CPU").
 
 Why the glue: in plain torch an RMSNorm is ~6 ops and a RoPE ~8, each a dispatch and a
 pass over a few KB; at batch 1 the ~30 small ops of each of 30 layers cost ~10-20 ms of a
@@ -87,14 +91,16 @@ AVX2_ROUTING = Routing(gemv_rows=MAX_ROWS, codes_rows=CODES_MAX_ROWS, gemm_codes
 AVX512_ROUTING = Routing(gemv_rows=0, codes_rows=12, gemm_codes=False)
 _SOURCES = [Path(__file__).with_name("csrc") / f for f in (
     "cpu_gemv.cpp", "cpu_gemv_codes.cpp", "cpu_gemm_codes.cpp", "cpu_fused.cpp",
-    "cpu_attention.cpp", "codes_avx512.cpp")]
+    "cpu_attention.cpp", "codes_avx512.cpp", "attention_avx512.cpp")]
 _HEADERS = [Path(__file__).with_name("csrc") / h  # part of the build's key
-            for h in ("avx2.h", "codes.h", "codes_avx512.h", "codes_operands.h")]
+            for h in ("avx2.h", "codes.h", "codes_avx512.h", "codes_operands.h",
+                    "attention_avx512.h")]
 _FLAGS = ["-O3", "-mavx2", "-mfma", "-ffp-contract=off", "-fopenmp", "-std=c++17", "-shared",
           "-fPIC"]
 _state: bool | None = None  # None: not tried in this process
 _codes_on = True
 _routing: Routing | None = None  # None: chosen by the host at first use
+_prefill_attention_on = True
 _lock = threading.Lock()
 
 
@@ -303,3 +309,25 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     int32 `block_tables` `[B, W]`; returns `[B, H, D]`. `D % 8 == 0`, float32."""
     return torch.ops.pdserve.paged_decode_attention(q, k_cache, v_cache, block_tables,
                                                     seq_lens, scale)
+
+
+def prefill_attention_on() -> bool:
+    """Whether the torch backend gives prefill chunks to `prefill_attention`: the kernels
+    loaded, the host has AVX-512 (and the library's AVX-512 switch, `avx512_codes`, is on),
+    and `set_prefill_attention_enabled` has not turned it off."""
+    return _prefill_attention_on and load() and avx512_codes()
+
+
+def set_prefill_attention_enabled(enabled: bool) -> None:
+    """Give prefill chunks to our kernel where it runs (the default), or to torch's (A/B)."""
+    global _prefill_attention_on
+    _prefill_attention_on = enabled
+
+
+def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                      block_ids: torch.Tensor, seq_len: int, scale: float) -> torch.Tensor:
+    """Causal attention of a prefill chunk `q` `[L, H, D]`, the last `L` of `seq_len` tokens
+    cached in the `[blocks, block_size, kvh, D]` caches' blocks `block_ids` (int32, in
+    order); returns `[L, H, D]`. AVX-512 hosts only (`avx512_codes()`), float32,
+    `D % 16 == 0`, `D <= 256`."""
+    return torch.ops.pdserve.prefill_attention(q, k_cache, v_cache, block_ids, seq_len, scale)

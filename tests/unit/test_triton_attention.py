@@ -180,9 +180,12 @@ def test_gather_kv_reads_only_the_blocks_holding_the_tokens():
 def test_torch_prefill_matmul_path_equals_its_sdpa_path(monkeypatch, dtype):
     """The torch backend attends small prefill chunks with bmm + softmax and large ones with
     SDPA; both must give the same rows (chunks on a cached prefix, from scratch, with decode
-    rows beside them, GQA)."""
+    rows beside them, GQA). Our CPU prefill kernel, which takes float32 chunks on an
+    AVX-512 host, is turned off (tests/unit/test_cpu_prefill_attention.py checks it)."""
     from pdserve.engine.attention import torch_backend
+    from pdserve.engine.layers import cpu_kernels
 
+    monkeypatch.setattr(cpu_kernels, "_prefill_attention_on", False)
     q, k_cache, v_cache, meta = make_batch([(0, 37), (21, 16), (40, 1), (0, 5), (70, 9)],
                                            heads=6, kv_heads=2, dtype=dtype, seed=3)
     scale = q.shape[-1] ** -0.5

@@ -20,7 +20,9 @@
 #include <type_traits>
 #include <vector>
 
+#include "attention_avx512.h"
 #include "avx2.h"
+#include "codes_avx512.h"
 
 namespace {
 
@@ -169,11 +171,104 @@ at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache
   return out;
 }
 
+// Causal attention of one prefill chunk, q [L, H, D], over the first seq_len tokens cached in
+// the blocks `block_ids` (the chunk is the last L of them): attention_avx512.cpp's tiles.
+// K (transposed) and V of each kv head are first copied out of the blocks into contiguous,
+// zero-padded buffers, so a tile streams them with unit stride; the tiles (kv head x query
+// positions) are dealt round-robin to the threads, since later positions see more keys.
+at::Tensor prefill_attention(const at::Tensor& q, const at::Tensor& k_cache,
+                             const at::Tensor& v_cache, const at::Tensor& block_ids,
+                             int64_t seq_len, double scale) {
+  TORCH_CHECK(pdserve_cpu::avx512_on(), "prefill_attention: needs a host with AVX-512");
+  TORCH_CHECK(q.dim() == 3 && q.scalar_type() == at::kFloat && q.stride(2) == 1,
+              "prefill_attention: float32 q [L, H, D] with contiguous heads");
+  TORCH_CHECK(k_cache.dim() == 4 && k_cache.sizes() == v_cache.sizes() &&
+                  k_cache.is_contiguous() && v_cache.is_contiguous() &&
+                  k_cache.scalar_type() == at::kFloat && v_cache.scalar_type() == at::kFloat,
+              "prefill_attention: contiguous float32 caches [blocks, block_size, kvh, D]");
+  const int64_t L = q.size(0), H = q.size(1), D = q.size(2);
+  const int64_t NB = k_cache.size(0), BS = k_cache.size(1), KVH = k_cache.size(2);
+  TORCH_CHECK(k_cache.size(3) == D && D % 16 == 0 && D <= 256, "prefill_attention: head_dim ",
+              D, " must match the cache, be a multiple of 16 and at most 256");
+  TORCH_CHECK(KVH > 0 && H % KVH == 0, "prefill_attention: ", H, " query heads over ", KVH,
+              " kv heads");
+  TORCH_CHECK(L >= 1 && seq_len >= L, "prefill_attention: ", L, " new tokens of ", seq_len);
+  TORCH_CHECK(block_ids.dim() == 1 && block_ids.scalar_type() == at::kInt &&
+                  block_ids.is_contiguous() && block_ids.size(0) * BS >= seq_len,
+              "prefill_attention: int32 block ids covering ", seq_len, " tokens");
+  const int32_t* ids = block_ids.data_ptr<int32_t>();
+  const int64_t used = (seq_len + BS - 1) / BS;
+  for (int64_t j = 0; j < used; ++j)
+    TORCH_CHECK(ids[j] >= 0 && ids[j] < NB, "prefill_attention: block id ", ids[j],
+                " outside the cache");
+  // Rows of kt a whole number of key blocks long, plus 16 floats: a row length that is a
+  // multiple of 4 KB would put a score micro-kernel's 64 loads (one a dim) in one L1 set.
+  const int64_t KB = pdserve_cpu::kPrefillKeyBlock;
+  const int64_t G = H / KVH, ldk = (seq_len + KB - 1) / KB * KB + 16;
+  // Reused across calls (every layer of a step asks for the same size); a very long
+  // context gets a buffer of its own rather than pinning it to the thread.
+  constexpr int64_t kKeep = int64_t{1} << 22;  // floats
+  thread_local std::vector<float> kept;
+  std::vector<float> own;
+  const int64_t need = 2 * KVH * D * ldk;
+  std::vector<float>& buf = need <= kKeep ? kept : own;
+  if (static_cast<int64_t>(buf.size()) < need) buf.resize(need);
+  float* kt_all = buf.data();
+  float* v_all = kt_all + KVH * D * ldk;
+  const float* kp = k_cache.data_ptr<float>();
+  const float* vp = v_cache.data_ptr<float>();
+  at::parallel_for(0, KVH, 1, [&](int64_t h0, int64_t h1) {
+    for (int64_t h = h0; h < h1; ++h) {
+      float* kt = kt_all + h * D * ldk;
+      float* vh = v_all + h * ldk * D;
+      int64_t off[16];
+      for (int64_t t0 = 0; t0 < seq_len; t0 += 16) {  // 16 keys: one cache line of kt a dim
+        const int64_t n = std::min<int64_t>(16, seq_len - t0);
+        for (int64_t j = 0; j < n; ++j) {
+          const int64_t t = t0 + j;
+          off[j] = ((ids[t / BS] * BS + t % BS) * KVH + h) * D;
+          std::copy(vp + off[j], vp + off[j] + D, vh + t * D);
+        }
+        for (int64_t d = 0; d < D; ++d)
+          for (int64_t j = 0; j < n; ++j) kt[d * ldk + t0 + j] = kp[off[j] + d];
+      }
+      std::fill(vh + seq_len * D, vh + ldk * D, 0.f);
+      for (int64_t d = 0; d < D; ++d) std::fill(kt + d * ldk + seq_len, kt + (d + 1) * ldk, 0.f);
+    }
+  });
+  at::Tensor out = at::empty({L, H, D}, q.options());
+  // ~64 rows a tile: the G heads of each position stacked.
+  const int64_t positions = std::max<int64_t>(1, 64 / G);
+  const int64_t tiles = (L + positions - 1) / positions, tasks = tiles * KVH;
+  const int64_t workers = std::min<int64_t>(at::get_num_threads(), tasks);
+  at::parallel_for(0, workers, 1, [&](int64_t w0, int64_t w1) {
+    thread_local std::vector<float> scratch;
+    scratch.resize(pdserve_cpu::prefill_tile_scratch(positions, G, D));
+    pdserve_cpu::PrefillTile tile{q.data_ptr<float>(), q.stride(0), q.stride(1), nullptr,
+                                  nullptr, ldk, out.data_ptr<float>(), H * D, D, 0, G, D,
+                                  seq_len - L, static_cast<float>(scale), scratch.data()};
+    for (int64_t w = w0; w < w1; ++w)
+      for (int64_t task = w; task < tasks; task += workers) {
+        const int64_t h = task % KVH, q0 = task / KVH * positions;
+        tile.kt = kt_all + h * D * ldk;
+        tile.v = v_all + h * ldk * D;
+        tile.head0 = h * G;
+        pdserve_cpu::prefill_attention_tile_avx512(tile, q0, std::min(L, q0 + positions));
+      }
+  });
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(pdserve, m) {
   m.def("paged_decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, "
         "Tensor seq_lens, float scale) -> Tensor");
+  m.def("prefill_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_ids, "
+        "int seq_len, float scale) -> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(pdserve, CPU, m) { m.impl("paged_decode_attention", &paged_decode_attention); }
+TORCH_LIBRARY_IMPL(pdserve, CPU, m) {
+  m.impl("paged_decode_attention", &paged_decode_attention);
+  m.impl("prefill_attention", &prefill_attention);
+}
