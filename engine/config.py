@@ -165,6 +165,9 @@ class EngineConfig:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     attention_backend: str = "auto"
     num_threads: int | None = None
+    # CPU steps of at most this many tokens run on one thread, larger ones on num_threads
+    # (`engine.cpu_threads.StepThreads`); 0: every step on num_threads.
+    small_step_tokens: int = 16
     # Replay decode steps from captured graphs (`engine.cuda_graph`; CUDA only), and run
     # norms, RoPE and SiLU-mul as fused kernels (`engine.models.fused_llama`: Triton on
     # CUDA, our C++ ops for float32 on an AVX2 CPU).
@@ -173,6 +176,8 @@ class EngineConfig:
 
     def __post_init__(self) -> None:
         check_dtype(self.dtype)
+        if self.small_step_tokens < 0:
+            raise ValueError(f"small_step_tokens must be >= 0, got {self.small_step_tokens}")
 
 
 # Names the per-layer block format `[block_size, kv_heads, head_dim]` of K and V (the

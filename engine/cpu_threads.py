@@ -60,3 +60,45 @@ def configure_process(threads: int) -> None:
         torch.set_num_interop_threads(1)
     except RuntimeError:  # already set, or inter-op work already ran in this process
         pass
+
+
+class StepThreads:
+    """How many threads a CPU rank's step runs on: one for a step of at most `small_tokens`
+    tokens (a decode batch of a few rows, a short prompt), all `threads` for larger ones.
+
+    Why: a small step is ~120 matmuls of a few rows each, ~50-100 us of work apiece, and
+    every one of them is an OpenMP region whose sleeping threads take ~60 us to wake on a
+    shared VM (passive waits, above). On the 2-core AVX-512 host a 1-row decode step takes
+    11 ms on one thread and 15-19 on two, a 4-row one 15 vs 20-27, while a 64-token prefill
+    gains from the second thread (81 vs 73 ms) and a 512-token one nearly doubles
+    (docs/benchmarks.md, "One thread for small steps"). The idle core then serves the
+    router, the client and the other processes a small step would otherwise wait on.
+
+    Invariant: the thread count changes only between steps (it is set on the thread that
+    runs the step, before the step), and every rank of a replica sees the same steps, so
+    they decide alike.
+    """
+
+    def __init__(self, threads: int, small_tokens: int):
+        self.threads = threads
+        self.small_tokens = small_tokens
+        self._current = threads
+
+    def before_step(self, tokens: int) -> None:
+        import torch
+
+        want = 1 if tokens <= self.small_tokens else self.threads
+        if want != self._current or torch.get_num_threads() != want:
+            torch.set_num_threads(want)
+            self._current = want
+
+    @classmethod
+    def for_rank(cls, small_tokens: int) -> StepThreads | None:
+        """This process's rule (its current thread count as the large steps' one); None
+        where there is nothing to switch: one thread, or the rule off."""
+        import torch
+
+        threads = torch.get_num_threads()
+        if threads <= 1 or small_tokens <= 0:
+            return None
+        return cls(threads, small_tokens)

@@ -41,6 +41,8 @@ class ModelRunner:
         self.device = device
         # Set by the engine on CUDA (engine.cuda_graph.DecodeGraphRunner).
         self.decode_graphs = None
+        # Set by the rank on CPU (engine.cpu_threads.StepThreads): threads per step.
+        self.step_threads = None
 
     def prepare(self, step: StepInput) -> tuple[torch.Tensor, ...]:
         """Host-side flattening: (input_ids, positions, metadata, logits row indices)."""
@@ -96,6 +98,8 @@ class ModelRunner:
                 return logits
         if self.model.parallel.pp_size > 1:
             return self._execute_pipelined(step, kv_connector)
+        if self.step_threads is not None:
+            self.step_threads.before_step(len(step.token_ids))
         input_ids, positions, meta, rows = self.prepare(step)
         ctx = forward_context.ForwardContext(meta, self.kv_cache, self.backend)
         if kv_connector is not None:
@@ -131,6 +135,8 @@ class ModelRunner:
         micro-batch, and are saved during the last one only: a layer is written for every
         sequence of the step only once the last micro-batch wrote it.
         """
+        if self.step_threads is not None:
+            self.step_threads.before_step(len(step.token_ids))
         pp, model = self.model.parallel, self.model
         dtype = next(model.parameters()).dtype
         parts = step.split(step.micro_batches or pp.pp_size)

@@ -83,6 +83,10 @@ class RankWorker:
         backend = get_backend(config.attention_backend, self.device)
         self.runner = ModelRunner(self.model, self.kv_cache, backend, config.cache.block_size,
                                   self.device)
+        if self.device.type == "cpu":
+            from pdserve.engine.cpu_threads import StepThreads
+
+            self.runner.step_threads = StepThreads.for_rank(config.small_step_tokens)
         # Pure-decode steps replay captured graphs on CUDA (one stage only: a graph cannot
         # hold the point-to-point sends between stages).
         if config.enable_cuda_graphs and self.parallel.pp_size == 1:
