@@ -167,7 +167,7 @@ class EngineConfig:
     num_threads: int | None = None
     # CPU steps of at most this many tokens run on one thread, larger ones on num_threads
     # (`engine.cpu_threads.StepThreads`); 0: every step on num_threads.
-    small_step_tokens: int = 16
+    small_step_tokens: int = 8
     # Replay decode steps from captured graphs (`engine.cuda_graph`; CUDA only), and run
     # norms, RoPE and SiLU-mul as fused kernels (`engine.models.fused_llama`: Triton on
     # CUDA, our C++ ops for float32 on an AVX2 CPU).

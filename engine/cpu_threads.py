@@ -69,10 +69,11 @@ class StepThreads:
     Why: a small step is ~120 matmuls of a few rows each, ~50-100 us of work apiece, and
     every one of them is an OpenMP region whose sleeping threads take ~60 us to wake on a
     shared VM (passive waits, above). On the 2-core AVX-512 host a 1-row decode step takes
-    11 ms on one thread and 15-19 on two, a 4-row one 15 vs 20-27, while a 64-token prefill
-    gains from the second thread (81 vs 73 ms) and a 512-token one nearly doubles
-    (docs/benchmarks.md, "One thread for small steps"). The idle core then serves the
-    router, the client and the other processes a small step would otherwise wait on.
+    11-12 ms on one thread and 15-19 on two, a 4-row one 15-16 vs 20-27; from 6 to 8 rows
+    the two are level within noise, past them the second thread gains (up to ~1.2x at 32-48
+    rows), and a 64-token prefill takes 61-73 vs 75-85 ms (docs/benchmarks.md, "One thread
+    for small steps"). The idle core then serves the router, the client and the other
+    processes a small step would otherwise wait on.
 
     Invariant: the thread count changes only between steps (it is set on the thread that
     runs the step, before the step), and every rank of a replica sees the same steps, so
