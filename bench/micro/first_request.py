@@ -15,9 +15,9 @@ import argparse
 import json
 import random
 import statistics
-import subprocess
-import sys
 import time
+
+from pdserve.bench.micro.alternate import run_sides
 
 SIDES = ("at-load", "first-prompt")
 
@@ -63,18 +63,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.child:
         print(json.dumps(_child(args.child, args.threads, args.prompt_len, args.prompts)))
         return 0
-    runs: dict[str, list[dict]] = {s: [] for s in SIDES}
-    for r in range(args.rounds):
-        for side in SIDES if r % 2 == 0 else tuple(reversed(SIDES)):
-            out = subprocess.run(
-                [sys.executable, "-m", "pdserve.bench.micro.first_request", "--child", side,
-                 "--threads", str(args.threads), "--prompt-len", str(args.prompt_len),
-                 "--prompts", str(args.prompts)],
-                check=True, capture_output=True, text=True).stdout
-            runs[side].append(json.loads(out.strip().splitlines()[-1]))
-            got = runs[side][-1]
-            print(f"round {r + 1} {side:12s} start-up {got['startup_s']:.2f} s, prefill ms "
-                  + " ".join(f"{x:.0f}" for x in got["prefill_ms"]), flush=True)
+
+    def show(r: int, side: str, got: dict) -> None:
+        print(f"round {r} {side:12s} start-up {got['startup_s']:.2f} s, prefill ms "
+              + " ".join(f"{x:.0f}" for x in got["prefill_ms"]), flush=True)
+
+    runs = run_sides("pdserve.bench.micro.first_request", SIDES, args.rounds,
+                     ["--threads", str(args.threads), "--prompt-len", str(args.prompt_len),
+                      "--prompts", str(args.prompts)], show)
     print(f"\n| side | start-up s | first prompt ms | later prompts ms ({args.prompt_len} tokens, "
           f"{args.threads} thread(s), median of {args.rounds} rounds) |")
     print("| --- | ---: | ---: | ---: |")
@@ -87,4 +83,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main())

@@ -15,9 +15,9 @@ import argparse
 import json
 import random
 import statistics
-import subprocess
-import sys
 import time
+
+from pdserve.bench.micro.alternate import run_sides
 
 SIDES = {"small-on-1": None, "all-threads": 0}  # None: EngineConfig's default
 
@@ -70,17 +70,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.child:
         print(json.dumps(_child(SIDES[args.child], args.threads)))
         return 0
-    runs: dict[str, list[dict]] = {s: [] for s in SIDES}
-    for r in range(args.rounds):
-        for side in SIDES if r % 2 == 0 else tuple(reversed(SIDES)):
-            out = subprocess.run(
-                [sys.executable, "-m", "pdserve.bench.micro.step_threads", "--child", side,
-                 "--threads", str(args.threads)],
-                check=True, capture_output=True, text=True).stdout
-            runs[side].append(json.loads(out.strip().splitlines()[-1]))
-            got = runs[side][-1]
-            print(f"round {r + 1} {side:12s} " + ", ".join(f"{k} {v:.1f}" for k, v in got.items()),
-                  flush=True)
+
+    def show(r: int, side: str, got: dict) -> None:
+        print(f"round {r} {side:12s} " + ", ".join(f"{k} {v:.1f}" for k, v in got.items()),
+              flush=True)
+
+    runs = run_sides("pdserve.bench.micro.step_threads", tuple(SIDES), args.rounds,
+                     ["--threads", str(args.threads)], show)
     keys = ("prefill64", "decode1", "decode4", "prefill64x16", "decode16")
     print(f"\n| side ({args.threads} threads, median of {args.rounds} rounds) | "
           "prefill 64 ms | decode 1 row ms | decode 4 rows ms | prefill 16 x 64 ms | "
