@@ -10,9 +10,9 @@
 // host (docs/benchmarks.md, "Prefill attention on CPU"), a third of what its FMA units give;
 // the scores and output here are register-blocked 4 rows x 64 floats.
 //
-// Numerics: float32; q scaled before the dot products; exp as codes_avx512.cpp's neighbour
-// avx2.h's Cephes expf (within ~2 ulp); normalised once at the end (SDPA's flash kernel
-// does the same). Masked keys get probability exactly 0.
+// Numerics: float32; q scaled before the dot products; exp is avx2.h's Cephes expf with
+// 16-float vectors (within ~2 ulp); normalised once at the end (SDPA's flash kernel does
+// the same). Masked keys get probability exactly 0.
 //
 // Built for AVX-512 by the target pragma below, like codes_avx512.cpp: no torch header, no
 // std template instantiated inside the pragma.
@@ -52,6 +52,11 @@ constexpr int64_t KB = kPrefillKeyBlock;
 
 inline float max16(__m512 v) { return _mm512_reduce_max_ps(v); }
 inline float sum16(__m512 v) { return _mm512_reduce_add_ps(v); }
+
+// The lanes of a 16-key vector a row sees when `left` keys of it (or more) are visible.
+inline __mmask16 first_lanes(int64_t left) {
+  return left >= 16 ? 0xFFFF : left <= 0 ? 0 : static_cast<__mmask16>((1u << left) - 1);
+}
 
 // exp(x) for 16 floats: avx2.h's exp8 (Cephes' expf) with 16-float vectors.
 inline __m512 exp16(__m512 x) {
@@ -102,7 +107,8 @@ inline void values_4(const float* p, const float* v, int64_t D, int64_t n, const
   __m512 a[kRows][NV];
   for (int i = 0; i < kRows; ++i) {
     const __m512 al = _mm512_set1_ps(alpha[i]);
-    for (int c = 0; c < NV; ++c) a[i][c] = _mm512_mul_ps(_mm512_loadu_ps(o + i * D + 16 * c), al);
+    for (int c = 0; c < NV; ++c)
+      a[i][c] = _mm512_mul_ps(_mm512_loadu_ps(o + i * D + 16 * c), al);
   }
   for (int64_t j = 0; j < n; ++j) {
     __m512 vv[NV];
@@ -154,7 +160,8 @@ void prefill_attention_tile_avx512(const PrefillTile& t, int64_t q0, int64_t q1)
   const float neg_inf = -INFINITY;
   const int64_t first_pos = t.ctx + q0, end = t.ctx + q1;  // keys [0, end) are seen
   for (int64_t k0 = 0; k0 < end; k0 += KB) {
-    for (int64_t r = 0; r < Rp; r += kRows) scores_4x64(qs + r * D, D, t.kt + k0, t.ldk, s + r * KB);
+    for (int64_t r = 0; r < Rp; r += kRows)
+      scores_4x64(qs + r * D, D, t.kt + k0, t.ldk, s + r * KB);
     // The keys a row sees in this block: up to its position (padding rows: the last one's).
     int64_t block_n = 0;  // keys of the block any row sees
     for (int64_t r = 0; r < Rp; ++r) {
@@ -170,9 +177,8 @@ void prefill_attention_tile_avx512(const PrefillTile& t, int64_t q0, int64_t q1)
       __m512 v[4];
       __m512 mx = _mm512_set1_ps(neg_inf);
       for (int c = 0; c < 4; ++c) {
-        const int64_t left = n - 16 * c;  // keys of this vector the row sees
-        const __mmask16 keep = left >= 16 ? 0xFFFF : left <= 0 ? 0 : (__mmask16)((1u << left) - 1);
-        v[c] = _mm512_mask_loadu_ps(_mm512_set1_ps(neg_inf), keep, sr + 16 * c);
+        v[c] = _mm512_mask_loadu_ps(_mm512_set1_ps(neg_inf), first_lanes(n - 16 * c),
+                                    sr + 16 * c);
         mx = _mm512_max_ps(mx, v[c]);
       }
       const float m_new = fmaxf(m[r], max16(mx));
@@ -181,9 +187,8 @@ void prefill_attention_tile_avx512(const PrefillTile& t, int64_t q0, int64_t q1)
       const __m512 mv = _mm512_set1_ps(m_new);
       __m512 sum = _mm512_setzero_ps();
       for (int c = 0; c < 4; ++c) {
-        const int64_t left = n - 16 * c;
-        const __mmask16 keep = left >= 16 ? 0xFFFF : left <= 0 ? 0 : (__mmask16)((1u << left) - 1);
-        const __m512 e = _mm512_maskz_mov_ps(keep, exp16(_mm512_sub_ps(v[c], mv)));
+        const __m512 e =
+            _mm512_maskz_mov_ps(first_lanes(n - 16 * c), exp16(_mm512_sub_ps(v[c], mv)));
         _mm512_storeu_ps(sr + 16 * c, e);
         sum = _mm512_add_ps(sum, e);
       }
