@@ -71,9 +71,9 @@ class StepThreads:
     shared VM (passive waits, above). On the 2-core AVX-512 host a 1-row decode step takes
     11-12 ms on one thread and 15-19 on two, a 4-row one 15-16 vs 20-27; from 6 to 8 rows
     the two are level within noise, past them the second thread gains (up to ~1.2x at 32-48
-    rows), and a 64-token prefill takes 61-73 vs 75-85 ms (docs/benchmarks.md, "One thread
-    for small steps"). The idle core then serves the router, the client and the other
-    processes a small step would otherwise wait on.
+    rows), and a 64-token prefill takes 61-73 ms on two against 75-85 on one
+    (docs/benchmarks.md, "One thread for small steps"). The idle core then serves the
+    router, the client and the other processes a small step would otherwise wait on.
 
     Invariant: the thread count changes only between steps (it is set on the thread that
     runs the step, before the step), and every rank of a replica sees the same steps, so
@@ -83,15 +83,13 @@ class StepThreads:
     def __init__(self, threads: int, small_tokens: int):
         self.threads = threads
         self.small_tokens = small_tokens
-        self._current = threads
 
     def before_step(self, tokens: int) -> None:
         import torch
 
         want = 1 if tokens <= self.small_tokens else self.threads
-        if want != self._current or torch.get_num_threads() != want:
+        if torch.get_num_threads() != want:  # as the calling thread sees it
             torch.set_num_threads(want)
-            self._current = want
 
     @classmethod
     def for_rank(cls, small_tokens: int) -> StepThreads | None:
