@@ -18,6 +18,7 @@ import statistics
 import time
 
 from pdserve.bench.micro.alternate import run_sides
+from pdserve.bench.micro.engine_steps import prefill_ms, random_prompt
 
 SIDES = ("at-load", "first-prompt")
 
@@ -26,7 +27,6 @@ def _child(side: str, threads: int, prompt_len: int, prompts: int) -> dict:
     from pdserve.engine.cpu_threads import configure_process
 
     configure_process(threads)  # before torch loads
-    from pdserve.engine import SamplingParams
     from pdserve.engine.config import CacheConfig, EngineConfig, SchedulerConfig
     from pdserve.engine.layers import linear
     from pdserve.engine.llm_engine import LLMEngine
@@ -40,16 +40,9 @@ def _child(side: str, threads: int, prompt_len: int, prompts: int) -> dict:
         scheduler=SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=512)))
     startup = time.perf_counter() - start
     rng = random.Random(0)
-    steps = []
-    for i in range(prompts):
-        ids = [rng.randrange(1000, 40000) for _ in range(prompt_len)]
-        engine.add_request(f"r{i}", ids, SamplingParams(temperature=0, max_tokens=1,
-                                                        ignore_eos=True))
-        t = time.perf_counter()
-        while engine.has_unfinished():
-            engine.step()
-        steps.append(time.perf_counter() - t)
-    return {"startup_s": startup, "prefill_ms": [s * 1e3 for s in steps]}
+    steps = [prefill_ms(engine, f"r{i}", random_prompt(rng, prompt_len))
+             for i in range(prompts)]
+    return {"startup_s": startup, "prefill_ms": steps}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -18,6 +18,8 @@ import random
 import statistics
 import time
 
+from pdserve.bench.micro.engine_steps import prefill_ms, random_prompt
+
 SHAPES = ((64, 64), (16, 1000), (100, 700), (512, 512), (368, 880), (880, 880))
 HEADS, KV_HEADS, D, BLOCK = 9, 3, 64, 16
 
@@ -71,7 +73,6 @@ def layer_table(rounds: int) -> None:
 
 
 def engine_prefills(threads: int, prompt_len: int, prompts: int) -> None:
-    from pdserve.engine import SamplingParams
     from pdserve.engine.config import CacheConfig, EngineConfig, SchedulerConfig
     from pdserve.engine.layers import cpu_kernels
     from pdserve.engine.llm_engine import LLMEngine
@@ -85,14 +86,9 @@ def engine_prefills(threads: int, prompt_len: int, prompts: int) -> None:
     for i in range(prompts * 2 + 1):
         on = i % 2 == 1  # prompt 0 warms both paths' shapes up and is not counted
         cpu_kernels.set_prefill_attention_enabled(on)
-        ids = [rng.randrange(1000, 40000) for _ in range(prompt_len)]
-        engine.add_request(f"r{i}", ids, SamplingParams(temperature=0, max_tokens=1,
-                                                        ignore_eos=True))
-        t = time.perf_counter()
-        while engine.has_unfinished():
-            engine.step()
+        ms = prefill_ms(engine, f"r{i}", random_prompt(rng, prompt_len))
         if i:
-            steps[on].append((time.perf_counter() - t) * 1e3)
+            steps[on].append(ms)
     cpu_kernels.set_prefill_attention_enabled(True)
     ours, theirs = statistics.median(steps[True]), statistics.median(steps[False])
     print(f"\n{prompt_len}-token prefill, {threads} thread(s), 512 tokens a step, median of "
