@@ -105,21 +105,29 @@ inline float softmax_numerators(float* s, int64_t n) {
   return sum;
 }
 
-at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache,
-                                  const at::Tensor& v_cache, const at::Tensor& block_tables,
-                                  const at::Tensor& seq_lens, double scale) {
-  TORCH_CHECK(q.dim() == 3 && q.scalar_type() == at::kFloat && q.stride(2) == 1,
-              "paged_decode_attention: float32 q [B, H, D] with contiguous heads");
+// What both attention ops take: float32 q [rows, H, D] with contiguous heads, contiguous
+// float32 caches [blocks, block_size, kvh, D] of q's head_dim, H a multiple of kvh.
+void check_q_and_caches(const char* op, const at::Tensor& q, const at::Tensor& k_cache,
+                        const at::Tensor& v_cache) {
+  TORCH_CHECK(q.dim() == 3 && q.scalar_type() == at::kFloat && q.stride(2) == 1, op,
+              ": float32 q [rows, H, D] with contiguous heads");
   TORCH_CHECK(k_cache.dim() == 4 && k_cache.sizes() == v_cache.sizes() &&
                   k_cache.is_contiguous() && v_cache.is_contiguous() &&
                   k_cache.scalar_type() == at::kFloat && v_cache.scalar_type() == at::kFloat,
-              "paged_decode_attention: contiguous float32 caches [blocks, block_size, kvh, D]");
+              op, ": contiguous float32 caches [blocks, block_size, kvh, D]");
+  TORCH_CHECK(k_cache.size(3) == q.size(2), op, ": head_dim ", q.size(2),
+              " must match the cache's ", k_cache.size(3));
+  const int64_t H = q.size(1), KVH = k_cache.size(2);
+  TORCH_CHECK(KVH > 0 && H % KVH == 0, op, ": ", H, " query heads over ", KVH, " kv heads");
+}
+
+at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache,
+                                  const at::Tensor& v_cache, const at::Tensor& block_tables,
+                                  const at::Tensor& seq_lens, double scale) {
+  check_q_and_caches("paged_decode_attention", q, k_cache, v_cache);
   const int64_t B = q.size(0), H = q.size(1), D = q.size(2);
   const int64_t NB = k_cache.size(0), BS = k_cache.size(1), KVH = k_cache.size(2);
-  TORCH_CHECK(k_cache.size(3) == D && D % 8 == 0, "paged_decode_attention: head_dim ", D,
-              " must match the cache and be a multiple of 8");
-  TORCH_CHECK(KVH > 0 && H % KVH == 0, "paged_decode_attention: ", H, " query heads over ",
-              KVH, " kv heads");
+  TORCH_CHECK(D % 8 == 0, "paged_decode_attention: head_dim ", D, " must be a multiple of 8");
   TORCH_CHECK(block_tables.dim() == 2 && block_tables.size(0) == B &&
                   block_tables.scalar_type() == at::kInt && block_tables.is_contiguous(),
               "paged_decode_attention: int32 block tables [B, W]");
@@ -180,18 +188,11 @@ at::Tensor prefill_attention(const at::Tensor& q, const at::Tensor& k_cache,
                              const at::Tensor& v_cache, const at::Tensor& block_ids,
                              int64_t seq_len, double scale) {
   TORCH_CHECK(pdserve_cpu::avx512_on(), "prefill_attention: needs a host with AVX-512");
-  TORCH_CHECK(q.dim() == 3 && q.scalar_type() == at::kFloat && q.stride(2) == 1,
-              "prefill_attention: float32 q [L, H, D] with contiguous heads");
-  TORCH_CHECK(k_cache.dim() == 4 && k_cache.sizes() == v_cache.sizes() &&
-                  k_cache.is_contiguous() && v_cache.is_contiguous() &&
-                  k_cache.scalar_type() == at::kFloat && v_cache.scalar_type() == at::kFloat,
-              "prefill_attention: contiguous float32 caches [blocks, block_size, kvh, D]");
+  check_q_and_caches("prefill_attention", q, k_cache, v_cache);
   const int64_t L = q.size(0), H = q.size(1), D = q.size(2);
   const int64_t NB = k_cache.size(0), BS = k_cache.size(1), KVH = k_cache.size(2);
-  TORCH_CHECK(k_cache.size(3) == D && D % 16 == 0 && D <= 256, "prefill_attention: head_dim ",
-              D, " must match the cache, be a multiple of 16 and at most 256");
-  TORCH_CHECK(KVH > 0 && H % KVH == 0, "prefill_attention: ", H, " query heads over ", KVH,
-              " kv heads");
+  TORCH_CHECK(D % 16 == 0 && D <= 256, "prefill_attention: head_dim ", D,
+              " must be a multiple of 16 and at most 256");
   TORCH_CHECK(L >= 1 && seq_len >= L, "prefill_attention: ", L, " new tokens of ", seq_len);
   TORCH_CHECK(block_ids.dim() == 1 && block_ids.scalar_type() == at::kInt &&
                   block_ids.is_contiguous() && block_ids.size(0) * BS >= seq_len,
