@@ -106,8 +106,9 @@ class Sampler:
             )
         if not rows:
             return []
-        x = logits.to(torch.float32, copy=True)
-        self._suppress_stops(x, rows)
+        # No copy of the logits unless stop tokens must be masked (the caller's tensor is
+        # never written): a step's logits are rows x vocab floats, megabytes at batch 24.
+        x = self._suppress_stops(logits.float(), rows)
 
         greedy = [i for i, r in enumerate(rows) if r.params.greedy]
         drawn = [i for i, r in enumerate(rows) if not r.params.greedy]
@@ -141,7 +142,8 @@ class Sampler:
         return self._unpack(host, rows, want, top_n)
 
     @staticmethod
-    def _suppress_stops(x: torch.Tensor, rows: list[SampleRequest]) -> None:
+    def _suppress_stops(x: torch.Tensor, rows: list[SampleRequest]) -> torch.Tensor:
+        """`x`, or a copy of it with the stop ids of rows short of min_tokens at -inf."""
         vocab = x.shape[1]
         row_ids: list[int] = []
         tok_ids: list[int] = []
@@ -153,8 +155,11 @@ class Sampler:
                     raise ValueError(f"stop/eos token id {t} outside vocab of size {vocab}")
                 row_ids.append(i)
                 tok_ids.append(t)
-        if row_ids:
-            x[_index(row_ids, x.device), _index(tok_ids, x.device)] = float("-inf")
+        if not row_ids:
+            return x
+        x = x.clone()
+        x[_index(row_ids, x.device), _index(tok_ids, x.device)] = float("-inf")
+        return x
 
     def _sample_random(self, x: torch.Tensor, rows: list[SampleRequest]) -> torch.Tensor:
         """Temperature, top-k, top-p, min-p, then the exponential race; returns [n] ids."""

@@ -101,7 +101,7 @@ def test_no_compiler_falls_back_with_a_warning(tmp_path):
     assert not list(tmp_path.rglob("*.so"))
 
 
-@pytest.mark.parametrize("rows", [1, 5, 40])
+@pytest.mark.parametrize("rows", [1, 5, 40, 300])  # 300: split over threads (> 113 a thread)
 def test_rms_norm_and_add_rms_norm_equal_the_reference(rows):
     cpu_kernels.load()
     norm = RMSNorm(576, 1e-5, torch.float32)
@@ -126,19 +126,21 @@ def test_rope_in_place_equals_the_reference():
                          head_dim=64,
                          rope_theta=100000.0, max_position_embeddings=2048)
     rope = RotaryEmbedding(config)
-    positions = torch.tensor([0, 7, 2047, 300], dtype=torch.int64)
-    qkv = torch.randn(4, (9 + 3 + 3) * 64)  # q and k are strided views, as in the model
-    q, k, _ = qkv.split([9 * 64, 3 * 64, 3 * 64], dim=-1)
-    q, k = q.view(4, 9, 64), k.view(4, 3, 64)
-    with torch.inference_mode():
-        ref_q, ref_k = rope(positions, q.clone(), k.clone())
-        cpu_kernels.rope_(positions, q, k, rope.cos, rope.sin)
-    assert torch.equal(q, ref_q) and torch.equal(k, ref_k)  # elementwise: bit for bit
+    # 4 tokens, and 800: rows split over threads (> 341 a thread)
+    for positions in (torch.tensor([0, 7, 2047, 300]), torch.randint(0, 2048, (800,))):
+        t = len(positions)
+        qkv = torch.randn(t, (9 + 3 + 3) * 64)  # q and k are strided views, as in the model
+        q, k, _ = qkv.split([9 * 64, 3 * 64, 3 * 64], dim=-1)
+        q, k = q.view(t, 9, 64), k.view(t, 3, 64)
+        with torch.inference_mode():
+            ref_q, ref_k = rope(positions, q.clone(), k.clone())
+            cpu_kernels.rope_(positions, q, k, rope.cos, rope.sin)
+        assert torch.equal(q, ref_q) and torch.equal(k, ref_k)  # elementwise: bit for bit
     with pytest.raises(RuntimeError, match="outside the table"):
-        cpu_kernels.rope_(torch.tensor([0, 1, 2, 2048]), q, k, rope.cos, rope.sin)
+        cpu_kernels.rope_(torch.tensor([0, 1, 2, 2048]), q[:4], k[:4], rope.cos, rope.sin)
 
 
-@pytest.mark.parametrize("rows,n", [(1, 1536), (3, 1536), (33, 1536), (2, 13)])
+@pytest.mark.parametrize("rows,n", [(1, 1536), (3, 1536), (33, 1536), (200, 1536), (2, 13)])
 def test_silu_mul_equals_the_reference(rows, n):
     """Vector lanes and a ragged tail; gates from -100 to 100 (exp saturating both ways)."""
     cpu_kernels.load()

@@ -11,6 +11,7 @@
 
 #include <immintrin.h>
 
+#include <algorithm>
 #include <cmath>
 #include <tuple>
 
@@ -20,7 +21,17 @@ namespace {
 
 using pdserve_cpu::exp8;
 
-constexpr int64_t kRowGrain = 8;  // rows a thread takes at least: a decode step runs on one
+// Rows a thread takes at least. Waking a sleeping OpenMP peer (workers wait passively,
+// engine/cpu_threads.py) costs tens of microseconds, more than these ops take on one thread
+// for a decode step's rows (e.g. ~10 us for RMSNorm over 24 rows): a region is split only
+// when each thread gets ~50 us of work. `work_per_row` is a row's cost in RMSNorm floats
+// (~0.7 ns each on one core; the vectorised RoPE and SiLU loops do a float in ~1/3-1/4 of
+// that), so a decode step's rows run on the calling thread and long prefills still split.
+constexpr int64_t kWorkPerThread = 1 << 16;
+
+int64_t row_grain(int64_t work_per_row) {
+  return std::max<int64_t>(8, kWorkPerThread / std::max<int64_t>(1, work_per_row));
+}
 
 void check_rows(const at::Tensor& x, const char* what) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.stride(1) == 1, what,
@@ -44,7 +55,7 @@ at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& w, double eps) {
   const float* xp = x.data_ptr<float>();
   const float* wp = w.data_ptr<float>();
   float* op = out.data_ptr<float>();
-  at::parallel_for(0, x.size(0), kRowGrain, [&](int64_t r0, int64_t r1) {
+  at::parallel_for(0, x.size(0), row_grain(n), [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) norm_row(xp + r * sx, wp, op + r * n, n, eps);
   });
   return out;
@@ -65,7 +76,7 @@ std::tuple<at::Tensor, at::Tensor> add_rms_norm(const at::Tensor& x, const at::T
   const float* wp = w.data_ptr<float>();
   float* tp = total.data_ptr<float>();
   float* op = out.data_ptr<float>();
-  at::parallel_for(0, x.size(0), kRowGrain, [&](int64_t r0, int64_t r1) {
+  at::parallel_for(0, x.size(0), row_grain(n), [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
       float* t = tp + r * n;
       for (int64_t i = 0; i < n; ++i) t[i] = xp[r * sx + i] + rp[r * sr + i];
@@ -109,7 +120,8 @@ void rope_(const at::Tensor& positions, const at::Tensor& q, const at::Tensor& k
   float* kp = k.data_ptr<float>();
   const float* cp = cos.data_ptr<float>();
   const float* sp = sin.data_ptr<float>();
-  at::parallel_for(0, q.size(0), kRowGrain, [&](int64_t t0, int64_t t1) {
+  const int64_t row_floats = (q.size(1) + k.size(1)) * d;
+  at::parallel_for(0, q.size(0), row_grain(row_floats / 4), [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
       const float* c = cp + pos[t] * d;
       const float* s = sp + pos[t] * d;
@@ -126,7 +138,7 @@ at::Tensor silu_mul(const at::Tensor& x) {
   at::Tensor out = at::empty({x.size(0), n}, x.options());
   const float* xp = x.data_ptr<float>();
   float* op = out.data_ptr<float>();
-  at::parallel_for(0, x.size(0), kRowGrain, [&](int64_t r0, int64_t r1) {
+  at::parallel_for(0, x.size(0), row_grain(n / 2), [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
       const float* g = xp + r * sx;
       float* o = op + r * n;
