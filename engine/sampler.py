@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from pdserve.engine.sampling_params import SamplingParams
@@ -207,7 +208,7 @@ class Sampler:
         top-p keeps a token while the mass ranked above it is still short of top_p: the
         smallest prefix reaching top_p, and the top token always (rows with top_p == 1 skip
         it, since rounding can push the running sum to 1 early). Ranking the whole
-        vocabulary is one sort of V logits a row (~5 ms for SmolLM2's 49k on a CPU core); on
+        vocabulary is one sort of V logits a row (~1 ms for SmolLM2's 49k on a CPU core); on
         CPU the top `CANDIDATES` (or the largest top_k) ranked exactly decide every row whose
         kept set ends inside them — almost every row of a trained model — and the full sort
         runs only when one does not, or when equal logits straddle the cut.
@@ -242,7 +243,7 @@ class Sampler:
                 if bool(decided.all()):
                     full = torch.ones_like(x, dtype=torch.bool).scatter(1, idx, drop)
                     return full & ~free
-        sorted_x, sorted_idx = x.sort(dim=-1, descending=True, stable=True)
+        sorted_x, sorted_idx = _sort_descending(x)
         drop, _ = Sampler._rank_drop(sorted_x, row_max, temps, k_t, p_t, None)
         return torch.zeros_like(drop).scatter(1, sorted_idx, drop)
 
@@ -289,3 +290,23 @@ class Sampler:
                 (int(host[ids_at + start + k]), host[vals_at + start + k]) for k in range(n)
             ]
         return results
+
+
+def _sort_descending(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row of `x` sorted descending and the ids, equal values lower id first: exactly
+    `x.sort(dim=-1, descending=True, stable=True)` (-0.0 and 0.0 count as equal).
+
+    On CPU torch's stable sort takes ~4 ms for a 49k row; this sorts one int64 key a token
+    instead — the value's bits mapped to an integer of the same order in the high half, the
+    id in the low half — with numpy's vectorised quicksort (~1 ms): keys are distinct, so
+    an unstable sort gives the stable order."""
+    if x.device.type != "cpu" or x.dtype != torch.float32:
+        return x.sort(dim=-1, descending=True, stable=True)
+    ascending = ((-x) + 0.0).numpy()  # descending order of x; + 0.0 turns -0.0 into 0.0
+    bits = ascending.view(np.int32).astype(np.int64)
+    # A negative float's bits order backwards as an int: flip all but the sign.
+    bits = np.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
+    keys = (bits << 32) | np.arange(x.shape[-1], dtype=np.int64)
+    keys.sort(axis=-1)
+    idx = torch.from_numpy(keys & 0xFFFFFFFF)
+    return x.gather(-1, idx), idx

@@ -362,3 +362,26 @@ def test_equal_logits_across_the_candidate_cut_fall_back_to_the_full_sort(
     drop = Sampler._outside_top_k_top_p(x, row_max, torch.ones(2, 1), top_k, [1.0, 1.0])
     assert set(torch.nonzero(~drop[0]).flatten().tolist()) == {2, 300, 310, 320, 40, 45}
     assert not drop[1].any()  # no limit: nothing dropped
+
+
+def test_the_cpu_full_sort_equals_torchs_stable_sort() -> None:
+    """The key sort the full-vocabulary fallback uses on CPU orders rows exactly as
+    `sort(descending=True, stable=True)`: values, then ids among equal values — many ties,
+    -0.0 beside 0.0, infinities, subnormals, a vocabulary past 2^16."""
+    gen = torch.Generator().manual_seed(7)
+    x = torch.randn(6, 70000, generator=gen) * 4
+    x[0, ::7] = x[0, 3]  # 10,000 equal logits
+    x[1, 100:300] = 0.0
+    x[1, 200:250] = -0.0
+    x[2, :500] = float("-inf")
+    x[2, 600] = float("inf")
+    x[3] = torch.randint(-3, 3, (70000,), generator=gen).float()  # six values only
+    x[4, 10:20] = torch.tensor(1e-42)  # subnormal, and its negative
+    x[4, 20:30] = torch.tensor(-1e-42)
+    want_vals, want_idx = x.sort(dim=-1, descending=True, stable=True)
+    got_vals, got_idx = sampler_module._sort_descending(x)
+    assert torch.equal(got_idx, want_idx)
+    assert torch.equal(got_vals, want_vals)
+    strided = x[:, ::2]  # a view, as rows picked out of a step's logits can be
+    assert torch.equal(sampler_module._sort_descending(strided)[1],
+                       strided.sort(dim=-1, descending=True, stable=True)[1])
