@@ -92,7 +92,8 @@ class Sampler:
     - greedy rows (temperature 0) take the argmax, lowest token id on ties;
     - while `num_generated < min_tokens`, EOS ids (even with `ignore_eos`) and
       `stop_token_ids` cannot be sampled and have logprob -inf;
-    - results reach the host in one transfer per call.
+    - results reach the host in one transfer per call;
+    - the logits passed in are never written (a CUDA-graph step hands its static output).
     """
 
     def __init__(self) -> None:
