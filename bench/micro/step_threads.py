@@ -18,6 +18,7 @@ import statistics
 import time
 
 from pdserve.bench.micro.alternate import run_sides
+from pdserve.bench.micro.engine_steps import random_prompt
 
 SIDES = {"small-on-1": None, "all-threads": 0}  # None: EngineConfig's default
 
@@ -39,7 +40,7 @@ def _child(small: int | None, threads: int) -> dict:
 
     def run(batch: int, steps: int) -> tuple[float, float]:
         for _ in range(batch):
-            engine.add_request(f"r{rng.random()}", [rng.randrange(1000, 40000) for _ in range(64)],
+            engine.add_request(f"r{rng.random()}", random_prompt(rng, 64),
                                SamplingParams(temperature=0, max_tokens=steps, ignore_eos=True))
         times = []
         while engine.has_unfinished():
