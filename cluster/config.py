@@ -61,6 +61,11 @@ class PoolSection(_Strict):
                                         description="Ray node labels the pool must run on")
     max_num_seqs: int = Field(default=64, ge=1)
     max_num_batched_tokens: int = Field(default=512, ge=1)
+    solo_prefill_tokens: int | Literal["auto"] = Field(
+        default="auto", description="prompts that all finish within this many tokens run "
+        "in a step of their own, without the decode rows (not twice in a row), so their "
+        "first token does not wait for the rows' compute; 0: always mixed with the decode "
+        "rows; 'auto': 128 on CPU, 0 on CUDA (engine/scheduler.py, solo prefills)")
     tp: int = Field(default=1, ge=1, description="tensor-parallel ranks per worker (one Ray "
                     "actor each, packed on one node)")
     pp: int = Field(default=1, ge=1, description="pipeline stages per worker")
@@ -88,6 +93,13 @@ class PoolSection(_Strict):
         if self.pp_placement != "pack" and self.pp == 1:
             raise ValueError(f"pp_placement '{self.pp_placement}' places pipeline stages, but "
                              "pp is 1: a worker of one stage is packed on one node")
+        return self
+
+    @model_validator(mode="after")
+    def _solo_prefill_not_negative(self):
+        if self.solo_prefill_tokens != "auto" and self.solo_prefill_tokens < 0:
+            raise ValueError(
+                f"solo_prefill_tokens must be >= 0 or 'auto', got {self.solo_prefill_tokens}")
         return self
 
     @model_validator(mode="after")
@@ -346,7 +358,10 @@ class ClusterConfig(_Strict):
                               enable_prefix_caching=self.kv.enable_prefix_caching),
             scheduler=SchedulerConfig(max_num_seqs=pool.max_num_seqs,
                                       max_num_batched_tokens=pool.max_num_batched_tokens,
-                                      max_model_len=self.model.max_model_len),
+                                      max_model_len=self.model.max_model_len,
+                                      solo_prefill_tokens=None
+                                      if pool.solo_prefill_tokens == "auto"
+                                      else pool.solo_prefill_tokens),
             num_threads=pool.rank_threads(),
             parallel=ParallelConfig(tensor_parallel_size=pool.tp,
                                     pipeline_parallel_size=pool.pp,

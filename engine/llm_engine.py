@@ -19,9 +19,9 @@ import secrets
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
-from pdserve.engine.config import EngineConfig
+from pdserve.engine.config import EngineConfig, solo_prefill_default
 from pdserve.engine.detokenizer import Detokenizer
 from pdserve.engine.engine_types import EngineUsage, RequestOutput, Reservation
 from pdserve.engine.executor.base import Executor, StepHandle
@@ -80,8 +80,11 @@ class LLMEngine:
         self.blocks = BlockManager(num_blocks, cache.block_size, cache.enable_prefix_caching)
         self.connector = kv_connector or NoKVConnector()
         self.connector.register_kv_cache(self.kv_cache, self.compat_key)
+        sched = config.scheduler
+        if sched.solo_prefill_tokens is None:
+            sched = replace(sched, solo_prefill_tokens=solo_prefill_default(self.device.type))
         self.scheduler = Scheduler(
-            config.scheduler, self.blocks, self.max_model_len, self.compat_key, self.connector
+            sched, self.blocks, self.max_model_len, self.compat_key, self.connector
         )
         self.sampler = Sampler()
         self.detokenizer = Detokenizer(self.tokenizer)

@@ -7,6 +7,15 @@ sequence is preempted (its blocks freed, recomputed later — its full blocks us
 back from the prefix cache). It knows nothing of models or transports: a KV connector's
 scheduler half (engine/kv_connector.py) says which tokens come from elsewhere, which
 blocks to save, and when a finished request's blocks may be freed.
+
+Solo prefills (`SchedulerConfig.solo_prefill_tokens`): when sequences decode and prompts
+wait (or a running prompt's last chunk is due) that all finish within that many tokens, the
+step runs those prompts alone and the decode rows in the next step. Where a step is
+compute-bound (a CPU), each decode row in a prompt's step delays the prompt's first token
+by about a row of compute; alone, the first token comes that much sooner, and the rows lose
+once what a separate step costs over sharing one. Never two solo steps in a row, so a
+decode row waits at most one solo step; a longer prompt's earlier chunks share steps with
+the rows as before. Only steps scheduled without `max_running` (not pipelined ones).
 """
 
 from __future__ import annotations
@@ -72,6 +81,8 @@ class Scheduler:
         # again, except what the prefix cache still holds by then.
         self.num_preempted_tokens = 0
         self._loads: list[LoadSpec] = []  # admitted this step with tokens from elsewhere
+        self.num_solo_steps = 0
+        self._solo_last = False  # the last step ran prompts alone (the next one may not)
 
     # ---- admission -------------------------------------------------------------------------
 
@@ -141,7 +152,14 @@ class Scheduler:
         """The next step: running sequences first (at most `max_running` of them when
         given), then admissions. A running sequence in flight (`seq.in_flight`: a step of
         it still runs in a pipeline) is skipped and never preempted; a step over the
-        others may run beside it."""
+        others may run beside it. Without `max_running`, short prompts may run alone
+        (module docstring, "solo prefills")."""
+        if max_running is None:
+            solo = self._solo_prefills()
+            self._solo_last = bool(solo)
+            if solo:
+                self.num_solo_steps += 1
+                return solo
         budget = self.config.max_num_batched_tokens
         limit = len(self.running) if max_running is None else max_running
         out: list[ScheduledSeq] = []
@@ -161,6 +179,36 @@ class Scheduler:
             out.append(ScheduledSeq(seq, n))
             budget -= n
             i += 1
+        self._admit(out, budget)
+        return out
+
+    def _solo_prefills(self) -> list[ScheduledSeq]:
+        """The prompts of a solo step, or [] when this step should not be one: no limit,
+        the last step was solo, nothing decodes (every step is then prompts only anyway),
+        or a running prompt's next chunk would not finish it within the limit."""
+        limit = min(self.config.solo_prefill_tokens or 0, self.config.max_num_batched_tokens)
+        if limit <= 0 or self._solo_last:
+            return []
+        left = [(s, s.num_tokens - s.num_computed_tokens)
+                for s in self.running if not s.in_flight]
+        if not any(n == 1 for _, n in left) or (
+                not self.waiting and all(n == 1 for _, n in left)):
+            return []
+        out: list[ScheduledSeq] = []
+        budget = limit
+        for seq, n in left:  # prompts mid-prefill: their last chunk, or no solo step
+            if n > 1:
+                if n > budget or not self._reserve(seq, n):
+                    return []
+                out.append(ScheduledSeq(seq, n))
+                budget -= n
+        self._admit(out, budget, whole=True)
+        return out
+
+    def _admit(self, out: list[ScheduledSeq], budget: int, whole: bool = False) -> None:
+        """Admit waiting sequences in order while the token budget, `max_num_seqs` and free
+        blocks allow, appending their chunks to `out`. `whole`: only while each one's
+        prompt finishes within the budget (the first that does not stays waiting)."""
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             seq = self.waiting[0]
             matched_now = not seq.block_ids
@@ -168,8 +216,9 @@ class Scheduler:
             if matched_now:
                 self._match_prefix(seq)
                 external = self._external_tokens(seq)
-            n = min(seq.num_tokens - seq.num_computed_tokens, budget)
-            if not self._reserve(seq, n):
+            left = seq.num_tokens - seq.num_computed_tokens
+            n = min(left, budget)
+            if (whole and n < left) or not self._reserve(seq, n):
                 if matched_now:
                     # Give the matched prefix back: a waiting request that kept blocks it
                     # cannot use could starve the running ones, or deadlock with them once
@@ -184,7 +233,6 @@ class Scheduler:
             self.running.append(seq)
             out.append(ScheduledSeq(seq, n))
             budget -= n
-        return out
 
     def build_step(self, batch: list[ScheduledSeq]) -> StepTransfers:
         """The KV connector's work for the step `schedule()` just returned."""

@@ -64,7 +64,9 @@ class _PrefillPlan:
 
 @dataclass(slots=True)
 class _DecodePlan:
-    rows: torch.Tensor | None  # rows of q that decode; None: every row of the batch, in order
+    # Rows of q that decode: None, every row of the batch in order; a slice when they are
+    # consecutive (the scheduler puts running sequences first: views, not index copies).
+    rows: torch.Tensor | slice | None
     block_ids: torch.Tensor  # [num_seqs * blocks_per_seq] int64, -1 padding clamped to 0
     max_len: int
     mask: torch.Tensor | None  # [num_seqs, 1, 1, max_len] bool; None when lengths are equal
@@ -119,8 +121,14 @@ def _plan_decode(
     if min(lens) != max_len:
         lens_t = torch.tensor(lens, device=device)
         mask = (torch.arange(max_len, device=device)[None, :] < lens_t[:, None])[:, None, None]
+    if rows is None:
+        picked = None
+    elif rows[-1] - rows[0] == len(rows) - 1:  # consecutive (increasing by construction)
+        picked = slice(rows[0], rows[-1] + 1)
+    else:
+        picked = torch.tensor(rows, device=device)
     return _DecodePlan(
-        rows=None if rows is None else torch.tensor(rows, device=device),
+        rows=picked,
         block_ids=tables.long().clamp_min(0).flatten(),
         max_len=max_len,
         mask=mask,

@@ -4,6 +4,8 @@ engine serving."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from pdserve.engine import LLM, SamplingParams
@@ -192,4 +194,50 @@ def test_engine_keeps_serving_after_bad_inputs(llm, reference):
     (out,) = llm.generate(PROMPT, greedy(max_tokens=8))
     assert out.token_ids == reference.token_ids[:8]
     assert out.finish_reason == "length"
+    assert_all_blocks_free(llm)
+
+
+# --- solo prefills -------------------------------------------------------------------------
+
+
+def test_short_prompts_beside_decoding_ones_run_alone_with_the_same_tokens(llm):
+    """Solo prefills (engine/scheduler.py): prompts that come while others decode get a step
+    of their own (their first token without the rows' compute), and every request's greedy
+    tokens are those it gets when prompts share the decode steps."""
+    engine = llm.engine
+    config = engine.scheduler.config
+    first = ["The capital of France is", "List three colours:", "def fib(n):"]
+    later = ["Water boils at", "The opposite of hot is"]
+
+    def run(solo: int) -> tuple[dict[str, list[int]], list[str], int]:
+        engine.scheduler.config = replace(config, solo_prefill_tokens=solo)
+        tokens: dict[str, list[int]] = {}
+
+        def collect(outputs) -> None:
+            for out in outputs:
+                tokens.setdefault(out.request_id.split("/")[1], []).extend(out.new_token_ids)
+
+        for i, prompt in enumerate(first):
+            engine.add_request(f"{solo}/a{i}", engine.tokenize(prompt), greedy(12))
+        for _ in range(3):
+            collect(engine.step())
+        before = engine.scheduler.num_solo_steps
+        for i, prompt in enumerate(later):
+            engine.add_request(f"{solo}/b{i}", engine.tokenize(prompt), greedy(12))
+        outputs = engine.step()
+        collect(outputs)
+        ran = sorted(out.request_id.split("/")[1] for out in outputs)  # who got a token
+        while engine.has_unfinished():
+            collect(engine.step())
+        return tokens, ran, engine.scheduler.num_solo_steps - before
+
+    try:
+        solo_tokens, solo_ran, solo_steps = run(40)
+        mixed_tokens, mixed_ran, mixed_steps = run(0)
+    finally:
+        engine.scheduler.config = config
+    assert solo_ran == ["b0", "b1"] and solo_steps == 1
+    assert mixed_ran == ["a0", "a1", "a2", "b0", "b1"] and mixed_steps == 0
+    assert solo_tokens == mixed_tokens
+    assert all(len(t) == 12 for t in solo_tokens.values()) and len(solo_tokens) == 5
     assert_all_blocks_free(llm)

@@ -116,12 +116,20 @@ def test_unknown_keys_are_rejected_by_name(raw, field):
     ({"router": {"policy": "kv_aware"}}, ["router.policy", "kv_store.enabled"]),
     ({"router": {"policy": "random"}}, ["router.policy"]),
     ({"kv_store": {"verify": "md5"}}, ["kv_store.verify", "header", "crc"]),
+    ({"decode": {"solo_prefill_tokens": -1}}, ["solo_prefill_tokens", ">= 0"]),
 ])
 def test_bad_values_and_combinations_name_the_field(raw, words):
     msg = _error(raw)
     assert msg.startswith("test.yaml is invalid")
     for w in words:
         assert w in msg, msg
+
+
+def test_solo_prefills_are_left_to_the_engine_unless_set():
+    cfg = parse_config({"mode": "colocated", "decode": {"solo_prefill_tokens": 0}})
+    assert cfg.engine_config(cfg.decode).scheduler.solo_prefill_tokens == 0
+    auto = parse_config({"mode": "colocated"})
+    assert auto.engine_config(auto.decode).scheduler.solo_prefill_tokens is None
 
 
 def test_colocated_needs_no_prefill_pool():

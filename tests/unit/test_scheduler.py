@@ -29,9 +29,11 @@ def make_scheduler(
     max_num_seqs: int = 8,
     max_model_len: int = 256,
     hold: bool = False,
+    solo: int = 0,
 ) -> Scheduler:
     blocks = BlockManager(num_blocks, BS)
-    config = SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=budget)
+    config = SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=budget,
+                             solo_prefill_tokens=solo)
     return Scheduler(config, blocks, max_model_len, "test-key",
                      HoldOnFinish() if hold else None)
 
@@ -123,6 +125,94 @@ def test_decode_rows_come_before_new_prefills():
     assert shape(batch) == [("a", 1), ("b", 7)]
     run_to_completion(s)
     assert s.blocks.num_free_blocks == s.blocks.num_blocks
+
+
+# --- solo prefills ----------------------------------------------------------------------
+
+
+def test_a_short_prompt_runs_alone_then_the_decode_rows_with_it():
+    s = make_scheduler(budget=64, solo=16)
+    a, b = make_seq(4, max_tokens=20, rid="a"), make_seq(6, max_tokens=20, rid="b")
+    s.add(a)
+    s.add(b)
+    step(s)  # both prompts: nothing decodes yet, an ordinary step
+    c = make_seq(8, max_tokens=3, rid="c")
+    s.add(c)
+    batch, _ = step(s)
+    assert shape(batch) == [("c", 8)]  # alone: c's first token now
+    assert c.num_output_tokens == 1 and a.num_output_tokens == b.num_output_tokens == 1
+    d = make_seq(5, max_tokens=3, rid="d")
+    s.add(d)
+    batch, _ = step(s)  # never two solo steps in a row: the rows, c, and d mixed in
+    assert shape(batch) == [("a", 1), ("b", 1), ("c", 1), ("d", 5)]
+    e = make_seq(4, max_tokens=3, rid="e")
+    s.add(e)
+    batch, _ = step(s)
+    assert shape(batch) == [("e", 4)]
+    assert s.num_solo_steps == 2
+    run_to_completion(s)
+    assert all(x.num_output_tokens == x.params.max_tokens for x in (a, b, c, d, e))
+    assert s.blocks.num_free_blocks == s.blocks.num_blocks
+
+
+def test_solo_steps_take_only_prompts_that_finish_within_the_limit():
+    s = make_scheduler(budget=64, solo=12)
+    a = make_seq(4, max_tokens=20, rid="a")
+    s.add(a)
+    step(s)
+    short, long_ = make_seq(5, max_tokens=2, rid="short"), make_seq(9, max_tokens=2, rid="long")
+    s.add(short)
+    s.add(long_)
+    batch, _ = step(s)  # 5 + 9 > 12: the long one waits for the next (mixed) step
+    assert shape(batch) == [("short", 5)]
+    assert long_.status is SequenceStatus.WAITING and not long_.block_ids
+    batch, _ = step(s)
+    assert shape(batch) == [("a", 1), ("short", 1), ("long", 9)]
+    run_to_completion(s)
+    assert s.blocks.num_free_blocks == s.blocks.num_blocks
+
+
+def test_a_prompt_longer_than_the_limit_shares_its_steps_as_before():
+    s = make_scheduler(budget=8, solo=8)
+    a = make_seq(4, max_tokens=20, rid="a")
+    s.add(a)
+    step(s)
+    b = make_seq(20, max_tokens=1, rid="b")
+    s.add(b)
+    # Chunks 7 + 7 + 6: only the last fits the limit, and it runs alone.
+    steps = [shape(step(s)[0]) for _ in range(4)]
+    assert steps == [[("a", 1), ("b", 7)], [("a", 1), ("b", 7)], [("b", 6)], [("a", 1)]]
+    assert b.is_finished
+    run_to_completion(s)
+    assert s.blocks.num_free_blocks == s.blocks.num_blocks
+
+
+def test_a_cached_prefix_counts_only_the_tokens_left_to_compute():
+    s = make_scheduler(budget=64, solo=8)
+    shared = list(range(500, 520))  # 5 full blocks
+    first = make_seq(shared + [1, 2], max_tokens=1, rid="first")
+    s.add(first)
+    run_to_completion(s)
+    a = make_seq(4, max_tokens=20, rid="a")
+    s.add(a)
+    step(s)
+    again = make_seq(shared + [3, 4, 5], max_tokens=2, rid="again")  # 23 tokens, 20 cached
+    s.add(again)
+    batch, _ = step(s)
+    assert shape(batch) == [("again", 3)]
+    run_to_completion(s)
+    assert s.blocks.num_free_blocks == s.blocks.num_blocks
+
+
+def test_solo_prefills_off_mixes_prompts_with_decode_rows():
+    s = make_scheduler(budget=64, solo=0)
+    a = make_seq(4, max_tokens=5, rid="a")
+    s.add(a)
+    step(s)
+    s.add(make_seq(3, max_tokens=2, rid="b"))
+    batch, _ = step(s)
+    assert shape(batch) == [("a", 1), ("b", 3)]
+    assert s.num_solo_steps == 0
 
 
 def test_max_num_seqs_limits_running_requests():
