@@ -32,7 +32,7 @@ RATES_PROMPT=${RATES_PROMPT:-0.25,0.5,2}   # prompt-heavy: light, medium, satura
 RATES_DECODE=${RATES_DECODE:-0.25,1,4}     # decode-heavy
 PROMPT_HEAVY=(--input-len "${PROMPT_IN:-768:1024}" --output-len "${PROMPT_OUT:-16}")
 DECODE_HEAVY=(--input-len "${DECODE_IN:-64}" --output-len "${DECODE_OUT:-256}")
-SERVERS=${SERVERS:-vllm colocated 1p1d}    # also: colocated-1w, 1p1d-2t, colocated-2t (below)
+SERVERS=${SERVERS:-vllm colocated 1p1d}    # also: colocated-1w, 1p1d-2t, colocated-1w-mixed... (below)
 WORKLOADS=${WORKLOADS:-prompt-heavy decode-heavy}
 VLLM_PORT=${VLLM_PORT:-8100}
 PD_HTTP_PORT=${PD_HTTP_PORT:-8101}
@@ -43,24 +43,32 @@ echo "uptime: $(uptime)" | tee "$OUT/uptime.txt"
 [ -f "$HF_DIR/config.json" ] || $PY -m pdserve.bench.export_hf "$HF_DIR"
 
 # pdserve configs: the bundled ones, prefix caching off (threads: auto, see cluster/thread_budget.py);
-# colocated-1w: configs/colocated.yaml with one decode worker, which then gets both cores.
-# 1p1d-2t, colocated-2t: configs/local.yaml or colocated.yaml with every worker given all the
-# cores (threads: <cores>), so a worker's large steps can use the whole machine while the
-# other is idle (oversubscribed when both run; steps of a few tokens run on one thread).
-for name in colocated 1p1d colocated-1w 1p1d-2t colocated-2t; do
+# suffixes change one thing each and combine (colocated-1w-mixed):
+# -1w: configs/colocated.yaml with one decode worker, which then gets both cores.
+# -2t: configs/local.yaml or colocated.yaml with every worker given all the cores (threads:
+#      <cores>), so a worker's large steps can use the whole machine while the other is idle
+#      (oversubscribed when both run; steps of a few tokens run on one thread).
+# -mixed: prompts always share a step with the decode rows (solo_prefill_tokens: 0).
+for name in $SERVERS; do
+    [ "$name" = vllm ] && continue
     $PY - "$name" "$OUT/pdserve-$name.yaml" <<'PYEOF'
 import os, sys, yaml
 name, dst = sys.argv[1], sys.argv[2]
-base = "local" if name.startswith("1p1d") else "colocated"
-cfg = yaml.safe_load(open(f"configs/{base}.yaml"))
+base, *suffixes = name.split("-")
+unknown = set(suffixes) - {"1w", "2t", "mixed"}
+if base not in ("colocated", "1p1d") or unknown:
+    sys.exit(f"unknown server {name!r}: colocated or 1p1d, then -1w, -2t, -mixed")
+cfg = yaml.safe_load(open(f"configs/{'local' if base == '1p1d' else 'colocated'}.yaml"))
 cfg.setdefault("kv", {})["enable_prefix_caching"] = False
 cfg["router"]["max_queue"] = 1024
-if name.endswith("-1w"):
+if "1w" in suffixes:
     cfg["decode"]["count"] = 1
-if name.endswith("-2t"):
+if "2t" in suffixes:
     for pool in ("prefill", "decode"):
         if pool in cfg:
             cfg[pool]["threads"] = len(os.sched_getaffinity(0))
+if "mixed" in suffixes:
+    cfg["decode"]["solo_prefill_tokens"] = 0
 yaml.safe_dump(cfg, open(dst, "w"))
 PYEOF
 done
@@ -83,7 +91,7 @@ start_server() {  # NAME LOG [INDEX] -> sets SERVER_PID and BASE_URL
                 --host 127.0.0.1 --port "$VLLM_PORT" --dtype float32 \
                 --no-enable-prefix-caching --max-model-len 2048 >"$2" 2>&1 &
             BASE_URL=http://127.0.0.1:$VLLM_PORT ;;
-        colocated|colocated-1w|1p1d|1p1d-2t|colocated-2t)
+        *)
             local cfg=$OUT/pdserve-$1.yaml
             $PY -m pdserve.cluster serve "$cfg" --port $((PD_GRPC_PORT + idx)) \
                 --http-port $((PD_HTTP_PORT + idx)) >"$2" 2>&1 &

@@ -122,7 +122,8 @@ class KVAwarePolicy(RoutingPolicy):
         # A worker without room for the prompt would only queue it: price the others.
         pool = [w for w in pool if self.free_blocks.get(w.worker_id, need) >= need] or pool
         turn = next(self._tie_decode)
-        return self._take(pool, where, lambda w: (-self.free_blocks.get(w.worker_id, 0),
+        return self._take(pool, where, lambda w: (self.local.get(w.worker_id, 0),
+                                                  -self.free_blocks.get(w.worker_id, 0),
                                                   (pool.index(w) - turn) % len(pool)))
 
     def pick_decode(self, workers, n_prompt, exclude=frozenset(),

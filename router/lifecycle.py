@@ -200,8 +200,10 @@ class RequestLifecycle:
     async def _run_local(self, request: WorkerRequest, where=None
                          ) -> AsyncIterator[OutputChunk]:
         d = self.policy.pick_local(self.decode, len(request.all_token_ids), where)
-        # Its prefill counts as in flight on `d` until the first chunk (or the end).
+        # Its prefill counts as in flight on `d` until the first chunk (or the end), the
+        # request as running there until the end.
         self.policy.on_prefill_started(d)
+        self.policy.on_local_started(d)
         prefilling = True
         try:
             async for chunk in self._guarded(d.stream_local(request), [d], request.request_id):
@@ -210,6 +212,7 @@ class RequestLifecycle:
                     self.policy.on_prefill_done(d)
                 yield chunk
         finally:
+            self.policy.on_local_done(d)
             if prefilling:
                 self.policy.on_prefill_done(d)
 

@@ -1,8 +1,10 @@
 """Routing policies: which prefill worker and which decode worker serve a request.
 
-Default: the prefill worker with the fewest requests in flight from this router, and the
+Default: the prefill worker with the fewest requests in flight from this router, the
 decode worker with the most free KV blocks (last polled stats, minus what this router has
-reserved on it since). Ties go round-robin so equal workers share load.
+reserved on it since), and for a request a worker prefills and decodes itself (colocated)
+the worker running the fewest of this router's requests, then the most free blocks. Ties go
+round-robin so equal workers share load.
 
 The policy owns its counters: the lifecycle reports what it did (`on_prefill_started`,
 `on_prefill_done`, `on_reserved`) and polled stats (`update_stats`), never edits them.
@@ -30,7 +32,9 @@ class RoutingPolicy:
 
     Invariants: `in_flight[p]` counts the requests routed to prefill worker `p` whose
     prefill has not returned (every `on_prefill_started` is matched by one
-    `on_prefill_done`, success or not), so it is never negative; `free_blocks[d]` is the
+    `on_prefill_done`, success or not), so it is never negative; `local[d]` counts the
+    requests this router runs on `d` itself (`on_local_started` to `on_local_done`, the
+    same pairing); `free_blocks[d]` is the
     last polled figure minus what was reserved on `d` since; a worker in `down` is never
     picked (NoWorkerUp when a whole pool is down).
     """
@@ -41,6 +45,7 @@ class RoutingPolicy:
         self.block_size = block_size
         self.free_blocks: dict[str, int] = {}
         self.in_flight: dict[str, int] = {}
+        self.local: dict[str, int] = {}
         self.down: set[str] = set()  # workers found dead or hung, until replaced
         # One tie-break counter per pool: a shared one would advance in lock-step (one
         # prefill pick, one decode pick per request) and always break ties the same way.
@@ -98,8 +103,19 @@ class RoutingPolicy:
 
     def pick_local(self, workers: list[DecodeClient], n_prompt: int,
                    where: PrefixMap | None = None, exclude=frozenset()) -> DecodeClient:
-        """The decode (or colocated) worker that prefills and decodes a request itself."""
-        return self.pick_decode(workers, n_prompt, exclude)
+        """The decode (or colocated) worker that prefills and decodes a request itself: of
+        those with room for the prompt, the one running the fewest of this router's
+        requests, then the most free blocks. Polled free blocks alone go stale between
+        polls (two requests a moment apart would land on one worker), and a CPU worker's
+        steps, the prompt's first among them, slow with every request it runs while
+        another worker may be idle."""
+        pool = self._pool(workers, exclude, "decode")
+        need = blocks_for(n_prompt, self.block_size)
+        pool = [w for w in pool if self.free_blocks.get(w.worker_id, need) >= need] or pool
+        turn = next(self._tie_decode)
+        return min(pool, key=lambda w: (self.local.get(w.worker_id, 0),
+                                        -self.free_blocks.get(w.worker_id, 0),
+                                        (pool.index(w) - turn) % len(pool)))
 
     def prefill_on_decode(self, workers: list[DecodeClient], n_prompt: int,
                           where: PrefixMap | None, threshold: int) -> bool:
@@ -121,6 +137,17 @@ class RoutingPolicy:
         if left < 0:
             raise RuntimeError(f"on_prefill_done for {p.worker_id} without a matching start")
         self.in_flight[p.worker_id] = left
+
+    def on_local_started(self, d: DecodeClient) -> None:
+        """A request runs on `d` itself (prefill and decode), from the pick."""
+        self.local[d.worker_id] = self.local.get(d.worker_id, 0) + 1
+
+    def on_local_done(self, d: DecodeClient) -> None:
+        """The request started on `d` by `on_local_started` left it (finished or not)."""
+        left = self.local.get(d.worker_id, 0) - 1
+        if left < 0:
+            raise RuntimeError(f"on_local_done for {d.worker_id} without a matching start")
+        self.local[d.worker_id] = left
 
     def on_reserved(self, d: DecodeClient, n_prompt: int,
                     where: PrefixMap | None = None) -> None:

@@ -73,3 +73,28 @@ def test_prefills_in_flight_are_counted_by_the_policy_from_pick_to_return():
     with pytest.raises(RuntimeError, match="without a matching start"):
         policy.on_prefill_done(p1)
     assert policy.in_flight == {"p0": 0, "p1": 0}
+
+
+def test_a_local_request_goes_to_the_worker_running_the_fewest_then_most_free_blocks():
+    """Colocated picks count the router's own live requests: polled free blocks lag, and
+    two requests a moment apart must not both land on one worker while another is idle."""
+    policy = RoutingPolicy(block_size=16)
+    c0, c1 = cs = workers("c0", "c1")
+    policy.update_stats([stats("c0", free_blocks=40), stats("c1", free_blocks=40)])
+    first = policy.pick_local(cs, 64)
+    policy.on_local_started(first)
+    second = policy.pick_local(cs, 64)  # same stats (not polled since): the other worker
+    assert second is not first
+    policy.on_local_started(second)
+    policy.update_stats([stats("c0", free_blocks=30), stats("c1", free_blocks=36)])
+    assert policy.pick_local(cs, 64) is c1  # one each: the most free blocks
+    policy.on_local_started(c1)
+    assert policy.pick_local(cs, 64) is c0  # c1 runs two
+    # A worker without room for the prompt is passed over while another has it.
+    policy.update_stats([stats("c0", free_blocks=3), stats("c1", free_blocks=36)])
+    assert policy.pick_local(cs, 64) is c1
+    for d in (first, second, c1):
+        policy.on_local_done(d)
+    assert policy.local == {"c0": 0, "c1": 0}
+    with pytest.raises(RuntimeError, match="without a matching start"):
+        policy.on_local_done(c0)
