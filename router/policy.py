@@ -23,6 +23,15 @@ if TYPE_CHECKING:
     from pdserve.router.prefix_locator import PrefixMap
 
 
+def _count(counts: dict[str, int], worker_id: str, step: int, done: str) -> None:
+    """Move a worker's count by `step`; a count would go negative only through a `done`
+    call without its start: a bug, raised."""
+    n = counts.get(worker_id, 0) + step
+    if n < 0:
+        raise RuntimeError(f"{done} for {worker_id} without a matching start")
+    counts[worker_id] = n
+
+
 class NoWorkerUp(RuntimeError):
     """Every worker of a pool is down (dead or hung, not yet replaced)."""
 
@@ -129,25 +138,19 @@ class RoutingPolicy:
     def on_prefill_started(self, p: PrefillClient) -> None:
         """`p` was picked for a request (counted from the pick, so requests routed while
         this one still waits for decode room already see `p` as busier)."""
-        self.in_flight[p.worker_id] = self.in_flight.get(p.worker_id, 0) + 1
+        _count(self.in_flight, p.worker_id, +1, "on_prefill_done")
 
     def on_prefill_done(self, p: PrefillClient) -> None:
         """The request picked for `p` left it: prefilled, failed or abandoned."""
-        left = self.in_flight.get(p.worker_id, 0) - 1
-        if left < 0:
-            raise RuntimeError(f"on_prefill_done for {p.worker_id} without a matching start")
-        self.in_flight[p.worker_id] = left
+        _count(self.in_flight, p.worker_id, -1, "on_prefill_done")
 
     def on_local_started(self, d: DecodeClient) -> None:
         """A request runs on `d` itself (prefill and decode), from the pick."""
-        self.local[d.worker_id] = self.local.get(d.worker_id, 0) + 1
+        _count(self.local, d.worker_id, +1, "on_local_done")
 
     def on_local_done(self, d: DecodeClient) -> None:
         """The request started on `d` by `on_local_started` left it (finished or not)."""
-        left = self.local.get(d.worker_id, 0) - 1
-        if left < 0:
-            raise RuntimeError(f"on_local_done for {d.worker_id} without a matching start")
-        self.local[d.worker_id] = left
+        _count(self.local, d.worker_id, -1, "on_local_done")
 
     def on_reserved(self, d: DecodeClient, n_prompt: int,
                     where: PrefixMap | None = None) -> None:

@@ -130,6 +130,15 @@ def test_decode_rows_come_before_new_prefills():
 # --- solo prefills ----------------------------------------------------------------------
 
 
+def one_decoding(budget: int, solo: int, max_tokens: int = 20) -> tuple[Scheduler, Sequence]:
+    """A scheduler whose one request "a" has had its prompt computed and now decodes."""
+    s = make_scheduler(budget=budget, solo=solo)
+    a = make_seq(4, max_tokens=max_tokens, rid="a")
+    s.add(a)
+    step(s)
+    return s, a
+
+
 def test_a_short_prompt_runs_alone_then_the_decode_rows_with_it():
     s = make_scheduler(budget=64, solo=16)
     a, b = make_seq(4, max_tokens=20, rid="a"), make_seq(6, max_tokens=20, rid="b")
@@ -156,10 +165,7 @@ def test_a_short_prompt_runs_alone_then_the_decode_rows_with_it():
 
 
 def test_solo_steps_take_only_prompts_that_finish_within_the_limit():
-    s = make_scheduler(budget=64, solo=12)
-    a = make_seq(4, max_tokens=20, rid="a")
-    s.add(a)
-    step(s)
+    s, _ = one_decoding(budget=64, solo=12)
     short, long_ = make_seq(5, max_tokens=2, rid="short"), make_seq(9, max_tokens=2, rid="long")
     s.add(short)
     s.add(long_)
@@ -173,10 +179,7 @@ def test_solo_steps_take_only_prompts_that_finish_within_the_limit():
 
 
 def test_a_prompt_longer_than_the_limit_shares_its_steps_as_before():
-    s = make_scheduler(budget=8, solo=8)
-    a = make_seq(4, max_tokens=20, rid="a")
-    s.add(a)
-    step(s)
+    s, _ = one_decoding(budget=8, solo=8)
     b = make_seq(20, max_tokens=1, rid="b")
     s.add(b)
     # Chunks 7 + 7 + 6: only the last fits the limit, and it runs alone.
@@ -188,14 +191,11 @@ def test_a_prompt_longer_than_the_limit_shares_its_steps_as_before():
 
 
 def test_a_cached_prefix_counts_only_the_tokens_left_to_compute():
-    s = make_scheduler(budget=64, solo=8)
+    s, _ = one_decoding(budget=64, solo=8)
     shared = list(range(500, 520))  # 5 full blocks
-    first = make_seq(shared + [1, 2], max_tokens=1, rid="first")
-    s.add(first)
-    run_to_completion(s)
-    a = make_seq(4, max_tokens=20, rid="a")
-    s.add(a)
-    step(s)
+    s.add(make_seq(shared + [1, 2], max_tokens=1, rid="first"))
+    batch, done = step(s)  # beside "a" (22 tokens: no solo step); its blocks stay cached
+    assert shape(batch) == [("a", 1), ("first", 22)] and len(done) == 1
     again = make_seq(shared + [3, 4, 5], max_tokens=2, rid="again")  # 23 tokens, 20 cached
     s.add(again)
     batch, _ = step(s)
@@ -205,10 +205,7 @@ def test_a_cached_prefix_counts_only_the_tokens_left_to_compute():
 
 
 def test_solo_prefills_off_mixes_prompts_with_decode_rows():
-    s = make_scheduler(budget=64, solo=0)
-    a = make_seq(4, max_tokens=5, rid="a")
-    s.add(a)
-    step(s)
+    s, _ = one_decoding(budget=64, solo=0)
     s.add(make_seq(3, max_tokens=2, rid="b"))
     batch, _ = step(s)
     assert shape(batch) == [("a", 1), ("b", 3)]
