@@ -117,14 +117,8 @@ class KVAwarePolicy(RoutingPolicy):
                    exclude=frozenset()):
         if where is None:
             return super().pick_local(workers, n_prompt, where, exclude)
-        pool = self._pool(workers, exclude, "decode")
-        need = blocks_for(n_prompt, self.block_size)
-        # A worker without room for the prompt would only queue it: price the others.
-        pool = [w for w in pool if self.free_blocks.get(w.worker_id, need) >= need] or pool
-        turn = next(self._tie_decode)
-        return self._take(pool, where, lambda w: (self.local.get(w.worker_id, 0),
-                                                  -self.free_blocks.get(w.worker_id, 0),
-                                                  (pool.index(w) - turn) % len(pool)))
+        pool, key = self._local_candidates(workers, n_prompt, exclude)
+        return self._take(pool, where, key)
 
     def pick_decode(self, workers, n_prompt, exclude=frozenset(),
                     where: PrefixMap | None = None):

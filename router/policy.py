@@ -118,13 +118,20 @@ class RoutingPolicy:
         polls (two requests a moment apart would land on one worker), and a CPU worker's
         steps, the prompt's first among them, slow with every request it runs while
         another worker may be idle."""
+        pool, key = self._local_candidates(workers, n_prompt, exclude)
+        return min(pool, key=key)
+
+    def _local_candidates(self, workers: list[DecodeClient], n_prompt: int, exclude):
+        """(pool, key) of a local pick: the up workers with room for the prompt (all of them
+        when none has: a worker without room would only queue it), and their order —
+        fewest of this router's requests, most free blocks, then round-robin."""
         pool = self._pool(workers, exclude, "decode")
         need = blocks_for(n_prompt, self.block_size)
         pool = [w for w in pool if self.free_blocks.get(w.worker_id, need) >= need] or pool
         turn = next(self._tie_decode)
-        return min(pool, key=lambda w: (self.local.get(w.worker_id, 0),
-                                        -self.free_blocks.get(w.worker_id, 0),
-                                        (pool.index(w) - turn) % len(pool)))
+        return pool, lambda w: (self.local.get(w.worker_id, 0),
+                                -self.free_blocks.get(w.worker_id, 0),
+                                (pool.index(w) - turn) % len(pool))
 
     def prefill_on_decode(self, workers: list[DecodeClient], n_prompt: int,
                           where: PrefixMap | None, threshold: int) -> bool:
