@@ -1,10 +1,11 @@
-"""Products over block codes, AVX2 against AVX-512, against oneDNN over float32: every
-weight of SmolLM2-135M (its projections and LM head) once a pass, at each row count.
+"""Products over block codes, AVX2 against AVX-512 (row layout and lanes layout), against
+oneDNN over float32: every weight of SmolLM2-135M (its projections and LM head) once a pass,
+at each row count.
 
 Where `engine.layers.cpu_kernels.Routing` draws its lines on an AVX-512 host: rows up to
-`codes_rows` go to our GEMV over codes, more rows to oneDNN unless the GEMM over codes is
-faster. Passes alternate the three sides, reversed round by round, so drift falls on all;
-the best pass of the rounds is kept.
+`lanes_rows` go to our GEMV over the codes in the lanes layout, more rows to oneDNN unless
+the GEMM over codes is faster. Passes alternate the four sides, reversed round by round, so
+drift falls on all; the best pass of the rounds is kept.
 
 Run: `python -m pdserve.bench.micro.codes_isa [--threads 1] [--rounds 5] [--rows 1,4,8,...]`.
 """
@@ -18,7 +19,7 @@ import time
 
 from pdserve.engine.cpu_threads import configure_process
 
-SIDES = ("onednn", "avx2", "avx512")
+SIDES = ("onednn", "avx2", "avx512", "lanes")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -49,14 +50,17 @@ def main(argv: list[str] | None = None) -> int:
     if any(c is None for c in codes):
         print("some weights are not block codes", file=sys.stderr)
         return 1
+    lanes = [weight_codes.lanes_of(w) for w in weights]
 
     def one_pass(side: str, xs: dict[int, torch.Tensor]) -> float:
         if side != "onednn":
-            cpu_kernels.avx512_codes(side == "avx512")
+            cpu_kernels.avx512_codes(side != "avx2")
         start = time.perf_counter()
-        for w, c in zip(weights, codes, strict=True):
+        for w, c, lane in zip(weights, codes, lanes, strict=True):
             x = xs[w.shape[1]]
-            if side == "onednn":
+            if side == "lanes":
+                cpu_kernels.gemv_lanes(x, lane)
+            elif side == "onednn":
                 torch.ops.mkldnn._linear_pointwise(x, linear._packed_weight(w), None, "none",
                                                    [None], "")
             elif x.shape[0] <= cpu_kernels.CODES_MAX_ROWS:
@@ -77,12 +81,13 @@ def main(argv: list[str] | None = None) -> int:
     cpu_kernels.avx512_codes(True)
     print(f"{args.threads} threads, best of {args.rounds} passes; "
           f"load {load_before:.1f} -> {os.getloadavg()[0]:.1f}")
-    print("| rows | oneDNN ms | codes AVX2 ms | codes AVX-512 ms | AVX-512 vs oneDNN "
-          "| AVX-512 vs AVX2 |")
-    print("| ---: | ---: | ---: | ---: | ---: | ---: |")
+    print("| rows | oneDNN ms | codes AVX2 ms | codes AVX-512 ms | lanes ms "
+          "| lanes vs oneDNN | lanes vs AVX-512 |")
+    print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for rows in args.rows:
-        o, a, b = (1e3 * best[rows, s] for s in SIDES)
-        print(f"| {rows} | {o:.1f} | {a:.1f} | {b:.1f} | {o / b:.2f}x | {a / b:.2f}x |")
+        o, a, b, c = (1e3 * best[rows, s] for s in SIDES)
+        print(f"| {rows} | {o:.1f} | {a:.1f} | {b:.1f} | {c:.1f} | {o / c:.2f}x "
+              f"| {b / c:.2f}x |")
     return 0
 
 

@@ -117,6 +117,9 @@ def _attach_weight_codes(model: torch.nn.Module) -> None:
     if getattr(model, "lm_head", None) is not None:
         weights.append(model.lm_head.weight)
     weight_codes.attach(model, weights)
+    if cpu_kernels.routing().lanes_rows and cpu_kernels.load() and cpu_kernels.avx512_codes():
+        for w in weights:  # packed now, not by the first decode step
+            weight_codes.lanes_of(w)
 
 
 def _pack_for_prefill(model: torch.nn.Module) -> None:

@@ -60,12 +60,13 @@ from pathlib import Path
 
 import torch
 
-from pdserve.engine.layers.weight_codes import WeightCodes, cache_root
+from pdserve.engine.layers.weight_codes import LaneCodes, WeightCodes, cache_root
 
 log = logging.getLogger("pdserve.engine")
 
 MAX_ROWS = 8  # what `gemv` is built for: past 8 rows loads and FMAs bound the product
 CODES_MAX_ROWS = 16  # what `gemv_codes` is built for; `gemm_codes` takes any number
+LANES_MAX_ROWS = 64  # what `gemv_lanes` is built for
 
 
 @dataclass(frozen=True)
@@ -85,13 +86,17 @@ class Routing:
     gemv_rows: int  # float32 products of 1..gemv_rows rows: our GEMV (0: never)
     codes_rows: int  # products by block codes of 1..codes_rows rows: our GEMV over codes
     gemm_codes: bool  # products by block codes of more rows: our GEMM over codes
+    # Products by block codes of 1..lanes_rows rows, where the AVX-512 path is on: our GEMV
+    # over the codes packed 16 output rows a vector (`gemv_lanes`); it goes first.
+    lanes_rows: int = 0
 
 
 AVX2_ROUTING = Routing(gemv_rows=MAX_ROWS, codes_rows=CODES_MAX_ROWS, gemm_codes=True)
-AVX512_ROUTING = Routing(gemv_rows=0, codes_rows=12, gemm_codes=False)
+AVX512_ROUTING = Routing(gemv_rows=0, codes_rows=12, gemm_codes=False, lanes_rows=48)
 _SOURCES = [Path(__file__).with_name("csrc") / f for f in (
     "cpu_gemv.cpp", "cpu_gemv_codes.cpp", "cpu_gemm_codes.cpp", "cpu_fused.cpp",
-    "cpu_attention.cpp", "codes_avx512.cpp", "attention_avx512.cpp")]
+    "cpu_attention.cpp", "codes_avx512.cpp", "codes_lanes_avx512.cpp",
+    "attention_avx512.cpp")]
 _HEADERS = [Path(__file__).with_name("csrc") / h  # part of the build's key
             for h in ("avx2.h", "codes.h", "codes_avx512.h", "codes_operands.h",
                     "attention_avx512.h")]
@@ -101,6 +106,7 @@ _state: bool | None = None  # None: not tried in this process
 _codes_on = True
 _routing: Routing | None = None  # None: chosen by the host at first use
 _prefill_attention_on = True
+_avx512: bool | None = None  # the library's AVX-512 switch, once asked (`avx512_codes`)
 _lock = threading.Lock()
 
 
@@ -121,6 +127,16 @@ def gemv_codes(x: torch.Tensor, codes: WeightCodes, bias: torch.Tensor | None = 
     return out.view(*x.shape[:-1], codes.scales.shape[0])
 
 
+def gemv_lanes(x: torch.Tensor, lanes: LaneCodes, bias: torch.Tensor | None = None):
+    """`gemv_codes` over the codes in the lanes layout (`weight_codes.to_lanes`), at most
+    `LANES_MAX_ROWS` rows; AVX-512 path only (`avx512_codes()`). Sums grouped per block of
+    32 (`d * (x . q) + m * sum(x)`): the same weights, rounding differs by ~1e-6."""
+    rows = x.reshape(-1, x.shape[-1])
+    out = torch.ops.pdserve.cpu_gemv_lanes(rows.contiguous(), lanes.scales, lanes.offsets,
+                                           lanes.codes, bias, lanes.n)
+    return out.view(*x.shape[:-1], lanes.n)
+
+
 def gemm_codes(x: torch.Tensor, codes: WeightCodes, bias: torch.Tensor | None = None):
     """`x @ weight.T + bias` for any number of rows over a weight's block codes; each output
     summed in the same order whatever the number of rows."""
@@ -133,8 +149,11 @@ def gemm_codes(x: torch.Tensor, codes: WeightCodes, bias: torch.Tensor | None = 
 def avx512_codes(on: bool | None = None) -> bool:
     """Whether the products over codes run their AVX-512 twins (where the host has it:
     the default); `on` turns them on or off first (A/B runs, tests). `load()` must have
-    returned True."""
-    return bool(torch.ops.pdserve.cpu_codes_avx512(-1 if on is None else int(on)))
+    returned True. Kept here after the first ask: `dense` asks on every product."""
+    global _avx512
+    if on is not None or _avx512 is None:
+        _avx512 = bool(torch.ops.pdserve.cpu_codes_avx512(-1 if on is None else int(on)))
+    return _avx512
 
 
 def set_codes_enabled(enabled: bool) -> None:
@@ -161,7 +180,8 @@ def set_routing(chosen: Routing | None) -> None:
     """Route products by `chosen` in this process (A/B runs, tests); None: the host's."""
     global _routing
     if chosen is not None and not (0 <= chosen.gemv_rows <= MAX_ROWS
-                                   and 0 <= chosen.codes_rows <= CODES_MAX_ROWS):
+                                   and 0 <= chosen.codes_rows <= CODES_MAX_ROWS
+                                   and 0 <= chosen.lanes_rows <= LANES_MAX_ROWS):
         raise ValueError(f"rows past what the kernels take: {chosen}")
     _routing = chosen
 

@@ -120,7 +120,10 @@ def dense(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = Non
         codes = weight_codes.codes_of(weight) if cpu_kernels.codes_enabled() else None
         if codes is not None and cpu_kernels.usable(x, weight, bias, None):
             # The same weight, read as its 4- or 8-bit codes.
-            if x.numel() // x.shape[-1] <= route.codes_rows:
+            rows = x.numel() // x.shape[-1]
+            if rows <= route.lanes_rows and cpu_kernels.avx512_codes():
+                return cpu_kernels.gemv_lanes(x, weight_codes.lanes_of(weight), bias)
+            if rows <= route.codes_rows:
                 return cpu_kernels.gemv_codes(x, codes, bias)
             if route.gemm_codes:
                 return cpu_kernels.gemm_codes(x, codes, bias)

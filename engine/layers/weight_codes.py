@@ -6,7 +6,8 @@ values are then still exactly such codes, and a CPU decode step, which streams e
 once, can read 0.625 (Q4_1) or 1.125 (Q8_0) bytes a weight instead of 4. `find_codes` looks
 for them in a float32 weight and keeps them only if they rebuild every weight bit for bit:
 the model's function does not change, only how its weights are stored for the products
-(`csrc/cpu_gemv_codes.cpp` for decode rows, `csrc/cpu_gemm_codes.cpp` past 16 rows). The
+(`csrc/cpu_gemv_codes.cpp` for decode rows, `csrc/cpu_gemm_codes.cpp` past 16 rows; on
+AVX-512 hosts `csrc/codes_lanes_avx512.cpp` over a copy packed by `to_lanes`). The
 float32 weight stays for everything else (CUDA, `PDSERVE_WEIGHT_CODES=0`); oneDNN's packed
 copy of it is then never made (SmolLM2-135M after a prefill: 1.50 -> 1.09 GB resident).
 
@@ -35,6 +36,7 @@ log = logging.getLogger("pdserve.engine")
 
 BLOCK = 32
 _ATTR = "_pdserve_codes"  # on the weight tensor: its WeightCodes, or False if it has none
+_LANES_ATTR = "_pdserve_lanes"  # on the weight tensor: its LaneCodes, once made
 _ROWS_PER_CHUNK = 2048  # rows searched at once (bounds the search's temporaries)
 _CACHE_FORMAT = 1  # part of a kept file's name: a new layout never reads an old file
 _SAMPLES = 4096  # values of each weight in its fingerprint
@@ -171,8 +173,9 @@ def _keep(path: Path, found: list[WeightCodes | None]) -> None:
 
 def forget(weight: torch.Tensor) -> None:
     """Drop the codes of `weight` (call after changing its values in place)."""
-    if hasattr(weight, _ATTR):
-        delattr(weight, _ATTR)
+    for attr in (_ATTR, _LANES_ATTR):
+        if hasattr(weight, attr):
+            delattr(weight, attr)
 
 
 def find_codes(w: torch.Tensor) -> WeightCodes | None:
@@ -233,3 +236,52 @@ def _search(w: torch.Tensor, kind: str) -> tuple[torch.Tensor, ...] | None:
         packed = (c[..., :BLOCK // 2] | (c[..., BLOCK // 2:] << 4)).reshape(n, k // 2)
         return scales, low.contiguous(), packed.contiguous()
     return scales, low, codes.to(torch.int8).reshape(n, k).contiguous()
+
+
+LANES = 16  # output rows a tile of the lanes layout holds (one AVX-512 vector)
+
+
+@dataclass(frozen=True, slots=True)
+class LaneCodes:
+    """`WeightCodes` packed for `csrc/codes_lanes_avx512.cpp`: tiles of 16 output rows, so
+    one vector holds one column of a tile. `scales` [G, K/32, 16] float32, `offsets` the same
+    (q4) or empty (q8), `codes` [G, K/32, 32, 16] int8 (q8) or [G, K/32, 16, 16] uint8 (q4:
+    byte j of a row holds columns j and j + 16 of its block, as in `WeightCodes`); rows past
+    `n` (the last tile's padding) are zeros."""
+
+    kind: str
+    n: int
+    scales: torch.Tensor
+    offsets: torch.Tensor
+    codes: torch.Tensor
+
+
+def lanes_of(weight: torch.Tensor) -> LaneCodes | None:
+    """The codes `attach` found for `weight` in the lanes layout (made on first call and kept
+    on the weight), or None where it has no codes."""
+    lanes = getattr(weight, _LANES_ATTR, None)
+    if lanes is None:
+        codes = codes_of(weight)
+        if codes is None:
+            return None
+        lanes = to_lanes(codes)
+        setattr(weight, _LANES_ATTR, lanes)
+    return lanes
+
+
+def to_lanes(codes: WeightCodes) -> LaneCodes:
+    """The same codes in the lanes layout (a copy; the row layout stays for the rest)."""
+    n, blocks = codes.scales.shape
+    tiles = -(-n // LANES)
+    pad = tiles * LANES - n
+
+    def tiled(t: torch.Tensor) -> torch.Tensor:  # [n, blocks, ...] -> [tiles, blocks, ..., 16]
+        t = torch.nn.functional.pad(t, (0, 0) * (t.dim() - 1) + (0, pad)) if pad else t
+        t = t.reshape(tiles, LANES, *t.shape[1:])
+        return t.movedim(1, -1).contiguous()
+
+    scales = tiled(codes.scales)
+    offsets = tiled(codes.offsets) if codes.kind == "q4" else codes.offsets
+    width = BLOCK // 2 if codes.kind == "q4" else BLOCK
+    packed = tiled(codes.codes.view(n, blocks, width))
+    return LaneCodes(codes.kind, n, scales, offsets, packed)

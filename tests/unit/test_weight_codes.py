@@ -148,19 +148,26 @@ def test_dense_reads_the_codes_gemv_for_decode_rows_and_the_gemm_past_them():
                 assert torch.equal(linear.dense(x, w), cpu_kernels.gemv(x, w))
             finally:
                 cpu_kernels.set_codes_enabled(True)
-            # An AVX-512 host's routing: the codes GEMV for its rows, oneDNN past them.
+            # An AVX-512 host's routing: the lanes GEMV for its rows (the row-layout GEMV
+            # where the AVX-512 path is off), oneDNN past them.
             cpu_kernels.set_routing(cpu_kernels.AVX512_ROUTING)
             rows = cpu_kernels.AVX512_ROUTING.codes_rows
             x = torch.randn(rows, 64)
-            assert torch.equal(linear.dense(x, w), cpu_kernels.gemv_codes(x, codes))
-            x = torch.randn(rows + 1, 64)
+            if cpu_kernels.avx512_codes():
+                lanes = weight_codes.lanes_of(w)
+                assert torch.equal(linear.dense(x, w), cpu_kernels.gemv_lanes(x, lanes))
+                x = torch.randn(cpu_kernels.AVX512_ROUTING.lanes_rows, 64)
+                assert torch.equal(linear.dense(x, w), cpu_kernels.gemv_lanes(x, lanes))
+            else:
+                assert torch.equal(linear.dense(x, w), cpu_kernels.gemv_codes(x, codes))
+            x = torch.randn(cpu_kernels.AVX512_ROUTING.lanes_rows + 1, 64)
             got = linear.dense(x, w)
             assert not torch.equal(got, cpu_kernels.gemm_codes(x, codes))
             torch.testing.assert_close(got, F.linear(x, w), rtol=1e-5, atol=1e-4)
     finally:
         cpu_kernels.set_routing(None)
     linear.forget_packed(w)  # values changed in place: the codes go with the packed copy
-    assert weight_codes.codes_of(w) is None
+    assert weight_codes.codes_of(w) is None and weight_codes.lanes_of(w) is None
 
 
 @pytest.mark.skipif(not linear._onednn_available(), reason="torch built without oneDNN")
@@ -303,3 +310,73 @@ def test_the_avx512_products_equal_the_avx2_ones_and_keep_rows_batch_invariant(k
         assert not torch.equal(wide, narrow)
     finally:
         cpu_kernels.avx512_codes(True)
+
+
+def _from_lanes(lanes: weight_codes.LaneCodes) -> torch.Tensor:
+    """The float32 weight the lanes layout holds, read as its docstring says."""
+    tiles, blocks = lanes.scales.shape[:2]
+    c = lanes.codes.movedim(-1, 1)  # [tiles, 16, blocks, j]: one output row a line
+    if lanes.kind == "q4":
+        q = torch.cat([c & 0xF, c >> 4], dim=-1).float()
+        m = lanes.offsets.movedim(-1, 1).unsqueeze(-1)
+    else:
+        q, m = c.float(), 0.0
+    w = lanes.scales.movedim(-1, 1).unsqueeze(-1) * q + m
+    return w.reshape(tiles * 16, blocks * 32)[:lanes.n]
+
+
+@pytest.mark.parametrize("kind", ["q4", "q8"])
+@pytest.mark.parametrize("n", [5, 16, 100])
+def test_the_lanes_layout_holds_the_same_weights(kind, n):
+    """Any host: 16 output rows a tile, padded with zeros past the weight's rows."""
+    w = dequantized(n, 96, kind, seed=n)
+    lanes = weight_codes.to_lanes(weight_codes.find_codes(w))
+    assert lanes.n == n and lanes.scales.shape == (-(-n // 16), 3, 16)
+    assert torch.equal(_from_lanes(lanes), w)
+    pad = slice(n % 16 or 16, None)  # the last tile's lanes past row n
+    assert not lanes.codes[-1, ..., pad].any() and not lanes.scales[-1, :, pad].any()
+
+
+_avx512 = pytest.mark.skipif(not (cpu_kernels.load() and cpu_kernels.avx512_codes()),
+                             reason="the host has no AVX-512")
+
+
+@_avx512
+@pytest.mark.parametrize("rows", [1, 2, 3, 5, 8, 9, 12, 16, 17, 33, 64])
+@pytest.mark.parametrize("kind", ["q4", "q8"])
+def test_the_lanes_gemv_equals_f_linear_and_keeps_rows_batch_invariant(rows, kind):
+    """Every tile of input rows (1..8, balanced groups past 8) and output tiles that are no
+    multiple of a parallel task, the last one part padding; with and without bias."""
+    w = dequantized(1000, 576, kind, seed=rows)
+    lanes = weight_codes.to_lanes(weight_codes.find_codes(w))
+    x, b = torch.randn(rows, 576), torch.randn(1000)
+    tol = dict(rtol=1e-5, atol=1e-5 * 576 ** 0.5)
+    full = cpu_kernels.gemv_lanes(x, lanes, b)
+    torch.testing.assert_close(full, F.linear(x, w, b), **tol)
+    torch.testing.assert_close(cpu_kernels.gemv_lanes(x, lanes), F.linear(x, w), **tol)
+    for lo, hi in [(0, 1), (rows // 2, rows)]:  # a row's sums do not depend on its batch
+        assert torch.equal(cpu_kernels.gemv_lanes(x[lo:hi], lanes, b), full[lo:hi])
+    torch.set_num_threads(1)  # the threads split output tiles, never a sum
+    try:
+        assert torch.equal(cpu_kernels.gemv_lanes(x, lanes, b), full)
+    finally:
+        torch.set_num_threads(_THREADS)
+
+
+@_avx512
+def test_the_lanes_op_refuses_what_it_cannot_take():
+    lanes = weight_codes.to_lanes(weight_codes.find_codes(dequantized(40, 64, "q4")))
+    op = torch.ops.pdserve.cpu_gemv_lanes
+    args = (lanes.scales, lanes.offsets, lanes.codes)
+    with pytest.raises(RuntimeError, match="rows"):
+        op(torch.randn(cpu_kernels.LANES_MAX_ROWS + 1, 64), *args, None, 40)
+    with pytest.raises(RuntimeError, match="scales"):
+        op(torch.randn(2, 96), *args, None, 40)
+    with pytest.raises(RuntimeError, match="tiles"):
+        op(torch.randn(2, 64), *args, None, 49)  # 3 tiles hold 33..48 rows
+    with pytest.raises(RuntimeError, match="offsets"):
+        op(torch.randn(2, 64), lanes.scales, lanes.offsets[:0], lanes.codes, None, 40)
+    with pytest.raises(RuntimeError, match="bias"):
+        op(torch.randn(2, 64), *args, torch.randn(48), 40)
+    with pytest.raises(RuntimeError, match="codes"):
+        op(torch.randn(2, 64), *args[:2], lanes.codes.flatten(-2), None, 40)

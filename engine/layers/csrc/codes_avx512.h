@@ -31,4 +31,12 @@ void gemm_block_product_avx512(const float* x, int64_t M, const float* w, int64_
                                int64_t rows, float* out, int64_t ldo, const float* bias,
                                int64_t max_chunk);
 
+// codes_lanes_avx512.cpp: out [rows, N] = x [rows, K] times the weight packed in the
+// "lanes" layout (scales d, offsets m, codes; see that file), output tiles g0..g1 of 16
+// rows; `xsum` [rows, K / 32] the per-block sums of x (q4; nullptr for q8).
+void gemv_lanes_avx512(bool q4, int64_t rows, const float* x, const float* xsum,
+                       const float* d, const float* m, const uint8_t* codes,
+                       const float* bias, float* out, int64_t K, int64_t N, int64_t g0,
+                       int64_t g1);
+
 }  // namespace pdserve_cpu

@@ -30,6 +30,7 @@ namespace {
 
 constexpr int64_t kGroup = 8;         // input rows a tile takes at most
 constexpr int64_t kMaxRows = 32;
+constexpr int64_t kLanesMaxRows = 64;  // cpu_gemv_lanes (cpu_kernels.LANES_MAX_ROWS)
 constexpr int64_t kRowsPerTask = 96;  // output rows a parallel task walks
 constexpr int64_t kBlockRows = 12;    // weight rows the groups of input rows take turns on
 
@@ -138,6 +139,67 @@ at::Tensor cpu_gemv_codes(const at::Tensor& x, const at::Tensor& scales,
   return out;
 }
 
+// The same product over the weight packed in the "lanes" layout (codes_lanes_avx512.cpp,
+// AVX-512 hosts): x [R, K] float32 (R <= 64); scales and offsets [G, K / 32, 16] float32
+// (offsets empty for q8); codes [G, K / 32, 32, 16] int8 (q8) or [G, K / 32, 16, 16] uint8
+// (q4); N <= 16 G output rows.
+at::Tensor cpu_gemv_lanes(const at::Tensor& x, const at::Tensor& scales,
+                          const at::Tensor& offsets, const at::Tensor& codes,
+                          const c10::optional<at::Tensor>& b, int64_t N) {
+  TORCH_CHECK(pdserve_cpu::avx512_on(), "cpu_gemv_lanes: needs the AVX-512 path");
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(),
+              "cpu_gemv_lanes: contiguous float32 x [R, K]");
+  const int64_t R = x.size(0), K = x.size(1), blocks = K / kBlock;
+  TORCH_CHECK(R >= 1 && R <= kLanesMaxRows, "cpu_gemv_lanes: 1..", kLanesMaxRows,
+              " rows, got ", R);
+  TORCH_CHECK(K % kBlock == 0 && K > 0, "cpu_gemv_lanes: K ", K, " is no multiple of 32");
+  const bool q4 = codes.scalar_type() == at::kByte;
+  const int64_t G = scales.dim() == 3 ? scales.size(0) : -1;
+  TORCH_CHECK(scales.dim() == 3 && scales.size(1) == blocks && scales.size(2) == 16 &&
+                  scales.scalar_type() == at::kFloat && scales.is_contiguous(),
+              "cpu_gemv_lanes: float32 scales [G, K / 32, 16]");
+  TORCH_CHECK(N >= 1 && N <= 16 * G && N > 16 * (G - 1), "cpu_gemv_lanes: N ", N,
+              " does not fill the ", G, " tiles of 16 rows");
+  TORCH_CHECK(codes.dim() == 4 && codes.size(0) == G && codes.size(1) == blocks &&
+                  codes.size(3) == 16 && codes.is_contiguous() &&
+                  (q4 ? codes.size(2) == 16
+                      : codes.scalar_type() == at::kChar && codes.size(2) == 32),
+              "cpu_gemv_lanes: codes [G, K / 32, 16 (q4) or 32 (q8), 16]");
+  if (q4)
+    TORCH_CHECK(offsets.sizes() == scales.sizes() && offsets.is_contiguous() &&
+                    offsets.scalar_type() == at::kFloat,
+                "cpu_gemv_lanes: q4 codes need float32 offsets shaped like the scales");
+  const float* bias = nullptr;
+  if (b.has_value()) {
+    TORCH_CHECK(b->dim() == 1 && b->size(0) == N && b->scalar_type() == at::kFloat &&
+                    b->is_contiguous(),
+                "cpu_gemv_lanes: bias must be a contiguous float32 vector of N");
+    bias = b->data_ptr<float>();
+  }
+  const float* xp = x.data_ptr<float>();
+  at::Tensor xsum;  // q4: each block's sum of x, in one order (the offsets multiply it)
+  if (q4) {
+    xsum = at::empty({R, blocks}, x.options());
+    float* s = xsum.data_ptr<float>();
+    for (int64_t i = 0; i < R * blocks; ++i) {
+      float acc = 0.f;
+      for (int64_t k = 0; k < kBlock; ++k) acc += xp[i * kBlock + k];
+      s[i] = acc;
+    }
+  }
+  at::Tensor out = at::empty({R, N}, x.options());
+  const float* sp = q4 ? xsum.data_ptr<float>() : nullptr;
+  const float* mp = q4 ? offsets.data_ptr<float>() : nullptr;
+  const uint8_t* cp = static_cast<const uint8_t*>(codes.data_ptr());
+  constexpr int64_t kTilesPerTask = 8;  // a whole turn of codes_lanes_avx512.cpp
+  at::parallel_for(0, (G + kTilesPerTask - 1) / kTilesPerTask, 1, [&](int64_t t0, int64_t t1) {
+    pdserve_cpu::gemv_lanes_avx512(q4, R, xp, sp, scales.data_ptr<float>(), mp, cp, bias,
+                                   out.data_ptr<float>(), K, N, t0 * kTilesPerTask,
+                                   std::min(G, t1 * kTilesPerTask));
+  });
+  return out;
+}
+
 // The products over codes on AVX-512 (codes_avx512.cpp): mode 1 on where the host has it,
 // 0 off, -1 leaves it; returns whether it runs.
 bool cpu_codes_avx512(int64_t mode) {
@@ -149,7 +211,12 @@ bool cpu_codes_avx512(int64_t mode) {
 TORCH_LIBRARY_FRAGMENT(pdserve, m) {
   m.def("cpu_gemv_codes(Tensor x, Tensor scales, Tensor offsets, Tensor codes, Tensor? b) "
         "-> Tensor");
+  m.def("cpu_gemv_lanes(Tensor x, Tensor scales, Tensor offsets, Tensor codes, Tensor? b, "
+        "int N) -> Tensor");
   m.def("cpu_codes_avx512(int mode) -> bool", &cpu_codes_avx512);
 }
 
-TORCH_LIBRARY_IMPL(pdserve, CPU, m) { m.impl("cpu_gemv_codes", &cpu_gemv_codes); }
+TORCH_LIBRARY_IMPL(pdserve, CPU, m) {
+  m.impl("cpu_gemv_codes", &cpu_gemv_codes);
+  m.impl("cpu_gemv_lanes", &cpu_gemv_lanes);
+}
