@@ -15,7 +15,8 @@ and `gemm_codes` for more rows by such a weight (a prefill, or a step that mixes
 where FMAs bound the product and the codes are rebuilt once per call into a cached block:
 on an AVX2 host as fast as oneDNN there, without oneDNN's packed float32 copy of every
 weight. On an AVX-512 host oneDNN takes all but the GEMV over codes (`Routing`), and the
-products over codes run with 16-float vectors (`avx512_codes`).
+products over codes run with 16-float vectors (`avx512_codes`), decode rows over a copy of
+the codes packed 16 output rows a vector (`gemv_lanes`).
 
 Why the decode attention: the torch backend gathers every decoding sequence's blocks into a
 padded copy of K and of V each layer before SDPA; the kernel reads them in place through
@@ -80,7 +81,9 @@ class Routing:
     AMD EPYC of 2026-12-04) they beat our float32 GEMV at every row count and our GEMM over
     codes at every prefill size (0.7-0.9x); our GEMV over codes reads 4-6x fewer bytes and
     leads up to 12 rows (~2x at 1 row, one thread; docs/benchmarks.md, "CPU kernels on an
-    AVX-512 host").
+    AVX-512 host"). Its lanes-layout twin (`csrc/codes_lanes_avx512.cpp`) is 1.2-1.5x faster
+    again and leads oneDNN up to ~48 rows (docs/benchmarks.md, "The lanes GEMV"), so on
+    AVX-512 hosts it takes every product by codes of up to 48 rows.
     """
 
     gemv_rows: int  # float32 products of 1..gemv_rows rows: our GEMV (0: never)
