@@ -10,8 +10,10 @@ Sampling uses the exponential race: with `q_i ~ Exponential(1)` independent,
 row's generator seed, so the per-row work is one generator draw; everything else is
 batched tensor ops.
 
-The noise comes from torch's generator for the logits' device, so seeded tokens match
-across workers of the same device type (CPU with CPU, CUDA with CUDA), not across types.
+On CUDA the noise comes from torch's generator, on CPU from a hash of the key and the
+token id (`race_uniforms`: one hash a token, where the generator's draws took most of a
+24-row step), so seeded tokens match across workers of the same device type (CPU with CPU,
+CUDA with CUDA), not across types.
 """
 
 from __future__ import annotations
@@ -44,6 +46,37 @@ def step_seed(seed: int, position: int) -> int:
     collide only by chance (about 2**-32).
     """
     return _splitmix64(_splitmix64(seed & _MASK64) ^ (position & _MASK64))
+
+
+_TOKEN_MUL = 0x9E3779B9
+_M32 = 0xFFFFFFFF
+
+
+def race_uniforms(keys: list[int], vocab: int) -> torch.Tensor:
+    """[len(keys), vocab] float32 uniforms on (0, 1) for the CPU race: token v of row r from
+    a hash of (keys[r], v) alone — 23 random bits, `(2 (h >> 9) + 1) / 2^24`, exact in
+    float32 (`csrc/cpu_fused.cpp` `race_uniforms` says how h is mixed). Our CPU kernel where
+    it loads, else the same bits from torch's integer ops (slower; same tokens)."""
+    from pdserve.engine.layers import cpu_kernels
+
+    signed = [k - (1 << 64) if k >= 1 << 63 else k for k in keys]
+    key_t = torch.tensor(signed, dtype=torch.int64)
+    if cpu_kernels.load():
+        return torch.ops.pdserve.race_uniforms(key_t, vocab)
+    lo, hi = (key_t & _M32).unsqueeze(1), ((key_t >> 32) & _M32).unsqueeze(1)
+    h = (torch.arange(vocab, dtype=torch.int64) * _TOKEN_MUL + lo) & _M32
+    h = _fmix32(_fmix32(h) ^ hi)
+    return (((h >> 9) << 1) | 1).float() * 2.0**-24
+
+
+def _fmix32(h: torch.Tensor) -> torch.Tensor:
+    """murmur3's 32-bit finaliser over int64 tensors holding 32-bit words (products wrap;
+    only their low 32 bits are kept)."""
+    h = h ^ (h >> 16)
+    h = (h * 0x85EBCA6B) & _M32
+    h = h ^ (h >> 13)
+    h = (h * 0xC2B2AE35) & _M32
+    return h ^ (h >> 16)
 
 
 def _index(ids: list[int], device: torch.device) -> torch.Tensor:
@@ -189,15 +222,22 @@ class Sampler:
             log_min_p = torch.tensor(min_p, device=device).log().unsqueeze(1)
             scaled = scaled.masked_fill(scaled < log_min_p, float("-inf"))
 
-        noise = torch.empty_like(scaled)
-        gen = self._generator(device)
-        for i, r in enumerate(rows):
-            gen.manual_seed(step_seed(r.seed, r.position))
-            noise[i].exponential_(generator=gen)
+        keys = [step_seed(r.seed, r.position) for r in rows]
+        if device.type == "cpu":
+            # q = -log(u), u uniform on (0, 1): one hash a token instead of a generator's
+            # draw (torch's CPU `exponential_` costs ~15 ns a token: ~18 ms for 24 rows of
+            # SmolLM2's 49k vocabulary, most of a step).
+            noise = race_uniforms(keys, vocab).log_().neg_()
+        else:
+            noise = torch.empty_like(scaled)
+            gen = self._generator(device)
+            for i, key in enumerate(keys):
+                gen.manual_seed(key)
+                noise[i].exponential_(generator=gen)
         # argmax(p / q) == argmax(log p - log q); the log form cannot overflow for tiny q,
         # and the clamp guards against an exact 0 draw.
         noise.clamp_min_(torch.finfo(torch.float32).tiny)
-        return (scaled - noise.log()).argmax(dim=-1)
+        return (scaled - noise.log_()).argmax(dim=-1)
 
     @staticmethod
     def _outside_top_k_top_p(x: torch.Tensor, row_max: torch.Tensor, temps: torch.Tensor,

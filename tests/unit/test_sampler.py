@@ -252,6 +252,32 @@ def test_continuing_on_a_fresh_sampler_gives_the_same_tokens() -> None:
     assert len(set(whole)) > 1  # the draws do vary with position
 
 
+def test_the_cpu_race_uniforms_are_the_same_bits_with_and_without_our_kernel() -> None:
+    """The kernel and the torch fallback agree bit for bit (a vocabulary that is no multiple
+    of the kernel's vector takes its scalar tail too), every draw lies strictly inside
+    (0, 1), and a row's draws look uniform and depend on its key alone."""
+    from pdserve.engine.layers import cpu_kernels
+
+    keys = [0, 1, 2**63, 2**64 - 1, sampler_module.step_seed(5, 9)]
+    vocab = 4099
+    if not cpu_kernels.load():
+        pytest.skip("no CPU kernels on this host: only the fallback runs")
+    ours = sampler_module.race_uniforms(keys, vocab)
+    cpu_kernels.set_enabled(False)
+    try:
+        fallback = sampler_module.race_uniforms(keys, vocab)
+    finally:
+        cpu_kernels.set_enabled(True)
+    assert torch.equal(ours, fallback)
+    assert float(ours.min()) > 0.0 and float(ours.max()) < 1.0
+    assert torch.equal(sampler_module.race_uniforms(keys[3:4], vocab)[0], ours[3])
+    for row in ours:  # ten equal bins: chi2 with 9 degrees of freedom, P(> 27.9) = 0.001
+        counts = torch.histc(row, bins=10, min=0.0, max=1.0)
+        chi2 = float(((counts - vocab / 10) ** 2 / (vocab / 10)).sum())
+        assert chi2 < 27.9, counts.tolist()
+    assert not torch.equal(ours[0], ours[1])
+
+
 # --- Sampler: min_tokens and logprobs ------------------------------------------------------
 
 

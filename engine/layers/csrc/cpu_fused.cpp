@@ -13,6 +13,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <tuple>
 
 #include "avx2.h"
@@ -156,6 +157,66 @@ at::Tensor silu_mul(const at::Tensor& x) {
   return out;
 }
 
+// The sampler's uniforms (engine/sampler.py `race_uniforms`): u[r, v] in (0, 1) from a
+// hash of row r's 64-bit key and the token id v alone, so a row's draws depend on nothing
+// else (not the batch, not a generator's state). For a fixed key the map v -> hash is a
+// bijection of 32-bit words (an odd multiply, an add, murmur3's finaliser twice around an
+// xor), so no two tokens of a row share a draw. u = (2 (h >> 9) + 1) / 2^24: 23 random bits,
+// exact in float32, never 0 or 1. engine/sampler.py computes the same bits with torch ops
+// where this library is absent.
+inline uint32_t fmix32(uint32_t h) {
+  h ^= h >> 16;
+  h *= 0x85EBCA6Bu;
+  h ^= h >> 13;
+  h *= 0xC2B2AE35u;
+  return h ^ (h >> 16);
+}
+
+inline __m256i fmix8(__m256i h) {
+  h = _mm256_xor_si256(h, _mm256_srli_epi32(h, 16));
+  h = _mm256_mullo_epi32(h, _mm256_set1_epi32(static_cast<int>(0x85EBCA6Bu)));
+  h = _mm256_xor_si256(h, _mm256_srli_epi32(h, 13));
+  h = _mm256_mullo_epi32(h, _mm256_set1_epi32(static_cast<int>(0xC2B2AE35u)));
+  return _mm256_xor_si256(h, _mm256_srli_epi32(h, 16));
+}
+
+constexpr uint32_t kTokenMul = 0x9E3779B9u;
+constexpr float kUnit = 1.f / 16777216.f;  // 2^-24
+
+at::Tensor race_uniforms(const at::Tensor& keys, int64_t vocab) {
+  TORCH_CHECK(keys.dim() == 1 && keys.scalar_type() == at::kLong && keys.is_contiguous(),
+              "race_uniforms: keys must be a contiguous int64 vector");
+  TORCH_CHECK(vocab >= 1 && vocab < (int64_t(1) << 32), "race_uniforms: vocab ", vocab);
+  const int64_t n = keys.size(0);
+  at::Tensor out = at::empty({n, vocab}, keys.options().dtype(at::kFloat));
+  const int64_t* kp = keys.data_ptr<int64_t>();
+  float* op = out.data_ptr<float>();
+  at::parallel_for(0, n, row_grain(vocab / 4), [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const uint64_t key = static_cast<uint64_t>(kp[r]);
+      const uint32_t lo = static_cast<uint32_t>(key), hi = static_cast<uint32_t>(key >> 32);
+      float* o = op + r * vocab;
+      int64_t v = 0;
+      const __m256i step = _mm256_set1_epi32(static_cast<int>(8 * kTokenMul));
+      __m256i h0 = _mm256_add_epi32(
+          _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
+                             _mm256_set1_epi32(static_cast<int>(kTokenMul))),
+          _mm256_set1_epi32(static_cast<int>(lo)));
+      for (; v + 8 <= vocab; v += 8, h0 = _mm256_add_epi32(h0, step)) {
+        __m256i h = fmix8(_mm256_xor_si256(fmix8(h0), _mm256_set1_epi32(static_cast<int>(hi))));
+        const __m256i odd = _mm256_or_si256(_mm256_slli_epi32(_mm256_srli_epi32(h, 9), 1),
+                                            _mm256_set1_epi32(1));
+        _mm256_storeu_ps(o + v, _mm256_mul_ps(_mm256_cvtepi32_ps(odd), _mm256_set1_ps(kUnit)));
+      }
+      for (; v < vocab; ++v) {
+        const uint32_t h = fmix32(fmix32(static_cast<uint32_t>(v) * kTokenMul + lo) ^ hi);
+        o[v] = static_cast<float>(((h >> 9) << 1) | 1u) * kUnit;
+      }
+    }
+  });
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(pdserve, m) {
@@ -163,6 +224,7 @@ TORCH_LIBRARY_FRAGMENT(pdserve, m) {
   m.def("add_rms_norm(Tensor x, Tensor residual, Tensor w, float eps) -> (Tensor, Tensor)");
   m.def("rope_(Tensor positions, Tensor(a!) q, Tensor(b!) k, Tensor cos, Tensor sin) -> ()");
   m.def("silu_mul(Tensor x) -> Tensor");
+  m.def("race_uniforms(Tensor keys, int vocab) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(pdserve, CPU, m) {
@@ -170,4 +232,5 @@ TORCH_LIBRARY_IMPL(pdserve, CPU, m) {
   m.impl("add_rms_norm", &add_rms_norm);
   m.impl("rope_", &rope_);
   m.impl("silu_mul", &silu_mul);
+  m.impl("race_uniforms", &race_uniforms);
 }
