@@ -207,20 +207,20 @@ class Sampler:
         # After the shift the top token's scaled logit is exactly 0, which min-p uses.
         row_max = x.amax(dim=-1, keepdim=True)
         row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
-        scaled = (x - row_max) / temps
+        scaled = torch.sub(x, row_max).div_(temps)  # ours: the masks below write in place
 
         top_k = [p.top_k if 0 < p.top_k < vocab else vocab for p in params]
         top_p = [p.top_p for p in params]
         if any(k < vocab for k in top_k) or any(p < 1.0 for p in top_p):
-            drop = self._outside_top_k_top_p(x, row_max, temps, top_k, top_p)
-            scaled = scaled.masked_fill(drop, float("-inf"))
+            drop = self._outside_top_k_top_p(x, scaled, row_max, temps, top_k, top_p)
+            scaled.masked_fill_(drop, float("-inf"))
 
         min_p = [p.min_p for p in params]
         if any(m > 0.0 for m in min_p):
             # p_i < min_p * p_max  <=>  scaled_i < log(min_p), as the top token's scaled
             # logit is 0 and temperature-scaled logits are log-probs up to that shift.
             log_min_p = torch.tensor(min_p, device=device).log().unsqueeze(1)
-            scaled = scaled.masked_fill(scaled < log_min_p, float("-inf"))
+            scaled.masked_fill_(scaled < log_min_p, float("-inf"))
 
         keys = [step_seed(r.seed, r.position) for r in rows]
         if device.type == "cpu":
@@ -237,11 +237,12 @@ class Sampler:
         # argmax(p / q) == argmax(log p - log q); the log form cannot overflow for tiny q,
         # and the clamp guards against an exact 0 draw.
         noise.clamp_min_(torch.finfo(torch.float32).tiny)
-        return (scaled - noise.log_()).argmax(dim=-1)
+        return scaled.sub_(noise.log_()).argmax(dim=-1)
 
     @staticmethod
-    def _outside_top_k_top_p(x: torch.Tensor, row_max: torch.Tensor, temps: torch.Tensor,
-                             top_k: list[int], top_p: list[float]) -> torch.Tensor:
+    def _outside_top_k_top_p(x: torch.Tensor, scaled: torch.Tensor, row_max: torch.Tensor,
+                             temps: torch.Tensor, top_k: list[int],
+                             top_p: list[float]) -> torch.Tensor:
         """[n, V] bool: the tokens top-k and top-p drop (none in a row that asks for neither).
 
         Tokens rank on the unscaled logits (division can round distinct logits together),
@@ -262,18 +263,22 @@ class Sampler:
         if width < vocab and device.type == "cpu":  # on a GPU the sort is cheap, a sync not
             vals, idx = x.topk(width, dim=-1)
             cut = vals[:, -1:]
-            if torch.equal((x >= cut).sum(dim=-1), torch.full((n,), width, device=device)):
+            if bool((torch.count_nonzero(x >= cut, dim=-1) == width).all()):
                 # Lower ids first among equal logits, as a stable sort of the whole row.
                 by_id = idx.argsort(dim=-1)
                 vals, idx = vals.gather(1, by_id), idx.gather(1, by_id)
                 vals, order = vals.sort(dim=-1, descending=True, stable=True)
                 idx = idx.gather(1, order)
-                # The normaliser is over every token top-k keeps, inside the candidates or not.
-                scaled_all = (x - row_max) / temps
-                keep_all = (k_t >= vocab).expand(n, vocab).clone()
-                keep_all.scatter_(1, idx, torch.arange(width, device=device).unsqueeze(0) < k_t)
-                lse = scaled_all.masked_fill(~keep_all, float("-inf")).logsumexp(dim=-1,
-                                                                                keepdim=True)
+                # The normaliser is over every token top-k keeps, inside the candidates or not
+                # (`scaled` = (x - row_max) / temps, not yet masked).
+                if all(k >= vocab for k in top_k):
+                    lse = scaled.logsumexp(dim=-1, keepdim=True)
+                else:
+                    keep_all = (k_t >= vocab).expand(n, vocab).clone()
+                    ranked = torch.arange(width, device=device).unsqueeze(0) < k_t
+                    keep_all.scatter_(1, idx, ranked)
+                    lse = scaled.masked_fill(~keep_all, float("-inf")).logsumexp(
+                        dim=-1, keepdim=True)
                 drop, mass = Sampler._rank_drop(vals, row_max, temps, k_t, p_t, lse)
                 free = (k_t >= vocab) & (p_t >= 1.0)  # rows that drop nothing
                 # Every token past the candidates is dropped: by top-k, or by top-p because
@@ -282,8 +287,8 @@ class Sampler:
                 if mass is not None:
                     decided |= (p_t < 1.0) & (mass >= p_t)
                 if bool(decided.all()):
-                    full = torch.ones_like(x, dtype=torch.bool).scatter(1, idx, drop)
-                    return full & ~free
+                    full = torch.ones_like(x, dtype=torch.bool).scatter_(1, idx, drop)
+                    return full.bitwise_and_(~free)
         sorted_x, sorted_idx = _sort_descending(x)
         drop, _ = Sampler._rank_drop(sorted_x, row_max, temps, k_t, p_t, None)
         return torch.zeros_like(drop).scatter(1, sorted_idx, drop)

@@ -385,7 +385,8 @@ def test_equal_logits_across_the_candidate_cut_fall_back_to_the_full_sort(
     top_k = [6, 400]
     x = logits.clone()
     row_max = x.amax(dim=-1, keepdim=True)
-    drop = Sampler._outside_top_k_top_p(x, row_max, torch.ones(2, 1), top_k, [1.0, 1.0])
+    drop = Sampler._outside_top_k_top_p(x, x - row_max, row_max, torch.ones(2, 1), top_k,
+                                        [1.0, 1.0])
     assert set(torch.nonzero(~drop[0]).flatten().tolist()) == {2, 300, 310, 320, 40, 45}
     assert not drop[1].any()  # no limit: nothing dropped
 
