@@ -251,15 +251,19 @@ class Sampler:
         smallest prefix reaching top_p, and the top token always (rows with top_p == 1 skip
         it, since rounding can push the running sum to 1 early). Ranking the whole
         vocabulary is one sort of V logits a row (~1 ms for SmolLM2's 49k on a CPU core); on
-        CPU the top `CANDIDATES` (or the largest top_k) ranked exactly decide every row whose
-        kept set ends inside them — almost every row of a trained model — and the full sort
-        runs only when one does not, or when equal logits straddle the cut.
+        CPU the top `CANDIDATES` (or the largest top_k; with no top-p, just the largest
+        top_k) ranked exactly decide every row whose kept set ends inside them — almost
+        every row of a trained model — and the full sort runs only when one does not, or
+        when equal logits straddle the cut.
         """
         n, vocab = x.shape
         device = x.device
         k_t = torch.tensor(top_k, device=device).unsqueeze(1)
         p_t = torch.tensor(top_p, device=device).unsqueeze(1)
-        width = min(vocab, max([CANDIDATES, *(k for k in top_k if k < vocab)]))
+        nucleus = any(p < 1.0 for p in top_p)
+        # Without top-p the largest top_k ranks enough; top-p needs the candidates' mass.
+        width = min(vocab, max([CANDIDATES if nucleus else 1,
+                                *(k for k in top_k if k < vocab)]))
         if width < vocab and device.type == "cpu":  # on a GPU the sort is cheap, a sync not
             vals, idx = x.topk(width, dim=-1)
             cut = vals[:, -1:]
@@ -270,8 +274,10 @@ class Sampler:
                 vals, order = vals.sort(dim=-1, descending=True, stable=True)
                 idx = idx.gather(1, order)
                 # The normaliser is over every token top-k keeps, inside the candidates or not
-                # (`scaled` = (x - row_max) / temps, not yet masked).
-                if all(k >= vocab for k in top_k):
+                # (`scaled` = (x - row_max) / temps, not yet masked); only top-p needs it.
+                if not nucleus:
+                    lse = None
+                elif all(k >= vocab for k in top_k):
                     lse = scaled.logsumexp(dim=-1, keepdim=True)
                 else:
                     keep_all = (k_t >= vocab).expand(n, vocab).clone()
