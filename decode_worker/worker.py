@@ -243,6 +243,7 @@ class DecodeWorker:
             pp=self.engine.layout_key.pp_size,
             preemptions=usage.preemptions,
             preempted_tokens=usage.preempted_tokens,
+            solo_steps=usage.solo_steps,
             rank_failure=self.engine.executor.failure or "",
         )
 

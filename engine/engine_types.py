@@ -62,3 +62,4 @@ class EngineUsage:
     held: int  # finished requests whose blocks a transfer still reads
     preemptions: int = 0  # running requests evicted for blocks (since start)
     preempted_tokens: int = 0  # computed tokens those evictions dropped (to recompute)
+    solo_steps: int = 0  # steps that ran short prompts without the decode rows (since start)

@@ -395,6 +395,7 @@ class LLMEngine:
             block_size=self.blocks.block_size, running=len(s.running), waiting=len(s.waiting),
             reserved=len(self._reservations), held=len(s.held),
             preemptions=s.num_preemptions, preempted_tokens=s.num_preempted_tokens,
+            solo_steps=s.num_solo_steps,
         )
 
     def subscribe_cache_events(self, listener: CacheListener) -> Callable[[], None]:

@@ -387,6 +387,9 @@ class WorkerStats:
     # Blocks this worker meant to save to the store but dropped: Redis away, its node's pool
     # not mapped, or no free slot (serving goes on; later requests recompute those blocks).
     store_save_skipped: int = 0
+    # Steps that ran short prompts alone while requests decoded (engine/scheduler.py, solo
+    # prefills): each one delays those requests' next token by a step.
+    solo_steps: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -204,6 +204,7 @@ class PrefillWorker:
             pp=self.engine.layout_key.pp_size,
             preemptions=usage.preemptions,
             preempted_tokens=usage.preempted_tokens,
+            solo_steps=usage.solo_steps,
             rank_failure=failure or "",
         )
 

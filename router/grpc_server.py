@@ -135,6 +135,7 @@ def _worker_stats(r: WorkerReport) -> pb.WorkerStats:
         preemptions=s.preemptions, preempted_tokens=s.preempted_tokens,
         store_pulled_blocks=s.store_pulled_blocks, store_pulled_bytes=s.store_pulled_bytes,
         store_pull_seconds=s.store_pull_seconds, store_save_skipped=s.store_save_skipped,
+        solo_steps=s.solo_steps,
     )
 
 

@@ -261,6 +261,9 @@ class _PolledCollector:
             "preempted_tokens": CounterMetricFamily(
                 "pdserve:worker_preempted_tokens", "Computed tokens whose KV those evictions "
                 "dropped.", labels=lab),
+            "solo_steps": CounterMetricFamily(
+                "pdserve:worker_solo_prefill_steps", "Steps a worker ran short prompts in "
+                "without its decode rows (those rows waited a step).", labels=lab),
             "store_hit_tokens": CounterMetricFamily(
                 "pdserve:kv_store_hit_tokens", "Prompt tokens a worker loaded from the global "
                 "KV store instead of computing them.", labels=lab),
@@ -298,6 +301,7 @@ class _PolledCollector:
             fams["store_hit_tokens"].add_metric(values, s.store_hit_tokens)
             fams["preemptions"].add_metric(values, s.preemptions)
             fams["preempted_tokens"].add_metric(values, s.preempted_tokens)
+            fams["solo_steps"].add_metric(values, s.solo_steps)
             fams["store_saved_blocks"].add_metric(values, s.store_saved_blocks)
             for k in ("store_loaded_bytes", "store_load_seconds", "store_pulled_blocks",
                       "store_pulled_bytes", "store_pull_seconds", "store_save_skipped"):

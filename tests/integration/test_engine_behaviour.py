@@ -237,6 +237,7 @@ def test_short_prompts_beside_decoding_ones_run_alone_with_the_same_tokens(llm):
     finally:
         engine.scheduler.config = config
     assert solo_ran == ["b0", "b1"] and solo_steps == 1
+    assert engine.usage().solo_steps == engine.scheduler.num_solo_steps  # what stats report
     assert mixed_ran == ["a0", "a1", "a2", "b0", "b1"] and mixed_steps == 0
     assert solo_tokens == mixed_tokens
     assert all(len(t) == 12 for t in solo_tokens.values()) and len(solo_tokens) == 5

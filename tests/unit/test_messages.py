@@ -44,7 +44,7 @@ MESSAGES = [
                 handoff_seconds=0.5, handoff_bytes=1 << 20, handoff_tail_seconds=0.125,
                 node="n1"),
     WorkerStats("decode-0", "decode", 60, 64, 0, 0, 0, 0, leases_expired=2, preemptions=3,
-                preempted_tokens=120),
+                preempted_tokens=120, solo_steps=4),
     WorkerStats("colocated-0", "colocated", 8, 64, 1, 0, 16, 2, store_hit_blocks=4,
                 store_loaded_bytes=1 << 22, store_load_seconds=0.003),
     StorePoolStats("n1", "/dev/shm/pool", "cpu", True, 1 << 20, 512, 100, 2, 7, 300),

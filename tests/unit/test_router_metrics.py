@@ -104,7 +104,7 @@ def test_worker_figures_come_from_the_latest_poll(setup):
              "store_saved_blocks": 7, "store_loaded_bytes": 1 << 20, "store_load_seconds": 0.01,
              "preemptions": 0, "preempted_tokens": 0, "store_pulled_blocks": 0,
              "store_pulled_bytes": 0, "store_pull_seconds": 0.0, "store_save_skipped": 5,
-             "tp": 2, "pp": 1,
+             "solo_steps": 0, "tp": 2, "pp": 1,
              "rank_failure": ""}),
         WorkerStats.from_dict(
             {"worker_id": "decode-0", "role": "decode", "free_blocks": 10, "total_blocks": 40,
@@ -115,7 +115,7 @@ def test_worker_figures_come_from_the_latest_poll(setup):
              "store_saved_blocks": 0, "store_loaded_bytes": 0, "store_load_seconds": 0.0,
              "preemptions": 2, "preempted_tokens": 300, "store_pulled_blocks": 3,
              "store_pulled_bytes": 3 << 20, "store_pull_seconds": 0.25, "store_save_skipped": 0,
-             "tp": 1, "pp": 1,
+             "solo_steps": 6, "tp": 1, "pp": 1,
              "rank_failure": ""}),
     ])
     s = samples(m)
@@ -133,6 +133,8 @@ def test_worker_figures_come_from_the_latest_poll(setup):
     assert s[("pdserve:kv_leases_expired_total", d)] == 1
     assert s[("pdserve:worker_preemptions_total", d)] == 2
     assert s[("pdserve:worker_preempted_tokens_total", d)] == 300
+    assert s[("pdserve:worker_solo_prefill_steps_total", d)] == 6
+    assert s[("pdserve:worker_solo_prefill_steps_total", p)] == 0
     assert s[("pdserve:worker_generation_tokens_total", d)] == 90
     assert s[("pdserve:kv_store_hit_tokens_total", p)] == 32
     assert s[("pdserve:kv_store_saved_blocks_total", p)] == 7

@@ -157,7 +157,7 @@ class StatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class WorkerStats(_message.Message):
-    __slots__ = ("worker_id", "role", "free_blocks", "total_blocks", "running", "waiting", "prompt_tokens_processed", "generated_tokens", "node", "handoffs", "handoff_seconds", "handoff_bytes", "leases_expired", "handoff_tail_seconds", "state", "tp", "pp", "rank_failure", "store_lookups", "store_hit_blocks", "store_hit_tokens", "store_saved_blocks", "store_loaded_bytes", "store_load_seconds", "preemptions", "preempted_tokens", "store_pulled_blocks", "store_pulled_bytes", "store_pull_seconds", "store_save_skipped")
+    __slots__ = ("worker_id", "role", "free_blocks", "total_blocks", "running", "waiting", "prompt_tokens_processed", "generated_tokens", "node", "handoffs", "handoff_seconds", "handoff_bytes", "leases_expired", "handoff_tail_seconds", "state", "tp", "pp", "rank_failure", "store_lookups", "store_hit_blocks", "store_hit_tokens", "store_saved_blocks", "store_loaded_bytes", "store_load_seconds", "preemptions", "preempted_tokens", "store_pulled_blocks", "store_pulled_bytes", "store_pull_seconds", "store_save_skipped", "solo_steps")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
     FREE_BLOCKS_FIELD_NUMBER: _ClassVar[int]
@@ -188,6 +188,7 @@ class WorkerStats(_message.Message):
     STORE_PULLED_BYTES_FIELD_NUMBER: _ClassVar[int]
     STORE_PULL_SECONDS_FIELD_NUMBER: _ClassVar[int]
     STORE_SAVE_SKIPPED_FIELD_NUMBER: _ClassVar[int]
+    SOLO_STEPS_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     role: str
     free_blocks: int
@@ -218,7 +219,8 @@ class WorkerStats(_message.Message):
     store_pulled_bytes: int
     store_pull_seconds: float
     store_save_skipped: int
-    def __init__(self, worker_id: _Optional[str] = ..., role: _Optional[str] = ..., free_blocks: _Optional[int] = ..., total_blocks: _Optional[int] = ..., running: _Optional[int] = ..., waiting: _Optional[int] = ..., prompt_tokens_processed: _Optional[int] = ..., generated_tokens: _Optional[int] = ..., node: _Optional[str] = ..., handoffs: _Optional[int] = ..., handoff_seconds: _Optional[float] = ..., handoff_bytes: _Optional[int] = ..., leases_expired: _Optional[int] = ..., handoff_tail_seconds: _Optional[float] = ..., state: _Optional[str] = ..., tp: _Optional[int] = ..., pp: _Optional[int] = ..., rank_failure: _Optional[str] = ..., store_lookups: _Optional[int] = ..., store_hit_blocks: _Optional[int] = ..., store_hit_tokens: _Optional[int] = ..., store_saved_blocks: _Optional[int] = ..., store_loaded_bytes: _Optional[int] = ..., store_load_seconds: _Optional[float] = ..., preemptions: _Optional[int] = ..., preempted_tokens: _Optional[int] = ..., store_pulled_blocks: _Optional[int] = ..., store_pulled_bytes: _Optional[int] = ..., store_pull_seconds: _Optional[float] = ..., store_save_skipped: _Optional[int] = ...) -> None: ...
+    solo_steps: int
+    def __init__(self, worker_id: _Optional[str] = ..., role: _Optional[str] = ..., free_blocks: _Optional[int] = ..., total_blocks: _Optional[int] = ..., running: _Optional[int] = ..., waiting: _Optional[int] = ..., prompt_tokens_processed: _Optional[int] = ..., generated_tokens: _Optional[int] = ..., node: _Optional[str] = ..., handoffs: _Optional[int] = ..., handoff_seconds: _Optional[float] = ..., handoff_bytes: _Optional[int] = ..., leases_expired: _Optional[int] = ..., handoff_tail_seconds: _Optional[float] = ..., state: _Optional[str] = ..., tp: _Optional[int] = ..., pp: _Optional[int] = ..., rank_failure: _Optional[str] = ..., store_lookups: _Optional[int] = ..., store_hit_blocks: _Optional[int] = ..., store_hit_tokens: _Optional[int] = ..., store_saved_blocks: _Optional[int] = ..., store_loaded_bytes: _Optional[int] = ..., store_load_seconds: _Optional[float] = ..., preemptions: _Optional[int] = ..., preempted_tokens: _Optional[int] = ..., store_pulled_blocks: _Optional[int] = ..., store_pulled_bytes: _Optional[int] = ..., store_pull_seconds: _Optional[float] = ..., store_save_skipped: _Optional[int] = ..., solo_steps: _Optional[int] = ...) -> None: ...
 
 class KVStorePool(_message.Message):
     __slots__ = ("node", "tier", "state", "block_bytes", "capacity_blocks", "used_blocks", "pinned_blocks", "evictions", "puts", "lookups", "hit_blocks", "hit_tokens", "token_hit_rate")
