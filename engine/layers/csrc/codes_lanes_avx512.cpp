@@ -38,87 +38,64 @@ namespace {
 constexpr int64_t kLanes = 16;
 constexpr int64_t kBlock = 32;
 
-// R input rows against tiles g .. g + V - 1: out[r, 16 g + i] for every i < `valid`. V * R
-// partial sums in flight: an FMA waits ~4 cycles on the one before it in its chain, and two
-// issue a cycle, so fewer than ~8 chains leave the FMA units idle.
-template <bool Q4, int R, int V>
-void lanes_tiles(const float* x, const float* xsum, const float* d, const float* m,
-                 const uint8_t* codes, const float* bias, float* out, int64_t K, int64_t ldo,
-                 int64_t g, int64_t valid) {
+// R input rows against tile g: out[r, 16 g + i] for every i < `valid`. One tile at a time:
+// walking 2-8 tiles side by side (more FMA chains for a few rows) measured slower, its
+// several streams of codes at once (1 row: 7.7-9.0 ms a pass of SmolLM2's weights against
+// 5.2, ad hoc, 2026-12-05).
+template <bool Q4, int R>
+void lanes_tile(const float* x, const float* xsum, const float* d, const float* m,
+                const uint8_t* codes, const float* bias, float* out, int64_t K, int64_t ldo,
+                int64_t g, int64_t valid) {
   const int64_t blocks = K / kBlock;
   const int64_t tile_bytes = Q4 ? kBlock / 2 * kLanes : kBlock * kLanes;
-  __m512 acc[V][R];
-  for (int v = 0; v < V; ++v)
-    for (int r = 0; r < R; ++r) acc[v][r] = _mm512_setzero_ps();
+  __m512 acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
   for (int64_t b = 0; b < blocks; ++b) {
-    const uint8_t* c[V];
-    for (int v = 0; v < V; ++v) c[v] = codes + ((g + v) * blocks + b) * tile_bytes;
+    const uint8_t* c = codes + (g * blocks + b) * tile_bytes;
     const float* xb = x + b * kBlock;
     // Two partial sums a row: columns j and j + 16 of the block (q4's two nibbles of a
     // byte), so two FMA chains run side by side even for one input row.
-    __m512 t[V][R], u[V][R];
-    for (int v = 0; v < V; ++v)
-      for (int r = 0; r < R; ++r) t[v][r] = u[v][r] = _mm512_setzero_ps();
+    __m512 t[R], u[R];
+    for (int r = 0; r < R; ++r) t[r] = u[r] = _mm512_setzero_ps();
 #pragma GCC unroll 4
     for (int j = 0; j < kBlock / 2; ++j) {
-      __m512 lo[V], hi[V];
-      for (int v = 0; v < V; ++v) {
-        if constexpr (Q4) {
-          const __m512i raw = _mm512_cvtepu8_epi32(
-              _mm_loadu_si128(reinterpret_cast<const __m128i*>(c[v] + j * kLanes)));
-          lo[v] = _mm512_cvtepi32_ps(_mm512_and_si512(raw, _mm512_set1_epi32(0xF)));
-          hi[v] = _mm512_cvtepi32_ps(_mm512_srli_epi32(raw, 4));
-        } else {
-          lo[v] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(
-              _mm_loadu_si128(reinterpret_cast<const __m128i*>(c[v] + j * kLanes))));
-          hi[v] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(
-              reinterpret_cast<const __m128i*>(c[v] + (j + kBlock / 2) * kLanes))));
-        }
+      __m512 lo, hi;
+      if constexpr (Q4) {
+        const __m512i raw = _mm512_cvtepu8_epi32(
+            _mm_loadu_si128(reinterpret_cast<const __m128i*>(c + j * kLanes)));
+        lo = _mm512_cvtepi32_ps(_mm512_and_si512(raw, _mm512_set1_epi32(0xF)));
+        hi = _mm512_cvtepi32_ps(_mm512_srli_epi32(raw, 4));
+      } else {
+        lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(
+            _mm_loadu_si128(reinterpret_cast<const __m128i*>(c + j * kLanes))));
+        hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(
+            _mm_loadu_si128(reinterpret_cast<const __m128i*>(c + (j + kBlock / 2) * kLanes))));
       }
-      for (int r = 0; r < R; ++r) {
-        const __m512 xl = _mm512_set1_ps(xb[r * K + j]);
-        for (int v = 0; v < V; ++v) t[v][r] = _mm512_fmadd_ps(lo[v], xl, t[v][r]);
-      }
-      for (int r = 0; r < R; ++r) {
-        const __m512 xh = _mm512_set1_ps(xb[r * K + j + kBlock / 2]);
-        for (int v = 0; v < V; ++v) u[v][r] = _mm512_fmadd_ps(hi[v], xh, u[v][r]);
-      }
+      for (int r = 0; r < R; ++r) t[r] = _mm512_fmadd_ps(lo, _mm512_set1_ps(xb[r * K + j]), t[r]);
+      for (int r = 0; r < R; ++r)
+        u[r] = _mm512_fmadd_ps(hi, _mm512_set1_ps(xb[r * K + j + kBlock / 2]), u[r]);
     }
-    for (int v = 0; v < V; ++v)
-      for (int r = 0; r < R; ++r) t[v][r] = _mm512_add_ps(t[v][r], u[v][r]);
-    for (int v = 0; v < V; ++v) {
-      const __m512 dv = _mm512_loadu_ps(d + ((g + v) * blocks + b) * kLanes);
-      for (int r = 0; r < R; ++r) acc[v][r] = _mm512_fmadd_ps(dv, t[v][r], acc[v][r]);
-    }
+    const __m512 dv = _mm512_loadu_ps(d + (g * blocks + b) * kLanes);
+    for (int r = 0; r < R; ++r) acc[r] = _mm512_fmadd_ps(dv, _mm512_add_ps(t[r], u[r]), acc[r]);
     if constexpr (Q4) {
-      for (int v = 0; v < V; ++v) {
-        const __m512 mv = _mm512_loadu_ps(m + ((g + v) * blocks + b) * kLanes);
-        for (int r = 0; r < R; ++r)
-          acc[v][r] = _mm512_fmadd_ps(mv, _mm512_set1_ps(xsum[r * blocks + b]), acc[v][r]);
-      }
+      const __m512 mv = _mm512_loadu_ps(m + (g * blocks + b) * kLanes);
+      for (int r = 0; r < R; ++r)
+        acc[r] = _mm512_fmadd_ps(mv, _mm512_set1_ps(xsum[r * blocks + b]), acc[r]);
     }
   }
-  for (int v = 0; v < V; ++v) {
-    const int64_t left = valid - v * kLanes;
-    const __mmask16 keep = left >= kLanes ? __mmask16(0xFFFF) : __mmask16((1u << left) - 1);
-    const int64_t n = (g + v) * kLanes;
-    const __m512 bv = bias ? _mm512_maskz_loadu_ps(keep, bias + n) : _mm512_setzero_ps();
-    for (int r = 0; r < R; ++r)
-      _mm512_mask_storeu_ps(out + r * ldo + n, keep, _mm512_add_ps(acc[v][r], bv));
-  }
+  const __mmask16 keep = valid >= kLanes ? __mmask16(0xFFFF) : __mmask16((1u << valid) - 1);
+  const __m512 bv = bias ? _mm512_maskz_loadu_ps(keep, bias + g * kLanes) : _mm512_setzero_ps();
+  for (int r = 0; r < R; ++r)
+    _mm512_mask_storeu_ps(out + r * ldo + g * kLanes, keep, _mm512_add_ps(acc[r], bv));
 }
 
-// Tiles g0 .. g1 for R input rows, V tiles at a time. Registers: 2 V R sums + V codes:
-// at most 27 of 32.
-template <bool Q4, int R, int V>
+// Tiles g0 .. g1 for R input rows. Registers: 3 R sums + 2 columns of codes: 26 of 32 at 8.
+template <bool Q4, int R>
 void lanes_walk(const float* x, const float* xsum, const float* d, const float* m,
                 const uint8_t* codes, const float* bias, float* out, int64_t K, int64_t N,
                 int64_t g0, int64_t g1) {
-  int64_t g = g0;
-  for (; g + V <= g1; g += V)
-    lanes_tiles<Q4, R, V>(x, xsum, d, m, codes, bias, out, K, N, g, N - g * kLanes);
-  for (; g < g1; ++g)
-    lanes_tiles<Q4, R, 1>(x, xsum, d, m, codes, bias, out, K, N, g, N - g * kLanes);
+  for (int64_t g = g0; g < g1; ++g)
+    lanes_tile<Q4, R>(x, xsum, d, m, codes, bias, out, K, N, g, N - g * kLanes);
 }
 
 template <bool Q4>
@@ -126,14 +103,14 @@ void lanes_rows(int64_t rows, const float* x, const float* xsum, const float* d,
                 const float* m, const uint8_t* codes, const float* bias, float* out, int64_t K,
                 int64_t N, int64_t g0, int64_t g1) {
   switch (rows) {
-    case 1: lanes_walk<Q4, 1, 1>(x, xsum, d, m, codes, bias, out, K, N, g0, g1); break;
-    case 2: lanes_walk<Q4, 2, 1>(x, xsum, d, m, codes, bias, out, K, N, g0, g1); break;
-    case 3: lanes_walk<Q4, 3, 1>(x, xsum, d, m, codes, bias, out, K, N, g0, g1); break;
-    case 4: lanes_walk<Q4, 4, 1>(x, xsum, d, m, codes, bias, out, K, N, g0, g1); break;
-    case 5: lanes_walk<Q4, 5, 1>(x, xsum, d, m, codes, bias, out, K, N, g0, g1); break;
-    case 6: lanes_walk<Q4, 6, 1>(x, xsum, d, m, codes, bias, out, K, N, g0, g1); break;
-    case 7: lanes_walk<Q4, 7, 1>(x, xsum, d, m, codes, bias, out, K, N, g0, g1); break;
-    default: lanes_walk<Q4, 8, 1>(x, xsum, d, m, codes, bias, out, K, N, g0, g1); break;
+    case 1: lanes_walk<Q4, 1>(x, xsum, d, m, codes, bias, out, K, N, g0, g1); break;
+    case 2: lanes_walk<Q4, 2>(x, xsum, d, m, codes, bias, out, K, N, g0, g1); break;
+    case 3: lanes_walk<Q4, 3>(x, xsum, d, m, codes, bias, out, K, N, g0, g1); break;
+    case 4: lanes_walk<Q4, 4>(x, xsum, d, m, codes, bias, out, K, N, g0, g1); break;
+    case 5: lanes_walk<Q4, 5>(x, xsum, d, m, codes, bias, out, K, N, g0, g1); break;
+    case 6: lanes_walk<Q4, 6>(x, xsum, d, m, codes, bias, out, K, N, g0, g1); break;
+    case 7: lanes_walk<Q4, 7>(x, xsum, d, m, codes, bias, out, K, N, g0, g1); break;
+    default: lanes_walk<Q4, 8>(x, xsum, d, m, codes, bias, out, K, N, g0, g1); break;
   }
 }
 
