@@ -28,6 +28,7 @@ OUT=$(realpath -m "${OUT:-bench/results/vllm_cpu_compare}")
 HF_DIR=${HF_DIR:-$OUT/smollm2-hf}
 N=${N:-40}                               # measured requests per rate
 SEED=${SEED:-0}
+TEMPERATURE=${TEMPERATURE:-0}              # 0: greedy; e.g. 1 (OpenAI's default) to sample
 RATES_PROMPT=${RATES_PROMPT:-0.25,0.5,2}   # prompt-heavy: light, medium, saturating req/s
 RATES_DECODE=${RATES_DECODE:-0.25,1,4}     # decode-heavy
 PROMPT_HEAVY=(--input-len "${PROMPT_IN:-768:1024}" --output-len "${PROMPT_OUT:-16}")
@@ -112,7 +113,7 @@ bench_point() {  # SERVER_URL WORKLOAD RATES OUT_DIR
     if [ "$2" = prompt-heavy ]; then args=("${PROMPT_HEAVY[@]}"); else args=("${DECODE_HEAVY[@]}"); fi
     $PY -m pdserve.bench --backend openai --base-url "$1" \
         --model smollm2-135m-instruct --workload random "${args[@]}" \
-        --num-requests "$N" --rates "$3" --seed "$SEED" --warmup 2 \
+        --num-requests "$N" --rates "$3" --seed "$SEED" --temperature "$TEMPERATURE" --warmup 2 \
         --vocab 1000:40000 --request-timeout 600 --no-plots --no-progress --out-dir "$4"
 }
 
