@@ -7,8 +7,7 @@ samples a given position — the contract in DESIGN.md "Sampling".
 
 Sampling uses the exponential race: with `q_i ~ Exponential(1)` independent,
 `argmax_i p_i / q_i` is distributed as `Categorical(p)`. The noise depends only on the
-row's generator seed, so the per-row work is one generator draw; everything else is
-batched tensor ops.
+row's key (`step_seed` of its seed and position); everything else is batched tensor ops.
 
 On CUDA the noise comes from torch's generator, on CPU from a hash of the key and the
 token id (`race_uniforms`: one hash a token, where the generator's draws took most of a
