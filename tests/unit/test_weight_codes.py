@@ -12,6 +12,8 @@ from pdserve.engine.layers import cpu_kernels, linear, weight_codes
 
 pytestmark = pytest.mark.skipif(not cpu_kernels.host_supported(), reason="needs x86 with AVX2")
 _THREADS = torch.get_num_threads()
+_avx512 = pytest.mark.skipif(not (cpu_kernels.load() and cpu_kernels.avx512_codes()),
+                             reason="the host has no AVX-512")
 
 
 def gguf_blocks(n: int, k: int, kind: str, seed: int = 0) -> np.ndarray:
@@ -284,8 +286,7 @@ def test_kept_codes_that_no_longer_rebuild_the_weight_are_searched_again(tmp_pat
     assert weight_codes.codes_of(last) is not None  # read from the rewritten file
 
 
-@pytest.mark.skipif(not (cpu_kernels.load() and cpu_kernels.avx512_codes()),
-                    reason="the host has no AVX-512")
+@_avx512
 @pytest.mark.parametrize("kind", ["q4", "q8"])
 def test_the_avx512_products_equal_the_avx2_ones_and_keep_rows_batch_invariant(kind):
     w = dequantized(100, 256, kind)  # 100 rows: every tile width and its remainder
@@ -335,10 +336,6 @@ def test_the_lanes_layout_holds_the_same_weights(kind, n):
     assert torch.equal(_from_lanes(lanes), w)
     pad = slice(n % 16 or 16, None)  # the last tile's lanes past row n
     assert not lanes.codes[-1, ..., pad].any() and not lanes.scales[-1, :, pad].any()
-
-
-_avx512 = pytest.mark.skipif(not (cpu_kernels.load() and cpu_kernels.avx512_codes()),
-                             reason="the host has no AVX-512")
 
 
 @_avx512

@@ -17,6 +17,16 @@ struct CodesOperands {
   const float* bias;  // nullptr without one
 };
 
+// An optional bias of N outputs: its data, or nullptr without one.
+inline const float* checked_bias(const char* op, const c10::optional<at::Tensor>& b,
+                                 int64_t N) {
+  if (!b.has_value()) return nullptr;
+  TORCH_CHECK(b->dim() == 1 && b->size(0) == N && b->scalar_type() == at::kFloat &&
+                  b->is_contiguous(),
+              op, ": bias must be a contiguous float32 vector of N");
+  return b->data_ptr<float>();
+}
+
 inline CodesOperands check_codes_operands(const char* op, const at::Tensor& x,
                                           const at::Tensor& scales, const at::Tensor& offsets,
                                           const at::Tensor& codes,
@@ -38,14 +48,7 @@ inline CodesOperands check_codes_operands(const char* op, const at::Tensor& x,
     TORCH_CHECK(offsets.sizes() == scales.sizes() && offsets.is_contiguous() &&
                     offsets.scalar_type() == at::kFloat,
                 op, ": q4 codes need float32 offsets shaped like the scales");
-  const float* bias = nullptr;
-  if (b.has_value()) {
-    TORCH_CHECK(b->dim() == 1 && b->size(0) == N && b->scalar_type() == at::kFloat &&
-                    b->is_contiguous(),
-                op, ": bias must be a contiguous float32 vector of N");
-    bias = b->data_ptr<float>();
-  }
-  return {M, K, N, q4, bias};
+  return {M, K, N, q4, checked_bias(op, b, N)};
 }
 
 }  // namespace pdserve_cpu

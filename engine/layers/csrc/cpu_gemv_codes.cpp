@@ -169,13 +169,7 @@ at::Tensor cpu_gemv_lanes(const at::Tensor& x, const at::Tensor& scales,
     TORCH_CHECK(offsets.sizes() == scales.sizes() && offsets.is_contiguous() &&
                     offsets.scalar_type() == at::kFloat,
                 "cpu_gemv_lanes: q4 codes need float32 offsets shaped like the scales");
-  const float* bias = nullptr;
-  if (b.has_value()) {
-    TORCH_CHECK(b->dim() == 1 && b->size(0) == N && b->scalar_type() == at::kFloat &&
-                    b->is_contiguous(),
-                "cpu_gemv_lanes: bias must be a contiguous float32 vector of N");
-    bias = b->data_ptr<float>();
-  }
+  const float* bias = pdserve_cpu::checked_bias("cpu_gemv_lanes", b, N);
   const float* xp = x.data_ptr<float>();
   at::Tensor xsum;  // q4: each block's sum of x, in one order (the offsets multiply it)
   if (q4) {
